@@ -1,0 +1,310 @@
+"""The project configuration: one TOML file, overridable by CLI flags, remembered by a workdir.
+
+Every stage reads its options from a :class:`ProjectConfig`; nothing reads flags or files on its
+own. Defaults match the synthetic generator's column names, so a generated panel needs no config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import tomli_w
+
+CONFIG_FILE_NAME = "manymodels.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the field."""
+
+
+@dataclass
+class DataSpec:
+    """Which columns hold the partition keys, the time, the target and the covariates."""
+
+    keys: list[str] = field(default_factory=lambda: ["store", "item"])
+    time: str = "date"
+    target: str = "sales"
+    covariates: list[str] = field(default_factory=lambda: ["price", "promo"])
+    freq: str = "W"  # a pandas offset alias (D, W, MS, M, Q, H ...) or "int" for integer periods
+
+
+@dataclass
+class ValidationPolicy:
+    """What ingestion does with each kind of bad row. Every choice is counted in the report."""
+
+    null_keys: str = "error"  # error | drop
+    null_target: str = "drop"  # drop | zero | error
+    negative_target: str = "clip"  # clip | drop | keep | error
+    duplicates: str = "sum"  # sum | last | error  (rows sharing partition and period)
+    gaps: str = "zero"  # zero | interpolate | keep  (missing periods inside a series)
+    null_covariates: str = "ffill"  # ffill | zero | error
+
+
+@dataclass
+class ForecastSpec:
+    """The forecasting problem: how far ahead, and which windows evaluate a model."""
+
+    horizon: int = 12
+    test_periods: int = 12
+    validation_periods: int = 12
+    season_length: int | None = None  # None: derived from freq (W=52, D=7, M=12, Q=4, H=24)
+    min_train_periods: int = 26  # fewer observed periods before the test window: baseline only
+    min_periods: int = 4  # fewer observed periods in all: skipped
+
+
+@dataclass
+class CandidateSpec:
+    """An extra candidate model: any scikit-learn regressor by dotted path and parameters."""
+
+    name: str
+    estimator: str
+    params: dict[str, Any] = field(default_factory=dict)
+    log_target: bool = False
+
+
+@dataclass
+class TrainingSpec:
+    """Which candidate models compete on the validation window, and the selection metric."""
+
+    candidates: list[str] = field(default_factory=lambda: ["baseline", "loglinear", "gbm"])
+    extra_candidates: list[CandidateSpec] = field(default_factory=list)
+    selection_metric: str = "wape"
+    seed: int = 42
+
+
+@dataclass
+class RunnerSpec:
+    """The parallel engine: local process pool or Azure ML parallel job, same contract."""
+
+    workers: int = 2  # 0 = one per CPU
+    mini_batch_size: int = 1  # files per run(mini_batch) call, as in an Azure ML parallel job
+    rows_per_file: int = 20_000  # partitions are grouped into mini-batch files of about this size
+    retries: int = 2  # retries of a mini-batch whose run() raised or whose worker died
+    progress: bool = True
+
+
+@dataclass
+class PromotionRules:
+    """Business rules a trained model must pass before it reaches the production registry."""
+
+    metric: str = "accuracy"
+    min_value: float = 0.80
+    higher_is_better: bool = True
+    must_beat_champion: bool = True
+    min_history: int = 0  # observed periods a partition needs before its model may be promoted
+    fallback: str = "baseline"  # baseline | none: how partitions with no production model are scored
+
+
+@dataclass
+class StoreSpec:
+    """The SQL result store: a local SQLite file by default, or any database through ODBC."""
+
+    backend: str = "sqlite"  # sqlite | odbc
+    sqlite_file: str = "results.sqlite"  # relative to the workdir
+    odbc_connection_setting: str = "MM_SQL_CONNECTION"  # env var holding the ODBC connection string
+    dialect: str = "sqlite"  # sqlite | postgresql | mssql (Azure SQL / Synapse)
+
+
+@dataclass
+class ProjectConfig:
+    data: DataSpec = field(default_factory=DataSpec)
+    validation: ValidationPolicy = field(default_factory=ValidationPolicy)
+    forecast: ForecastSpec = field(default_factory=ForecastSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    runner: RunnerSpec = field(default_factory=RunnerSpec)
+    promotion: PromotionRules = field(default_factory=PromotionRules)
+    store: StoreSpec = field(default_factory=StoreSpec)
+
+    # -- derived values -------------------------------------------------------------------
+    @property
+    def season_length(self) -> int:
+        if self.forecast.season_length:
+            return self.forecast.season_length
+        return default_season_length(self.data.freq)
+
+    # -- (de)serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _drop_none(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "ProjectConfig":
+        cfg = cls()
+        for section_name, value in raw.items():
+            if not hasattr(cfg, section_name) or section_name.startswith("_"):
+                raise ConfigError(f"unknown config section [{section_name}]")
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config section [{section_name}] must be a table")
+            _apply(getattr(cfg, section_name), value, section_name)
+        cfg.validate()
+        return cfg
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_toml(), encoding="utf-8")
+        tmp.replace(path)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "ProjectConfig":
+        """A copy with dotted overrides applied, e.g. {"data.keys": ["store"], "forecast.horizon": 8}.
+
+        None values are ignored, so CLI flags that were not given change nothing.
+        """
+        raw = self.to_dict()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            section, _, name = dotted.partition(".")
+            if not name:
+                raise ConfigError(f"override {dotted!r} must be 'section.field'")
+            raw.setdefault(section, {})[name] = value
+        return ProjectConfig.from_dict(raw)
+
+    def validate(self) -> None:
+        d, f, r, p = self.data, self.forecast, self.runner, self.promotion
+        if not d.keys:
+            raise ConfigError("data.keys: at least one partition key column is required")
+        if len(set(d.keys)) != len(d.keys):
+            raise ConfigError(f"data.keys: duplicate column in {d.keys}")
+        named = [*d.keys, d.time, d.target, *d.covariates]
+        clash = sorted({c for c in named if named.count(c) > 1})
+        if clash:
+            raise ConfigError(f"data: column(s) {clash} named in more than one role")
+        if any(c.startswith("_") or c == "partition_id" for c in named):
+            raise ConfigError("data: column names starting with '_' and 'partition_id' are reserved")
+        check_freq(d.freq)
+        for name in ("horizon", "test_periods", "validation_periods"):
+            if int(getattr(f, name)) < 1:
+                raise ConfigError(f"forecast.{name} must be >= 1, got {getattr(f, name)}")
+        if f.season_length is not None and int(f.season_length) < 1:
+            raise ConfigError("forecast.season_length must be >= 1")
+        _one_of("validation.null_keys", self.validation.null_keys, {"error", "drop"})
+        _one_of("validation.null_target", self.validation.null_target, {"drop", "zero", "error"})
+        _one_of("validation.negative_target", self.validation.negative_target, {"clip", "drop", "keep", "error"})
+        _one_of("validation.duplicates", self.validation.duplicates, {"sum", "last", "error"})
+        _one_of("validation.gaps", self.validation.gaps, {"zero", "interpolate", "keep"})
+        _one_of("validation.null_covariates", self.validation.null_covariates, {"ffill", "zero", "error"})
+        known = {"baseline", "loglinear", "gbm"} | {c.name for c in self.training.extra_candidates}
+        unknown = [c for c in self.training.candidates if c not in known]
+        if unknown:
+            raise ConfigError(f"training.candidates: unknown candidate(s) {unknown}; known: {sorted(known)}")
+        _one_of("training.selection_metric", self.training.selection_metric, {"wape", "mape", "rmse"})
+        if r.workers < 0 or r.mini_batch_size < 1 or r.rows_per_file < 1 or r.retries < 0:
+            raise ConfigError("runner: workers >= 0, mini_batch_size >= 1, rows_per_file >= 1, retries >= 0")
+        _one_of("promotion.metric", p.metric, {"accuracy", "wape", "mape", "rmse"})
+        _one_of("promotion.fallback", p.fallback, {"baseline", "none"})
+        _one_of("store.backend", self.store.backend, {"sqlite", "odbc"})
+        _one_of("store.dialect", self.store.dialect, {"sqlite", "postgresql", "mssql"})
+
+
+SEASON_BY_FREQ = {"D": 7, "B": 5, "W": 52, "M": 12, "MS": 12, "ME": 12, "Q": 4, "QS": 4, "QE": 4,
+                  "Y": 1, "YS": 1, "YE": 1, "A": 1, "AS": 1, "H": 24, "h": 24}
+
+
+def check_freq(freq: str) -> None:
+    if freq == "int":
+        return
+    import pandas as pd
+
+    try:
+        pd.tseries.frequencies.to_offset(freq)
+    except ValueError as exc:
+        raise ConfigError(f"data.freq: {freq!r} is not a pandas offset alias (D, W, MS, M, Q...) or 'int'") from exc
+
+
+def default_season_length(freq: str) -> int:
+    if freq == "int":
+        return 1
+    base = freq.split("-")[0]
+    base = base.lstrip("0123456789") or base
+    return SEASON_BY_FREQ.get(base, 1)
+
+
+def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> ProjectConfig:
+    """Read a TOML project file (or the defaults) and apply dotted overrides."""
+    cfg = ProjectConfig()
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        cfg = ProjectConfig.from_dict(raw)
+    return cfg.with_overrides(overrides or {})
+
+
+def _apply(target: Any, values: Mapping[str, Any], section: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    for name, value in values.items():
+        if name not in fields:
+            raise ConfigError(f"unknown config field {section}.{name}; known: {sorted(fields)}")
+        setattr(target, name, _coerce(f"{section}.{name}", fields[name], value, getattr(target, name)))
+
+
+def _coerce(where: str, fld: dataclasses.Field, value: Any, current: Any) -> Any:
+    if where == "training.extra_candidates":
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list of tables")
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, CandidateSpec):
+                out.append(item)
+                continue
+            if not isinstance(item, Mapping) or "name" not in item or "estimator" not in item:
+                raise ConfigError(f"{where}[{i}] needs 'name' and 'estimator' (a dotted path)")
+            try:
+                out.append(CandidateSpec(**item))
+            except TypeError as exc:
+                raise ConfigError(f"{where}[{i}]: {exc}") from exc
+        return out
+    if isinstance(current, list) or fld.name in ("keys", "covariates", "candidates"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of names, got {value!r}")
+        return list(value)
+    if isinstance(current, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(current, int) or (current is None and fld.name == "season_length"):
+        if value is None:
+            return None
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where} must be an integer, got {value!r}") from exc
+        if isinstance(value, bool) or as_float != int(as_float):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return int(as_float)
+    if isinstance(current, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where} must be a number, got {value!r}") from exc
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _one_of(where: str, value: str, allowed: set[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}: {value!r} is not one of {sorted(allowed)}")
+
+
+def _drop_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [_drop_none(v) for v in obj]
+    return obj

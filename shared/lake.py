@@ -1,0 +1,120 @@
+"""The data lake: a small interface over a local folder (default) or Azure Blob / ADLS Gen2.
+
+Paths are POSIX strings relative to the lake root whose first segment is the container
+(``prepared/<dataset>/batches/batch-00000.parquet``). Writes are atomic: a reader never sees a
+half-written file, so a crashed run can be rerun safely.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Protocol
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CONTAINERS = ("raw", "prepared", "runs", "scoring", "predictions")
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._=-]+$")
+
+
+class LakeError(ValueError):
+    """A lake path is invalid or a file is missing."""
+
+
+def check_path(path: str) -> str:
+    """Reject absolute paths, '..' and odd characters: lake paths are built by us, never raw input."""
+    p = PurePosixPath(path)
+    if p.is_absolute() or not p.parts or any(part in ("", ".", "..") for part in p.parts):
+        raise LakeError(f"invalid lake path {path!r}")
+    bad = [part for part in p.parts if not _SAFE_SEGMENT.match(part)]
+    if bad:
+        raise LakeError(f"invalid lake path {path!r}: segment {bad[0]!r} has characters outside [A-Za-z0-9._=-]")
+    return str(p)
+
+
+class Lake(Protocol):
+    def read_bytes(self, path: str) -> bytes: ...
+    def write_bytes(self, path: str, data: bytes) -> None: ...
+    def exists(self, path: str) -> bool: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, path: str) -> None: ...
+    def local_path(self, path: str) -> Path | None: ...
+    @property
+    def uri(self) -> str: ...
+
+
+class LocalLake:
+    """The lake as a local folder, one sub-folder per container."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).resolve()
+
+    @property
+    def uri(self) -> str:
+        return self.root.as_uri()
+
+    def _full(self, path: str) -> Path:
+        return self.root / check_path(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        try:
+            return self._full(path).read_bytes()
+        except FileNotFoundError as exc:
+            raise LakeError(f"no such file in the lake: {path}") from exc
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        full = self._full(path)
+        full.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=full.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, full)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, path: str) -> bool:
+        return self._full(path).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._full(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(
+            str(PurePosixPath(p.relative_to(self.root).as_posix()))
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".tmp-")
+        )
+
+    def delete(self, path: str) -> None:
+        self._full(path).unlink(missing_ok=True)
+
+    def local_path(self, path: str) -> Path:
+        return self._full(path)
+
+
+def write_parquet(lake: Lake, path: str, frame: pd.DataFrame) -> None:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    lake.write_bytes(path, sink.getvalue())
+
+
+def read_parquet(lake: Lake, path: str, columns: list[str] | None = None) -> pd.DataFrame:
+    local = lake.local_path(path)
+    if local is not None:
+        if not local.is_file():
+            raise LakeError(f"no such file in the lake: {path}")
+        return pq.read_table(local, columns=columns).to_pandas()
+    return pq.read_table(io.BytesIO(lake.read_bytes(path)), columns=columns).to_pandas()
+
+
+def iter_lines(lake: Lake, path: str) -> Iterator[str]:
+    if not lake.exists(path):
+        return iter(())
+    return iter(lake.read_bytes(path).decode("utf-8").splitlines())
