@@ -1,0 +1,35 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo
+
+.PHONY: demo test install test-deps bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make demo: generate 500 weekly store x item series and run the whole pipeline on them
+demo: install
+	$(VENV)/bin/manymodels demo --workdir $(DEMO)
+
+## make test: install what the tests need (pip, npm, apt) and run the suite
+test: install test-deps
+	$(PY) -m pytest
+
+test-deps:
+	bash scripts/install-test-deps.sh
+
+## make bench: the performance benchmarks (figures recorded in the README)
+bench: install
+	$(PY) benchmarks/engine_overhead.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache node_modules

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# System pieces the tests use for real: unixODBC with the SQLite driver (the ODBC result store
+# and ODBC ingestion), Azurite from npm (Blob/Queue storage), Chromium (report screenshot test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v odbcinst >/dev/null 2>&1 || need_apt+=(unixodbc)
+if ! odbcinst -q -d 2>/dev/null | grep -q '^\[SQLite3\]'; then need_apt+=(libsqliteodbc); fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing ${need_apt[*]} with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "warning: ${need_apt[*]} missing and apt-get unavailable: ODBC tests will be skipped" >&2
+  fi
+fi
+
+if [ ! -x node_modules/.bin/azurite-blob ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "installing azurite with npm"
+    npm install --no-audit --no-fund --silent >/dev/null
+  else
+    echo "warning: npm missing: Azurite tests will be skipped" >&2
+  fi
+fi

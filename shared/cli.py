@@ -1,0 +1,378 @@
+"""The `manymodels` command: the whole pipeline and each stage from a terminal.
+
+A thin adapter over `shared.pipeline`. Flags override the workdir's remembered config (itself
+created from `--config FILE` or the defaults), so later commands on a workdir need no column
+flags. Errors print one line and exit non-zero; `--debug` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default=os.environ.get("MM_WORKDIR", "./mm"),
+                        help="workspace folder (lake, registries, SQL file, report); default ./mm or $MM_WORKDIR")
+    parser.add_argument("--config", help="project TOML file (used when the workdir has no remembered config)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data and forecasting (override the config)")
+    g.add_argument("--keys", help="partition key columns, comma-separated (default store,item)")
+    g.add_argument("--time", help="time column (default date)")
+    g.add_argument("--target", help="target column (default sales)")
+    g.add_argument("--covariates", help="known-in-advance covariate columns, comma-separated ('' for none)")
+    g.add_argument("--freq", help="pandas offset alias (D, W, MS, M, Q ...) or 'int' for integer periods")
+    g.add_argument("--horizon", type=int, help="periods to forecast (default 12)")
+    g.add_argument("--test-periods", type=int, help="held-out test window (default 12)")
+    g.add_argument("--validation-periods", type=int, help="model-selection window (default 12)")
+    g.add_argument("--season-length", type=int, help="periods per season (default from --freq)")
+    g.add_argument("--seed", type=int, help="random seed for the models")
+    g.add_argument("--workers", type=int, help="worker processes (0 = one per CPU)")
+    g.add_argument("--mini-batch-size", type=int, help="files per run(mini_batch) call")
+    g.add_argument("--rows-per-file", type=int, help="rows per mini-batch file when partitioning")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    def listed(value: str | None) -> list[str] | None:
+        if value is None:
+            return None
+        return [v.strip() for v in value.split(",") if v.strip()]
+
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    overrides = {
+        "data.keys": listed(get("keys")),
+        "data.time": get("time"),
+        "data.target": get("target"),
+        "data.covariates": listed(get("covariates")),
+        "data.freq": get("freq"),
+        "forecast.horizon": get("horizon"),
+        "forecast.test_periods": get("test_periods"),
+        "forecast.validation_periods": get("validation_periods"),
+        "forecast.season_length": get("season_length"),
+        "training.seed": get("seed"),
+        "runner.workers": get("workers"),
+        "runner.mini_batch_size": get("mini_batch_size"),
+        "runner.rows_per_file": get("rows_per_file"),
+    }
+    if get("no_progress"):
+        overrides["runner.progress"] = False
+    return overrides
+
+
+def _workspace(args: argparse.Namespace):
+    from shared.pipeline import Workspace
+
+    return Workspace.open(args.workdir, overrides=_overrides(args), config_path=args.config)
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if args.no_progress else None
+
+
+# -- commands -----------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.synthetic import write_panel
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stats = write_panel(out, partitions=args.partitions, periods=args.periods, freq=args.freq, seed=args.seed)
+    _say(args, f"wrote {stats.get('rows', '?')} rows for {args.partitions} partitions to {out}")
+    return {"path": str(out), **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}}
+
+
+def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.pipeline import ingest
+
+    ws = _workspace(args)
+    summary = ingest(ws, args.data, query=args.query)
+    _say(args, f"dataset {summary.dataset_id}: {summary.partitions} partitions, {summary.rows} rows"
+               + (" (already ingested)" if summary.reused else ""))
+    for line in _report_lines(summary.report):
+        _say(args, f"  {line}")
+    return summary.to_dict()
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.pipeline import train
+
+    ws = _workspace(args)
+    plan, groups, reg = train(ws, args.dataset, run_id=args.run_id, progress=_progress(args))
+    _say(args, f"run {plan.run_id}: trained {reg.trained}, baseline only {reg.baseline_only}, "
+               f"failed {reg.failed}, skipped {reg.skipped}; registered {reg.registered} in dev")
+    _say_wape(args, reg.model_wape, reg.baseline_wape)
+    for failure in reg.failures[:5]:
+        _say(args, f"  failed {failure['partition_id']}: {failure['reason']}")
+    failed_batches = [f for g in groups for f in g.failed_batches]
+    for batch in failed_batches[:5]:
+        _say(args, f"  mini-batch failed after retries: {batch.get('files')} {str(batch.get('error'))[:200]}")
+    return {**reg.to_dict(), "partitions": plan.partitions, "failed_batches": len(failed_batches)}
+
+
+def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.pipeline import promote
+
+    ws = _workspace(args)
+    summary = promote(ws, args.run_id, min_accuracy=args.min_accuracy)
+    _say(args, f"run {summary.run_id}: promoted {summary.promoted}, rejected {summary.rejected}, "
+               f"unchanged {summary.unchanged}; {summary.in_production} of its models are in production")
+    for reason, count in sorted(summary.reasons.items(), key=lambda kv: -kv[1]):
+        _say(args, f"  rejected ({reason}): {count}")
+    return summary.to_dict()
+
+
+def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.pipeline import _sql_location, score
+
+    ws = _workspace(args)
+    plan, loaded = score(ws, data=args.data, horizon=args.horizon, progress=_progress(args))
+    _say(args, f"scoring {plan.score_id}: {loaded.rows} predictions for {loaded.partitions} partitions "
+               f"({loaded.fallback_partitions} on the fallback model, {loaded.no_model} without a model, "
+               f"{loaded.failed} failed) -> {_sql_location(ws)}")
+    return {**loaded.to_dict(), "sql": _sql_location(ws)}
+
+
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.pipeline import report
+
+    ws = _workspace(args)
+    path = report(ws, Path(args.out) if args.out else None)
+    _say(args, f"report: {path}")
+    return {"report": str(path)}
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.pipeline import run_all
+
+    ws = _workspace(args)
+    summary = run_all(ws, args.data, min_accuracy=args.min_accuracy, progress=_progress(args),
+                      scoring_data=args.scoring_data)
+    _print_run_summary(args, summary)
+    return summary
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.pipeline import Workspace, run_all
+    from shared.synthetic import write_panel
+
+    started = time.perf_counter()
+    root = Path(args.workdir)
+    data = root / "data" / "sales.parquet"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    if not data.exists():
+        stats = write_panel(data, partitions=args.partitions, periods=args.periods, freq="W", seed=args.seed)
+        _say(args, f"generated {stats.get('rows', '?')} rows: {args.partitions} store x item series, "
+                   f"{args.periods} weeks -> {data}")
+    ws = Workspace.open(root, overrides=_overrides(args), config_path=args.config)
+    summary = run_all(ws, data, min_accuracy=args.min_accuracy, progress=_progress(args))
+    summary["seconds"]["total"] = round(time.perf_counter() - started, 2)
+    _print_run_summary(args, summary)
+    _say(args, "")
+    _say(args, f"query it:  python -c \"import sqlite3; print(sqlite3.connect('{summary['sql']}')"
+               f".execute('select * from predictions limit 5').fetchall())\"")
+    _say(args, f"open it:   {summary['report']}")
+    return summary
+
+
+def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
+    ws = _workspace(args)
+    registry = ws.prod if args.registry == "prod" else ws.dev
+    tags = dict(_parse_tag(t) for t in (args.tag or []))
+    if args.action == "show":
+        if not args.partition:
+            raise _UsageError("models show needs a partition: an id (p...) or key=value pairs via --tag")
+        record = registry.latest(args.partition) if args.version is None else registry.get(args.partition, args.version)
+        if record is None:
+            raise _UsageError(f"no model for partition {args.partition} in the {args.registry} registry")
+        row = _record_dict(record)
+        _say(args, json.dumps(row, indent=2, default=str))
+        return row
+    records = registry.find(tags or None, limit=args.limit, run_id=args.run_id)
+    rows = [_record_dict(r) for r in records]
+    for r in rows:
+        acc = (r.get("metrics") or {}).get("accuracy")
+        acc_text = f"{acc:.3f}" if isinstance(acc, (int, float)) and acc == acc else "  n/a"
+        keys = " ".join(f"{k}={v}" for k, v in (r.get("tags") or {}).items() if k in ws.config.data.keys)
+        _say(args, f"{r['partition_id']}  v{r['version']:<3} {r.get('model_type', ''):<10} acc {acc_text}  {keys}")
+    _say(args, f"{len(rows)} model(s) in {args.registry}")
+    return {"registry": args.registry, "count": len(rows), "models": rows if args.json else []}
+
+
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.serving import serve
+
+    serve(Path(args.workdir), host=args.host, port=args.port, cache_mb=args.cache_mb)
+    return {}
+
+
+def _record_dict(record: Any) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(record) if is_dataclass(record) else dict(record)
+
+
+def _parse_tag(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise _UsageError(f"--tag {text!r}: expected NAME=VALUE")
+    return name, value
+
+
+# -- output -------------------------------------------------------------------------------------
+def _say(args: argparse.Namespace, text: str) -> None:
+    print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
+def _say_wape(args: argparse.Namespace, model: float | None, baseline: float | None) -> None:
+    if model is not None and baseline is not None:
+        gain = (1 - model / baseline) * 100 if baseline else 0.0
+        _say(args, f"test-window WAPE: chosen models {model:.3f} vs moving-average baseline {baseline:.3f} "
+                   f"({gain:.0f} % lower error)")
+
+
+def _report_lines(report: dict[str, Any]) -> list[str]:
+    lines = report.get("summary_lines")
+    if isinstance(lines, list):
+        return [str(x) for x in lines]
+    return [f"{k}: {v}" for k, v in report.items() if isinstance(v, (int, float)) and v]
+
+
+def _print_run_summary(args: argparse.Namespace, s: dict[str, Any]) -> None:
+    _say(args, "")
+    _say(args, f"partitions {s['partitions']}  trained {s['trained']} (baseline only {s['baseline_only']})  "
+               f"failed {s['failed']}  skipped {s['skipped']}")
+    _say(args, f"promoted {s['promoted']}  rejected {s['rejected']}  "
+               + "  ".join(f"[{k}: {v}]" for k, v in s.get("rejection_reasons", {}).items()))
+    _say(args, f"predictions {s['predictions']} rows for {s['scored_partitions']} partitions "
+               f"({s['fallback_partitions']} scored with the fallback baseline)")
+    _say_wape(args, s.get("model_wape"), s.get("baseline_wape"))
+    _say(args, "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
+    _say(args, f"SQL store: {s['sql']}")
+    _say(args, f"report:    {s['report']}")
+
+
+class _UsageError(ValueError):
+    pass
+
+
+# -- parser -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="manymodels", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable, help_text: str, data: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p)
+        if data:
+            _data_flags(p)
+        p.set_defaults(func=func)
+        return p
+
+    p = sub.add_parser("generate", help="write a synthetic retail panel (CSV or Parquet by suffix)")
+    p.add_argument("--partitions", type=int, default=500)
+    p.add_argument("--periods", type=int, default=156)
+    p.add_argument("--freq", default="W")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = add("ingest", cmd_ingest, "validate and partition a data set into the lake")
+    p.add_argument("--data", required=True, help="CSV or Parquet file/folder, or odbc:<connection string>")
+    p.add_argument("--query", help="SQL query, with an odbc: source")
+
+    p = add("train", cmd_train, "train a model per partition of the latest (or given) dataset")
+    p.add_argument("--dataset", help="dataset id (default: the latest ingested)")
+    p.add_argument("--run-id", help="run id (default: derived from the dataset and config)")
+
+    p = add("promote", cmd_promote, "apply promotion rules and copy eligible models to production")
+    p.add_argument("--run-id", help="training run (default: the latest)")
+    p.add_argument("--min-accuracy", type=float, help="accuracy threshold (default from config, 0.80)")
+
+    p = add("score", cmd_score, "batch-score with production models and load predictions into SQL")
+    p.add_argument("--data", help="scoring file: key, time and covariate columns (default: next --horizon periods)")
+
+    p = add("report", cmd_report, "write the HTML dashboard from the SQL store", data=False)
+    p.add_argument("--out", help="output HTML path (default WORKDIR/report.html)")
+
+    p = add("run", cmd_run, "the whole pipeline: ingest, train, promote, score, report")
+    p.add_argument("--data", required=True, help="CSV or Parquet file/folder, or odbc:<connection string>")
+    p.add_argument("--scoring-data", help="scoring file (default: the next --horizon periods)")
+    p.add_argument("--min-accuracy", type=float, help="promotion accuracy threshold (default 0.80)")
+
+    p = add("demo", cmd_demo, "generate a demo panel and run the whole pipeline on it")
+    p.add_argument("--partitions", type=int, default=500)
+    p.add_argument("--periods", type=int, default=156)
+    p.add_argument("--min-accuracy", type=float)
+    p.set_defaults(seed=0)
+
+    p = add("models", cmd_models, "list or show registered models, filtered by tags", data=False)
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("partition", nargs="?", help="partition id, for show")
+    p.add_argument("--registry", choices=["dev", "prod"], default="dev")
+    p.add_argument("--tag", action="append", help="filter NAME=VALUE (repeatable), e.g. --tag store=S001")
+    p.add_argument("--run-id")
+    p.add_argument("--version", type=int)
+    p.add_argument("--limit", type=int, default=50)
+
+    p = add("serve", cmd_serve, "serve real-time predictions over HTTP on 127.0.0.1", data=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--cache-mb", type=int, default=512)
+    return parser
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from shared.config import ConfigError
+    from shared.lake import LakeError
+    from shared.pipeline import PipelineError
+
+    errors: list[type[BaseException]] = [ConfigError, LakeError, PipelineError, _UsageError, FileNotFoundError]
+    for module, name in (("shared.validation", "DataValidationError"), ("shared.ingest", "IngestError"),
+                         ("shared.scoring", "ScoringError")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume where it stopped", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary turns every error into one line
+        if args.debug:
+            raise
+        known = isinstance(exc, _known_errors())
+        text = str(exc).strip().splitlines()
+        message = text[0] if known and text else f"{type(exc).__name__}: {' '.join(text)[:500]}"
+        if known and len(text) > 1:
+            message = " | ".join(t.strip() for t in text[:8])
+        print(f"error: {message}" + ("" if known else " (run with --debug for the traceback)"), file=sys.stderr)
+        return EXIT_USAGE if known else EXIT_FAILED
+    if args.json:
+        print(json.dumps(result, default=str, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,835 @@
+"""The pipeline's stages over one workspace: what the CLI and the Functions app both call.
+
+Each stage is idempotent and keyed by content: the same data gives the same dataset id, the same
+dataset and training config give the same run id, the same inputs and production models give the
+same score id. Rerunning a stage after a crash finishes the work without duplicates.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+
+from shared.compute import JobHandle, job_id_for
+from shared.config import CONFIG_FILE_NAME, ProjectConfig, load_config
+from shared.keys import PARTITION_ID
+from shared.lake import Lake, LakeError, LocalLake, read_parquet
+
+TRAIN_ENTRY = "shared.entry.train"
+SCORE_ENTRY = "shared.entry.score"
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run: a missing dataset, run or model; the message says which and what to do."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _digest(*parts: Any, prefix: str) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return prefix + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class _Payload:
+    """JSON round-trip for summaries that travel through Durable Functions."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]):
+        return cls(**raw)
+
+
+@dataclass
+class IngestSummary(_Payload):
+    dataset_id: str
+    partitions: int
+    rows: int
+    report: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False
+
+
+@dataclass
+class TrainingPlan(_Payload):
+    run_id: str
+    dataset_id: str
+    groups: list[list[str]]
+    partitions: int = 0
+
+
+@dataclass
+class GroupSummary(_Payload):
+    run_id: str
+    group_index: int
+    partitions: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    failed_batches: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class RegisterSummary(_Payload):
+    run_id: str
+    trained: int = 0
+    baseline_only: int = 0
+    failed: int = 0
+    skipped: int = 0
+    registered: int = 0
+    missing: int = 0
+    model_wape: float | None = None
+    baseline_wape: float | None = None
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class PromotionSummary(_Payload):
+    run_id: str
+    promoted: int = 0
+    rejected: int = 0
+    unchanged: int = 0
+    in_production: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ScoringPlan(_Payload):
+    score_id: str
+    groups: list[list[str]]
+    horizon: int | None = None
+    source: str | None = None
+
+
+@dataclass
+class LoadSummary(_Payload):
+    score_id: str
+    rows: int = 0
+    partitions: int = 0
+    fallback_partitions: int = 0
+    no_model: int = 0
+    failed: int = 0
+
+
+class Workspace:
+    """A workdir: its remembered config, the lake, the dev and prod registries and the SQL store."""
+
+    def __init__(self, root: Path, config: ProjectConfig, lake: Lake, settings: Any = None) -> None:
+        self.root = root
+        self.config = config
+        self.lake = lake
+        self.settings = settings
+        self._dev = None
+        self._prod = None
+
+    @classmethod
+    def open(
+        cls,
+        workdir: Path | str | None = None,
+        settings: Any = None,
+        overrides: Mapping[str, Any] | None = None,
+        config_path: Path | str | None = None,
+    ) -> "Workspace":
+        if workdir is None:
+            if settings is None:
+                from shared.settings import Settings
+
+                settings = Settings.from_env()
+            workdir = settings.workdir
+        root = Path(workdir).resolve()
+        remembered = root / CONFIG_FILE_NAME
+        base = Path(config_path) if config_path else (remembered if remembered.is_file() else None)
+        config = load_config(base, overrides)
+        if settings is not None and getattr(settings, "lake_backend", "local") != "local":
+            from shared.lake_blob import open_lake
+
+            lake: Lake = open_lake(settings)
+        else:
+            lake = LocalLake(root / "lake")
+        ws = cls(root, config, lake, settings)
+        ws.remember_config()
+        return ws
+
+    # -- shared resources ------------------------------------------------------------------
+    def remember_config(self) -> None:
+        path = self.root / CONFIG_FILE_NAME
+        text = self.config.to_toml()
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            self.config.save(path)
+
+    @property
+    def dev(self):
+        if self._dev is None:
+            from shared.registry import ModelRegistry
+
+            self._dev = ModelRegistry(self.root / "registry" / "dev", "dev")
+        return self._dev
+
+    @property
+    def prod(self):
+        if self._prod is None:
+            from shared.registry import ModelRegistry
+
+            self._prod = ModelRegistry(self.root / "registry" / "prod", "prod")
+        return self._prod
+
+    def store(self):
+        from shared.result_store import open_store
+
+        return open_store(self.config, self.root)
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / CONFIG_FILE_NAME
+
+    def local_dir(self, *parts: str) -> Path:
+        path = self.root.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+# -- ingest ------------------------------------------------------------------------------------
+def ingest(ws: Workspace, source: str | Path, query: str | None = None) -> IngestSummary:
+    """Read, validate and partition a source; the same data twice gives the same dataset."""
+    from shared.ingest import read_source
+    from shared.partitioning import prepare_dataset
+    from shared.validation import validate
+
+    frame = read_source(_resolve_source(ws, source), ws.config, query=query)
+    validated, report = validate(frame, ws.config)
+    del frame
+    dataset = prepare_dataset(ws.lake, validated, ws.config, report)
+    ws.lake.write_bytes("prepared/LATEST", dataset.dataset_id.encode())
+    return IngestSummary(
+        dataset_id=dataset.dataset_id,
+        partitions=int(len(dataset.manifest)),
+        rows=int(dataset.manifest["n_rows"].sum()),
+        report=report.to_dict(),
+        reused=bool(getattr(dataset, "reused", False)),
+    )
+
+
+def _resolve_source(ws: Workspace, source: str | Path) -> str | Path:
+    """A lake path under raw/ is staged to a local file; anything else is a local path or ODBC."""
+    text = str(source)
+    if text.startswith("odbc:"):
+        return text
+    if text.startswith("raw/"):
+        local = ws.lake.local_path(text)
+        if local is not None:
+            return local
+        staged = ws.local_dir(".cache", "raw") / Path(text).name
+        staged.write_bytes(ws.lake.read_bytes(text))
+        return staged
+    return Path(text)
+
+
+def latest_dataset_id(ws: Workspace) -> str:
+    if not ws.lake.exists("prepared/LATEST"):
+        raise PipelineError(f"no dataset in {ws.root}: run 'manymodels ingest --data FILE' first")
+    return ws.lake.read_bytes("prepared/LATEST").decode().strip()
+
+
+def _load_dataset(ws: Workspace, dataset_id: str):
+    from shared.partitioning import load_dataset
+
+    try:
+        return load_dataset(ws.lake, dataset_id)
+    except LakeError as exc:
+        raise PipelineError(f"dataset {dataset_id} not found in the lake of {ws.root}") from exc
+
+
+# -- training ----------------------------------------------------------------------------------
+def plan_training(
+    ws: Workspace,
+    dataset_id: str | None = None,
+    partition_ids: list[str] | None = None,
+    run_id: str | None = None,
+    group_size: int | None = None,
+) -> TrainingPlan:
+    """Split a dataset's batch files into groups, one compute job each; writes run.json."""
+    dataset_id = dataset_id or latest_dataset_id(ws)
+    dataset = _load_dataset(ws, dataset_id)
+    manifest = dataset.manifest
+    if partition_ids:
+        unknown = sorted(set(partition_ids) - set(manifest[PARTITION_ID]))
+        if unknown:
+            raise PipelineError(f"unknown partition id(s) for dataset {dataset_id}: {unknown[:5]}")
+        manifest = manifest[manifest[PARTITION_ID].isin(partition_ids)]
+    cfg = ws.config
+    run_id = run_id or _digest(
+        dataset_id, asdict(cfg.forecast), asdict(cfg.training), sorted(partition_ids or []), prefix="r"
+    )
+    batches = sorted(manifest["batch"].unique())
+    paths = [f"prepared/{dataset_id}/batches/{b}" for b in batches]
+    size = group_size or max(1, len(paths))
+    groups = [paths[i : i + size] for i in range(0, len(paths), size)]
+    run_meta = {
+        "run_id": run_id,
+        "dataset_id": dataset_id,
+        "kind": "train",
+        "created_at": _now(),
+        "config": cfg.to_dict(),
+        "partition_ids": sorted(partition_ids) if partition_ids else None,
+        "groups": len(groups),
+    }
+    if not ws.lake.exists(f"runs/{run_id}/run.json"):
+        ws.lake.write_bytes(f"runs/{run_id}/run.json", json.dumps(run_meta, indent=2).encode())
+    ws.lake.write_bytes("runs/LATEST", run_id.encode())
+    return TrainingPlan(run_id=run_id, dataset_id=dataset_id, groups=groups, partitions=int(len(manifest)))
+
+
+def _run_meta(ws: Workspace, run_id: str) -> dict[str, Any]:
+    path = f"runs/{run_id}/run.json"
+    if not ws.lake.exists(path):
+        raise PipelineError(f"run {run_id} not found in {ws.root}: plan or train it first")
+    return json.loads(ws.lake.read_bytes(path))
+
+
+def latest_run_id(ws: Workspace) -> str:
+    if not ws.lake.exists("runs/LATEST"):
+        raise PipelineError(f"no training run in {ws.root}: run 'manymodels train' first")
+    return ws.lake.read_bytes("runs/LATEST").decode().strip()
+
+
+def submit_group(
+    ws: Workspace, kind: str, run_id: str, group_index: int, batch_paths: list[str]
+) -> JobHandle:
+    """Submit one group to the configured compute backend (local: runs it now)."""
+    if kind not in ("train", "score"):
+        raise PipelineError(f"unknown job kind {kind!r}")
+    backend = getattr(ws.settings, "compute_backend", "local") if ws.settings is not None else "local"
+    if backend == "azureml":
+        from shared.azureml import submit_parallel_job
+
+        return submit_parallel_job(ws, kind, run_id, group_index, batch_paths)
+    handle = JobHandle(job_id_for(kind, run_id, group_index), kind, run_id, group_index, state="running")
+    runner = train_group if kind == "train" else score_group
+    summary = runner(ws, run_id, batch_paths, group_index=group_index)
+    handle.summary = summary.to_dict()
+    handle.state = "failed" if summary.failed_batches else "completed"
+    handle.detail = "; ".join(str(f.get("error", ""))[:200] for f in summary.failed_batches)
+    ws.lake.write_bytes(f"runs/{run_id}/jobs/{handle.job_id}.json", handle.to_json().encode())
+    return handle
+
+
+def job_status(ws: Workspace, job_id: str, run_id: str | None = None) -> JobHandle:
+    """The state of a submitted job: local jobs from their record, Azure ML jobs from the service."""
+    backend = getattr(ws.settings, "compute_backend", "local") if ws.settings is not None else "local"
+    if backend == "azureml":
+        from shared.azureml import parallel_job_status
+
+        return parallel_job_status(ws, job_id)
+    kind, _, rest = job_id.partition("-")
+    run = run_id or rest.rsplit("-g", 1)[0]
+    folder = "runs"
+    path = f"{folder}/{run}/jobs/{job_id}.json"
+    if not ws.lake.exists(path):
+        raise PipelineError(f"unknown job {job_id}")
+    return JobHandle.from_dict(json.loads(ws.lake.read_bytes(path)))
+
+
+def train_group(
+    ws: Workspace, run_id: str, batch_paths: list[str], group_index: int = 0, progress: bool | None = None
+) -> GroupSummary:
+    """Train every partition of some batch files with the entry script on the local process pool."""
+    from shared.runner import run_parallel
+
+    meta = _run_meta(ws, run_id)
+    dataset_meta_path = f"prepared/{meta['dataset_id']}/dataset.json"
+    with _StagedRun(ws, f"runs/{run_id}", batch_paths, [dataset_meta_path]) as staged:
+        config_file = staged.write_config(ws.config)
+        args = [
+            "--config", str(config_file),
+            "--dataset-meta", str(staged.input(dataset_meta_path)),
+            "--output-dir", str(staged.output("models")),
+            "--run-id", run_id,
+        ]
+        spec = ws.config.runner
+        if progress is not None:
+            spec = _replace(spec, progress=progress)
+        outcome = run_parallel(
+            TRAIN_ENTRY,
+            [str(staged.input(p)) for p in batch_paths],
+            args,
+            spec,
+            staged.output("results"),
+            total_items=_partitions_in(ws, meta["dataset_id"], batch_paths),
+            desc=f"train {run_id}",
+        )
+    statuses: dict[str, int] = {}
+    for row in outcome.rows:
+        statuses[row.get("status", "unknown")] = statuses.get(row.get("status", "unknown"), 0) + 1
+    return GroupSummary(
+        run_id=run_id,
+        group_index=group_index,
+        partitions=len(outcome.rows),
+        statuses=statuses,
+        failed_batches=[dict(f) for f in outcome.failed_batches],
+        seconds=round(outcome.seconds, 3),
+    )
+
+
+def _replace(spec, **changes):
+    from dataclasses import replace
+
+    return replace(spec, **changes)
+
+
+def _partitions_in(ws: Workspace, dataset_id: str, batch_paths: list[str]) -> int:
+    manifest = _load_dataset(ws, dataset_id).manifest
+    names = {p.rsplit("/", 1)[-1] for p in batch_paths}
+    return int(manifest["batch"].isin(names).sum())
+
+
+def _result_rows(ws: Workspace, prefix: str) -> list[dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    for path in ws.lake.list(prefix):
+        if not path.endswith(".jsonl"):
+            continue
+        for line in ws.lake.read_bytes(path).decode("utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row[PARTITION_ID]] = row
+    return list(rows.values())
+
+
+def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
+    """Register a run's trained models in the dev registry and load its metrics into SQL."""
+    meta = _run_meta(ws, run_id)
+    rows = _result_rows(ws, f"runs/{run_id}/results")
+    if not rows:
+        raise PipelineError(f"run {run_id} has no results yet: train it first")
+    dataset = _load_dataset(ws, meta["dataset_id"])
+    keys = ws.config.data.keys
+    manifest = dataset.manifest.set_index(PARTITION_ID)
+    summary = RegisterSummary(run_id=run_id)
+    to_register = []
+    for row in rows:
+        status = row.get("status")
+        if status in ("trained", "baseline_only"):
+            artifact = f"runs/{run_id}/models/{row[PARTITION_ID]}.joblib"
+            if not ws.lake.exists(artifact):
+                summary.missing += 1
+                continue
+            to_register.append((_record_for(row, run_id, manifest, keys), _artifact_source(ws, artifact)))
+        setattr(summary, status, getattr(summary, status) + 1) if status in (
+            "trained", "baseline_only", "failed", "skipped") else None
+        if status == "failed":
+            summary.failures.append({PARTITION_ID: row[PARTITION_ID], "reason": str(row.get("reason", ""))})
+    registered = ws.dev.register_many(to_register)
+    summary.registered = len(registered)
+    version_of = {r.partition_id: r.version for r in registered}
+    metrics_rows = [_metrics_row(row, run_id, manifest, keys, version_of) for row in rows]
+    summary.model_wape, summary.baseline_wape = _aggregate_wape(rows)
+    store = ws.store()
+    try:
+        store.upsert_metrics(metrics_rows)
+        backtests = _backtests(ws, run_id, rows, manifest, keys)
+        if backtests is not None and len(backtests):
+            store.upsert_backtests(backtests)
+    finally:
+        store.close()
+    summary.failures = summary.failures[:50]
+    return summary
+
+
+def _artifact_source(ws: Workspace, lake_path: str):
+    local = ws.lake.local_path(lake_path)
+    return local if local is not None else ws.lake.read_bytes(lake_path)
+
+
+def _keys_of(manifest: pd.DataFrame, pid: str, keys: list[str]) -> dict[str, str]:
+    if pid not in manifest.index:
+        return {}
+    row = manifest.loc[pid]
+    return {k: str(row[k]) for k in keys}
+
+
+def _record_for(row: dict[str, Any], run_id: str, manifest: pd.DataFrame, keys: list[str]) -> dict[str, Any]:
+    pid = row[PARTITION_ID]
+    key_values = row.get("keys") or _keys_of(manifest, pid, keys)
+    n_observed = int(manifest.loc[pid, "n_observed"]) if pid in manifest.index else row.get("n_observed", 0)
+    fingerprint = str(manifest.loc[pid, "fingerprint"]) if pid in manifest.index else ""
+    return {
+        PARTITION_ID: pid,
+        "name": f"mm-{pid}",
+        "model_type": row.get("model_name") or "baseline",
+        "run_id": run_id,
+        "fingerprint": fingerprint,
+        "metrics": {**(row.get("metrics") or {}), "n_observed": n_observed},
+        "tags": {
+            **{k: str(v) for k, v in key_values.items()},
+            "partition_id": pid,
+            "run_id": run_id,
+            "model_type": str(row.get("model_name") or "baseline"),
+            "fingerprint": fingerprint,
+            "status": str(row.get("status")),
+            "n_observed": str(n_observed),
+        },
+        "status": row.get("status"),
+    }
+
+
+def _metrics_row(row, run_id, manifest, keys, version_of) -> dict[str, Any]:
+    pid = row[PARTITION_ID]
+    metrics = row.get("metrics") or {}
+    baseline = row.get("baseline_metrics") or {}
+    return {
+        PARTITION_ID: pid,
+        **(row.get("keys") or _keys_of(manifest, pid, keys)),
+        "run_id": run_id,
+        "model": row.get("model_name"),
+        "model_version": version_of.get(pid),
+        "status": row.get("status"),
+        "reason": row.get("reason") or "",
+        "wape": metrics.get("wape"),
+        "mape": metrics.get("mape"),
+        "rmse": metrics.get("rmse"),
+        "accuracy": metrics.get("accuracy"),
+        "baseline_wape": baseline.get("wape"),
+        "n_observed": row.get("n_observed"),
+        "fit_seconds": row.get("fit_seconds"),
+        "registry": "dev",
+    }
+
+
+def _aggregate_wape(rows: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """Pooled WAPE over every test window: the chosen models' and the baseline's, side by side."""
+    err = base = actual = 0.0
+    for row in rows:
+        for point in row.get("backtest") or []:
+            if point.get("actual") is None or point.get("prediction") is None:
+                continue
+            err += abs(point["prediction"] - point["actual"])
+            base += abs((point.get("baseline") if point.get("baseline") is not None else point["prediction"])
+                        - point["actual"])
+            actual += abs(point["actual"])
+    if actual <= 0:
+        return None, None
+    return round(err / actual, 4), round(base / actual, 4)
+
+
+def _backtests(ws, run_id, rows, manifest, keys) -> pd.DataFrame | None:
+    frames = []
+    for row in rows:
+        bt = row.get("backtest")
+        if not bt:
+            continue
+        frame = pd.DataFrame(bt)
+        frame[PARTITION_ID] = row[PARTITION_ID]
+        for k, v in (row.get("keys") or _keys_of(manifest, row[PARTITION_ID], keys)).items():
+            frame[k] = v
+        frame["run_id"] = run_id
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def train(
+    ws: Workspace, dataset_id: str | None = None, run_id: str | None = None, progress: bool | None = None
+) -> tuple[TrainingPlan, list[GroupSummary], RegisterSummary]:
+    """Plan, train every group locally, and register: the local equivalent of the orchestrator."""
+    started = time.perf_counter()
+    plan = plan_training(ws, dataset_id, run_id=run_id)
+    groups = [train_group(ws, plan.run_id, g, i, progress=progress) for i, g in enumerate(plan.groups)]
+    registered = register_run(ws, plan.run_id)
+    _record_stage(ws, plan.run_id, "train", started, registered.to_dict())
+    return plan, groups, registered
+
+
+def _record_stage(ws: Workspace, run_id: str, stage: str, started: float, counts: dict[str, Any]) -> None:
+    store = ws.store()
+    try:
+        counts = {k: v for k, v in counts.items() if not isinstance(v, (list, dict))}
+        store.record_run(run_id, stage, _now(), round(time.perf_counter() - started, 3), counts)
+    finally:
+        store.close()
+
+
+# -- promotion ---------------------------------------------------------------------------------
+def promote(ws: Workspace, run_id: str | None = None, min_accuracy: float | None = None) -> PromotionSummary:
+    """Apply the promotion rules to a run's models; copy the eligible ones to production."""
+    from shared.promotion import promote_run
+
+    started = time.perf_counter()
+    run_id = run_id or latest_run_id(ws)
+    meta = _run_meta(ws, run_id)
+    rules = ws.config.promotion
+    if min_accuracy is not None:
+        if not 0.0 <= float(min_accuracy) <= 1.0:
+            raise PipelineError(f"min_accuracy must be between 0 and 1, got {min_accuracy}")
+        rules = _replace(rules, metric="accuracy", min_value=float(min_accuracy), higher_is_better=True)
+    manifest = _load_dataset(ws, meta["dataset_id"]).manifest
+    history = dict(zip(manifest[PARTITION_ID], manifest["n_observed"].astype(int)))
+    decisions = promote_run(ws.dev, ws.prod, run_id, rules, history)
+    summary = PromotionSummary(run_id=run_id)
+    keyed = manifest.set_index(PARTITION_ID)
+    rows = []
+    for d in decisions:
+        setattr(summary, d.decision, getattr(summary, d.decision) + 1)
+        if d.decision == "rejected":
+            reason = d.reason.split(" ")[0] if d.reason else "rejected"
+            summary.reasons[reason] = summary.reasons.get(reason, 0) + 1
+        if d.decision != "unchanged":
+            rows.append({**d.to_row(), **_keys_of(keyed, d.partition_id, ws.config.data.keys)})
+    summary.in_production = sum(1 for r in ws.prod.find(run_id=run_id))
+    store = ws.store()
+    try:
+        if rows:
+            store.upsert_promotions(rows)
+    finally:
+        store.close()
+    _record_stage(ws, run_id, "promote", started, summary.to_dict())
+    return summary
+
+
+# -- scoring -----------------------------------------------------------------------------------
+def plan_scoring(
+    ws: Workspace,
+    data: str | Path | None = None,
+    horizon: int | None = None,
+    score_id: str | None = None,
+    dataset_id: str | None = None,
+    group_size: int | None = None,
+) -> ScoringPlan:
+    """Write the scoring inputs (a scoring file's rows, or one horizon request per partition)."""
+    from shared.scoring import prepare_scoring
+
+    dataset_id = dataset_id or latest_dataset_id(ws)
+    dataset = _load_dataset(ws, dataset_id)
+    cfg = ws.config if horizon is None else ws.config.with_overrides({"forecast.horizon": int(horizon)})
+    frame = None
+    source_id: Any = None
+    if data is not None:
+        from shared.ingest import read_source
+
+        frame = read_source(_resolve_source(ws, data), cfg)
+        source_id = int(pd.util.hash_pandas_object(frame, index=False).sum() % (1 << 63))
+    score_id = score_id or _digest(
+        dataset_id, source_id, cfg.forecast.horizon, ws.prod.index_version(), cfg.promotion.fallback,
+        ws.dev.index_version(), prefix="s",
+    )
+    paths = prepare_scoring(ws.lake, cfg, dataset, frame, score_id, cfg.runner.rows_per_file)
+    size = group_size or max(1, len(paths))
+    groups = [paths[i : i + size] for i in range(0, len(paths), size)]
+    meta = {"score_id": score_id, "dataset_id": dataset_id, "kind": "score", "created_at": _now(),
+            "horizon": cfg.forecast.horizon, "source": str(data) if data else None, "config": cfg.to_dict()}
+    if not ws.lake.exists(f"runs/{score_id}/run.json"):
+        ws.lake.write_bytes(f"runs/{score_id}/run.json", json.dumps(meta, indent=2).encode())
+    return ScoringPlan(score_id=score_id, groups=groups, horizon=cfg.forecast.horizon,
+                       source=str(data) if data else None)
+
+
+def score_group(
+    ws: Workspace, score_id: str, batch_paths: list[str], group_index: int = 0, progress: bool | None = None
+) -> GroupSummary:
+    """Score some scoring-input files with the entry script on the local process pool."""
+    from shared.config import ProjectConfig
+    from shared.runner import run_parallel
+
+    meta = _run_meta(ws, score_id)
+    cfg = ProjectConfig.from_dict(meta["config"])
+    dataset_meta_path = f"prepared/{meta['dataset_id']}/dataset.json"
+    with _StagedRun(ws, f"runs/{score_id}", batch_paths, [dataset_meta_path]) as staged:
+        config_file = staged.write_config(cfg)
+        args = [
+            "--config", str(config_file),
+            "--dataset-meta", str(staged.input(dataset_meta_path)),
+            "--prod-registry", str(ws.prod.root),
+            "--dev-registry", str(ws.dev.root),
+            "--output-dir", str(staged.output("predictions")),
+            "--score-id", score_id,
+        ]
+        spec = cfg.runner if progress is None else _replace(cfg.runner, progress=progress)
+        outcome = run_parallel(
+            SCORE_ENTRY, [str(staged.input(p)) for p in batch_paths], args, spec,
+            staged.output("results"), desc=f"score {score_id}",
+        )
+    statuses: dict[str, int] = {}
+    for row in outcome.rows:
+        statuses[row.get("status", "unknown")] = statuses.get(row.get("status", "unknown"), 0) + 1
+    return GroupSummary(run_id=score_id, group_index=group_index, partitions=len(outcome.rows),
+                        statuses=statuses, failed_batches=[dict(f) for f in outcome.failed_batches],
+                        seconds=round(outcome.seconds, 3))
+
+
+def load_predictions(ws: Workspace, score_id: str) -> LoadSummary:
+    """Upsert a scoring run's prediction files into the SQL store (reruns never duplicate)."""
+    files = [p for p in ws.lake.list(f"runs/{score_id}/predictions") if p.endswith(".parquet")]
+    summary = LoadSummary(score_id=score_id)
+    frames = [read_parquet(ws.lake, p) for p in files]
+    frames = [f for f in frames if len(f)]
+    predictions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if len(predictions):
+        predictions["score_id"] = score_id
+        out = f"predictions/{score_id}/predictions.parquet"
+        from shared.lake import write_parquet
+
+        write_parquet(ws.lake, out, predictions)
+        store = ws.store()
+        try:
+            store.upsert_predictions(predictions)
+        finally:
+            store.close()
+        summary.rows = int(len(predictions))
+        summary.partitions = int(predictions[PARTITION_ID].nunique())
+        summary.fallback_partitions = int(predictions.loc[predictions["is_fallback"] == 1, PARTITION_ID].nunique())
+    for row in _result_rows(ws, f"runs/{score_id}/results"):
+        if row.get("status") == "no_model":
+            summary.no_model += 1
+        elif row.get("status") == "failed":
+            summary.failed += 1
+    return summary
+
+
+def score(
+    ws: Workspace, data: str | Path | None = None, horizon: int | None = None, progress: bool | None = None
+) -> tuple[ScoringPlan, LoadSummary]:
+    started = time.perf_counter()
+    plan = plan_scoring(ws, data=data, horizon=horizon)
+    for i, group in enumerate(plan.groups):
+        result = score_group(ws, plan.score_id, group, i, progress=progress)
+        if result.failed_batches:
+            raise PipelineError(
+                f"scoring {plan.score_id}: {len(result.failed_batches)} mini-batch(es) failed: "
+                f"{result.failed_batches[0].get('error', '')[:300]}"
+            )
+    loaded = load_predictions(ws, plan.score_id)
+    _record_stage(ws, plan.score_id, "score", started, loaded.to_dict())
+    return plan, loaded
+
+
+# -- report and the whole pipeline ------------------------------------------------------------
+def report(ws: Workspace, path: Path | None = None) -> Path:
+    from shared.report import write_report
+
+    store = ws.store()
+    try:
+        return write_report(store, path or ws.root / "report.html", min_accuracy=ws.config.promotion.min_value)
+    finally:
+        store.close()
+
+
+def run_all(
+    ws: Workspace, source: str | Path, min_accuracy: float | None = None, progress: bool | None = None,
+    scoring_data: str | Path | None = None,
+) -> dict[str, Any]:
+    """Ingest -> partition -> train -> register -> promote -> score -> SQL -> report."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    ingested = ingest(ws, source)
+    timings["ingest"] = time.perf_counter() - t
+    t = time.perf_counter()
+    plan, groups, registered = train(ws, ingested.dataset_id, progress=progress)
+    timings["train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    promoted = promote(ws, plan.run_id, min_accuracy=min_accuracy)
+    timings["promote"] = time.perf_counter() - t
+    t = time.perf_counter()
+    scoring_plan, loaded = score(ws, data=scoring_data, progress=progress)
+    timings["score"] = time.perf_counter() - t
+    t = time.perf_counter()
+    report_path = report(ws)
+    timings["report"] = time.perf_counter() - t
+    failed_batches = sum(len(g.failed_batches) for g in groups)
+    return {
+        "dataset_id": ingested.dataset_id,
+        "run_id": plan.run_id,
+        "score_id": scoring_plan.score_id,
+        "rows": ingested.rows,
+        "partitions": ingested.partitions,
+        "trained": registered.trained + registered.baseline_only,
+        "trained_ml": registered.trained,
+        "baseline_only": registered.baseline_only,
+        "failed": registered.failed,
+        "failed_batches": failed_batches,
+        "skipped": registered.skipped,
+        "promoted": promoted.promoted + promoted.unchanged,
+        "newly_promoted": promoted.promoted,
+        "rejected": promoted.rejected,
+        "rejection_reasons": promoted.reasons,
+        "predictions": loaded.rows,
+        "scored_partitions": loaded.partitions,
+        "fallback_partitions": loaded.fallback_partitions,
+        "model_wape": registered.model_wape,
+        "baseline_wape": registered.baseline_wape,
+        "validation": {k: v for k, v in ingested.report.items() if isinstance(v, (int, float))},
+        "sql": str(_sql_location(ws)),
+        "report": str(report_path),
+        "workdir": str(ws.root),
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+    }
+
+
+def _sql_location(ws: Workspace) -> str:
+    if ws.config.store.backend == "sqlite":
+        return str(ws.root / ws.config.store.sqlite_file)
+    return f"odbc ({ws.config.store.odbc_connection_setting})"
+
+
+class _StagedRun:
+    """Local paths for an entry script: the lake's own files when it is a local folder, else a cache.
+
+    With a blob lake the inputs are downloaded once and the outputs uploaded when the group ends,
+    so entry scripts always see a file system, as they do when Azure ML mounts a data asset.
+    """
+
+    def __init__(self, ws: Workspace, run_prefix: str, inputs: Iterable[str], extra: Iterable[str]) -> None:
+        self.ws = ws
+        self.run_prefix = run_prefix
+        self.inputs = [*inputs, *extra]
+        self.local = isinstance(ws.lake, LocalLake)
+        self.tmp: Path | None = None
+        self.outputs: list[str] = []
+
+    def __enter__(self) -> "_StagedRun":
+        if not self.local:
+            self.tmp = Path(tempfile.mkdtemp(prefix="mm-stage-", dir=self.ws.local_dir(".cache")))
+            for path in self.inputs:
+                target = self.tmp / "in" / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(self.ws.lake.read_bytes(path))
+            for existing in self.ws.lake.list(self.run_prefix):
+                target = self.tmp / "out" / existing
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(self.ws.lake.read_bytes(existing))
+        return self
+
+    def input(self, path: str) -> Path:
+        if self.local:
+            return self.ws.lake.local_path(path)
+        return self.tmp / "in" / path
+
+    def output(self, name: str) -> Path:
+        lake_path = f"{self.run_prefix}/{name}"
+        self.outputs.append(lake_path)
+        folder = self.ws.lake.local_path(lake_path) if self.local else self.tmp / "out" / lake_path
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def write_config(self, cfg: ProjectConfig) -> Path:
+        folder = self.output("config")
+        path = folder / "manymodels.toml"
+        cfg.save(path)
+        return path
+
+    def __exit__(self, *exc: object) -> None:
+        if self.local or self.tmp is None:
+            return
+        try:
+            out_root = self.tmp / "out"
+            for file in out_root.rglob("*"):
+                if file.is_file() and not file.name.startswith(".tmp-"):
+                    self.ws.lake.write_bytes(file.relative_to(out_root).as_posix(), file.read_bytes())
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,92 @@
+"""The `manymodels` command: one-line errors, JSON output, remembered config, unchanged data on failure."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from shared.cli import main
+from shared.synthetic import write_panel
+
+
+@pytest.fixture(scope="module")
+def small_csv(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "sales.csv"
+    write_panel(path, partitions=6, periods=80, freq="W", seed=1)
+    return path
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_writes_the_default_columns(tmp_path, capsys):
+    code, out, _ = _run(capsys, "generate", "--partitions", "3", "--periods", "20", "--out",
+                        str(tmp_path / "g.parquet"), "--json")
+    assert code == 0
+    frame = pd.read_parquet(tmp_path / "g.parquet")
+    assert {"store", "item", "date", "sales", "price", "promo"} <= set(frame.columns)
+    assert json.loads(out.strip().splitlines()[-1])["path"].endswith("g.parquet")
+
+
+def test_ingest_json_is_the_last_line_and_the_workdir_remembers_its_config(small_csv, tmp_path, capsys):
+    work = tmp_path / "w"
+    code, out, _ = _run(capsys, "ingest", "--data", str(small_csv), "--workdir", str(work),
+                        "--horizon", "6", "--test-periods", "6", "--json")
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["partitions"] == 6
+    remembered = (work / "manymodels.toml").read_text()
+    assert "horizon = 6" in remembered
+    code, out, _ = _run(capsys, "train", "--workdir", str(work), "--no-progress", "--json")
+    assert code == 0, out
+    trained = json.loads(out.strip().splitlines()[-1])
+    assert trained["trained"] + trained["baseline_only"] + trained["failed"] + trained["skipped"] == 6
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda f: f.drop(columns=["sales"]), "sales"),
+        (lambda f: f.assign(date="not a date"), "date"),
+        (lambda f: f.assign(price="cheap"), "price"),
+        (lambda f: f.iloc[0:0], "empty"),
+    ],
+    ids=["missing-target", "unparseable-time", "non-numeric-covariate", "empty"],
+)
+def test_bad_input_is_one_line_naming_the_problem_and_changes_nothing(
+    small_csv, tmp_path, capsys, mutate, expected
+):
+    work = tmp_path / "w"
+    assert main(["ingest", "--data", str(small_csv), "--workdir", str(work)]) == 0
+    capsys.readouterr()
+    before = _digest(work)
+    bad = tmp_path / "bad.csv"
+    mutate(pd.read_csv(small_csv)).to_csv(bad, index=False)
+    code, out, err = _run(capsys, "ingest", "--data", str(bad), "--workdir", str(work))
+    assert code == 2
+    assert err.startswith("error: ") and expected in err.lower()
+    assert "Traceback" not in err
+    assert _digest(work) == before
+
+
+def test_a_missing_file_and_an_unknown_run_are_clear_errors(tmp_path, capsys):
+    code, _, err = _run(capsys, "ingest", "--data", str(tmp_path / "nope.csv"), "--workdir", str(tmp_path / "w"))
+    assert code == 2 and "nope.csv" in err
+    code, _, err = _run(capsys, "promote", "--workdir", str(tmp_path / "w"), "--run-id", "r123")
+    assert code == 2 and "r123" in err
+
+
+def test_bad_flags_name_the_field(tmp_path, capsys):
+    code, _, err = _run(capsys, "ingest", "--data", "x.csv", "--workdir", str(tmp_path), "--freq", "fortnightly")
+    assert code == 2 and "data.freq" in err

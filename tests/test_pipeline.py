@@ -1,0 +1,143 @@
+"""The whole local pipeline: data in, models trained, promoted, scored, in SQL; reruns change nothing."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from shared.pipeline import Workspace, run_all
+from shared.synthetic import write_panel
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = {"runner.progress": False, "runner.rows_per_file": 1500, "runner.workers": 2}
+
+
+@pytest.fixture(scope="module")
+def panel(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "sales.parquet"
+    write_panel(path, partitions=40, periods=156, freq="W", seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(panel, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ws")
+    ws = Workspace.open(root, overrides=OVERRIDES)
+    return root, run_all(ws, panel, min_accuracy=0.5)
+
+
+def _sql(root: Path, query: str):
+    with sqlite3.connect(root / "results.sqlite") as con:
+        return con.execute(query).fetchall()
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and "results.sqlite" not in p.name and p.suffix != ".html":
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_every_partition_is_trained_failed_or_skipped_with_a_reason(first_run):
+    root, summary = first_run
+    assert summary["partitions"] == 40
+    assert summary["trained"] + summary["failed"] + summary["skipped"] == summary["partitions"]
+    rows = _sql(root, "select status, reason from model_metrics")
+    assert len(rows) == 40
+    assert all(reason for status, reason in rows if status in ("failed", "skipped"))
+
+
+def test_predictions_are_one_row_per_scored_partition_and_horizon_period(first_run):
+    root, summary = first_run
+    (count,) = _sql(root, "select count(*) from predictions")[0]
+    (parts,) = _sql(root, "select count(distinct partition_id) from predictions")[0]
+    assert count == summary["predictions"] == parts * 12
+    cols = [r[1] for r in _sql(root, "pragma table_info(predictions)")]
+    for col in ("store", "item", "date", "prediction", "model", "model_version", "run_id"):
+        assert col in cols
+
+
+def test_chosen_models_beat_the_baseline_wape_clearly(first_run):
+    _, summary = first_run
+    print(f"WAPE chosen {summary['model_wape']} vs baseline {summary['baseline_wape']}")
+    assert summary["model_wape"] < 0.85 * summary["baseline_wape"]
+
+
+def test_partitions_without_a_production_model_are_scored_with_the_flagged_fallback(first_run):
+    root, summary = first_run
+    fallback = _sql(root, "select count(distinct partition_id) from predictions where is_fallback = 1")[0][0]
+    promoted = _sql(root, "select count(*) from promotions where decision = 'promoted'")[0][0]
+    assert fallback == summary["fallback_partitions"]
+    assert promoted + fallback == summary["scored_partitions"]
+
+
+def test_a_second_identical_run_changes_nothing_and_duplicates_nothing(first_run, panel):
+    root, summary = first_run
+    before_tables = {t: _sql(root, f"select count(*) from {t}")[0][0]
+                     for t in ("predictions", "model_metrics", "promotions", "backtests")}
+    before_files = _tree_digest(root)
+    ws = Workspace.open(root, overrides=OVERRIDES)
+    again = run_all(ws, panel, min_accuracy=0.5)
+    for key in ("dataset_id", "run_id", "partitions", "trained", "promoted", "predictions"):
+        assert again[key] == summary[key], key
+    assert again["newly_promoted"] == 0
+    after_tables = {t: _sql(root, f"select count(*) from {t}")[0][0] for t in before_tables}
+    assert after_tables == before_tables
+    changed = {k for k, v in _tree_digest(root).items() if before_files.get(k) != v}
+    changed = {k for k in changed if not k.endswith(("LATEST", "run.json")) and "/jobs/" not in k}
+    assert not changed, sorted(changed)[:10]
+
+
+def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(first_run, panel, tmp_path):
+    reference_root, _ = first_run
+    root = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "shared.cli", "run", "--data", str(panel), "--workdir", str(root),
+           "--min-accuracy", "0.5", "--rows-per-file", "1500", "--workers", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    results = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(root.glob("lake/runs/*/results/*.jsonl"))
+        if found:
+            results = found
+            break
+        time.sleep(0.05)
+    assert results, "the run never produced a mini-batch result before it ended"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "results.sqlite").exists() or not _sql(root, "select count(*) from predictions")[0][0]
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    query = "select partition_id, date, round(prediction, 6), model, is_fallback from predictions order by 1, 2"
+    assert _sql(root, query) == _sql(reference_root, query)
+    metrics = "select partition_id, status, model, round(wape, 9) from model_metrics order by 1"
+    assert _sql(root, metrics) == _sql(reference_root, metrics)
+    models = list((root / "registry" / "dev" / "artifacts").rglob("*.joblib"))
+    assert len(models) == len({m.parent.name for m in models})  # one version per partition: no duplicates
+
+
+def test_scoring_file_rows_are_predicted_exactly(first_run, tmp_path):
+    root, _ = first_run
+    from shared.pipeline import score
+
+    ws = Workspace.open(root, overrides=OVERRIDES)
+    with sqlite3.connect(root / "results.sqlite") as con:
+        target = pd.read_sql("select store, item, max(date) as date from predictions group by store, item limit 3", con)
+    future = target.assign(date=pd.to_datetime(target["date"]), price=4.2, promo=1)
+    path = tmp_path / "future.csv"
+    future.to_csv(path, index=False)
+    plan, loaded = score(ws, data=path, progress=False)
+    assert loaded.rows == 3
