@@ -206,13 +206,34 @@ SEASON_BY_FREQ = {"D": 7, "B": 5, "W": 52, "M": 12, "MS": 12, "ME": 12, "Q": 4, 
                   "Y": 1, "YS": 1, "YE": 1, "A": 1, "AS": 1, "H": 24, "h": 24}
 
 
-def check_freq(freq: str) -> None:
-    if freq == "int":
-        return
+# Aliases older pandas accepted and current pandas renamed; users and their configs still write them.
+LEGACY_FREQ = {"M": "ME", "Q": "QE", "Y": "YE", "A": "YE", "H": "h", "T": "min", "S": "s"}
+
+
+def offset_alias(freq: str) -> str:
+    """The alias the installed pandas accepts for an offset (M -> ME on pandas >= 2.2, say)."""
     import pandas as pd
 
     try:
         pd.tseries.frequencies.to_offset(freq)
+        return freq
+    except ValueError:
+        pass
+    head = freq.lstrip("0123456789")
+    count = freq[: len(freq) - len(head)]
+    base, dash, anchor = head.partition("-")
+    if base in LEGACY_FREQ:
+        candidate = count + LEGACY_FREQ[base] + dash + anchor
+        pd.tseries.frequencies.to_offset(candidate)
+        return candidate
+    raise ValueError(freq)
+
+
+def check_freq(freq: str) -> None:
+    if freq == "int":
+        return
+    try:
+        offset_alias(freq)
     except ValueError as exc:
         raise ConfigError(f"data.freq: {freq!r} is not a pandas offset alias (D, W, MS, M, Q...) or 'int'") from exc
 

@@ -37,12 +37,12 @@ def partition_id(values: Sequence[Any]) -> str:
 
 
 def partition_ids(frame: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
-    """Vectorised over unique key combinations: hashing cost is per partition, not per row."""
-    uniq = frame[list(keys)].drop_duplicates()
-    ids = [partition_id(row) for row in uniq.itertuples(index=False, name=None)]
-    lookup = uniq.assign(**{PARTITION_ID: ids})
-    merged = frame[list(keys)].merge(lookup, on=list(keys), how="left", sort=False)
-    return pd.Series(merged[PARTITION_ID].to_numpy(), index=frame.index, name=PARTITION_ID)
+    """Vectorised: one hash per unique key combination, mapped back to rows by group number."""
+    grouped = frame.groupby(list(keys), sort=False, dropna=False)
+    codes = grouped.ngroup().to_numpy()
+    uniq = frame[list(keys)].drop_duplicates()  # same order as ngroup with sort=False
+    ids = np.array([partition_id(row) for row in uniq.itertuples(index=False, name=None)], dtype=object)
+    return pd.Series(ids[codes] if len(ids) else np.array([], dtype=object), index=frame.index, name=PARTITION_ID)
 
 
 def key_dict(keys: Sequence[str], values: Sequence[Any]) -> dict[str, str]:

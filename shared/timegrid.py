@@ -15,6 +15,7 @@ PERIOD = "_period"
 
 def period_freq(freq: str) -> str:
     """The Period frequency for an offset alias (month-end and month-start both map to months)."""
+    freq = {"H": "h", "T": "min", "S": "s", "A": "Y"}.get(freq, freq)
     base = freq.upper()
     for alias, period in (("MS", "M"), ("ME", "M"), ("QS", "Q"), ("QE", "Q"), ("YS", "Y"), ("YE", "Y"), ("AS", "Y")):
         if base.startswith(alias):

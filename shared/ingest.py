@@ -1,0 +1,157 @@
+"""Read raw source data into one long data frame: CSV, Parquet (file or folder), or SQL over ODBC.
+
+Ingestion only reads; it does not judge the data (that is :mod:`shared.validation`). It keeps key
+columns of CSV files as text, so keys such as ``"007"`` survive, and it turns every failure into an
+:class:`IngestError` that names the source, because the caller (CLI, Function, pipeline) must be
+able to tell the user which input was unreadable.
+"""
+
+from __future__ import annotations
+
+import decimal
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from shared.config import ProjectConfig
+
+ODBC_PREFIX = "odbc:"
+FETCH_ROWS = 50_000  # rows per cursor.fetchmany: bounded Python-object overhead per step
+_SECRET = re.compile(
+    r"((?:PWD|PASSWORD|ACCOUNTKEY|SHAREDACCESSSIGNATURE)\s*=\s*)(\{[^}]*\}|[^;]*)", re.IGNORECASE
+)
+
+
+class IngestError(ValueError):
+    """A source could not be read; the message names the source (with secrets redacted)."""
+
+
+def describe_source(source: str | Path) -> str:
+    """The source as it may appear in messages and logs: ODBC passwords and keys redacted."""
+    text = str(source)
+    return _SECRET.sub(r"\1***", text) if text.lower().startswith(ODBC_PREFIX) else text
+
+
+def read_source(source: str | Path, cfg: ProjectConfig, query: str | None = None) -> pd.DataFrame:
+    """Read a ``.csv`` / ``.parquet`` file, a folder of Parquet files, or ``odbc:<connection string>``.
+
+    For ODBC, ``query`` is the SQL to run; rows are fetched in chunks of ``FETCH_ROWS``.
+    """
+    if isinstance(source, str) and source.lower().startswith(ODBC_PREFIX):
+        return _read_odbc(source[len(ODBC_PREFIX) :], query, source)
+    if query is not None:
+        raise IngestError(f"source {describe_source(source)}: a query is only used with an 'odbc:' source")
+    path = Path(source)
+    if not path.exists():
+        raise IngestError(f"source not found: {path}")
+    if path.is_dir():
+        return _read_parquet_folder(path)
+    suffixes = "".join(path.suffixes[-2:]).lower()
+    if path.suffix.lower() == ".parquet":
+        return _read_parquet(path)
+    if path.suffix.lower() == ".csv" or suffixes in (".csv.gz", ".csv.zip", ".csv.bz2", ".csv.xz"):
+        return _read_csv(path, cfg)
+    raise IngestError(
+        f"source {path}: unsupported file type {path.suffix!r}; use .csv, .parquet, a folder of "
+        f"Parquet files, or 'odbc:<connection string>' with a query"
+    )
+
+
+def _read_csv(path: Path, cfg: ProjectConfig) -> pd.DataFrame:
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+        key_types = {k: str for k in cfg.data.keys if k in header}
+        return pd.read_csv(path, dtype=key_types, keep_default_na=True)
+    except pd.errors.EmptyDataError as exc:
+        raise IngestError(f"source {path}: the CSV file is empty (no header row)") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
+        raise IngestError(f"source {path}: not a readable CSV file: {exc}") from exc
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return _plain(pads.dataset(path, format="parquet").to_table().to_pandas())
+    except (pa.ArrowException, OSError) as exc:
+        raise IngestError(f"source {path}: not a readable Parquet file: {exc}") from exc
+
+
+def _read_parquet_folder(path: Path) -> pd.DataFrame:
+    """All Parquet files below a folder as one table; hive folders (``store=S01/``) become columns."""
+    files = sorted(p for p in path.rglob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
+    if not files:
+        found = sorted({p.suffix or p.name for p in path.rglob("*") if p.is_file()})
+        raise IngestError(f"source {path}: the folder holds no .parquet files (found: {found or 'nothing'})")
+    try:
+        dataset = pads.dataset(
+            [str(f) for f in files],
+            format="parquet",
+            partitioning=pads.HivePartitioning.discover(infer_dictionary=False),
+            partition_base_dir=str(path),
+        )
+        return _plain(dataset.to_table().to_pandas())
+    except (pa.ArrowException, OSError) as exc:
+        raise IngestError(f"source {path}: the Parquet files cannot be read as one table: {exc}") from exc
+
+
+def _plain(frame: pd.DataFrame) -> pd.DataFrame:
+    """Categorical columns (Parquet dictionaries) back to their values: keys compare as read."""
+    for name in frame.columns:
+        if isinstance(frame[name].dtype, pd.CategoricalDtype):
+            frame[name] = frame[name].astype(frame[name].cat.categories.dtype)
+    return frame
+
+
+def _read_odbc(connection: str, query: str | None, source: str) -> pd.DataFrame:
+    shown = describe_source(source)
+    if not query or not query.strip():
+        raise IngestError(f"source {shown}: an ODBC source needs a SQL query")
+    try:
+        import pyodbc
+    except ImportError as exc:  # the package is a runtime dependency; its native library may be missing
+        raise IngestError(f"source {shown}: pyodbc is not usable on this machine: {exc}") from exc
+    try:
+        conn = pyodbc.connect(connection, autocommit=True)
+    except pyodbc.Error as exc:
+        raise IngestError(f"source {shown}: cannot connect: {_odbc_message(exc)}") from exc
+    try:
+        cursor = conn.cursor()
+        cursor.execute(query)
+        if cursor.description is None:
+            raise IngestError(f"source {shown}: the query returned no result set: {query}")
+        columns = [d[0] for d in cursor.description]
+        chunks = []
+        while True:
+            rows = cursor.fetchmany(FETCH_ROWS)
+            if not rows:
+                break
+            chunks.append(pd.DataFrame.from_records([tuple(r) for r in rows], columns=columns))
+    except pyodbc.Error as exc:
+        raise IngestError(f"source {shown}: query failed: {_odbc_message(exc)}; query: {query}") from exc
+    finally:
+        conn.close()
+    if not chunks:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    return _numeric_decimals(pd.concat(chunks, ignore_index=True))
+
+
+def _numeric_decimals(frame: pd.DataFrame) -> pd.DataFrame:
+    """SQL DECIMAL/NUMERIC arrive as Python Decimals; models want floats."""
+    for name in frame.columns:
+        col = frame[name]
+        if col.dtype == object:
+            sample = col.dropna()
+            if len(sample) and all(isinstance(v, decimal.Decimal) for v in sample.iloc[:100]):
+                try:
+                    frame[name] = col.astype("float64")
+                except (TypeError, ValueError):
+                    pass  # a mixed column stays as read; validation names it if it must be numeric
+    return frame
+
+
+def _odbc_message(exc: Any) -> str:
+    args = getattr(exc, "args", ())
+    return str(args[-1]) if args else str(exc)

@@ -1,0 +1,254 @@
+"""Store a validated frame in the lake as a prepared dataset: mini-batch files, a manifest, metadata.
+
+Layout (``prepared/<dataset_id>/``): ``batches/batch-00000.parquet`` ... hold whole partitions,
+greedily packed to about ``runner.rows_per_file`` rows (10,000 tiny files would make the parallel
+runner's per-file overhead dominate); ``manifest.parquet`` has one row per partition (id, key
+values as text, sizes, periods, fingerprint, batch file); ``dataset.json`` is written last and
+marks the dataset complete.
+
+The dataset id is derived from content (the config's data section plus every partition's
+fingerprint), so ingesting the same data twice is a no-op that returns the existing dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from shared.config import ProjectConfig
+from shared.keys import PARTITION_ID, canonical_value
+from shared.lake import Lake, LakeError, read_parquet, write_parquet
+from shared.timegrid import PERIOD, anchor_offset
+from shared.validation import FILLED, ValidationReport
+
+PREPARED = "prepared"
+MANIFEST_COLUMNS = (
+    "n_rows",
+    "n_observed",
+    "first_period",
+    "last_period",
+    "last_time",
+    "fingerprint",
+    "batch",
+)
+_DATASET_ID = re.compile(r"^d[0-9a-f]{16}$")
+
+
+@dataclass
+class PreparedDataset:
+    """A prepared dataset as stored in the lake; ``reused`` says prepare found it already there."""
+
+    dataset_id: str
+    manifest: pd.DataFrame
+    batch_paths: list[str]
+    anchor: str | None
+    config: dict[str, Any]
+    validation: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    n_rows: int = 0
+    reused: bool = False
+
+    @property
+    def root(self) -> str:
+        return dataset_root(self.dataset_id)
+
+    @property
+    def n_partitions(self) -> int:
+        return len(self.manifest)
+
+
+def dataset_root(dataset_id: str) -> str:
+    return f"{PREPARED}/{dataset_id}"
+
+
+def fingerprint(frame: pd.DataFrame, cfg: ProjectConfig) -> pd.Series:
+    """sha256 (16 hex) of each partition's rows, indexed by partition id, in frame order.
+
+    Rows are hashed once over the whole frame (``hash_pandas_object``), then each partition's row
+    hashes are digested together. Key columns are represented by the partition id, and times by
+    their int64 value at nanosecond resolution, so the same data read from CSV or Parquet (whose
+    key and time dtypes may differ) gives the same fingerprint.
+    """
+    spec = cfg.data
+    times = frame[spec.time]
+    if pd.api.types.is_datetime64_any_dtype(times):
+        times = times.astype("datetime64[ns]").astype("int64")
+    hashed = pd.DataFrame(
+        {
+            PARTITION_ID: frame[PARTITION_ID].astype("str"),
+            spec.time: times,
+            PERIOD: frame[PERIOD],
+            spec.target: frame[spec.target],
+            **{c: frame[c].astype("float64") for c in spec.covariates},
+            FILLED: frame[FILLED] if FILLED in frame else False,
+        }
+    )
+    row_hashes = pd.util.hash_pandas_object(hashed, index=False).to_numpy()
+    ids = frame[PARTITION_ID].to_numpy()
+    starts = _starts(ids)
+    bounds = np.r_[starts, len(ids)]
+    digests = [
+        hashlib.sha256(row_hashes[a:b].tobytes()).hexdigest()[:16] for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    return pd.Series(digests, index=pd.Index(ids[starts], name=PARTITION_ID), name="fingerprint")
+
+
+def dataset_id_for(cfg: ProjectConfig, fingerprints: pd.Series) -> str:
+    """ "d" + sha256(config data section + all partition fingerprints)[:16]."""
+    digest = hashlib.sha256(json.dumps(cfg.to_dict()["data"], sort_keys=True).encode("utf-8"))
+    for pid, fp in sorted(fingerprints.items()):
+        digest.update(f"\n{pid}:{fp}".encode("utf-8"))
+    return "d" + digest.hexdigest()[:16]
+
+
+def prepare_dataset(
+    lake: Lake, frame: pd.DataFrame, cfg: ProjectConfig, report: ValidationReport
+) -> PreparedDataset:
+    """Write the validated ``frame`` as a prepared dataset, or return the identical one already stored."""
+    spec = cfg.data
+    needed = [PARTITION_ID, *spec.keys, spec.time, PERIOD, spec.target, *spec.covariates]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"prepare_dataset needs a validated frame (shared.validation.validate); missing {missing}"
+        )
+    clash = sorted(set(spec.keys) & set(MANIFEST_COLUMNS))
+    if clash:
+        raise ValueError(f"key column name(s) {clash} clash with manifest columns {list(MANIFEST_COLUMNS)}")
+    if len(frame) == 0:
+        raise ValueError("prepare_dataset: the validated frame is empty")
+    ids = frame[PARTITION_ID].to_numpy()
+    if (ids[1:] < ids[:-1]).any():
+        raise ValueError(
+            "prepare_dataset: the frame must be sorted by partition_id, _period (as validate returns it)"
+        )
+
+    prints = fingerprint(frame, cfg)
+    dataset_id = dataset_id_for(cfg, prints)
+    if lake.exists(f"{dataset_root(dataset_id)}/dataset.json"):
+        found = load_dataset(lake, dataset_id)
+        found.reused = True
+        return found
+
+    starts = _starts(ids)
+    sizes = np.diff(np.r_[starts, len(ids)])
+    batch_of_part = pack_batches(sizes, cfg.runner.rows_per_file)
+    names = [f"batch-{b:05d}.parquet" for b in range(int(batch_of_part.max()) + 1)]
+    root = dataset_root(dataset_id)
+    bounds = np.r_[starts, len(ids)]
+    part_bounds = np.r_[np.flatnonzero(np.r_[True, batch_of_part[1:] != batch_of_part[:-1]]), len(starts)]
+    for b, name in enumerate(names):
+        lo, hi = bounds[part_bounds[b]], bounds[part_bounds[b + 1]]
+        write_parquet(lake, f"{root}/batches/{name}", frame.iloc[lo:hi].reset_index(drop=True))
+
+    manifest = _manifest(frame, cfg, starts, sizes, prints, [names[b] for b in batch_of_part])
+    write_parquet(lake, f"{root}/manifest.parquet", manifest)
+    observed = frame[spec.time] if FILLED not in frame else frame.loc[~frame[FILLED], spec.time]
+    anchor = (
+        report.anchor
+        if report.anchor is not None or spec.freq == "int"
+        else anchor_offset(observed, spec.freq)
+    )
+    meta = {
+        "dataset_id": dataset_id,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "config": cfg.to_dict(),
+        "anchor": anchor,
+        "n_partitions": int(len(starts)),
+        "n_rows": int(len(frame)),
+        "batches": names,
+        "validation": report.to_dict(),
+    }
+    lake.write_bytes(f"{root}/dataset.json", json.dumps(meta, indent=2, default=str).encode("utf-8"))
+    return _from_meta(meta, manifest)
+
+
+def pack_batches(sizes: np.ndarray, rows_per_file: int) -> np.ndarray:
+    """Batch number per partition, in order: a file is closed once adding the next partition would
+    take it past ``rows_per_file`` (a partition larger than that gets a file of its own)."""
+    batch = np.empty(len(sizes), dtype=np.int64)
+    current, filled = 0, 0
+    for i, size in enumerate(sizes.tolist()):
+        if filled and filled + size > rows_per_file:
+            current, filled = current + 1, 0
+        batch[i] = current
+        filled += size
+    return batch
+
+
+def load_dataset(lake: Lake, dataset_id: str) -> PreparedDataset:
+    if not _DATASET_ID.match(dataset_id or ""):
+        raise LakeError(f"invalid dataset id {dataset_id!r} (expected 'd' + 16 hex digits)")
+    path = f"{dataset_root(dataset_id)}/dataset.json"
+    if not lake.exists(path):
+        raise LakeError(f"no prepared dataset {dataset_id} in the lake ({path} not found)")
+    meta = json.loads(lake.read_bytes(path).decode("utf-8"))
+    manifest = read_parquet(lake, f"{dataset_root(dataset_id)}/manifest.parquet")
+    return _from_meta(meta, manifest)
+
+
+def latest_dataset(lake: Lake) -> str | None:
+    """The most recently created complete dataset (by ``created_at`` in its dataset.json), or None."""
+    best: tuple[str, str] | None = None
+    for path in lake.list(PREPARED):
+        parts = path.split("/")
+        if len(parts) != 3 or parts[2] != "dataset.json" or not _DATASET_ID.match(parts[1]):
+            continue
+        created = json.loads(lake.read_bytes(path).decode("utf-8")).get("created_at", "")
+        if best is None or (created, parts[1]) > best:
+            best = (created, parts[1])
+    return best[1] if best else None
+
+
+def _from_meta(meta: dict[str, Any], manifest: pd.DataFrame) -> PreparedDataset:
+    root = dataset_root(meta["dataset_id"])
+    return PreparedDataset(
+        dataset_id=meta["dataset_id"],
+        manifest=manifest,
+        batch_paths=[f"{root}/batches/{name}" for name in meta["batches"]],
+        anchor=meta.get("anchor"),
+        config=meta["config"],
+        validation=meta.get("validation", {}),
+        created_at=meta.get("created_at", ""),
+        n_rows=int(meta.get("n_rows", 0)),
+    )
+
+
+def _starts(ids: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+
+
+def _manifest(
+    frame: pd.DataFrame,
+    cfg: ProjectConfig,
+    starts: np.ndarray,
+    sizes: np.ndarray,
+    prints: pd.Series,
+    batches: list[str],
+) -> pd.DataFrame:
+    spec = cfg.data
+    ends = np.r_[starts[1:], len(frame)] - 1
+    filled = frame[FILLED].to_numpy() if FILLED in frame else np.zeros(len(frame), dtype=bool)
+    n_filled = np.add.reduceat(filled.astype(np.int64), starts)
+    periods = frame[PERIOD].to_numpy()
+    firsts = frame.iloc[starts]
+    return pd.DataFrame(
+        {
+            PARTITION_ID: firsts[PARTITION_ID].to_numpy(),
+            **{k: [canonical_value(v) for v in firsts[k].tolist()] for k in spec.keys},
+            "n_rows": sizes.astype(np.int64),
+            "n_observed": (sizes - n_filled).astype(np.int64),
+            "first_period": periods[starts].astype(np.int64),
+            "last_period": periods[ends].astype(np.int64),
+            "last_time": frame[spec.time].to_numpy()[ends],
+            "fingerprint": prints.to_numpy(),
+            "batch": batches,
+        }
+    )

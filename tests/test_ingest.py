@@ -1,0 +1,173 @@
+"""Reading sources: CSV, Parquet files and folders, and SQL through a real ODBC driver."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from shared import ingest
+from shared.config import ProjectConfig
+from shared.ingest import IngestError, read_source
+from shared.synthetic import generate_panel, write_panel
+from shared.validation import validate
+
+CFG = ProjectConfig()
+
+
+@pytest.fixture(scope="module")
+def small_panel() -> pd.DataFrame:
+    return pd.concat(generate_panel(partitions=12, periods=20, seed=9), ignore_index=True)
+
+
+def test_reads_a_generated_csv_and_parquet_file_to_the_same_values(tmp_path):
+    write_panel(tmp_path / "p.csv", partitions=10, periods=15, seed=1)
+    write_panel(tmp_path / "p.parquet", partitions=10, periods=15, seed=1)
+    from_csv = read_source(tmp_path / "p.csv", CFG)
+    from_parquet = read_source(str(tmp_path / "p.parquet"), CFG)
+    assert (
+        list(from_csv.columns)
+        == list(from_parquet.columns)
+        == ["store", "item", "date", "sales", "price", "promo"]
+    )
+    assert len(from_csv) == len(from_parquet) > 0
+    np.testing.assert_array_equal(from_csv["sales"], from_parquet["sales"])
+    assert (pd.to_datetime(from_csv["date"]) == from_parquet["date"]).all()
+
+
+def test_csv_key_columns_stay_text_so_leading_zeros_survive(tmp_path):
+    path = tmp_path / "zips.csv"
+    path.write_text("store,item,date,sales,price,promo\n007,0042,2023-01-01,5,1.5,0\n", encoding="utf-8")
+    frame = read_source(path, CFG)
+    assert frame.loc[0, "store"] == "007" and frame.loc[0, "item"] == "0042"
+    assert frame["sales"].dtype.kind in "if"  # only the keys are forced to text
+
+
+def test_reads_a_folder_of_parquet_files_including_hive_partition_folders(tmp_path, small_panel):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    half = len(small_panel) // 2
+    small_panel.iloc[:half].to_parquet(plain / "part-0.parquet", index=False)
+    small_panel.iloc[half:].to_parquet(plain / "part-1.parquet", index=False)
+    back = read_source(plain, CFG)
+    assert len(back) == len(small_panel)
+    np.testing.assert_array_equal(np.sort(back["sales"].to_numpy()), np.sort(small_panel["sales"].to_numpy()))
+
+    hive = tmp_path / "hive"
+    pq.write_to_dataset(
+        pa.Table.from_pandas(small_panel, preserve_index=False), hive, partition_cols=["store"]
+    )
+    back = read_source(hive, CFG)
+    assert len(back) == len(small_panel)
+    assert set(back["store"]) == set(small_panel["store"])
+    assert not isinstance(back["store"].dtype, pd.CategoricalDtype)
+
+
+def test_missing_source_names_the_path(tmp_path):
+    with pytest.raises(IngestError, match="source not found: .*nowhere.csv"):
+        read_source(tmp_path / "nowhere.csv", CFG)
+
+
+def test_unknown_suffix_names_the_source_and_the_supported_kinds(tmp_path):
+    path = tmp_path / "sales.xlsx"
+    path.write_bytes(b"not really excel")
+    with pytest.raises(
+        IngestError, match=r"sales\.xlsx: unsupported file type '\.xlsx'; use \.csv, \.parquet"
+    ):
+        read_source(path, CFG)
+
+
+def test_corrupt_parquet_empty_csv_and_folder_without_parquet_are_errors_naming_the_source(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"this is not parquet")
+    with pytest.raises(IngestError, match=r"bad\.parquet: not a readable Parquet file"):
+        read_source(bad, CFG)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(IngestError, match=r"empty\.csv: the CSV file is empty"):
+        read_source(empty, CFG)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x", encoding="utf-8")
+    with pytest.raises(
+        IngestError, match=r"folder: the folder holds no \.parquet files \(found: \['\.txt'\]\)"
+    ):
+        read_source(folder, CFG)
+
+
+def test_a_query_without_an_odbc_source_is_refused(tmp_path, small_panel):
+    small_panel.to_parquet(tmp_path / "p.parquet", index=False)
+    with pytest.raises(IngestError, match="only used with an 'odbc:' source"):
+        read_source(tmp_path / "p.parquet", CFG, query="select 1")
+
+
+# -- ODBC, through unixODBC and the SQLite3 driver, against a real database file -------------------
+
+
+def _require_sqlite_odbc() -> None:
+    pyodbc = pytest.importorskip("pyodbc")
+    if "SQLite3" not in pyodbc.drivers():
+        pytest.skip(
+            "the SQLite3 ODBC driver is not installed (Debian: apt-get install unixodbc libsqliteodbc)"
+        )
+
+
+@pytest.fixture()
+def sales_db(tmp_path, small_panel):
+    _require_sqlite_odbc()
+    path = tmp_path / "source.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "create table sales (store text, item text, date text, sales real, price real, promo integer)"
+        )
+        rows = small_panel.assign(date=small_panel["date"].dt.strftime("%Y-%m-%d")).itertuples(
+            index=False, name=None
+        )
+        conn.executemany("insert into sales values (?, ?, ?, ?, ?, ?)", list(rows))
+    return path
+
+
+@pytest.mark.odbc
+def test_reads_a_sql_query_over_odbc_in_chunks_and_validates(sales_db, small_panel, monkeypatch):
+    monkeypatch.setattr(ingest, "FETCH_ROWS", 17)  # several fetchmany rounds
+    frame = read_source(
+        f"odbc:Driver=SQLite3;Database={sales_db}",
+        CFG,
+        query="select store, item, date, sales, price, promo from sales order by store, item, date",
+    )
+    assert len(frame) == len(small_panel)
+    assert list(frame.columns) == ["store", "item", "date", "sales", "price", "promo"]
+    np.testing.assert_allclose(frame["sales"].to_numpy(dtype=float), small_panel["sales"].to_numpy())
+    validated, report = validate(frame, CFG)
+    assert report.partitions == 12
+    assert pd.api.types.is_datetime64_any_dtype(validated["date"])
+
+
+@pytest.mark.odbc
+def test_odbc_query_returning_no_rows_gives_an_empty_frame_with_columns(sales_db):
+    frame = read_source(
+        f"odbc:Driver=SQLite3;Database={sales_db}", CFG, query="select * from sales where 1 = 0"
+    )
+    assert len(frame) == 0 and "sales" in frame.columns
+
+
+@pytest.mark.odbc
+def test_bad_odbc_query_names_the_source_with_the_password_redacted(sales_db):
+    source = f"odbc:Driver=SQLite3;Database={sales_db};PWD=hunter2"
+    with pytest.raises(IngestError) as caught:
+        read_source(source, CFG, query="select * from no_such_table")
+    message = str(caught.value)
+    assert "query failed" in message and "no_such_table" in message
+    assert f"Database={sales_db}" in message and "PWD=***" in message and "hunter2" not in message
+
+
+@pytest.mark.odbc
+def test_odbc_source_without_a_query_or_with_an_unknown_driver_is_an_ingest_error(sales_db):
+    with pytest.raises(IngestError, match="needs a SQL query"):
+        read_source(f"odbc:Driver=SQLite3;Database={sales_db}", CFG)
+    with pytest.raises(IngestError, match="cannot connect"):
+        read_source("odbc:Driver=NoSuchDriver;Database=x", CFG, query="select 1")
