@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # System pieces the tests use for real: unixODBC with the SQLite driver (the ODBC result store
-# and ODBC ingestion), Azurite from npm (Blob/Queue storage), Chromium (report screenshot test).
+# and ODBC ingestion), PostgreSQL with its ODBC driver (the result store
+# against a real server), Azurite from npm (Blob/Queue storage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-command -v odbcinst >/dev/null 2>&1 || need_apt+=(unixodbc)
-if ! odbcinst -q -d 2>/dev/null | grep -q '^\[SQLite3\]'; then need_apt+=(libsqliteodbc); fi
+for pkg in unixodbc libsqliteodbc odbc-postgresql postgresql; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${need_apt[*]} with apt-get"

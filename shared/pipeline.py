@@ -551,7 +551,9 @@ def _record_stage(ws: Workspace, run_id: str, stage: str, started: float, counts
     store = ws.store()
     try:
         counts = {k: v for k, v in counts.items() if not isinstance(v, (list, dict))}
-        store.record_run(run_id, stage, _now(), round(time.perf_counter() - started, 3), counts)
+        seconds = time.perf_counter() - started
+        started_at = datetime.fromtimestamp(time.time() - seconds, timezone.utc).isoformat(timespec="seconds")
+        store.record_run(run_id, stage, started_at, round(seconds, 3), counts)
     finally:
         store.close()
 

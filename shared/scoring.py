@@ -1,0 +1,287 @@
+"""Batch scoring: per partition, find the production model by its index entry and predict.
+
+Two kinds of request, both written by :func:`prepare_scoring` as mini-batch files under
+``scoring/<score_id>/batches/`` (whole partitions per file, like a prepared dataset):
+
+- **a scoring file** — rows of key columns, time and covariates (no target). Exactly those rows
+  are predicted. Rows of partitions the training data never saw are kept and reported with the
+  status ``no_model``, never dropped silently.
+- **no file (horizon mode)** — one request row per partition of the dataset's manifest, asking
+  for the next ``forecast.horizon`` periods after the partition's last observed period. Known
+  covariates are carried forward from the last observed row (the model bundle does that), which
+  is what "known in advance" degrades to when nobody tells us the future prices and promotions.
+
+:func:`score_frame` scores one mini-batch: production model first; without one, and with the
+fallback ``baseline`` (the default), the partition's latest development model is asked for its
+naive baseline forecast and the rows are marked ``is_fallback = 1``. A partition that fails is
+reported with its reason while the others go on.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from shared.config import ProjectConfig
+from shared.keys import PARTITION_ID, canonical_value, partition_ids
+from shared.lake import Lake, check_path, write_parquet
+from shared.partitioning import pack_batches
+from shared.timegrid import PERIOD, to_periods
+from shared.validation import DataValidationError, _examples, _parse_numeric, _parse_time
+
+SCORING = "scoring"
+HORIZON = "_horizon"  # > 0: "the next N periods" request row; 0: an explicit row to predict
+KNOWN = "_known"  # False: the partition is not in the dataset the models were trained on
+OUTPUT_META = ("prediction", "model", "model_version", "run_id", PARTITION_ID, "is_fallback")
+STATUSES = ("scored", "fallback", "no_model", "failed")
+
+
+def scoring_root(score_id: str) -> str:
+    return check_path(f"{SCORING}/{score_id}")
+
+
+def prediction_columns(cfg: ProjectConfig) -> list[str]:
+    """The columns of every predictions frame, in order: keys, time, then the model's identity."""
+    return [*cfg.data.keys, cfg.data.time, *OUTPUT_META]
+
+
+# -- preparing the requests ---------------------------------------------------------------------
+def prepare_scoring(lake: Lake, cfg: ProjectConfig, dataset: Any, frame: pd.DataFrame | None, score_id: str,
+                    rows_per_file: int | None = None) -> list[str]:
+    """Write the scoring requests as mini-batch files; return their lake paths.
+
+    ``dataset`` is a :class:`~shared.partitioning.PreparedDataset` (only its ``manifest`` is read).
+    Idempotent: ``scoring.json`` is written last, and a score id that has one is returned as is.
+    """
+    root = scoring_root(score_id)
+    done = f"{root}/scoring.json"
+    if lake.exists(done):
+        meta = json.loads(lake.read_bytes(done).decode("utf-8"))
+        return [f"{root}/batches/{name}" for name in meta["batches"]]
+    manifest = dataset.manifest
+    if frame is None:
+        requests = horizon_requests(manifest, cfg)
+        mode = "horizon"
+    else:
+        requests = scoring_requests(frame, cfg)
+        mode = "rows"
+    known = set(manifest[PARTITION_ID])
+    requests[KNOWN] = requests[PARTITION_ID].isin(known).to_numpy()
+    requests = requests.sort_values([PARTITION_ID, PERIOD], kind="stable").reset_index(drop=True)
+    ids = requests[PARTITION_ID].to_numpy()
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.array([], dtype=np.int64)
+    sizes = np.diff(np.r_[starts, len(ids)])
+    # a horizon request is one row that becomes `horizon` predictions: weigh it as such
+    weights = np.where(requests[HORIZON].to_numpy()[starts] > 0, cfg.forecast.horizon, sizes) if len(ids) else sizes
+    batch_of = pack_batches(weights, int(rows_per_file or cfg.runner.rows_per_file)) if len(ids) else weights
+    names: list[str] = []
+    bounds = np.r_[starts, len(ids)]
+    for b in range(int(batch_of.max()) + 1 if len(ids) else 0):
+        parts = np.flatnonzero(batch_of == b)
+        lo, hi = bounds[parts[0]], bounds[parts[-1] + 1]
+        name = f"batch-{b:05d}.parquet"
+        write_parquet(lake, f"{root}/batches/{name}", requests.iloc[lo:hi].reset_index(drop=True))
+        names.append(name)
+    unknown = sorted(set(ids) - known)
+    meta = {"score_id": score_id, "mode": mode, "horizon": cfg.forecast.horizon, "rows": int(len(requests)),
+            "partitions": int(len(starts)), "unknown_partitions": len(unknown),
+            "unknown_examples": unknown[:5], "batches": names}
+    lake.write_bytes(done, json.dumps(meta, indent=2).encode("utf-8"))
+    return [f"{root}/batches/{name}" for name in names]
+
+
+def horizon_requests(manifest: pd.DataFrame, cfg: ProjectConfig) -> pd.DataFrame:
+    """One request row per partition: predict the next ``forecast.horizon`` periods."""
+    spec = cfg.data
+    n = len(manifest)
+    # no time stamp: the model derives the next periods from its own last observed period
+    time = (pd.Series(pd.array([pd.NA] * n, dtype="Int64")) if spec.freq == "int"
+            else pd.Series(pd.NaT, index=range(n), dtype="datetime64[ns]"))
+    return pd.DataFrame({
+        PARTITION_ID: manifest[PARTITION_ID].astype(str).to_numpy(),
+        **{k: manifest[k].astype(str).to_numpy() for k in spec.keys},
+        spec.time: time.to_numpy(),
+        PERIOD: manifest["last_period"].astype("int64").to_numpy() + 1,
+        **{c: np.full(n, np.nan) for c in spec.covariates},
+        HORIZON: np.full(n, int(cfg.forecast.horizon), dtype="int64"),
+        KNOWN: np.ones(n, dtype=bool),
+    })
+
+
+def scoring_requests(frame: pd.DataFrame, cfg: ProjectConfig) -> pd.DataFrame:
+    """Check a scoring file and turn it into request rows (partition id, period, float covariates).
+
+    Raises :class:`~shared.validation.DataValidationError` naming the column for missing
+    columns, null keys, unparseable times, non-numeric covariates and duplicate rows.
+    """
+    spec = cfg.data
+    if len(frame) == 0:
+        raise DataValidationError(None, "the scoring file has no rows")
+    needed = [*spec.keys, spec.time, *spec.covariates]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        roles = {**{k: "key" for k in spec.keys}, spec.time: "time", **{c: "covariate" for c in spec.covariates}}
+        named = ", ".join(f"{c!r} ({roles[c]})" for c in missing)
+        raise DataValidationError(missing if len(missing) > 1 else missing[0],
+                                  f"the scoring file lacks column(s) {named}; it needs the key columns, the "
+                                  f"time column and the covariates; available: {list(map(str, frame.columns))}")
+    source = frame.reset_index(drop=True)
+    for key in spec.keys:
+        nulls = source[key].isna().to_numpy()
+        if nulls.any():
+            raise DataValidationError(key, "partition key is null in the scoring file",
+                                      _examples(source, np.flatnonzero(nulls)), int(nulls.sum()))
+    times = _parse_time(source[spec.time], source, spec)
+    out = pd.DataFrame({
+        PARTITION_ID: partition_ids(source, spec.keys).to_numpy(),
+        **{k: _canonical(source[k]) for k in spec.keys},
+        spec.time: times.to_numpy(),
+        PERIOD: to_periods(times, spec.freq),
+    })
+    for cov in spec.covariates:
+        out[cov] = _parse_numeric(source[cov], source, cov, "covariate")
+    out[HORIZON] = np.zeros(len(out), dtype="int64")
+    dup = out.duplicated([PARTITION_ID, PERIOD], keep=False).to_numpy()
+    if dup.any():
+        raise DataValidationError([*spec.keys, spec.time], "the scoring file asks for the same partition and "
+                                  "period more than once", _examples(source, np.flatnonzero(dup)), int(dup.sum()))
+    return _fill_covariates(out, source, cfg)
+
+
+def _canonical(values: pd.Series) -> np.ndarray:
+    codes, uniques = pd.factorize(values)
+    return np.array([canonical_value(v) for v in uniques], dtype=object)[codes]
+
+
+def _fill_covariates(out: pd.DataFrame, source: pd.DataFrame, cfg: ProjectConfig) -> pd.DataFrame:
+    """Null covariates by the ingestion policy (``validation.null_covariates``).
+
+    ``error`` refuses them, ``zero`` sets 0, ``ffill`` leaves them null: the model carries the
+    previous value forward, from its own history for a partition's first requested rows.
+    """
+    policy = cfg.validation.null_covariates
+    for cov in cfg.data.covariates:
+        nulls = out[cov].isna().to_numpy()
+        if not nulls.any() or policy == "ffill":
+            continue
+        if policy == "error":
+            raise DataValidationError(cov, "covariate is null in the scoring file (validation.null_covariates=error)",
+                                      _examples(source, np.flatnonzero(nulls)), int(nulls.sum()))
+        out[cov] = out[cov].fillna(0.0)
+    return out
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def score_frame(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | None,
+                fallback: str = "baseline") -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Score the request rows of one mini-batch; return the predictions and one status per partition.
+
+    ``prod`` and ``dev`` are model registries (``latest_many`` / ``latest`` and ``load``). Statuses:
+    ``scored`` (production model), ``fallback`` (dev model's baseline), ``no_model``, ``failed``.
+    """
+    if fallback not in ("baseline", "none"):
+        raise ValueError(f"fallback must be 'baseline' or 'none', got {fallback!r}")
+    spec = cfg.data
+    columns = prediction_columns(cfg)
+    if len(frame) == 0:
+        return pd.DataFrame(columns=columns), []
+    frame = frame.sort_values([PARTITION_ID, PERIOD], kind="stable").reset_index(drop=True)
+    ids = frame[PARTITION_ID].to_numpy()
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    bounds = np.r_[starts, len(ids)]
+    order = [str(ids[s]) for s in starts]
+    champions = _latest_many(prod, order)
+    fallbacks = (_latest_many(dev, [p for p in order if p not in champions])
+                 if fallback == "baseline" and dev is not None else {})
+    outputs: list[pd.DataFrame] = []
+    statuses: list[dict[str, Any]] = []
+    for pid, lo, hi in zip(order, bounds[:-1], bounds[1:]):
+        rows = frame.iloc[lo:hi]
+        keys = {k: str(rows[k].iloc[0]) for k in spec.keys}
+        status: dict[str, Any] = {PARTITION_ID: pid, "keys": keys, "rows": 0, "model": None,
+                                  "model_version": None, "run_id": None, "is_fallback": 0, "reason": ""}
+        record, registry, is_fallback = champions.get(pid), prod, 0
+        if record is None and pid in fallbacks:
+            record, registry, is_fallback = fallbacks[pid], dev, 1
+        if record is None:
+            known = bool(rows[KNOWN].iloc[0]) if KNOWN in rows.columns else True
+            reason = _no_model_reason(fallback, dev) if known else "partition not in the training data"
+            status.update(status="no_model", reason=reason)
+            statuses.append(status)
+            continue
+        model = "baseline" if is_fallback else str(record.model_type)
+        status.update(model=model, model_version=int(record.version), run_id=record.run_id, is_fallback=is_fallback)
+        try:
+            predicted = _predict(registry.load(record), rows, cfg, use_baseline=bool(is_fallback))
+        except Exception as exc:  # one partition's failure is reported; the mini-batch goes on
+            status.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:1000])
+            statuses.append(status)
+            continue
+        out = predicted.assign(**keys, model=model, model_version=int(record.version), run_id=record.run_id,
+                               **{PARTITION_ID: pid}, is_fallback=is_fallback)
+        outputs.append(out[columns])
+        status.update(status="fallback" if is_fallback else "scored", rows=int(len(out)))
+        statuses.append(status)
+    predictions = pd.concat(outputs, ignore_index=True) if outputs else pd.DataFrame(columns=columns)
+    predictions["model_version"] = predictions["model_version"].astype("int64")
+    predictions["is_fallback"] = predictions["is_fallback"].astype("int64")
+    predictions["prediction"] = predictions["prediction"].astype("float64")
+    return predictions, statuses
+
+
+def score_batch(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | None,
+                fallback: str = "baseline") -> pd.DataFrame:
+    """The predictions of :func:`score_frame` alone (the name in docs/internals.md)."""
+    return score_frame(frame, cfg, prod, dev, fallback)[0]
+
+
+def _latest_many(registry: Any, ids: Sequence[str]) -> dict[str, Any]:
+    if not ids:
+        return {}
+    if hasattr(registry, "latest_many"):  # one indexed query for the whole mini-batch
+        return registry.latest_many(ids)
+    found = {pid: registry.latest(pid) for pid in ids}
+    return {pid: rec for pid, rec in found.items() if rec is not None}
+
+
+def _no_model_reason(fallback: str, dev: Any | None) -> str:
+    if fallback == "none":
+        return "no production model (promotion.fallback = none)"
+    if dev is None:
+        return "no production model and no development registry for the baseline fallback"
+    return "no production model and no development model for the baseline fallback"
+
+
+def _predict(bundle: Any, rows: pd.DataFrame, cfg: ProjectConfig, use_baseline: bool) -> pd.DataFrame:
+    """Predict a partition's request rows; returns its time column and ``prediction``.
+
+    An explicit-rows request must come back with exactly the requested periods, in order.
+    """
+    spec = cfg.data
+    horizon = int(rows[HORIZON].iloc[0]) if HORIZON in rows.columns else 0
+    if horizon > 0:
+        out = bundle.predict(horizon=horizon, use_baseline=use_baseline)
+        return pd.DataFrame({spec.time: out[spec.time].to_numpy(),
+                             "prediction": out["prediction"].to_numpy(dtype="float64")})
+    future = rows[[spec.time, PERIOD, *spec.covariates]].reset_index(drop=True)
+    out = bundle.predict(future=future, use_baseline=use_baseline)
+    wanted = rows[PERIOD].to_numpy(dtype="int64")
+    got = out[PERIOD].to_numpy(dtype="int64") if PERIOD in out.columns else None
+    if got is None or len(got) != len(wanted) or not np.array_equal(np.sort(got), np.sort(wanted)):
+        raise ValueError(f"the model returned {0 if got is None else len(got)} predictions for "
+                         f"{len(wanted)} requested periods")
+    by_period = pd.Series(out["prediction"].to_numpy(dtype="float64"), index=got)
+    values = by_period.loc[wanted].to_numpy()
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise ValueError(f"the model returned {bad} non-finite prediction(s)")
+    return pd.DataFrame({spec.time: rows[spec.time].to_numpy(), "prediction": values})
+
+
+def status_line(status: dict[str, Any]) -> str:
+    """One JSON line per partition (the entry script's return value): NaN-free, key order stable."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in status.items()}
+    return json.dumps(clean, default=str)
