@@ -463,7 +463,7 @@ def _record_for(row: dict[str, Any], run_id: str, manifest: pd.DataFrame, keys: 
     fingerprint = str(manifest.loc[pid, "fingerprint"]) if pid in manifest.index else ""
     return {
         PARTITION_ID: pid,
-        "name": f"mm-{pid}",
+        "keys": {k: str(v) for k, v in key_values.items()},
         "model_type": row.get("model_name") or "baseline",
         "run_id": run_id,
         "fingerprint": fingerprint,

@@ -1,0 +1,166 @@
+"""Promotion: business rules decide which trained models reach the production registry.
+
+Every dev model of a run gets one :class:`Decision` with a human-readable reason ("accuracy
+0.742 < 0.80", "champion accuracy 0.91 >= challenger 0.88"). Eligible models are copied into the
+production registry in one transaction. Promotion is idempotent: promoting a run twice finds its
+models already in production (by run id and partition) and reports them "unchanged".
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+from shared.config import PromotionRules
+from shared.registry import ModelRecord, ModelRegistry
+
+PROMOTABLE_STATUSES = ("trained", "baseline_only")
+LOWER_IS_BETTER = ("wape", "mape", "rmse")
+
+
+@dataclass
+class Decision:
+    """One partition's promotion outcome.
+
+    ``value``/``champion_value`` are the compared metric; ``prod_version`` is the production
+    version created (promoted), already holding this run's model (unchanged), or the champion's
+    version that was not beaten (rejected).
+    """
+
+    partition_id: str
+    run_id: str
+    decision: str  # promoted | rejected | unchanged
+    reason: str
+    metric: str
+    value: float | None = None
+    threshold: float | None = None
+    champion_value: float | None = None
+    dev_version: int | None = None
+    prod_version: int | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def higher_is_better(rules: PromotionRules) -> bool:
+    """Error metrics (wape, mape, rmse) are lower-is-better whatever the rules say; accuracy and
+    custom metrics follow ``rules.higher_is_better``."""
+    return False if rules.metric in LOWER_IS_BETTER else bool(rules.higher_is_better)
+
+
+def promote_run(dev: ModelRegistry, prod: ModelRegistry, run_id: str, rules: PromotionRules,
+                history: Mapping[str, int] | None = None) -> list[Decision]:
+    """Decide for every dev model of ``run_id`` and copy the eligible ones into ``prod``.
+
+    Rules, in order: the status is trained/baseline_only; the metric exists and is a number; it
+    passes ``rules.min_value`` (a ceiling for error metrics); the partition has at least
+    ``rules.min_history`` observed periods (from ``history``, else the record's ``n_observed``
+    tag or metric); with ``rules.must_beat_champion``, it is strictly better than the current
+    production model of the partition. Decisions are sorted by partition id.
+    """
+    if dev.root == prod.root:
+        raise ValueError(f"dev and prod registries share the folder {dev.root}")
+    candidates = dev.find(run_id=run_id)
+    already = {r.partition_id: r for r in prod.find(run_id=run_id)}
+    champions = prod.latest_many(r.partition_id for r in candidates if r.partition_id not in already)
+    up = higher_is_better(rules)
+    decisions: list[Decision] = []
+    to_copy: list[tuple[ModelRecord, Decision]] = []
+    for record in candidates:
+        value = _metric(record, rules.metric)
+        decision = Decision(partition_id=record.partition_id, run_id=run_id, decision="rejected", reason="",
+                            metric=rules.metric, value=value, threshold=float(rules.min_value),
+                            dev_version=record.version)
+        decisions.append(decision)
+        if record.partition_id in already:
+            promoted = already[record.partition_id]
+            decision.decision, decision.prod_version = "unchanged", promoted.version
+            decision.reason = f"already promoted as production version {promoted.version}"
+            continue
+        champion = champions.get(record.partition_id)
+        champion_value = _metric(champion, rules.metric) if champion is not None else None
+        decision.champion_value = champion_value
+        if champion is not None:
+            decision.prod_version = champion.version
+        reason = _rejection(record, value, champion_value, rules, up, history)
+        if reason:
+            decision.reason = reason
+            continue
+        decision.decision = "promoted"
+        passed = f"{rules.metric} {_fmt(value)} {'>=' if up else '<='} {_fmt(rules.min_value)}"
+        if champion is None:
+            passed += "; no champion"
+        elif champion_value is None or math.isnan(champion_value):
+            passed += f"; champion v{champion.version} has no {rules.metric}"
+        elif rules.must_beat_champion:
+            passed += f"; beats champion {_fmt(champion_value)}"
+        decision.reason = passed
+        to_copy.append((record, decision))
+    if to_copy:
+        copies = prod.copy_many(dev, [record for record, _ in to_copy])
+        for (_, decision), copy in zip(to_copy, copies, strict=True):
+            decision.prod_version = copy.version
+    return sorted(decisions, key=lambda d: d.partition_id)
+
+
+def _rejection(record: ModelRecord, value: float | None, champion_value: float | None,
+               rules: PromotionRules, up: bool, history: Mapping[str, int] | None) -> str | None:
+    """The first rule the model fails, as a sentence; None when it passes them all."""
+    metric = rules.metric
+    if record.status not in PROMOTABLE_STATUSES:
+        return f"status {record.status} is not promotable"
+    if value is None:
+        return f"metric {metric} is missing"
+    if math.isnan(value):
+        return f"metric {metric} is NaN"
+    threshold = float(rules.min_value)
+    if up and value < threshold:
+        return f"{metric} {_fmt(value)} < {_fmt(threshold)}"
+    if not up and value > threshold:
+        return f"{metric} {_fmt(value)} > {_fmt(threshold)}"
+    if rules.min_history > 0:
+        observed = _observed(record, history)
+        if observed is None:
+            return f"history unknown (min_history {rules.min_history})"
+        if observed < rules.min_history:
+            return f"history {observed} < min_history {rules.min_history} observed periods"
+    has_champion = champion_value is not None and not math.isnan(champion_value)
+    beaten = has_champion and (champion_value >= value if up else champion_value <= value)
+    if rules.must_beat_champion and beaten:
+        sign = ">=" if up else "<="
+        return f"champion {metric} {_fmt(champion_value)} {sign} challenger {_fmt(value)}"
+    return None
+
+
+def _metric(record: ModelRecord, name: str) -> float | None:
+    """None when the metric is absent; NaN when present but undefined (JSON null is NaN)."""
+    if name not in record.metrics:
+        return None
+    value = record.metrics[name]
+    if value is None:
+        return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _observed(record: ModelRecord, history: Mapping[str, int] | None) -> int | None:
+    if history is not None and record.partition_id in history:
+        return int(history[record.partition_id])
+    for source in (record.tags, record.metrics):
+        value = source.get("n_observed")
+        if value is not None:
+            return int(float(value))
+    return None
+
+
+def _fmt(value: float | None) -> str:
+    """0.8 -> '0.80', 0.7421 -> '0.742', 1234.567 -> '1234.6': short, and thresholds read as such."""
+    if value is None:
+        return "none"
+    if math.isnan(value) or abs(value) >= 100:
+        return f"{value:.1f}"
+    text = f"{value:.3f}".rstrip("0")
+    decimals = len(text.partition(".")[2])
+    return text + "0" * max(0, 2 - decimals)

@@ -1,0 +1,432 @@
+"""A local model registry: artifact files plus a SQLite index, one root per registry.
+
+Why our own index: "find the model for this partition" must be O(1) for scoring and serving, and
+a registry's model list (Azure ML's included) has no tag filter and is slow to page through with
+thousands of models. The index answers by primary key; the artifacts are plain files.
+
+Layout under ``root``:
+- ``artifacts/<partition_id>/v<version>.joblib`` — immutable once written;
+- ``index.sqlite`` (WAL mode: readers in other processes never block and never see a half-done
+  registration) with the tables ``models`` (one row per version, primary key
+  (partition_id, version), unique (run_id, partition_id)), ``latest`` (partition_id -> newest
+  version), ``tags`` (key, value, partition_id, version) and ``meta`` (the registry's name and a
+  change counter).
+
+Development and production are two roots (``<workdir>/registry/dev`` and ``.../prod``); the name
+is stored in the index and checked on open, so one can never be opened as the other.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import joblib
+
+REGISTRY_NAMES = ("dev", "prod")
+ASSET_PREFIX = "mm-"
+# Tags every record gets from its own fields; callers' tags and key values may not contradict them.
+STANDARD_TAGS = ("partition_id", "run_id", "model_type", "fingerprint", "status", "version", "name")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    partition_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    model_type TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    artifact TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    status TEXT NOT NULL,
+    PRIMARY KEY (partition_id, version)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS models_by_run ON models (run_id, partition_id);
+CREATE TABLE IF NOT EXISTS latest (
+    partition_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tags (
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    partition_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (key, value, partition_id, version)
+) WITHOUT ROWID;
+"""
+_COLUMNS = ("partition_id, version, name, model_type, run_id, fingerprint, metrics, tags, artifact, "
+            "created_at, status")
+_M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
+# Two primary-key lookups (latest, then models): no scan, whatever the number of models.
+_LATEST_BASE = (f"SELECT {_M_COLUMNS} FROM latest l JOIN models m "
+                "ON m.partition_id = l.partition_id AND m.version = l.version WHERE l.partition_id")
+LATEST_SQL = _LATEST_BASE + " = ?"
+
+
+class RegistryError(ValueError):
+    """A registry is misused: wrong name for its root, a missing artifact, contradicting tags."""
+
+
+@dataclass
+class ModelRecord:
+    """One registered model version. ``tags`` are all strings: partition key values, run id,
+    model type, fingerprint, status, version, plus whatever the caller added."""
+
+    partition_id: str
+    version: int
+    name: str
+    model_type: str
+    run_id: str
+    fingerprint: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    artifact: str = ""  # relative to the registry root
+    created_at: str = ""
+    status: str = "trained"
+
+    @property
+    def model_name(self) -> str:
+        """The chosen candidate's name (gbm, loglinear, ...): the same thing as ``model_type``."""
+        return self.model_type
+
+    @property
+    def keys(self) -> dict[str, str]:
+        """The partition key values, from the tags (``partition_keys`` lists their names)."""
+        names = [n for n in self.tags.get("partition_keys", "").split(",") if n]
+        return {n: self.tags[n] for n in names if n in self.tags}
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ModelRegistry:
+    """Models by partition, versioned, with tags; an index makes every lookup a key lookup.
+
+    Safe to share between threads (one lock) and to use from several processes at once (SQLite
+    WAL plus ``BEGIN IMMEDIATE`` for writers). Connections are per process: after a fork the
+    child opens its own.
+    """
+
+    def __init__(self, root: Path | str, name: str) -> None:
+        if name not in REGISTRY_NAMES:
+            raise RegistryError(f"registry name must be one of {REGISTRY_NAMES}, got {name!r}")
+        self.root = Path(root).resolve()
+        self.name = name
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self._connect()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (to hand to worker processes): only the root and name travel."""
+        return {"root": self.root, "name": self.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["root"], state["name"])
+
+    def __repr__(self) -> str:
+        return f"ModelRegistry({str(self.root)!r}, {self.name!r})"
+
+    # -- connection ----------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        self.root.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.root / "index.sqlite", timeout=60.0, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: never corrupt, fast commits
+        conn.execute("PRAGMA foreign_keys=OFF")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(statement)
+            stored = conn.execute("SELECT value FROM meta WHERE key = 'name'").fetchone()
+            if stored is None:
+                conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                                 [("name", self.name), ("changes", "0"), ("schema", "1")])
+            elif stored[0] != self.name:
+                raise RegistryError(f"the registry at {self.root} is {stored[0]!r}, not {self.name!r}; "
+                                    "dev and prod registries must live in separate folders")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            conn.close()
+            raise
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._connect().execute(sql, tuple(params)).fetchall()
+
+    # -- writing ---------------------------------------------------------------------------
+    def register_many(
+        self, items: Iterable[tuple[ModelRecord | Mapping[str, Any], Path | str | bytes]]
+    ) -> list[ModelRecord]:
+        """Register (record, artifact) pairs in one transaction; returns the stored records.
+
+        A record is a :class:`ModelRecord` or a dict with at least ``partition_id`` and
+        ``run_id`` (a training result row works: ``model_name`` is read as ``model_type``, and
+        ``keys`` become tags). Version, name, artifact and created_at are assigned here. The
+        artifact is a file (hard-linked when possible: artifacts are immutable, and a link costs
+        no copy) or bytes. Idempotent: a (run_id, partition_id) already registered returns the
+        existing version and writes nothing.
+        """
+        prepared = [(_as_fields(record), artifact) for record, artifact in items]
+        return self._register(prepared, source_root=None)
+
+    def copy_from(self, source: "ModelRegistry", record: ModelRecord) -> ModelRecord:
+        """Copy one model (artifact, tags, metrics) from another registry as a new version here."""
+        return self.copy_many(source, [record])[0]
+
+    def copy_many(self, source: "ModelRegistry", records: Iterable[ModelRecord]) -> list[ModelRecord]:
+        """Copy models from another registry in one transaction; idempotent by (run_id, partition_id).
+
+        The copies keep their run id, fingerprint, metrics and tags, and gain the tags
+        ``source_registry`` and ``source_version``.
+        """
+        if source.root == self.root:
+            raise RegistryError(f"cannot copy models from a registry into itself ({self.root})")
+        prepared = []
+        for rec in records:
+            fields = _as_fields(rec)
+            fields["tags"] = {**fields["tags"], "source_registry": source.name,
+                              "source_version": str(rec.version)}
+            prepared.append((fields, source.root / rec.artifact))
+        return self._register(prepared, source_root=source.root)
+
+    def _register(self, prepared: list[tuple[dict[str, Any], Path | str | bytes]],
+                  source_root: Path | None) -> list[ModelRecord]:
+        if not prepared:
+            return []
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        written: list[Path] = []
+        with self._lock:
+            conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE")  # take the write lock before choosing version numbers
+            try:
+                out: list[ModelRecord] = []
+                new_rows, new_tags, latest_rows = [], [], {}
+                claimed: dict[tuple[str, str], ModelRecord] = {}
+                next_version: dict[str, int] = {}
+                for fields, artifact in prepared:
+                    pid, run_id = fields["partition_id"], fields["run_id"]
+                    existing = claimed.get((run_id, pid)) or self._by_run(conn, run_id, pid)
+                    if existing is not None:
+                        out.append(existing)
+                        continue
+                    if pid not in next_version:
+                        row = conn.execute("SELECT version FROM latest WHERE partition_id = ?",
+                                           (pid,)).fetchone()
+                        next_version[pid] = (row[0] if row else 0) + 1
+                    version = next_version[pid]
+                    next_version[pid] = version + 1
+                    rel = f"artifacts/{pid}/v{version}.joblib"
+                    _place_artifact(artifact, self.root / rel)
+                    written.append(self.root / rel)
+                    record = _new_record(fields, version, rel, now)
+                    claimed[(run_id, pid)] = record
+                    out.append(record)
+                    new_rows.append(_to_db(record))
+                    new_tags.extend((k, v, pid, version) for k, v in record.tags.items())
+                    latest_rows[pid] = version
+                if new_rows:
+                    conn.executemany(f"INSERT INTO models ({_COLUMNS}) VALUES ({','.join('?' * 11)})",
+                                     new_rows)
+                    conn.executemany("INSERT INTO tags (key, value, partition_id, version) VALUES (?,?,?,?)",
+                                     new_tags)
+                    conn.executemany("INSERT INTO latest (partition_id, version) VALUES (?, ?) "
+                                     "ON CONFLICT (partition_id) DO UPDATE SET version = excluded.version",
+                                     list(latest_rows.items()))
+                    conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'changes'")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                for path in written:  # no index row points at them; remove rather than leave orphans
+                    path.unlink(missing_ok=True)
+                raise
+        return out
+
+    # -- reading ---------------------------------------------------------------------------
+    def latest(self, partition_id: str) -> ModelRecord | None:
+        """The newest version of a partition's model: one primary-key lookup."""
+        rows = self._query(LATEST_SQL, (partition_id,))
+        return _from_db(rows[0]) if rows else None
+
+    def latest_many(self, partition_ids: Iterable[str]) -> dict[str, ModelRecord]:
+        """``latest`` for many partitions in one query (batch scoring of a whole mini-batch)."""
+        ids = list(dict.fromkeys(partition_ids))
+        out: dict[str, ModelRecord] = {}
+        for start in range(0, len(ids), 500):  # SQLite's parameter limit
+            chunk = ids[start:start + 500]
+            sql = f"{_LATEST_BASE} IN ({','.join('?' * len(chunk))})"
+            for row in self._query(sql, chunk):
+                out[row[0]] = _from_db(row)
+        return out
+
+    def get(self, partition_id: str, version: int) -> ModelRecord | None:
+        rows = self._query(f"SELECT {_COLUMNS} FROM models WHERE partition_id = ? AND version = ?",
+                           (partition_id, int(version)))
+        return _from_db(rows[0]) if rows else None
+
+    def by_run(self, run_id: str, partition_id: str) -> ModelRecord | None:
+        """The version a given run registered for a partition, if any (the idempotency key)."""
+        with self._lock:
+            return self._by_run(self._connect(), run_id, partition_id)
+
+    @staticmethod
+    def _by_run(conn: sqlite3.Connection, run_id: str, partition_id: str) -> ModelRecord | None:
+        row = conn.execute(f"SELECT {_COLUMNS} FROM models WHERE run_id = ? AND partition_id = ?",
+                           (run_id, partition_id)).fetchone()
+        return _from_db(row) if row else None
+
+    def find(self, tags: Mapping[str, str] | None = None, limit: int | None = None,
+             run_id: str | None = None, latest_only: bool = False) -> list[ModelRecord]:
+        """Models whose tags hold all the given values, ordered by partition and version.
+
+        Each tag is a row of the ``tags`` table, whose primary key starts with (key, value): a
+        filter is an index range per tag, intersected — never a scan of every model's JSON.
+        ``run_id`` uses the (run_id, partition_id) index; ``latest_only`` keeps only each
+        partition's newest version.
+        """
+        where, params = [], []
+        for key, value in (tags or {}).items():
+            where.append("(m.partition_id, m.version) IN "
+                         "(SELECT partition_id, version FROM tags WHERE key = ? AND value = ?)")
+            params += [str(key), _tag_value(value)]
+        if run_id is not None:
+            where.append("m.run_id = ?")
+            params.append(run_id)
+        join = (" JOIN latest l ON l.partition_id = m.partition_id AND l.version = m.version"
+                if latest_only else "")
+        sql = f"SELECT {_M_COLUMNS} FROM models m{join}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY m.partition_id, m.version"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return [_from_db(row) for row in self._query(sql, params)]
+
+    def load(self, record: ModelRecord) -> Any:
+        """Unpickle a record's artifact (a ``ForecastBundle`` for our own models)."""
+        path = self.artifact_path(record)
+        if not path.is_file():
+            raise RegistryError(f"artifact of {record.partition_id} v{record.version} is missing: {path}")
+        return joblib.load(path)
+
+    def artifact_path(self, record: ModelRecord) -> Path:
+        return self.root / record.artifact
+
+    def count(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM models")[0][0])
+
+    def index_version(self) -> int:
+        """A counter bumped by every write transaction: a cache polls it to notice new versions."""
+        return int(self._query("SELECT value FROM meta WHERE key = 'changes'")[0][0])
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def _tag_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _as_fields(record: ModelRecord | Mapping[str, Any]) -> dict[str, Any]:
+    """The caller's part of a record, from a ModelRecord or a dict such as a training result row."""
+    raw = record.to_row() if isinstance(record, ModelRecord) else dict(record)
+    for required in ("partition_id", "run_id"):
+        if not raw.get(required):
+            raise RegistryError(f"a model record needs {required!r}; got keys {sorted(raw)}")
+    model_type = raw.get("model_type") or raw.get("model_name") or "custom"
+    tags: dict[str, str] = {}
+    keys = raw.get("keys") or {}
+    if keys:
+        tags.update({str(k): _tag_value(v) for k, v in keys.items()})
+        tags["partition_keys"] = ",".join(str(k) for k in keys)
+    tags.update({str(k): _tag_value(v) for k, v in (raw.get("tags") or {}).items()})
+    return {
+        "partition_id": str(raw["partition_id"]),
+        "run_id": str(raw["run_id"]),
+        "model_type": str(model_type),
+        "fingerprint": str(raw.get("fingerprint") or ""),
+        "metrics": dict(raw.get("metrics") or {}),
+        "status": str(raw.get("status") or "trained"),
+        "tags": tags,
+    }
+
+
+def _new_record(fields: dict[str, Any], version: int, artifact: str, now: str) -> ModelRecord:
+    name = ASSET_PREFIX + fields["partition_id"]
+    standard = {"partition_id": fields["partition_id"], "run_id": fields["run_id"],
+                "model_type": fields["model_type"], "fingerprint": fields["fingerprint"],
+                "status": fields["status"], "version": str(version), "name": name}
+    tags = dict(fields["tags"])
+    for key, value in standard.items():
+        if key in tags and key not in ("version", "name") and tags[key] != value:
+            raise RegistryError(f"tag {key}={tags[key]!r} contradicts the record's {key} {value!r} "
+                                f"(partition {fields['partition_id']}); a partition key column may "
+                                f"not be named like a standard tag {STANDARD_TAGS}")
+        tags[key] = value
+    return ModelRecord(partition_id=fields["partition_id"], version=version, name=name,
+                       model_type=fields["model_type"], run_id=fields["run_id"],
+                       fingerprint=fields["fingerprint"], metrics=fields["metrics"], tags=tags,
+                       artifact=artifact, created_at=now, status=fields["status"])
+
+
+def _place_artifact(artifact: Path | str | bytes, target: Path) -> None:
+    """Put an artifact at its final path atomically: a hard link, a copy, or the given bytes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{target.name}")
+    tmp.unlink(missing_ok=True)
+    try:
+        if isinstance(artifact, (bytes, bytearray, memoryview)):
+            with open(tmp, "wb") as fh:
+                fh.write(artifact)
+        else:
+            source = Path(artifact)
+            if not source.is_file():
+                raise RegistryError(f"model artifact not found: {source}")
+            try:
+                os.link(source, tmp)
+            except OSError:  # another file system, or links not allowed: copy instead
+                shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _to_db(record: ModelRecord) -> tuple:
+    return (record.partition_id, record.version, record.name, record.model_type, record.run_id,
+            record.fingerprint, json.dumps(record.metrics, default=float), json.dumps(record.tags),
+            record.artifact, record.created_at, record.status)
+
+
+def _from_db(row: tuple) -> ModelRecord:
+    return ModelRecord(partition_id=row[0], version=int(row[1]), name=row[2], model_type=row[3],
+                       run_id=row[4], fingerprint=row[5], metrics=json.loads(row[6]),
+                       tags=json.loads(row[7]), artifact=row[8], created_at=row[9], status=row[10])
+

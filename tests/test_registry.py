@@ -1,0 +1,224 @@
+"""The model registry: versions, tags, an O(1) latest lookup, idempotency, dev/prod apart."""
+from __future__ import annotations
+
+import json
+import pickle
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import joblib
+import pytest
+
+from shared.registry import LATEST_SQL, ModelRecord, ModelRegistry, RegistryError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def result_row(pid: str, run_id: str = "r1", store: str = "1", item: str = "7", accuracy: float = 0.9,
+               model_name: str = "gbm", **extra) -> dict:
+    """A row shaped like TrainResult.to_row() plus what the pipeline adds (run id, fingerprint)."""
+    return {"partition_id": pid, "run_id": run_id, "keys": {"store": store, "item": item},
+            "status": "trained", "model_name": model_name, "fingerprint": "f" + pid,
+            "metrics": {"accuracy": accuracy, "wape": 1 - accuracy}, **extra}
+
+
+@pytest.fixture
+def dev(tmp_path) -> ModelRegistry:
+    return ModelRegistry(tmp_path / "registry" / "dev", "dev")
+
+
+@pytest.fixture
+def prod(tmp_path) -> ModelRegistry:
+    return ModelRegistry(tmp_path / "registry" / "prod", "prod")
+
+
+@pytest.fixture
+def artifact(tmp_path) -> Path:
+    path = tmp_path / "model.joblib"
+    joblib.dump({"model": "a fitted estimator", "coef": [1.5, 2.5]}, path)
+    return path
+
+
+def test_a_registered_model_is_found_by_partition_and_loads_back(dev, artifact):
+    [record] = dev.register_many([(result_row("pA"), artifact)])
+
+    assert (record.partition_id, record.version, record.name) == ("pA", 1, "mm-pA")
+    assert record.model_type == record.model_name == "gbm"
+    assert record.artifact == "artifacts/pA/v1.joblib" and (dev.root / record.artifact).is_file()
+    assert record.keys == {"store": "1", "item": "7"}
+    for key, value in {"store": "1", "item": "7", "run_id": "r1", "model_type": "gbm", "fingerprint": "fpA",
+                       "status": "trained", "version": "1", "partition_id": "pA"}.items():
+        assert record.tags[key] == value
+    assert dev.latest("pA") == record == dev.get("pA", 1)
+    assert dev.load(record) == {"model": "a fitted estimator", "coef": [1.5, 2.5]}
+    assert dev.latest("nope") is None and dev.get("pA", 2) is None
+
+
+def test_each_run_adds_a_version_and_latest_follows_the_newest(dev, artifact):
+    dev.register_many([(result_row("pA", run_id="r1", accuracy=0.7), artifact)])
+    dev.register_many([(result_row("pA", run_id="r2", accuracy=0.8), b"second")])
+    [third] = dev.register_many([(result_row("pA", run_id="r3", accuracy=0.9), b"third")])
+
+    assert third.version == 3 and dev.latest("pA").version == 3
+    assert dev.latest("pA").metrics["accuracy"] == 0.9
+    assert dev.get("pA", 1).metrics["accuracy"] == 0.7
+    assert (dev.root / "artifacts/pA/v2.joblib").read_bytes() == b"second"
+    assert dev.count() == 3
+
+
+def test_registering_the_same_run_again_creates_nothing(dev, artifact):
+    rows = [(result_row(f"p{i}"), artifact) for i in range(5)]
+    first = dev.register_many(rows)
+    changes = dev.index_version()
+
+    again = dev.register_many(rows)
+    assert again == first
+    assert dev.count() == 5 and dev.index_version() == changes
+    assert sorted(p.name for p in (dev.root / "artifacts" / "p0").iterdir()) == ["v1.joblib"]
+    # the same (run, partition) twice in one call is also one version
+    twice = dev.register_many([(result_row("pB", run_id="r9"), b"x"), (result_row("pB", run_id="r9"), b"y")])
+    assert twice[0] == twice[1] and dev.latest("pB").version == 1
+
+
+def test_the_change_counter_moves_once_per_write_transaction(dev, artifact):
+    assert dev.index_version() == 0
+    dev.register_many([(result_row(f"p{i}"), artifact) for i in range(3)])
+    assert dev.index_version() == 1
+    dev.register_many([(result_row("p0", run_id="r2"), artifact)])
+    assert dev.index_version() == 2
+    other = ModelRegistry(dev.root, "dev")  # another handle (as another process would open it)
+    assert other.index_version() == 2
+
+
+def test_find_filters_by_tags_run_and_latest(dev, artifact):
+    dev.register_many([(result_row(f"s{s}i{i}", store=str(s), item=str(i)), artifact)
+                       for s in range(3) for i in range(4)])
+    dev.register_many([(result_row("s1i2", run_id="r2", store="1", item="2", model_name="loglinear"),
+                        artifact)])
+
+    assert [r.partition_id for r in dev.find({"store": "1"})] == ["s1i0", "s1i1", "s1i2", "s1i2", "s1i3"]
+    both = dev.find({"store": "1", "item": "2"})
+    assert [(r.partition_id, r.version) for r in both] == [("s1i2", 1), ("s1i2", 2)]
+    assert [r.version for r in dev.find({"store": "1", "item": 2}, latest_only=True)] == [2]
+    assert [r.partition_id for r in dev.find({"model_type": "loglinear"})] == ["s1i2"]
+    assert [r.partition_id for r in dev.find(run_id="r2")] == ["s1i2"]
+    assert len(dev.find({"store": "1"}, run_id="r1")) == 4
+    assert len(dev.find(limit=5)) == 5 and len(dev.find()) == 13
+    assert dev.find({"store": "9"}) == []
+
+
+def test_latest_is_a_primary_key_lookup_not_a_scan(dev, artifact):
+    dev.register_many([(result_row(f"p{i:03d}"), b"m") for i in range(200)])
+    with sqlite3.connect(dev.root / "index.sqlite") as conn:
+        plan = [row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + LATEST_SQL, ("p007",))]
+    assert plan and all("USING PRIMARY KEY" in step for step in plan), plan
+    assert not any(step.startswith("SCAN") for step in plan)
+    many = dev.latest_many([f"p{i:03d}" for i in range(0, 200, 2)] + ["missing"])
+    assert len(many) == 100 and many["p010"].partition_id == "p010"
+
+
+def test_tags_that_contradict_the_record_are_refused_and_nothing_is_written(dev, artifact):
+    good = (result_row("pA"), artifact)
+    bad = (result_row("pB", keys={"status": "open"}), artifact)  # a key column named 'status'
+    with pytest.raises(RegistryError, match="tag status='open' contradicts"):
+        dev.register_many([good, bad])
+    assert dev.count() == 0 and dev.index_version() == 0
+    assert not (dev.root / "artifacts" / "pA" / "v1.joblib").exists()
+
+
+def test_a_missing_artifact_or_record_field_is_an_error(dev, tmp_path):
+    with pytest.raises(RegistryError, match="artifact not found"):
+        dev.register_many([(result_row("pA"), tmp_path / "nope.joblib")])
+    with pytest.raises(RegistryError, match="needs 'run_id'"):
+        dev.register_many([({"partition_id": "pA"}, b"x")])
+    assert dev.count() == 0
+
+
+def test_dev_and_prod_are_separate_and_cannot_be_mixed_up(dev, prod, artifact):
+    [trained] = dev.register_many([(result_row("pA"), artifact)])
+    dev_changes = dev.index_version()
+
+    copied = prod.copy_from(dev, trained)
+    assert (copied.version, copied.run_id, copied.metrics) == (1, "r1", trained.metrics)
+    assert copied.tags["source_registry"] == "dev" and copied.tags["source_version"] == "1"
+    assert copied.keys == {"store": "1", "item": "7"}
+    assert prod.load(copied) == dev.load(trained)
+    assert prod.copy_from(dev, trained) == copied  # idempotent by (run_id, partition_id)
+    assert prod.count() == 1 and dev.count() == 1 and dev.index_version() == dev_changes
+
+    with pytest.raises(RegistryError, match="is 'dev', not 'prod'"):
+        ModelRegistry(dev.root, "prod")
+    with pytest.raises(RegistryError, match="into itself"):
+        dev.copy_from(ModelRegistry(dev.root, "dev"), trained)
+    with pytest.raises(RegistryError, match="must be one of"):
+        ModelRegistry(dev.root.parent / "staging", "staging")
+
+
+def test_a_registry_handle_can_be_pickled_to_another_process(dev, artifact):
+    dev.register_many([(result_row("pA"), artifact)])
+    clone = pickle.loads(pickle.dumps(dev))
+    assert clone.latest("pA") == dev.latest("pA")
+
+
+READER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from shared.registry import ModelRegistry
+    reg = ModelRegistry(Path(sys.argv[1]), "dev")
+    stop = Path(sys.argv[2])
+    print("ready", flush=True)
+    seen = []
+    while not stop.exists():
+        count = reg.count()
+        rec = reg.latest("p000")
+        version = rec.version if rec else 0
+        ok = rec is None or (reg.root / rec.artifact).is_file()
+        seen.append([count, version, ok])
+    seen.append([reg.count(), reg.latest("p000").version, True])
+    print(json.dumps(seen))
+""")
+
+
+def test_a_reader_in_another_process_sees_whole_transactions_while_we_write(dev, tmp_path):
+    stop = tmp_path / "stop"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(dev.root), str(stop)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "ready"
+        for run in range(1, 21):
+            dev.register_many([(result_row(f"p{i:03d}", run_id=f"r{run}"), b"model") for i in range(100)])
+            time.sleep(0.01)  # let the reader take a few looks between transactions
+    finally:
+        stop.touch()
+        out, err = reader.communicate(timeout=30)
+    assert reader.returncode == 0, err
+    seen = json.loads(out.splitlines()[-1])
+    counts = [c for c, _, _ in seen]
+    versions = [v for _, v, _ in seen]
+    assert all(c % 100 == 0 for c in counts), "a reader saw half a transaction"
+    assert counts == sorted(counts) and versions == sorted(versions)
+    assert all(ok for _, _, ok in seen), "an index row pointed at an artifact not yet written"
+    assert len(set(counts)) > 2 and seen[-1][:2] == [2000, 20]
+
+
+def test_ten_thousand_registrations_take_a_few_seconds_at_most(dev, artifact, capsys):
+    rows = [(result_row(f"p{i:05d}", store=str(i % 50), item=str(i)), artifact) for i in range(10_000)]
+    started = time.perf_counter()
+    records = dev.register_many(rows)
+    seconds = time.perf_counter() - started
+    with capsys.disabled():
+        print(f"\nregistry: 10,000 records in {seconds:.2f} s ({10_000 / seconds:,.0f} per second)")
+    assert len(records) == 10_000 and dev.count() == 10_000
+    assert seconds < 10  # thousands per second on a quiet machine; generous for a busy one
+    started = time.perf_counter()
+    for i in range(0, 10_000, 10):
+        assert dev.latest(f"p{i:05d}").version == 1
+    lookup_ms = (time.perf_counter() - started) / 1000 * 1000
+    with capsys.disabled():
+        print(f"registry: latest() {lookup_ms:.3f} ms per lookup; find(store) "
+              f"{len(dev.find({'store': '7'}))} records")
+    assert isinstance(records[0], ModelRecord)
