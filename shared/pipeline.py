@@ -527,6 +527,9 @@ def _backtests(ws, run_id, rows, manifest, keys) -> pd.DataFrame | None:
         if not bt:
             continue
         frame = pd.DataFrame(bt)
+        time_col = ws.config.data.time
+        if ws.config.data.freq != "int" and time_col in frame:
+            frame[time_col] = pd.to_datetime(frame[time_col])
         frame[PARTITION_ID] = row[PARTITION_ID]
         for k, v in (row.get("keys") or _keys_of(manifest, row[PARTITION_ID], keys)).items():
             frame[k] = v

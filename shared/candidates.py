@@ -1,0 +1,222 @@
+"""The candidate models that compete per partition, as scikit-learn style estimators.
+
+All take the feature matrix of :mod:`shared.features` (columns in ``spec.names`` order, NaN where a
+lag does not reach) and a target vector; ``fit`` ignores rows whose target is NaN and returns
+``self``; ``predict`` returns non-negative forecasts. They know the column roles through the
+:class:`~shared.features.FeatureSpec` they are given.
+
+* ``baseline`` — :class:`MovingAverageBaseline`: the mean of the last ``window`` observed targets
+  before the forecast origin, flat. The yardstick every model must beat, and the serving fallback.
+* ``loglinear`` — :class:`LogLinearForecaster`: ridge regression of ``log1p(target)`` on
+  ``log1p`` lags and rolling means, log prices (the log-log, price-elasticity form), promotion
+  flags, Fourier terms and a trend; standardised, missing lags imputed from the row's rolling mean.
+* ``gbm`` — :class:`BoostedTreesForecaster`: scikit-learn's histogram gradient boosting on
+  ``log1p(target)``. Chosen over ``GradientBoostingRegressor`` for speed: on 132 rows x 22
+  features it fits in ~30 ms versus ~140 ms (100 trees), and it scales to 4,000 rows (~60 ms
+  versus ~2.8 s); it also handles missing lags natively and pickles smaller.
+* extra candidates — :class:`SklearnForecaster`: any scikit-learn regressor by dotted path and
+  parameters (``training.extra_candidates``), NaN features imputed with training means.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin, is_regressor
+from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.linear_model import Ridge
+
+from shared.features import FeatureSpec
+
+BUILTIN = ("baseline", "loglinear", "gbm")
+
+
+class CandidateError(ValueError):
+    """A candidate cannot be built (unknown name, unimportable estimator, not a regressor)."""
+
+
+class MovingAverageBaseline(BaseEstimator, RegressorMixin):
+    """Flat forecast: the mean of the last ``window`` observed (non-NaN) targets of the history."""
+
+    def __init__(self, window: int = 4):
+        self.window = window
+
+    def fit(self, X: np.ndarray | None, y: np.ndarray) -> "MovingAverageBaseline":
+        y = np.asarray(y, dtype=np.float64)
+        observed = y[~np.isnan(y)]
+        last = observed[-int(self.window):] if int(self.window) > 0 else observed[:0]
+        self.level_ = float(last.mean()) if last.size else 0.0
+        self.n_history_ = int(observed.size)
+        return self
+
+    def predict(self, X: np.ndarray | int) -> np.ndarray:
+        n = X if isinstance(X, (int, np.integer)) else len(X)
+        return np.full(int(n), max(self.level_, 0.0))
+
+
+def _observed_rows(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y, dtype=np.float64)
+    keep = ~np.isnan(y)
+    if not keep.any():
+        raise ValueError("no rows with an observed target to fit on")
+    return (X, y) if keep.all() else (X[keep], y[keep])
+
+
+class LogLinearForecaster(BaseEstimator, RegressorMixin):
+    """Ridge on log1p(target): multiplicative effects (price elasticity, seasonality) become additive."""
+
+    def __init__(self, spec: FeatureSpec, alpha: float = 3.0):
+        self.spec = spec
+        self.alpha = alpha
+
+    def _design(self, X: np.ndarray) -> np.ndarray:
+        spec = self.spec
+        Z = np.array(X, dtype=np.float64, copy=True)
+        level_cols = np.concatenate((spec.columns("lag_"), spec.columns("roll_")))
+        Z[:, level_cols] = np.log1p(np.maximum(Z[:, level_cols], 0.0))
+        # a missing lag or rolling mean takes the row's first available rolling mean (shortest window)
+        fallback = np.full(len(Z), np.nan)
+        for c in spec.columns("roll_"):
+            fallback = np.where(np.isnan(fallback), Z[:, c], fallback)
+        for c in level_cols:
+            Z[:, c] = np.where(np.isnan(Z[:, c]), fallback, Z[:, c])
+        return Z
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "LogLinearForecaster":
+        X, y = _observed_rows(X, y)
+        Z = self._design(X)
+        self.fill_ = _column_means(Z)
+        Z = np.where(np.isnan(Z), self.fill_, Z)
+        self.mean_ = Z.mean(axis=0)
+        scale = Z.std(axis=0)
+        self.scale_ = np.where(scale > 1e-12, scale, 1.0)
+        target = np.log1p(np.maximum(y, 0.0))
+        self.ridge_ = Ridge(alpha=self.alpha).fit((Z - self.mean_) / self.scale_, target)
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        Z = self._design(X)
+        Z = np.where(np.isnan(Z), self.fill_, Z)
+        out = np.expm1(self.ridge_.predict((Z - self.mean_) / self.scale_))
+        return np.maximum(out, 0.0)
+
+
+class BoostedTreesForecaster(BaseEstimator, RegressorMixin):
+    """Histogram gradient boosting on log1p(target): captures non-linear promo/season interactions."""
+
+    def __init__(self, spec: FeatureSpec, max_iter: int = 50, learning_rate: float = 0.15,
+                 max_leaf_nodes: int = 8, min_samples_leaf: int = 10, max_bins: int = 64,
+                 random_state: int | None = 0):
+        self.spec = spec
+        self.max_iter = max_iter
+        self.learning_rate = learning_rate
+        self.max_leaf_nodes = max_leaf_nodes
+        self.min_samples_leaf = min_samples_leaf
+        self.max_bins = max_bins
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "BoostedTreesForecaster":
+        X, y = _observed_rows(X, y)
+        # a lag longer than a short history is all-NaN; the binner cannot take such a column
+        self.columns_ = np.flatnonzero(~np.isnan(X).all(axis=0))
+        self.model_ = HistGradientBoostingRegressor(
+            max_iter=self.max_iter, learning_rate=self.learning_rate, max_leaf_nodes=self.max_leaf_nodes,
+            min_samples_leaf=self.min_samples_leaf, max_bins=self.max_bins, early_stopping=False,
+            random_state=self.random_state,
+        ).fit(X[:, self.columns_], np.log1p(np.maximum(y, 0.0)))
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return np.maximum(np.expm1(self.model_.predict(X[:, self.columns_])), 0.0)
+
+
+def resolve_estimator(path: str, params: dict[str, Any] | None = None, name: str = "") -> BaseEstimator:
+    """An unfitted regressor from a dotted path and parameters; :class:`CandidateError` names the path."""
+    where = f"training.extra_candidates {name!r}: " if name else ""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise CandidateError(f"{where}estimator {path!r} must be a dotted path such as "
+                             f"'sklearn.linear_model.Lasso'")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise CandidateError(f"{where}cannot import estimator {path!r}: {exc}") from exc
+    if not isinstance(cls, type):
+        raise CandidateError(f"{where}estimator {path!r} is not a class")
+    try:
+        model = cls(**dict(params or {}))
+    except TypeError as exc:
+        raise CandidateError(f"{where}bad params for estimator {path!r}: {exc}") from exc
+    if not is_regressor(model):
+        raise CandidateError(f"{where}estimator {path!r} is not a scikit-learn regressor")
+    return model
+
+
+def _column_means(Z: np.ndarray) -> np.ndarray:
+    """Means of the non-NaN values per column, 0 for a column with none (no warnings, no copies)."""
+    present = ~np.isnan(Z)
+    count = present.sum(axis=0)
+    total = np.where(present, Z, 0.0).sum(axis=0)
+    return np.where(count > 0, total / np.maximum(count, 1), 0.0)
+
+
+class SklearnForecaster(BaseEstimator, RegressorMixin):
+    """Any scikit-learn regressor by dotted path, NaN features filled with training means."""
+
+    def __init__(self, estimator: str, params: dict[str, Any] | None = None, log_target: bool = False,
+                 random_state: int | None = None):
+        self.estimator = estimator
+        self.params = params
+        self.log_target = log_target
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "SklearnForecaster":
+        X, y = _observed_rows(X, y)
+        model = resolve_estimator(self.estimator, self.params)
+        if "random_state" in model.get_params() and "random_state" not in (self.params or {}):
+            model.set_params(random_state=self.random_state)
+        self.fill_ = _column_means(X)
+        target = np.log1p(np.maximum(y, 0.0)) if self.log_target else y
+        self.model_ = model.fit(np.where(np.isnan(X), self.fill_, X), target)
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        out = np.asarray(self.model_.predict(np.where(np.isnan(X), self.fill_, X)), dtype=np.float64)
+        return np.maximum(np.expm1(out) if self.log_target else out, 0.0)
+
+
+def make_candidate(name: str, cfg: Any, spec: FeatureSpec) -> BaseEstimator:
+    """A fresh, unfitted estimator for a candidate name of the config."""
+    seed = int(cfg.training.seed)
+    if name == "baseline":
+        return MovingAverageBaseline()
+    if name == "loglinear":
+        return LogLinearForecaster(spec)
+    if name == "gbm":
+        return BoostedTreesForecaster(spec, random_state=seed)
+    for extra in cfg.training.extra_candidates:
+        if extra.name == name:
+            return SklearnForecaster(extra.estimator, dict(extra.params), bool(extra.log_target),
+                                     random_state=seed)
+    raise CandidateError(f"unknown candidate {name!r}; known: {known_names(cfg)}")
+
+
+def extra_names(cfg: Any) -> set[str]:
+    return {c.name for c in cfg.training.extra_candidates}
+
+
+def known_names(cfg: Any) -> list[str]:
+    return sorted(set(BUILTIN) | extra_names(cfg))
+
+
+def check_candidates(cfg: Any) -> None:
+    """Fail fast, once per batch, on a misconfigured candidate instead of once per partition."""
+    for extra in cfg.training.extra_candidates:
+        if extra.name in BUILTIN:
+            raise CandidateError(f"training.extra_candidates: name {extra.name!r} clashes with a built-in "
+                                 f"candidate")
+        resolve_estimator(extra.estimator, extra.params, extra.name)
+    for name in cfg.training.candidates:
+        if name not in BUILTIN and name not in extra_names(cfg):
+            raise CandidateError(f"unknown candidate {name!r}; known: {known_names(cfg)}")

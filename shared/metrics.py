@@ -1,0 +1,88 @@
+"""Forecast accuracy metrics: one definition shared by selection, backtests, promotion and reports.
+
+* ``wape`` = sum |error| / sum |actual| — the retail headline metric, robust to zeros.
+* ``mape`` = mean |error| / |actual| over the rows whose actual is non-zero (a zero actual has no
+  percentage error); NaN when every actual is zero.
+* ``rmse`` = root mean squared error, in target units.
+* ``accuracy`` = 1 - MAPE clipped to [0, 1] (the reference architecture's promotion metric);
+  NaN when MAPE is NaN.
+
+Rows where the actual or the prediction is NaN are ignored. All lower-is-better except accuracy.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+METRICS = ("wape", "mape", "rmse", "accuracy")
+LOWER_IS_BETTER = {"wape": True, "mape": True, "rmse": True, "accuracy": False}
+
+
+def evaluate(actual: Sequence[float] | np.ndarray,
+             predicted: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """The four metrics of one series (or any set of rows) as plain floats (NaN when undefined)."""
+    a = np.asarray(actual, dtype=np.float64)
+    p = np.asarray(predicted, dtype=np.float64)
+    if a.shape != p.shape:
+        raise ValueError(f"evaluate: actual has shape {a.shape} but predicted has shape {p.shape}")
+    ok = ~(np.isnan(a) | np.isnan(p))
+    if not ok.all():
+        a, p = a[ok], p[ok]
+    if a.size == 0:
+        return dict.fromkeys(METRICS, float("nan"))
+    err = np.abs(a - p)
+    abs_a = np.abs(a)
+    total = abs_a.sum()
+    wape = float(err.sum() / total) if total > 0 else float("nan")
+    nz = abs_a > 0
+    mape = float((err[nz] / abs_a[nz]).mean()) if nz.any() else float("nan")
+    rmse = float(np.sqrt(np.mean((a - p) ** 2)))
+    return {"wape": wape, "mape": mape, "rmse": rmse, "accuracy": accuracy_from_mape(mape)}
+
+
+def accuracy_from_mape(mape: float) -> float:
+    return float("nan") if np.isnan(mape) else float(min(1.0, max(0.0, 1.0 - mape)))
+
+
+def evaluate_grouped(groups: Sequence | np.ndarray, actual: Sequence[float] | np.ndarray,
+                     predicted: Sequence[float] | np.ndarray) -> pd.DataFrame:
+    """The same metrics for many series at once (one row per group, indexed by group).
+
+    Vectorised with ``np.bincount`` so scoring 10,000 backtests costs one pass, not 10,000 calls.
+    """
+    a = np.asarray(actual, dtype=np.float64)
+    p = np.asarray(predicted, dtype=np.float64)
+    codes, uniques = pd.factorize(np.asarray(groups), sort=True)
+    if not (a.shape == p.shape == codes.shape):
+        raise ValueError("evaluate_grouped: groups, actual and predicted must have the same length")
+    ok = ~(np.isnan(a) | np.isnan(p))
+    a, p, codes = np.where(ok, a, 0.0), np.where(ok, p, 0.0), np.where(ok, codes, -1)
+    n_groups = len(uniques)
+    keep = codes >= 0
+    c = codes[keep]
+    err, abs_a = np.abs(a - p)[keep], np.abs(a)[keep]
+    sq = ((a - p) ** 2)[keep]
+    nz = abs_a > 0
+    count = np.bincount(c, minlength=n_groups).astype(np.float64)
+    sum_err = np.bincount(c, weights=err, minlength=n_groups)
+    sum_abs = np.bincount(c, weights=abs_a, minlength=n_groups)
+    sum_sq = np.bincount(c, weights=sq, minlength=n_groups)
+    ape = np.divide(err, abs_a, out=np.zeros_like(err), where=nz)
+    n_nz = np.bincount(c, weights=nz.astype(np.float64), minlength=n_groups)
+    sum_ape = np.bincount(c, weights=ape, minlength=n_groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        wape = np.where(sum_abs > 0, sum_err / sum_abs, np.nan)
+        mape = np.where(n_nz > 0, sum_ape / n_nz, np.nan)
+        rmse = np.where(count > 0, np.sqrt(sum_sq / count), np.nan)
+    accuracy = np.where(np.isnan(mape), np.nan, np.clip(1.0 - mape, 0.0, 1.0))
+    return pd.DataFrame({"wape": wape, "mape": mape, "rmse": rmse, "accuracy": accuracy},
+                        index=pd.Index(uniques, name="group"))
+
+
+def selection_key(score: float, metric: str) -> float:
+    """A sort key where smaller is better whatever the metric; NaN sorts last."""
+    if np.isnan(score):
+        return float("inf")
+    return score if LOWER_IS_BETTER[metric] else -score

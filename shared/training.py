@@ -1,0 +1,506 @@
+"""Training of one mini-batch file: every partition's candidates compete, the best is kept.
+
+Per partition, the end of the series is cut into windows by period::
+
+    [ train ............ | validation (validation_periods) | test (test_periods) ]
+
+1. every candidate is fitted on *train* and forecasts *validation* from its origin; the lowest
+   ``training.selection_metric`` wins (ties and undefined scores go to the earlier candidate);
+2. the winner and the baseline are refitted on *train + validation* and forecast *test*: the
+   winner's WAPE/MAPE/RMSE/accuracy are the partition's ``metrics`` (used by promotion), the
+   baseline's are ``baseline_metrics``;
+3. the winner and the baseline are refitted on all rows and packed into a :class:`ForecastBundle`.
+
+Statuses: ``skipped`` (fewer than ``forecast.min_periods`` observed rows), ``baseline_only``
+(fewer than ``forecast.min_train_periods`` observed rows before the validation window: the
+baseline is scored on the last ``min(test_periods, span // 2)`` periods and kept), ``failed``
+(anything raised for that partition: the exception's type and message; the others go on),
+``trained``.
+
+Rows filled into gaps by validation (``_filled``) stay in the data as lag and rolling-mean
+inputs, but no model learns from their target (on generated data, training on ``gaps="zero"``
+fills raised the log-linear model's WAPE from 0.14 to 0.24) and metrics and the baseline's moving
+average use observed rows only. Features come from one
+vectorised pass over the whole batch (:func:`shared.features.build_features`); a window longer
+than the horizon is forecast recursively, exactly as :meth:`ForecastBundle.predict` does.
+
+Timing: ``TrainResult.fit_seconds`` is the partition's wall time (perf_counter), including its
+row-weighted share of the batch's feature building; ``TrainResult.timings`` splits it into
+``features`` (that share), ``estimators`` (the candidates' own fit and predict calls) and
+``overhead`` (everything else: slicing, metrics, bundles). :func:`time_breakdown` sums them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from shared.candidates import MovingAverageBaseline, check_candidates, make_candidate
+from shared.features import FeatureFrame, FeatureSpec, build_features, series_features
+from shared.keys import PARTITION_ID, key_dict
+from shared.metrics import evaluate, selection_key
+from shared.timegrid import PERIOD, anchor_offset, from_periods, to_periods
+
+logger = logging.getLogger(__name__)
+
+STATUSES = ("trained", "baseline_only", "skipped", "failed")
+
+
+# -- forecasting from an origin: shared by backtests and bundles -------------------------------------
+
+def recursive_forecast(estimator: Any, spec: FeatureSpec, trend_origin: int, log_covariates: Iterable[bool],
+                       hist_periods: np.ndarray, hist_target: np.ndarray, hist_covariates: np.ndarray,
+                       origin: int, periods: np.ndarray, covariates: np.ndarray) -> np.ndarray:
+    """Forecasts for ``periods`` (sorted, all > ``origin``) from the history up to ``origin``.
+
+    Works in blocks of ``horizon`` periods on the complete grid ``origin+1 .. max(periods)``: the
+    first block's lags read only history; each later block reads the previous blocks' forecasts
+    as if they were observed (recursive fill for lags beyond the horizon). Grid periods that were
+    not asked for carry the covariates of the latest earlier row forward.
+    """
+    periods = np.asarray(periods, dtype=np.int64)
+    n_cov = len(spec.covariates)
+    covariates = np.asarray(covariates, dtype=np.float64).reshape(len(periods), n_cov)
+    keep = (hist_periods <= origin) & (hist_periods > origin - spec.lookback)
+    h_periods, h_target = hist_periods[keep], hist_target[keep]
+    h_cov = np.asarray(hist_covariates, dtype=np.float64).reshape(len(hist_periods), n_cov)[keep]
+    grid = np.arange(origin + 1, int(periods[-1]) + 1, dtype=np.int64)
+    at = np.searchsorted(periods, grid, side="right") - 1
+    grid_cov = np.where((at >= 0)[:, None], covariates[np.maximum(at, 0)], np.nan)
+    all_periods = np.concatenate((h_periods, grid))
+    target = np.concatenate((h_target, np.full(len(grid), np.nan)))
+    cov = _ffill(np.concatenate((h_cov, grid_cov)))
+    n_hist, step = len(h_periods), spec.horizon
+    for start in range(0, len(grid), step):
+        X = series_features(spec, all_periods, target, cov, trend_origin, list(log_covariates))
+        block = slice(n_hist + start, n_hist + min(start + step, len(grid)))
+        target[block] = np.maximum(estimator.predict(X[block]), 0.0)
+    return target[n_hist + (periods - origin - 1)]
+
+
+def _ffill(a: np.ndarray) -> np.ndarray:
+    """Forward-fill NaN down the columns (leading NaN stay)."""
+    if a.size == 0 or not np.isnan(a).any():
+        return a
+    idx = np.where(np.isnan(a), 0, np.arange(len(a))[:, None])
+    np.maximum.accumulate(idx, axis=0, out=idx)
+    return a[idx, np.arange(a.shape[1])]
+
+
+# -- the deployable artefact ---------------------------------------------------------------------
+
+@dataclass
+class ForecastBundle:
+    """A partition's fitted model plus everything needed to forecast its next periods.
+
+    Small on purpose (thousands are cached for serving): no training frame, only the last
+    ``spec.lookback`` periods of target and covariates, and the test window's backtest.
+    """
+
+    partition_id: str
+    keys: dict[str, str]
+    model_name: str
+    estimator: Any
+    baseline: MovingAverageBaseline
+    spec: FeatureSpec
+    trend_origin: int
+    log_covariates: tuple[bool, ...]
+    history_periods: np.ndarray
+    history_target: np.ndarray
+    history_covariates: np.ndarray  # (history rows, covariates)
+    last_period: int
+    freq: str
+    anchor: str | None
+    time_column: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    backtest_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def horizon(self) -> int:
+        return self.spec.horizon
+
+    @property
+    def covariates(self) -> tuple[str, ...]:
+        return self.spec.covariates
+
+    @property
+    def backtest(self) -> pd.DataFrame:
+        """The test window: ``_period``, time, ``actual``, ``prediction`` (chosen model), ``baseline``."""
+        b = self.backtest_arrays
+        periods = np.asarray(b.get(PERIOD, np.empty(0, dtype=np.int64)), dtype=np.int64)
+        return pd.DataFrame({
+            PERIOD: periods,
+            self.time_column: from_periods(periods, self.freq, self.anchor).to_numpy(),
+            "actual": b.get("actual", np.empty(0)),
+            "prediction": b.get("prediction", np.empty(0)),
+            "baseline": b.get("baseline", np.empty(0)),
+        })
+
+    def future_periods(self, future: pd.DataFrame | None = None, horizon: int | None = None) -> np.ndarray:
+        """The periods a call of :meth:`predict` with these arguments forecasts."""
+        if future is None:
+            n = int(self.horizon if horizon is None else horizon)
+            if n < 1:
+                raise ValueError(f"horizon must be >= 1, got {horizon}")
+            return np.arange(self.last_period + 1, self.last_period + 1 + n, dtype=np.int64)
+        if PERIOD in future.columns:
+            return future[PERIOD].to_numpy(dtype=np.int64)
+        if self.time_column not in future.columns:
+            raise ValueError(f"future rows need the time column {self.time_column!r} (or {PERIOD!r})")
+        times = future[self.time_column]
+        if self.freq != "int" and not pd.api.types.is_datetime64_any_dtype(times):
+            try:
+                times = pd.to_datetime(times)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"future column {self.time_column!r} is not parseable as dates: "
+                                 f"{exc}") from exc
+        return to_periods(times.reset_index(drop=True), self.freq)
+
+    def predict(self, future: pd.DataFrame | None = None, horizon: int | None = None,
+                use_baseline: bool = False) -> pd.DataFrame:
+        """Forecasts as a frame ``_period``, <time column>, ``prediction`` (never negative), by period.
+
+        ``future``: the rows to forecast (time column or ``_period``, and every covariate; NaN
+        covariates take the previous value). Without it: the next ``horizon`` periods (default the
+        trained horizon) with covariates carried forward from the last observed row. Rows further
+        than the horizon ahead are forecast recursively (see :func:`recursive_forecast`).
+        ``use_baseline`` forecasts with the baseline (the serving fallback).
+        """
+        if future is not None and horizon is not None:
+            raise ValueError("give either future rows or a horizon, not both")
+        periods = self.future_periods(future, horizon)
+        if future is None:
+            last_cov = self.history_covariates[-1:] if len(self.history_covariates) else \
+                np.full((1, len(self.covariates)), np.nan)
+            cov = np.repeat(last_cov, len(periods), axis=0)
+        else:
+            missing = [c for c in self.covariates if c not in future.columns]
+            if missing:
+                raise ValueError(f"future rows lack covariate column(s) {missing}")
+            cov = future[list(self.covariates)].to_numpy(dtype=np.float64)
+            cov = cov.reshape(len(future), len(self.covariates))
+        if len(periods) == 0:
+            return self._frame(periods, np.empty(0))
+        if len(np.unique(periods)) != len(periods):
+            raise ValueError("future rows repeat a period")
+        early = periods[periods <= self.last_period]
+        if len(early):
+            raise ValueError(f"future periods must come after the last trained period {self.last_period}; "
+                             f"got {sorted(set(early.tolist()))[:5]}")
+        order = np.argsort(periods, kind="stable")
+        periods, cov = periods[order], cov[order]
+        if use_baseline or isinstance(self.estimator, MovingAverageBaseline):
+            model = self.baseline if use_baseline else self.estimator
+            return self._frame(periods, model.predict(len(periods)))
+        pred = recursive_forecast(self.estimator, self.spec, self.trend_origin, self.log_covariates,
+                                  self.history_periods, self.history_target, self.history_covariates,
+                                  self.last_period, periods, cov)
+        return self._frame(periods, pred)
+
+    def _frame(self, periods: np.ndarray, pred: np.ndarray) -> pd.DataFrame:
+        return pd.DataFrame({
+            PERIOD: periods,
+            self.time_column: from_periods(periods, self.freq, self.anchor).to_numpy(),
+            "prediction": np.maximum(np.asarray(pred, dtype=np.float64), 0.0),
+        })
+
+
+# -- per-partition result -----------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """The outcome of one partition; ``to_row()`` is the JSON line the entry script writes."""
+
+    partition_id: str
+    keys: dict[str, str]
+    status: str
+    reason: str = ""
+    model_name: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    baseline_metrics: dict[str, float] = field(default_factory=dict)
+    candidate_scores: dict[str, float] = field(default_factory=dict)
+    n_observed: int = 0
+    fit_seconds: float = 0.0
+    bundle: ForecastBundle | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # features / estimators / overhead seconds
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            PARTITION_ID: self.partition_id,
+            "keys": dict(self.keys),
+            "status": self.status,
+            "reason": self.reason,
+            "model_name": self.model_name,
+            "metrics": _json_floats(self.metrics),
+            "baseline_metrics": _json_floats(self.baseline_metrics),
+            "candidate_scores": _json_floats(self.candidate_scores),
+            "n_observed": int(self.n_observed),
+            "fit_seconds": round(float(self.fit_seconds), 6),
+            "timings": {k: round(float(v), 6) for k, v in self.timings.items()},
+            "backtest": self.backtest_rows(),
+        }
+
+    def backtest_rows(self) -> list[dict[str, Any]]:
+        """The test window as JSON rows, so registration loads backtests without opening bundles."""
+        if self.bundle is None:
+            return []
+        frame = self.bundle.backtest
+        if frame.empty:
+            return []
+        time_col = self.bundle.time_column
+        times = frame[time_col]
+        times = times.astype("int64") if self.bundle.freq == "int" else times.map(lambda t: t.isoformat())
+        values = {c: [None if np.isnan(v) else float(v) for v in frame[c].to_numpy(dtype=float)]
+                  for c in ("actual", "prediction", "baseline")}
+        return [{time_col: times.iloc[i] if self.bundle.freq != "int" else int(times.iloc[i]),
+                 **{c: values[c][i] for c in values}} for i in range(len(frame))]
+
+
+def _json_floats(values: Mapping[str, float]) -> dict[str, float | None]:
+    """NaN is not JSON: undefined metrics become null."""
+    return {k: (None if v is None or math.isnan(float(v)) else float(v)) for k, v in values.items()}
+
+
+# -- the batch ----------------------------------------------------------------------------------
+
+class _Clock:
+    """Accumulates the seconds spent inside the estimators' own fit and predict calls."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def fit(self, est: Any, X: np.ndarray | None, y: np.ndarray) -> Any:
+        t = perf_counter()
+        est.fit(X, y)
+        self.seconds += perf_counter() - t
+        return est
+
+    def predict(self, est: Any, X: np.ndarray | int) -> np.ndarray:
+        t = perf_counter()
+        out = est.predict(X)
+        self.seconds += perf_counter() - t
+        return out
+
+
+@dataclass
+class _Batch:
+    cfg: Any
+    ff: FeatureFrame
+    cov: np.ndarray
+    keys: list[dict[str, str]]
+    anchor: str | None
+
+
+def train_batch(frame: pd.DataFrame, cfg: Any,
+                dataset_meta: Mapping[str, Any] | None = None) -> list[TrainResult]:
+    """Train every partition of one validated mini-batch frame; one :class:`TrainResult` each."""
+    meta = dict(dataset_meta or {})
+    check_candidates(cfg)
+    if cfg.training.selection_metric not in ("wape", "mape", "rmse"):
+        raise ValueError(f"training.selection_metric {cfg.training.selection_metric!r} "
+                         f"is not wape, mape or rmse")
+    began = perf_counter()
+    if len(frame) and not _is_sorted(frame):
+        frame = frame.sort_values([PARTITION_ID, PERIOD], kind="stable", ignore_index=True)
+    ff = build_features(frame, cfg)
+    covs = list(cfg.data.covariates)
+    cov = frame[covs].to_numpy(dtype=np.float64) if covs else np.empty((len(frame), 0))
+    key_cols = list(cfg.data.keys)
+    firsts = frame[key_cols].iloc[ff.bounds[:-1]].itertuples(index=False, name=None) if len(frame) else []
+    keys = [key_dict(key_cols, values) for values in firsts]
+    anchor = meta["anchor"] if "anchor" in meta else _anchor(frame, cfg)
+    batch = _Batch(cfg=cfg, ff=ff, cov=cov, keys=keys, anchor=anchor)
+    shared_seconds = perf_counter() - began  # features and set-up, shared out by rows
+    n_rows = max(len(frame), 1)
+    results = []
+    for g in range(ff.n_partitions):
+        share = shared_seconds * (ff.bounds[g + 1] - ff.bounds[g]) / n_rows
+        results.append(_train_one(batch, g, share))
+    return results
+
+
+def _is_sorted(frame: pd.DataFrame) -> bool:
+    pids = frame[PARTITION_ID].to_numpy()
+    periods = frame[PERIOD].to_numpy()
+    same = pids[1:] == pids[:-1]
+    if (same & (periods[1:] <= periods[:-1])).any():
+        return False
+    return len(pd.unique(pids)) == int((~same).sum()) + 1
+
+
+def _anchor(frame: pd.DataFrame, cfg: Any) -> str | None:
+    times = frame[cfg.data.time] if cfg.data.time in frame.columns else None
+    if cfg.data.freq == "int" or times is None or not pd.api.types.is_datetime64_any_dtype(times):
+        return None
+    return anchor_offset(times, cfg.data.freq)
+
+
+def _train_one(batch: _Batch, g: int, feature_seconds: float) -> TrainResult:
+    ff = batch.ff
+    rows = ff.rows(g)
+    result = TrainResult(partition_id=str(ff.partition_ids[g]), keys=batch.keys[g], status="failed",
+                         n_observed=int((~ff.filled[rows]).sum()))
+    clock = _Clock()
+    began = perf_counter()
+    try:
+        _fit_partition(batch, g, result, clock)
+    except Exception as exc:  # one bad partition must not stop the batch: recorded, logged, reported
+        result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
+        result.model_name, result.bundle = None, None
+        result.metrics, result.baseline_metrics, result.candidate_scores = {}, {}, {}
+        logger.warning("partition %s failed: %s", result.partition_id, result.reason, exc_info=True)
+    own = perf_counter() - began
+    result.fit_seconds = own + feature_seconds
+    result.timings = {"features": feature_seconds, "estimators": clock.seconds,
+                      "overhead": own - clock.seconds}
+    return result
+
+
+def _fit_partition(batch: _Batch, g: int, result: TrainResult, clock: _Clock) -> None:
+    cfg, ff = batch.cfg, batch.ff
+    f = cfg.forecast
+    rows = ff.rows(g)
+    periods, y, filled, X = ff.periods[rows], ff.y[rows], ff.filled[rows], ff.X[rows]
+    y_obs = np.where(filled, np.nan, y)  # models learn from observed rows; filled ones only feed lags
+    if result.n_observed < int(f.min_periods):
+        result.status = "skipped"
+        result.reason = (f"{result.n_observed} observed periods, fewer than "
+                         f"forecast.min_periods={f.min_periods}")
+        return
+    last = int(periods[-1])
+    test_start = last - int(f.test_periods) + 1
+    val_start = test_start - int(f.validation_periods)
+    i_test, i_val = (int(i) for i in np.searchsorted(periods, [test_start, val_start]))
+    n_train_obs = int((~filled[:i_val]).sum())
+    if n_train_obs < int(f.min_train_periods):
+        reason = (f"{n_train_obs} observed periods before the validation window, fewer than "
+                  f"forecast.min_train_periods={f.min_train_periods}: baseline only")
+        _baseline_only(batch, g, result, clock, y_obs, reason)
+        return
+
+    metric = cfg.training.selection_metric
+    names = list(cfg.training.candidates)
+    scores: dict[str, float] = {}
+    for name in names:
+        est = make_candidate(name, cfg, ff.spec)
+        clock.fit(est, X[:i_val], y_obs[:i_val])
+        pred = _window_forecast(batch, g, est, clock, i_val, i_test, val_start - 1)
+        scores[name] = _score(y[i_val:i_test], pred, filled[i_val:i_test])[metric]
+    best = min(names, key=lambda n: (selection_key(scores[n], metric), names.index(n)))
+
+    model = clock.fit(make_candidate(best, cfg, ff.spec), X[:i_test], y_obs[:i_test])
+    base = clock.fit(MovingAverageBaseline(), None, y_obs[:i_test])
+    pred = _window_forecast(batch, g, model, clock, i_test, len(y), test_start - 1)
+    base_pred = clock.predict(base, len(y) - i_test)
+    result.metrics = _score(y[i_test:], pred, filled[i_test:])
+    result.baseline_metrics = _score(y[i_test:], base_pred, filled[i_test:])
+    result.candidate_scores = scores
+
+    final = clock.fit(make_candidate(best, cfg, ff.spec), X, y_obs)
+    final_base = clock.fit(MovingAverageBaseline(), None, y_obs)
+    result.status, result.model_name = "trained", best
+    result.bundle = _bundle(batch, g, best, final, final_base, result.metrics,
+                            periods[i_test:], y[i_test:], pred, base_pred)
+
+
+def _baseline_only(batch: _Batch, g: int, result: TrainResult, clock: _Clock, y_obs: np.ndarray,
+                   reason: str) -> None:
+    """Too short for the ML candidates: score the baseline on the last periods it can spare."""
+    ff, f = batch.ff, batch.cfg.forecast
+    rows = ff.rows(g)
+    periods, y, filled = ff.periods[rows], ff.y[rows], ff.filled[rows]
+    span = int(periods[-1] - periods[0] + 1)
+    window = min(int(f.test_periods), max(1, span // 2))
+    i_test = int(np.searchsorted(periods, int(periods[-1]) - window + 1))
+    base = clock.fit(MovingAverageBaseline(), None, y_obs[:i_test])
+    pred = clock.predict(base, len(y) - i_test)
+    result.metrics = _score(y[i_test:], pred, filled[i_test:])
+    result.baseline_metrics = dict(result.metrics)
+    final = clock.fit(MovingAverageBaseline(), None, y_obs)
+    result.status, result.reason, result.model_name = "baseline_only", reason, "baseline"
+    result.bundle = _bundle(batch, g, "baseline", final, final, result.metrics,
+                            periods[i_test:], y[i_test:], pred, pred)
+
+
+def _window_forecast(batch: _Batch, g: int, est: Any, clock: _Clock, lo: int, hi: int,
+                     origin: int) -> np.ndarray:
+    """Forecast rows lo:hi of partition g from ``origin`` (the period before the window)."""
+    if hi <= lo:
+        return np.empty(0)
+    if isinstance(est, MovingAverageBaseline):
+        return clock.predict(est, hi - lo)
+    ff = batch.ff
+    rows = ff.rows(g)
+    periods = ff.periods[rows]
+    if periods[hi - 1] - origin <= ff.spec.horizon:  # every lag reads history: the batch features hold
+        return clock.predict(est, ff.X[rows][lo:hi])
+    t = perf_counter()
+    out = recursive_forecast(est, ff.spec, int(ff.trend_origin[g]), ff.log_covariates[g],
+                             periods[:lo], ff.y[rows][:lo], batch.cov[rows][:lo],
+                             origin, periods[lo:hi], batch.cov[rows][lo:hi])
+    clock.seconds += perf_counter() - t
+    return out
+
+
+def _score(actual: np.ndarray, pred: np.ndarray, filled: np.ndarray) -> dict[str, float]:
+    """Metrics over observed rows (all rows if the window holds only filled ones)."""
+    mask = ~filled
+    if not mask.any():
+        return evaluate(actual, pred)
+    return evaluate(actual[mask], pred[mask])
+
+
+def _bundle(batch: _Batch, g: int, name: str, estimator: Any, baseline: MovingAverageBaseline,
+            metrics: dict[str, float], bt_periods: np.ndarray, bt_actual: np.ndarray, bt_pred: np.ndarray,
+            bt_base: np.ndarray) -> ForecastBundle:
+    ff, cfg = batch.ff, batch.cfg
+    rows = ff.rows(g)
+    periods = ff.periods[rows]
+    last = int(periods[-1])
+    tail = slice(int(np.searchsorted(periods, last - ff.spec.lookback + 1)), len(periods))
+    return ForecastBundle(
+        partition_id=str(ff.partition_ids[g]), keys=batch.keys[g], model_name=name, estimator=estimator,
+        baseline=baseline, spec=ff.spec, trend_origin=int(ff.trend_origin[g]),
+        log_covariates=tuple(bool(v) for v in ff.log_covariates[g]),
+        history_periods=periods[tail].copy(), history_target=ff.y[rows][tail].copy(),
+        history_covariates=batch.cov[rows][tail].copy(), last_period=last, freq=cfg.data.freq,
+        anchor=batch.anchor, time_column=cfg.data.time, metrics=dict(metrics),
+        backtest_arrays={PERIOD: np.asarray(bt_periods, dtype=np.int64).copy(),
+                         "actual": np.asarray(bt_actual, dtype=np.float64).copy(),
+                         "prediction": np.asarray(bt_pred, dtype=np.float64).copy(),
+                         "baseline": np.asarray(bt_base, dtype=np.float64).copy()},
+    )
+
+
+# -- summaries for reports and benchmarks ---------------------------------------------------------
+
+def time_breakdown(results: Iterable[TrainResult]) -> dict[str, float]:
+    """Where training time went: shared feature preparation, the estimators' own calls, the rest."""
+    results = list(results)
+    n = len(results)
+    total = {k: sum(r.timings.get(k, 0.0) for r in results) for k in ("features", "estimators", "overhead")}
+    out: dict[str, float] = {"partitions": n, "total_seconds": sum(r.fit_seconds for r in results)}
+    for k, v in total.items():
+        out[f"{k}_seconds"] = v
+        out[f"{k}_ms_per_partition"] = 1000.0 * v / n if n else 0.0
+    return out
+
+
+def backtest_summary(results: Iterable[TrainResult]) -> dict[str, Any]:
+    """Pooled test-window metrics of the chosen models and of the baseline, over all bundles."""
+    frames = [r.bundle.backtest_arrays for r in results
+              if r.bundle is not None and len(r.bundle.backtest_arrays.get("actual", ()))]
+    if not frames:
+        nan = dict.fromkeys(("wape", "mape", "rmse", "accuracy"), float("nan"))
+        return {"partitions": 0, "model": nan, "baseline": dict(nan)}
+    actual = np.concatenate([f["actual"] for f in frames])
+    return {
+        "partitions": len(frames),
+        "model": evaluate(actual, np.concatenate([f["prediction"] for f in frames])),
+        "baseline": evaluate(actual, np.concatenate([f["baseline"] for f in frames])),
+    }

@@ -1,0 +1,149 @@
+"""Candidate models: the baseline's definition, the log-log model's elasticity, the plug-in regressors."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from shared.candidates import (
+    BoostedTreesForecaster,
+    CandidateError,
+    LogLinearForecaster,
+    MovingAverageBaseline,
+    SklearnForecaster,
+    check_candidates,
+    make_candidate,
+    resolve_estimator,
+)
+from shared.config import CandidateSpec, ProjectConfig
+from shared.features import FeatureSpec
+
+
+@pytest.fixture(scope="module")
+def spec() -> FeatureSpec:
+    return FeatureSpec.from_config(ProjectConfig())
+
+
+def design(spec: FeatureSpec, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the feature layout with demand = 50 * price^-1.5 * 1.3^promo, lags consistent with it."""
+    rng = np.random.default_rng(seed)
+    X = np.full((n, len(spec.names)), np.nan)
+    price = rng.uniform(2.0, 8.0, n)
+    promo = (rng.uniform(size=n) < 0.2).astype(float)
+    y = 50.0 * price ** -1.5 * 1.3 ** promo * np.exp(rng.normal(0, 0.05, n))
+    level = np.full(n, y.mean())
+    for c in np.concatenate((spec.columns("lag_"), spec.columns("roll_"))):
+        X[:, c] = level
+    X[:5, spec.columns("lag_")] = np.nan  # the first rows of a series have no lags yet
+    X[:, spec.columns("sin_")] = 0.0
+    X[:, spec.columns("cos_")] = 1.0
+    X[:, spec.names.index("cov_price")] = np.log(price)
+    X[:, spec.names.index("cov_promo")] = promo
+    X[:, spec.names.index("trend")] = np.arange(n)
+    return X, y
+
+
+def test_baseline_is_the_mean_of_the_last_observed_values():
+    base = MovingAverageBaseline(window=4).fit(None, np.array([1.0, 2.0, 3.0, np.nan, 5.0, 7.0, np.nan]))
+    assert base.level_ == pytest.approx((2 + 3 + 5 + 7) / 4)
+    np.testing.assert_array_equal(base.predict(3), [4.25, 4.25, 4.25])
+    assert MovingAverageBaseline().fit(None, np.array([6.0, 8.0])).level_ == 7.0  # fewer than the window
+    empty = MovingAverageBaseline().fit(None, np.array([np.nan]))
+    assert empty.predict(np.zeros((2, 5))).tolist() == [0.0, 0.0]
+
+
+def test_loglinear_learns_the_price_elasticity(spec):
+    X, y = design(spec, 150)
+    model = LogLinearForecaster(spec).fit(X, y)
+    row = X[-1:].copy()
+    row[0, spec.names.index("cov_promo")] = 0.0
+    cheap, dear = row.copy(), row.copy()
+    cheap[0, spec.names.index("cov_price")] = np.log(3.0)
+    dear[0, spec.names.index("cov_price")] = np.log(6.0)
+    ratio = model.predict(dear)[0] / model.predict(cheap)[0]
+    assert ratio == pytest.approx(2.0 ** -1.5, rel=0.08)  # doubling the price divides demand by 2^1.5
+
+
+def test_loglinear_imputes_missing_lags_and_never_predicts_negative(spec):
+    X, y = design(spec, 60)
+    model = LogLinearForecaster(spec).fit(X, y)
+    X_new = X[:10].copy()
+    X_new[:, spec.columns("roll_")] = np.nan  # nothing to impute from: training means are used
+    pred = model.predict(X_new)
+    assert np.isfinite(pred).all() and (pred >= 0).all()
+    assert (LogLinearForecaster(spec).fit(X, np.zeros(60)).predict(X) >= 0).all()
+
+
+def test_loglinear_ignores_rows_without_target(spec):
+    X, y = design(spec, 80)
+    y_gappy = y.copy()
+    y_gappy[::7] = np.nan
+    a = LogLinearForecaster(spec).fit(X, y_gappy).predict(X)
+    keep = ~np.isnan(y_gappy)
+    b = LogLinearForecaster(spec).fit(X[keep], y[keep]).predict(X)
+    np.testing.assert_allclose(a, b)
+    with pytest.raises(ValueError, match="no rows"):
+        LogLinearForecaster(spec).fit(X, np.full(80, np.nan))
+
+
+def test_boosted_trees_are_deterministic_for_a_seed_and_handle_missing_values(spec):
+    X, y = design(spec, 120)
+    a = BoostedTreesForecaster(spec, random_state=7).fit(X, y).predict(X)
+    b = BoostedTreesForecaster(spec, random_state=7).fit(X, y).predict(X)
+    np.testing.assert_array_equal(a, b)
+    assert np.isfinite(a).all() and (a >= 0).all()
+    assert np.corrcoef(a, y)[0, 1] > 0.9
+
+
+def test_any_sklearn_regressor_by_dotted_path_with_params_and_log_target(spec):
+    X, y = design(spec, 100)
+    lasso = SklearnForecaster("sklearn.linear_model.Lasso", {"alpha": 0.01}, log_target=True).fit(X, y)
+    assert type(lasso.model_).__name__ == "Lasso" and lasso.model_.alpha == 0.01
+    assert np.corrcoef(lasso.predict(X), y)[0, 1] > 0.9
+    forest = "sklearn.ensemble.ExtraTreesRegressor"
+    a = SklearnForecaster(forest, {"n_estimators": 5}, random_state=3).fit(X, y).predict(X)
+    b = SklearnForecaster(forest, {"n_estimators": 5}, random_state=3).fit(X, y).predict(X)
+    np.testing.assert_array_equal(a, b)  # the training seed reaches estimators that take one
+
+
+def test_bad_estimator_paths_and_params_name_the_path():
+    with pytest.raises(CandidateError, match="'sklearn.linear_model.NoSuchModel'"):
+        resolve_estimator("sklearn.linear_model.NoSuchModel")
+    with pytest.raises(CandidateError, match="'nonexistent_pkg.Model'"):
+        resolve_estimator("nonexistent_pkg.Model")
+    with pytest.raises(CandidateError, match="not a scikit-learn regressor"):
+        resolve_estimator("sklearn.preprocessing.StandardScaler")
+    with pytest.raises(CandidateError, match="bad params"):
+        resolve_estimator("sklearn.linear_model.Ridge", {"no_such_param": 1})
+    with pytest.raises(CandidateError, match="dotted path"):
+        resolve_estimator("Ridge")
+
+
+def test_config_candidates_are_checked_once_up_front(spec):
+    ok = ProjectConfig().with_overrides({"training.extra_candidates": [
+        {"name": "lasso", "estimator": "sklearn.linear_model.Lasso", "params": {"alpha": 0.1}}]})
+    check_candidates(ok)
+    assert isinstance(make_candidate("lasso", ok, spec), SklearnForecaster)
+    assert isinstance(make_candidate("gbm", ok, spec), BoostedTreesForecaster)
+    broken = ProjectConfig()
+    broken.training.extra_candidates = [CandidateSpec(name="knn", estimator="sklearn.neighbors.NoSuch")]
+    with pytest.raises(CandidateError, match="'knn'.*sklearn.neighbors.NoSuch"):
+        check_candidates(broken)
+    with pytest.raises(CandidateError, match="unknown candidate 'prophet'"):
+        make_candidate("prophet", ok, spec)
+
+
+def test_fitted_candidates_pickle_and_predict_the_same(spec):
+    X, y = design(spec, 100)
+    for model in (MovingAverageBaseline().fit(None, y), LogLinearForecaster(spec).fit(X, y),
+                  BoostedTreesForecaster(spec).fit(X, y)):
+        again = pickle.loads(pickle.dumps(model))
+        np.testing.assert_array_equal(again.predict(X), model.predict(X))
+
+
+def test_boosted_trees_fit_a_history_shorter_than_the_longest_lag(spec):
+    X, y = design(spec, 40)
+    X[:, spec.names.index("lag_53")] = np.nan  # a 40-period history has no lag 53 at all
+    pred = BoostedTreesForecaster(spec).fit(X, y).predict(X)
+    assert np.isfinite(pred).all()

@@ -1,0 +1,64 @@
+"""Forecast metrics: the definitions every stage (selection, promotion, report) relies on."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from shared.metrics import evaluate, evaluate_grouped, selection_key
+
+
+def test_metrics_match_hand_computed_values():
+    m = evaluate([10.0, 20.0, 30.0, 40.0], [12.0, 18.0, 33.0, 40.0])
+    assert m["wape"] == pytest.approx((2 + 2 + 3 + 0) / 100)
+    assert m["mape"] == pytest.approx((0.2 + 0.1 + 0.1 + 0.0) / 4)
+    assert m["rmse"] == pytest.approx(math.sqrt((4 + 4 + 9 + 0) / 4))
+    assert m["accuracy"] == pytest.approx(1 - 0.1)
+
+
+def test_mape_ignores_zero_actuals_but_wape_and_rmse_count_them():
+    m = evaluate([0.0, 10.0], [5.0, 8.0])
+    assert m["mape"] == pytest.approx(0.2)  # only the non-zero actual
+    assert m["wape"] == pytest.approx(7 / 10)
+    assert m["rmse"] == pytest.approx(math.sqrt((25 + 4) / 2))
+
+
+def test_all_zero_actuals_leave_percentage_metrics_undefined():
+    m = evaluate([0.0, 0.0, 0.0], [1.0, 0.0, 2.0])
+    assert math.isnan(m["mape"]) and math.isnan(m["accuracy"]) and math.isnan(m["wape"])
+    assert m["rmse"] == pytest.approx(math.sqrt(5 / 3))
+
+
+def test_accuracy_is_clipped_to_the_unit_interval():
+    assert evaluate([1.0, 1.0], [5.0, 5.0])["accuracy"] == 0.0  # MAPE 400 %
+    assert evaluate([3.0], [3.0])["accuracy"] == 1.0
+
+
+def test_nan_rows_are_ignored_and_empty_input_is_all_nan():
+    assert evaluate([10.0, np.nan, 20.0], [11.0, 5.0, np.nan])["wape"] == pytest.approx(0.1)
+    assert all(math.isnan(v) for v in evaluate([], []).values())
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shape"):
+        evaluate([1.0, 2.0], [1.0])
+
+
+def test_grouped_metrics_equal_one_evaluate_per_group():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(["b", "a", "c"], [5, 7, 4])
+    actual = rng.integers(0, 20, size=16).astype(float)
+    actual[12:] = 0.0  # group "c" has only zero actuals
+    predicted = actual + rng.normal(0, 3, size=16)
+    table = evaluate_grouped(groups, actual, predicted)
+    assert list(table.index) == ["a", "b", "c"]
+    for g in ("a", "b", "c"):
+        expected = evaluate(actual[groups == g], predicted[groups == g])
+        for name, value in expected.items():
+            assert table.loc[g, name] == pytest.approx(value, nan_ok=True), (g, name)
+
+
+def test_selection_key_orders_lower_is_better_and_puts_nan_last():
+    assert selection_key(0.1, "wape") < selection_key(0.2, "wape") < selection_key(float("nan"), "wape")
+    assert selection_key(0.9, "accuracy") < selection_key(0.8, "accuracy")
