@@ -94,7 +94,7 @@ class PromotionRules:
     min_value: float = 0.80
     higher_is_better: bool = True
     must_beat_champion: bool = True
-    min_history: int = 0  # observed periods a partition needs before its model may be promoted
+    min_history: int = 26  # observed periods a partition needs before its model may be promoted
     fallback: str = "baseline"  # baseline | none: how partitions with no production model are scored
 
 
