@@ -8,6 +8,11 @@ from shared.promotion import Decision, promote_run
 from shared.registry import ModelRegistry
 
 
+def rules(**overrides) -> PromotionRules:
+    """The rules under test; history is not checked unless a test asks for it."""
+    return PromotionRules(**{"min_history": 0, **overrides})
+
+
 @pytest.fixture
 def dev(tmp_path) -> ModelRegistry:
     return ModelRegistry(tmp_path / "registry" / "dev", "dev")
@@ -34,7 +39,7 @@ def test_models_above_the_threshold_are_promoted_and_the_others_rejected_with_th
                          "pC": {"metrics": {"accuracy": 0.80}}})
     dev_changes = dev.index_version()
 
-    decisions = by_partition(promote_run(dev, prod, "r1", PromotionRules(min_value=0.80)))
+    decisions = by_partition(promote_run(dev, prod, "r1", rules(min_value=0.80)))
 
     assert decisions["pA"].decision == "promoted" and decisions["pA"].prod_version == 1
     assert decisions["pA"].reason == "accuracy 0.93 >= 0.80; no champion"
@@ -50,10 +55,10 @@ def test_models_above_the_threshold_are_promoted_and_the_others_rejected_with_th
 
 def test_a_second_promotion_of_the_same_run_changes_nothing(dev, prod):
     register(dev, "r1", {"pA": {"metrics": {"accuracy": 0.95}}, "pB": {"metrics": {"accuracy": 0.5}}})
-    first = promote_run(dev, prod, "r1", PromotionRules())
+    first = promote_run(dev, prod, "r1", rules())
     changes, count = prod.index_version(), prod.count()
 
-    second = by_partition(promote_run(dev, prod, "r1", PromotionRules()))
+    second = by_partition(promote_run(dev, prod, "r1", rules()))
     assert second["pA"].decision == "unchanged" and second["pA"].prod_version == 1
     assert second["pA"].reason == "already promoted as production version 1"
     assert second["pB"].decision == "rejected" and second["pB"].reason == by_partition(first)["pB"].reason
@@ -62,10 +67,10 @@ def test_a_second_promotion_of_the_same_run_changes_nothing(dev, prod):
 
 def test_a_challenger_must_beat_the_champion(dev, prod):
     register(dev, "r1", {"pA": {"metrics": {"accuracy": 0.91}}, "pB": {"metrics": {"accuracy": 0.85}}})
-    promote_run(dev, prod, "r1", PromotionRules())
+    promote_run(dev, prod, "r1", rules())
     register(dev, "r2", {"pA": {"metrics": {"accuracy": 0.88}}, "pB": {"metrics": {"accuracy": 0.90}}})
 
-    decisions = by_partition(promote_run(dev, prod, "r2", PromotionRules()))
+    decisions = by_partition(promote_run(dev, prod, "r2", rules()))
 
     a, b = decisions["pA"], decisions["pB"]
     assert (a.decision, a.reason, a.champion_value, a.prod_version) == (
@@ -77,29 +82,29 @@ def test_a_challenger_must_beat_the_champion(dev, prod):
 
 def test_without_the_champion_rule_a_weaker_model_that_passes_the_threshold_is_promoted(dev, prod):
     register(dev, "r1", {"pA": {"metrics": {"accuracy": 0.95}}})
-    promote_run(dev, prod, "r1", PromotionRules())
+    promote_run(dev, prod, "r1", rules())
     register(dev, "r2", {"pA": {"metrics": {"accuracy": 0.85}}})
-    [decision] = promote_run(dev, prod, "r2", PromotionRules(must_beat_champion=False))
+    [decision] = promote_run(dev, prod, "r2", rules(must_beat_champion=False))
     assert decision.decision == "promoted" and prod.latest("pA").run_id == "r2"
 
 
 def test_a_tie_with_the_champion_is_not_an_improvement(dev, prod):
     register(dev, "r1", {"pA": {"metrics": {"accuracy": 0.9}}})
-    promote_run(dev, prod, "r1", PromotionRules())
+    promote_run(dev, prod, "r1", rules())
     register(dev, "r2", {"pA": {"metrics": {"accuracy": 0.9}}})
-    [decision] = promote_run(dev, prod, "r2", PromotionRules())
+    [decision] = promote_run(dev, prod, "r2", rules())
     assert decision.reason == "champion accuracy 0.90 >= challenger 0.90"
 
 
 def test_error_metrics_are_lower_is_better_whatever_the_rules_say(dev, prod):
-    rules = PromotionRules(metric="wape", min_value=0.30, higher_is_better=True)
+    wape_rules = rules(metric="wape", min_value=0.30, higher_is_better=True)
     register(dev, "r1", {"pA": {"metrics": {"wape": 0.20}}, "pB": {"metrics": {"wape": 0.41}}})
-    first = by_partition(promote_run(dev, prod, "r1", rules))
+    first = by_partition(promote_run(dev, prod, "r1", wape_rules))
     assert first["pA"].decision == "promoted" and first["pA"].reason == "wape 0.20 <= 0.30; no champion"
     assert first["pB"].reason == "wape 0.41 > 0.30"
 
     register(dev, "r2", {"pA": {"metrics": {"wape": 0.25}}})
-    [decision] = promote_run(dev, prod, "r2", rules)
+    [decision] = promote_run(dev, prod, "r2", wape_rules)
     assert decision.reason == "champion wape 0.20 <= challenger 0.25"
 
 
@@ -112,7 +117,7 @@ def test_bad_status_and_missing_or_nan_metrics_are_rejected(dev, prod):
         "pNan": {"metrics": {"accuracy": float("nan")}},
         "pNull": {"metrics": {"accuracy": None}},  # how a training row stores an undefined metric
     })
-    decisions = by_partition(promote_run(dev, prod, "r1", PromotionRules()))
+    decisions = by_partition(promote_run(dev, prod, "r1", rules()))
     assert decisions["pFail"].reason == "status failed is not promotable"
     assert decisions["pSkip"].reason == "status skipped is not promotable"
     assert decisions["pBase"].decision == "promoted"
@@ -139,12 +144,12 @@ def test_minimum_history_from_the_history_map_or_the_record(dev, prod):
 
 
 def test_a_run_with_no_models_gives_no_decisions_and_decisions_serialise(dev, prod):
-    assert promote_run(dev, prod, "nothing", PromotionRules()) == []
+    assert promote_run(dev, prod, "nothing", rules()) == []
     register(dev, "r1", {"pA": {"metrics": {"accuracy": 0.95}}})
-    [decision] = promote_run(dev, prod, "r1", PromotionRules())
+    [decision] = promote_run(dev, prod, "r1", rules())
     assert decision.to_row() == {
         "partition_id": "pA", "run_id": "r1", "decision": "promoted",
         "reason": "accuracy 0.95 >= 0.80; no champion", "metric": "accuracy", "value": 0.95,
         "threshold": 0.8, "champion_value": None, "dev_version": 1, "prod_version": 1}
     with pytest.raises(ValueError, match="share the folder"):
-        promote_run(dev, dev, "r1", PromotionRules())
+        promote_run(dev, dev, "r1", rules())

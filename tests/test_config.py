@@ -1,0 +1,60 @@
+"""The project config: TOML in, dotted overrides, clear errors naming the field."""
+from __future__ import annotations
+
+import pytest
+
+from shared.config import ConfigError, ProjectConfig, default_season_length, load_config, offset_alias
+
+
+def test_defaults_match_the_generator_and_the_reference_rule():
+    cfg = ProjectConfig()
+    assert cfg.data.keys == ["store", "item"] and cfg.data.time == "date" and cfg.data.target == "sales"
+    assert cfg.promotion.metric == "accuracy" and cfg.promotion.min_value == 0.80
+    assert cfg.season_length == 52
+
+
+def test_toml_round_trip_and_overrides(tmp_path):
+    path = tmp_path / "mm.toml"
+    path.write_text('[data]\nkeys = ["warehouse", "sku"]\nfreq = "D"\n[forecast]\nhorizon = 14\n'
+                    '[[training.extra_candidates]]\nname = "rf"\nestimator = "sklearn.ensemble.RandomForestRegressor"\n'
+                    'params = { n_estimators = 20 }\n')
+    cfg = load_config(path, {"forecast.test_periods": 7, "data.covariates": "price", "runner.workers": None})
+    assert cfg.data.keys == ["warehouse", "sku"] and cfg.season_length == 7
+    assert cfg.forecast.horizon == 14 and cfg.forecast.test_periods == 7 and cfg.data.covariates == ["price"]
+    assert cfg.training.extra_candidates[0].params == {"n_estimators": 20}
+    again = ProjectConfig.from_dict(__import__("tomllib").loads(cfg.to_toml()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"forecast.horizon": 0}, "forecast.horizon"),
+    ({"forecast.horizon": "twelve"}, "forecast.horizon"),
+    ({"data.freq": "fortnightly"}, "data.freq"),
+    ({"data.keys": []}, "data.keys"),
+    ({"data.keys": ["store", "date"]}, "data"),
+    ({"validation.duplicates": "average"}, "validation.duplicates"),
+    ({"training.candidates": ["baseline", "prophet"]}, "training.candidates"),
+    ({"promotion.fallback": "zero"}, "promotion.fallback"),
+    ({"nonsense.field": 1}, "nonsense"),
+    ({"forecast.horizn": 3}, "forecast.horizn"),
+])
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        ProjectConfig().with_overrides(overrides)
+
+
+def test_bad_toml_and_missing_file_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data\nkeys=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_legacy_and_current_frequency_aliases_are_accepted():
+    assert offset_alias("W") == "W"
+    assert offset_alias("M") in ("M", "ME") and offset_alias("H") in ("H", "h")
+    assert default_season_length("M") == 12 and default_season_length("int") == 1
+    ProjectConfig().with_overrides({"data.freq": "M"})
+    ProjectConfig().with_overrides({"data.freq": "int"})
