@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: demo test install test-deps bench clean
+.PHONY: demo test install test-deps infra-check bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,15 @@ demo: install
 	$(VENV)/bin/manymodels demo --workdir $(DEMO)
 
 ## make test: install what the tests need (pip, npm, apt) and run the suite
-test: install test-deps
+test: install test-deps infra-check
 	$(PY) -m pytest
 
 test-deps:
 	bash scripts/install-test-deps.sh
+
+## make infra-check: parse and lint the Bicep templates offline (tree-sitter-bicep, pycep, checkov)
+infra-check:
+	bash scripts/validate-infra.sh
 
 ## make bench: the performance benchmarks (figures recorded in the README)
 bench: install

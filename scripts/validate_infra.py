@@ -6,7 +6,8 @@ checks what it can without it:
 * structure (standard library only): balanced braces, brackets and parentheses outside strings
   and comments; every resource type carries an ``@api-version``; every module path exists; every
   parameter passed to a module is declared there and every required one is passed; every
-  ``<module>.outputs.<name>`` exists; no unused parameters or variables; ``main.parameters.json``
+  ``<module>.outputs.<name>`` exists; no unused parameters or variables, none named like a function
+  the file calls (``param description`` hides ``@description``); ``main.parameters.json``
   names only declared parameters and covers every required one;
 * grammar, when the parsers are installed (``scripts/validate-infra.sh`` installs them): each file
   parses with the tree-sitter Bicep grammar (``tree-sitter-bicep``) and with ``pycep-parser``
@@ -29,6 +30,7 @@ IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 API_VERSION = re.compile(r"^[A-Za-z0-9.]+/[A-Za-z0-9./]+@\d{4}-\d{2}-\d{2}(-preview)?$")
 _KEY_LINE = re.compile(rf"^\s*(?:'(?P<quoted>[^']*)'|(?P<bare>{IDENT}))\s*:")
 _PAIRS = {"}": "{", "]": "[", ")": "("}
+_COLON = re.compile(r"\s*:")
 
 
 class BicepSyntaxError(ValueError):
@@ -144,6 +146,7 @@ class BicepFile:
     masked: str
     target_scope: str = "resourceGroup"
     params: dict[str, bool] = field(default_factory=dict)  # name -> has a default
+    allowed: dict[str, list[str]] = field(default_factory=dict)  # param -> its @allowed values
     variables: set[str] = field(default_factory=set)
     resources: dict[str, str] = field(default_factory=dict)  # symbol -> 'Type@version'
     modules: dict[str, Module] = field(default_factory=dict)
@@ -199,7 +202,7 @@ class BicepFile:
                 continue
             line_start = self.masked.rfind("\n", 0, m.start()) + 1
             before = self.masked[line_start:m.start()].strip()
-            if re.match(r"\s*:", self.masked[m.end():]) and before in ("", "{", ","):
+            if _COLON.match(self.masked, m.end()) and before in ("", "{", ","):
                 continue  # an object key that happens to share the name
             return True
         return False
@@ -238,6 +241,11 @@ def read_bicep(path: Path) -> BicepFile:
             if pm:
                 params = set(bf.object_entries(open_i + pm.end() - 1))
             bf.modules[name] = Module(name, mod_path.group(1) if mod_path else "", params)
+    for m in re.finditer(r"@allowed\(\s*\[(?P<values>.*?)\]\s*\)", text, re.S):
+        following = _DECL.search(masked, m.end())
+        if following and following.group("kind") == "param":
+            values = re.findall(r"'([^']*)'|(-?\d+)", m.group("values"))
+            bf.allowed[following.group("name")] = [quoted or number for quoted, number in values]
     return bf
 
 
@@ -264,6 +272,9 @@ def structural_problems(infra_dir: Path) -> list[str]:
                 decl = re.search(rf"^{decl_kind}\s+({name})\b", bf.masked, re.M)
                 if decl and not bf.uses(name, decl.start(1)):
                     problems.append(f"{rel}: {decl_kind} {name} is declared but never used")
+                if re.search(rf"(?<![\w.]){name}\s*\(", bf.masked):
+                    # a symbol named like a function hides it: @description(...) or filter(...) break
+                    problems.append(f"{rel}: {decl_kind} {name} shadows the function {name}() used in the file")
         for symbol, mod in bf.modules.items():
             target = (path.parent / mod.path).resolve()
             if target not in files:
@@ -311,7 +322,8 @@ def grammar_problems(infra_dir: Path, require: bool) -> list[str]:
         for path in paths:
             tree = parser.parse(path.read_bytes())
             if tree.root_node.has_error:
-                problems.append(f"{path}: tree-sitter: syntax error near line {_first_error_line(tree.root_node)}")
+                problems.append(f"{_rel(path, infra_dir)}: tree-sitter: syntax error near line "
+                                f"{_first_error_line(tree.root_node)}")
     try:
         from pycep import BicepParser
     except ImportError:
@@ -324,8 +336,12 @@ def grammar_problems(infra_dir: Path, require: bool) -> list[str]:
                 parser.parse(file_path=path)
             except Exception as exc:  # noqa: BLE001 - lark raises many types; each is reported, not swallowed
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                problems.append(f"{path}: pycep: {first}")
+                problems.append(f"{_rel(path, infra_dir)}: pycep: {first}")
     return problems
+
+
+def _rel(path: Path, infra_dir: Path) -> Path:
+    return path.resolve().relative_to(infra_dir.resolve().parent)
 
 
 def _first_error_line(node) -> int:
