@@ -22,7 +22,7 @@ fi
 if [ ! -x node_modules/.bin/azurite-blob ]; then
   if command -v npm >/dev/null 2>&1; then
     echo "installing azurite with npm"
-    npm install --no-audit --no-fund --silent >/dev/null
+    npm ci --no-audit --no-fund --silent >/dev/null
   else
     echo "warning: npm missing: Azurite tests will be skipped" >&2
   fi

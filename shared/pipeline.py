@@ -24,6 +24,7 @@ from shared.keys import PARTITION_ID
 from shared.lake import Lake, LakeError, LocalLake, read_parquet
 
 TRAIN_ENTRY = "shared.entry.train"
+LAKE_SOURCE_CONTAINERS = ("raw", "scoring")
 SCORE_ENTRY = "shared.entry.score"
 
 
@@ -139,7 +140,13 @@ class Workspace:
         settings: Any = None,
         overrides: Mapping[str, Any] | None = None,
         config_path: Path | str | None = None,
+        remember: bool = True,
     ) -> "Workspace":
+        """Open a workdir; with ``remember`` the effective config is saved for later commands.
+
+        The Functions app opens with ``remember=False``: one request's options must not become
+        the defaults of the next.
+        """
         if workdir is None:
             if settings is None:
                 from shared.settings import Settings
@@ -157,7 +164,8 @@ class Workspace:
         else:
             lake = LocalLake(root / "lake")
         ws = cls(root, config, lake, settings)
-        ws.remember_config()
+        if remember:
+            ws.remember_config()
         return ws
 
     # -- shared resources ------------------------------------------------------------------
@@ -220,15 +228,15 @@ def ingest(ws: Workspace, source: str | Path, query: str | None = None) -> Inges
 
 
 def _resolve_source(ws: Workspace, source: str | Path) -> str | Path:
-    """A lake path under raw/ is staged to a local file; anything else is a local path or ODBC."""
+    """A lake path (raw/..., scoring/...) is staged to a local file; else a local path or ODBC."""
     text = str(source)
     if text.startswith("odbc:"):
         return text
-    if text.startswith("raw/"):
+    if text.split("/", 1)[0] in LAKE_SOURCE_CONTAINERS and not Path(text).exists():
         local = ws.lake.local_path(text)
         if local is not None:
             return local
-        staged = ws.local_dir(".cache", "raw") / Path(text).name
+        staged = ws.local_dir(".cache", "sources") / text.replace("/", "__")
         staged.write_bytes(ws.lake.read_bytes(text))
         return staged
     return Path(text)
@@ -435,7 +443,7 @@ def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
     store = ws.store()
     try:
         store.upsert_metrics(metrics_rows)
-        backtests = _backtests(ws, run_id, rows, manifest, keys)
+        backtests = _backtests(ws, run_id, rows, manifest, keys, dataset.anchor)
         if backtests is not None and len(backtests):
             store.upsert_backtests(backtests)
     finally:
@@ -520,22 +528,26 @@ def _aggregate_wape(rows: list[dict[str, Any]]) -> tuple[float | None, float | N
     return round(err / actual, 4), round(base / actual, 4)
 
 
-def _backtests(ws, run_id, rows, manifest, keys) -> pd.DataFrame | None:
+def _backtests(ws, run_id, rows, manifest, keys, anchor) -> pd.DataFrame | None:
+    """Every partition's test window in one frame; periods become time stamps in one vectorised call."""
+    from shared.timegrid import PERIOD, from_periods
+
     frames = []
     for row in rows:
         bt = row.get("backtest")
         if not bt:
             continue
         frame = pd.DataFrame(bt)
-        time_col = ws.config.data.time
-        if ws.config.data.freq != "int" and time_col in frame:
-            frame[time_col] = pd.to_datetime(frame[time_col])
         frame[PARTITION_ID] = row[PARTITION_ID]
         for k, v in (row.get("keys") or _keys_of(manifest, row[PARTITION_ID], keys)).items():
             frame[k] = v
-        frame["run_id"] = run_id
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else None
+    if not frames:
+        return None
+    out = pd.concat(frames, ignore_index=True)
+    out[ws.config.data.time] = from_periods(out[PERIOD].to_numpy(), ws.config.data.freq, anchor).to_numpy()
+    out["run_id"] = run_id
+    return out.drop(columns=[PERIOD])
 
 
 def train(

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import joblib
+import pickle
 
 REGISTRY_NAMES = ("dev", "prod")
 ASSET_PREFIX = "mm-"
@@ -329,7 +329,8 @@ class ModelRegistry:
         path = self.artifact_path(record)
         if not path.is_file():
             raise RegistryError(f"artifact of {record.partition_id} v{record.version} is missing: {path}")
-        return joblib.load(path)
+        with path.open("rb") as fh:  # our own artifacts only: the registry is trusted storage
+            return pickle.load(fh)
 
     def artifact_path(self, record: ModelRecord) -> Path:
         return self.root / record.artifact

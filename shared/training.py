@@ -246,19 +246,17 @@ class TrainResult:
         }
 
     def backtest_rows(self) -> list[dict[str, Any]]:
-        """The test window as JSON rows, so registration loads backtests without opening bundles."""
+        """The test window as JSON rows (periods, not time stamps: registration converts them all at
+        once), so registering a run never has to open the bundles."""
         if self.bundle is None:
             return []
-        frame = self.bundle.backtest
-        if frame.empty:
+        b = self.bundle.backtest_arrays
+        periods = np.asarray(b.get(PERIOD, ()), dtype=np.int64)
+        if not len(periods):
             return []
-        time_col = self.bundle.time_column
-        times = frame[time_col]
-        times = times.astype("int64") if self.bundle.freq == "int" else times.map(lambda t: t.isoformat())
-        values = {c: [None if np.isnan(v) else float(v) for v in frame[c].to_numpy(dtype=float)]
+        values = {c: [None if np.isnan(v) else float(v) for v in np.asarray(b.get(c), dtype=float)]
                   for c in ("actual", "prediction", "baseline")}
-        return [{time_col: times.iloc[i] if self.bundle.freq != "int" else int(times.iloc[i]),
-                 **{c: values[c][i] for c in values}} for i in range(len(frame))]
+        return [{PERIOD: int(p), **{c: values[c][i] for c in values}} for i, p in enumerate(periods)]
 
 
 def _json_floats(values: Mapping[str, float]) -> dict[str, float | None]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import joblib
+import pickle
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -130,7 +130,8 @@ def _finish(result: Any, state: _State) -> dict[str, Any]:
         return row  # no files: the next run retries it
     if result.bundle is not None:
         artifact = f"{pid}.joblib"
-        _atomic_dump(state.output_dir / artifact, lambda fh: joblib.dump(result.bundle, fh))
+        _atomic_dump(state.output_dir / artifact,
+                     lambda fh: pickle.dump(result.bundle, fh, protocol=pickle.HIGHEST_PROTOCOL))
         row["artifact"] = artifact
     text = json.dumps(row, allow_nan=True)
     _atomic_dump(state.output_dir / f"{pid}.json", lambda fh: fh.write(text.encode("utf-8")))

@@ -1,0 +1,154 @@
+"""How much does the engine cost on top of the models' own work? (issue 2's benchmark)
+
+On the same generated partitions, in one script, it measures:
+
+1. ideal            the estimators' own fit + predict time, summed, divided by the workers;
+2. ideal + prep     the same plus our feature preparation (vectorised per mini-batch file);
+3. ideal + pandas   the same plus per-partition pandas feature preparation (what a user writes);
+4. train in-process the whole training code run serially in this process, divided by the workers
+                    (= preparation + fit + selection bookkeeping: the floor for any parallel engine);
+5. runner           `manymodels` runner wall time with the workers (process pool, init()/run(),
+                    artifacts and result files written, resumable);
+6. joblib peer      joblib.Parallel(n_jobs=workers) over partitions, each preparing its features
+                    with pandas and training the same candidates: the way a user would do it.
+
+Targets (issue 2): runner < joblib peer, and runner <= 1.10 x (4).
+
+    python benchmarks/engine_overhead.py --partitions 400 --workers 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shared.features import FeatureSpec  # noqa: E402
+from shared.keys import PARTITION_ID  # noqa: E402
+from shared.lake import read_parquet  # noqa: E402
+from shared.pipeline import Workspace, ingest, plan_training, train_group  # noqa: E402
+from shared.synthetic import write_panel  # noqa: E402
+from shared.timegrid import PERIOD  # noqa: E402
+from shared.training import time_breakdown, train_batch  # noqa: E402
+
+
+def pandas_features(part: pd.DataFrame, cfg) -> pd.DataFrame:
+    """Per-partition feature preparation as a user would write it: one pandas frame per series."""
+    spec = FeatureSpec.from_config(cfg)
+    h, s = spec.horizon, spec.season_length
+    series = part.set_index(PERIOD)[cfg.data.target]
+    grid = series.reindex(pd.RangeIndex(series.index.min(), series.index.max() + 1))
+    out = pd.DataFrame(index=part[PERIOD].to_numpy())
+    for k in spec.lags:
+        out[f"lag_{k}"] = grid.shift(k).reindex(out.index).to_numpy()
+    for w in spec.windows:
+        out[f"roll_{w}"] = grid.shift(h).rolling(w, min_periods=1).mean().reindex(out.index).to_numpy()
+    pos = np.mod(out.index.to_numpy(), s)
+    for j in range(1, spec.fourier_terms + 1):
+        out[f"sin_{j}"] = np.sin(2 * np.pi * j * pos / s)
+        out[f"cos_{j}"] = np.cos(2 * np.pi * j * pos / s)
+    for c in spec.covariates:
+        x = part[c].to_numpy(dtype=float)
+        out[f"cov_{c}"] = np.log(x) if (x > 0).all() else x
+    out["trend"] = (out.index - series.index.min()).to_numpy(dtype=float)
+    return out
+
+
+def peer_task(part: pd.DataFrame, cfg) -> tuple[str, float, float]:
+    """One partition, the user's way: pandas features, then the same candidate models."""
+    t = time.perf_counter()
+    pandas_features(part, cfg)
+    prep = time.perf_counter() - t
+    [result] = train_batch(part, cfg, {})
+    return result.status, prep, result.fit_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--partitions", type=int, default=400)
+    parser.add_argument("--periods", type=int, default=156)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--keep", help="keep the workdir here instead of a temp folder")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mm-bench-"))
+    try:
+        data = root / "sales.parquet"
+        write_panel(data, partitions=args.partitions, periods=args.periods, freq="W", seed=11)
+        ws = Workspace.open(root / "ws", overrides={"runner.workers": args.workers, "runner.progress": False})
+        ingested = ingest(ws, data)
+        plan = plan_training(ws, ingested.dataset_id)
+        batches = [read_parquet(ws.lake, p) for g in plan.groups for p in g]
+        cfg = ws.config
+        n, w = ingested.partitions, args.workers
+
+        # (1)-(4): the training code serially in this process, with its own time breakdown.
+        t = time.perf_counter()
+        results = [r for frame in batches for r in train_batch(frame, cfg, {})]
+        serial = time.perf_counter() - t
+        tb = time_breakdown(results)
+        parts = [g for frame in batches for _, g in frame.groupby(PARTITION_ID, sort=False)]
+        t = time.perf_counter()
+        for part in parts:
+            pandas_features(part, cfg)
+        pandas_prep = time.perf_counter() - t
+
+        # (5): the runner, on the same batch files, through the pipeline stage the CLI uses.
+        t = time.perf_counter()
+        summary = train_group(ws, plan.run_id, [p for g in plan.groups for p in g], progress=False)
+        runner_wall = time.perf_counter() - t
+        assert summary.partitions == n, summary
+
+        # (6): the joblib peer over partitions.
+        from joblib import Parallel, delayed
+
+        t = time.perf_counter()
+        peer = Parallel(n_jobs=w)(delayed(peer_task)(part, cfg) for part in parts)
+        peer_wall = time.perf_counter() - t
+        assert len(peer) == n
+
+        ideal = tb["estimators_seconds"] / w
+        rows = {
+            "ideal (estimators fit+predict / workers)": ideal,
+            "ideal + our vectorised feature prep": (tb["estimators_seconds"] + tb["features_seconds"]) / w,
+            "ideal + per-partition pandas prep": (tb["estimators_seconds"] + pandas_prep) / w,
+            "training code in-process / workers (prep + fit)": serial / w,
+            f"manymodels runner, {w} workers (wall)": runner_wall,
+            f"joblib.Parallel(n_jobs={w}) peer (wall)": peer_wall,
+        }
+        print(f"\n{n} partitions x {args.periods} weeks, {w} workers, {os.cpu_count()} CPUs")
+        print(f"{'':50s} {'ms/partition':>12s} {'x ideal':>8s}")
+        for name, seconds in rows.items():
+            print(f"{name:50s} {1000 * seconds / n:12.2f} {seconds / ideal:8.2f}")
+        floor = serial / w
+        print(f"\nper-partition pandas prep alone: {1000 * pandas_prep / n:.2f} ms "
+              f"({pandas_prep / tb['estimators_seconds']:.2f}x the estimators' own time); "
+              f"ours: {tb['features_ms_per_partition']:.2f} ms")
+        print(f"runner vs (prep + fit) / workers: {runner_wall / floor:.3f}  (target <= 1.10)  "
+              f"{'PASS' if runner_wall <= 1.10 * floor else 'MISS'}")
+        print(f"runner vs joblib peer:            {runner_wall / peer_wall:.3f}  (target < 1.00)  "
+              f"{'PASS' if runner_wall < peer_wall else 'MISS'}")
+        if args.json:
+            print(json.dumps({"partitions": n, "workers": w, "ideal_s": ideal, "serial_s": serial,
+                              "pandas_prep_s": pandas_prep, "runner_s": runner_wall, "peer_s": peer_wall,
+                              **{k: v for k, v in tb.items()}}))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""The JSON contracts of the app's inputs: HTTP bodies, Service Bus messages, lake events.
+
+Every parser returns a small frozen dataclass or raises :class:`MessageError` naming the field,
+so an HTTP start answers 400 with that field and a Service Bus trigger logs it and raises (the
+message is abandoned and dead-lettered after the queue's ``maxDeliveryCount``). Nothing here
+touches the lake or the Durable client: the checks are about shape, types and ranges.
+
+Upstream queue (``MM_UPSTREAM_QUEUE``), one JSON object per message::
+
+    {"type": "dataset-ready", "path": "raw/sales/2024-06-30.parquet", "etag": "0x8DC...",
+     "options": {...}}
+    {"type": "retrain", "dataset_id": "d0123456789abcdef", "partitions": "all" | [...],
+     "options": {...}}
+    {"type": "score", "path": "raw/scoring/next-quarter.csv", "horizon": 12, "options": {...}}
+
+``partitions`` is ``"all"`` or a list whose items are partition ids (``"p"`` + 20 hex digits) or
+key objects (``{"store": "S01", "item": "I0001"}``); ``options`` may hold ``group_size`` (files
+per compute job), ``min_accuracy`` (0..1, for the promotion after training) and ``config``
+(dotted project-config overrides, e.g. ``{"forecast.horizon": 8}``). A sender should set the
+Service Bus ``MessageId`` (unique per request): a redelivery keeps it, so it starts nothing new.
+
+Promotion queue (``MM_PROMOTION_QUEUE``), written by the training orchestrator::
+
+    {"type": "promote", "run_id": "r0123456789abcdef", "min_accuracy": 0.8, "origin": "<instance>"}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, Mapping
+from urllib.parse import unquote, urlsplit
+
+from shared.lake import LakeError, check_path
+
+RAW_CONTAINER = "raw"
+# Scoring files may come from raw/ or scoring/ (shared.pipeline.LAKE_SOURCE_CONTAINERS stages both).
+SCORING_CONTAINERS = ("raw", "scoring")
+DATA_SUFFIXES = (".csv", ".parquet")
+BLOB_CREATED = "Microsoft.Storage.BlobCreated"
+UPSTREAM_TYPES = ("dataset-ready", "retrain", "score")
+OPTION_NAMES = ("group_size", "min_accuracy", "config")
+_PARTITION_ID = re.compile(r"^p[0-9a-f]{20}$")
+_RUN_ID = re.compile(r"^r[0-9a-f]{16}$")
+_DATASET_ID = re.compile(r"^d[0-9a-f]{16}$")
+_INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
+_SUBJECT = re.compile(r"^/blobServices/default/containers/(?P<container>[^/]+)/blobs/(?P<blob>.+)$")
+
+
+class MessageError(ValueError):
+    """An input breaks its contract; ``field`` names the offending field (dotted, with indexes)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+# -- requests ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunOptions:
+    """Per-request options; ``None`` means the deployment's default (settings / project config)."""
+
+    group_size: int | None = None
+    min_accuracy: float | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Train from a raw file (ingest first) or from an ingested dataset (latest when neither)."""
+
+    dataset: str | None = None
+    dataset_id: str | None = None
+    partitions: tuple[Any, ...] | None = None  # None = all partitions
+    options: RunOptions = field(default_factory=RunOptions)
+    request_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "dataset_id": self.dataset_id,
+            "partitions": list(self.partitions) if self.partitions is not None else None,
+            "options": self.options.to_dict(),
+            "request_id": self.request_id,
+        }
+
+
+@dataclass(frozen=True)
+class PromoteRequest:
+    run_id: str | None = None  # None = the latest training run
+    min_accuracy: float | None = None
+    origin: str | None = None
+    request_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Score a scoring file's rows, or the next ``horizon`` periods of every partition."""
+
+    data: str | None = None
+    horizon: int | None = None
+    dataset_id: str | None = None
+    options: RunOptions = field(default_factory=RunOptions)
+    request_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data": self.data,
+            "horizon": self.horizon,
+            "dataset_id": self.dataset_id,
+            "options": self.options.to_dict(),
+            "request_id": self.request_id,
+        }
+
+
+@dataclass(frozen=True)
+class UpstreamMessage:
+    """A parsed upstream message: its type and the request it stands for."""
+
+    type: str
+    request: TrainRequest | ScoreRequest
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class RawFile:
+    """A new file in the raw container, identified by its URL and ETag (its content version)."""
+
+    path: str  # lake path: raw/...
+    url: str
+    etag: str
+    size: int | None = None
+
+    @property
+    def identity(self) -> str:
+        return f"{normalise_url(self.url)}|{self.etag}"
+
+
+# -- JSON bodies -------------------------------------------------------------------------------
+def load_json_object(body: bytes | str, field_name: str = "body") -> dict[str, Any]:
+    """Decode a UTF-8 JSON object; anything else is a MessageError on ``field_name``."""
+    try:
+        text = body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body
+        value = json.loads(text) if text and text.strip() else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MessageError(field_name, f"not valid UTF-8 JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise MessageError(field_name, "must be a JSON object")
+    return value
+
+
+def parse_train_request(body: Mapping[str, Any]) -> TrainRequest:
+    _only(body, ("dataset", "dataset_id", "partitions", "options", "request_id"))
+    dataset = _optional_lake_file(body, "dataset", (RAW_CONTAINER,))
+    dataset_id = _optional_id(body, "dataset_id", _DATASET_ID, "'d' followed by 16 hex digits")
+    if dataset and dataset_id:
+        raise MessageError(
+            "dataset_id", "give either 'dataset' (a raw file to ingest) or 'dataset_id', not both"
+        )
+    return TrainRequest(
+        dataset=dataset,
+        dataset_id=dataset_id,
+        partitions=_partitions(body),
+        options=_options(body),
+        request_id=_request_id(body),
+    )
+
+
+def parse_promote_request(
+    body: Mapping[str, Any], allowed: tuple[str, ...] = ("run_id", "min_accuracy", "request_id")
+) -> PromoteRequest:
+    _only(body, allowed)
+    return PromoteRequest(
+        run_id=_optional_id(body, "run_id", _RUN_ID, "'r' followed by 16 hex digits"),
+        min_accuracy=_fraction(body.get("min_accuracy"), "min_accuracy"),
+        origin=_optional_str(body, "origin"),
+        request_id=_request_id(body),
+    )
+
+
+def parse_score_request(body: Mapping[str, Any], path_field: str = "data") -> ScoreRequest:
+    _only(body, (path_field, "horizon", "dataset_id", "options", "request_id", "type"))
+    horizon = body.get("horizon")
+    if horizon is not None:
+        horizon = _positive_int(horizon, "horizon")
+    return ScoreRequest(
+        data=_optional_lake_file(body, path_field, SCORING_CONTAINERS),
+        horizon=horizon,
+        dataset_id=_optional_id(body, "dataset_id", _DATASET_ID, "'d' followed by 16 hex digits"),
+        options=_options(body),
+        request_id=_request_id(body),
+    )
+
+
+def parse_upstream_message(body: bytes | str) -> UpstreamMessage:
+    """Parse one upstream Service Bus message (see the module docstring for the contract)."""
+    raw = load_json_object(body)
+    kind = raw.get("type")
+    if kind not in UPSTREAM_TYPES:
+        raise MessageError("type", f"unknown message type {kind!r}; expected one of {list(UPSTREAM_TYPES)}")
+    if kind == "dataset-ready":
+        _only(raw, ("type", "path", "etag", "options"))
+        path = _optional_lake_file(raw, "path", (RAW_CONTAINER,))
+        if path is None:
+            raise MessageError("path", "required: the lake path of the new raw file (raw/...)")
+        etag = _optional_str(raw, "etag")
+        return UpstreamMessage(kind, TrainRequest(dataset=path, options=_options(raw)), etag=etag)
+    if kind == "retrain":
+        _only(raw, ("type", "dataset_id", "partitions", "options"))
+        if "partitions" not in raw:
+            raise MessageError("partitions", 'required: a list of partition keys or ids, or "all"')
+        request = TrainRequest(
+            dataset_id=_optional_id(raw, "dataset_id", _DATASET_ID, "'d' followed by 16 hex digits"),
+            partitions=_partitions(raw),
+            options=_options(raw),
+        )
+        return UpstreamMessage(kind, request)
+    return UpstreamMessage(kind, parse_score_request(raw, path_field="path"))
+
+
+def parse_promotion_message(body: bytes | str) -> PromoteRequest:
+    raw = load_json_object(body)
+    if raw.get("type") != "promote":
+        raise MessageError("type", f'expected "promote", got {raw.get("type")!r}')
+    request = parse_promote_request(raw, allowed=("type", "run_id", "min_accuracy", "origin"))
+    if request.run_id is None:
+        raise MessageError("run_id", "required in a promotion message")
+    return request
+
+
+def promotion_message(run_id: str, min_accuracy: float | None, origin: str) -> str:
+    """The promotion queue's message body for one finished training run."""
+    return json.dumps(
+        {"type": "promote", "run_id": run_id, "min_accuracy": min_accuracy, "origin": origin}, sort_keys=True
+    )
+
+
+# -- lake events -------------------------------------------------------------------------------
+class Ignored(Exception):
+    """A valid event that is not ours to act on (another container, another file type)."""
+
+
+def parse_blob_created(event_type: str, subject: str, data: Any) -> RawFile:
+    """A ``BlobCreated`` event of the raw container as a RawFile.
+
+    Raises :class:`Ignored` for events we do not act on, :class:`MessageError` for malformed ones.
+    """
+    if event_type != BLOB_CREATED:
+        raise Ignored(f"event type {event_type!r} is not {BLOB_CREATED}")
+    match = _SUBJECT.match(subject or "")
+    if not match:
+        raise MessageError("subject", f"not a blob subject: {subject!r}")
+    if not isinstance(data, Mapping):
+        raise MessageError("data", "must be a JSON object")
+    url = data.get("url")
+    etag = data.get("eTag")
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise MessageError("data.url", "missing or not an http(s) URL")
+    if not isinstance(etag, str) or not etag.strip('"'):
+        raise MessageError("data.eTag", "missing: the ETag identifies the file version")
+    size = data.get("contentLength")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise MessageError("data.contentLength", f"must be a non-negative integer, got {size!r}")
+    container, blob = match.group("container"), unquote(match.group("blob"))
+    if not normalise_url(url).endswith(f"/{container}/{blob}"):
+        raise MessageError("data.url", f"does not name the blob of the subject ({container}/{blob})")
+    path = raw_lake_path(f"{container}/{blob}")
+    return RawFile(path=path, url=url, etag=etag.strip('"'), size=size)
+
+
+def raw_lake_path(name: str) -> str:
+    """``container/blob`` of a new file as a lake path under raw/, or Ignored with the reason."""
+    container = name.split("/", 1)[0]
+    if container != RAW_CONTAINER:
+        raise Ignored(f"{name}: not in the {RAW_CONTAINER!r} container")
+    if not name.lower().endswith(DATA_SUFFIXES):
+        raise Ignored(f"{name}: not a data file ({', '.join(DATA_SUFFIXES)})")
+    try:
+        return check_path(name)
+    except LakeError as exc:
+        raise MessageError("path", str(exc)) from exc
+
+
+def normalise_url(url: str) -> str:
+    """One spelling per blob URL: lower-case scheme and host, decoded path, no query."""
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{unquote(parts.path)}"
+
+
+# -- identities --------------------------------------------------------------------------------
+def instance_id(kind: str, *identity: Any) -> str:
+    """A Durable instance id derived from content: the same input twice names the same instance."""
+    text = json.dumps(identity, sort_keys=True, default=str, separators=(",", ":"))
+    return f"{kind}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:24]}"
+
+
+def check_instance_id(value: str) -> str:
+    if not _INSTANCE_ID.match(value or ""):
+        raise MessageError(
+            "instance_id", "letters, digits, '.', '_', ':' and '-' only, at most 100 characters"
+        )
+    return value
+
+
+# -- field helpers -----------------------------------------------------------------------------
+def _only(body: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise MessageError(unknown[0], f"unknown field; allowed: {list(allowed)}")
+
+
+def _optional_str(body: Mapping[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise MessageError(name, "must be a non-empty string")
+    return value.strip()
+
+
+def _request_id(body: Mapping[str, Any]) -> str | None:
+    value = _optional_str(body, "request_id")
+    if value is not None and len(value) > 200:
+        raise MessageError("request_id", "at most 200 characters")
+    return value
+
+
+def _optional_id(body: Mapping[str, Any], name: str, pattern: re.Pattern, shape: str) -> str | None:
+    value = _optional_str(body, name)
+    if value is not None and not pattern.match(value):
+        raise MessageError(name, f"{value!r} is not an id of the form {shape}")
+    return value
+
+
+def _optional_lake_file(body: Mapping[str, Any], name: str, containers: tuple[str, ...]) -> str | None:
+    value = _optional_str(body, name)
+    if value is None:
+        return None
+    try:
+        path = check_path(value)
+    except LakeError as exc:
+        raise MessageError(name, str(exc)) from exc
+    if PurePosixPath(path).parts[0] not in containers or len(PurePosixPath(path).parts) < 2:
+        raise MessageError(name, f"must be a lake path under {' or '.join(c + '/' for c in containers)}")
+    if not path.lower().endswith(DATA_SUFFIXES):
+        raise MessageError(name, f"must be a {' or '.join(DATA_SUFFIXES)} file")
+    return path
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MessageError(name, f"must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def _fraction(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise MessageError(name, f"must be a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _partitions(body: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    value = body.get("partitions", "all")
+    if value == "all" or value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise MessageError("partitions", 'must be "all" or a non-empty list of partition ids or key objects')
+    out: list[Any] = []
+    for i, item in enumerate(value):
+        where = f"partitions[{i}]"
+        if isinstance(item, str):
+            if not _PARTITION_ID.match(item):
+                raise MessageError(where, f"{item!r} is not a partition id ('p' + 20 hex digits)")
+            out.append(item)
+        elif isinstance(item, dict) and item:
+            for key, val in item.items():
+                if not isinstance(val, (str, int)) or isinstance(val, bool):
+                    raise MessageError(f"{where}.{key}", "a key value must be a string or an integer")
+            out.append(dict(sorted(item.items())))
+        else:
+            raise MessageError(where, "must be a partition id or an object of key values")
+    return tuple(out)
+
+
+def _options(body: Mapping[str, Any]) -> RunOptions:
+    raw = body.get("options")
+    if raw is None:
+        return RunOptions()
+    if not isinstance(raw, dict):
+        raise MessageError("options", "must be a JSON object")
+    unknown = sorted(set(raw) - set(OPTION_NAMES))
+    if unknown:
+        raise MessageError(f"options.{unknown[0]}", f"unknown option; allowed: {list(OPTION_NAMES)}")
+    group_size = raw.get("group_size")
+    if group_size is not None:
+        group_size = _positive_int(group_size, "options.group_size")
+    config = raw.get("config") or {}
+    if not isinstance(config, dict) or not all(isinstance(k, str) and "." in k for k in config):
+        raise MessageError(
+            "options.config", 'must be an object of dotted overrides, e.g. {"forecast.horizon": 8}'
+        )
+    return RunOptions(
+        group_size=group_size,
+        min_accuracy=_fraction(raw.get("min_accuracy"), "options.min_accuracy"),
+        config=dict(config),
+    )

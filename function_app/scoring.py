@@ -1,0 +1,86 @@
+"""Batch scoring: the same fan-out as training, then the predictions go into the SQL store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import azure.durable_functions as df
+
+from function_app.logging_context import RunLog, orchestration_log
+from function_app.orchestration import Progress, fan_out, produced_output, retry_options, summarize
+from function_app.runtime import open_workspace
+from shared import pipeline
+
+bp = df.Blueprint()
+
+PLAN_ACTIVITY = "plan_scoring_run"
+LOAD_ACTIVITY = "load_scored_predictions"
+
+
+@bp.orchestration_trigger(context_name="context")
+def score_orchestrator(context: df.DurableOrchestrationContext):
+    """Score every partition (a scoring file's rows, or the next horizon), then load SQL."""
+    payload = context.get_input()
+    options: dict[str, Any] = payload["options"]
+    retry = retry_options(options)
+    config = options.get("config") or {}
+    log = orchestration_log(context, orchestrator="score_orchestrator")
+    plan = yield context.call_activity_with_retry(
+        PLAN_ACTIVITY,
+        retry,
+        {
+            "data": payload.get("data"),
+            "horizon": payload.get("horizon"),
+            "dataset_id": payload.get("dataset_id"),
+            "group_size": options["group_size"],
+            "config": config,
+        },
+    )
+    score_id = plan["score_id"]
+    log = log.bind(run_id=score_id)
+    progress = Progress(stage="scoring", run_id=score_id, groups_total=len(plan["groups"]))
+    context.set_custom_status(progress.to_dict())
+    results = yield from fan_out(context, "score", score_id, plan["groups"], options, progress, log)
+    outcome = summarize(results)
+    if not any(produced_output(r) for r in results):
+        reasons = "; ".join(f"group {f['group_index']}: {f['reason']}" for f in outcome["failed_groups"][:3])
+        raise RuntimeError(f"scoring {score_id}: no group produced predictions: {reasons}")
+    progress.stage = "loading"
+    context.set_custom_status(progress.to_dict())
+    loaded = yield context.call_activity_with_retry(
+        LOAD_ACTIVITY, retry, {"score_id": score_id, "config": config}
+    )
+    progress.stage = "loaded"
+    context.set_custom_status(progress.to_dict())
+    log.info("scoring finished", rows=loaded.get("rows"), groups_failed=outcome["groups_failed"])
+    return {
+        "score_id": score_id,
+        "horizon": plan.get("horizon"),
+        "source": plan.get("source"),
+        **outcome,
+        "loaded": loaded,
+    }
+
+
+@bp.activity_trigger(input_name="payload")
+def plan_scoring_run(payload: dict) -> dict:
+    """Write the scoring inputs and group them; returns the plan."""
+    ws = open_workspace(payload.get("config"))
+    plan = pipeline.plan_scoring(
+        ws,
+        data=payload.get("data"),
+        horizon=payload.get("horizon"),
+        dataset_id=payload.get("dataset_id"),
+        group_size=payload.get("group_size"),
+    )
+    RunLog({"run_id": plan.score_id}).info("scoring planned", groups=len(plan.groups))
+    return plan.to_dict()
+
+
+@bp.activity_trigger(input_name="payload")
+def load_scored_predictions(payload: dict) -> dict:
+    """Upsert the scoring run's predictions into the SQL store."""
+    ws = open_workspace(payload.get("config"))
+    summary = pipeline.load_predictions(ws, payload["score_id"])
+    RunLog({"run_id": payload["score_id"]}).info("predictions loaded", rows=summary.rows)
+    return summary.to_dict()

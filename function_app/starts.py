@@ -1,0 +1,157 @@
+"""Starting runs from any entry (HTTP, Service Bus, lake events): check, pin, name, start once.
+
+Each start checks what can be checked before anything runs (the raw file's sample, that the
+dataset / run / scoring file exists, the config overrides, the partition keys) and raises
+:class:`MessageError` naming the field, so HTTP answers 400 and a Service Bus message is
+dead-lettered with a logged reason. It then pins the inputs a replay must not re-resolve (the
+latest dataset or run becomes an explicit id) and derives the instance id from the request's
+content, so a duplicate delivery finds the instance the first one started.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from function_app.logging_context import RunLog
+from function_app.messages import (
+    MessageError,
+    PromoteRequest,
+    RawFile,
+    RunOptions,
+    ScoreRequest,
+    TrainRequest,
+    instance_id,
+    normalise_url,
+)
+from function_app.orchestration import (
+    INGEST_ORCHESTRATOR,
+    PROMOTE_ORCHESTRATOR,
+    SCORE_ORCHESTRATOR,
+    TRAIN_ORCHESTRATOR,
+)
+from function_app.raw_files import Rejected, check_raw_file, file_version
+from function_app.runtime import (
+    StartOutcome,
+    check_config,
+    existing_run,
+    load_settings,
+    open_workspace,
+    orchestration_options,
+    resolve_partitions,
+    start_once,
+)
+from shared import pipeline
+from shared.keys import PARTITION_ID
+from shared.partitioning import dataset_root, load_dataset
+
+
+async def start_raw_file(
+    client: Any,
+    raw: RawFile,
+    log: RunLog,
+    options: RunOptions | None = None,
+    partitions: tuple[Any, ...] | None = None,
+) -> StartOutcome:
+    """Ingest and retrain one version of a raw file; Rejected if its sample fails validation."""
+    iid = instance_id("ingest", raw.identity)
+    log = log.bind(path=raw.path, etag=raw.etag)
+    status = await existing_run(client, iid)
+    if status is not None:
+        log.info("duplicate delivery ignored", instance_id=iid, runtime_status=status)
+        return StartOutcome(iid, False, status)
+    settings = load_settings()
+    options = options or RunOptions()
+    ws = open_workspace(options.config, settings=settings)
+    check_raw_file(ws.lake, raw.path, ws.config, raw.size)
+    payload = {
+        "source": raw.path,
+        "trigger": {"url": normalise_url(raw.url), "etag": raw.etag},
+        "partition_ids": resolve_partitions(ws, partitions),
+        "options": orchestration_options(settings, options),
+    }
+    return await start_once(client, INGEST_ORCHESTRATOR, iid, payload, log)
+
+
+async def start_training(
+    client: Any,
+    request: TrainRequest,
+    log: RunLog,
+    dedupe: str | None = None,
+    etag: str | None = None,
+    path_field: str = "dataset",
+) -> StartOutcome:
+    """Train a dataset, or ingest a raw file first (named by its path and version, as lake events are).
+
+    ``dedupe`` is the sender's message or request id; ``etag`` the file version a message reports.
+    """
+    settings = load_settings()
+    ws = open_workspace(settings=settings)
+    check_config(ws, request.options.config)
+    if request.dataset is not None:
+        try:
+            raw = RawFile(
+                path=request.dataset,
+                url=f"{ws.lake.uri}/{request.dataset}",
+                etag=etag or file_version(ws.lake, request.dataset),
+            )
+            return await start_raw_file(client, raw, log, request.options, request.partitions)
+        except Rejected as why:
+            raise MessageError(path_field, str(why)) from why
+    dataset_id = request.dataset_id or _latest(pipeline.latest_dataset_id, ws, "dataset_id")
+    if not ws.lake.exists(f"{dataset_root(dataset_id)}/dataset.json"):
+        raise MessageError("dataset_id", f"no dataset {dataset_id} in the lake")
+    partition_ids = resolve_partitions(ws, request.partitions)
+    if partition_ids:
+        known = set(load_dataset(ws.lake, dataset_id).manifest[PARTITION_ID])
+        unknown = [p for p in partition_ids if p not in known]
+        if unknown:
+            raise MessageError(
+                "partitions", f"{len(unknown)} partition(s) not in dataset {dataset_id}, e.g. {unknown[:3]}"
+            )
+    payload = {
+        "dataset_id": dataset_id,
+        "partition_ids": partition_ids,
+        "options": orchestration_options(settings, request.options),
+    }
+    iid = instance_id("train", payload, dedupe or request.request_id)
+    return await start_once(client, TRAIN_ORCHESTRATOR, iid, payload, log.bind(dataset_id=dataset_id))
+
+
+async def start_scoring(
+    client: Any, request: ScoreRequest, log: RunLog, dedupe: str | None = None, path_field: str = "data"
+) -> StartOutcome:
+    """Batch-score from a scoring file, or the next horizon of every partition."""
+    settings = load_settings()
+    ws = open_workspace(settings=settings)
+    check_config(ws, request.options.config)
+    if request.data is not None and not ws.lake.exists(request.data):
+        raise MessageError(path_field, f"no such file in the lake: {request.data}")
+    dataset_id = request.dataset_id or _latest(pipeline.latest_dataset_id, ws, "dataset_id")
+    payload = {
+        "data": request.data,
+        "horizon": request.horizon,
+        "dataset_id": dataset_id,
+        "options": orchestration_options(settings, request.options),
+    }
+    iid = instance_id("score", payload, dedupe or request.request_id)
+    return await start_once(client, SCORE_ORCHESTRATOR, iid, payload, log.bind(dataset_id=dataset_id))
+
+
+async def start_promotion(client: Any, request: PromoteRequest, log: RunLog) -> StartOutcome:
+    """Promote a run (the latest when none is named) through the promotion orchestration."""
+    settings = load_settings()
+    ws = open_workspace(settings=settings)
+    run_id = request.run_id or _latest(pipeline.latest_run_id, ws, "run_id")
+    if not ws.lake.exists(f"runs/{run_id}/run.json"):
+        raise MessageError("run_id", f"no training run {run_id} in the lake")
+    options = orchestration_options(settings, RunOptions(min_accuracy=request.min_accuracy))
+    payload = {"run_id": run_id, "options": options}
+    iid = instance_id("promote", payload, request.request_id)
+    return await start_once(client, PROMOTE_ORCHESTRATOR, iid, payload, log.bind(run_id=run_id))
+
+
+def _latest(finder: Any, ws: Any, field: str) -> str:
+    try:
+        return finder(ws)
+    except pipeline.PipelineError as exc:
+        raise MessageError(field, str(exc)) from exc

@@ -1,0 +1,168 @@
+"""Training: the orchestrator that fans out one compute job per group, and its activities.
+
+plan (groups of mini-batch files) -> one job per group, monitored with durable timers (inline, or
+in sub-orchestrations for large fan-outs) -> register the run's models -> one promotion message.
+Activities do one thing each and raise on failure, so Durable's retry options apply to them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generator
+
+import azure.durable_functions as df
+import azure.functions as func
+
+from function_app.logging_context import RunLog, orchestration_log
+from function_app.messages import promotion_message
+from function_app.orchestration import (
+    CHUNK_ORCHESTRATOR,
+    Progress,
+    chunk_steps,
+    fan_out,
+    produced_output,
+    retry_options,
+    summarize,
+)
+from function_app.runtime import load_settings, open_workspace
+from shared import pipeline
+from shared.settings import SERVICEBUS_CONNECTION
+
+bp = df.Blueprint()
+
+PLAN_ACTIVITY = "plan_training_run"
+REGISTER_ACTIVITY = "register_trained_run"
+PROMOTION_MESSAGE_ACTIVITY = "send_promotion_message"
+
+
+def training_steps(
+    context: Any,
+    dataset_id: str | None,
+    partition_ids: list[str] | None,
+    options: dict[str, Any],
+    log: RunLog,
+) -> Generator[Any, Any, dict[str, Any]]:
+    """Plan, fan out, register, send the promotion message; shared by training and ingestion runs."""
+    retry = retry_options(options)
+    config = options.get("config") or {}
+    plan = yield context.call_activity_with_retry(
+        PLAN_ACTIVITY,
+        retry,
+        {
+            "dataset_id": dataset_id,
+            "partition_ids": partition_ids,
+            "group_size": options["group_size"],
+            "config": config,
+        },
+    )
+    run_id = plan["run_id"]
+    log = log.bind(run_id=run_id, dataset_id=plan["dataset_id"])
+    progress = Progress(stage="training", run_id=run_id, groups_total=len(plan["groups"]))
+    context.set_custom_status(progress.to_dict())
+    log.info("training planned", groups=len(plan["groups"]), partitions=plan.get("partitions"))
+
+    results = yield from fan_out(context, "train", run_id, plan["groups"], options, progress, log)
+    outcome = summarize(results)
+    if not any(produced_output(r) for r in results):
+        reasons = "; ".join(f"group {f['group_index']}: {f['reason']}" for f in outcome["failed_groups"][:3])
+        raise RuntimeError(
+            f"run {run_id}: no group produced models ({outcome['groups_failed']} failed): {reasons}"
+        )
+
+    progress.stage = "registering"
+    context.set_custom_status(progress.to_dict())
+    registered = yield context.call_activity_with_retry(
+        REGISTER_ACTIVITY, retry, {"run_id": run_id, "config": config}
+    )
+    message = yield context.call_activity_with_retry(
+        PROMOTION_MESSAGE_ACTIVITY,
+        retry,
+        {"run_id": run_id, "min_accuracy": options.get("min_accuracy"), "origin": context.instance_id},
+    )
+    progress.stage = "promotion-queued"
+    context.set_custom_status(progress.to_dict())
+    log.info(
+        "training finished", registered=registered.get("registered"), groups_failed=outcome["groups_failed"]
+    )
+    return {
+        "run_id": run_id,
+        "dataset_id": plan["dataset_id"],
+        "partitions": plan.get("partitions"),
+        **outcome,
+        "registered": registered,
+        "promotion_message": message,
+    }
+
+
+@bp.orchestration_trigger(context_name="context")
+def train_orchestrator(context: df.DurableOrchestrationContext):
+    """Train a dataset's partitions (all or some), one compute job per group, then queue promotion."""
+    payload = context.get_input()
+    log = orchestration_log(context, orchestrator="train_orchestrator")
+    result = yield from training_steps(
+        context, payload.get("dataset_id"), payload.get("partition_ids"), payload["options"], log
+    )
+    return result
+
+
+@bp.orchestration_trigger(context_name="context")
+def group_chunk_orchestrator(context: df.DurableOrchestrationContext):
+    """Sub-orchestrator of a large fan-out: submits and monitors one chunk of groups."""
+    result = yield from chunk_steps(context, orchestration_log(context, orchestrator=CHUNK_ORCHESTRATOR))
+    return result
+
+
+@bp.activity_trigger(input_name="payload")
+def plan_training_run(payload: dict) -> dict:
+    """Split the dataset's mini-batch files into groups and write run.json; returns the plan."""
+    ws = open_workspace(payload.get("config"))
+    plan = pipeline.plan_training(
+        ws,
+        payload.get("dataset_id"),
+        partition_ids=payload.get("partition_ids"),
+        group_size=payload.get("group_size"),
+    )
+    RunLog({"run_id": plan.run_id}).info("plan written", groups=len(plan.groups))
+    return plan.to_dict()
+
+
+@bp.activity_trigger(input_name="payload")
+def submit_group_job(payload: dict) -> dict:
+    """Submit one group's compute job (the local backend runs it to the end); returns its handle."""
+    ws = open_workspace(payload.get("config"))
+    handle = pipeline.submit_group(
+        ws, payload["kind"], payload["run_id"], int(payload["group_index"]), list(payload["batch_paths"])
+    )
+    RunLog({"run_id": payload["run_id"], "group": payload["group_index"]}).info(
+        "job submitted", job_id=handle.job_id, state=handle.state
+    )
+    return handle.to_dict()
+
+
+@bp.activity_trigger(input_name="payload")
+def get_job_status(payload: dict) -> dict:
+    """The current state of a submitted job."""
+    ws = open_workspace(payload.get("config"))
+    return pipeline.job_status(ws, payload["job_id"], run_id=payload.get("run_id")).to_dict()
+
+
+@bp.activity_trigger(input_name="payload")
+def register_trained_run(payload: dict) -> dict:
+    """Register the run's trained models in the dev registry and load their metrics into SQL."""
+    ws = open_workspace(payload.get("config"))
+    summary = pipeline.register_run(ws, payload["run_id"])
+    RunLog({"run_id": payload["run_id"]}).info(
+        "run registered", registered=summary.registered, trained=summary.trained, failed=summary.failed
+    )
+    return summary.to_dict()
+
+
+@bp.activity_trigger(input_name="payload")
+@bp.service_bus_queue_output(
+    arg_name="message", connection=SERVICEBUS_CONNECTION, queue_name="%MM_PROMOTION_QUEUE%"
+)
+def send_promotion_message(payload: dict, message: func.Out[str]) -> dict:
+    """Queue the run's promotion message (sent when the activity succeeds; promotion is idempotent)."""
+    body = promotion_message(payload["run_id"], payload.get("min_accuracy"), payload["origin"])
+    message.set(body)
+    RunLog({"run_id": payload["run_id"], "origin": payload["origin"]}).info("promotion message queued")
+    return {"queue": load_settings().promotion_queue, "body": body}

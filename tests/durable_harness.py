@@ -1,0 +1,533 @@
+"""The host side of the Functions app, for tests: load the app, replay orchestrations, fake the extension.
+
+* :func:`app_functions` imports the entry module the way the Python worker does (the app root on
+  ``sys.path``, ``import main``) and indexes it once (``get_functions()`` may run once per app).
+* :class:`OrchestrationHarness` plays the Durable extension's part in a replay: it calls the
+  registered orchestrator with the context JSON (``history``, ``instanceId``, ``input``), reads the
+  actions it returns, appends the events the extension would (``TaskScheduled`` / ``TaskCompleted``
+  / ``TaskFailed``, ``TimerCreated`` / ``TimerFired``, ``SubOrchestrationInstanceCreated`` /
+  ``Completed`` / ``Failed``) with event ids numbered as the SDK numbers its tasks, and replays
+  until the orchestrator finishes. One completion per episode; the clock moves only when a timer
+  fires. Every replay must repeat the actions of the previous one exactly, which is the replay
+  determinism rule (no wall clock, no random ids): a violation fails the test.
+* :class:`FakeDurableExtension` serves the extension's HTTP API for the Durable client on
+  127.0.0.1 (start, status), so client functions run with the real ``DurableOrchestrationClient``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qs, unquote, urlsplit
+
+APP_ROOT = Path(__file__).resolve().parents[1]
+START = datetime(2024, 1, 1, tzinfo=timezone.utc)
+_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+# History event types (azure.durable_functions.models.history.HistoryEventType)
+EXECUTION_STARTED, TASK_SCHEDULED, TASK_COMPLETED, TASK_FAILED = 0, 4, 5, 6
+SUB_CREATED, SUB_COMPLETED, SUB_FAILED = 7, 8, 9
+TIMER_CREATED, TIMER_FIRED, ORCHESTRATOR_STARTED, ORCHESTRATOR_COMPLETED = 10, 11, 12, 13
+# Action types (azure.durable_functions.models.actions.ActionType)
+CALL_ACTIVITY, CALL_ACTIVITY_WITH_RETRY, CALL_SUB, CREATE_TIMER, WHEN_ANY, WHEN_ALL = 0, 1, 2, 5, 11, 12
+
+
+@functools.lru_cache(maxsize=None)
+def app_functions() -> dict[str, Any]:
+    """The app's functions by name, indexed once, as the worker loads ``main.py`` from the app root."""
+    if str(APP_ROOT) not in sys.path:
+        sys.path.insert(0, str(APP_ROOT))
+    main = importlib.import_module("main")
+    return {fn.get_function_name(): fn for fn in main.app.get_functions()}
+
+
+def _ts(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime(_FORMAT)
+
+
+class RecordingOut:
+    """An output binding as the host gives it to a function: ``set()`` records the value."""
+
+    def __init__(self) -> None:
+        self.value: Any = None
+
+    def set(self, value: Any) -> None:
+        self.value = value
+
+    def get(self) -> Any:
+        return self.value
+
+
+def call_activity(function: Any, payload: Any, outputs: list[dict[str, Any]]) -> Any:
+    """Run a registered activity as the host would: JSON in, output bindings collected, JSON out."""
+    bindings = json.loads(function.get_function_json())["bindings"]
+    trigger = next(b for b in bindings if b["type"] == "activityTrigger")
+    kwargs: dict[str, Any] = {trigger["name"]: json.loads(json.dumps(payload))}
+    outs = {
+        b["name"]: (b, RecordingOut()) for b in bindings if b["direction"] == "OUT" and b["name"] != "$return"
+    }
+    kwargs.update({name: out for name, (_, out) in outs.items()})
+    result = function.get_user_function()(**kwargs)
+    for name, (binding, out) in outs.items():
+        if out.value is not None:
+            outputs.append(
+                {
+                    "function": function.get_function_name(),
+                    "binding": name,
+                    "type": binding["type"],
+                    "queue": binding.get("queueName"),
+                    "value": out.value,
+                }
+            )
+    return json.loads(json.dumps(result))
+
+
+@dataclass
+class _Pending:
+    kind: str  # activity | timer | retry-timer | sub
+    event_id: int
+    ready: datetime
+    action: dict[str, Any]
+    attempt: int = 1
+    final: bool = False
+
+
+@dataclass
+class HarnessResult:
+    status: str  # Completed | Failed
+    output: Any
+    error: str | None
+    custom_status: Any
+    custom_statuses: list[Any]
+    history: list[dict[str, Any]]
+    activity_calls: list[tuple[str, Any, int]]
+    outputs: list[dict[str, Any]]
+    children: dict[str, "HarnessResult"]
+    replays: int
+    clock: datetime
+
+    def events(self, event_type: int) -> list[dict[str, Any]]:
+        return [e for e in self.history if e["EventType"] == event_type]
+
+
+@dataclass
+class OrchestrationHarness:
+    """Drive one orchestration through the SDK's replay until it completes or fails.
+
+    ``activities`` maps activity names to callables ``payload -> result`` (raise to fail); names
+    not in it run the app's registered activity. ``schema`` is the replay schema the extension
+    announces: 2 (V3, what the current extension sends, with its timer limits) or 1 (V2). The
+    legacy V1 protocol (0) cannot express waiting on already-scheduled tasks together with a new
+    one, which the monitor loop does, so the app needs the extension bundle v4 (V2 or later).
+    """
+
+    functions: dict[str, Any] = field(default_factory=app_functions)
+    activities: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
+    schema: int = 2
+    max_replays: int = 5000
+
+    def __post_init__(self) -> None:
+        if self.schema not in (1, 2):
+            raise ValueError("the harness plays replay schema V2 (1) or V3 (2)")
+
+    def run(
+        self,
+        orchestrator: str,
+        payload: Any,
+        instance_id: str = "test-instance",
+        parent: str | None = None,
+        clock: datetime = START,
+    ) -> HarnessResult:
+        return _Replay(self, orchestrator, payload, instance_id, parent, clock).run()
+
+    def run_activity(self, name: str, payload: Any, outputs: list[dict[str, Any]]) -> Any:
+        if name in self.activities:
+            return json.loads(json.dumps(self.activities[name](json.loads(json.dumps(payload)))))
+        function = self.functions.get(name)
+        if function is None:
+            raise LookupError(f"no activity named {name!r} is registered")
+        return call_activity(function, payload, outputs)
+
+
+class NonDeterminism(AssertionError):
+    """A replay produced different actions than the run it replays."""
+
+
+class _Replay:
+    def __init__(
+        self,
+        harness: OrchestrationHarness,
+        name: str,
+        payload: Any,
+        instance_id: str,
+        parent: str | None,
+        clock: datetime,
+    ) -> None:
+        function = harness.functions.get(name)
+        if function is None:
+            raise LookupError(f"no orchestrator named {name!r} is registered")
+        self.harness, self.name, self.instance_id, self.parent = harness, name, instance_id, parent
+        self.handle = function.get_user_function()
+        self.input = json.dumps(payload)
+        self.clock = clock
+        self.history: list[dict[str, Any]] = []
+        self.episode = 0
+        self.next_id = 0
+        self.seen: list[dict[str, Any]] = []
+        self.pending: list[_Pending] = []
+        self.calls: list[tuple[str, Any, int]] = []
+        self.outputs: list[dict[str, Any]] = []
+        self.children: dict[str, HarnessResult] = {}
+        self.statuses: list[Any] = []
+        self.replays = 0
+        self._new_episode()
+        self._event(
+            EXECUTION_STARTED,
+            Name=name,
+            Input=self.input,
+            Version="",
+            ParentInstance=None if parent is None else {"OrchestrationInstance": {"InstanceId": parent}},
+        )
+
+    # -- history ---------------------------------------------------------------------------------
+    def _event(self, event_type: int, event_id: int = -1, **fields: Any) -> None:
+        self.history.append(
+            {
+                "EventType": event_type,
+                "EventId": event_id,
+                "Timestamp": _ts(self.clock),
+                "_episode": self.episode,
+                **fields,
+            }
+        )
+
+    def _new_episode(self) -> None:
+        self.episode += 1
+        self._event(ORCHESTRATOR_STARTED)
+
+    def _context(self) -> str:
+        history = [
+            {**{k: v for k, v in e.items() if k != "_episode"}, "IsPlayed": e["_episode"] < self.episode}
+            for e in self.history
+        ]
+        return json.dumps(
+            {
+                "history": history,
+                "instanceId": self.instance_id,
+                "isReplaying": False,
+                "parentInstanceId": self.parent,
+                "input": self.input,
+                "upperSchemaVersion": 1,
+                "upperSchemaVersionNew": self.harness.schema,
+                "maximumShortTimerDuration": "6.00:00:00",
+                "longRunningTimerIntervalDuration": "3.00:00:00",
+            }
+        )
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> HarnessResult:
+        while True:
+            self.replays += 1
+            if self.replays > self.harness.max_replays:
+                raise AssertionError(f"{self.name}: more than {self.harness.max_replays} replays")
+            state, error = self._replay()
+            self.statuses.append(state.get("customStatus"))
+            actions = _flatten(state.get("actions") or [])
+            if actions[: len(self.seen)] != self.seen:
+                raise NonDeterminism(
+                    f"{self.name}: replay {self.replays} changed earlier actions:\n"
+                    f"before: {self.seen}\nnow:    {actions[: len(self.seen)]}"
+                )
+            if error is not None or state.get("isDone"):
+                return self._result("Failed" if error is not None else "Completed", state, error)
+            for action in actions[len(self.seen) :]:
+                self._schedule(action)
+            self.seen = actions
+            self._event(ORCHESTRATOR_COMPLETED)
+            if not self.pending:
+                raise AssertionError(f"{self.name}: waiting, but nothing is scheduled")
+            self._complete_next()
+
+    def _replay(self) -> tuple[dict[str, Any], str | None]:
+        try:
+            return json.loads(self.handle(self._context())), None
+        except Exception as exc:  # the SDK reports an orchestrator failure as an exception carrying its state
+            message, marker, state = str(exc).partition("$OutOfProcData$:")
+            if not marker:
+                raise
+            return json.loads(state), message.strip()
+
+    def _schedule(self, action: dict[str, Any]) -> None:
+        kind = action["actionType"]
+        event_id = self.next_id
+        self.next_id += 1
+        if kind in (CALL_ACTIVITY, CALL_ACTIVITY_WITH_RETRY):
+            self._event(TASK_SCHEDULED, event_id, Name=action["functionName"], Input=action.get("input"))
+            self.pending.append(_Pending("activity", event_id, self.clock, action))
+        elif kind == CREATE_TIMER:
+            fire_at = _parse(action["fireAt"])
+            self._event(TIMER_CREATED, event_id, FireAt=action["fireAt"])
+            self.pending.append(_Pending("timer", event_id, fire_at, action))
+        elif kind == CALL_SUB:
+            self._event(
+                SUB_CREATED,
+                event_id,
+                Name=action["functionName"],
+                InstanceId=action.get("instanceId"),
+                Input=action.get("input"),
+            )
+            self.pending.append(_Pending("sub", event_id, self.clock, action))
+        else:
+            raise AssertionError(f"the harness does not play action type {kind}: {action}")
+
+    def _complete_next(self) -> None:
+        item = min(self.pending, key=lambda p: (p.ready, p.event_id))
+        self.pending.remove(item)
+        self.clock = max(self.clock, item.ready)
+        self._new_episode()
+        if item.kind == "timer":
+            self._event(TIMER_FIRED, TimerId=item.event_id, FireAt=item.action["fireAt"])
+        elif item.kind == "retry-timer":
+            self._event(TIMER_FIRED, TimerId=item.event_id, FireAt=_ts(item.ready))
+            if not item.final:
+                event_id = self.next_id
+                self.next_id += 1
+                self._event(
+                    TASK_SCHEDULED, event_id, Name=item.action["functionName"], Input=item.action.get("input")
+                )
+                self.pending.append(_Pending("activity", event_id, self.clock, item.action, item.attempt + 1))
+        elif item.kind == "activity":
+            self._run_activity(item)
+        else:
+            self._run_sub(item)
+
+    def _run_activity(self, item: _Pending) -> None:
+        name = item.action["functionName"]
+        payload = json.loads(item.action["input"]) if item.action.get("input") is not None else None
+        self.calls.append((name, payload, item.attempt))
+        try:
+            result = self.harness.run_activity(name, payload, self.outputs)
+        except Exception as exc:  # an activity failure becomes a TaskFailed event, as in the extension
+            self._event(
+                TASK_FAILED,
+                TaskScheduledId=item.event_id,
+                Reason=f"{type(exc).__name__}: {exc}",
+                Details=traceback.format_exc(limit=3),
+            )
+            if item.action["actionType"] == CALL_ACTIVITY_WITH_RETRY:
+                retry = item.action["retryOptions"]
+                delay = timedelta(milliseconds=retry["firstRetryIntervalInMilliseconds"])
+                timer_id = self.next_id
+                self.next_id += 1
+                fire_at = self.clock + delay
+                self._event(TIMER_CREATED, timer_id, FireAt=_ts(fire_at))
+                final = item.attempt >= retry["maxNumberOfAttempts"]
+                self.pending.append(
+                    _Pending("retry-timer", timer_id, fire_at, item.action, item.attempt, final)
+                )
+            return
+        self._event(TASK_COMPLETED, TaskScheduledId=item.event_id, Result=json.dumps(result))
+
+    def _run_sub(self, item: _Pending) -> None:
+        child_id = item.action.get("instanceId") or f"{self.instance_id}:{item.event_id}"
+        payload = json.loads(item.action["input"]) if item.action.get("input") is not None else None
+        child = _Replay(
+            self.harness, item.action["functionName"], payload, child_id, self.instance_id, self.clock
+        ).run()
+        self.children[child_id] = child
+        self.calls.extend(child.activity_calls)
+        self.outputs.extend(child.outputs)
+        self.clock = max(self.clock, child.clock)
+        self.history[-1]["Timestamp"] = _ts(self.clock)  # the episode starts when the child has finished
+        if child.status == "Completed":
+            self._event(SUB_COMPLETED, TaskScheduledId=item.event_id, Result=json.dumps(child.output))
+        else:
+            self._event(SUB_FAILED, TaskScheduledId=item.event_id, Reason=child.error, Details="")
+
+    def _result(self, status: str, state: dict[str, Any], error: str | None) -> HarnessResult:
+        return HarnessResult(
+            status=status,
+            output=state.get("output"),
+            error=error,
+            custom_status=state.get("customStatus"),
+            custom_statuses=self.statuses,
+            history=self.history,
+            activity_calls=self.calls,
+            outputs=self.outputs,
+            children=self.children,
+            replays=self.replays,
+            clock=self.clock,
+        )
+
+
+def _flatten(actions: list[Any]) -> list[dict[str, Any]]:
+    """Actions in scheduling order (V1: lists per yield; V2: compound WhenAll/WhenAny nested)."""
+    out: list[dict[str, Any]] = []
+    for item in actions:
+        if isinstance(item, list):
+            out.extend(_flatten(item))
+        elif item.get("actionType") in (WHEN_ALL, WHEN_ANY):
+            out.extend(_flatten(item.get("compoundActions") or []))
+        else:
+            out.append(item)
+    return out
+
+
+def _parse(text: str) -> datetime:
+    from dateutil.parser import parse
+
+    return parse(text)
+
+
+# -- the extension's HTTP API for the Durable client -----------------------------------------------------
+ACTIVE = ("Pending", "Running", "ContinuedAsNew", "Suspended")
+
+
+class FakeDurableExtension:
+    """The Durable extension's client API on 127.0.0.1: starts are recorded, runs are played on demand.
+
+    A start of an instance that is still active is refused (the extension's default
+    ``overridableExistingInstanceStates: NonRunningStates``); a finished one is replaced.
+    :meth:`run_pending` plays every pending instance through :class:`OrchestrationHarness`.
+    """
+
+    def __init__(self, harness: OrchestrationHarness | None = None) -> None:
+        self.harness = harness or OrchestrationHarness()
+        self.instances: dict[str, dict[str, Any]] = {}
+        self.starts: list[tuple[str, str, Any]] = []
+        self.results: dict[str, HarnessResult] = {}
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self.thread.start()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def client_json(self) -> str:
+        """The ``durableClient`` binding value the host passes to a client function."""
+        webhooks = f"{self.base}/runtime/webhooks/durabletask"
+        hub = f"{webhooks}/instances/INSTANCEID?taskHub=TestHub&connection=Storage&code=key"
+        return json.dumps(
+            {
+                "taskHubName": "TestHub",
+                "creationUrls": {"createNewInstancePostUri": f"{webhooks}/orchestrators/{{functionName}}"},
+                "managementUrls": {
+                    "id": "INSTANCEID",
+                    "statusQueryGetUri": hub,
+                    "sendEventPostUri": hub.replace("?", "/raiseEvent/{eventName}?"),
+                    "terminatePostUri": hub.replace("?", "/terminate?reason={text}&"),
+                    "purgeHistoryDeleteUri": hub,
+                },
+                "rpcBaseUrl": f"{self.base}/durabletask/",
+            }
+        )
+
+    def set_status(self, instance_id: str, runtime_status: str, **fields: Any) -> None:
+        with self.lock:
+            record = self.instances.setdefault(instance_id, self._record("unknown", instance_id, None))
+            record.update(runtimeStatus=runtime_status, **fields)
+
+    def run_pending(self) -> dict[str, HarnessResult]:
+        """Play every pending instance to its end; their status becomes Completed or Failed."""
+        done = {}
+        while True:
+            with self.lock:
+                todo = [(i, r) for i, r in self.instances.items() if r["runtimeStatus"] == "Pending"]
+            if not todo:
+                return done
+            for instance_id, record in todo:
+                self.set_status(instance_id, "Running")
+                result = self.harness.run(record["name"], record["input"], instance_id)
+                self.results[instance_id] = done[instance_id] = result
+                self.set_status(
+                    instance_id,
+                    result.status,
+                    output=result.output if result.status == "Completed" else result.error,
+                    customStatus=result.custom_status,
+                    lastUpdatedTime=_ts(result.clock),
+                )
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @staticmethod
+    def _record(name: str, instance_id: str, payload: Any) -> dict[str, Any]:
+        now = _ts(datetime.now(timezone.utc))
+        return {
+            "name": name,
+            "instanceId": instance_id,
+            "runtimeStatus": "Pending",
+            "input": payload,
+            "output": None,
+            "customStatus": None,
+            "createdTime": now,
+            "lastUpdatedTime": now,
+        }
+
+    def _start(self, name: str, instance_id: str, body: bytes) -> tuple[int, Any]:
+        payload = json.loads(body) if body else None
+        if isinstance(payload, str):  # the client posts the input already serialized, as a JSON string
+            payload = json.loads(payload)
+        with self.lock:
+            existing = self.instances.get(instance_id)
+            if existing and existing["runtimeStatus"] in ACTIVE:
+                return 409, f"An orchestration with instance ID '{instance_id}' already exists and is active."
+            self.instances[instance_id] = self._record(name, instance_id, payload)
+            self.starts.append((name, instance_id, payload))
+        return 202, {"id": instance_id}
+
+    def _status(self, instance_id: str) -> tuple[int, Any]:
+        with self.lock:
+            record = self.instances.get(instance_id)
+            if record is None:
+                return 404, ""
+            body = {k: v for k, v in record.items() if k != "input"}
+        return (200 if record["runtimeStatus"] not in ACTIVE else 202), body
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        extension = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep test output quiet
+                return
+
+            def _reply(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                parts = urlsplit(self.path).path.strip("/").split("/")
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if parts[:2] == ["durabletask", "orchestrators"] and len(parts) == 4:
+                    self._reply(*extension._start(unquote(parts[2]), unquote(parts[3]), body))
+                else:
+                    self._reply(404, {"error": f"not served by the fake extension: POST {self.path}"})
+
+            def do_GET(self) -> None:
+                url = urlsplit(self.path)
+                parts = url.path.strip("/").split("/")
+                if parts[:2] == ["durabletask", "instances"] and len(parts) == 3:
+                    parse_qs(url.query)  # showInput / showHistory are accepted and ignored
+                    self._reply(*extension._status(unquote(parts[2])))
+                else:
+                    self._reply(404, {"error": f"not served by the fake extension: GET {self.path}"})
+
+        return Handler

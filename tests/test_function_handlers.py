@@ -1,0 +1,563 @@
+"""Each trigger called with the SDK's own request, event and message types.
+
+The client functions run with the real ``DurableOrchestrationClient``, built by the SDK from the
+binding JSON and talking HTTP to a fake Durable extension on 127.0.0.1 (the edge): a valid input
+starts what it should, exactly once; each kind of bad input gets its specified result (400 naming
+the field, ignored with a log line, refused with the reason, or raised so the message is retried
+and dead-lettered). The workspace is a real local one with a real ingested dataset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import azure.functions as func
+import pandas as pd
+import pytest
+from azure.functions.servicebus import ServiceBusMessage as WorkerServiceBusMessage
+
+from durable_harness import FakeDurableExtension, app_functions
+from shared import pipeline
+from shared.keys import partition_id
+from shared.lake import LocalLake
+from shared.settings import Settings
+from shared.synthetic import write_panel
+
+BASE = "https://mm-func.azurewebsites.net"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> dict:
+    """A real workspace: a raw CSV, a bad CSV, one ingested dataset and one planned training run."""
+    root = tmp_path_factory.mktemp("ws")
+    lake = LocalLake(root / "lake")
+    raw = root / "lake" / "raw"
+    raw.mkdir(parents=True)
+    write_panel(raw / "sales.csv", partitions=6, periods=60, seed=11)
+    frame = pd.read_csv(raw / "sales.csv")
+    frame.drop(columns=["sales"]).to_csv(raw / "no-target.csv", index=False)
+    frame.head(0).to_csv(raw / "header-only.csv", index=False)
+    frame.drop(columns=["sales"]).head(20).to_csv(raw / "future.csv", index=False)
+    (raw / "notes.txt").write_text("not data")
+    ws = pipeline.Workspace.open(root, settings=Settings(workdir=root), overrides={"runner.progress": False})
+    ingested = pipeline.ingest(ws, "raw/sales.csv")
+    plan = pipeline.plan_training(ws, ingested.dataset_id)
+    first = frame.iloc[0]
+    return {
+        "root": root,
+        "lake": lake,
+        "dataset_id": ingested.dataset_id,
+        "run_id": plan.run_id,
+        "first_keys": {"store": str(first["store"]), "item": str(first["item"])},
+    }
+
+
+@pytest.fixture(autouse=True)
+def settings_env(workdir, monkeypatch):
+    monkeypatch.setenv("MM_WORKDIR", str(workdir["root"]))
+    monkeypatch.setenv("MM_LAKE_BACKEND", "local")
+    monkeypatch.setenv("MM_GROUP_SIZE", "3")
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """One event loop for the module: the Durable SDK keeps one HTTP session per loop."""
+    from azure.durable_functions.models.utils import http_utils
+
+    event_loop = asyncio.new_event_loop()
+    yield event_loop
+    event_loop.run_until_complete(http_utils._close_session())  # the SDK has no public shutdown hook
+    event_loop.close()
+
+
+@pytest.fixture
+def extension():
+    fake = FakeDurableExtension()
+    yield fake
+    fake.close()
+
+
+def call(loop, extension, name: str, **kwargs):
+    """Invoke a client function as the host does: trigger input plus the durableClient binding JSON."""
+    function = app_functions()[name].get_user_function()
+    return loop.run_until_complete(function(client=extension.client_json(), **kwargs))
+
+
+def http(method: str, route: str, body=None, raw: bytes | None = None, route_params=None) -> func.HttpRequest:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
+    return func.HttpRequest(
+        method,
+        f"{BASE}/api/{route}",
+        headers={"Content-Type": "application/json"},
+        route_params=route_params or {},
+        body=data,
+    )
+
+
+def reply(response: func.HttpResponse) -> dict:
+    return json.loads(response.get_body())
+
+
+# -- HTTP starts -------------------------------------------------------------------------------
+def test_training_start_answers_202_with_the_status_url_and_starts_once(loop, extension, workdir):
+    body = {"dataset_id": workdir["dataset_id"], "options": {"min_accuracy": 0.6}}
+    first = call(loop, extension, "start_training_run", req=http("POST", "train", body))
+    assert first.status_code == 202
+    out = reply(first)
+    assert out["started"] is True and out["id"].startswith("train-")
+    assert first.headers["Location"] == out["statusUri"] == f"{BASE}/api/status/{out['id']}"
+    assert out["management"]["statusQueryGetUri"].startswith(BASE)  # the extension's own links, same origin
+    [(name, instance, payload)] = extension.starts
+    assert (name, instance) == ("train_orchestrator", out["id"])
+    assert payload["dataset_id"] == workdir["dataset_id"] and payload["partition_ids"] is None
+    assert payload["options"]["group_size"] == 3 and payload["options"]["min_accuracy"] == 0.6
+
+    again = call(loop, extension, "start_training_run", req=http("POST", "train", body))
+    assert again.status_code == 200 and reply(again) | {"management": None} == out | {
+        "started": False,
+        "runtimeStatus": "Pending",
+        "management": None,
+    }
+    assert len(extension.starts) == 1
+
+
+def test_a_completed_run_is_not_started_again_but_a_failed_one_is(loop, extension, workdir):
+    body = {"dataset_id": workdir["dataset_id"]}
+    instance = reply(call(loop, extension, "start_training_run", req=http("POST", "train", body)))["id"]
+    extension.set_status(instance, "Completed")
+    assert call(loop, extension, "start_training_run", req=http("POST", "train", body)).status_code == 200
+    extension.set_status(instance, "Failed")
+    restarted = call(loop, extension, "start_training_run", req=http("POST", "train", body))
+    assert restarted.status_code == 202 and reply(restarted)["id"] == instance
+    assert [i for _, i, _ in extension.starts] == [instance, instance]
+
+
+def test_a_new_request_id_is_a_new_run_request(loop, extension, workdir):
+    body = {"dataset_id": workdir["dataset_id"]}
+    a = reply(
+        call(loop, extension, "start_training_run", req=http("POST", "train", {**body, "request_id": "a"}))
+    )
+    b = reply(
+        call(loop, extension, "start_training_run", req=http("POST", "train", {**body, "request_id": "b"}))
+    )
+    assert a["id"] != b["id"] and len(extension.starts) == 2
+
+
+def test_training_without_a_dataset_pins_the_latest_and_partitions_by_key_values(loop, extension, workdir):
+    keys = workdir["first_keys"]
+    body = {"partitions": [keys, keys]}
+    response = call(loop, extension, "start_training_run", req=http("POST", "train", body))
+    assert response.status_code == 202
+    payload = extension.starts[0][2]
+    assert payload["dataset_id"] == workdir["dataset_id"]
+    assert payload["partition_ids"] == [partition_id([keys["store"], keys["item"]])]
+
+
+def test_training_from_a_raw_file_starts_the_ingestion_orchestration(loop, extension):
+    response = call(
+        loop, extension, "start_training_run", req=http("POST", "train", {"dataset": "raw/sales.csv"})
+    )
+    assert response.status_code == 202
+    name, instance, payload = extension.starts[0]
+    assert name == "ingest_orchestrator" and instance.startswith("ingest-")
+    assert payload["source"] == "raw/sales.csv" and payload["trigger"]["etag"].startswith("local-")
+
+
+@pytest.mark.parametrize(
+    "body, field, words",
+    [
+        (None, "body", "not valid UTF-8 JSON"),
+        ([1, 2], "body", "JSON object"),
+        ({"datset": "raw/sales.csv"}, "datset", "unknown field"),
+        ({"dataset_id": "nope"}, "dataset_id", "is not an id"),
+        ({"dataset_id": "d0000000000000000"}, "dataset_id", "no dataset d0000000000000000"),
+        ({"dataset": "raw/sales.csv", "dataset_id": "d0000000000000000"}, "dataset_id", "not both"),
+        ({"dataset": "prepared/x.csv"}, "dataset", "under raw/"),
+        ({"dataset": "raw/notes.txt"}, "dataset", ".csv or .parquet"),
+        ({"dataset": "raw/missing.csv"}, "dataset", "no such file"),
+        ({"dataset": "raw/no-target.csv"}, "dataset", "sales"),
+        ({"dataset": "raw/header-only.csv"}, "dataset", "empty"),
+        ({"partitions": []}, "partitions", "non-empty list"),
+        ({"partitions": ["p123", "x"]}, "partitions[0]", "not a partition id"),
+        ({"partitions": [{"store": "S1"}]}, "partitions[0]", "missing key column(s) ['item']"),
+        ({"partitions": ["p" + "0" * 20]}, "partitions", "not in dataset"),
+        ({"options": {"group_size": 0}}, "options.group_size", ">= 1"),
+        ({"options": {"min_accuracy": 1.5}}, "options.min_accuracy", "between 0 and 1"),
+        ({"options": {"turbo": True}}, "options.turbo", "unknown option"),
+        ({"options": {"config": {"forecast.horizon": "soon"}}}, "options.config", "forecast.horizon"),
+    ],
+)
+def test_bad_training_requests_get_400_naming_the_field(loop, extension, body, field, words):
+    req = http("POST", "train", raw=b"{not json" if body is None else None, body=body)
+    response = call(loop, extension, "start_training_run", req=req)
+    assert response.status_code == 400
+    out = reply(response)
+    assert out["field"] == field and words in out["error"]
+    assert extension.starts == []
+
+
+def test_promotion_start_defaults_to_the_latest_run(loop, extension, workdir):
+    response = call(
+        loop, extension, "start_promotion_run", req=http("POST", "promote", {"min_accuracy": 0.5})
+    )
+    assert response.status_code == 202
+    name, _, payload = extension.starts[0]
+    assert name == "promote_orchestrator" and payload["run_id"] == workdir["run_id"]
+    assert payload["options"]["min_accuracy"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"run_id": "r0000000000000000"}, "run_id"),
+        ({"run_id": "latest"}, "run_id"),
+        ({"min_accuracy": "high"}, "min_accuracy"),
+        ({"run": "x"}, "run"),
+    ],
+)
+def test_bad_promotion_requests_get_400(loop, extension, body, field):
+    response = call(loop, extension, "start_promotion_run", req=http("POST", "promote", body))
+    assert response.status_code == 400 and reply(response)["field"] == field
+
+
+def test_scoring_start_with_a_scoring_file_and_a_horizon(loop, extension, workdir):
+    response = call(
+        loop, extension, "start_scoring_run", req=http("POST", "score", {"data": "raw/future.csv"})
+    )
+    assert response.status_code == 202
+    name, instance, payload = extension.starts[0]
+    assert name == "score_orchestrator" and instance.startswith("score-")
+    assert payload["data"] == "raw/future.csv" and payload["dataset_id"] == workdir["dataset_id"]
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"data": "raw/absent.csv"}, "data"),
+        ({"data": "predictions/future.csv"}, "data"),
+        ({"horizon": 0}, "horizon"),
+        ({"horizon": 2.5}, "horizon"),
+        ({"data": "../etc/passwd.csv"}, "data"),
+    ],
+)
+def test_bad_scoring_requests_get_400(loop, extension, body, field):
+    response = call(loop, extension, "start_scoring_run", req=http("POST", "score", body))
+    assert response.status_code == 400 and reply(response)["field"] == field
+
+
+def test_status_returns_the_durable_status_with_progress_or_404(loop, extension):
+    extension.set_status(
+        "train-abc",
+        "Running",
+        name="train_orchestrator",
+        customStatus={"stage": "training", "groups_done": 2, "groups_total": 5},
+    )
+    response = call(
+        loop,
+        extension,
+        "get_run_status",
+        req=http("GET", "status/train-abc", route_params={"instance_id": "train-abc"}),
+    )
+    assert response.status_code == 200
+    out = reply(response)
+    assert out["runtimeStatus"] == "Running" and out["customStatus"]["groups_done"] == 2
+    assert out["name"] == "train_orchestrator" and out["instanceId"] == "train-abc"
+    missing = call(
+        loop,
+        extension,
+        "get_run_status",
+        req=http("GET", "status/nope", route_params={"instance_id": "nope"}),
+    )
+    assert missing.status_code == 404 and reply(missing)["field"] == "instance_id"
+    bad = call(
+        loop, extension, "get_run_status", req=http("GET", "status/x", route_params={"instance_id": "a/b"})
+    )
+    assert bad.status_code == 400
+
+
+# -- lake events -------------------------------------------------------------------------------
+def blob_created(
+    path: str, etag: str = "0x8DC1", event_type: str = "Microsoft.Storage.BlobCreated", **data
+) -> func.EventGridEvent:
+    container, _, blob = path.partition("/")
+    payload = {
+        "api": "PutBlob",
+        "url": f"https://mmlake.blob.core.windows.net/{path}",
+        "eTag": etag,
+        "contentLength": 1234,
+        "blobType": "BlockBlob",
+        **data,
+    }
+    return func.EventGridEvent(
+        id=f"evt-{etag}",
+        data=payload,
+        topic="/subscriptions/x/storageAccounts/mmlake",
+        subject=f"/blobServices/default/containers/{container}/blobs/{blob}",
+        event_type=event_type,
+        event_time=datetime(2024, 6, 1, tzinfo=timezone.utc),
+        data_version="1",
+    )
+
+
+def test_a_blob_created_event_starts_ingestion_once_per_file_version(loop, extension):
+    call(loop, extension, "on_lake_event", event=blob_created("raw/sales.csv"))
+    call(loop, extension, "on_lake_event", event=blob_created("raw/sales.csv"))  # at-least-once redelivery
+    assert len(extension.starts) == 1
+    name, instance, payload = extension.starts[0]
+    assert name == "ingest_orchestrator" and payload["source"] == "raw/sales.csv"
+    assert payload["trigger"] == {
+        "url": "https://mmlake.blob.core.windows.net/raw/sales.csv",
+        "etag": "0x8DC1",
+    }
+    call(
+        loop, extension, "on_lake_event", event=blob_created("raw/sales.csv", etag="0x8DC2")
+    )  # a new version
+    assert len(extension.starts) == 2 and extension.starts[1][1] != instance
+
+
+def test_two_deliveries_at_the_same_moment_still_start_one_orchestration(loop, extension, caplog):
+    handler = app_functions()["on_lake_event"].get_user_function()
+
+    async def both():
+        await asyncio.gather(
+            *(
+                handler(event=blob_created("raw/sales.csv", etag="0xRACE"), client=extension.client_json())
+                for _ in range(2)
+            )
+        )
+
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        loop.run_until_complete(both())
+    assert len(extension.starts) == 1
+    # usually both pass the status check before either starts, and the extension refuses the second start
+    assert (
+        "duplicate start refused by the extension" in caplog.text or "duplicate start ignored" in caplog.text
+    )
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        blob_created("raw/sales.csv", event_type="Microsoft.Storage.BlobDeleted"),
+        blob_created("prepared/d1/manifest.parquet"),
+        blob_created("raw/notes.txt"),
+    ],
+)
+def test_events_that_are_not_new_raw_data_files_are_ignored(loop, extension, event, caplog):
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        call(loop, extension, "on_lake_event", event=event)
+    assert extension.starts == [] and "ignored" in caplog.text
+
+
+def test_a_bad_raw_file_is_refused_with_the_validation_reason_and_not_retried(loop, extension, caplog):
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        call(loop, extension, "on_lake_event", event=blob_created("raw/no-target.csv"))
+    assert extension.starts == []
+    assert (
+        "file rejected" in caplog.text and "sales" in caplog.text and "path=raw/no-target.csv" in caplog.text
+    )
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"url": None}, "data.url"),
+        ({"eTag": ""}, "data.eTag"),
+        ({"contentLength": -1}, "data.contentLength"),
+        ({"url": "https://mmlake.blob.core.windows.net/raw/other.csv"}, "data.url"),
+    ],
+)
+def test_a_malformed_event_raises_so_event_grid_retries_and_dead_letters_it(loop, extension, data, field):
+    from function_app.messages import MessageError
+
+    with pytest.raises(MessageError) as caught:
+        call(loop, extension, "on_lake_event", event=blob_created("raw/sales.csv", **data))
+    assert caught.value.field == field and extension.starts == []
+
+
+def test_the_blob_trigger_and_the_event_grid_trigger_share_one_instance_per_file_version(loop, extension):
+    url = "https://mmlake.blob.core.windows.net/raw/sales.csv"
+    blob = func.blob.InputStream(
+        data=b"store,item\n", name="raw/sales.csv", uri=url, length=11, blob_properties={"ETag": '"0x8DC9"'}
+    )
+    call(loop, extension, "on_raw_blob", blob=blob)
+    call(loop, extension, "on_lake_event", event=blob_created("raw/sales.csv", etag="0x8DC9"))
+    assert len(extension.starts) == 1 and extension.starts[0][0] == "ingest_orchestrator"
+
+
+def test_the_blob_trigger_ignores_other_files_and_refuses_unsafe_names(loop, extension):
+    for name in ("raw/readme.md", "raw/with space.csv"):
+        blob = func.blob.InputStream(
+            data=b"x", name=name, uri=f"https://a/{name}", length=1, blob_properties={"ETag": "1"}
+        )
+        call(loop, extension, "on_raw_blob", blob=blob)
+    assert extension.starts == []
+
+
+# -- Service Bus ---------------------------------------------------------------------------------
+def sb(body, message_id: str = "msg-1", delivery_count: int = 1) -> WorkerServiceBusMessage:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return WorkerServiceBusMessage(
+        body=data,
+        message_id=message_id,
+        delivery_count=delivery_count,
+        application_properties={},
+        user_properties={},
+        content_type="application/json",
+    )
+
+
+def test_upstream_dataset_ready_starts_ingestion_like_the_lake_event_would(loop, extension):
+    call(
+        loop, extension, "on_upstream_message", message=sb({"type": "dataset-ready", "path": "raw/sales.csv"})
+    )
+    call(
+        loop,
+        extension,
+        "on_upstream_message",
+        message=sb({"type": "dataset-ready", "path": "raw/sales.csv"}, message_id="msg-2"),
+    )
+    assert len(extension.starts) == 1  # same file version: one run whatever the message id
+    assert extension.starts[0][0] == "ingest_orchestrator"
+
+
+def test_upstream_retrain_with_partition_keys_and_redelivery(loop, extension, workdir):
+    keys = workdir["first_keys"]
+    body = {"type": "retrain", "partitions": [keys], "options": {"group_size": 1}}
+    call(loop, extension, "on_upstream_message", message=sb(body, message_id="retrain-7"))
+    call(loop, extension, "on_upstream_message", message=sb(body, message_id="retrain-7", delivery_count=2))
+    assert len(extension.starts) == 1
+    name, _, payload = extension.starts[0]
+    assert name == "train_orchestrator" and payload["options"]["group_size"] == 1
+    assert payload["partition_ids"] == [partition_id([keys["store"], keys["item"]])]
+    call(
+        loop, extension, "on_upstream_message", message=sb(body, message_id="retrain-8")
+    )  # tomorrow's retrain
+    assert len(extension.starts) == 2
+
+
+def test_upstream_score_message(loop, extension):
+    call(
+        loop,
+        extension,
+        "on_upstream_message",
+        message=func.ServiceBusMessage(body=json.dumps({"type": "score", "horizon": 4}).encode()),
+    )
+    name, _, payload = extension.starts[0]
+    assert name == "score_orchestrator" and payload["horizon"] == 4 and payload["data"] is None
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b"\xff\xfe not json", "body"),
+        ([1, 2], "body"),
+        ({"type": "reboot"}, "type"),
+        ({}, "type"),
+        ({"type": "dataset-ready"}, "path"),
+        ({"type": "dataset-ready", "path": "raw/missing.csv"}, "path"),
+        ({"type": "dataset-ready", "path": "raw/no-target.csv"}, "path"),
+        ({"type": "retrain"}, "partitions"),
+        ({"type": "retrain", "partitions": "some"}, "partitions"),
+        ({"type": "score", "path": "raw/none.csv"}, "path"),
+        ({"type": "score", "horizon": -1}, "horizon"),
+    ],
+)
+def test_invalid_upstream_messages_raise_so_they_are_dead_lettered(loop, extension, body, field, caplog):
+    from function_app.messages import MessageError
+
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"), pytest.raises(MessageError) as caught:
+        call(loop, extension, "on_upstream_message", message=sb(body if isinstance(body, bytes) else body))
+    assert caught.value.field == field
+    assert "upstream message rejected" in caplog.text and "message_id=msg-1" in caplog.text
+    assert extension.starts == []
+
+
+def test_a_promotion_message_promotes_its_run(workdir, caplog):
+    handler = app_functions()["on_promotion_message"].get_user_function()
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        handler(
+            message=sb(
+                {"type": "promote", "run_id": workdir["run_id"], "origin": "train-x", "min_accuracy": 0.5}
+            )
+        )
+    assert "run promoted" in caplog.text and f"run_id={workdir['run_id']}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "body, error",
+    [
+        ({"type": "promote"}, "MessageError"),
+        ({"type": "train", "run_id": "r0000000000000000"}, "MessageError"),
+        (b"promote everything", "MessageError"),
+        ({"type": "promote", "run_id": "r0000000000000000"}, "PipelineError"),
+    ],
+)
+def test_a_poison_promotion_message_raises_with_its_reason_logged(body, error, caplog):
+    handler = app_functions()["on_promotion_message"].get_user_function()
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"), pytest.raises(Exception) as caught:
+        handler(message=sb(body))
+    assert type(caught.value).__name__ == error
+    assert ("promotion message rejected" if error == "MessageError" else "promotion failed") in caplog.text
+
+
+# -- against Azurite: a real upload and its event ----------------------------------------------------
+@pytest.mark.azurite
+def test_a_real_blob_upload_and_its_event_delivered_twice_start_one_orchestration(
+    loop, extension, azurite_blob, monkeypatch, tmp_path, caplog
+):
+    from azure.storage.blob import BlobServiceClient
+
+    monkeypatch.setenv("MM_WORKDIR", str(tmp_path / "wd"))
+    monkeypatch.setenv("MM_LAKE_BACKEND", "blob")
+    monkeypatch.setenv("LakeStorage", azurite_blob.connection_string)
+    service = BlobServiceClient.from_connection_string(azurite_blob.connection_string)
+    if not service.get_container_client("raw").exists():
+        service.create_container("raw")
+
+    def upload(name: str, frame: pd.DataFrame) -> func.EventGridEvent:
+        local = tmp_path / Path(name).name
+        frame.to_parquet(local, index=False)
+        blob = service.get_blob_client("raw", name)
+        blob.upload_blob(local.read_bytes(), overwrite=True)
+        props = blob.get_blob_properties()
+        return func.EventGridEvent(
+            id=f"evt-{props.etag}",
+            topic="/subscriptions/x/storageAccounts/devstoreaccount1",
+            subject=f"/blobServices/default/containers/raw/blobs/{name}",
+            event_type="Microsoft.Storage.BlobCreated",
+            data={
+                "api": "PutBlob",
+                "url": blob.url,
+                "eTag": props.etag,
+                "contentLength": props.size,
+                "blobType": "BlockBlob",
+            },
+            event_time=datetime.now(timezone.utc),
+            data_version="1",
+        )
+
+    panel = tmp_path / "panel.parquet"
+    write_panel(panel, partitions=4, periods=40, seed=2)
+    frame = pd.read_parquet(panel)
+    event = upload("uploads/week-23.parquet", frame)
+    for _ in range(2):  # Event Grid delivers at least once
+        call(loop, extension, "on_lake_event", event=event)
+    assert len(extension.starts) == 1
+    name, _, payload = extension.starts[0]
+    assert name == "ingest_orchestrator" and payload["source"] == "raw/uploads/week-23.parquet"
+    assert payload["trigger"]["etag"] == event.get_json()["eTag"].strip('"')
+
+    changed = upload("uploads/week-23.parquet", frame.head(len(frame) - 1))  # a new version of the file
+    call(loop, extension, "on_lake_event", event=changed)
+    assert len(extension.starts) == 2
+
+    bad = upload("uploads/no-target.parquet", frame.drop(columns=["sales"]))  # checked through ranged reads
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        call(loop, extension, "on_lake_event", event=bad)
+    assert len(extension.starts) == 2
+    assert "file rejected" in caplog.text and "sales" in caplog.text

@@ -1,0 +1,354 @@
+"""The orchestrators under the Durable SDK's own replay: fan-out, retries, timeouts, sub-orchestrations.
+
+Activities are scripted here (the compute jobs they would submit are the edge); the orchestrator
+code, the SDK's replay and the history the harness builds are real. The core's own activities are
+exercised end to end in tests/test_function_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import azure.durable_functions as df
+import pytest
+
+from durable_harness import (
+    START,
+    SUB_CREATED,
+    TASK_SCHEDULED,
+    TIMER_CREATED,
+    NonDeterminism,
+    OrchestrationHarness,
+    app_functions,
+)
+
+RUN_ID = "r0123456789abcdef"
+OPTIONS = {
+    "group_size": 2,
+    "max_groups": 16,
+    "poll_seconds": 60,
+    "timeout_seconds": 300,
+    "retry_first_ms": 1000,
+    "retry_attempts": 3,
+    "min_accuracy": 0.7,
+    "config": {"forecast.horizon": 8},
+}
+
+
+class Jobs:
+    """Scripted compute; per group: done | poll:N | never | fail-submit | flaky-submit | job-fails."""
+
+    def __init__(self, behaviour: list[str], kind: str = "train") -> None:
+        self.behaviour = behaviour
+        self.kind = kind
+        self.polls: dict[int, int] = {}
+        self.submits: dict[int, int] = {}
+        self.registered: list[dict] = []
+        self.loaded: list[dict] = []
+
+    def activities(self) -> dict:
+        return {
+            "plan_training_run": self.plan,
+            "plan_scoring_run": self.plan,
+            "submit_group_job": self.submit,
+            "get_job_status": self.status,
+            "register_trained_run": self.register,
+            "send_promotion_message": lambda p: {
+                "body": f"promote {p['run_id']} {p['min_accuracy']} {p['origin']}"
+            },
+            "load_scored_predictions": self.load,
+            "ingest_dataset": lambda p: {
+                "dataset_id": "d0123456789abcdef",
+                "partitions": 2 * len(self.behaviour),
+                "rows": 100,
+                "report": {},
+                "reused": False,
+            },
+            "promote_run": lambda p: {"run_id": p["run_id"], "promoted": 3, "rejected": 1, "unchanged": 0},
+        }
+
+    def plan(self, payload: dict) -> dict:
+        groups = [[f"prepared/d1/batches/batch-{i:05d}.parquet"] for i in range(len(self.behaviour))]
+        key = "run_id" if self.kind == "train" else "score_id"
+        return {
+            key: RUN_ID if self.kind == "train" else "s0123456789abcdef",
+            "dataset_id": "d0123456789abcdef",
+            "groups": groups,
+            "partitions": 2 * len(groups),
+            "horizon": 8,
+            "source": None,
+        }
+
+    def _handle(self, payload: dict, state: str, index: int, detail: str = "") -> dict:
+        summary = {"partitions": 2, "statuses": {"trained": 2}} if state == "completed" else {}
+        return {
+            "job_id": f"{self.kind}-{payload['run_id']}-g{index:05d}",
+            "kind": self.kind,
+            "run_id": payload["run_id"],
+            "group_index": index,
+            "state": state,
+            "detail": detail,
+            "summary": summary,
+        }
+
+    def submit(self, payload: dict) -> dict:
+        index = payload["group_index"]
+        self.submits[index] = self.submits.get(index, 0) + 1
+        how = self.behaviour[index]
+        if how == "fail-submit" or (how == "flaky-submit" and self.submits[index] == 1):
+            raise RuntimeError(f"compute quota exceeded for group {index}")
+        return self._handle(payload, "completed" if how in ("done", "flaky-submit") else "queued", index)
+
+    def status(self, payload: dict) -> dict:
+        index = int(payload["job_id"].rsplit("-g", 1)[1])
+        self.polls[index] = self.polls.get(index, 0) + 1
+        how = self.behaviour[index]
+        if how == "job-fails":
+            return self._handle(payload, "failed", index, "mini-batch 3 raised MemoryError")
+        if how.startswith("poll:") and self.polls[index] >= int(how.split(":")[1]):
+            return self._handle(payload, "completed", index)
+        return self._handle(payload, "running", index)
+
+    def register(self, payload: dict) -> dict:
+        self.registered.append(payload)
+        return {"run_id": payload["run_id"], "trained": 4, "registered": 4, "failed": 0}
+
+    def load(self, payload: dict) -> dict:
+        self.loaded.append(payload)
+        return {"score_id": payload["score_id"], "rows": 24, "partitions": 3}
+
+
+def run_training(jobs: Jobs, **options) -> object:
+    harness = OrchestrationHarness(activities=jobs.activities())
+    return harness.run(
+        "train_orchestrator",
+        {"dataset_id": "d0123456789abcdef", "partition_ids": None, "options": {**OPTIONS, **options}},
+        instance_id="train-abc",
+    )
+
+
+def _names(result) -> list[str]:
+    return [name for name, _, _ in result.activity_calls]
+
+
+def test_fan_out_submits_every_group_then_fans_in_to_one_registration_and_one_promotion_message():
+    jobs = Jobs(["done", "poll:2", "done", "poll:1"])
+    result = run_training(jobs)
+    assert result.status == "Completed", result.error
+    names = _names(result)
+    assert names[0] == "plan_training_run"
+    assert names[1:5] == ["submit_group_job"] * 4  # all groups submitted before any status check
+    assert names.count("register_trained_run") == 1 and names.count("send_promotion_message") == 1
+    assert names.index("register_trained_run") > max(i for i, n in enumerate(names) if n == "get_job_status")
+    assert jobs.polls == {1: 2, 3: 1}
+    out = result.output
+    assert out["run_id"] == RUN_ID and out["groups_total"] == 4 and out["groups_failed"] == 0
+    assert out["promotion_message"]["body"] == f"promote {RUN_ID} 0.7 train-abc"
+    assert jobs.registered == [{"run_id": RUN_ID, "config": {"forecast.horizon": 8}}]
+
+
+def test_progress_is_published_as_custom_status_while_groups_finish():
+    result = run_training(Jobs(["done", "poll:3", "poll:1"]))
+    done = [s["groups_done"] for s in result.custom_statuses if s and "groups_done" in s]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == 3
+    assert {1, 2} <= set(done)  # intermediate progress was visible while the run was live
+    final = result.custom_status
+    assert (
+        final["stage"] == "promotion-queued" and final["models_trained"] == 6 and final["groups_failed"] == 0
+    )
+
+
+def test_a_group_failing_after_its_retries_is_reported_while_the_others_complete():
+    jobs = Jobs(["done", "fail-submit", "poll:2"])
+    result = run_training(jobs)
+    assert result.status == "Completed", result.error
+    assert jobs.submits[1] == OPTIONS["retry_attempts"]
+    out = result.output
+    assert out["groups_failed"] == 1
+    failed = out["failed_groups"][0]
+    assert failed["group_index"] == 1 and failed["state"] == "failed"
+    assert (
+        "after 3 attempt(s)" in failed["reason"] and "compute quota exceeded for group 1" in failed["reason"]
+    )
+    assert "register_trained_run" in _names(result) and "send_promotion_message" in _names(result)
+    assert result.custom_status["groups_failed"] == 1 and result.custom_status["models_trained"] == 4
+
+
+def test_a_transient_submit_failure_is_retried_and_the_run_succeeds():
+    jobs = Jobs(["flaky-submit", "done"])
+    result = run_training(jobs)
+    assert result.status == "Completed" and result.output["groups_failed"] == 0
+    assert jobs.submits == {0: 2, 1: 1}
+    retry_timer = [e for e in result.events(TIMER_CREATED)]
+    assert len(retry_timer) == 1  # the Durable retry waited on a timer before the second attempt
+    assert retry_timer[0]["FireAt"] == "2024-01-01T00:00:01.000000Z"
+
+
+def test_a_failed_job_is_reported_with_the_reason_the_compute_gave():
+    result = run_training(Jobs(["job-fails", "done"]))
+    failed = result.output["failed_groups"]
+    assert failed == [
+        {
+            "group_index": 0,
+            "job_id": f"train-{RUN_ID}-g00000",
+            "state": "failed",
+            "reason": "mini-batch 3 raised MemoryError",
+        }
+    ]
+
+
+def test_a_job_that_never_finishes_hits_the_monitor_timeout_on_durable_time():
+    jobs = Jobs(["never", "done"])
+    result = run_training(jobs)
+    assert result.status == "Completed", result.error
+    timed_out = result.output["failed_groups"][0]
+    assert timed_out["state"] == "timeout" and "still running after 300 s" in timed_out["reason"]
+    assert jobs.polls[0] == OPTIONS["timeout_seconds"] // OPTIONS["poll_seconds"]
+    # the monitor slept on durable timers, one poll interval apart, from the orchestration's own clock
+    fire_times = [e["FireAt"] for e in result.events(TIMER_CREATED)]
+    expected = [(START + timedelta(seconds=60 * k)).strftime("%Y-%m-%dT%H:%M:%S.%fZ") for k in range(1, 6)]
+    assert fire_times == expected
+    assert result.clock == START + timedelta(seconds=300)
+
+
+def test_when_every_group_fails_the_orchestration_fails_with_the_reasons_and_registers_nothing():
+    jobs = Jobs(["never", "fail-submit"])
+    result = run_training(jobs)
+    assert result.status == "Failed"
+    assert "no group produced models (2 failed)" in result.error and "compute quota exceeded" in result.error
+    assert jobs.registered == []
+    assert "send_promotion_message" not in _names(result)
+
+
+def test_large_fan_outs_run_in_sub_orchestrations_that_keep_the_parent_history_small():
+    jobs = Jobs(["done", "poll:2", "done", "fail-submit", "done"])
+    result = run_training(jobs, max_groups=2)
+    assert result.status == "Completed", result.error
+    children = sorted(result.children)
+    assert children == ["train-abc-train-c0000", "train-abc-train-c0001", "train-abc-train-c0002"]
+    created = result.events(SUB_CREATED)
+    assert [e["InstanceId"] for e in created] == children
+    parent_tasks = {e["Name"] for e in result.events(TASK_SCHEDULED)}
+    assert "submit_group_job" not in parent_tasks and "get_job_status" not in parent_tasks
+    submitted = {
+        c: sorted(
+            {
+                json.loads(e["Input"])["group_index"]
+                for e in result.children[c].events(TASK_SCHEDULED)
+                if e["Name"] == "submit_group_job"
+            }
+        )
+        for c in children
+    }
+    assert list(submitted.values()) == [[0, 1], [2, 3], [4]]
+    out = result.output
+    assert (
+        out["groups_total"] == 5 and out["groups_failed"] == 1 and out["failed_groups"][0]["group_index"] == 3
+    )
+    assert result.custom_status["chunks_total"] == 3 and result.custom_status["chunks_done"] == 3
+    assert result.children["train-abc-train-c0001"].status == "Completed"
+
+
+def test_replays_are_deterministic_two_identical_runs_write_identical_histories():
+    first = run_training(Jobs(["done", "poll:2", "never"]))
+    second = run_training(Jobs(["done", "poll:2", "never"]))
+    assert first.history == second.history
+    assert first.replays > 10  # the orchestrator was replayed many times, each replay checked by the harness
+
+
+def _careless_app() -> dict:
+    """Deliberately wrong orchestrators: one reads the wall clock, one makes a random id."""
+    app = df.DFApp()
+
+    @app.orchestration_trigger(context_name="context")
+    def wall_clock_orchestrator(context: df.DurableOrchestrationContext):
+        yield context.create_timer(datetime.now(timezone.utc) + timedelta(seconds=30))
+        yield context.create_timer(datetime.now(timezone.utc) + timedelta(seconds=30))
+        return "done"
+
+    @app.orchestration_trigger(context_name="context")
+    def random_id_orchestrator(context: df.DurableOrchestrationContext):
+        yield context.call_activity("anything", {"job": uuid.uuid4().hex})
+        yield context.call_activity("anything", {"job": uuid.uuid4().hex})
+        return "done"
+
+    return {f.get_function_name(): f for f in app.get_functions()}
+
+
+@pytest.mark.parametrize("orchestrator", ["wall_clock_orchestrator", "random_id_orchestrator"])
+def test_the_harness_catches_orchestrators_that_read_the_clock_or_make_random_ids(orchestrator):
+    harness = OrchestrationHarness(functions=_careless_app(), activities={"anything": lambda p: None})
+    with pytest.raises(NonDeterminism, match="changed earlier actions"):
+        harness.run(orchestrator, None, clock=datetime.now(timezone.utc))
+
+
+def test_scoring_fans_out_the_same_way_then_loads_predictions():
+    jobs = Jobs(["done", "poll:1"], kind="score")
+    harness = OrchestrationHarness(activities=jobs.activities())
+    result = harness.run(
+        "score_orchestrator",
+        {"data": None, "horizon": 8, "dataset_id": "d0123456789abcdef", "options": OPTIONS},
+        instance_id="score-abc",
+    )
+    assert result.status == "Completed", result.error
+    assert result.output["score_id"] == "s0123456789abcdef" and result.output["loaded"]["rows"] == 24
+    assert jobs.loaded == [{"score_id": "s0123456789abcdef", "config": {"forecast.horizon": 8}}]
+    assert result.custom_status["stage"] == "loaded" and result.custom_status["groups_done"] == 2
+
+
+def test_scoring_fails_without_loading_when_no_group_produced_predictions():
+    jobs = Jobs(["fail-submit"], kind="score")
+    result = OrchestrationHarness(activities=jobs.activities()).run(
+        "score_orchestrator", {"data": None, "horizon": None, "dataset_id": None, "options": OPTIONS}
+    )
+    assert result.status == "Failed" and "no group produced predictions" in result.error
+    assert jobs.loaded == []
+
+
+def test_ingestion_ingests_then_trains_the_new_dataset():
+    jobs = Jobs(["done", "done"])
+    harness = OrchestrationHarness(activities=jobs.activities())
+    result = harness.run(
+        "ingest_orchestrator",
+        {"source": "raw/sales.csv", "trigger": {"etag": "0x1"}, "partition_ids": None, "options": OPTIONS},
+        instance_id="ingest-abc",
+    )
+    assert result.status == "Completed", result.error
+    names = _names(result)
+    assert names[:2] == ["ingest_dataset", "plan_training_run"]
+    plan_payload = result.activity_calls[1][1]
+    assert plan_payload["dataset_id"] == "d0123456789abcdef" and plan_payload["group_size"] == 2
+    assert result.output["ingested"]["partitions"] == 4 and result.output["training"]["run_id"] == RUN_ID
+    assert result.custom_statuses[0]["stage"] == "ingesting"
+
+
+def test_promotion_orchestrator_runs_the_rules_once_with_the_requested_threshold():
+    calls = []
+    harness = OrchestrationHarness(
+        activities={
+            "promote_run": lambda p: (
+                calls.append(p) or {"run_id": p["run_id"], "promoted": 2, "rejected": 0, "unchanged": 1}
+            )
+        }
+    )
+    result = harness.run("promote_orchestrator", {"run_id": RUN_ID, "options": OPTIONS})
+    assert result.status == "Completed" and result.output["promoted"] == 2
+    assert calls == [{"run_id": RUN_ID, "min_accuracy": 0.7, "config": {"forecast.horizon": 8}}]
+
+
+def test_every_orchestrator_of_the_app_is_a_generator_the_sdk_can_replay():
+    functions = app_functions()
+    orchestrators = [
+        n
+        for n, f in functions.items()
+        if f.get_bindings_dict()["bindings"][0]["type"] == "orchestrationTrigger"
+    ]
+    assert sorted(orchestrators) == [
+        "group_chunk_orchestrator",
+        "ingest_orchestrator",
+        "promote_orchestrator",
+        "score_orchestrator",
+        "train_orchestrator",
+    ]
