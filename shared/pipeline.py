@@ -176,20 +176,37 @@ class Workspace:
             self.config.save(path)
 
     @property
+    def registry_backend(self) -> str:
+        return getattr(self.settings, "registry_backend", "local") if self.settings is not None else "local"
+
+    def _open_registries(self) -> None:
+        if self.registry_backend == "azureml":
+            from shared.azureml import open_registries
+
+            self._dev, self._prod = open_registries(self)
+            return
+        from shared.registry import ModelRegistry
+
+        self._dev = ModelRegistry(self.root / "registry" / "dev", "dev")
+        self._prod = ModelRegistry(self.root / "registry" / "prod", "prod")
+
+    @property
     def dev(self):
         if self._dev is None:
-            from shared.registry import ModelRegistry
-
-            self._dev = ModelRegistry(self.root / "registry" / "dev", "dev")
+            self._open_registries()
         return self._dev
 
     @property
     def prod(self):
         if self._prod is None:
-            from shared.registry import ModelRegistry
-
-            self._prod = ModelRegistry(self.root / "registry" / "prod", "prod")
+            self._open_registries()
         return self._prod
+
+    def registry_roots(self) -> tuple[Path, Path]:
+        """Plain registry folders for local entry scripts (an Azure ML registry is materialised)."""
+        if self.registry_backend == "azureml":
+            return self.prod.materialize(), self.dev.materialize()
+        return self.prod.root, self.dev.root
 
     def store(self):
         from shared.result_store import open_store
@@ -426,7 +443,7 @@ def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
     for row in rows:
         status = row.get("status")
         if status in ("trained", "baseline_only"):
-            artifact = f"runs/{run_id}/models/{row[PARTITION_ID]}.joblib"
+            artifact = f"runs/{run_id}/models/{row[PARTITION_ID]}.pkl"
             if not ws.lake.exists(artifact):
                 summary.missing += 1
                 continue
@@ -659,11 +676,12 @@ def score_group(
     dataset_meta_path = f"prepared/{meta['dataset_id']}/dataset.json"
     with _StagedRun(ws, f"runs/{score_id}", batch_paths, [dataset_meta_path]) as staged:
         config_file = staged.write_config(cfg)
+        prod_root, dev_root = ws.registry_roots()
         args = [
             "--config", str(config_file),
             "--dataset-meta", str(staged.input(dataset_meta_path)),
-            "--prod-registry", str(ws.prod.root),
-            "--dev-registry", str(ws.dev.root),
+            "--prod-registry", str(prod_root),
+            "--dev-registry", str(dev_root),
             "--output-dir", str(staged.output("predictions")),
             "--score-id", score_id,
         ]

@@ -5,7 +5,7 @@ a registry's model list (Azure ML's included) has no tag filter and is slow to p
 thousands of models. The index answers by primary key; the artifacts are plain files.
 
 Layout under ``root``:
-- ``artifacts/<partition_id>/v<version>.joblib`` — immutable once written;
+- ``artifacts/<partition_id>/v<version>.pkl`` — immutable once written;
 - ``index.sqlite`` (WAL mode: readers in other processes never block and never see a half-done
   registration) with the tables ``models`` (one row per version, primary key
   (partition_id, version), unique (run_id, partition_id)), ``latest`` (partition_id -> newest
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import sqlite3
 import threading
@@ -26,8 +27,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
-
-import pickle
 
 REGISTRY_NAMES = ("dev", "prod")
 ASSET_PREFIX = "mm-"
@@ -237,7 +236,7 @@ class ModelRegistry:
                         next_version[pid] = (row[0] if row else 0) + 1
                     version = next_version[pid]
                     next_version[pid] = version + 1
-                    rel = f"artifacts/{pid}/v{version}.joblib"
+                    rel = f"artifacts/{pid}/v{version}.pkl"
                     _place_artifact(artifact, self.root / rel)
                     written.append(self.root / rel)
                     record = _new_record(fields, version, rel, now)

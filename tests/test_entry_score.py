@@ -9,7 +9,7 @@ import io
 import json
 import sys
 
-import joblib
+import pickle
 import pandas as pd
 import pytest
 
@@ -46,7 +46,7 @@ def world(tmp_path_factory):
     for path in ds.batch_paths:
         for result in train_batch(read_parquet(lake, path), cfg, meta):
             buf = io.BytesIO()
-            joblib.dump(result.bundle, buf)
+            pickle.dump(result.bundle, buf, protocol=pickle.HIGHEST_PROTOCOL)
             items.append(({**result.to_row(), "run_id": "r1"}, buf.getvalue()))
     records = sorted(dev.register_many(items), key=lambda r: r.partition_id)
     prod.copy_many(dev, records[:5])

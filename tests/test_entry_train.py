@@ -15,7 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
-import joblib
+import pickle
 import pandas as pd
 import pytest
 
@@ -102,13 +102,13 @@ def test_run_trains_each_partition_and_writes_its_artifact_then_its_sidecar(worl
     failed = by_pid[world["big"]]
     assert failed["status"] == "failed" and "picky: mean target" in failed["reason"]
     assert failed["artifact"] is None
-    assert not (out / f"{world['big']}.joblib").exists() and not (out / f"{world['big']}.json").exists()
+    assert not (out / f"{world['big']}.pkl").exists() and not (out / f"{world['big']}.json").exists()
     for pid, row in by_pid.items():
         if pid == world["big"]:
             continue
-        assert row["status"] in ("trained", "baseline_only") and row["artifact"] == f"{pid}.joblib"
+        assert row["status"] in ("trained", "baseline_only") and row["artifact"] == f"{pid}.pkl"
         assert json.loads((out / f"{pid}.json").read_text()) == row
-        bundle = joblib.load(out / row["artifact"])
+        bundle = pickle.loads((out / row["artifact"]).read_bytes())
         assert isinstance(bundle, ForecastBundle) and bundle.partition_id == pid
         assert len(bundle.predict(horizon=3)) == 3
         assert row["keys"] == bundle.keys
@@ -129,7 +129,7 @@ def test_a_rerun_returns_stored_rows_and_retrains_only_the_failed_partition(worl
     second = {json.loads(line)[PARTITION_ID]: json.loads(line) for line in entry.run(world["files"])}
 
     assert first[world["big"]]["status"] == "failed"
-    assert second[world["big"]]["status"] == "trained" and (out / f"{world['big']}.joblib").is_file()
+    assert second[world["big"]]["status"] == "trained" and (out / f"{world['big']}.pkl").is_file()
     for pid, row in first.items():
         if pid != world["big"]:
             assert second[pid] == row  # the stored row, fit_seconds included: not retrained
@@ -222,5 +222,5 @@ def test_a_run_killed_part_way_resumes_to_the_same_result_as_an_uninterrupted_ru
         assert same_metrics(got[pid][2], want[pid][2]), pid
     # partitions finished before the kill were not trained again
     assert {n: (killed / "models" / n).stat().st_mtime_ns for n in done_before} == done_before
-    assert sorted(p.name for p in (killed / "models").glob("*.joblib")) == sorted(
-        f"{pid}.joblib" for pid, s in got.items() if s[0] != "skipped")
+    assert sorted(p.name for p in (killed / "models").glob("*.pkl")) == sorted(
+        f"{pid}.pkl" for pid, s in got.items() if s[0] != "skipped")

@@ -125,7 +125,7 @@ def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(first_r
     assert _sql(root, query) == _sql(reference_root, query)
     metrics = "select partition_id, status, model, round(wape, 9) from model_metrics order by 1"
     assert _sql(root, metrics) == _sql(reference_root, metrics)
-    models = list((root / "registry" / "dev" / "artifacts").rglob("*.joblib"))
+    models = list((root / "registry" / "dev" / "artifacts").rglob("*.pkl"))
     assert len(models) == len({m.parent.name for m in models})  # one version per partition: no duplicates
 
 

@@ -10,7 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
-import joblib
+import pickle
 import pytest
 
 from shared.registry import LATEST_SQL, ModelRecord, ModelRegistry, RegistryError
@@ -38,8 +38,8 @@ def prod(tmp_path) -> ModelRegistry:
 
 @pytest.fixture
 def artifact(tmp_path) -> Path:
-    path = tmp_path / "model.joblib"
-    joblib.dump({"model": "a fitted estimator", "coef": [1.5, 2.5]}, path)
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps({"model": "a fitted estimator", "coef": [1.5, 2.5]}))
     return path
 
 
@@ -48,7 +48,7 @@ def test_a_registered_model_is_found_by_partition_and_loads_back(dev, artifact):
 
     assert (record.partition_id, record.version, record.name) == ("pA", 1, "mm-pA")
     assert record.model_type == record.model_name == "gbm"
-    assert record.artifact == "artifacts/pA/v1.joblib" and (dev.root / record.artifact).is_file()
+    assert record.artifact == "artifacts/pA/v1.pkl" and (dev.root / record.artifact).is_file()
     assert record.keys == {"store": "1", "item": "7"}
     for key, value in {"store": "1", "item": "7", "run_id": "r1", "model_type": "gbm", "fingerprint": "fpA",
                        "status": "trained", "version": "1", "partition_id": "pA"}.items():
@@ -66,7 +66,7 @@ def test_each_run_adds_a_version_and_latest_follows_the_newest(dev, artifact):
     assert third.version == 3 and dev.latest("pA").version == 3
     assert dev.latest("pA").metrics["accuracy"] == 0.9
     assert dev.get("pA", 1).metrics["accuracy"] == 0.7
-    assert (dev.root / "artifacts/pA/v2.joblib").read_bytes() == b"second"
+    assert (dev.root / "artifacts/pA/v2.pkl").read_bytes() == b"second"
     assert dev.count() == 3
 
 
@@ -78,7 +78,7 @@ def test_registering_the_same_run_again_creates_nothing(dev, artifact):
     again = dev.register_many(rows)
     assert again == first
     assert dev.count() == 5 and dev.index_version() == changes
-    assert sorted(p.name for p in (dev.root / "artifacts" / "p0").iterdir()) == ["v1.joblib"]
+    assert sorted(p.name for p in (dev.root / "artifacts" / "p0").iterdir()) == ["v1.pkl"]
     # the same (run, partition) twice in one call is also one version
     twice = dev.register_many([(result_row("pB", run_id="r9"), b"x"), (result_row("pB", run_id="r9"), b"y")])
     assert twice[0] == twice[1] and dev.latest("pB").version == 1
@@ -127,12 +127,12 @@ def test_tags_that_contradict_the_record_are_refused_and_nothing_is_written(dev,
     with pytest.raises(RegistryError, match="tag status='open' contradicts"):
         dev.register_many([good, bad])
     assert dev.count() == 0 and dev.index_version() == 0
-    assert not (dev.root / "artifacts" / "pA" / "v1.joblib").exists()
+    assert not (dev.root / "artifacts" / "pA" / "v1.pkl").exists()
 
 
 def test_a_missing_artifact_or_record_field_is_an_error(dev, tmp_path):
     with pytest.raises(RegistryError, match="artifact not found"):
-        dev.register_many([(result_row("pA"), tmp_path / "nope.joblib")])
+        dev.register_many([(result_row("pA"), tmp_path / "nope.pkl")])
     with pytest.raises(RegistryError, match="needs 'run_id'"):
         dev.register_many([({"partition_id": "pA"}, b"x")])
     assert dev.count() == 0

@@ -129,7 +129,7 @@ def build_world(root, panel, promoted: int = 4):
     """Train every partition, register all in dev, copy the first `promoted` into prod."""
     import io
 
-    import joblib
+    import pickle
 
     from shared.training import train_batch
 
@@ -144,7 +144,7 @@ def build_world(root, panel, promoted: int = 4):
         for result in train_batch(read_parquet(lake, path), cfg, meta):
             assert result.bundle is not None, result.reason
             buf = io.BytesIO()
-            joblib.dump(result.bundle, buf)
+            pickle.dump(result.bundle, buf, protocol=pickle.HIGHEST_PROTOCOL)
             items.append(({**result.to_row(), "run_id": "r1"}, buf.getvalue()))
             bundles[result.partition_id] = result.bundle
     records = dev.register_many(items)

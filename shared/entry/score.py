@@ -16,12 +16,17 @@ scoring run resumes at file level and never writes a prediction twice.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # loaded by file path, as Azure ML's parallel runtime does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import argparse
 import json
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa

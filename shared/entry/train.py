@@ -7,7 +7,7 @@ returning one JSON line per partition.
 Arguments: ``--config`` (the project config, TOML or JSON), ``--dataset-meta`` (the prepared
 dataset's ``dataset.json``), ``--output-dir`` (where model artifacts go), ``--run-id``.
 
-Per partition the script writes ``<output-dir>/<partition_id>.joblib`` (the ForecastBundle) and
+Per partition the script writes ``<output-dir>/<partition_id>.pkl`` (the ForecastBundle) and
 then the sidecar ``<partition_id>.json`` (the result row), each atomically. A sidecar therefore
 means "done": a partition that has one is never retrained, its stored row is returned instead,
 so a run killed half-way resumes at partition level. A failed partition gets a row but neither
@@ -20,12 +20,17 @@ chunk in progress rather than the whole file.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # loaded by file path, as Azure ML's parallel runtime does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import argparse
 import json
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pickle
@@ -129,7 +134,7 @@ def _finish(result: Any, state: _State) -> dict[str, Any]:
     if result.status == "failed":
         return row  # no files: the next run retries it
     if result.bundle is not None:
-        artifact = f"{pid}.joblib"
+        artifact = f"{pid}.pkl"
         _atomic_dump(state.output_dir / artifact,
                      lambda fh: pickle.dump(result.bundle, fh, protocol=pickle.HIGHEST_PROTOCOL))
         row["artifact"] = artifact

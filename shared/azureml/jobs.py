@@ -1,0 +1,462 @@
+"""Training and batch scoring on Azure ML: one parallel job (inside a pipeline job) per group.
+
+The parallel step runs **the same entry scripts** as the local runner (``shared/entry/train.py``
+and ``shared/entry/score.py``) with the same arguments; Azure ML mounts the lake and hands
+``run(mini_batch)`` a list of local file paths, exactly what :func:`shared.runner.run_parallel`
+does on one machine. Outputs go back to the lake at the paths the local pipeline uses:
+``runs/<run_id>/models/`` (artifacts and sidecars, written by the entry script),
+``runs/<score_id>/predictions/``, and ``runs/<id>/results/g<group>/rows.jsonl`` (the lines
+``run()`` returned, appended by the parallel runtime; ``register_run`` reads every ``.jsonl``
+under ``results/``).
+
+**Input: a uri_folder of mini-batch files, not an MLTable with ``partition_keys``.** Our lake
+already holds the data partitioned as the engine wants it: Parquet files of whole partitions, about
+``runner.rows_per_file`` rows each, so one ``run()`` call fits many small models in one process and
+the per-call overhead of the parallel runtime (hundreds of ms) is paid per file, not per model.
+``partition_keys`` would make Azure ML split a tabular MLTable by key at run time: one mini-batch
+per partition (10,000 calls for 10,000 models), a DataFrame instead of files (a second entry-script
+contract that the local runner does not have), and a full read-and-shuffle of the data on every
+run although ingestion already partitioned it once. When a group is every file of its folder
+(the usual case: one group per dataset, Azure ML spreading it over ``instance_count`` nodes) the
+input is that folder; when it is a subset (the Durable orchestrator fans out several groups),
+a file-list MLTable naming exactly the group's files is written next to the run and used as the
+input: still a list of files for ``run()``, no key-based splitting.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from shared.azureml.client import AzureMLError, AzureMLSettings, call_with_retry
+from shared.compute import JobHandle, job_id_for
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TRAIN_SCRIPT = "shared/entry/train.py"
+SCORE_SCRIPT = "shared/entry/score.py"
+RESULTS_FILE = "rows.jsonl"
+# Packages only the Functions host needs; the cluster never imports them.
+HOST_ONLY_PACKAGES = ("azure-functions", "azure-functions-durable")
+# What the parallel runtime itself imports on the node (its driver uses azureml-core; mltable
+# reads file-list MLTable inputs).
+PARALLEL_RUNTIME_PACKAGES = ("azureml-core", "mltable")
+SERVING_RUNTIME_PACKAGES = ("azureml-inference-server-http",)
+PYTHON_VERSION = "3.11"
+# One BLAS/OpenMP thread per worker process, as the local runner does: max_concurrency_per_instance
+# processes x N threads would oversubscribe the node's cores.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              # the snapshot root (the job's working directory) holds the ``shared`` package
+              "PYTHONPATH": "."}
+
+# Azure ML job states -> the states the Durable monitor understands (shared.compute.JOB_STATES).
+STATE_MAP = {
+    "NotStarted": "queued", "Queued": "queued", "Preparing": "queued", "Provisioning": "queued",
+    "Starting": "queued", "Paused": "queued",
+    "Running": "running", "Finalizing": "running",
+    # not terminal yet: the job may still write outputs; the monitor keeps polling
+    "CancelRequested": "running", "NotResponding": "running", "Unknown": "running",
+    "Completed": "completed", "Failed": "failed", "Canceled": "canceled",
+}
+MAX_ATTEMPTS = 10
+
+
+def map_job_state(status: str | None) -> str:
+    """An Azure ML job status onto queued | running | completed | failed | canceled.
+
+    Unrecognised or missing states count as running: the monitor's timeout, not a guess, ends a
+    job whose state we cannot read.
+    """
+    text = _status_text(status)
+    for name, state in STATE_MAP.items():
+        if name.lower() == text.lower():
+            return state
+    return "running"
+
+
+def _status_text(status: Any) -> str:
+    """The SDK returns a str-valued enum (``JobStatus.RUNNING``) or a plain string."""
+    return str(getattr(status, "value", status) or "")
+
+
+# -- environment and code ----------------------------------------------------------------------
+def read_requirements(path: Path | None = None) -> list[str]:
+    """The project's requirement lines (comments and blank lines dropped)."""
+    path = path or REPO_ROOT / "requirements.txt"
+    lines = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+def _package_name(requirement: str) -> str:
+    for sep in ("[", "<", ">", "=", "!", "~", ";", " "):
+        requirement = requirement.split(sep, 1)[0]
+    return requirement.strip().lower().replace("_", "-")
+
+
+def conda_spec(requirements: list[str], extra: tuple[str, ...]) -> dict[str, Any]:
+    """A conda environment: our Python, and pip installing requirements.txt plus runtime extras."""
+    pip = [r for r in requirements if _package_name(r) not in HOST_ONLY_PACKAGES]
+    pip += [e for e in extra if _package_name(e) not in {_package_name(r) for r in pip}]
+    return {"name": "manymodels", "channels": ["conda-forge"],
+            "dependencies": [f"python={PYTHON_VERSION}", "pip", {"pip": pip}]}
+
+
+def build_environment(aml: AzureMLSettings, purpose: str = "parallel", requirements: Path | None = None):
+    """The job (``purpose="parallel"``) or serving environment, built from requirements.txt.
+
+    The version is a hash of image and conda spec, so an unchanged environment is never rebuilt
+    and a changed one never overwrites the version a running job uses.
+    """
+    from azure.ai.ml.entities import Environment
+
+    if purpose not in ("parallel", "serving"):
+        raise AzureMLError(f"unknown environment purpose {purpose!r}")
+    extra = PARALLEL_RUNTIME_PACKAGES if purpose == "parallel" else SERVING_RUNTIME_PACKAGES
+    conda = conda_spec(read_requirements(requirements), extra)
+    digest = hashlib.sha256(json.dumps([aml.image, conda], sort_keys=True).encode()).hexdigest()[:16]
+    return Environment(name=f"manymodels-{purpose}", version=digest, image=aml.image, conda_file=conda,
+                       description=f"manymodels {purpose} environment from requirements.txt")
+
+
+def stage_code(dest: Path | None = None) -> Path:
+    """A snapshot folder holding only the ``shared`` package (plus requirements.txt).
+
+    Jobs upload this, not the repository: no tests, infra, node_modules or data. The SDK names
+    the upload by its content hash, so an unchanged snapshot is uploaded once. The default folder
+    is keyed by that content too, so repeated submissions reuse it.
+    """
+    sources = sorted(p for p in (REPO_ROOT / "shared").rglob("*.py") if "__pycache__" not in p.parts)
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
+        digest.update(path.read_bytes())
+    requirements = REPO_ROOT / "requirements.txt"
+    digest.update(requirements.read_bytes())
+    target = dest or Path(tempfile.gettempdir()) / "manymodels-code" / digest.hexdigest()[:16]
+    if (target / ".complete").is_file():
+        return target
+    work = Path(tempfile.mkdtemp(prefix=".stage-", dir=_ensure(target.parent)))
+    try:
+        for path in sources:
+            out = work / path.relative_to(REPO_ROOT)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, out)
+        shutil.copyfile(requirements, work / "requirements.txt")
+        (work / ".complete").write_text(digest.hexdigest(), encoding="utf-8")
+        try:
+            work.rename(target)  # atomic: a target folder is always a complete snapshot
+        except OSError:
+            if not (target / ".complete").is_file():  # not another process's identical snapshot
+                raise
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _ensure(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+# -- inputs ------------------------------------------------------------------------------------
+@dataclass
+class GroupInput:
+    """The data input of one group: a uri_folder, or a file-list MLTable for a subset of a folder."""
+
+    kind: str  # uri_folder | mltable
+    uri: str
+    files: list[str]
+    mltable_path: str | None = None  # the lake path of the MLTable file, when one was written
+
+    def to_input(self):
+        from azure.ai.ml import Input
+
+        mode = "ro_mount" if self.kind == "uri_folder" else "eval_mount"
+        return Input(type=self.kind, path=self.uri, mode=mode)
+
+
+def group_input(aml: AzureMLSettings, lake: Any, run_id: str, group_index: int,
+                batch_paths: list[str]) -> GroupInput:
+    """The folder when the group is all of it; else write ``runs/<run>/inputs/g<i>/MLTable``."""
+    if not batch_paths:
+        raise AzureMLError(f"group {group_index} of {run_id} has no files")
+    parents = {str(PurePosixPath(p).parent) for p in batch_paths}
+    if len(parents) == 1:
+        folder = parents.pop()
+        siblings = {p for p in lake.list(folder) if str(PurePosixPath(p).parent) == folder}
+        if siblings == set(batch_paths):
+            return GroupInput("uri_folder", aml.lake_uri(folder, folder=True), list(batch_paths))
+    folder = f"runs/{run_id}/inputs/g{group_index:05d}"
+    lines = ["# files of one group, written by shared.azureml.jobs", "paths:"]
+    lines += [f"  - file: {aml.long_lake_uri(p)}" for p in batch_paths]
+    lake.write_bytes(f"{folder}/MLTable", ("\n".join(lines) + "\n").encode("utf-8"))
+    return GroupInput("mltable", aml.lake_uri(folder, folder=True), list(batch_paths), f"{folder}/MLTable")
+
+
+# -- the jobs ----------------------------------------------------------------------------------
+@dataclass
+class JobPlan:
+    """Everything that defines one group's job, before it becomes SDK objects."""
+
+    kind: str  # train | score
+    run_id: str
+    group_index: int
+    data: GroupInput
+    files: dict[str, str]  # input name -> lake path of a single file (config, dataset meta)
+    folders: dict[str, str]  # input name -> azureml:// folder uri (registries)
+    outputs: dict[str, str]  # output name -> azureml:// folder uri
+    arguments: str
+    mini_batch_size: int
+    max_retries: int
+
+    @property
+    def name(self) -> str:
+        return job_id_for(self.kind, self.run_id, self.group_index)
+
+
+def plan_train(aml: AzureMLSettings, cfg: Any, run_id: str, dataset_id: str, group_index: int,
+               data: GroupInput) -> JobPlan:
+    """The training job's arguments mirror ``pipeline.train_group``'s, flag for flag."""
+    group = f"g{group_index:05d}"
+    return JobPlan(
+        kind="train", run_id=run_id, group_index=group_index, data=data,
+        files={"config": f"runs/{run_id}/config/manymodels.toml",
+               "dataset_meta": f"prepared/{dataset_id}/dataset.json"},
+        folders={},
+        outputs={"models": aml.lake_uri(f"runs/{run_id}/models", folder=True),
+                 "results": aml.lake_uri(f"runs/{run_id}/results/{group}", folder=True)},
+        arguments=(f"--config ${{{{inputs.config}}}} --dataset-meta ${{{{inputs.dataset_meta}}}} "
+                   f"--output-dir ${{{{outputs.models}}}} --run-id {run_id} "
+                   f"--append_row_file_name {RESULTS_FILE}"),
+        mini_batch_size=aml.mini_batch_size or cfg.runner.mini_batch_size,
+        max_retries=aml.max_retries if aml.max_retries is not None else cfg.runner.retries,
+    )
+
+
+def plan_score(aml: AzureMLSettings, cfg: Any, score_id: str, dataset_id: str, group_index: int,
+               data: GroupInput) -> JobPlan:
+    """The scoring job's arguments mirror ``pipeline.score_group``'s; registries are downloaded
+    (``ModelRegistry`` opens its SQLite index read-write, which a read-only mount refuses)."""
+    from shared.azureml.registry import DEV_PREFIX, PROD_PREFIX
+
+    group = f"g{group_index:05d}"
+    folders = {"prod_registry": aml.lake_uri(PROD_PREFIX, folder=True, datastore=aml.registry_datastore)}
+    arguments = "--config ${{inputs.config}} --dataset-meta ${{inputs.dataset_meta}} " \
+                "--prod-registry ${{inputs.prod_registry}} "
+    if cfg.promotion.fallback == "baseline":
+        folders["dev_registry"] = aml.lake_uri(DEV_PREFIX, folder=True)
+        arguments += "--dev-registry ${{inputs.dev_registry}} "
+    arguments += f"--output-dir ${{{{outputs.predictions}}}} --score-id {score_id} " \
+                 f"--append_row_file_name {RESULTS_FILE}"
+    return JobPlan(
+        kind="score", run_id=score_id, group_index=group_index, data=data,
+        files={"config": f"runs/{score_id}/config/manymodels.toml",
+               "dataset_meta": f"prepared/{dataset_id}/dataset.json"},
+        folders=folders,
+        outputs={"predictions": aml.lake_uri(f"runs/{score_id}/predictions", folder=True),
+                 "results": aml.lake_uri(f"runs/{score_id}/results/{group}", folder=True)},
+        arguments=arguments,
+        mini_batch_size=aml.mini_batch_size or cfg.runner.mini_batch_size,
+        max_retries=aml.max_retries if aml.max_retries is not None else cfg.runner.retries,
+    )
+
+
+def build_pipeline_job(aml: AzureMLSettings, plan: JobPlan, code: Path | str | None = None,
+                       environment: Any = None):
+    """The pipeline job holding one ``parallel_run_function`` step, built with the SDK's classes."""
+    from azure.ai.ml import Input, Output, dsl
+    from azure.ai.ml.entities import RetrySettings
+    from azure.ai.ml.parallel import RunFunction, parallel_run_function
+
+    code = str(code or stage_code())
+    environment = environment or build_environment(aml, "parallel")
+    script = TRAIN_SCRIPT if plan.kind == "train" else SCORE_SCRIPT
+    component_inputs = {"data": Input(type=plan.data.kind, mode=plan.data.to_input().mode)}
+    component_inputs.update({n: Input(type="uri_file", mode="download") for n in plan.files})
+    component_inputs.update({n: Input(type="uri_folder", mode="download") for n in plan.folders})
+    step = parallel_run_function(
+        name=f"manymodels_{plan.kind}",
+        display_name=f"{plan.kind} {plan.run_id} g{plan.group_index:05d}",
+        description=f"manymodels {plan.kind}: init()/run(mini_batch) of {script} over mini-batch files",
+        inputs=component_inputs,
+        outputs={n: Output(type="uri_folder", mode="rw_mount") for n in plan.outputs},
+        input_data="${{inputs.data}}",
+        instance_count=aml.instance_count,
+        instance_type=aml.instance_type,
+        max_concurrency_per_instance=aml.max_concurrency,
+        mini_batch_size=str(plan.mini_batch_size),
+        mini_batch_error_threshold=aml.mini_batch_error_threshold,
+        error_threshold=aml.error_threshold,
+        retry_settings=RetrySettings(max_retries=plan.max_retries, timeout=aml.mini_batch_timeout),
+        logging_level=aml.logging_level,
+        environment_variables=dict(WORKER_ENV),
+        # Never reuse an earlier job's outputs: ours go to fixed lake paths, and the entry scripts'
+        # sidecars already make a rerun skip finished partitions.
+        is_deterministic=False,
+        task=RunFunction(code=code, entry_script=script, environment=environment,
+                         program_arguments=plan.arguments, append_row_to="${{outputs.results}}"),
+    )
+    job_inputs = {"data": plan.data.to_input()}
+    job_inputs.update({n: Input(type="uri_file", path=aml.lake_uri(p), mode="download")
+                       for n, p in plan.files.items()})
+    job_inputs.update({n: Input(type="uri_folder", path=uri, mode="download")
+                       for n, uri in plan.folders.items()})
+
+    def wire(node: Any) -> dict[str, Any]:
+        node.compute = aml.compute
+        for name, uri in plan.outputs.items():
+            setattr(node.outputs, name, Output(type="uri_folder", path=uri, mode="rw_mount"))
+        return {}
+
+    # dsl.pipeline reads the inputs from the function's signature (no **kwargs, no annotations),
+    # hence one small function per input set.
+    def train(data, config, dataset_meta):
+        return wire(step(data=data, config=config, dataset_meta=dataset_meta))
+
+    def score(data, config, dataset_meta, prod_registry):
+        return wire(step(data=data, config=config, dataset_meta=dataset_meta, prod_registry=prod_registry))
+
+    def score_with_fallback(data, config, dataset_meta, prod_registry, dev_registry):
+        return wire(step(data=data, config=config, dataset_meta=dataset_meta, prod_registry=prod_registry,
+                         dev_registry=dev_registry))
+
+    body = train if plan.kind == "train" else score_with_fallback if "dev_registry" in plan.folders else score
+    manymodels_pipeline = dsl.pipeline(
+        name=f"manymodels_{plan.kind}", compute=aml.compute,
+        description=f"manymodels {plan.kind} of {plan.run_id}, group {plan.group_index}")(body)
+    job = manymodels_pipeline(**job_inputs)
+    job.name = plan.name
+    job.display_name = f"manymodels {plan.kind} {plan.run_id} g{plan.group_index:05d}"
+    job.experiment_name = aml.experiment
+    job.tags = {"manymodels": plan.kind, "run_id": plan.run_id, "group": str(plan.group_index),
+                "files": str(len(plan.data.files)), "input": plan.data.kind}
+    job.settings.default_compute = aml.compute
+    job.settings.continue_on_step_failure = False
+    return job
+
+
+# -- submit and poll ------------------------------------------------------------------------------
+def submit_parallel_job(ws: Any, kind: str, run_id: str, group_index: int,
+                        batch_paths: list[str]) -> JobHandle:
+    """Submit one group as an Azure ML pipeline job; idempotent by job name.
+
+    A redelivered submit finds the job it already made (queued, running or completed) and returns
+    it. Only when that job failed or was canceled is a new attempt submitted, named
+    ``<job id>-a<n>``: a Durable retry of a failed group gets a fresh job, never a duplicate of a
+    live one.
+    """
+    from shared.azureml.client import AzureMLBackend
+
+    if kind not in ("train", "score"):
+        raise AzureMLError(f"unknown job kind {kind!r}")
+    backend = AzureMLBackend.for_workspace(ws)
+    client = backend.client("dev")
+    base = job_id_for(kind, run_id, group_index)
+    name = base
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        name = base if attempt == 1 else f"{base}-a{attempt}"
+        existing = _get_job(client, name, backend)
+        if existing is None:
+            break
+        state = map_job_state(existing.status)
+        if state not in ("failed", "canceled"):
+            return _handle(ws, existing, kind, run_id, group_index)
+    else:
+        raise AzureMLError(f"{base}: {MAX_ATTEMPTS} attempts failed or were canceled; not submitting another")
+    job = build_job_for_group(ws, backend.aml, kind, run_id, group_index, batch_paths, code=backend.code)
+    job.name = name
+    created = call_with_retry(
+        lambda: client.jobs.create_or_update(job, experiment_name=backend.aml.experiment),
+        f"submit {name}", backend.retry)
+    return _handle(ws, created, kind, run_id, group_index)
+
+
+def build_job_for_group(ws: Any, aml: AzureMLSettings, kind: str, run_id: str, group_index: int,
+                        batch_paths: list[str], code: Path | str | None = None):
+    """Write the group's config (and MLTable, if needed) to the lake and build its pipeline job."""
+    meta = json.loads(ws.lake.read_bytes(f"runs/{run_id}/run.json"))
+    if kind == "train":
+        cfg = ws.config
+    else:
+        from shared.config import ProjectConfig
+
+        cfg = ProjectConfig.from_dict(meta["config"])
+    config_path = f"runs/{run_id}/config/manymodels.toml"
+    text = cfg.to_toml().encode("utf-8")
+    if not ws.lake.exists(config_path) or ws.lake.read_bytes(config_path) != text:
+        ws.lake.write_bytes(config_path, text)
+    data = group_input(aml, ws.lake, run_id, group_index, batch_paths)
+    planner = plan_train if kind == "train" else plan_score
+    plan = planner(aml, cfg, run_id, meta["dataset_id"], group_index, data)
+    return build_pipeline_job(aml, plan, code=code)
+
+
+def parallel_job_status(ws: Any, job_id: str) -> JobHandle:
+    """Poll one job and map its state; a finished group's result rows are summarised."""
+    from shared.azureml.client import AzureMLBackend
+
+    backend = AzureMLBackend.for_workspace(ws)
+    job = _get_job(backend.client("dev"), job_id, backend)
+    if job is None:
+        raise AzureMLError(f"no Azure ML job named {job_id} in workspace {backend.aml.workspace_dev}")
+    kind, run_id, group_index = _identity(job)
+    return _handle(ws, job, kind, run_id, group_index)
+
+
+def _get_job(client: Any, name: str, backend: Any) -> Any | None:
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        return call_with_retry(lambda: client.jobs.get(name), f"get job {name}", backend.retry)
+    except ResourceNotFoundError:
+        return None
+
+
+_JOB_NAME = re.compile(r"^(train|score)-(.+)-g(\d+)(?:-a\d+)?$")
+
+
+def _identity(job: Any) -> tuple[str, str, int]:
+    """kind, run id and group from the job's tags (set at submission), else from its name."""
+    tags = dict(getattr(job, "tags", None) or {})
+    if tags.get("manymodels") and tags.get("run_id") and tags.get("group") is not None:
+        return tags["manymodels"], tags["run_id"], int(tags["group"])
+    match = _JOB_NAME.match(str(job.name))
+    if match is None:
+        raise AzureMLError(f"job {job.name} is not a manymodels job (no tags, unknown name)")
+    return match.group(1), match.group(2), int(match.group(3))
+
+
+def _handle(ws: Any, job: Any, kind: str, run_id: str, group_index: int) -> JobHandle:
+    status = getattr(job, "status", None)
+    state = map_job_state(status)
+    handle = JobHandle(job_id=str(job.name), kind=kind, run_id=run_id, group_index=group_index, state=state)
+    url = getattr(job, "studio_url", None) or ""
+    handle.detail = f"Azure ML {_status_text(status) or 'submitted'}" + (f": {url}" if url else "")
+    if state == "completed":
+        handle.summary = _summary(ws, run_id, group_index)
+    return handle
+
+
+def _summary(ws: Any, run_id: str, group_index: int) -> dict[str, Any]:
+    """Counts by status from the rows the parallel runtime appended for this group."""
+    prefix = f"runs/{run_id}/results/g{group_index:05d}"
+    statuses: dict[str, int] = {}
+    rows = 0
+    for path in ws.lake.list(prefix):
+        if not path.endswith(".jsonl"):
+            continue
+        for line in ws.lake.read_bytes(path).decode("utf-8").splitlines():
+            if line.strip():
+                status = str(json.loads(line).get("status", "unknown"))
+                rows += 1
+                statuses[status] = statuses.get(status, 0) + 1
+    return {"run_id": run_id, "group_index": group_index, "partitions": rows, "statuses": statuses}

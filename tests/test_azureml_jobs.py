@@ -1,0 +1,268 @@
+"""The Azure ML parallel jobs, built offline with the SDK's own classes, validated and serialized."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("azure.ai.ml")
+# the SDK's marshmallow schemas warn on every build; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:The `context` parameter is deprecated")
+
+from azure.ai.ml import load_job  # noqa: E402
+
+from shared.azureml.client import AzureMLError, AzureMLSettings  # noqa: E402
+from shared.azureml.jobs import (RESULTS_FILE, STATE_MAP, WORKER_ENV, build_environment,  # noqa: E402
+                                 build_job_for_group, build_pipeline_job, conda_spec, group_input,
+                                 map_job_state, plan_score, plan_train, read_requirements, stage_code)
+from shared.compute import JOB_STATES  # noqa: E402
+from shared.config import ProjectConfig  # noqa: E402
+from shared.lake import LocalLake  # noqa: E402
+from shared.pipeline import Workspace  # noqa: E402
+from shared.settings import Settings  # noqa: E402
+
+RUN = "r0123456789abcdef"
+DATASET = "d00112233445566aa"
+AML_ENV = {"MM_AZUREML_INSTANCE_COUNT": "3", "MM_AZUREML_MAX_CONCURRENCY": "8", "MM_AZUREML_MAX_RETRIES": "4",
+           "MM_AZUREML_MINI_BATCH_TIMEOUT": "900", "MM_AZUREML_MINI_BATCH_ERROR_THRESHOLD": "2",
+           "MM_AZUREML_LOGGING_LEVEL": "DEBUG"}
+
+
+@pytest.fixture(scope="module")
+def aml() -> AzureMLSettings:
+    settings = Settings(workdir=Path("/unused"), compute_backend="azureml", registry_backend="azureml",
+                        azureml_subscription_id="sub-1", azureml_resource_group="rg-mm",
+                        azureml_workspace_dev="mlw-dev", azureml_workspace_prod="mlw-prod",
+                        azureml_compute="cpu-cluster", azure_client_id="client-1")
+    return AzureMLSettings.from_settings(settings, environ=AML_ENV)
+
+
+@pytest.fixture(scope="module")
+def code(tmp_path_factory) -> Path:
+    return stage_code(tmp_path_factory.mktemp("code") / "snapshot")
+
+
+@pytest.fixture
+def lake(tmp_path) -> LocalLake:
+    lake = LocalLake(tmp_path / "lake")
+    for i in range(3):
+        lake.write_bytes(f"prepared/{DATASET}/batches/batch-{i:05d}.parquet", b"PAR1")
+    lake.write_bytes(f"prepared/{DATASET}/dataset.json", b"{}")
+    return lake
+
+
+def _batches(n: int = 3) -> list[str]:
+    return [f"prepared/{DATASET}/batches/batch-{i:05d}.parquet" for i in range(n)]
+
+
+def _rest(job) -> dict:
+    rest = job._to_rest_object()
+    return json.loads(json.dumps(rest.as_dict(), default=str))
+
+
+def _node(rest: dict) -> dict:
+    jobs = rest["properties"]["jobs"]
+    assert len(jobs) == 1, "one parallel step per pipeline job"
+    return next(iter(jobs.values()))
+
+
+def test_training_job_validates_and_carries_the_parallel_settings(aml, code, lake):
+    cfg = ProjectConfig()
+    data = group_input(aml, lake, RUN, 0, _batches())
+    job = build_pipeline_job(aml, plan_train(aml, cfg, RUN, DATASET, 0, data), code=code)
+    result = job._validate()
+    assert result.passed, result.error_messages
+
+    rest = _rest(job)
+    props = rest["properties"]
+    assert props["jobType"] == "Pipeline"
+    assert props["computeId"] == "cpu-cluster"
+    assert props["inputs"]["data"] == {"uri": f"azureml://datastores/lake_prepared/paths/{DATASET}/batches/",
+                                       "mode": "ReadOnlyMount", "jobInputType": "uri_folder"}
+    assert props["inputs"]["config"]["uri"] == \
+        f"azureml://datastores/lake_runs/paths/{RUN}/config/manymodels.toml"
+    assert props["inputs"]["dataset_meta"]["uri"] == \
+        f"azureml://datastores/lake_prepared/paths/{DATASET}/dataset.json"
+    assert props["inputs"]["config"]["mode"] == "Download"
+
+    node = _node(rest)
+    assert node["type"] == "parallel"
+    assert node["task"]["entry_script"] == "shared/entry/train.py"
+    assert Path(node["task"]["code"]) == code
+    assert node["task"]["append_row_to"] == "${{outputs.results}}"
+    args = node["task"]["program_arguments"].split()
+    assert args == ["--config", "${{inputs.config}}", "--dataset-meta", "${{inputs.dataset_meta}}",
+                    "--output-dir", "${{outputs.models}}", "--run-id", RUN,
+                    "--append_row_file_name", RESULTS_FILE]
+    assert node["input_data"] == "${{inputs.data}}"
+    assert node["mini_batch_size"] == cfg.runner.mini_batch_size
+    assert node["resources"]["instance_count"] == 3
+    assert node["max_concurrency_per_instance"] == 8
+    assert node["retry_settings"] == {"max_retries": 4, "timeout": 900}
+    assert node["mini_batch_error_threshold"] == 2
+    assert node["error_threshold"] == -1
+    assert node["logging_level"] == "DEBUG"
+    assert node["environment_variables"] == WORKER_ENV
+    assert node["outputs"]["models"] == {"uri": f"azureml://datastores/lake_runs/paths/{RUN}/models/",
+                                         "mode": "ReadWriteMount", "job_output_type": "uri_folder"}
+    assert node["outputs"]["results"]["uri"] == f"azureml://datastores/lake_runs/paths/{RUN}/results/g00000/"
+
+    environment = node["task"]["environment"]
+    assert environment["image"] == aml.image
+    pip = environment["conda_file"]["dependencies"][-1]["pip"]
+    assert {"azureml-core", "mltable"} <= set(pip)
+    assert any(p.startswith("scikit-learn") for p in pip) and any(p.startswith("pandas") for p in pip)
+    assert not any(p.startswith("azure-functions") for p in pip), "host-only packages stay off the cluster"
+    assert job.name == f"train-{RUN}-g00000"
+    assert job.tags == {"manymodels": "train", "run_id": RUN, "group": "0", "files": "3",
+                        "input": "uri_folder"}
+    assert job.jobs[next(iter(job.jobs))].component.is_deterministic is False
+
+
+def test_scoring_job_downloads_both_registries_and_writes_predictions(aml, code, lake):
+    cfg = ProjectConfig()
+    score_id = "s0123456789abcdef"
+    paths = [f"scoring/{score_id}/batches/batch-00000.parquet"]
+    lake.write_bytes(paths[0], b"PAR1")
+    data = group_input(aml, lake, score_id, 4, paths)
+    job = build_pipeline_job(aml, plan_score(aml, cfg, score_id, DATASET, 4, data), code=code)
+    assert job._validate().passed
+    rest = _rest(job)
+    node = _node(rest)
+    assert node["task"]["entry_script"] == "shared/entry/score.py"
+    args = node["task"]["program_arguments"].split()
+    flags = dict(zip(args[::2], args[1::2]))
+    assert flags == {"--config": "${{inputs.config}}", "--dataset-meta": "${{inputs.dataset_meta}}",
+                     "--prod-registry": "${{inputs.prod_registry}}",
+                     "--dev-registry": "${{inputs.dev_registry}}",
+                     "--output-dir": "${{outputs.predictions}}", "--score-id": score_id,
+                     "--append_row_file_name": RESULTS_FILE}
+    inputs = rest["properties"]["inputs"]
+    assert inputs["prod_registry"] == {"uri": "azureml://datastores/lake_registry/paths/prod/",
+                                       "mode": "Download", "jobInputType": "uri_folder"}
+    assert inputs["dev_registry"]["uri"] == "azureml://datastores/lake_registry/paths/dev/"
+    runs = f"azureml://datastores/lake_runs/paths/{score_id}"
+    assert node["outputs"]["predictions"]["uri"] == f"{runs}/predictions/"
+    assert node["outputs"]["results"]["uri"] == f"{runs}/results/g00004/"
+    assert job.name == f"score-{score_id}-g00004"
+
+    # without the baseline fallback the dev registry is not downloaded at all
+    no_fallback = cfg.with_overrides({"promotion.fallback": "none"})
+    plan = plan_score(aml, no_fallback, score_id, DATASET, 4, group_input(aml, lake, score_id, 4, paths))
+    assert "dev_registry" not in plan.folders and "--dev-registry" not in plan.arguments
+    # a separate production datastore is honoured
+    separate = aml.with_changes(prod_datastore="prod_registry")
+    plan = plan_score(separate, cfg, score_id, DATASET, 4, group_input(separate, lake, score_id, 4, paths))
+    assert plan.folders["prod_registry"] == "azureml://datastores/prod_registry/paths/prod/"
+
+
+def test_a_group_that_is_part_of_a_folder_reads_a_file_list_mltable(aml, code, lake):
+    subset = _batches()[1:]
+    data = group_input(aml, lake, RUN, 1, subset)
+    assert data.kind == "mltable"
+    assert data.uri == f"azureml://datastores/lake_runs/paths/{RUN}/inputs/g00001/"
+    table = yaml.safe_load(lake.read_bytes(data.mltable_path))
+    workspace = "azureml://subscriptions/sub-1/resourcegroups/rg-mm/workspaces/mlw-dev"
+    assert table == {"paths": [{"file": f"{workspace}/datastores/lake_prepared/paths/{p.split('/', 1)[1]}"}
+                               for p in subset]}
+    job = build_pipeline_job(aml, plan_train(aml, ProjectConfig(), RUN, DATASET, 1, data), code=code)
+    assert job._validate().passed
+    assert _rest(job)["properties"]["inputs"]["data"] == \
+        {"uri": data.uri, "mode": "EvalMount", "jobInputType": "mltable"}
+    with pytest.raises(AzureMLError, match="no files"):
+        group_input(aml, lake, RUN, 2, [])
+
+
+def test_the_job_dumps_to_yaml_and_loads_back_valid(aml, code, lake, tmp_path):
+    job = build_pipeline_job(aml, plan_train(aml, ProjectConfig(), RUN, DATASET, 0,
+                                             group_input(aml, lake, RUN, 0, _batches())), code=code)
+    path = tmp_path / "job.yml"
+    job.dump(path)
+    spec = yaml.safe_load(path.read_text())
+    assert spec["type"] == "pipeline" and spec["compute"] == "azureml:cpu-cluster"
+    node = next(iter(spec["jobs"].values()))
+    assert node["type"] == "parallel"
+    assert node["mini_batch_size"] == "1" and node["max_concurrency_per_instance"] == 8
+    assert node["resources"] == {"instance_count": 3}
+    assert node["retry_settings"] == {"max_retries": 4, "timeout": 900}
+    assert node["task"]["entry_script"] == "shared/entry/train.py"
+    assert node["outputs"]["models"]["path"] == f"azureml://datastores/lake_runs/paths/{RUN}/models/"
+    loaded = load_job(path)
+    assert loaded._validate().passed
+    assert _node(_rest(loaded))["task"]["program_arguments"] == _node(_rest(job))["task"]["program_arguments"]
+
+
+def test_a_workspace_group_writes_its_config_to_the_lake_first(aml, code, tmp_path):
+    cfg = ProjectConfig().with_overrides({"forecast.horizon": 6, "runner.mini_batch_size": 2})
+    ws = Workspace(tmp_path, cfg, LocalLake(tmp_path / "lake"))
+    for path in _batches():
+        ws.lake.write_bytes(path, b"PAR1")
+    ws.lake.write_bytes(f"runs/{RUN}/run.json", json.dumps({"run_id": RUN, "dataset_id": DATASET,
+                                                            "config": cfg.to_dict()}).encode())
+    job = build_job_for_group(ws, aml, "train", RUN, 0, _batches(), code=code)
+    assert ProjectConfig.from_dict(__import__("tomllib").loads(
+        ws.lake.read_bytes(f"runs/{RUN}/config/manymodels.toml").decode())).forecast.horizon == 6
+    assert _node(_rest(job))["mini_batch_size"] == 2, "the project's mini-batch size unless overridden"
+    assert build_job_for_group(ws, aml.with_changes(mini_batch_size=5), "train", RUN, 0, _batches(),
+                               code=code).jobs[next(iter(job.jobs))].mini_batch_size == 5
+
+
+def test_every_azure_ml_state_maps_onto_a_monitor_state():
+    azure_states = ["NotStarted", "Queued", "Preparing", "Provisioning", "Starting", "Running", "Finalizing",
+                    "CancelRequested", "Completed", "Failed", "Canceled", "NotResponding", "Paused",
+                    "Unknown"]
+    assert set(STATE_MAP) == set(azure_states)
+    assert {map_job_state(s) for s in azure_states} <= set(JOB_STATES)
+    assert [map_job_state(s) for s in ("Queued", "Running", "Completed", "Failed", "Canceled")] == \
+        ["queued", "running", "completed", "failed", "canceled"]
+    assert map_job_state("completed") == "completed", "case-insensitive"
+    assert map_job_state("CancelRequested") == "running", "not terminal until Canceled"
+    assert map_job_state(None) == "running" and map_job_state("SomethingNew") == "running"
+
+
+def test_the_environment_is_requirements_txt_and_its_version_follows_the_content(aml, tmp_path):
+    requirements = read_requirements()
+    assert any(r.startswith("azure-ai-ml") for r in requirements)
+    assert not any(r.startswith("#") for r in requirements)
+    spec = conda_spec(["pandas>=2", "azure-functions>=1.2", "azureml-core==1.60"],
+                      ("azureml-core", "mltable"))
+    assert spec["dependencies"][-1] == {"pip": ["pandas>=2", "azureml-core==1.60", "mltable"]}
+    env = build_environment(aml)
+    assert env.name == "manymodels-parallel" and env.image == aml.image
+    assert build_environment(aml).version == env.version
+    other = tmp_path / "requirements.txt"
+    other.write_text("pandas>=2\n")
+    assert build_environment(aml, requirements=other).version != env.version
+    serving = build_environment(aml, "serving")
+    assert "azureml-inference-server-http" in serving.conda_file["dependencies"][-1]["pip"]
+    with pytest.raises(AzureMLError):
+        build_environment(aml, "gpu")
+
+
+def test_the_code_snapshot_is_the_shared_package_only(code):
+    assert (code / "shared" / "entry" / "train.py").is_file()
+    assert (code / "shared" / "azureml" / "online_score.py").is_file()
+    assert (code / "requirements.txt").is_file()
+    assert not (code / "tests").exists() and not list(code.rglob("__pycache__"))
+    assert stage_code(code) == code, "a complete snapshot is reused"
+
+
+def test_settings_name_what_is_missing_and_map_lake_paths_to_datastores(aml):
+    with pytest.raises(AzureMLError, match="MM_AZUREML_WORKSPACE_PROD"):
+        AzureMLSettings.from_env({"MM_AZUREML_SUBSCRIPTION_ID": "s", "MM_AZUREML_RESOURCE_GROUP": "g",
+                                  "MM_AZUREML_WORKSPACE_DEV": "d"})
+    with pytest.raises(AzureMLError, match="must differ"):
+        AzureMLSettings.from_env({"MM_AZUREML_SUBSCRIPTION_ID": "s", "MM_AZUREML_RESOURCE_GROUP": "g",
+                                  "MM_AZUREML_WORKSPACE_DEV": "w", "MM_AZUREML_WORKSPACE_PROD": "w"})
+    with pytest.raises(AzureMLError, match="MM_AZUREML_INSTANCE_COUNT"):
+        AzureMLSettings.from_env({"MM_AZUREML_SUBSCRIPTION_ID": "s", "MM_AZUREML_RESOURCE_GROUP": "g",
+                                  "MM_AZUREML_WORKSPACE_DEV": "d", "MM_AZUREML_WORKSPACE_PROD": "p",
+                                  "MM_AZUREML_INSTANCE_COUNT": "many"})
+    assert aml.client_id == "client-1" and aml.instance_count == 3 and aml.registry is None
+    assert aml.lake_uri("prepared/d1/batches", folder=True) == \
+        "azureml://datastores/lake_prepared/paths/d1/batches/"
+    assert aml.lake_uri("registry/prod/assets/v1", datastore="prod_registry") == \
+        "azureml://datastores/prod_registry/paths/prod/assets/v1"
+    assert aml.registry_datastore == "lake_registry"

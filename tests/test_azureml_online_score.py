@@ -1,0 +1,147 @@
+"""The online endpoint's scoring script: init() loads nothing but the index, run() loads on demand.
+
+The production registry folder is laid out in a local lake exactly as in blob storage
+(``registry/prod/`` with ``HEAD``, ``index.sqlite`` and the artifacts), and the script is driven
+through its Azure ML contract: environment variables, ``init()``, ``run(raw_json)``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from shared.azureml import online_score
+from shared.lake import read_parquet
+from shared.pipeline import Workspace, ingest, promote, score, train
+from shared.synthetic import write_panel
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = {"runner.progress": False, "runner.rows_per_file": 400, "runner.workers": 2}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data") / "sales.parquet"
+    write_panel(data, partitions=8, periods=104, freq="W", seed=21)
+    ws = Workspace.open(tmp_path_factory.mktemp("ws"), overrides=OVERRIDES)
+    ingest(ws, data)
+    plan, _, _ = train(ws)
+    promote(ws, plan.run_id, min_accuracy=0.0)
+    scoring, _ = score(ws)
+    predictions = read_parquet(ws.lake, f"predictions/{scoring.score_id}/predictions.parquet")
+    return ws, predictions
+
+
+@pytest.fixture
+def serving(trained, tmp_path, monkeypatch):
+    ws, _ = trained
+    lake_root = tmp_path / "storage"
+    _publish(ws.prod.root, lake_root, head="v1")
+    monkeypatch.setenv("MM_SERVING_LAKE_DIR", str(lake_root))
+    monkeypatch.setenv("MM_SERVING_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MM_PARTITION_KEYS", "store,item")
+    monkeypatch.setenv("MM_SERVING_CACHE_MODELS", "3")
+    monkeypatch.setenv("MM_SERVING_REFRESH_SECONDS", "0")
+    monkeypatch.delenv("MM_SERVING_STORAGE_URL", raising=False)
+    online_score.init()
+    yield lake_root
+    monkeypatch.setattr(online_score, "_state", None)
+
+
+def _publish(registry_root: Path, lake_root: Path, head: str) -> None:
+    """The production folder as the promotion function leaves it in storage: artifacts, a
+    single-file snapshot of the index (WAL included), HEAD last."""
+    target = lake_root / "registry" / "prod"
+    shutil.copytree(registry_root / "artifacts", target / "artifacts", dirs_exist_ok=True)
+    source, copy = sqlite3.connect(registry_root / "index.sqlite"), sqlite3.connect(target / "index.sqlite")
+    source.backup(copy)
+    copy.close()
+    source.close()
+    (target / "HEAD").write_text(head)
+
+
+def _request(**body) -> str:
+    return json.dumps(body)
+
+
+def test_init_reads_the_index_and_loads_no_model(serving, tmp_path):
+    stats = online_score.cache_stats()
+    assert stats["models"] == 0 and stats["loads"] == 0
+    artifacts = list((tmp_path / "cache").rglob("*.pkl"))
+    assert artifacts == [], "no artifact is even downloaded at start-up"
+
+
+def test_a_request_gets_the_batch_scoring_forecast_of_its_partition(serving, trained):
+    ws, predictions = trained
+    row = predictions[predictions["is_fallback"] == 0].iloc[0]
+    answer = online_score.run(_request(partition={"store": row["store"], "item": row["item"]}))
+    assert answer.get("partition_id") == row["partition_id"], answer
+    assert answer["model_version"] == row["model_version"] and answer["model"] == row["model"]
+    batch = predictions[predictions["partition_id"] == row["partition_id"]].sort_values("date")
+    assert [p["date"] for p in answer["predictions"]] == batch["date"].dt.strftime("%Y-%m-%d").tolist()
+    assert [p["prediction"] for p in answer["predictions"]] == pytest.approx(batch["prediction"].tolist())
+
+    rows = [{"date": d, "price": 2.5, "promo": 0} for d in batch["date"].dt.strftime("%Y-%m-%d").tolist()[:3]]
+    by_rows = online_score.run(_request(partition_id=row["partition_id"], rows=rows))
+    assert len(by_rows["predictions"]) == 3
+    assert len(online_score.run(_request(partition_id=row["partition_id"], horizon=2))["predictions"]) == 2
+
+
+def test_errors_are_answered_with_their_status_and_the_field(serving, trained):
+    _, predictions = trained
+    pid = predictions["partition_id"].iloc[0]
+    assert online_score.run("{not json")["status"] == 400
+    assert online_score.run(_request(partition={"store": "s1"}))["error"] == \
+        "partition: missing key(s) ['item']"
+    missing = online_score.run(_request(partition={"store": "nowhere", "item": "nothing"}))
+    assert missing["status"] == 404 and "no production model for partition p" in missing["error"]
+    assert online_score.run(_request(partition_id=pid, horizon=0))["status"] == 400
+    both = online_score.run(_request(partition_id=pid, horizon=2, rows=[{"date": "2030-01-01"}]))
+    assert both["status"] == 400 and "not both" in both["error"]
+    assert online_score.run(_request(partition_id=pid, rows=[{"date": "2030-01-01"}]))["status"] == 400, \
+        "covariates missing from the rows"
+
+
+def test_models_load_on_demand_once_and_the_cache_stays_bounded(serving, trained):
+    _, predictions = trained
+    pids = list(dict.fromkeys(predictions.loc[predictions["is_fallback"] == 0, "partition_id"]))[:5]
+    assert len(pids) == 5
+    first = _request(partition_id=pids[0])
+    threads = [threading.Thread(target=online_score.run, args=(first,)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert online_score.cache_stats()["loads"] == 1, "concurrent first requests load the model once"
+    for pid in pids:
+        online_score.run(_request(partition_id=pid))
+    stats = online_score.cache_stats()
+    assert stats["loads"] == 5 and stats["models"] == 3 and stats["evictions"] == 2
+    assert (stats["hits"], stats["misses"]) == (8, 5), "7 waiting first requests + 1 repeat hit"
+
+
+def test_a_newly_promoted_version_is_picked_up_through_head(serving, trained, tmp_path):
+    ws, predictions = trained
+    pid = predictions.loc[predictions["is_fallback"] == 0, "partition_id"].iloc[0]
+    before = online_score.run(_request(partition_id=pid))["model_version"]
+    record = ws.prod.latest(pid)
+    staging = tmp_path / "next-prod"
+    _publish(ws.prod.root, staging, head="unused")
+    staging = staging / "registry" / "prod"
+    from shared.registry import ModelRegistry
+
+    nxt = ModelRegistry(staging, "prod")
+    row = record.to_row()
+    row.update(run_id="r-next", tags={**record.tags, "run_id": "r-next"})
+    nxt.register_many([(row, staging / record.artifact)])
+    nxt.close()
+    _publish(staging, serving, head="v2")
+    after = online_score.run(_request(partition_id=pid))
+    assert after["model_version"] == before + 1 and after["run_id"] == "r-next"
+    assert isinstance(pd.Timestamp(after["predictions"][0]["date"]), pd.Timestamp)
