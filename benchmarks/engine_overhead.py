@@ -75,6 +75,15 @@ def peer_task(part: pd.DataFrame, cfg) -> tuple[str, float, float]:
     return result.status, prep, result.fit_seconds
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU of this process and its reaped children (the runner's workers)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--partitions", type=int, default=400)
@@ -96,9 +105,11 @@ def main() -> None:
         n, w = ingested.partitions, args.workers
 
         # (1)-(4): the training code serially in this process, with its own time breakdown.
+        cpu_before = _cpu_seconds()
         t = time.perf_counter()
         results = [r for frame in batches for r in train_batch(frame, cfg, {})]
         serial = time.perf_counter() - t
+        serial_cpu = _cpu_seconds() - cpu_before
         tb = time_breakdown(results)
         parts = [g for frame in batches for _, g in frame.groupby(PARTITION_ID, sort=False)]
         t = time.perf_counter()
@@ -107,9 +118,11 @@ def main() -> None:
         pandas_prep = time.perf_counter() - t
 
         # (5): the runner, on the same batch files, through the pipeline stage the CLI uses.
+        cpu_before = _cpu_seconds()
         t = time.perf_counter()
         summary = train_group(ws, plan.run_id, [p for g in plan.groups for p in g], progress=False)
         runner_wall = time.perf_counter() - t
+        runner_cpu = _cpu_seconds() - cpu_before
         assert summary.partitions == n, summary
 
         # (6): the joblib peer over partitions.
@@ -141,6 +154,9 @@ def main() -> None:
               f"{'PASS' if runner_wall <= 1.10 * floor else 'MISS'}")
         print(f"runner vs joblib peer:            {runner_wall / peer_wall:.3f}  (target < 1.00)  "
               f"{'PASS' if runner_wall < peer_wall else 'MISS'}")
+        print(f"CPU seconds, runner (parent + workers) vs in-process training: {runner_cpu:.1f} vs "
+              f"{serial_cpu:.1f} = {runner_cpu / serial_cpu:.3f} (the engine's own work, immune to other load)")
+        print(f"machine load average during the run: {os.getloadavg()[0]:.2f}")
         if args.json:
             print(json.dumps({"partitions": n, "workers": w, "ideal_s": ideal, "serial_s": serial,
                               "pandas_prep_s": pandas_prep, "runner_s": runner_wall, "peer_s": peer_wall,
