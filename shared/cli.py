@@ -190,11 +190,10 @@ def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
     registry = ws.prod if args.registry == "prod" else ws.dev
     tags = dict(_parse_tag(t) for t in (args.tag or []))
     if args.action == "show":
-        if not args.partition:
-            raise _UsageError("models show needs a partition: an id (p...) or key=value pairs via --tag")
-        record = registry.latest(args.partition) if args.version is None else registry.get(args.partition, args.version)
+        partition = args.partition or _partition_from_tags(ws, tags)
+        record = registry.latest(partition) if args.version is None else registry.get(partition, args.version)
         if record is None:
-            raise _UsageError(f"no model for partition {args.partition} in the {args.registry} registry")
+            raise _UsageError(f"no model for partition {partition} in the {args.registry} registry")
         row = _record_dict(record)
         _say(args, json.dumps(row, indent=2, default=str))
         return row
@@ -214,6 +213,16 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
 
     serve(Path(args.workdir), host=args.host, port=args.port, cache_mb=args.cache_mb)
     return {}
+
+
+def _partition_from_tags(ws: Any, tags: dict[str, str]) -> str:
+    """`models show --tag store=S001 --tag item=I0001`: every key column names one partition."""
+    from shared.keys import partition_id
+
+    keys = ws.config.data.keys
+    if not tags or set(tags) != set(keys):
+        raise _UsageError(f"models show needs a partition id (p...) or one --tag per key column {keys}")
+    return partition_id([tags[k] for k in keys])
 
 
 def _record_dict(record: Any) -> dict[str, Any]:

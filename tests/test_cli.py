@@ -90,3 +90,22 @@ def test_a_missing_file_and_an_unknown_run_are_clear_errors(tmp_path, capsys):
 def test_bad_flags_name_the_field(tmp_path, capsys):
     code, _, err = _run(capsys, "ingest", "--data", "x.csv", "--workdir", str(tmp_path), "--freq", "fortnightly")
     assert code == 2 and "data.freq" in err
+
+
+def test_models_list_filters_by_tags_and_show_finds_a_partition_by_its_keys(small_csv, tmp_path, capsys):
+    work = str(tmp_path / "w")
+    assert main(["ingest", "--data", str(small_csv), "--workdir", work, "--horizon", "6",
+                 "--test-periods", "6", "--validation-periods", "6"]) == 0
+    assert main(["train", "--workdir", work, "--no-progress"]) == 0
+    capsys.readouterr()
+    code, out, _ = _run(capsys, "models", "list", "--workdir", work, "--tag", "store=S001", "--json")
+    assert code == 0
+    listed = json.loads(out.strip().splitlines()[-1])
+    assert listed["count"] >= 1 and all(m["tags"]["store"] == "S001" for m in listed["models"])
+    item = listed["models"][0]["tags"]["item"]
+    code, out, _ = _run(capsys, "models", "show", "--workdir", work, "--tag", "store=S001", "--tag", f"item={item}",
+                        "--json")
+    shown = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and shown["partition_id"] == listed["models"][0]["partition_id"]
+    code, _, err = _run(capsys, "models", "show", "--workdir", work, "--tag", "store=S001")
+    assert code == 2 and "key column" in err
