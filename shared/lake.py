@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Protocol
+from typing import BinaryIO, Callable, Iterator, Protocol
 
 import pandas as pd
 import pyarrow as pa
@@ -34,6 +34,23 @@ def check_path(path: str) -> str:
     if bad:
         raise LakeError(f"invalid lake path {path!r}: segment {bad[0]!r} has characters outside [A-Za-z0-9._=-]")
     return str(p)
+
+
+def atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write through a temp file in the same folder, then rename: readers see all or nothing."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    atomic_write(target, lambda fh: fh.write(data))
 
 
 class Lake(Protocol):
@@ -67,16 +84,7 @@ class LocalLake:
             raise LakeError(f"no such file in the lake: {path}") from exc
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        full = self._full(path)
-        full.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=full.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, full)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(self._full(path), data)
 
     def exists(self, path: str) -> bool:
         return self._full(path).is_file()

@@ -22,7 +22,6 @@ import multiprocessing.connection
 import os
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from collections import deque
@@ -33,6 +32,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from shared.config import RunnerSpec
+from shared.lake import atomic_write
 
 # Environment variables read by the BLAS / OpenMP runtimes when they first load. A worker of a
 # process pool must stay single-threaded, or N workers x N threads oversubscribe the cores.
@@ -193,14 +193,7 @@ def _parse_row(line: str) -> dict[str, Any]:
 
 def _write_lines(path: Path, lines: list[str]) -> None:
     """Temp file + rename: a result file exists only when its batch is completely done."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: fh.write("".join(line + "\n" for line in lines).encode("utf-8")))
 
 
 def _failure(batch: _Batch) -> dict[str, Any]:

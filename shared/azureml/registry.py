@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from shared.azureml.client import AzureMLSettings, RetryPolicy, call_with_retry
-from shared.lake import LakeError
+from shared.lake import LakeError, atomic_write_bytes
 from shared.registry import ModelRecord, ModelRegistry, RegistryError
 
 DEV_PREFIX = "registry/dev"
@@ -227,7 +227,7 @@ class AzureMLRegistry:
 
         def fetch(record: ModelRecord) -> None:
             data = self.lake.read_bytes(self._remote(record.artifact))
-            _atomic_bytes(self.local.root / record.artifact, data)
+            atomic_write_bytes(self.local.root / record.artifact, data)
 
         self._parallel(fetch, missing)
 
@@ -464,20 +464,10 @@ def _safe(prefix: str) -> str:
     return prefix.replace("/", "-")
 
 
-def _atomic_bytes(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _atomic_text(target: Path, text: str) -> None:
-    _atomic_bytes(target, text.encode("utf-8"))
+    atomic_write_bytes(target, text.encode("utf-8"))
 
 
 # -- the registries of a pipeline workspace ----------------------------------------------------------

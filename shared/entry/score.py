@@ -24,15 +24,14 @@ if __package__ in (None, ""):  # loaded by file path, as Azure ML's parallel run
 
 import argparse
 import json
-import os
-import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.config import ProjectConfig
+from shared.lake import atomic_write
 from shared.entry.train import read_config
 from shared.scoring import score_frame, status_line
 
@@ -103,20 +102,10 @@ def score_file(path: Path, state: _State) -> list[str]:
     predictions, statuses = score_frame(frame, state.cfg, state.prod, state.dev, state.cfg.promotion.fallback)
     predictions = predictions.assign(score_id=state.score_id)
     table = pa.Table.from_pandas(predictions, preserve_index=False)
-    _atomic_write(out, lambda fh: pq.write_table(table, fh, compression="zstd"))
+    atomic_write(out, lambda fh: pq.write_table(table, fh, compression="zstd"))
     extra = {"score_id": state.score_id, "dataset_id": state.dataset_meta.get("dataset_id"), "file": path.name}
     lines = [status_line({**status, **extra}) for status in statuses]
     text = "".join(line + "\n" for line in lines)
-    _atomic_write(sidecar, lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write(sidecar, lambda fh: fh.write(text.encode("utf-8")))
     return lines
 
-
-def _atomic_write(target: Path, write: Callable[[Any], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -28,8 +28,6 @@ if __package__ in (None, ""):  # loaded by file path, as Azure ML's parallel run
 
 import argparse
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +38,7 @@ import pyarrow.parquet as pq
 
 from shared.config import ProjectConfig, load_config
 from shared.keys import PARTITION_ID
+from shared.lake import atomic_write
 from shared.training import train_batch
 
 CHUNK_PARTITIONS = 16
@@ -135,11 +134,11 @@ def _finish(result: Any, state: _State) -> dict[str, Any]:
         return row  # no files: the next run retries it
     if result.bundle is not None:
         artifact = f"{pid}.pkl"
-        _atomic_dump(state.output_dir / artifact,
+        atomic_write(state.output_dir / artifact,
                      lambda fh: pickle.dump(result.bundle, fh, protocol=pickle.HIGHEST_PROTOCOL))
         row["artifact"] = artifact
     text = json.dumps(row, allow_nan=True)
-    _atomic_dump(state.output_dir / f"{pid}.json", lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write(state.output_dir / f"{pid}.json", lambda fh: fh.write(text.encode("utf-8")))
     return row
 
 
@@ -149,13 +148,3 @@ def _read_sidecar(folder: Path, pid: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
 
-
-def _atomic_dump(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
