@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -139,7 +140,7 @@ def prepare_dataset(
 
     starts = _starts(ids)
     sizes = np.diff(np.r_[starts, len(ids)])
-    batch_of_part = pack_batches(sizes, cfg.runner.rows_per_file)
+    batch_of_part = pack_batches(sizes, file_rows(int(sizes.sum()), cfg))
     names = [f"batch-{b:05d}.parquet" for b in range(int(batch_of_part.max()) + 1)]
     root = dataset_root(dataset_id)
     bounds = np.r_[starts, len(ids)]
@@ -168,6 +169,15 @@ def prepare_dataset(
     }
     lake.write_bytes(f"{root}/dataset.json", json.dumps(meta, indent=2, default=str).encode("utf-8"))
     return _from_meta(meta, manifest)
+
+
+def file_rows(total_rows: int, cfg: ProjectConfig) -> int:
+    """Rows per mini-batch file: at most ``runner.rows_per_file``, and small enough that a data set
+    makes about 8 files per worker (so the last file to finish leaves the others little idle time),
+    but not below 2,000 rows (a file's fixed cost stays negligible)."""
+    workers = cfg.runner.workers or os.cpu_count() or 1
+    balanced = max(2_000, -(-total_rows // (8 * workers)))
+    return max(1, min(cfg.runner.rows_per_file, balanced))
 
 
 def pack_batches(sizes: np.ndarray, rows_per_file: int) -> np.ndarray:
