@@ -15,6 +15,7 @@ engine's own cost is a pipe round trip (tens of microseconds), never a pickled d
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import multiprocessing
@@ -277,7 +278,14 @@ class _Worker:
     def __init__(self, ctx: Any, entry: str, args: list[str]) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=_worker_main, args=(child, entry, args), daemon=True)
-        self.process.start()
+        # Forked children share the parent's heap copy-on-write; a child's garbage collector
+        # walking the parent's objects would touch (and copy) every page and stall the worker.
+        # Freezing moves them out of the collector's reach for the children.
+        gc.freeze()
+        try:
+            self.process.start()
+        finally:
+            gc.unfreeze()
         child.close()
         self.batch: _Batch | None = None
         self.ready = False
