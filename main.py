@@ -10,7 +10,7 @@ so the entry is ``main.py`` with ``PYTHON_SCRIPT_FILE_NAME=main.py`` — set in
 import azure.durable_functions as df
 import azure.functions as func
 
-from function_app import http_api, ingestion, promotion, scoring, training, upstream
+from function_app import http_api, ingestion, promotion, scoring, serving, training, upstream
 
 app = df.DFApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(ingestion.bp)
@@ -19,3 +19,4 @@ app.register_functions(promotion.bp)
 app.register_functions(scoring.bp)
 app.register_functions(http_api.bp)
 app.register_functions(upstream.bp)
+app.register_functions(serving.bp)

@@ -103,6 +103,23 @@ EXPECTED: dict[str, list[dict]] = {
             ("get_run_status", "GET", "status/{instance_id}"),
         ]
     },
+    **{  # real-time serving: no Durable client
+        name: [
+            {
+                "type": "httpTrigger",
+                "direction": "IN",
+                "name": "req",
+                "methods": [method],
+                "authLevel": "FUNCTION",
+                "route": route,
+            },
+            {"type": "http", "direction": "OUT", "name": "$return"},
+        ]
+        for name, method, route in [
+            ("predict_partition", "POST", "predict"),
+            ("serving_health", "GET", "health"),
+        ]
+    },
     **{
         name: [{"type": "orchestrationTrigger", "direction": "IN", "name": "context"}]
         for name in ORCHESTRATORS

@@ -2,13 +2,11 @@
 
 Models are loaded **on demand**: ``init()`` opens the production registry's index (a few MB) and
 nothing else; a request's partition is looked up in the index (one primary-key read), its model
-loaded on first use and kept in a bounded LRU cache (by count and by artifact bytes), so memory
-stays flat while requests cycle through 10,000 partitions. Concurrent first requests for one model
-load it once (a per-model lock). A newly promoted version is noticed through the registry's cheap
-``HEAD`` check (``MM_SERVING_REFRESH_SECONDS``), never by reloading per request.
-
-The core's shared model cache (``shared/model_cache.py``) was not written yet when this script was;
-:class:`ModelCache` below is the minimal bounded loader the script needs, with the same rules.
+loaded on first use and kept in the core's bounded LRU cache (:class:`shared.model_cache.ModelCache`:
+by count and by bytes held), so memory stays flat while requests cycle through 10,000 partitions.
+Concurrent first requests for one model load it once (single-flight). A newly promoted version is
+noticed through the registry's change counter, read at most every ``MM_SERVING_REFRESH_SECONDS``
+(the registry pulls the new index when the lake's ``HEAD`` moved), never by reloading per request.
 
 Request (JSON): ``{"partition": {"store": "s1", "item": "i7"}}`` or ``{"partition_id": "p..."}``,
 plus ``"horizon": 8`` or ``"rows": [{"date": "2025-01-05", "price": 3.2, "promo": 0}, ...]``
@@ -28,18 +26,16 @@ import json
 import os
 import sys
 import tempfile
-import threading
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):
     # The inference server loads this file by path; the snapshot root holds the ``shared`` package.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from shared.keys import PARTITION_ID, partition_id  # noqa: E402
+from shared.model_cache import ModelCache, ModelLoadError, ModelNotFoundError  # noqa: E402
 
 
 class RequestError(ValueError):
@@ -48,75 +44,6 @@ class RequestError(ValueError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    loads: int = 0
-    evictions: int = 0
-    load_seconds: float = 0.0
-    bytes_held: int = 0
-
-
-class ModelCache:
-    """A bounded LRU of loaded models keyed by (partition, version); single-flight loads.
-
-    ``loader(record)`` returns the model; ``sizer(record)`` its weight in bytes (the artifact's
-    size on disk, a stable proxy for its size in memory). A load that raises is not cached.
-    """
-
-    def __init__(self, loader: Callable[[Any], Any], sizer: Callable[[Any], int],
-                 max_bytes: int = 512 * 2**20, max_models: int = 2000) -> None:
-        self.loader = loader
-        self.sizer = sizer
-        self.max_bytes = max_bytes
-        self.max_models = max_models
-        self.stats = CacheStats()
-        self._items: OrderedDict[tuple[str, int], tuple[Any, int]] = OrderedDict()
-        self._lock = threading.Lock()
-        self._loading: dict[tuple[str, int], threading.Lock] = {}
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, record: Any) -> Any:
-        key = (record.partition_id, int(record.version))
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                self.stats.hits += 1
-                return self._items[key][0]
-            gate = self._loading.setdefault(key, threading.Lock())
-        with gate:  # one loader per key; the others wait and then find it cached (a hit)
-            with self._lock:
-                if key in self._items:
-                    self._items.move_to_end(key)
-                    self.stats.hits += 1
-                    return self._items[key][0]
-                self.stats.misses += 1
-            started = time.perf_counter()
-            try:
-                model = self.loader(record)
-                size = int(self.sizer(record))
-            finally:
-                with self._lock:
-                    self._loading.pop(key, None)
-            with self._lock:
-                self.stats.loads += 1
-                self.stats.load_seconds += time.perf_counter() - started
-                self._items[key] = (model, size)
-                self.stats.bytes_held += size
-                self._evict()
-            return model
-
-    def _evict(self) -> None:
-        while len(self._items) > 1 and (len(self._items) > self.max_models
-                                        or self.stats.bytes_held > self.max_bytes):
-            _, (_, size) = self._items.popitem(last=False)
-            self.stats.bytes_held -= size
-            self.stats.evictions += 1
 
 
 @dataclass
@@ -156,9 +83,11 @@ def init() -> None:
     global _state
     registry = open_registry()
     registry.refresh(force=True)
-    cache = ModelCache(registry.load, lambda record: registry.artifact_path(record).stat().st_size,
-                       max_bytes=int(os.environ.get("MM_SERVING_CACHE_MB") or 512) * 2**20,
-                       max_models=int(os.environ.get("MM_SERVING_CACHE_MODELS") or 2000))
+    refresh_seconds = float(os.environ.get("MM_SERVING_REFRESH_SECONDS") or 30)
+    cache = ModelCache(registry, None, fallback="none",
+                       max_bytes=int(float(os.environ.get("MM_SERVING_CACHE_MB") or 512) * 2**20),
+                       max_entries=int(os.environ.get("MM_SERVING_CACHE_MODELS") or 20_000),
+                       check_interval_ms=refresh_seconds * 1000.0)
     keys = [k for k in (os.environ.get("MM_PARTITION_KEYS") or "").split(",") if k]
     _state = _State(registry=registry, cache=cache, keys=keys)
 
@@ -178,13 +107,13 @@ def predict(raw_data: str | bytes | dict[str, Any], state: _State) -> dict[str, 
 
     body = _parse(raw_data)
     pid = _partition_of(body, state.keys)
-    record = state.registry.latest(pid)
-    if record is None:
-        raise RequestError(404, f"no production model for partition {pid}")
     try:
-        bundle = state.cache.get(record)
-    except Exception as exc:  # reported as 503 with its reason; the cache keeps nothing
-        raise RequestError(503, f"model {record.name} v{record.version} failed to load: {exc}") from exc
+        cached = state.cache.get(pid)
+    except ModelNotFoundError as exc:
+        raise RequestError(404, f"no production model for partition {pid}") from exc
+    except ModelLoadError as exc:  # reported as 503 with its reason; the cache keeps nothing
+        raise RequestError(503, f"model of partition {pid} v{exc.version} failed to load: {exc.reason}") from exc
+    record, bundle = cached.record, cached.bundle
     horizon = body.get("horizon")
     rows = body.get("rows")
     if horizon is not None and rows is not None:
@@ -216,8 +145,12 @@ def predict(raw_data: str | bytes | dict[str, Any], state: _State) -> dict[str, 
 def cache_stats() -> dict[str, Any]:
     if _state is None:
         raise RuntimeError("cache_stats() called before init()")
-    stats = _state.cache.stats
-    return {"models": len(_state.cache), **stats.__dict__}
+    stats = _state.cache.stats()
+    # this endpoint's own counting (kept from before the core cache): a miss is a request that
+    # performed a load, a hit any other answered request (waiters on a concurrent load included)
+    answered = stats["hits"] + stats["misses"]
+    misses = stats["loads"] + stats["load_failures"]
+    return {**stats, "models": stats["entries"], "hits": answered - stats["loads"], "misses": misses}
 
 
 def _parse(raw_data: str | bytes | dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,129 @@
+"""The Functions route POST /api/predict, called as the worker calls it, over a pipeline-made workdir."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import azure.functions as func
+import pytest
+
+from durable_harness import app_functions
+from function_app.serving import worker_predictor
+from shared.keys import PARTITION_ID
+from shared.lake import read_parquet
+from shared.pipeline import Workspace, run_all
+from shared.settings import Settings
+from shared.synthetic import write_panel
+
+BASE = "http://localhost:7071"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fn-serving")
+    write_panel(root / "panel.parquet", partitions=8, periods=130, seed=4)
+    ws = Workspace.open(
+        root / "work",
+        settings=Settings(workdir=root / "work"),
+        overrides={"runner.progress": False, "runner.workers": 2},
+    )
+    summary = run_all(ws, root / "panel.parquet", min_accuracy=0.5, progress=False)
+    table = read_parquet(ws.lake, f"predictions/{summary['score_id']}/predictions.parquet")
+    return ws, table
+
+
+@pytest.fixture(autouse=True)
+def worker(workdir, monkeypatch):
+    """A fresh worker: settings from the environment, the predictor made on the first request."""
+    ws, _ = workdir
+    monkeypatch.setenv("MM_WORKDIR", str(ws.root))
+    monkeypatch.setenv("MM_LAKE_BACKEND", "local")
+    monkeypatch.setenv("MM_SERVING_MAX_BODY_BYTES", "4096")
+    monkeypatch.setenv("MM_SERVING_CHECK_MS", "0")
+    worker_predictor.reset()
+    yield
+    worker_predictor.reset()
+
+
+def call(name: str, method: str, route: str, body: bytes = b"") -> func.HttpResponse:
+    handler = app_functions()[name].get_user_function()
+    request = func.HttpRequest(
+        method,
+        f"{BASE}/api/{route}",
+        headers={"Content-Type": "application/json"},
+        params={},
+        route_params={},
+        body=body,
+    )
+    return asyncio.run(handler(request))
+
+
+def predict(body) -> func.HttpResponse:
+    return call(
+        "predict_partition", "POST", "predict", body if isinstance(body, bytes) else json.dumps(body).encode()
+    )
+
+
+def test_predictions_equal_the_batch_predictions_and_name_the_model(workdir):
+    ws, table = workdir
+    for record in ws.prod.find(latest_only=True)[:3]:
+        response = predict({"keys": record.keys})
+        assert response.status_code == 200 and response.mimetype == "application/json"
+        body = json.loads(response.get_body())
+        expected = table[table[PARTITION_ID] == record.partition_id].sort_values("date")
+        assert [p["prediction"] for p in body["predictions"]] == expected["prediction"].tolist()
+        assert (body["model"], body["model_version"], body["run_id"], body["is_fallback"]) == (
+            record.model_type,
+            record.version,
+            record.run_id,
+            0,
+        )
+
+
+def test_the_cache_lives_as_long_as_the_worker_and_is_made_lazily(workdir):
+    ws, _ = workdir
+    keys = ws.prod.find(latest_only=True)[0].keys
+    assert worker_predictor._predictor is None  # importing and indexing the app made nothing
+    first = predict({"keys": keys, "horizon": 2})
+    predictor = worker_predictor._predictor
+    second = predict({"keys": keys, "horizon": 2})
+    assert worker_predictor._predictor is predictor
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("miss", "hit")
+    assert predictor.cache.stats()["loads"] == 1
+
+
+def test_errors_carry_their_status_and_name_the_field_or_partition(workdir):
+    ws, _ = workdir
+    keys = ws.prod.find(latest_only=True)[0].keys
+    assert json.loads(predict(b"{oops").get_body())["field"] == "body"
+    bad = predict({"keys": keys, "horizon": -1})
+    assert bad.status_code == 400 and json.loads(bad.get_body())["field"] == "horizon"
+    missing = predict({"keys": {"store": "S404", "item": "I404"}})
+    assert missing.status_code == 404 and "store=S404, item=I404" in json.loads(missing.get_body())["error"]
+    huge = predict({"keys": keys, "rows": [{"date": "2031-01-05", "price": 1.0, "promo": 0}] * 200})
+    assert huge.status_code == 413
+
+
+def test_a_broken_model_is_503_and_the_others_still_answer(workdir):
+    ws, _ = workdir
+    broken, fine = ws.prod.find(latest_only=True)[-2:]
+    path = ws.prod.artifact_path(broken)
+    good = path.read_bytes()
+    path.unlink()  # hard-linked to the dev artifact: replace the file, never write through it
+    path.write_bytes(b"truncated")
+    try:
+        response = predict({"keys": broken.keys})
+        assert response.status_code == 503
+        assert "failed to load" in json.loads(response.get_body())["error"]
+        assert predict({"keys": fine.keys}).status_code == 200
+    finally:
+        path.unlink()
+        path.write_bytes(good)
+    assert predict({"keys": broken.keys}).status_code == 200
+
+
+def test_health_answers_with_the_production_index(workdir):
+    response = call("serving_health", "GET", "health")
+    body = json.loads(response.get_body())
+    assert response.status_code == 200 and body["status"] == "ok" and body["prod_index_version"] >= 1

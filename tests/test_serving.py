@@ -1,0 +1,481 @@
+"""Real-time scoring over real HTTP on 127.0.0.1: uvicorn serving a workdir made by the whole pipeline.
+
+Every request goes through a socket; the server's state is read back through ``/stats``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import uvicorn
+
+from shared.keys import PARTITION_ID
+from shared.lake import read_parquet
+from shared.pipeline import Workspace, run_all
+from shared.registry import ModelRegistry
+from shared.scoring import score_batch, scoring_requests
+from shared.serving import GcKeeper, Predictor, ServingOptions, create_app, open_predictor
+from shared.synthetic import write_panel
+from shared.timegrid import from_periods
+
+REPO = Path(__file__).resolve().parents[1]
+OVERRIDES = {"runner.progress": False, "runner.workers": 2}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """uvicorn in a background thread on a free port; stopped (gracefully) on exit."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self.port = _free_port()
+        config = uvicorn.Config(
+            create_app(predictor), host="127.0.0.1", port=self.port, log_level="warning", access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Server":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/stats").json()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> tuple[Workspace, dict]:
+    root = tmp_path_factory.mktemp("serving")
+    panel = root / "panel.parquet"
+    write_panel(panel, partitions=20, periods=156, freq="W", seed=5)
+    ws = Workspace.open(root / "work", overrides=OVERRIDES)
+    summary = run_all(ws, panel, min_accuracy=0.5, progress=False)
+    assert summary["promoted"] >= 8 and summary["fallback_partitions"] >= 1
+    return ws, summary
+
+
+@pytest.fixture(scope="module")
+def partitions(workspace) -> dict[str, list]:
+    """Production and fallback partitions (ids and key values), each test taking its own."""
+    ws, _ = workspace
+    prod = sorted(ws.prod.find(latest_only=True), key=lambda r: r.partition_id)
+    promoted = {r.partition_id for r in prod}
+    fallback = sorted(
+        (r for r in ws.dev.find(latest_only=True) if r.partition_id not in promoted),
+        key=lambda r: r.partition_id,
+    )
+    return {
+        "prod": [(r.partition_id, r.keys) for r in prod],
+        "fallback": [(r.partition_id, r.keys) for r in fallback],
+    }
+
+
+@pytest.fixture(scope="module")
+def server(workspace):
+    ws, _ = workspace
+    options = ServingOptions(cache_mb=64, check_interval_ms=50, max_body_bytes=64 * 1024, max_rows=200)
+    with Server(open_predictor(ws, options)) as running:
+        yield running
+
+
+def _post(server: Server, body, **kw) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(
+        f"{server.url}/predict",
+        content=content,
+        headers={"content-type": "application/json"},
+        timeout=30,
+        **kw,
+    )
+
+
+def _future_rows(ws: Workspace, pid: str, n: int, seed: int) -> list[dict]:
+    """The next ``n`` periods of a partition, with varied prices, promotions and one unknown price."""
+    manifest = read_parquet(ws.lake, f"prepared/{json_latest(ws)}/manifest.parquet").set_index(PARTITION_ID)
+    last = int(manifest.loc[pid, "last_period"])
+    anchor = json.loads(ws.lake.read_bytes(f"prepared/{json_latest(ws)}/dataset.json"))["anchor"]
+    times = from_periods(np.arange(last + 1, last + 1 + n), ws.config.data.freq, anchor)
+    rng = np.random.default_rng(seed)
+    rows = [
+        {
+            "date": t.strftime("%Y-%m-%d"),
+            "price": round(float(rng.uniform(1, 5)), 2),
+            "promo": int(rng.integers(0, 2)),
+        }
+        for t in times
+    ]
+    rows[1]["price"] = None  # carried forward, as in a scoring file
+    return rows
+
+
+def json_latest(ws: Workspace) -> str:
+    return ws.lake.read_bytes("prepared/LATEST").decode().strip()
+
+
+def test_row_predictions_equal_batch_scoring_of_the_same_rows(server, workspace, partitions):
+    ws, _ = workspace
+    chosen = [partitions["prod"][0], partitions["prod"][1], partitions["fallback"][0]]
+    bodies = {
+        pid: {"keys": keys, "rows": _future_rows(ws, pid, 6, seed=i)} for i, (pid, keys) in enumerate(chosen)
+    }
+    first, second, fallback = (bodies[pid]["rows"] for pid, _ in chosen)
+    first[2]["price"] = str(first[2]["price"])  # a number sent as text, as a CSV scoring file has it
+    second.reverse()  # out of order: answered in request order, each period as batch scoring does
+    scoring_file = pd.DataFrame([{**body["keys"], **row} for body in bodies.values() for row in body["rows"]])
+    batch = score_batch(scoring_requests(scoring_file, ws.config), ws.config, ws.prod, ws.dev)
+    for pid, body in bodies.items():
+        response = _post(server, body)
+        assert response.status_code == 200, response.text
+        got = response.json()
+        expected = batch[batch[PARTITION_ID] == pid].reset_index(drop=True)
+        by_date = dict(zip(expected["date"].dt.strftime("%Y-%m-%d"), expected["prediction"]))
+        assert got[PARTITION_ID] == pid and got["keys"] == body["keys"]
+        assert [p["date"] for p in got["predictions"]] == [r["date"] for r in body["rows"]]
+        assert [p["prediction"] for p in got["predictions"]] == [by_date[r["date"]] for r in body["rows"]]
+        assert (got["model"], got["model_version"], got["run_id"], got["is_fallback"]) == (
+            expected["model"][0],
+            int(expected["model_version"][0]),
+            expected["run_id"][0],
+            int(expected["is_fallback"][0]),
+        )
+    assert _post(server, bodies[chosen[2][0]]).json()["model"] == "baseline"
+
+
+def test_horizon_predictions_equal_the_batch_predictions_table(server, workspace, partitions):
+    ws, summary = workspace
+    table = read_parquet(ws.lake, f"predictions/{summary['score_id']}/predictions.parquet")
+    for pid, keys in [partitions["prod"][2], partitions["fallback"][-1]]:
+        first = _post(server, {"keys": keys})  # no rows, no horizon: the trained horizon, as batch
+        again = _post(server, {"keys": keys, "horizon": ws.config.forecast.horizon})
+        assert first.status_code == again.status_code == 200
+        assert first.json() == again.json()
+        expected = table[table[PARTITION_ID] == pid].sort_values("date")
+        got = first.json()["predictions"]
+        assert [p["prediction"] for p in got] == expected["prediction"].tolist()
+        assert [p["date"] for p in got] == expected["date"].dt.strftime("%Y-%m-%d").tolist()
+        assert first.json()["is_fallback"] == int(expected["is_fallback"].iloc[0])
+    short = _post(server, {"keys": partitions["prod"][2][1], "horizon": 3}).json()["predictions"]
+    assert len(short) == 3
+
+
+def test_a_hit_and_a_miss_are_told_apart_by_a_header(server, partitions):
+    pid, keys = partitions["prod"][3]
+    first, second = _post(server, {"keys": keys, "horizon": 2}), _post(server, {"keys": keys, "horizon": 2})
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
+    assert second.headers["x-model-version"] == str(first.json()["model_version"])
+
+
+def test_an_unknown_partition_is_404_naming_it(server):
+    response = _post(server, {"keys": {"store": "S999", "item": "I9999"}, "horizon": 2})
+    assert response.status_code == 404
+    body = response.json()
+    assert "store=S999, item=I9999" in body["error"]
+    assert body["partition"]["keys"] == {"store": "S999", "item": "I9999"}
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b"{not json", "body"),
+        (b"[1, 2]", "body"),
+        ({"keys": {"store": "S001"}}, "keys.item"),
+        ({"keys": {"store": "S001", "item": "I0001", "shelf": 3}}, "keys.shelf"),
+        ({"keys": {"store": "S001", "item": "I0001"}, "horizon": 0}, "horizon"),
+        ({"keys": {"store": "S001", "item": "I0001"}, "horizon": "4"}, "horizon"),
+        ({"keys": {"store": "S001", "item": "I0001"}, "rows": []}, "rows"),
+        (
+            {
+                "keys": {"store": "S001", "item": "I0001"},
+                "rows": [{"date": "2030-01-06", "price": 2}, {"date": "2030-01-13", "price": "cheap"}],
+            },
+            "rows[1].price",
+        ),
+        ({"keys": {"store": "S001", "item": "I0001"}, "rows": [{"date": "next week"}]}, "rows[0].date"),
+        (
+            {"keys": {"store": "S001", "item": "I0001"}, "rows": [{"date": "2030-01-06", "prise": 2}]},
+            "rows[0].prise",
+        ),
+        ({"keys": {"store": "S001", "item": "I0001"}, "row": []}, "row"),
+    ],
+)
+def test_malformed_json_and_bad_fields_are_400_naming_the_field(server, body, field):
+    response = _post(server, body)
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] == field
+
+
+def test_rows_before_the_end_of_training_are_400_naming_the_row(server, workspace, partitions):
+    ws, _ = workspace
+    pid, keys = partitions["prod"][4]
+    rows = _future_rows(ws, pid, 2, seed=9)
+    rows.append({"date": "2020-01-05", "price": 2.0, "promo": 0})
+    response = _post(server, {"keys": keys, "rows": rows})
+    assert response.status_code == 400
+    assert response.json()["field"] == "rows[2].date" and "last trained period" in response.json()["error"]
+
+
+def test_a_request_too_large_is_413(server, partitions):
+    _, keys = partitions["prod"][0]
+    big = json.dumps({"keys": keys, "rows": [{"date": "2030-01-06", "price": 1.0, "promo": 0}] * 3000})
+    response = _post(server, big)
+    assert response.status_code == 413 and response.json()["limit"] == 64 * 1024
+    rows = [{"date": str(d.date()), "price": 1.0} for d in pd.date_range("2030-01-06", periods=201, freq="W")]
+    response = _post(server, {"keys": keys, "rows": rows})
+    assert response.status_code == 413 and response.json()["field"] == "rows"
+
+
+def test_a_corrupted_artifact_is_503_with_the_reason_and_other_partitions_still_answer(
+    server, workspace, partitions
+):
+    ws, _ = workspace
+    pid, keys = partitions["prod"][5]
+    path = ws.prod.artifact_path(ws.prod.latest(pid))
+    good = path.read_bytes()
+    path.unlink()  # the artifact is hard-linked to the dev one: replace the file, never write through it
+    path.write_bytes(b"\x80\x05garbage")
+    try:
+        for _ in range(2):  # not cached: the second request tries again and fails the same way
+            response = _post(server, {"keys": keys, "horizon": 2})
+            assert response.status_code == 503
+            body = response.json()
+            assert "UnpicklingError" in body["reason"] and "failed to load" in body["error"]
+            assert body["partition"][PARTITION_ID] == pid and response.headers["retry-after"]
+        assert _post(server, {"keys": partitions["prod"][6][1], "horizon": 2}).status_code == 200
+        failures = server.stats()["cache"]["load_failures"]
+        assert failures >= 2
+    finally:
+        path.unlink()
+        path.write_bytes(good)
+    assert _post(server, {"keys": keys, "horizon": 2}).status_code == 200
+
+
+class GatedRegistry(ModelRegistry):
+    """The production registry, with loads held until the test lets them go."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        super().__init__(root, name)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def load(self, record):
+        self.calls += 1
+        self.entered.set()
+        assert self.release.wait(20)
+        return super().load(record)
+
+
+def test_many_concurrent_first_requests_load_the_model_once(workspace, partitions):
+    ws, _ = workspace
+    prod = GatedRegistry(ws.prod.root, "prod")
+    cache = ServingOptions(check_interval_ms=50).make_cache(prod, ws.dev, "baseline")
+    _, keys = partitions["prod"][7]
+    with Server(Predictor(ws.config, cache)) as running, ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(_post, running, {"keys": keys, "horizon": 4}) for _ in range(16)]
+        assert prod.entered.wait(20)
+        time.sleep(0.5)  # all 16 requests reach the server while the load is held
+        prod.release.set()
+        responses = [f.result() for f in futures]
+        stats = running.stats()["cache"]
+    assert prod.calls == 1 and stats["loads"] == 1
+    assert all(r.status_code == 200 and r.headers["x-cache"] == "miss" for r in responses)
+    assert len({r.text for r in responses}) == 1
+    assert stats["misses"] == 16
+
+
+def test_models_are_evicted_under_the_byte_cap(workspace, partitions):
+    ws, _ = workspace
+    options = ServingOptions(cache_mb=0.4, check_interval_ms=50)
+    with Server(open_predictor(ws, options)) as running:
+        for _, keys in partitions["prod"]:
+            assert _post(running, {"keys": keys, "horizon": 2}).status_code == 200
+        stats = running.stats()["cache"]
+        assert stats["max_bytes"] == int(0.4 * 2**20)
+        assert stats["evictions"] > 0 and stats["bytes_held"] <= stats["max_bytes"]
+        assert stats["entries"] < len(partitions["prod"])
+        first = _post(running, {"keys": partitions["prod"][0][1], "horizon": 2})
+        assert first.headers["x-cache"] == "miss"  # it was evicted: loaded again
+
+
+def test_a_newly_promoted_version_is_served_without_a_restart(server, workspace, partitions):
+    ws, _ = workspace
+    pid, keys = partitions["prod"][8]
+    before = _post(server, {"keys": keys, "horizon": 2}).json()
+    dev_record = ws.dev.latest(pid)
+    ws.prod.register_many(
+        [
+            (
+                {
+                    "partition_id": pid,
+                    "run_id": "r-retrained",
+                    "model_name": dev_record.model_type,
+                    "keys": keys,
+                },
+                ws.dev.artifact_path(dev_record),
+            )
+        ]
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        after = _post(server, {"keys": keys, "horizon": 2})
+        if after.json()["model_version"] == before["model_version"] + 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert after.json()["model_version"] == before["model_version"] + 1
+    assert after.json()["run_id"] == "r-retrained" and after.headers["x-cache"] == "miss"
+    assert server.stats()["cache"]["index_changes"] >= 1
+
+
+def test_health_and_stats(server, partitions):
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert httpx.get(f"{server.url}/api/health").status_code == 200
+    _post(server, {"keys": partitions["prod"][0][1], "horizon": 2})
+    stats = server.stats()
+    assert {
+        "hits",
+        "misses",
+        "loads",
+        "load_failures",
+        "evictions",
+        "load_seconds_total",
+        "load_seconds_max",
+        "bytes_held",
+        "entries",
+    } <= set(stats["cache"])
+    assert stats["requests"]["200"] >= 1
+    assert stats["process"]["peak_rss_bytes"] >= stats["process"]["rss_bytes"] > 0
+
+
+def test_the_serve_command_answers_over_http(workspace, partitions):
+    ws, _ = workspace
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "serve",
+            "--workdir",
+            str(ws.root),
+            "--port",
+            str(port),
+            "--cache-mb",
+            "32",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "manymodels serve did not come up"
+            time.sleep(0.1)
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/predict", json={"keys": partitions["prod"][0][1], "horizon": 2}
+        )
+        assert response.status_code == 200 and len(response.json()["predictions"]) == 2
+        assert httpx.get(f"http://127.0.0.1:{port}/stats").json()["cache"]["max_bytes"] == 32 * 2**20
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=20)
+    assert proc.returncode in (0, -15), output  # uvicorn re-raises SIGTERM after its graceful shutdown
+    assert "Finished server process" in output
+
+
+def test_serve_refuses_a_workdir_without_models(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "serve",
+            "--workdir",
+            str(tmp_path),
+            "--port",
+            str(_free_port()),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "no production registry" in result.stderr
+
+
+def test_options_come_from_the_environment_and_bad_values_name_the_variable():
+    options = ServingOptions.from_env({"MM_SERVING_CACHE_MB": "64", "MM_SERVING_MAX_ROWS": "10"}, cache_mb=None)
+    assert (options.cache_mb, options.max_rows, options.check_interval_ms) == (64.0, 10, 1000.0)
+    assert ServingOptions.from_env({"MM_SERVING_CACHE_MB": "64"}, cache_mb=32).cache_mb == 32
+    with pytest.raises(ValueError, match="MM_SERVING_MAX_ROWS"):
+        ServingOptions.from_env({"MM_SERVING_MAX_ROWS": "ten"})
+
+
+def test_the_gc_keeper_freezes_after_loads_and_collects_fully_on_schedule(workspace, partitions):
+    ws, _ = workspace
+    predictor = open_predictor(ws, ServingOptions())
+    keeper = GcKeeper(predictor, full_every=600.0)
+    start = time.monotonic()
+    try:
+        keeper.tick(start + 1)
+        keeper.tick(start + 2)  # no load since: nothing new to freeze
+        assert keeper.freezes == 1 and gc.get_freeze_count() > 0
+        predictor.cache.get(partitions["prod"][0][0])
+        keeper.tick(start + 3)
+        assert keeper.freezes == 2
+        keeper.tick(start + 601)
+        assert keeper.full_collections == 1 and keeper.stats()["last_full_ms"] > 0
+    finally:
+        gc.unfreeze()
+        predictor.close()
+
+
+def test_the_core_answers_without_any_http_framework(workspace, partitions):
+    ws, _ = workspace
+    predictor = open_predictor(ws, ServingOptions(check_interval_ms=0))
+    try:
+        pid, keys = partitions["prod"][9]
+        ok = predictor.handle({"keys": keys, "horizon": 3})
+        assert ok.status == 200 and ok.headers["X-Cache"] == "miss" and len(ok.body["predictions"]) == 3
+        by_id = predictor.handle(json.dumps({"partition_id": pid, "horizon": 3}))
+        assert by_id.headers["X-Cache"] == "hit" and by_id.body["keys"] == keys
+        assert by_id.body["predictions"] == ok.body["predictions"]
+        assert predictor.handle({"partition_id": "p123"}).body["field"] == "partition_id"
+        assert predictor.handle({"keys": {"store": "S0", "item": "I0"}}).status == 404
+        assert predictor.stats()["requests"] == {"200": 2, "400": 1, "404": 1}
+    finally:
+        predictor.close()
