@@ -173,10 +173,11 @@ def prepare_dataset(
 
 def file_rows(total_rows: int, cfg: ProjectConfig) -> int:
     """Rows per mini-batch file: at most ``runner.rows_per_file``, and small enough that a data set
-    makes about 8 files per worker (so the last file to finish leaves the others little idle time),
-    but not below 2,000 rows (a file's fixed cost stays negligible)."""
+    makes about 16 files per worker (the last file to finish leaves the others idle for half a
+    file's time at most: ~3 % of the run), but not below 1,000 rows (a file's fixed cost, a few
+    milliseconds, stays negligible next to fitting its partitions)."""
     workers = cfg.runner.workers or os.cpu_count() or 1
-    balanced = max(2_000, -(-total_rows // (8 * workers)))
+    balanced = max(1_000, -(-total_rows // (16 * workers)))
     return max(1, min(cfg.runner.rows_per_file, balanced))
 
 

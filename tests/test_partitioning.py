@@ -13,7 +13,7 @@ from shared.config import ProjectConfig
 from shared.ingest import read_source
 from shared.keys import partition_id
 from shared.lake import LakeError, LocalLake, read_parquet
-from shared.partitioning import fingerprint, latest_dataset, load_dataset, pack_batches, prepare_dataset
+from shared.partitioning import file_rows, fingerprint, latest_dataset, load_dataset, pack_batches, prepare_dataset
 from shared.synthetic import generate_panel, write_panel
 from shared.validation import validate
 
@@ -64,7 +64,10 @@ def test_generated_panel_is_prepared_into_few_batch_files_with_a_matching_manife
     ]
 
     # whole partitions, packed to about rows_per_file: far fewer files than partitions
-    assert 4 <= len(ds.batch_paths) <= 8
+    # ~12,000 rows and 2 workers: files of 1,000 rows (the floor of file_rows), about 12 of them
+    target = file_rows(len(frame), CFG)
+    assert target == 1000
+    assert len(frame) / target <= len(ds.batch_paths) <= 1.2 * len(frame) / target + 1
     assert [p.rsplit("/", 1)[1] for p in ds.batch_paths] == [
         f"batch-{i:05d}.parquet" for i in range(len(ds.batch_paths))
     ]
@@ -206,3 +209,10 @@ def test_prepare_refuses_a_frame_that_was_not_validated_and_writes_nothing(tmp_p
     with pytest.raises(ValueError, match="must be sorted by partition_id"):
         prepare_dataset(lake, frame.iloc[::-1], CFG, report)
     assert lake.list("prepared") == []
+
+
+def test_file_size_keeps_about_sixteen_files_per_worker_within_the_configured_cap():
+    cfg = ProjectConfig().with_overrides({"runner.workers": 2, "runner.rows_per_file": 5000})
+    assert file_rows(78_000, cfg) == 2_438  # 32 files for 2 workers
+    assert file_rows(10_000_000, cfg) == 5_000  # never above rows_per_file
+    assert file_rows(5_000, cfg) == 1_000  # never below 1,000 rows
