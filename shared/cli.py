@@ -366,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.func(args)
     except KeyboardInterrupt:
+        if args.command == "serve":
+            print("server stopped", file=sys.stderr)
+            return 0
         print("interrupted: rerun the same command to resume where it stopped", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the CLI boundary turns every error into one line
