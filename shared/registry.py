@@ -329,7 +329,14 @@ class ModelRegistry:
         if not path.is_file():
             raise RegistryError(f"artifact of {record.partition_id} v{record.version} is missing: {path}")
         with path.open("rb") as fh:  # our own artifacts only: the registry is trusted storage
-            return pickle.load(fh)
+            try:
+                return pickle.load(fh)
+            except pickle.UnpicklingError:
+                # artifacts written with joblib.dump (its numpy side-channel format), e.g. by
+                # earlier releases or by hand, still load
+                import joblib
+
+                return joblib.load(path)
 
     def artifact_path(self, record: ModelRecord) -> Path:
         return self.root / record.artifact

@@ -222,3 +222,15 @@ def test_ten_thousand_registrations_take_a_few_seconds_at_most(dev, artifact, ca
         print(f"registry: latest() {lookup_ms:.3f} ms per lookup; find(store) "
               f"{len(dev.find({'store': '7'}))} records")
     assert isinstance(records[0], ModelRecord)
+
+
+def test_artifacts_written_with_joblib_still_load(tmp_path):
+    import joblib
+    import numpy as np
+
+    source = tmp_path / "model.joblib"
+    joblib.dump({"coef": np.arange(5.0)}, source)
+    dev = ModelRegistry(tmp_path / "registry" / "dev", "dev")
+    [record] = dev.register_many([({"partition_id": "pJ", "run_id": "r1", "model_name": "gbm",
+                                    "keys": {"store": "1"}}, source)])
+    assert list(dev.load(record)["coef"]) == [0.0, 1.0, 2.0, 3.0, 4.0]
