@@ -355,10 +355,8 @@ def job_status(ws: Workspace, job_id: str, run_id: str | None = None) -> JobHand
         from shared.azureml import parallel_job_status
 
         return parallel_job_status(ws, job_id)
-    kind, _, rest = job_id.partition("-")
-    run = run_id or rest.rsplit("-g", 1)[0]
-    folder = "runs"
-    path = f"{folder}/{run}/jobs/{job_id}.json"
+    run = run_id or job_id.partition("-")[2].rsplit("-g", 1)[0]  # ids are <kind>-<run>-g<group>
+    path = f"runs/{run}/jobs/{job_id}.json"
     if not ws.lake.exists(path):
         raise PipelineError(f"unknown job {job_id}")
     return JobHandle.from_dict(json.loads(ws.lake.read_bytes(path)))
@@ -448,8 +446,8 @@ def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
                 summary.missing += 1
                 continue
             to_register.append((_record_for(row, run_id, manifest, keys), _artifact_source(ws, artifact)))
-        setattr(summary, status, getattr(summary, status) + 1) if status in (
-            "trained", "baseline_only", "failed", "skipped") else None
+        if status in ("trained", "baseline_only", "failed", "skipped"):
+            setattr(summary, status, getattr(summary, status) + 1)
         if status == "failed":
             summary.failures.append({PARTITION_ID: row[PARTITION_ID], "reason": str(row.get("reason", ""))})
     registered = ws.dev.register_many(to_register)
