@@ -98,7 +98,10 @@ class LogLinearForecaster(BaseEstimator, RegressorMixin):
     def predict(self, X: np.ndarray) -> np.ndarray:
         Z = self._design(X)
         Z = np.where(np.isnan(Z), self.fill_, Z)
-        out = np.expm1(self.ridge_.predict((Z - self.mean_) / self.scale_))
+        ridge = self.ridge_
+        # Ridge.predict's own arithmetic (X @ coef_ + intercept_) without its per-call input checks,
+        # which cost more than the product on a single request's rows; the values are the same
+        out = np.expm1(((Z - self.mean_) / self.scale_) @ ridge.coef_ + ridge.intercept_)
         return np.maximum(out, 0.0)
 
 
@@ -128,7 +131,33 @@ class BoostedTreesForecaster(BaseEstimator, RegressorMixin):
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return np.maximum(np.expm1(self.model_.predict(X[:, self.columns_])), 0.0)
+        X = np.asarray(X, dtype=np.float64)[:, self.columns_]
+        raw = _small_hgb_predict(self.model_, X) if len(X) <= SMALL_ROWS else self.model_.predict(X)
+        return np.maximum(np.expm1(raw), 0.0)
+
+
+SMALL_ROWS = 256  # up to this many rows, trees are walked on one thread without sklearn's checks
+
+
+def _small_hgb_predict(model: HistGradientBoostingRegressor, X: np.ndarray) -> np.ndarray:
+    """``model.predict(X)`` for a few float64 rows: the same tree walks, summed in the same order.
+
+    scikit-learn's own ``_raw_predict`` loop minus what dominates a single request: input
+    validation and an OpenMP thread team per tree (50 trees, 4 rows). Models it does not cover
+    (several trees per iteration, a non-identity link) go through ``model.predict``.
+    """
+    predictors = getattr(model, "_predictors", None)
+    link = getattr(getattr(model, "_loss", None), "link", None)
+    if (predictors is None or type(link).__name__ != "IdentityLink" or model.n_trees_per_iteration_ != 1
+            or X.ndim != 2 or X.shape[1] != model.n_features_in_):
+        return model.predict(X)
+    raw = np.zeros((len(X), 1), dtype=model._baseline_prediction.dtype, order="F")
+    raw += model._baseline_prediction
+    bitsets, f_idx_map = model._bin_mapper.make_known_categories_bitsets()
+    column = raw[:, 0]
+    for (tree,) in predictors:
+        column += tree.predict(X, bitsets, f_idx_map, 1)
+    return link.inverse(raw.ravel())
 
 
 def resolve_estimator(path: str, params: dict[str, Any] | None = None, name: str = "") -> BaseEstimator:

@@ -331,12 +331,15 @@ class ModelRegistry:
         with path.open("rb") as fh:  # our own artifacts only: the registry is trusted storage
             try:
                 return pickle.load(fh)
-            except pickle.UnpicklingError:
+            except pickle.UnpicklingError as not_pickle:
                 # artifacts written with joblib.dump (its numpy side-channel format), e.g. by
-                # earlier releases or by hand, still load
+                # earlier releases or by hand, still load; anything else keeps pickle's error
                 import joblib
 
-                return joblib.load(path)
+                try:
+                    return joblib.load(path)
+                except Exception:  # noqa: BLE001 - not a joblib file either: report the first error
+                    raise not_pickle from None
 
     def artifact_path(self, record: ModelRecord) -> Path:
         return self.root / record.artifact

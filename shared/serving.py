@@ -12,7 +12,8 @@ is the baseline fallback, and ``predictions`` as ``[{<time column>: ..., "predic
 
 Predictions equal batch scoring's for the same rows: times and text covariates are parsed by the
 scoring file's own helpers (:mod:`shared.validation`), null covariates follow the same policy, and
-the model is asked through the same ``ForecastBundle.predict`` call (future rows, or a horizon).
+the model is asked through ``ForecastBundle.predict_arrays`` (future rows, or a horizon): the same
+forecasting step as the ``ForecastBundle.predict`` of batch scoring, without a frame in or out.
 Predictions come back in request order. What repeats is remembered: a parsed time column (clients
 keep asking for the same next weeks) and a model's horizon forecast (kept in the cache entry).
 
@@ -385,7 +386,7 @@ class Predictor:
 
     # -- predicting ------------------------------------------------------------------------------
     def answer(self, request: PredictRequest, found: Lookup) -> ServingResponse:
-        """Predict a parsed request with its cached model (the same call as batch scoring)."""
+        """Predict a parsed request with its cached model (the same forecast as batch scoring)."""
         cached = found.model
         if request.rows is not None:
             predictions = self._predict_rows(request.rows, cached)
@@ -406,7 +407,7 @@ class Predictor:
         )
 
     def _predict_rows(self, rows: RequestRows, cached: CachedModel) -> list[dict[str, Any]]:
-        """``ForecastBundle.predict(future)`` as batch scoring calls it; answers in request order."""
+        """``ForecastBundle.predict(future)`` as batch scoring calls it (on arrays); in request order."""
         bundle = cached.bundle
         last = int(getattr(bundle, "last_period", -(2**62)))
         early = np.flatnonzero(rows.periods <= last)
@@ -419,20 +420,26 @@ class Predictor:
                 f"rows[{i}] is not after the model's last trained period ({when})",
                 f"rows[{i}].{self.config.data.time}",
             )
-        future = pd.DataFrame(
-            {
-                PERIOD: rows.periods,
-                **{c: rows.covariates[:, j] for j, c in enumerate(self.config.data.covariates)},
-            }
-        )
-        out = bundle.predict(future=future, use_baseline=cached.is_fallback)
-        got = out[PERIOD].to_numpy(dtype=np.int64)
+        if hasattr(bundle, "predict_arrays"):  # a ForecastBundle: its pandas-free path, same numbers
+            got, predicted = bundle.predict_arrays(
+                rows.periods, rows.covariates, use_baseline=cached.is_fallback
+            )
+        else:
+            future = pd.DataFrame(
+                {
+                    PERIOD: rows.periods,
+                    **{c: rows.covariates[:, j] for j, c in enumerate(self.config.data.covariates)},
+                }
+            )
+            out = bundle.predict(future=future, use_baseline=cached.is_fallback)
+            got, predicted = out[PERIOD].to_numpy(dtype=np.int64), out["prediction"].to_numpy()
+        got = np.asarray(got, dtype=np.int64)
         position = np.searchsorted(got, rows.periods) if len(got) == len(rows.periods) else None
         if position is None or not np.array_equal(got[np.minimum(position, len(got) - 1)], rows.periods):
             raise ValueError(
                 f"the model returned {len(got)} predictions for {len(rows.periods)} requested periods"
             )
-        values = out["prediction"].to_numpy(dtype=np.float64)[position]
+        values = np.asarray(predicted, dtype=np.float64)[position]
         if not np.isfinite(values).all():
             raise ValueError(
                 f"the model returned {int((~np.isfinite(values)).sum())} non-finite prediction(s)"
@@ -447,15 +454,20 @@ class Predictor:
         known = cached.memo.get(memo_key)
         if known is not None:
             return known
-        out = cached.bundle.predict(horizon=horizon, use_baseline=cached.is_fallback)
+        bundle = cached.bundle
         time_col = self.config.data.time
-        times = self._format_times(out[time_col])
-        records = [{time_col: t, "prediction": float(p)} for t, p in zip(times, out["prediction"].tolist())]
+        if hasattr(bundle, "predict_arrays"):  # a ForecastBundle: its pandas-free path, same numbers
+            periods, predicted = bundle.predict_arrays(horizon=horizon, use_baseline=cached.is_fallback)
+            times = self._format_times(bundle.period_times(periods))
+        else:
+            out = bundle.predict(horizon=horizon, use_baseline=cached.is_fallback)
+            times, predicted = self._format_times(out[time_col]), out["prediction"].to_numpy()
+        records = [{time_col: t, "prediction": float(p)} for t, p in zip(times, predicted.tolist())]
         if len(cached.memo) < MEMO_HORIZONS:
             cached.memo[memo_key] = records
         return records
 
-    def _format_times(self, times: pd.Series) -> list[Any]:
+    def _format_times(self, times: pd.Series | np.ndarray) -> list[Any]:
         if self.config.data.freq == "int":
             return [int(t) for t in times.tolist()]
         stamps = pd.DatetimeIndex(times)

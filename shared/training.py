@@ -175,39 +175,102 @@ class ForecastBundle:
             raise ValueError("give either future rows or a horizon, not both")
         periods = self.future_periods(future, horizon)
         if future is None:
-            last_cov = self.history_covariates[-1:] if len(self.history_covariates) else \
-                np.full((1, len(self.covariates)), np.nan)
-            cov = np.repeat(last_cov, len(periods), axis=0)
+            cov = self._carried_covariates(len(periods))
         else:
             missing = [c for c in self.covariates if c not in future.columns]
             if missing:
                 raise ValueError(f"future rows lack covariate column(s) {missing}")
             cov = future[list(self.covariates)].to_numpy(dtype=np.float64)
             cov = cov.reshape(len(future), len(self.covariates))
+        periods, pred = self._forecast(periods, cov, use_baseline)
+        return self._frame(periods, pred)
+
+    def predict_arrays(self, periods: np.ndarray | None = None, covariates: np.ndarray | None = None,
+                       horizon: int | None = None,
+                       use_baseline: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict` on arrays, without pandas: ``(periods sorted, predictions)``.
+
+        The single-request path of serving (a frame in and a frame out cost more than the model).
+        ``periods`` with ``covariates`` (rows x ``spec.covariates``, NaN carries the previous value
+        forward) or, without periods, the next ``horizon`` periods. Same checks, same numbers as
+        :meth:`predict` (both end in one shared forecasting step).
+        """
+        if periods is not None and horizon is not None:
+            raise ValueError("give either future periods or a horizon, not both")
+        if periods is None:
+            if covariates is not None:
+                raise ValueError("covariates need the periods they belong to")
+            periods = self.future_periods(None, horizon)
+            cov = self._carried_covariates(len(periods))
+        else:
+            periods = np.asarray(periods, dtype=np.int64).reshape(-1)
+            n_cov = len(self.covariates)
+            if covariates is None:
+                if n_cov:
+                    raise ValueError(f"future rows lack covariate column(s) {list(self.covariates)}")
+                covariates = np.empty((len(periods), 0))
+            cov = np.asarray(covariates, dtype=np.float64)
+            if cov.shape != (len(periods), n_cov):
+                raise ValueError(f"covariates must have shape ({len(periods)}, {n_cov}), got {cov.shape}")
+        return self._forecast(periods, cov, use_baseline)
+
+    def _carried_covariates(self, n: int) -> np.ndarray:
+        last_cov = self.history_covariates[-1:] if len(self.history_covariates) else \
+            np.full((1, len(self.covariates)), np.nan)
+        return np.repeat(last_cov, n, axis=0)
+
+    def _forecast(self, periods: np.ndarray, cov: np.ndarray,
+                  use_baseline: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The one forecasting step behind :meth:`predict` and :meth:`predict_arrays`."""
         if len(periods) == 0:
-            return self._frame(periods, np.empty(0))
+            return periods, np.empty(0)
         if len(np.unique(periods)) != len(periods):
             raise ValueError("future rows repeat a period")
         early = periods[periods <= self.last_period]
         if len(early):
             raise ValueError(f"future periods must come after the last trained period {self.last_period}; "
                              f"got {sorted(set(early.tolist()))[:5]}")
-        order = np.argsort(periods, kind="stable")
-        periods, cov = periods[order], cov[order]
+        if len(periods) > 1 and not (periods[1:] > periods[:-1]).all():
+            order = np.argsort(periods, kind="stable")
+            periods, cov = periods[order], cov[order]
         if use_baseline or isinstance(self.estimator, MovingAverageBaseline):
             model = self.baseline if use_baseline else self.estimator
-            return self._frame(periods, model.predict(len(periods)))
-        pred = recursive_forecast(self.estimator, self.spec, self.trend_origin, self.log_covariates,
-                                  self.history_periods, self.history_target, self.history_covariates,
-                                  self.last_period, periods, cov)
-        return self._frame(periods, pred)
+            pred = model.predict(len(periods))
+        else:
+            pred = recursive_forecast(self.estimator, self.spec, self.trend_origin, self.log_covariates,
+                                      self.history_periods, self.history_target, self.history_covariates,
+                                      self.last_period, periods, cov)
+        return periods, np.maximum(np.asarray(pred, dtype=np.float64), 0.0)
+
+    def period_times(self, periods: np.ndarray) -> np.ndarray:
+        """The time stamps (or integer periods) of period ordinals, as :func:`from_periods` gives them."""
+        return period_times(periods, self.freq, self.anchor)
 
     def _frame(self, periods: np.ndarray, pred: np.ndarray) -> pd.DataFrame:
         return pd.DataFrame({
             PERIOD: periods,
-            self.time_column: from_periods(periods, self.freq, self.anchor).to_numpy(),
+            self.time_column: self.period_times(periods),
             "prediction": np.maximum(np.asarray(pred, dtype=np.float64), 0.0),
         })
+
+
+_TIMES_MEMO: dict[tuple[str, str | None, bytes], np.ndarray] = {}
+TIMES_MEMO_SIZE = 4096
+
+
+def period_times(periods: np.ndarray, freq: str, anchor: str | None) -> np.ndarray:
+    """``from_periods(...).to_numpy()``, remembered: forecasts keep asking for the same next periods
+    (pandas' PeriodIndex costs ~0.2 ms a call, more than a small forecast)."""
+    periods = np.asarray(periods, dtype=np.int64)
+    key = (freq, anchor, periods.tobytes())
+    known = _TIMES_MEMO.get(key)
+    if known is None:
+        known = np.array(from_periods(periods, freq, anchor).to_numpy(), copy=True)  # owns its data
+        known.setflags(write=False)
+        if len(_TIMES_MEMO) >= TIMES_MEMO_SIZE:
+            _TIMES_MEMO.clear()
+        _TIMES_MEMO[key] = known
+    return known.copy()
 
 
 # -- per-partition result -----------------------------------------------------------------------

@@ -147,3 +147,25 @@ def test_boosted_trees_fit_a_history_shorter_than_the_longest_lag(spec):
     X[:, spec.names.index("lag_53")] = np.nan  # a 40-period history has no lag 53 at all
     pred = BoostedTreesForecaster(spec).fit(X, y).predict(X)
     assert np.isfinite(pred).all()
+
+
+def test_candidates_predict_exactly_what_scikit_learn_predicts_for_few_and_many_rows(spec):
+    rng = np.random.default_rng(7)
+    for seed in range(6):
+        X, y = design(spec, 160, seed=seed)
+        X[rng.uniform(size=X.shape) < 0.05] = np.nan  # missing values go down the trees' NaN branches
+        loglinear = LogLinearForecaster(spec).fit(X, y)
+        gbm = BoostedTreesForecaster(spec, random_state=seed).fit(X, y)
+        # 1 to 480 rows: both sides of SMALL_ROWS
+        for rows in (X[:1], X[-4:], X[::-7], X, np.vstack([X] * 3)):
+            Z = loglinear._design(rows)
+            Z = np.where(np.isnan(Z), loglinear.fill_, Z)
+            scaled = (Z - loglinear.mean_) / loglinear.scale_
+            library = np.maximum(np.expm1(loglinear.ridge_.predict(scaled)), 0.0)
+            assert np.array_equal(loglinear.predict(rows), library)
+            library = np.maximum(np.expm1(gbm.model_.predict(rows[:, gbm.columns_])), 0.0)
+            assert np.array_equal(gbm.predict(rows), library)
+    with pytest.raises(ValueError):  # a row of the wrong width is refused, not misread
+        loglinear.predict(X[:2, :-1])
+    with pytest.raises(IndexError):
+        gbm.predict(X[:2, :-1])

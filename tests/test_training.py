@@ -3,21 +3,33 @@ from __future__ import annotations
 
 import json
 import math
-
 import pickle
+
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from shared.candidates import CandidateError, LogLinearForecaster
+from shared.candidates import (
+    BoostedTreesForecaster,
+    CandidateError,
+    LogLinearForecaster,
+    MovingAverageBaseline,
+)
 from shared.config import ProjectConfig
 from shared.features import build_features
 from shared.keys import PARTITION_ID, partition_ids
 from shared.metrics import evaluate
 from shared.synthetic import generate_panel
-from shared.timegrid import PERIOD, anchor_offset, to_periods
-from shared.training import ForecastBundle, backtest_summary, recursive_forecast, time_breakdown, train_batch
+from shared.timegrid import PERIOD, anchor_offset, from_periods, to_periods
+from shared.training import (
+    ForecastBundle,
+    backtest_summary,
+    period_times,
+    recursive_forecast,
+    time_breakdown,
+    train_batch,
+)
 
 MARKER = 777.0
 
@@ -269,3 +281,93 @@ def test_integer_periods_work_end_to_end():
     assert [r.status for r in results] == ["trained", "trained"]
     out = results[0].bundle.predict(horizon=3)
     assert out["date"].tolist() == [101, 102, 103]
+
+
+class LibraryPredict:
+    """A fitted candidate predicting through scikit-learn's own ``predict`` (every input check on):
+    the arithmetic the candidates' shortcut calls must reproduce bit for bit."""
+
+    def __init__(self, estimator):
+        self.estimator = estimator
+
+    def predict(self, X):
+        est = self.estimator
+        if isinstance(est, LogLinearForecaster):
+            Z = est._design(X)
+            Z = np.where(np.isnan(Z), est.fill_, Z)
+            return np.maximum(np.expm1(est.ridge_.predict((Z - est.mean_) / est.scale_)), 0.0)
+        if isinstance(est, BoostedTreesForecaster):
+            return np.maximum(np.expm1(est.model_.predict(X[:, est.columns_])), 0.0)
+        return est.predict(X)
+
+
+def reference_predict(bundle: ForecastBundle, periods: np.ndarray, cov: np.ndarray,
+                      use_baseline: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """What ``ForecastBundle.predict`` computed before its fast path: sort, library predict, clip."""
+    order = np.argsort(periods, kind="stable")
+    periods, cov = periods[order], cov[order]
+    if use_baseline or isinstance(bundle.estimator, MovingAverageBaseline):
+        model = bundle.baseline if use_baseline else bundle.estimator
+        return periods, np.maximum(model.predict(len(periods)), 0.0)
+    pred = recursive_forecast(LibraryPredict(bundle.estimator), bundle.spec, bundle.trend_origin,
+                              bundle.log_covariates, bundle.history_periods, bundle.history_target,
+                              bundle.history_covariates, bundle.last_period, periods, cov)
+    return periods, np.maximum(pred, 0.0)
+
+
+def test_predict_arrays_gives_exactly_predict_and_the_library_numbers_for_every_bundle(trained):
+    bundles = [r.bundle for r in trained.values() if r.bundle is not None]
+    assert {b.model_name for b in bundles} >= {"loglinear", "gbm", "baseline"}
+    rng = np.random.default_rng(3)
+    for bundle in bundles:
+        last_cov = bundle.history_covariates[-1]
+        for use_baseline in (False, True):
+            for horizon in (1, 4, 12, 13, 30):  # 13 and 30 go beyond the horizon: recursive blocks
+                periods, pred = bundle.predict_arrays(horizon=horizon, use_baseline=use_baseline)
+                frame = bundle.predict(horizon=horizon, use_baseline=use_baseline)
+                assert np.array_equal(periods, frame[PERIOD].to_numpy())
+                assert np.array_equal(pred, frame["prediction"].to_numpy())
+                ref_periods, ref = reference_predict(bundle, periods, np.tile(last_cov, (horizon, 1)),
+                                                     use_baseline)
+                assert np.array_equal(pred, ref) and np.array_equal(periods, ref_periods)
+            for n in (1, 3, 8, 40):  # unsorted rows, gaps, unknown prices carried forward
+                periods = bundle.last_period + 1 + rng.choice(3 * n, size=n, replace=False)
+                cov = np.column_stack((rng.uniform(1, 6, n).round(2), rng.integers(0, 2, n).astype(float)))
+                cov[rng.uniform(size=n) < 0.2, 0] = np.nan
+                got_periods, pred = bundle.predict_arrays(periods, cov, use_baseline=use_baseline)
+                future = pd.DataFrame({PERIOD: periods, "price": cov[:, 0], "promo": cov[:, 1]})
+                frame = bundle.predict(future, use_baseline=use_baseline)
+                assert np.array_equal(got_periods, frame[PERIOD].to_numpy())
+                assert np.array_equal(pred, frame["prediction"].to_numpy())
+                ref_periods, ref = reference_predict(bundle, periods, cov, use_baseline)
+                assert np.array_equal(pred, ref) and np.array_equal(got_periods, ref_periods)
+
+
+def test_predict_arrays_checks_its_inputs_as_predict_does(trained):
+    bundle = loglinear_bundle(trained)
+    after = bundle.last_period + 1
+    with pytest.raises(ValueError, match="after the last trained period"):
+        bundle.predict_arrays(np.array([bundle.last_period]), np.ones((1, 2)))
+    with pytest.raises(ValueError, match="repeat"):
+        bundle.predict_arrays(np.array([after, after]), np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"shape \(1, 2\)"):
+        bundle.predict_arrays(np.array([after]), np.ones((1, 3)))
+    with pytest.raises(ValueError, match="lack covariate"):
+        bundle.predict_arrays(np.array([after]))
+    with pytest.raises(ValueError, match="horizon must be >= 1"):
+        bundle.predict_arrays(horizon=0)
+    with pytest.raises(ValueError, match="not both"):
+        bundle.predict_arrays(np.array([after]), np.ones((1, 2)), horizon=2)
+    periods, pred = bundle.predict_arrays(np.empty(0, dtype=np.int64), np.empty((0, 2)))
+    assert len(periods) == len(pred) == 0
+
+
+def test_period_times_are_the_timegrid_times_and_callers_cannot_spoil_the_memo(trained):
+    bundle = loglinear_bundle(trained)
+    periods = np.arange(bundle.last_period + 1, bundle.last_period + 6)
+    expected = from_periods(periods, bundle.freq, bundle.anchor).to_numpy()
+    first = bundle.period_times(periods)
+    assert first.dtype == expected.dtype and np.array_equal(first, expected)
+    first[:] = expected[0]  # a caller writing into its answer
+    assert np.array_equal(bundle.period_times(periods), expected)
+    assert np.array_equal(period_times(periods, "int", None), periods)
