@@ -16,7 +16,7 @@ On the same generated partitions, in one script, it measures:
 
 Targets (issue 2): runner < joblib peer, and runner <= 1.10 x (4) (preparation + fit / workers).
 
-    python benchmarks/engine_overhead.py --partitions 400 --workers 2
+    python benchmarks/engine_overhead.py --partitions 500 --workers 2
 """
 from __future__ import annotations
 
@@ -32,46 +32,22 @@ from pathlib import Path
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.features import FeatureSpec  # noqa: E402
+from shared.features import pandas_partition_features  # noqa: E402
 from shared.keys import PARTITION_ID  # noqa: E402
 from shared.lake import read_parquet  # noqa: E402
 from shared.pipeline import Workspace, ingest, plan_training, train_group  # noqa: E402
 from shared.synthetic import write_panel  # noqa: E402
-from shared.timegrid import PERIOD  # noqa: E402
 from shared.training import time_breakdown, train_batch  # noqa: E402
-
-
-def pandas_features(part: pd.DataFrame, cfg) -> pd.DataFrame:
-    """Per-partition feature preparation as a user would write it: one pandas frame per series."""
-    spec = FeatureSpec.from_config(cfg)
-    h, s = spec.horizon, spec.season_length
-    series = part.set_index(PERIOD)[cfg.data.target]
-    grid = series.reindex(pd.RangeIndex(series.index.min(), series.index.max() + 1))
-    out = pd.DataFrame(index=part[PERIOD].to_numpy())
-    for k in spec.lags:
-        out[f"lag_{k}"] = grid.shift(k).reindex(out.index).to_numpy()
-    for w in spec.windows:
-        out[f"roll_{w}"] = grid.shift(h).rolling(w, min_periods=1).mean().reindex(out.index).to_numpy()
-    pos = np.mod(out.index.to_numpy(), s)
-    for j in range(1, spec.fourier_terms + 1):
-        out[f"sin_{j}"] = np.sin(2 * np.pi * j * pos / s)
-        out[f"cos_{j}"] = np.cos(2 * np.pi * j * pos / s)
-    for c in spec.covariates:
-        x = part[c].to_numpy(dtype=float)
-        out[f"cov_{c}"] = np.log(x) if (x > 0).all() else x
-    out["trend"] = (out.index - series.index.min()).to_numpy(dtype=float)
-    return out
 
 
 def peer_task(part: pd.DataFrame, cfg) -> tuple[str, float, float]:
     """One partition, the user's way: pandas features, then the same candidate models."""
     t = time.perf_counter()
-    pandas_features(part, cfg)
+    pandas_partition_features(part, cfg)
     prep = time.perf_counter() - t
     [result] = train_batch(part, cfg, {})
     return result.status, prep, result.fit_seconds
@@ -88,7 +64,7 @@ def _cpu_seconds() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--partitions", type=int, default=400)
+    parser.add_argument("--partitions", type=int, default=500)
     parser.add_argument("--periods", type=int, default=156)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--keep", help="keep the workdir here instead of a temp folder")
@@ -116,7 +92,7 @@ def main() -> None:
         parts = [g for frame in batches for _, g in frame.groupby(PARTITION_ID, sort=False)]
         t = time.perf_counter()
         for part in parts:
-            pandas_features(part, cfg)
+            pandas_partition_features(part, cfg)
         pandas_prep = time.perf_counter() - t
 
         # (5): the runner, on the same batch files, through the pipeline stage the CLI uses.

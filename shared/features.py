@@ -248,3 +248,32 @@ def series_features(spec: FeatureSpec, periods: np.ndarray, y: np.ndarray, cov: 
                             np.asarray(cov, dtype=np.float64).reshape(len(periods), len(spec.covariates)),
                             np.array([trend_origin], dtype=np.int64),
                             np.asarray(log_cov, dtype=bool).reshape(1, len(spec.covariates)))
+
+
+def pandas_partition_features(part: pd.DataFrame, cfg: Any) -> pd.DataFrame:
+    """One partition's features the obvious way: a pandas frame reindexed to its period grid.
+
+    Not used by training (``build_features`` does the same for a whole batch in numpy, 20x+
+    cheaper): it is the correctness reference in the tests and the per-partition preparation
+    a user would write, which ``benchmarks/engine_overhead.py`` times for the joblib peer.
+    """
+    spec = FeatureSpec.from_config(cfg)
+    h, s = spec.horizon, spec.season_length
+    series = part.set_index(PERIOD)[cfg.data.target]
+    grid = series.reindex(pd.RangeIndex(series.index.min(), series.index.max() + 1))
+    out = pd.DataFrame(index=part[PERIOD].to_numpy())
+    for k in spec.lags:
+        out[f"lag_{k}"] = grid.shift(k).reindex(out.index).to_numpy()
+    for w in spec.windows:
+        out[f"roll_{w}"] = grid.shift(h).rolling(w, min_periods=1).mean().reindex(out.index).to_numpy()
+    pos = np.mod(out.index.to_numpy(), s)
+    for j in range(1, spec.fourier_terms + 1):
+        if 2 * j != s:
+            out[f"sin_{j}"] = np.sin(2 * np.pi * j * pos / s)
+        out[f"cos_{j}"] = np.cos(2 * np.pi * j * pos / s)
+    for c in spec.covariates:
+        x = part[c].to_numpy(dtype=float)
+        use_log = (x > 0).all() and not np.isin(x, [0.0, 1.0]).all()
+        out[f"cov_{c}"] = np.log(x) if use_log else x
+    out["trend"] = (out.index - series.index.min()).to_numpy(dtype=float)
+    return out

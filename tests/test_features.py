@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from shared.config import ProjectConfig
-from shared.features import FeatureSpec, build_features, rolling_windows, series_features
+from shared.features import (FeatureSpec, build_features, pandas_partition_features, rolling_windows,
+                             series_features)
 from shared.keys import PARTITION_ID, partition_ids
 from shared.synthetic import generate_panel
 from shared.timegrid import PERIOD, to_periods
@@ -23,28 +24,7 @@ def validated(frame: pd.DataFrame, cfg: ProjectConfig) -> pd.DataFrame:
 
 def naive_features(frame: pd.DataFrame, cfg: ProjectConfig) -> pd.DataFrame:
     """One pandas frame per partition, reindexed to its full period grid: the slow, obvious way."""
-    spec = FeatureSpec.from_config(cfg)
-    h, s = spec.horizon, spec.season_length
-    parts = []
-    for _, g in frame.groupby(PARTITION_ID, sort=False):
-        series = g.set_index(PERIOD)[cfg.data.target]
-        grid = series.reindex(pd.RangeIndex(series.index.min(), series.index.max() + 1))
-        out = pd.DataFrame(index=g[PERIOD].to_numpy())
-        for k in spec.lags:
-            out[f"lag_{k}"] = grid.shift(k).reindex(out.index).to_numpy()
-        for w in spec.windows:
-            out[f"roll_{w}"] = grid.shift(h).rolling(w, min_periods=1).mean().reindex(out.index).to_numpy()
-        pos = np.mod(out.index.to_numpy(), s)
-        for j in range(1, spec.fourier_terms + 1):
-            if 2 * j != s:
-                out[f"sin_{j}"] = np.sin(2 * np.pi * j * pos / s)
-            out[f"cos_{j}"] = np.cos(2 * np.pi * j * pos / s)
-        for c in spec.covariates:
-            x = g[c].to_numpy(dtype=float)
-            use_log = (x > 0).all() and not np.isin(x, [0.0, 1.0]).all()
-            out[f"cov_{c}"] = np.log(x) if use_log else x
-        out["trend"] = (out.index - series.index.min()).to_numpy(dtype=float)
-        parts.append(out)
+    parts = [pandas_partition_features(g, cfg) for _, g in frame.groupby(PARTITION_ID, sort=False)]
     return pd.concat(parts, ignore_index=True)
 
 
