@@ -1,19 +1,31 @@
 #!/usr/bin/env bash
 # System pieces the tests use for real: unixODBC with the SQLite driver (the ODBC result store
-# and ODBC ingestion), PostgreSQL with its ODBC driver (the result store
-# against a real server), Azurite from npm (Blob/Queue storage).
+# and ODBC ingestion), PostgreSQL with its ODBC driver (the result store against a real server),
+# Azurite from npm (Blob/Queue storage). Installs only what is missing; retries transient failures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+retry() {  # retry CMD...: three attempts, a few seconds apart
+  local attempt
+  for attempt in 1 2 3; do
+    "$@" && return 0
+    echo "attempt $attempt of: $* failed" >&2
+    [ "$attempt" = 3 ] || sleep $((attempt * 5))
+  done
+  return 1
+}
 
 need_apt=()
 for pkg in unixodbc libsqliteodbc odbc-postgresql postgresql; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  as_root=()
+  [ "$(id -u)" = 0 ] || as_root=(sudo -n)
+  if command -v apt-get >/dev/null 2>&1 && { [ ${#as_root[@]} = 0 ] || sudo -n true 2>/dev/null; }; then
     echo "installing ${need_apt[*]} with apt-get"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    retry "${as_root[@]}" apt-get update -qq
+    retry "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
   else
     echo "warning: ${need_apt[*]} missing and apt-get unavailable: ODBC tests will be skipped" >&2
   fi
@@ -22,7 +34,7 @@ fi
 if [ ! -x node_modules/.bin/azurite-blob ]; then
   if command -v npm >/dev/null 2>&1; then
     echo "installing azurite with npm"
-    npm ci --no-audit --no-fund --silent >/dev/null
+    retry npm ci --no-audit --no-fund --silent >/dev/null
   else
     echo "warning: npm missing: Azurite tests will be skipped" >&2
   fi
