@@ -813,8 +813,9 @@ def _sql_location(ws: Workspace) -> str:
 class _StagedRun:
     """Local paths for an entry script: the lake's own files when it is a local folder, else a cache.
 
-    With a blob lake the inputs are downloaded once and the outputs uploaded when the group ends,
-    so entry scripts always see a file system, as they do when Azure ML mounts a data asset.
+    With a blob lake the inputs and the run's earlier outputs (what makes a rerun resume) are
+    downloaded once, and only the files the group wrote are uploaded when it ends, so entry
+    scripts always see a file system, as they do when Azure ML mounts a data asset.
     """
 
     def __init__(self, ws: Workspace, run_prefix: str, inputs: Iterable[str], extra: Iterable[str]) -> None:
@@ -823,7 +824,7 @@ class _StagedRun:
         self.inputs = [*inputs, *extra]
         self.local = isinstance(ws.lake, LocalLake)
         self.tmp: Path | None = None
-        self.outputs: list[str] = []
+        self.downloaded: dict[Path, int] = {}  # earlier outputs -> their mtime after download
 
     def __enter__(self) -> "_StagedRun":
         if not self.local:
@@ -836,6 +837,7 @@ class _StagedRun:
                 target = self.tmp / "out" / existing
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(self.ws.lake.read_bytes(existing))
+                self.downloaded[target] = target.stat().st_mtime_ns
         return self
 
     def input(self, path: str) -> Path:
@@ -845,7 +847,6 @@ class _StagedRun:
 
     def output(self, name: str) -> Path:
         lake_path = f"{self.run_prefix}/{name}"
-        self.outputs.append(lake_path)
         folder = self.ws.lake.local_path(lake_path) if self.local else self.tmp / "out" / lake_path
         folder.mkdir(parents=True, exist_ok=True)
         return folder
@@ -862,7 +863,10 @@ class _StagedRun:
         try:
             out_root = self.tmp / "out"
             for file in out_root.rglob("*"):
-                if file.is_file() and not file.name.startswith(".tmp-"):
-                    self.ws.lake.write_bytes(file.relative_to(out_root).as_posix(), file.read_bytes())
+                if not file.is_file() or file.name.startswith(".tmp-"):
+                    continue
+                if self.downloaded.get(file) == file.stat().st_mtime_ns:
+                    continue  # an earlier output this group did not rewrite
+                self.ws.lake.write_bytes(file.relative_to(out_root).as_posix(), file.read_bytes())
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -141,3 +141,28 @@ def test_scoring_file_rows_are_predicted_exactly(first_run, tmp_path):
     future.to_csv(path, index=False)
     plan, loaded = score(ws, data=path, progress=False)
     assert loaded.rows == 3
+
+
+@pytest.mark.azurite
+def test_on_a_blob_lake_a_rerun_of_a_group_uploads_only_what_it_rewrote(azurite_blob, tmp_path):
+    from shared.pipeline import ingest, plan_training, train_group
+    from shared.settings import Settings
+
+    data = tmp_path / "sales.parquet"
+    write_panel(data, partitions=8, periods=80, freq="W", seed=21)
+    settings = Settings(workdir=tmp_path / "ws", lake_backend="blob",
+                        lake_connection_string=azurite_blob.connection_string)
+    ws = Workspace.open(settings=settings, overrides={"runner.progress": False, "forecast.horizon": 6,
+                                                      "forecast.test_periods": 6})
+    plan = plan_training(ws, ingest(ws, data).dataset_id)
+    files = [p for g in plan.groups for p in g]
+    first = train_group(ws, plan.run_id, files)
+    assert first.partitions == 8 and not first.failed_batches
+    assert len([p for p in ws.lake.list(f"runs/{plan.run_id}/models") if p.endswith(".pkl")]) >= 7
+
+    uploaded: list[str] = []
+    write = ws.lake.write_bytes
+    ws.lake.write_bytes = lambda path, body: (uploaded.append(path), write(path, body))[1]
+    again = train_group(ws, plan.run_id, files)
+    assert again.partitions == 8
+    assert uploaded == [f"runs/{plan.run_id}/config/manymodels.toml"]
