@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from shared.config import offset_alias
+
 COLUMNS = ("store", "item", "date", "sales", "price", "promo")
 
 NOISE_SD = 0.12
@@ -39,9 +41,6 @@ SHORT_SHARE = 0.02
 MISSING_SHARE = 0.01
 MAX_CHUNK_ROWS = 2_000_000  # long series shrink chunks below chunk_partitions: memory stays bounded
 PRICE_BLOCK = 13  # regular prices change at most once per block of periods (a quarter of weeks)
-
-# pandas 3 dropped some offset aliases that timegrid/config still accept
-_RANGE_ALIASES = {"M": "ME", "Q": "QE", "Y": "YE", "A": "YE", "H": "h"}
 
 # one stream id per independent random quantity
 (
@@ -117,8 +116,7 @@ def time_axis(periods: int, freq: str, start: str) -> tuple[np.ndarray, np.ndarr
     if freq == "int":
         steps = np.arange(1, periods + 1, dtype=np.int64)
         return steps, ((steps - 1) % 52) / 52.0, (steps - 1) / 52.0
-    alias = _RANGE_ALIASES.get(freq, freq)
-    dates = pd.date_range(start=start, periods=periods, freq=alias)
+    dates = pd.date_range(start=start, periods=periods, freq=offset_alias(freq))
     year_pos = (dates.day_of_year.to_numpy() - 1 + dates.hour.to_numpy() / 24.0) / 365.25
     elapsed = (dates - dates[0]) / pd.Timedelta(days=365.25)
     return dates.to_numpy(), year_pos, np.asarray(elapsed, dtype=np.float64)
