@@ -30,7 +30,7 @@ from shared.keys import PARTITION_ID, canonical_value, partition_ids
 from shared.lake import Lake, check_path, write_parquet
 from shared.partitioning import pack_batches
 from shared.timegrid import PERIOD, to_periods
-from shared.validation import DataValidationError, _examples, _parse_numeric, _parse_time
+from shared.validation import DataValidationError, example_rows, parse_numeric, parse_time
 
 SCORING = "scoring"
 HORIZON = "_horizon"  # > 0: "the next N periods" request row; 0: an explicit row to predict
@@ -133,8 +133,8 @@ def scoring_requests(frame: pd.DataFrame, cfg: ProjectConfig) -> pd.DataFrame:
         nulls = source[key].isna().to_numpy()
         if nulls.any():
             raise DataValidationError(key, "partition key is null in the scoring file",
-                                      _examples(source, np.flatnonzero(nulls)), int(nulls.sum()))
-    times = _parse_time(source[spec.time], source, spec)
+                                      example_rows(source, np.flatnonzero(nulls)), int(nulls.sum()))
+    times = parse_time(source[spec.time], source, spec)
     out = pd.DataFrame({
         PARTITION_ID: partition_ids(source, spec.keys).to_numpy(),
         **{k: _canonical(source[k]) for k in spec.keys},
@@ -142,12 +142,12 @@ def scoring_requests(frame: pd.DataFrame, cfg: ProjectConfig) -> pd.DataFrame:
         PERIOD: to_periods(times, spec.freq),
     })
     for cov in spec.covariates:
-        out[cov] = _parse_numeric(source[cov], source, cov, "covariate")
+        out[cov] = parse_numeric(source[cov], source, cov, "covariate")
     out[HORIZON] = np.zeros(len(out), dtype="int64")
     dup = out.duplicated([PARTITION_ID, PERIOD], keep=False).to_numpy()
     if dup.any():
         raise DataValidationError([*spec.keys, spec.time], "the scoring file asks for the same partition and "
-                                  "period more than once", _examples(source, np.flatnonzero(dup)), int(dup.sum()))
+                                  "period more than once", example_rows(source, np.flatnonzero(dup)), int(dup.sum()))
     return _fill_covariates(out, source, cfg)
 
 
@@ -169,7 +169,7 @@ def _fill_covariates(out: pd.DataFrame, source: pd.DataFrame, cfg: ProjectConfig
             continue
         if policy == "error":
             raise DataValidationError(cov, "covariate is null in the scoring file (validation.null_covariates=error)",
-                                      _examples(source, np.flatnonzero(nulls)), int(nulls.sum()))
+                                      example_rows(source, np.flatnonzero(nulls)), int(nulls.sum()))
         out[cov] = out[cov].fillna(0.0)
     return out
 

@@ -51,7 +51,7 @@ from shared.config import ProjectConfig
 from shared.keys import PARTITION_ID, canonical_value, describe, partition_id
 from shared.model_cache import CachedModel, Lookup, ModelCache, ModelLoadError, ModelNotFoundError
 from shared.timegrid import PERIOD, from_periods, to_periods
-from shared.validation import DataValidationError, _parse_numeric, _parse_time
+from shared.validation import DataValidationError, parse_numeric, parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ class Predictor:
         spec = self.config.data
         source = pd.DataFrame({spec.time: list(values)})
         try:
-            parsed = _parse_time(source[spec.time], source, spec)
+            parsed = parse_time(source[spec.time], source, spec)
         except DataValidationError as exc:
             raise BadRequest(exc.rule, _row_field(exc)) from exc
         result = (to_periods(parsed, spec.freq), self._format_times(parsed))
@@ -358,7 +358,7 @@ class Predictor:
         return result
 
     def _covariate(self, values: list[Any], name: str) -> np.ndarray:
-        """float64 values as :func:`shared.validation._parse_numeric` gives them, JSON numbers directly;
+        """float64 values as :func:`shared.validation.parse_numeric` gives them, JSON numbers directly;
         nulls by the ingestion policy (``validation.null_covariates``), as batch scoring does."""
         if all(v is None or type(v) in (int, float, bool) for v in values):
             try:
@@ -368,7 +368,7 @@ class Predictor:
         else:  # text: the scoring file's own parser decides what is a number
             source = pd.DataFrame({name: values})
             try:
-                out = _parse_numeric(source[name], source, name, "covariate")
+                out = parse_numeric(source[name], source, name, "covariate")
             except DataValidationError as exc:
                 raise BadRequest(exc.rule, _row_field(exc)) from exc
         infinite = np.flatnonzero(np.isinf(out))

@@ -125,9 +125,9 @@ def validate(frame: pd.DataFrame, cfg: ProjectConfig) -> tuple[pd.DataFrame, Val
     work = source[[*spec.keys, spec.time, spec.target, *spec.covariates]]
 
     work = _null_keys(work, source, spec, policy.null_keys, report)
-    times = _parse_time(work[spec.time], source, spec)
-    target = _parse_numeric(work[spec.target], source, spec.target, "target")
-    covs = {c: _parse_numeric(work[c], source, c, "covariate") for c in spec.covariates}
+    times = parse_time(work[spec.time], source, spec)
+    target = parse_numeric(work[spec.target], source, spec.target, "target")
+    covs = {c: parse_numeric(work[c], source, c, "covariate") for c in spec.covariates}
     target, keep = _target_policies(target, work.index.to_numpy(), source, spec.target, policy, report)
     if keep is not None:
         work, times, target = work[keep], times[keep], target[keep]
@@ -212,7 +212,7 @@ def _check_columns(frame: pd.DataFrame, spec: DataSpec) -> None:
         raise DataValidationError(dup, "column names appear more than once in the input")
 
 
-def _examples(source: pd.DataFrame, positions: np.ndarray) -> pd.DataFrame:
+def example_rows(source: pd.DataFrame, positions: np.ndarray) -> pd.DataFrame:
     shown = source.iloc[np.asarray(positions)[:MAX_EXAMPLES]]
     shown.index.name = "row"
     return shown
@@ -226,7 +226,7 @@ def _null_keys(
     if not mask.any():
         return work
     column = next(k for k in spec.keys if nulls[k].any())
-    examples = _examples(source, work.index.to_numpy()[mask])
+    examples = example_rows(source, work.index.to_numpy()[mask])
     if policy == "error":
         raise DataValidationError(
             column, "partition key is null (validation.null_keys=error)", examples, int(mask.sum())
@@ -235,24 +235,24 @@ def _null_keys(
     return work[~mask]
 
 
-def _parse_time(col: pd.Series, source: pd.DataFrame, spec: DataSpec) -> pd.Series:
+def parse_time(col: pd.Series, source: pd.DataFrame, spec: DataSpec) -> pd.Series:
     """Dates as datetime64 (time zones dropped, wall time kept), or int64 periods for freq 'int'."""
     name = spec.time
     missing = col.isna().to_numpy()
     if missing.any():
         raise DataValidationError(
-            name, "time value is missing", _examples(source, col.index[missing]), int(missing.sum())
+            name, "time value is missing", example_rows(source, col.index[missing]), int(missing.sum())
         )
     if spec.freq == "int":
         if ptypes.is_bool_dtype(col) or ptypes.is_datetime64_any_dtype(col):
             raise DataValidationError(
-                name, f"integer periods expected (freq='int'), got {col.dtype}", _examples(source, col.index)
+                name, f"integer periods expected (freq='int'), got {col.dtype}", example_rows(source, col.index)
             )
         num = pd.to_numeric(col, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
         bad = ~np.isfinite(num) | (num != np.round(num))
         if bad.any():
             raise DataValidationError(
-                name, "not an integer period (freq='int')", _examples(source, col.index[bad]), int(bad.sum())
+                name, "not an integer period (freq='int')", example_rows(source, col.index[bad]), int(bad.sum())
             )
         return pd.Series(num.astype("int64"), index=col.index)
     if ptypes.is_datetime64_any_dtype(col):
@@ -261,7 +261,7 @@ def _parse_time(col: pd.Series, source: pd.DataFrame, spec: DataSpec) -> pd.Seri
         raise DataValidationError(
             name,
             f"numbers are not dates (freq={spec.freq!r}); use freq='int' for integer periods",
-            _examples(source, col.index),
+            example_rows(source, col.index),
         )
     else:
         try:
@@ -273,7 +273,7 @@ def _parse_time(col: pd.Series, source: pd.DataFrame, spec: DataSpec) -> pd.Seri
             raise DataValidationError(
                 name,
                 f"not a date (values must share one format, like the first: {col.iloc[0]!r})",
-                _examples(source, col.index[bad]),
+                example_rows(source, col.index[bad]),
                 int(bad.sum()),
             )
     if getattr(parsed.dt, "tz", None) is not None:
@@ -281,13 +281,13 @@ def _parse_time(col: pd.Series, source: pd.DataFrame, spec: DataSpec) -> pd.Seri
     return parsed
 
 
-def _parse_numeric(col: pd.Series, source: pd.DataFrame, name: str, role: str) -> np.ndarray:
+def parse_numeric(col: pd.Series, source: pd.DataFrame, name: str, role: str) -> np.ndarray:
     """float64 values; booleans and 0/1 are fine, text that is not a number is fatal."""
     if ptypes.is_bool_dtype(col) or ptypes.is_numeric_dtype(col):
         values = col.to_numpy(dtype="float64", na_value=np.nan)
     elif ptypes.is_datetime64_any_dtype(col) or ptypes.is_timedelta64_dtype(col):
         raise DataValidationError(
-            name, f"{role} is not numeric (dtype {col.dtype})", _examples(source, col.index)
+            name, f"{role} is not numeric (dtype {col.dtype})", example_rows(source, col.index)
         )
     else:
         text = col.astype("str").str.strip().str.lower() if role == "covariate" else col
@@ -299,11 +299,11 @@ def _parse_numeric(col: pd.Series, source: pd.DataFrame, name: str, role: str) -
             rule = f"{role} is not numeric" + (
                 " (numbers, booleans or 0/1 expected)" if role == "covariate" else ""
             )
-            raise DataValidationError(name, rule, _examples(source, col.index[bad]), int(bad.sum()))
+            raise DataValidationError(name, rule, example_rows(source, col.index[bad]), int(bad.sum()))
     infinite = np.isinf(values)
     if infinite.any():
         raise DataValidationError(
-            name, f"{role} is infinite", _examples(source, col.index[infinite]), int(infinite.sum())
+            name, f"{role} is infinite", example_rows(source, col.index[infinite]), int(infinite.sum())
         )
     return values
 
@@ -320,7 +320,7 @@ def _target_policies(
     keep = np.ones(len(target), dtype=bool)
     null = np.isnan(target)
     if null.any():
-        examples = _examples(source, positions[null])
+        examples = example_rows(source, positions[null])
         if policy.null_target == "error":
             raise DataValidationError(
                 name, "target is null (validation.null_target=error)", examples, int(null.sum())
@@ -333,7 +333,7 @@ def _target_policies(
             report.add("dropped_null_target", int(null.sum()), examples)
     negative = keep & (target < 0)
     if negative.any():
-        examples = _examples(source, positions[negative])
+        examples = example_rows(source, positions[negative])
         n = int(negative.sum())
         if policy.negative_target == "error":
             raise DataValidationError(
@@ -386,7 +386,7 @@ def _duplicates(
     has_next = np.r_[same, False]
     has_prev = np.r_[False, same]
     involved = has_next | has_prev
-    examples = _examples(source, rows[involved])
+    examples = example_rows(source, rows[involved])
     merged = int(has_next.sum())
     if policy == "error":
         raise DataValidationError(
@@ -416,7 +416,7 @@ def _null_covariate(
     null = np.isnan(values)
     if not null.any():
         return values
-    examples = _examples(source, rows[null])
+    examples = example_rows(source, rows[null])
     if policy == "error":
         raise DataValidationError(
             name, "covariate is null (validation.null_covariates=error)", examples, int(null.sum())
@@ -441,7 +441,7 @@ def _null_covariate(
     rest = np.isnan(filled)
     if rest.any():
         filled[rest] = np.nanmedian(values)
-        report.add("median_filled_null_covariates", int(rest.sum()), _examples(source, rows[rest]))
+        report.add("median_filled_null_covariates", int(rest.sum()), example_rows(source, rows[rest]))
     return filled
 
 
