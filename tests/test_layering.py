@@ -1,0 +1,150 @@
+"""Layering rules, checked by parsing the sources (``ast``), never by importing them.
+
+- ``shared`` is the core: it runs in Azure ML jobs and on laptops, where the Functions host is not
+  installed, so nothing in it imports ``azure.functions`` (or the Durable extension) or the
+  ``function_app`` package. The entry scripts (``shared/entry``) in particular never do.
+- The Azure ML backend (``shared/azureml/``) is optional: outside it, no module imports it at module
+  level, and only the allow-listed modules import it at all (inside functions).
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT / "shared"
+MODULES = sorted(p for p in SHARED.rglob("*.py") if "__pycache__" not in p.parts)
+
+HOST_ONLY = ("azure.functions", "azure.durable_functions", "function_app")
+AZUREML = "shared.azureml"
+
+# Modules outside shared/azureml/ that import shared.azureml, lazily (inside a function), today.
+# Issue 10 step 2 shrinks this list to a single backend factory, shared/backends.py.
+AZUREML_IMPORTERS = {
+    "shared/pipeline.py",
+}
+
+
+@dataclass(frozen=True)
+class Import:
+    module: str  # absolute dotted name
+    line: int
+    module_level: bool  # executed when the module is imported (not inside a def, not TYPE_CHECKING)
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def package_of(path: Path, root: Path) -> list[str]:
+    """The dotted package a module belongs to, as parts (what relative imports start from)."""
+    return list(path.relative_to(root).parent.parts)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imports_of(path: Path, root: Path = ROOT) -> list[Import]:
+    """Every import in a module: statements (relative ones resolved) and importlib calls with a literal."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = package_of(path, root)
+    found: list[Import] = []
+
+    def visit(node: ast.AST, module_level: bool) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            module_level = False
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.body:
+                visit(child, False)
+            for child in node.orelse:
+                visit(child, module_level)
+            return
+        if isinstance(node, ast.Import):
+            found.extend(Import(alias.name, node.lineno, module_level) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.append(Import(target, node.lineno, module_level))
+            # "from shared import azureml" imports the submodule
+            found.extend(Import(f"{target}.{alias.name}", node.lineno, module_level) for alias in node.names)
+        elif isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
+                    and isinstance(node.args[0].value, str):
+                found.append(Import(node.args[0].value, node.lineno, module_level))
+        for child in ast.iter_child_nodes(node):
+            visit(child, module_level)
+
+    visit(tree, True)
+    return found
+
+
+def is_under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def test_sources_found() -> None:
+    assert len(MODULES) > 20
+    assert SHARED / "entry" / "train.py" in MODULES and SHARED / "azureml" / "client.py" in MODULES
+
+
+@pytest.mark.parametrize("path", MODULES, ids=rel)
+def test_shared_never_imports_the_functions_host(path: Path) -> None:
+    bad = [f"line {i.line}: {i.module}" for i in imports_of(path) if any(is_under(i.module, h) for h in HOST_ONLY)]
+    assert not bad, f"{rel(path)} imports host-only code ({', '.join(HOST_ONLY)}): {bad}"
+
+
+def test_entry_scripts_never_import_function_app() -> None:
+    entry = [p for p in MODULES if p.parent == SHARED / "entry"]
+    assert {p.name for p in entry} >= {"train.py", "score.py"}
+    for path in entry:
+        bad = [i for i in imports_of(path) if is_under(i.module, "function_app")
+               or is_under(i.module, "azure.functions")]
+        assert not bad, f"{rel(path)} imports {bad}"
+
+
+OUTSIDE_AZUREML = [p for p in MODULES if not p.is_relative_to(SHARED / "azureml")]
+
+
+@pytest.mark.parametrize("path", OUTSIDE_AZUREML, ids=rel)
+def test_azureml_backend_is_never_imported_at_module_level(path: Path) -> None:
+    bad = [i for i in imports_of(path) if is_under(i.module, AZUREML) and i.module_level]
+    assert not bad, (f"{rel(path)} imports {AZUREML} at module level (line {bad[0].line}): the Azure ML "
+                     f"backend is optional; import it inside the function that needs it")
+
+
+def test_only_the_allow_list_imports_the_azureml_backend() -> None:
+    importers = {rel(p) for p in OUTSIDE_AZUREML if any(is_under(i.module, AZUREML) for i in imports_of(p))}
+    assert importers <= AZUREML_IMPORTERS, (
+        f"new importers of {AZUREML}: {sorted(importers - AZUREML_IMPORTERS)}; go through the allow-listed "
+        f"modules instead (issue 10 step 2: one backend factory, shared/backends.py)")
+    stale = AZUREML_IMPORTERS - importers
+    assert not stale, f"{sorted(stale)} no longer import {AZUREML}: shrink AZUREML_IMPORTERS"
+
+
+def test_the_checker_sees_relative_lazy_and_dynamic_imports(tmp_path: Path) -> None:
+    pkg = tmp_path / "shared"
+    pkg.mkdir()
+    source = pkg / "m.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from .azureml import client\n"
+        "if TYPE_CHECKING:\n"
+        "    import function_app\n"
+        "def f():\n"
+        "    import azure.functions as func\n"
+        "    importlib.import_module('shared.azureml.jobs')\n",
+        encoding="utf-8")
+    found = {(i.module, i.module_level) for i in imports_of(source, root=tmp_path)}
+    assert ("shared.azureml", True) in found and ("shared.azureml.client", True) in found
+    assert ("function_app", False) in found
+    assert ("azure.functions", False) in found
+    assert ("shared.azureml.jobs", False) in found
