@@ -27,12 +27,13 @@ from sklearn.base import BaseEstimator, RegressorMixin, is_regressor
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import Ridge
 
+from shared.errors import ManyModelsError
 from shared.features import FeatureSpec
 
 BUILTIN = ("baseline", "loglinear", "gbm")
 
 
-class CandidateError(ValueError):
+class CandidateError(ManyModelsError, ValueError):
     """A candidate cannot be built (unknown name, unimportable estimator, not a regressor)."""
 
 

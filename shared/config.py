@@ -13,10 +13,12 @@ from typing import Any, Mapping
 
 import tomli_w
 
+from shared.errors import ManyModelsError
+
 CONFIG_FILE_NAME = "manymodels.toml"
 
 
-class ConfigError(ValueError):
+class ConfigError(ManyModelsError, ValueError):
     """A configuration value is missing or invalid; the message names the field."""
 
 

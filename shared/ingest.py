@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from shared.config import ProjectConfig
+from shared.errors import ManyModelsError
 
 ODBC_PREFIX = "odbc:"
 FETCH_ROWS = 50_000  # rows per cursor.fetchmany: bounded Python-object overhead per step
@@ -26,7 +27,7 @@ _SECRET = re.compile(
 )
 
 
-class IngestError(ValueError):
+class IngestError(ManyModelsError, ValueError):
     """A source could not be read; the message names the source (with secrets redacted)."""
 
 

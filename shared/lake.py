@@ -17,11 +17,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shared.errors import ManyModelsError
+
 CONTAINERS = ("raw", "prepared", "runs", "scoring", "predictions")
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._=-]+$")
 
 
-class LakeError(ValueError):
+class LakeError(ManyModelsError, ValueError):
     """A lake path is invalid or a file is missing."""
 
 

@@ -50,6 +50,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from shared.errors import ManyModelsError
+
 logger = logging.getLogger(__name__)
 
 FALLBACKS = ("baseline", "none")
@@ -67,7 +69,7 @@ _NOT_OWNED = (
 )
 
 
-class ModelNotFoundError(LookupError):
+class ModelNotFoundError(ManyModelsError, LookupError):
     """No model serves this partition: no production model, and no fallback allowed or available."""
 
     def __init__(self, partition_id: str, reason: str) -> None:
@@ -76,7 +78,7 @@ class ModelNotFoundError(LookupError):
         self.reason = reason
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ManyModelsError, RuntimeError):
     """A registered model could not be loaded (missing or corrupted artifact, wrong object)."""
 
     def __init__(self, partition_id: str, version: int, registry: str, reason: str) -> None:

@@ -20,6 +20,7 @@ import pandas as pd
 
 from shared.compute import JobHandle, job_id_for
 from shared.config import CONFIG_FILE_NAME, ProjectConfig, load_config
+from shared.errors import ManyModelsError
 from shared.keys import PARTITION_ID
 from shared.lake import Lake, LakeError, LocalLake, read_parquet
 
@@ -28,7 +29,7 @@ LAKE_SOURCE_CONTAINERS = ("raw", "scoring")
 SCORE_ENTRY = "shared.entry.score"
 
 
-class PipelineError(RuntimeError):
+class PipelineError(ManyModelsError, RuntimeError):
     """A stage cannot run: a missing dataset, run or model; the message says which and what to do."""
 
 

@@ -28,6 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from shared.errors import ManyModelsError
+
 REGISTRY_NAMES = ("dev", "prod")
 ASSET_PREFIX = "mm-"
 # Tags every record gets from its own fields; callers' tags and key values may not contradict them.
@@ -71,7 +73,7 @@ _LATEST_BASE = (f"SELECT {_M_COLUMNS} FROM latest l JOIN models m "
 LATEST_SQL = _LATEST_BASE + " = ?"
 
 
-class RegistryError(ValueError):
+class RegistryError(ManyModelsError, ValueError):
     """A registry is misused: wrong name for its root, a missing artifact, contradicting tags."""
 
 

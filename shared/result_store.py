@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from shared.config import ProjectConfig
+from shared.errors import ManyModelsError
 from shared.keys import PARTITION_ID, canonical_value
 from shared.timegrid import period_freq
 
@@ -35,7 +36,7 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CHUNK_ROWS = 50_000  # rows per executemany call: bounds driver memory, one transaction still
 
 
-class StoreError(ValueError):
+class StoreError(ManyModelsError, ValueError):
     """The store cannot accept a load or a query (bad column, schema mismatch, missing setting)."""
 
 

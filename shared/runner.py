@@ -33,6 +33,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from shared.config import RunnerSpec
+from shared.errors import ManyModelsError
 from shared.lake import atomic_write
 
 # Environment variables read by the BLAS / OpenMP runtimes when they first load. A worker of a
@@ -41,7 +42,7 @@ THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
-class RunnerError(RuntimeError):
+class RunnerError(ManyModelsError, RuntimeError):
     """The run as a whole cannot go on (an entry script's init() failed, bad arguments)."""
 
 

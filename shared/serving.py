@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from shared.config import ProjectConfig
+from shared.errors import ManyModelsError
 from shared.keys import PARTITION_ID, canonical_value, describe, partition_id
 from shared.model_cache import CachedModel, Lookup, ModelCache, ModelLoadError, ModelNotFoundError
 from shared.timegrid import PERIOD, from_periods, to_periods
@@ -63,7 +64,7 @@ TIME_MEMO_SIZE = 4096  # parsed time columns kept (requests keep asking for the 
 
 
 # -- errors ------------------------------------------------------------------------------------
-class ServingError(Exception):
+class ServingError(ManyModelsError):
     """A request answered with an HTTP error; ``body()`` is the JSON the client gets."""
 
     status = 500

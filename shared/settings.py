@@ -21,6 +21,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from shared.errors import ManyModelsError
+
 LAKE_CONNECTION = "LakeStorage"
 SERVICEBUS_CONNECTION = "ServiceBusConnection"
 HOST_STORAGE_CONNECTION = "AzureWebJobsStorage"
@@ -28,7 +30,7 @@ BINDING_CONNECTIONS = (LAKE_CONNECTION, SERVICEBUS_CONNECTION, HOST_STORAGE_CONN
 _TASK_HUB = re.compile(r"^[A-Za-z][A-Za-z0-9]{2,44}$")
 
 
-class SettingsError(ValueError):
+class SettingsError(ManyModelsError, ValueError):
     """A setting has an invalid value or a required one is missing; the message names the variable."""
 
 

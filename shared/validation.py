@@ -23,6 +23,7 @@ import pyarrow as pa
 from pandas.api import types as ptypes
 
 from shared.config import DataSpec, ProjectConfig
+from shared.errors import ManyModelsError
 from shared.keys import PARTITION_ID, partition_ids
 from shared.timegrid import PERIOD, anchor_offset, from_periods, to_periods
 
@@ -45,7 +46,7 @@ REASONS = {
 }
 
 
-class DataValidationError(ValueError):
+class DataValidationError(ManyModelsError, ValueError):
     """The input breaks the data contract; ``column``, ``rule`` and ``examples`` say where and how."""
 
     def __init__(

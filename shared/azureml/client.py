@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from azure.core.exceptions import HttpResponseError
 
+from shared.errors import ManyModelsError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -28,7 +30,7 @@ THROTTLED = (429, 503)
 DEFAULT_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
 
 
-class AzureMLError(RuntimeError):
+class AzureMLError(ManyModelsError, RuntimeError):
     """An Azure ML operation cannot be done: a missing setting, job, or model; the message says which."""
 
 

@@ -34,11 +34,12 @@ if __package__ in (None, ""):
     # The inference server loads this file by path; the snapshot root holds the ``shared`` package.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from shared.errors import ManyModelsError  # noqa: E402
 from shared.keys import PARTITION_ID, partition_id  # noqa: E402
 from shared.model_cache import ModelCache, ModelLoadError, ModelNotFoundError  # noqa: E402
 
 
-class RequestError(ValueError):
+class RequestError(ManyModelsError, ValueError):
     """A request the endpoint answers with an HTTP error: ``status`` and a message naming the cause."""
 
     def __init__(self, status: int, message: str) -> None:
