@@ -14,8 +14,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
+from shared.errors import ManyModelsError
+
+EXIT_USAGE = 2  # a ManyModelsError (or a missing input file): the message says what to change
+EXIT_FAILED = 1  # anything else is unexpected: a bug or the environment; --debug shows the traceback
+# Errors meant for users: ours by type, plus a named input file that does not exist.
+USER_ERRORS: tuple[type[BaseException], ...] = (ManyModelsError, FileNotFoundError)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -271,8 +275,8 @@ def _print_run_summary(args: argparse.Namespace, s: dict[str, Any]) -> None:
     _say(args, f"report:    {s['report']}")
 
 
-class _UsageError(ValueError):
-    pass
+class _UsageError(ManyModelsError, ValueError):
+    """The command line asks for something that does not exist or cannot be done."""
 
 
 # -- parser -------------------------------------------------------------------------------------
@@ -343,21 +347,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from shared.config import ConfigError
-    from shared.lake import LakeError
-    from shared.pipeline import PipelineError
-
-    errors: list[type[BaseException]] = [ConfigError, LakeError, PipelineError, _UsageError, FileNotFoundError]
-    for module, name in (("shared.validation", "DataValidationError"), ("shared.ingest", "IngestError"),
-                         ("shared.scoring", "ScoringError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
@@ -374,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI boundary turns every error into one line
         if args.debug:
             raise
-        known = isinstance(exc, _known_errors())
+        known = isinstance(exc, USER_ERRORS)
         text = str(exc).strip().splitlines()
         message = text[0] if known and text else f"{type(exc).__name__}: {' '.join(text)[:500]}"
         if known and len(text) > 1:

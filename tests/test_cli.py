@@ -109,3 +109,49 @@ def test_models_list_filters_by_tags_and_show_finds_a_partition_by_its_keys(smal
     assert code == 0 and shown["partition_id"] == listed["models"][0]["partition_id"]
     code, _, err = _run(capsys, "models", "show", "--workdir", work, "--tag", "store=S001")
     assert code == 2 and "key column" in err
+
+
+def _raising(exc: BaseException):
+    def command(args):
+        raise exc
+    return command
+
+
+@pytest.mark.parametrize("error", [
+    "shared.result_store:StoreError",
+    "shared.registry:RegistryError",
+    "shared.runner:RunnerError",
+    "shared.pipeline:PipelineError",
+    "shared.serving:PartitionNotFound",
+    "shared.errors:ManyModelsError",
+])
+def test_an_error_meant_for_users_exits_2_with_one_line(error, tmp_path, capsys, monkeypatch):
+    module, name = error.split(":")
+    cls = getattr(__import__(module, fromlist=[name]), name)
+    monkeypatch.setattr("shared.cli.cmd_report", _raising(cls("the store at x is read-only\nsecond line")))
+    code, out, err = _run(capsys, "report", "--workdir", str(tmp_path))
+    assert code == 2
+    assert err == "error: the store at x is read-only | second line\n"
+    assert out == ""
+
+
+@pytest.mark.parametrize("exc", [KeyError("k"), RuntimeError("boom"), ValueError("not ours")],
+                         ids=["KeyError", "RuntimeError", "ValueError"])
+def test_anything_else_is_unexpected_exit_1_with_the_debug_hint(exc, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("shared.cli.cmd_report", _raising(exc))
+    code, _, err = _run(capsys, "report", "--workdir", str(tmp_path))
+    assert code == 1
+    assert err.startswith(f"error: {type(exc).__name__}: ") and "--debug" in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(type(exc)):
+        main(["report", "--workdir", str(tmp_path), "--debug"])
+
+
+def test_a_real_registry_error_exits_2(tmp_path, capsys):
+    from shared.registry import ModelRegistry
+
+    work = tmp_path / "w"
+    ModelRegistry(work / "registry" / "prod", "dev").close()  # a dev registry where prod belongs
+    code, _, err = _run(capsys, "models", "list", "--workdir", str(work), "--registry", "prod")
+    assert code == 2
+    assert err.startswith("error: ") and "'dev', not 'prod'" in err and len(err.strip().splitlines()) == 1
