@@ -25,7 +25,7 @@ import azure.functions as func
 
 from function_app.logging_context import RunLog, orchestration_log
 from function_app.messages import Ignored, MessageError, RawFile, parse_blob_created, raw_lake_path
-from function_app.orchestration import INGEST_ORCHESTRATOR, retry_options
+from function_app.orchestration import INGEST_ORCHESTRATOR, call_with_retry
 from function_app.raw_files import Rejected
 from function_app.runtime import StartOutcome, open_workspace
 from function_app.starts import start_raw_file
@@ -91,10 +91,11 @@ def ingest_orchestrator(context: df.DurableOrchestrationContext):
     options = payload["options"]
     log = orchestration_log(context, orchestrator=INGEST_ORCHESTRATOR, path=payload["source"])
     context.set_custom_status({"stage": "ingesting", "source": payload["source"]})
-    ingested = yield context.call_activity_with_retry(
+    ingested = yield from call_with_retry(
+        context,
         INGEST_ACTIVITY,
-        retry_options(options),
         {"source": payload["source"], "config": options.get("config") or {}},
+        options,
     )
     log.info("dataset ingested", dataset_id=ingested["dataset_id"], partitions=ingested["partitions"])
     training = yield from training_steps(

@@ -4,18 +4,27 @@ These are generator helpers for ``yield from`` inside orchestrator functions, so
 orchestrator rules: time only from ``context.current_utc_datetime``, ids only from the input and
 the instance id, no I/O. Payloads are lake paths and small summaries, never data.
 
-Each group moves through submit -> (durable timer -> status)* -> done. All groups advance
-together: the orchestrator waits for whichever task finishes first (``task_any``), so one slow or
-failing job never holds up the others, and a group that fails after its retries or outlives the
-timeout is recorded with its reason while the rest carry on. Above ``max_groups`` groups the work
-is split over sub-orchestrations of at most ``max_groups`` groups each, so no single history grows
-with the size of the fan-out.
+**Retries are by hand.** Every activity is a plain ``call_activity``; a failure waits on a durable
+timer and calls again, up to ``retry_attempts`` attempts. ``call_activity_with_retry`` is not used:
+with the 1.x Python SDK a retrying task left pending in a ``task_any`` while new tasks are
+scheduled can leave the instance "Running" forever (the SDK and the extension number the tasks
+after a retry differently: azure-functions-durable-python issue 603, closed as won't fix).
+
+**Bounded histories.** The parent orchestration starts one sub-orchestration per chunk of at most
+``max_groups`` groups (always, even for one chunk) and waits for them: its history holds about
+three events per chunk. A chunk moves each group through submit -> (durable timer -> status)* ->
+done, all groups together (``task_any``, so a slow or failing job never holds up the others). After
+``history_tasks`` scheduled tasks (default :data:`HISTORY_TASKS`) it stops scheduling, lets the
+tasks in flight finish (at most one per group: a poll interval) and ``continue_as_new`` with its
+state: one generation's history holds at most ``history_tasks + max_groups`` tasks (at most four
+events each: under 900 events at the defaults of 200 and 16), whatever the job's duration —
+instead of 240 polls x 16 groups (~20,000 events) replayed at every step.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Generator
 
 import azure.durable_functions as df
@@ -30,13 +39,38 @@ SUBMIT_ACTIVITY = "submit_group_job"
 STATUS_ACTIVITY = "get_job_status"
 CHUNK_ORCHESTRATOR = "group_chunk_orchestrator"
 TERMINAL_STATES = ("completed", "failed", "canceled")
+HISTORY_TASKS = 200  # tasks one chunk generation schedules before it continues as new
 
 
-def retry_options(options: dict[str, Any]) -> df.RetryOptions:
-    return df.RetryOptions(
-        first_retry_interval_in_milliseconds=int(options["retry_first_ms"]),
-        max_number_of_attempts=int(options["retry_attempts"]),
-    )
+class ActivityFailed(RuntimeError):
+    """An activity failed on every attempt; the message names it and gives its last error."""
+
+
+def error_text(error: BaseException) -> str:
+    """The first line of an activity's error as the SDK reports it (at most 500 characters)."""
+    text = str(error).strip()
+    return (text.splitlines()[0].strip() if text else type(error).__name__)[:500]
+
+
+def call_with_retry(
+    context: Any, name: str, payload: Any, options: dict[str, Any]
+) -> Generator[Any, Any, Any]:
+    """Call an activity, retrying on durable timers; raises ActivityFailed after the last attempt.
+
+    One task at a time: nothing else is scheduled while it is pending (see the module docstring).
+    """
+    attempts = max(1, int(options["retry_attempts"]))
+    delay = timedelta(milliseconds=int(options["retry_first_ms"]))
+    for attempt in range(1, attempts + 1):
+        try:
+            return (yield context.call_activity(name, payload))
+        except Exception as exc:  # the SDK raises the activity's failure into the generator
+            if attempt == attempts:
+                raise ActivityFailed(
+                    f"{name} failed after {attempts} attempt(s): {error_text(exc)}"
+                ) from exc
+            yield context.create_timer(context.current_utc_datetime + delay)
+    raise AssertionError("unreachable")
 
 
 def failure_of(task: Any) -> str | None:
@@ -44,8 +78,7 @@ def failure_of(task: Any) -> str | None:
     result = task.result
     if not isinstance(result, Exception):
         return None
-    text = str(result).strip()
-    return (text.splitlines()[0].strip() if text else type(result).__name__)[:500]
+    return error_text(result)
 
 
 @dataclass
@@ -62,6 +95,8 @@ class Progress:
     models_failed: int = 0
     chunks_total: int = 0
     chunks_done: int = 0
+    generation: int = 0
+    chunk_prefix: str = ""  # the chunks' instance ids are <prefix>0000, <prefix>0001...: live progress
 
     def record(self, result: dict[str, Any]) -> None:
         self.groups_done += 1
@@ -90,94 +125,116 @@ def group_result(
     }
 
 
-def run_groups(
+def new_group_states(groups: list[list[str]], offset: int) -> list[dict[str, Any]]:
+    """The monitor's state of each group before anything ran: next step submit, no handle yet."""
+    return [
+        {"index": offset + i, "paths": list(paths), "next": "submit", "attempt": 0, "due": None,
+         "deadline": None, "handle": None}
+        for i, paths in enumerate(groups)
+    ]
+
+
+def monitor_groups(
     context: Any,
     kind: str,
     run_id: str,
-    groups: list[list[str]],
-    offset: int,
+    states: list[dict[str, Any]],
+    results: list[dict[str, Any]],
     options: dict[str, Any],
     progress: Progress,
     log: RunLog,
-) -> Generator[Any, Any, list[dict]]:
-    """Submit one job per group and monitor them all with durable timers; one result per group."""
-    retry = retry_options(options)
+) -> Generator[Any, Any, bool]:
+    """Advance every unfinished group until done or the generation's task budget is spent.
+
+    ``states`` and ``results`` are updated in place and are JSON (they travel through
+    ``continue_as_new``). Returns True when every group is finished, False when the budget ran out
+    and no task is left in flight (the caller continues as new with the state).
+    """
+    attempts = max(1, int(options["retry_attempts"]))
+    retry_delay = timedelta(milliseconds=int(options["retry_first_ms"]))
     poll = timedelta(seconds=int(options["poll_seconds"]))
     timeout = timedelta(seconds=int(options["timeout_seconds"]))
+    budget = int(options.get("history_tasks") or HISTORY_TASKS)
     config = options.get("config") or {}
+    by_index = {s["index"]: s for s in states}
     entries: list[tuple[Any, int, str]] = []
-    handles: dict[int, dict[str, Any]] = {}
-    deadlines: dict[int, Any] = {}
-    results: dict[int, dict[str, Any]] = {}
+    scheduled = 0
 
-    def finish(index: int, result: dict[str, Any]) -> None:
-        results[index] = result
+    def finish(state: dict[str, Any], result: dict[str, Any]) -> None:
+        state["next"] = "done"
+        results.append(result)
         progress.record(result)
         context.set_custom_status(progress.to_dict())
         report = log.info if result["state"] == "completed" else log.warning
         report(
-            f"group {result['state']}", group=index, job_id=result["job_id"], reason=result["reason"] or None
+            f"group {result['state']}", group=result["group_index"], job_id=result["job_id"],
+            reason=result["reason"] or None,
         )
 
-    for i, paths in enumerate(groups):
-        payload = {
-            "kind": kind,
-            "run_id": run_id,
-            "group_index": offset + i,
-            "batch_paths": list(paths),
-            "config": config,
-        }
-        entries.append(
-            (context.call_activity_with_retry(SUBMIT_ACTIVITY, retry, payload), offset + i, "submit")
-        )
+    def launch(state: dict[str, Any]) -> None:
+        nonlocal scheduled
+        if scheduled >= budget:
+            return  # parked: the next generation picks it up from its state
+        scheduled += 1
+        now = context.current_utc_datetime
+        if state["due"] is not None and datetime.fromisoformat(state["due"]) > now:
+            entries.append((context.create_timer(datetime.fromisoformat(state["due"])), state["index"], "timer"))
+            return
+        state["due"] = None
+        if state["next"] == "submit":
+            payload = {"kind": kind, "run_id": run_id, "group_index": state["index"],
+                       "batch_paths": state["paths"], "config": config}
+            entries.append((context.call_activity(SUBMIT_ACTIVITY, payload), state["index"], "submit"))
+        else:
+            payload = {"job_id": state["handle"]["job_id"], "run_id": run_id, "config": config}
+            entries.append((context.call_activity(STATUS_ACTIVITY, payload), state["index"], "status"))
+
+    for state in states:
+        if state["next"] != "done":
+            launch(state)
     context.set_custom_status(progress.to_dict())
-    log.info("groups submitted", kind=kind, groups=len(groups), first_group=offset)
 
     while entries:
         done = yield context.task_any([task for task, _, _ in entries])
         entry = next(e for e in entries if e[0] is done)
         entries.remove(entry)
-        _, index, stage = entry
+        _, index, step = entry
+        state = by_index[index]
         now = context.current_utc_datetime
-        if stage == "wait":
-            payload = {"job_id": handles[index]["job_id"], "run_id": run_id, "config": config}
-            entries.append(
-                (context.call_activity_with_retry(STATUS_ACTIVITY, retry, payload), index, "status")
-            )
+        if step == "timer":
+            state["due"] = None
+            launch(state)
             continue
         error = failure_of(done)
         if error is not None:
-            what = "submission" if stage == "submit" else "status check"
-            finish(
-                index,
-                group_result(
-                    index,
-                    "failed",
-                    handles.get(index),
-                    f"{what} failed after {retry.max_number_of_attempts} attempt(s): {error}",
-                ),
-            )
+            state["attempt"] += 1
+            if state["attempt"] >= attempts:
+                what = "submission" if step == "submit" else "status check"
+                finish(state, group_result(index, "failed", state["handle"],
+                                           f"{what} failed after {attempts} attempt(s): {error}"))
+            else:
+                log.warning(f"{step} failed; retrying", group=index, attempt=state["attempt"], reason=error)
+                state["due"] = (now + retry_delay).isoformat()
+                launch(state)
             continue
         handle = done.result
-        handles[index] = handle
-        if stage == "submit":
-            deadlines[index] = now + timeout
+        state["attempt"] = 0
+        state["handle"] = handle
+        if step == "submit":
+            state["deadline"] = (now + timeout).isoformat()
+            state["next"] = "status"
         if handle["state"] in TERMINAL_STATES:
-            finish(index, group_result(index, handle["state"], handle))
-        elif now >= deadlines[index]:
-            finish(
-                index,
-                group_result(
-                    index,
-                    "timeout",
-                    handle,
-                    f"job {handle['job_id']} still {handle['state']} after "
-                    f"{int(timeout.total_seconds())} s; it was not canceled",
-                ),
-            )
+            finish(state, group_result(index, handle["state"], handle))
+        elif now >= datetime.fromisoformat(state["deadline"]):
+            finish(state, group_result(
+                index, "timeout", handle,
+                f"job {handle['job_id']} still {handle['state']} after "
+                f"{int(timeout.total_seconds())} s; it was not canceled",
+            ))
         else:
-            entries.append((context.create_timer(now + poll), index, "wait"))
-    return [results[k] for k in sorted(results)]
+            state["due"] = (now + poll).isoformat()
+            launch(state)
+    return all(s["next"] == "done" for s in states)
 
 
 def fan_out(
@@ -189,17 +246,16 @@ def fan_out(
     progress: Progress,
     log: RunLog,
 ) -> Generator[Any, Any, list[dict]]:
-    """Run every group, inline when there are few, else in sub-orchestrations of ``max_groups``."""
-    limit = int(options["max_groups"])
-    if len(groups) <= limit:
-        return (yield from run_groups(context, kind, run_id, groups, 0, options, progress, log))
+    """Run every group in sub-orchestrations of at most ``max_groups`` groups; one result per group."""
+    limit = max(1, int(options["max_groups"]))
     starts = list(range(0, len(groups), limit))
     progress.chunks_total = len(starts)
+    progress.chunk_prefix = f"{context.instance_id}-{kind}-c"
     entries = []
     for n, start in enumerate(starts):
         chunk = groups[start : start + limit]
         payload = {"kind": kind, "run_id": run_id, "groups": chunk, "offset": start, "options": options}
-        child = f"{context.instance_id}-{kind}-c{n:04d}"
+        child = f"{progress.chunk_prefix}{n:04d}"
         entries.append(
             (context.call_sub_orchestrator(CHUNK_ORCHESTRATOR, payload, child), start, len(chunk), child)
         )
@@ -228,19 +284,39 @@ def fan_out(
     return sorted(results, key=lambda r: r["group_index"])
 
 
-def chunk_steps(context: Any, log: RunLog) -> Generator[Any, Any, list[dict]]:
-    """The body of the sub-orchestrator: one chunk of groups, its own progress in its custom status."""
+def chunk_steps(context: Any, log: RunLog) -> Generator[Any, Any, list[dict] | None]:
+    """The body of the sub-orchestrator: one chunk of groups, continued as new when its budget is spent.
+
+    Returns the chunk's results, or None after scheduling ``continue_as_new`` (the orchestrator
+    returns and the extension restarts it with the carried state and an empty history).
+    """
     payload = context.get_input()
-    kind, run_id, groups = payload["kind"], payload["run_id"], payload["groups"]
+    kind, run_id = payload["kind"], payload["run_id"]
+    carried = payload.get("state")
+    if carried is None:
+        carried = {"groups": new_group_states(payload["groups"], int(payload["offset"])), "results": [],
+                   "generation": 0}
     progress = Progress(
-        stage="training" if kind == "train" else "scoring", run_id=run_id, groups_total=len(groups)
+        stage="training" if kind == "train" else "scoring", run_id=run_id,
+        groups_total=len(carried["groups"]), generation=int(carried["generation"]),
     )
-    log = log.bind(run_id=run_id, parent=context.parent_instance_id)
-    return (
-        yield from run_groups(
-            context, kind, run_id, groups, int(payload["offset"]), payload["options"], progress, log
-        )
+    for result in carried["results"]:
+        progress.record(result)
+    log = log.bind(run_id=run_id, parent=context.parent_instance_id, generation=carried["generation"])
+    finished = yield from monitor_groups(
+        context, kind, run_id, carried["groups"], carried["results"], payload["options"], progress, log
     )
+    if finished:
+        return sorted(carried["results"], key=lambda r: r["group_index"])
+    log.info("history budget reached; continuing as new",
+             open_groups=sum(1 for s in carried["groups"] if s["next"] != "done"))
+    context.continue_as_new(
+        {
+            "kind": kind, "run_id": run_id, "offset": payload["offset"], "options": payload["options"],
+            "state": {**carried, "generation": int(carried["generation"]) + 1},
+        }
+    )
+    return None
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:

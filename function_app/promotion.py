@@ -15,7 +15,7 @@ import azure.functions as func
 
 from function_app.logging_context import RunLog, orchestration_log
 from function_app.messages import MessageError, parse_promotion_message
-from function_app.orchestration import retry_options
+from function_app.orchestration import call_with_retry
 from function_app.runtime import open_workspace
 from shared import pipeline
 from shared.settings import SERVICEBUS_CONNECTION
@@ -54,14 +54,15 @@ def promote_orchestrator(context: df.DurableOrchestrationContext):
     options = payload["options"]
     orchestration_log(context, run_id=payload.get("run_id")).info("promotion started")
     context.set_custom_status({"stage": "promoting", "run_id": payload.get("run_id")})
-    summary = yield context.call_activity_with_retry(
+    summary = yield from call_with_retry(
+        context,
         PROMOTE_ACTIVITY,
-        retry_options(options),
         {
             "run_id": payload.get("run_id"),
             "min_accuracy": options.get("min_accuracy"),
             "config": options.get("config") or {},
         },
+        options,
     )
     context.set_custom_status({"stage": "done", "run_id": summary["run_id"]})
     return summary

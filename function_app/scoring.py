@@ -7,7 +7,7 @@ from typing import Any
 import azure.durable_functions as df
 
 from function_app.logging_context import RunLog, orchestration_log
-from function_app.orchestration import Progress, fan_out, produced_output, retry_options, summarize
+from function_app.orchestration import Progress, call_with_retry, fan_out, produced_output, summarize
 from function_app.runtime import open_workspace
 from shared import pipeline
 
@@ -22,12 +22,11 @@ def score_orchestrator(context: df.DurableOrchestrationContext):
     """Score every partition (a scoring file's rows, or the next horizon), then load SQL."""
     payload = context.get_input()
     options: dict[str, Any] = payload["options"]
-    retry = retry_options(options)
     config = options.get("config") or {}
     log = orchestration_log(context, orchestrator="score_orchestrator")
-    plan = yield context.call_activity_with_retry(
+    plan = yield from call_with_retry(
+        context,
         PLAN_ACTIVITY,
-        retry,
         {
             "data": payload.get("data"),
             "horizon": payload.get("horizon"),
@@ -35,6 +34,7 @@ def score_orchestrator(context: df.DurableOrchestrationContext):
             "group_size": options["group_size"],
             "config": config,
         },
+        options,
     )
     score_id = plan["score_id"]
     log = log.bind(run_id=score_id)
@@ -47,8 +47,8 @@ def score_orchestrator(context: df.DurableOrchestrationContext):
         raise RuntimeError(f"scoring {score_id}: no group produced predictions: {reasons}")
     progress.stage = "loading"
     context.set_custom_status(progress.to_dict())
-    loaded = yield context.call_activity_with_retry(
-        LOAD_ACTIVITY, retry, {"score_id": score_id, "config": config}
+    loaded = yield from call_with_retry(
+        context, LOAD_ACTIVITY, {"score_id": score_id, "config": config}, options
     )
     progress.stage = "loaded"
     context.set_custom_status(progress.to_dict())

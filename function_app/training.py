@@ -18,9 +18,9 @@ from function_app.orchestration import (
     CHUNK_ORCHESTRATOR,
     Progress,
     chunk_steps,
+    call_with_retry,
     fan_out,
     produced_output,
-    retry_options,
     summarize,
 )
 from function_app.runtime import load_settings, open_workspace
@@ -42,17 +42,17 @@ def training_steps(
     log: RunLog,
 ) -> Generator[Any, Any, dict[str, Any]]:
     """Plan, fan out, register, send the promotion message; shared by training and ingestion runs."""
-    retry = retry_options(options)
     config = options.get("config") or {}
-    plan = yield context.call_activity_with_retry(
+    plan = yield from call_with_retry(
+        context,
         PLAN_ACTIVITY,
-        retry,
         {
             "dataset_id": dataset_id,
             "partition_ids": partition_ids,
             "group_size": options["group_size"],
             "config": config,
         },
+        options,
     )
     run_id = plan["run_id"]
     log = log.bind(run_id=run_id, dataset_id=plan["dataset_id"])
@@ -70,13 +70,14 @@ def training_steps(
 
     progress.stage = "registering"
     context.set_custom_status(progress.to_dict())
-    registered = yield context.call_activity_with_retry(
-        REGISTER_ACTIVITY, retry, {"run_id": run_id, "config": config}
+    registered = yield from call_with_retry(
+        context, REGISTER_ACTIVITY, {"run_id": run_id, "config": config}, options
     )
-    message = yield context.call_activity_with_retry(
+    message = yield from call_with_retry(
+        context,
         PROMOTION_MESSAGE_ACTIVITY,
-        retry,
         {"run_id": run_id, "min_accuracy": options.get("min_accuracy"), "origin": context.instance_id},
+        options,
     )
     progress.stage = "promotion-queued"
     context.set_custom_status(progress.to_dict())
@@ -106,7 +107,7 @@ def train_orchestrator(context: df.DurableOrchestrationContext):
 
 @bp.orchestration_trigger(context_name="context")
 def group_chunk_orchestrator(context: df.DurableOrchestrationContext):
-    """Sub-orchestrator of a large fan-out: submits and monitors one chunk of groups."""
+    """Sub-orchestrator of a fan-out: submits and monitors one chunk of groups (continues as new)."""
     result = yield from chunk_steps(context, orchestration_log(context, orchestrator=CHUNK_ORCHESTRATOR))
     return result
 

@@ -10,6 +10,15 @@
   until the orchestrator finishes. One completion per episode; the clock moves only when a timer
   fires. Every replay must repeat the actions of the previous one exactly, which is the replay
   determinism rule (no wall clock, no random ids): a violation fails the test.
+  ``continue_as_new`` starts a new generation: a fresh history holding only ``ExecutionStarted``
+  with the carried input (as the extension does); the result reports the generations and the
+  longest history any generation reached.
+* The harness also refuses what the real extension cannot replay reliably although the SDK's own
+  numbering (which the harness uses) can: scheduling new tasks while a task made with
+  ``call_activity_with_retry`` (or a sub-orchestration with retry) is still pending. With the 1.x
+  SDK the extension numbers the tasks after a retry differently, and the instance can stay
+  "Running" forever (azure-functions-durable-python issue 603, won't fix):
+  :class:`RetryWhilePending`.
 * :class:`FakeDurableExtension` serves the extension's HTTP API for the Durable client on
   127.0.0.1 (start, status), so client functions run with the real ``DurableOrchestrationClient``.
 """
@@ -38,7 +47,9 @@ EXECUTION_STARTED, TASK_SCHEDULED, TASK_COMPLETED, TASK_FAILED = 0, 4, 5, 6
 SUB_CREATED, SUB_COMPLETED, SUB_FAILED = 7, 8, 9
 TIMER_CREATED, TIMER_FIRED, ORCHESTRATOR_STARTED, ORCHESTRATOR_COMPLETED = 10, 11, 12, 13
 # Action types (azure.durable_functions.models.actions.ActionType)
-CALL_ACTIVITY, CALL_ACTIVITY_WITH_RETRY, CALL_SUB, CREATE_TIMER, WHEN_ANY, WHEN_ALL = 0, 1, 2, 5, 11, 12
+CALL_ACTIVITY, CALL_ACTIVITY_WITH_RETRY, CALL_SUB, CALL_SUB_WITH_RETRY = 0, 1, 2, 3
+CONTINUE_AS_NEW, CREATE_TIMER, WHEN_ANY, WHEN_ALL = 4, 5, 11, 12
+RETRYING_ACTIONS = (CALL_ACTIVITY_WITH_RETRY, CALL_SUB_WITH_RETRY)
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,6 +125,8 @@ class HarnessResult:
     children: dict[str, "HarnessResult"]
     replays: int
     clock: datetime
+    generations: int = 1
+    max_history: int = 0
 
     def events(self, event_type: int) -> list[dict[str, Any]]:
         return [e for e in self.history if e["EventType"] == event_type]
@@ -162,6 +175,10 @@ class NonDeterminism(AssertionError):
     """A replay produced different actions than the run it replays."""
 
 
+class RetryWhilePending(AssertionError):
+    """New tasks were scheduled while a retrying task was pending (SDK issue 603: can hang forever)."""
+
+
 class _Replay:
     def __init__(
         self,
@@ -189,13 +206,24 @@ class _Replay:
         self.children: dict[str, HarnessResult] = {}
         self.statuses: list[Any] = []
         self.replays = 0
+        self.generations = 1
+        self.max_history = 0
+        self._start_generation()
+
+    def _start_generation(self) -> None:
+        self.history = []
+        self.seen = []
+        self.pending = []
+        self.next_id = 0
         self._new_episode()
         self._event(
             EXECUTION_STARTED,
-            Name=name,
+            Name=self.name,
             Input=self.input,
             Version="",
-            ParentInstance=None if parent is None else {"OrchestrationInstance": {"InstanceId": parent}},
+            ParentInstance=None
+            if self.parent is None
+            else {"OrchestrationInstance": {"InstanceId": self.parent}},
         )
 
     # -- history ---------------------------------------------------------------------------------
@@ -247,9 +275,25 @@ class _Replay:
                     f"{self.name}: replay {self.replays} changed earlier actions:\n"
                     f"before: {self.seen}\nnow:    {actions[: len(self.seen)]}"
                 )
+            self.max_history = max(self.max_history, len(self.history))
+            continued = [a for a in actions if a.get("actionType") == CONTINUE_AS_NEW]
+            if error is None and state.get("isDone") and continued:
+                if self.pending:
+                    raise AssertionError(f"{self.name}: continue_as_new with {len(self.pending)} task(s) pending")
+                self.input = continued[-1]["input"]
+                self.generations += 1
+                self._start_generation()
+                continue
             if error is not None or state.get("isDone"):
                 return self._result("Failed" if error is not None else "Completed", state, error)
-            for action in actions[len(self.seen) :]:
+            new = actions[len(self.seen) :]
+            retrying = [p for p in self.pending if p.action.get("actionType") in RETRYING_ACTIONS]
+            if new and retrying:
+                raise RetryWhilePending(
+                    f"{self.name}: replay {self.replays} schedules {[a.get('functionName') for a in new]} "
+                    f"while retrying task(s) {[p.action.get('functionName') for p in retrying]} are pending"
+                )
+            for action in new:
                 self._schedule(action)
             self.seen = actions
             self._event(ORCHESTRATOR_COMPLETED)
@@ -366,6 +410,8 @@ class _Replay:
             children=self.children,
             replays=self.replays,
             clock=self.clock,
+            generations=self.generations,
+            max_history=max(self.max_history, len(self.history)),
         )
 
 

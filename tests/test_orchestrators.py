@@ -21,6 +21,7 @@ from durable_harness import (
     TIMER_CREATED,
     NonDeterminism,
     OrchestrationHarness,
+    RetryWhilePending,
     app_functions,
 )
 
@@ -133,6 +134,11 @@ def _names(result) -> list[str]:
     return [name for name, _, _ in result.activity_calls]
 
 
+def chunk(result, n: int = 0, parent: str = "train-abc", kind: str = "train"):
+    """The sub-orchestration that monitored the ``n``-th chunk of groups."""
+    return result.children[f"{parent}-{kind}-c{n:04d}"]
+
+
 def test_fan_out_submits_every_group_then_fans_in_to_one_registration_and_one_promotion_message():
     jobs = Jobs(["done", "poll:2", "done", "poll:1"])
     result = run_training(jobs)
@@ -151,13 +157,15 @@ def test_fan_out_submits_every_group_then_fans_in_to_one_registration_and_one_pr
 
 def test_progress_is_published_as_custom_status_while_groups_finish():
     result = run_training(Jobs(["done", "poll:3", "poll:1"]))
-    done = [s["groups_done"] for s in result.custom_statuses if s and "groups_done" in s]
+    live = chunk(result).custom_statuses  # the chunk's own status: live while its groups finish
+    done = [s["groups_done"] for s in live if s and "groups_done" in s]
     assert done == sorted(done) and done[0] == 0 and done[-1] == 3
     assert {1, 2} <= set(done)  # intermediate progress was visible while the run was live
     final = result.custom_status
     assert (
         final["stage"] == "promotion-queued" and final["models_trained"] == 6 and final["groups_failed"] == 0
     )
+    assert final["chunk_prefix"] == "train-abc-train-c"  # where the parent's status points for live progress
 
 
 def test_a_group_failing_after_its_retries_is_reported_while_the_others_complete():
@@ -181,8 +189,8 @@ def test_a_transient_submit_failure_is_retried_and_the_run_succeeds():
     result = run_training(jobs)
     assert result.status == "Completed" and result.output["groups_failed"] == 0
     assert jobs.submits == {0: 2, 1: 1}
-    retry_timer = [e for e in result.events(TIMER_CREATED)]
-    assert len(retry_timer) == 1  # the Durable retry waited on a timer before the second attempt
+    retry_timer = [e for e in chunk(result).events(TIMER_CREATED)]
+    assert len(retry_timer) == 1  # the retry waited on a durable timer before the second attempt
     assert retry_timer[0]["FireAt"] == "2024-01-01T00:00:01.000000Z"
 
 
@@ -207,7 +215,7 @@ def test_a_job_that_never_finishes_hits_the_monitor_timeout_on_durable_time():
     assert timed_out["state"] == "timeout" and "still running after 300 s" in timed_out["reason"]
     assert jobs.polls[0] == OPTIONS["timeout_seconds"] // OPTIONS["poll_seconds"]
     # the monitor slept on durable timers, one poll interval apart, from the orchestration's own clock
-    fire_times = [e["FireAt"] for e in result.events(TIMER_CREATED)]
+    fire_times = [e["FireAt"] for e in chunk(result).events(TIMER_CREATED)]
     expected = [(START + timedelta(seconds=60 * k)).strftime("%Y-%m-%dT%H:%M:%S.%fZ") for k in range(1, 6)]
     assert fire_times == expected
     assert result.clock == START + timedelta(seconds=300)
@@ -255,7 +263,8 @@ def test_replays_are_deterministic_two_identical_runs_write_identical_histories(
     first = run_training(Jobs(["done", "poll:2", "never"]))
     second = run_training(Jobs(["done", "poll:2", "never"]))
     assert first.history == second.history
-    assert first.replays > 10  # the orchestrator was replayed many times, each replay checked by the harness
+    assert chunk(first).history == chunk(second).history
+    assert chunk(first).replays > 10  # the orchestrator was replayed many times, each replay checked by the harness
 
 
 def _careless_app() -> dict:
@@ -352,3 +361,54 @@ def test_every_orchestrator_of_the_app_is_a_generator_the_sdk_can_replay():
         "score_orchestrator",
         "train_orchestrator",
     ]
+
+
+# -- what the real extension needs beyond the SDK's own replay ------------------------------------------
+def _retry_in_task_any_app() -> dict:
+    """The old monitor's pattern: retrying tasks in a task_any, new tasks scheduled while they are pending."""
+    app = df.DFApp()
+
+    @app.orchestration_trigger(context_name="context")
+    def retry_fan_out_orchestrator(context: df.DurableOrchestrationContext):
+        retry = df.RetryOptions(first_retry_interval_in_milliseconds=1000, max_number_of_attempts=3)
+        tasks = [context.call_activity_with_retry("work", retry, i) for i in range(2)]
+        first = yield context.task_any(tasks)
+        yield context.call_activity("work", first.result)  # the other retrying task is still pending
+        return "done"
+
+    return {f.get_function_name(): f for f in app.get_functions()}
+
+
+def test_the_harness_refuses_new_tasks_while_a_retrying_task_is_pending():
+    """SDK issue 603: the extension and the 1.x SDK disagree on task ids after a retry; the instance hangs."""
+    harness = OrchestrationHarness(functions=_retry_in_task_any_app(), activities={"work": lambda p: p})
+    with pytest.raises(RetryWhilePending, match="while retrying task"):
+        harness.run("retry_fan_out_orchestrator", None)
+
+
+@pytest.mark.parametrize("behaviour", [["flaky-submit", "poll:2", "fail-submit"], ["done", "job-fails"]])
+def test_no_orchestrator_schedules_work_while_a_retrying_task_is_pending(behaviour):
+    """Retries are by hand (call_activity + durable timer), so the whole app passes the strict harness."""
+    result = run_training(Jobs(behaviour))
+    assert result.status == "Completed", result.error
+    every = [result, *result.children.values()]
+    assert all(e["EventType"] != TASK_SCHEDULED or e["Name"] for r in every for e in r.history)
+    retried = [e for e in chunk(result).events(TIMER_CREATED)]
+    assert retried  # the flaky / failing submissions waited on durable timers between attempts
+
+
+def test_a_long_monitor_continues_as_new_and_keeps_every_history_bounded():
+    """240 polls x 16 groups used to grow one history to ~20,000 events; now each generation is bounded."""
+    groups, polls, budget = 4, 60, 30
+    jobs = Jobs([f"poll:{polls}"] * groups)
+    result = run_training(jobs, history_tasks=budget, timeout_seconds=10 * 60 * polls)
+    assert result.status == "Completed", result.error
+    assert result.output["groups_failed"] == 0 and result.output["groups_total"] == groups
+    assert jobs.polls == {g: polls for g in range(groups)}  # every job was followed to its end
+    child = chunk(result)
+    assert child.generations >= (2 * groups * polls) // budget  # timers + status calls, budget per generation
+    # a generation holds at most budget + one in-flight task per group, each at most four events
+    # (scheduled, completed, and the orchestrator started / completed around them), plus its start
+    bound = 4 * (budget + groups) + 10
+    assert child.max_history <= bound, child.max_history
+    assert result.max_history <= 40  # the parent only holds its steps and one sub-orchestration per chunk
