@@ -5,6 +5,11 @@ answers 400 naming the bad field, else 202 (started) or 200 (the same request al
 instance: it is returned, nothing new starts) with the instance id and the status URL. The status
 endpoint returns the Durable status, whose ``customStatus`` is the run's live progress. The
 helpers at the bottom are shared with the serving routes (real-time scoring).
+
+Only our own status route is returned, never the Durable extension's management URLs
+(``get_client_response_links`` / ``create_check_status_response``): those carry the extension's
+system key (``code=...``), which would hand every holder of a function key the power to
+terminate, rewind or purge any instance of the task hub.
 """
 
 from __future__ import annotations
@@ -124,14 +129,13 @@ def status_url(req: func.HttpRequest, instance_id: str) -> str:
 
 
 def accepted(req: func.HttpRequest, client: Any, outcome: StartOutcome) -> func.HttpResponse:
-    """202 for a new instance, 200 for an existing one; both say where to watch it."""
+    """202 for a new instance, 200 for an existing one; both say where to watch it (our route only)."""
     url = status_url(req, outcome.instance_id)
     body = {
         "id": outcome.instance_id,
         "started": outcome.started,
         "runtimeStatus": outcome.runtime_status,
         "statusUri": url,
-        "management": client.get_client_response_links(req, outcome.instance_id),
     }
     return json_response(202 if outcome.started else 200, body, {"Location": url})
 

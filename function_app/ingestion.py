@@ -1,37 +1,41 @@
 """Ingestion: new files in the lake's raw container start ingestion and retraining.
 
-Two ways in, one behaviour: an Event Grid trigger for ``Microsoft.Storage.BlobCreated`` (the
-recommended wiring: the event carries the URL and ETag, the function reads only a sample), and a
-blob trigger with ``source=EventGrid`` for users who wire it that way. Either one:
+One way in: an Event Grid trigger for ``Microsoft.Storage.BlobCreated`` (the event carries the URL
+and ETag; the function reads only a sample). Both delivery schemas are accepted: the Event Grid
+schema (``func.EventGridEvent``) and CloudEvents 1.0 (``func.CloudEvent``, azure-functions >= 1.26).
+The function:
 
-1. keeps only ``.csv`` / ``.parquet`` files under ``raw/`` (anything else: logged, ignored);
-2. derives the orchestration instance id from the blob URL and ETag, so a duplicate delivery of
-   the same file version starts nothing new;
+1. keeps only ``.csv`` / ``.parquet`` files under ``raw/`` (other containers, other files, other
+   event types, and ADLS ``CreateFile`` events, which precede the data: logged, ignored);
+2. derives the orchestration instance id from the storage account, container, blob and ETag, so a
+   duplicate delivery of the same file version — through either the ``blob`` or the ``dfs``
+   endpoint, or an HTTP / Service Bus start naming the same file — starts nothing new;
 3. checks a sample of the file with the core's own reader and validation (missing columns,
-   unparseable times or targets...) and refuses a bad file with a logged reason — retrying cannot
-   fix it, and a corrected upload is a new version with a new event;
+   unparseable times or targets...) and refuses a bad file with a logged reason;
 4. starts ``ingest_orchestrator``: ingest (full validation, partitioning) then training.
 
-A malformed event raises, so Event Grid retries and finally dead-letters it (kept as evidence).
+What can never succeed — a malformed event, a hostile or unsupported path, a bad file — is logged
+and the function returns: an exception would make Event Grid redeliver it for up to 24 hours. Only
+transient failures (the lake or the Durable extension unreachable) raise, so Event Grid retries
+them. There is no blob trigger: a ``func.InputStream`` binding makes the host read the whole blob
+and ship it over gRPC before the function runs, which the Event Grid trigger never needs.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import azure.durable_functions as df
 import azure.functions as func
 
 from function_app.logging_context import RunLog, orchestration_log
-from function_app.messages import Ignored, MessageError, RawFile, parse_blob_created, raw_lake_path
+from function_app.messages import Ignored, MessageError, RawFile, lake_event, parse_blob_created
 from function_app.orchestration import INGEST_ORCHESTRATOR, call_with_retry
 from function_app.raw_files import Rejected
 from function_app.runtime import StartOutcome, open_workspace
 from function_app.starts import start_raw_file
 from function_app.training import training_steps
 from shared import pipeline
-from shared.settings import LAKE_CONNECTION
 
 bp = df.Blueprint()
 
@@ -41,38 +45,19 @@ INGEST_ACTIVITY = "ingest_dataset"
 @bp.event_grid_trigger(arg_name="event")
 @bp.durable_client_input(client_name="client")
 async def on_lake_event(event: func.EventGridEvent, client: df.DurableOrchestrationClient) -> None:
-    """BlobCreated in the raw container: check the file and start ingestion + retraining once."""
-    log = RunLog({"event_id": event.id, "subject": event.subject})
+    """BlobCreated in the raw container (either schema): check the file and start ingestion once."""
+    log = RunLog({"event_id": getattr(event, "id", None), "subject": getattr(event, "subject", None)})
     try:
-        raw = parse_blob_created(event.event_type, event.subject, event.get_json())
+        received = lake_event(event)
+        log = log.bind(schema=received.schema)
+        raw = parse_blob_created(received.type, received.subject, received.data)
     except Ignored as why:
         log.info("event ignored", reason=str(why))
         return
-    except MessageError as exc:
-        log.error("malformed event", field=exc.field, reason=exc.reason)
-        raise
+    except MessageError as exc:  # permanent: a redelivery would fail the same way for 24 hours
+        log.error("malformed event dropped", field=exc.field, reason=exc.reason)
+        return
     await start_ingestion(client, raw, log)
-
-
-@bp.blob_trigger(
-    arg_name="blob", path="raw/{name}", connection=LAKE_CONNECTION, source=func.BlobSource.EVENT_GRID
-)
-@bp.durable_client_input(client_name="client")
-async def on_raw_blob(blob: func.InputStream, client: df.DurableOrchestrationClient) -> None:
-    """Blob trigger (Event Grid source) on raw/: same checks and the same instance id as on_lake_event."""
-    log = RunLog({"blob": blob.name})
-    try:
-        path = raw_lake_path(blob.name or "")
-    except Ignored as why:
-        log.info("blob ignored", reason=str(why))
-        return
-    except MessageError as exc:
-        log.error("blob rejected", reason=exc.reason)
-        return
-    etag = str((blob.blob_properties or {}).get("ETag") or "").strip('"')
-    if not etag:  # no properties from the host: the content itself names the version
-        etag = "sha256-" + hashlib.sha256(blob.read()).hexdigest()
-    await start_ingestion(client, RawFile(path=path, url=blob.uri or path, etag=etag, size=blob.length), log)
 
 
 async def start_ingestion(client: Any, raw: RawFile, log: RunLog) -> StartOutcome | None:

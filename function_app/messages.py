@@ -27,6 +27,7 @@ Promotion queue (``MM_PROMOTION_QUEUE``), written by the training orchestrator::
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,9 @@ RAW_CONTAINER = "raw"
 SCORING_CONTAINERS = ("raw", "scoring")
 DATA_SUFFIXES = (".csv", ".parquet")
 BLOB_CREATED = "Microsoft.Storage.BlobCreated"
+# ADLS Gen2 (hierarchical namespace) reports a new file twice: CreateFile (an empty file, before any
+# data) and FlushWithClose (the data is committed). Only the second means the file is there.
+INCOMPLETE_APIS = ("CreateFile",)
 UPSTREAM_TYPES = ("dataset-ready", "retrain", "score")
 OPTION_NAMES = ("group_size", "min_accuracy", "config")
 _PARTITION_ID = re.compile(r"^p[0-9a-f]{20}$")
@@ -134,7 +138,7 @@ class UpstreamMessage:
 
 @dataclass(frozen=True)
 class RawFile:
-    """A new file in the raw container, identified by its URL and ETag (its content version)."""
+    """A new file in the raw container, identified by its storage location and ETag (its content version)."""
 
     path: str  # lake path: raw/...
     url: str
@@ -143,7 +147,9 @@ class RawFile:
 
     @property
     def identity(self) -> str:
-        return f"{normalise_url(self.url)}|{self.etag}"
+        """Account, container, blob and version: the same file version has one identity whichever
+        endpoint names it (``dfs`` in ADLS events, ``blob`` in HTTP and upstream starts)."""
+        return f"{storage_location(self.url)}|{normalise_etag(self.etag)}"
 
 
 # -- JSON bodies -------------------------------------------------------------------------------
@@ -250,7 +256,37 @@ class Ignored(Exception):
     """A valid event that is not ours to act on (another container, another file type)."""
 
 
-def parse_blob_created(event_type: str, subject: str, data: Any) -> RawFile:
+@dataclass(frozen=True)
+class LakeEvent:
+    """The fields we use of a storage event, whichever schema delivered it."""
+
+    id: str | None
+    type: str | None
+    subject: str | None
+    data: Any
+    schema: str  # "EventGrid" | "CloudEvents"
+
+
+def lake_event(event: Any) -> LakeEvent:
+    """Read an event the worker decoded: ``func.EventGridEvent`` (Event Grid schema) or
+    ``func.CloudEvent`` (CloudEvents 1.0, azure-functions >= 1.26), by their own attributes.
+
+    An older azure-functions decodes a CloudEvents delivery as an ``EventGridEvent`` without an
+    event type: that is refused with a MessageError naming the fix (never silently ignored).
+    """
+    if hasattr(event, "specversion"):  # func.CloudEvent: ``type``, ``source``; no event_type
+        return LakeEvent(event.id, event.type, event.subject, event.get_json(), "CloudEvents")
+    event_type = getattr(event, "event_type", None)
+    if event_type is None:
+        raise MessageError(
+            "eventType",
+            "missing: a CloudEvents 1.0 delivery decoded by azure-functions older than 1.26; "
+            "use azure-functions >= 1.26 or the Event Grid schema on the subscription",
+        )
+    return LakeEvent(event.id, event_type, event.subject, event.get_json(), "EventGrid")
+
+
+def parse_blob_created(event_type: str | None, subject: str | None, data: Any) -> RawFile:
     """A ``BlobCreated`` event of the raw container as a RawFile.
 
     Raises :class:`Ignored` for events we do not act on, :class:`MessageError` for malformed ones.
@@ -262,6 +298,8 @@ def parse_blob_created(event_type: str, subject: str, data: Any) -> RawFile:
         raise MessageError("subject", f"not a blob subject: {subject!r}")
     if not isinstance(data, Mapping):
         raise MessageError("data", "must be a JSON object")
+    if data.get("api") in INCOMPLETE_APIS:
+        raise Ignored(f"{data.get('api')}: the file is created but not written yet (FlushWithClose follows)")
     url = data.get("url")
     etag = data.get("eTag")
     if not isinstance(url, str) or not url.startswith(("https://", "http://")):
@@ -275,7 +313,7 @@ def parse_blob_created(event_type: str, subject: str, data: Any) -> RawFile:
     if not normalise_url(url).endswith(f"/{container}/{blob}"):
         raise MessageError("data.url", f"does not name the blob of the subject ({container}/{blob})")
     path = raw_lake_path(f"{container}/{blob}")
-    return RawFile(path=path, url=url, etag=etag.strip('"'), size=size)
+    return RawFile(path=path, url=url, etag=normalise_etag(etag), size=size)
 
 
 def raw_lake_path(name: str) -> str:
@@ -295,6 +333,41 @@ def normalise_url(url: str) -> str:
     """One spelling per blob URL: lower-case scheme and host, decoded path, no query."""
     parts = urlsplit(url)
     return f"{parts.scheme.lower()}://{parts.netloc.lower()}{unquote(parts.path)}"
+
+
+def normalise_etag(etag: str) -> str:
+    """An ETag without the quotes the Blob API puts around it (Event Grid reports it bare)."""
+    return etag.strip().strip('"')
+
+
+def storage_location(url: str) -> str:
+    """``account/container/blob`` of a storage URL, the same for its ``blob`` and ``dfs`` endpoints.
+
+    Host-style URLs (``https://acct.dfs.core.windows.net/raw/a.csv``) name the account in the host;
+    path-style ones (Azurite, ``http://127.0.0.1:10000/devstoreaccount1/raw/a.csv``) in the first
+    path segment. A local lake (``file://``) is named by its path.
+    """
+    parts = urlsplit(url)
+    path = unquote(parts.path)
+    if parts.scheme.lower() == "file":
+        return f"file:{path}"
+    host = (parts.hostname or "").lower()
+    segments = path.lstrip("/").split("/")
+    if _path_style(host):
+        account, segments = (segments[0], segments[1:]) if segments else ("", [])
+    else:
+        account = host.split(".", 1)[0]
+    return f"{account}/{'/'.join(segments)}"
+
+
+def _path_style(host: str) -> bool:
+    if host == "localhost" or "." not in host:
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 # -- identities --------------------------------------------------------------------------------

@@ -6,10 +6,17 @@ dataset / run / scoring file exists, the config overrides, the partition keys) a
 dead-lettered with a logged reason. It then pins the inputs a replay must not re-resolve (the
 latest dataset or run becomes an explicit id) and derives the instance id from the request's
 content, so a duplicate delivery finds the instance the first one started.
+
+The worker runs ``async def`` functions on one event loop, so the blocking part of each start
+(settings, the workspace and its config, lake reads, the sample check: file and network I/O plus
+pandas) runs in a worker thread (``asyncio.to_thread``), and only the Durable client's own HTTP
+calls are awaited on the loop: a slow blob read never stalls the other invocations of the process.
 """
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 from function_app.logging_context import RunLog
@@ -45,6 +52,16 @@ from shared.keys import PARTITION_ID
 from shared.partitioning import dataset_root, load_dataset
 
 
+@dataclass(frozen=True)
+class Start:
+    """A checked start: which orchestrator, under which content-derived instance id, with what input."""
+
+    orchestrator: str
+    instance_id: str
+    payload: dict[str, Any]
+    fields: dict[str, Any]  # log fields
+
+
 async def start_raw_file(
     client: Any,
     raw: RawFile,
@@ -59,6 +76,14 @@ async def start_raw_file(
     if status is not None:
         log.info("duplicate delivery ignored", instance_id=iid, runtime_status=status)
         return StartOutcome(iid, False, status)
+    start = await asyncio.to_thread(prepare_raw_file, raw, iid, options, partitions)
+    return await start_once(client, start.orchestrator, start.instance_id, start.payload, log)
+
+
+def prepare_raw_file(
+    raw: RawFile, iid: str, options: RunOptions | None, partitions: tuple[Any, ...] | None
+) -> Start:
+    """Blocking: check a sample of the file and build the ingestion's input."""
     settings = load_settings()
     options = options or RunOptions()
     ws = open_workspace(options.config, settings=settings)
@@ -69,7 +94,7 @@ async def start_raw_file(
         "partition_ids": resolve_partitions(ws, partitions),
         "options": orchestration_options(settings, options),
     }
-    return await start_once(client, INGEST_ORCHESTRATOR, iid, payload, log)
+    return Start(INGEST_ORCHESTRATOR, iid, payload, {})
 
 
 async def start_training(
@@ -84,17 +109,31 @@ async def start_training(
 
     ``dedupe`` is the sender's message or request id; ``etag`` the file version a message reports.
     """
+    prepared = await asyncio.to_thread(prepare_training, request, dedupe, etag, path_field)
+    if isinstance(prepared, RawFile):
+        try:
+            return await start_raw_file(client, prepared, log, request.options, request.partitions)
+        except Rejected as why:
+            raise MessageError(path_field, str(why)) from why
+    return await start_once(
+        client, prepared.orchestrator, prepared.instance_id, prepared.payload, log.bind(**prepared.fields)
+    )
+
+
+def prepare_training(
+    request: TrainRequest, dedupe: str | None, etag: str | None, path_field: str
+) -> Start | RawFile:
+    """Blocking: check a training request; a raw file comes back as the RawFile to ingest first."""
     settings = load_settings()
     ws = open_workspace(settings=settings)
     check_config(ws, request.options.config)
     if request.dataset is not None:
         try:
-            raw = RawFile(
+            return RawFile(
                 path=request.dataset,
                 url=f"{ws.lake.uri}/{request.dataset}",
                 etag=etag or file_version(ws.lake, request.dataset),
             )
-            return await start_raw_file(client, raw, log, request.options, request.partitions)
         except Rejected as why:
             raise MessageError(path_field, str(why)) from why
     dataset_id = request.dataset_id or _latest(pipeline.latest_dataset_id, ws, "dataset_id")
@@ -114,13 +153,19 @@ async def start_training(
         "options": orchestration_options(settings, request.options),
     }
     iid = instance_id("train", payload, dedupe or request.request_id)
-    return await start_once(client, TRAIN_ORCHESTRATOR, iid, payload, log.bind(dataset_id=dataset_id))
+    return Start(TRAIN_ORCHESTRATOR, iid, payload, {"dataset_id": dataset_id})
 
 
 async def start_scoring(
     client: Any, request: ScoreRequest, log: RunLog, dedupe: str | None = None, path_field: str = "data"
 ) -> StartOutcome:
     """Batch-score from a scoring file, or the next horizon of every partition."""
+    start = await asyncio.to_thread(prepare_scoring, request, dedupe, path_field)
+    return await start_once(client, start.orchestrator, start.instance_id, start.payload, log.bind(**start.fields))
+
+
+def prepare_scoring(request: ScoreRequest, dedupe: str | None, path_field: str) -> Start:
+    """Blocking: check a scoring request and pin its dataset."""
     settings = load_settings()
     ws = open_workspace(settings=settings)
     check_config(ws, request.options.config)
@@ -134,11 +179,17 @@ async def start_scoring(
         "options": orchestration_options(settings, request.options),
     }
     iid = instance_id("score", payload, dedupe or request.request_id)
-    return await start_once(client, SCORE_ORCHESTRATOR, iid, payload, log.bind(dataset_id=dataset_id))
+    return Start(SCORE_ORCHESTRATOR, iid, payload, {"dataset_id": dataset_id})
 
 
 async def start_promotion(client: Any, request: PromoteRequest, log: RunLog) -> StartOutcome:
     """Promote a run (the latest when none is named) through the promotion orchestration."""
+    start = await asyncio.to_thread(prepare_promotion, request)
+    return await start_once(client, start.orchestrator, start.instance_id, start.payload, log.bind(**start.fields))
+
+
+def prepare_promotion(request: PromoteRequest) -> Start:
+    """Blocking: check a promotion request and pin its run."""
     settings = load_settings()
     ws = open_workspace(settings=settings)
     run_id = request.run_id or _latest(pipeline.latest_run_id, ws, "run_id")
@@ -147,7 +198,7 @@ async def start_promotion(client: Any, request: PromoteRequest, log: RunLog) -> 
     options = orchestration_options(settings, RunOptions(min_accuracy=request.min_accuracy))
     payload = {"run_id": run_id, "options": options}
     iid = instance_id("promote", payload, request.request_id)
-    return await start_once(client, PROMOTE_ORCHESTRATOR, iid, payload, log.bind(run_id=run_id))
+    return Start(PROMOTE_ORCHESTRATOR, iid, payload, {"run_id": run_id})
 
 
 def _latest(finder: Any, ws: Any, field: str) -> str:

@@ -19,7 +19,7 @@ from azure.functions import FunctionRegister
 from azure.functions.meta import get_binding_registry
 
 from durable_harness import APP_ROOT, app_functions
-from shared.settings import LAKE_CONNECTION, SERVICEBUS_CONNECTION
+from shared.settings import SERVICEBUS_CONNECTION
 
 ACTIVITIES = [
     "ingest_dataset",
@@ -43,17 +43,6 @@ CLIENT = {"type": "durableClient", "direction": "IN", "name": "client"}
 
 EXPECTED: dict[str, list[dict]] = {
     "on_lake_event": [CLIENT, {"type": "eventGridTrigger", "direction": "IN", "name": "event"}],
-    "on_raw_blob": [
-        CLIENT,
-        {
-            "type": "blobTrigger",
-            "direction": "IN",
-            "name": "blob",
-            "path": "raw/{name}",
-            "connection": LAKE_CONNECTION,
-            "source": "EventGrid",
-        },
-    ],
     "on_upstream_message": [
         CLIENT,
         {

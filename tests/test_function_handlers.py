@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -110,18 +111,17 @@ def test_training_start_answers_202_with_the_status_url_and_starts_once(loop, ex
     out = reply(first)
     assert out["started"] is True and out["id"].startswith("train-")
     assert first.headers["Location"] == out["statusUri"] == f"{BASE}/api/status/{out['id']}"
-    assert out["management"]["statusQueryGetUri"].startswith(BASE)  # the extension's own links, same origin
+    # only our own status route: the extension's management URLs carry its system key (code=...)
+    assert set(out) >= {"id", "started", "runtimeStatus", "statusUri"} and "management" not in out
+    assert "code=" not in first.get_body().decode() and "webhooks" not in first.get_body().decode()
     [(name, instance, payload)] = extension.starts
     assert (name, instance) == ("train_orchestrator", out["id"])
     assert payload["dataset_id"] == workdir["dataset_id"] and payload["partition_ids"] is None
     assert payload["options"]["group_size"] == 3 and payload["options"]["min_accuracy"] == 0.6
 
     again = call(loop, extension, "start_training_run", req=http("POST", "train", body))
-    assert again.status_code == 200 and reply(again) | {"management": None} == out | {
-        "started": False,
-        "runtimeStatus": "Pending",
-        "management": None,
-    }
+    assert again.status_code == 200 and reply(again) == out | {"started": False, "runtimeStatus": "Pending"}
+    assert "code=" not in again.get_body().decode()
     assert len(extension.starts) == 1
 
 
@@ -280,32 +280,74 @@ def test_status_returns_the_durable_status_with_progress_or_404(loop, extension)
 
 
 # -- lake events -------------------------------------------------------------------------------
-def blob_created(
-    path: str, etag: str = "0x8DC1", event_type: str = "Microsoft.Storage.BlobCreated", **data
-) -> func.EventGridEvent:
+# Events are built as Event Grid sends them (raw JSON, either schema) and decoded by the worker's own
+# converter (azure.functions.eventgrid.EventGridEventInConverter), exactly as the host hands them to
+# the function: no hand-built EventGridEvent objects.
+LAKE_HOST = "https://mmlake.blob.core.windows.net"
+LAKE_DFS = "https://mmlake.dfs.core.windows.net"
+STORAGE_TOPIC = "/subscriptions/x/resourceGroups/rg/providers/Microsoft.Storage/storageAccounts/mmlake"
+
+
+def storage_event(
+    path: str,
+    etag: str = "0x8DC1",
+    event_type: str = "Microsoft.Storage.BlobCreated",
+    schema: str = "EventGrid",
+    host: str = LAKE_HOST,
+    **data,
+) -> dict:
+    """The JSON of one storage event as Event Grid delivers it, in the Event Grid or CloudEvents schema."""
     container, _, blob = path.partition("/")
     payload = {
         "api": "PutBlob",
-        "url": f"https://mmlake.blob.core.windows.net/{path}",
+        "url": f"{host}/{path}",
         "eTag": etag,
+        "contentType": "text/csv",
         "contentLength": 1234,
         "blobType": "BlockBlob",
+        "sequencer": "0000000000000000000000000000A1B2000000000000c3d4",
         **data,
     }
-    return func.EventGridEvent(
-        id=f"evt-{etag}",
-        data=payload,
-        topic="/subscriptions/x/storageAccounts/mmlake",
-        subject=f"/blobServices/default/containers/{container}/blobs/{blob}",
-        event_type=event_type,
-        event_time=datetime(2024, 6, 1, tzinfo=timezone.utc),
-        data_version="1",
-    )
+    subject = f"/blobServices/default/containers/{container}/blobs/{blob}"
+    if schema == "CloudEvents":
+        return {
+            "specversion": "1.0",
+            "id": f"evt-{etag}",
+            "source": STORAGE_TOPIC,
+            "type": event_type,
+            "subject": subject,
+            "time": "2024-06-01T00:00:00.0000000Z",
+            "datacontenttype": "application/json",
+            "data": payload,
+        }
+    return {
+        "id": f"evt-{etag}",
+        "topic": STORAGE_TOPIC,
+        "subject": subject,
+        "eventType": event_type,
+        "eventTime": "2024-06-01T00:00:00.0000000Z",
+        "data": payload,
+        "dataVersion": "",
+        "metadataVersion": "1",
+    }
 
 
-def test_a_blob_created_event_starts_ingestion_once_per_file_version(loop, extension):
-    call(loop, extension, "on_lake_event", event=blob_created("raw/sales.csv"))
-    call(loop, extension, "on_lake_event", event=blob_created("raw/sales.csv"))  # at-least-once redelivery
+def decoded(body: dict):
+    """The event object the worker passes to the function, from the raw JSON (its own converter)."""
+    from azure.functions.eventgrid import EventGridEventInConverter
+    from azure.functions.meta import Datum
+
+    return EventGridEventInConverter.decode(Datum(json.dumps(body), "json"), trigger_metadata={})
+
+
+def blob_created(path: str, etag: str = "0x8DC1", **kw):
+    return decoded(storage_event(path, etag, **kw))
+
+
+@pytest.mark.parametrize("schema", ["EventGrid", "CloudEvents"])
+def test_a_blob_created_event_starts_ingestion_once_per_file_version(loop, extension, schema):
+    call(loop, extension, "on_lake_event", event=blob_created("raw/sales.csv", schema=schema))
+    call(loop, extension, "on_lake_event", event=blob_created("raw/sales.csv", schema=schema))  # redelivery
     assert len(extension.starts) == 1
     name, instance, payload = extension.starts[0]
     assert name == "ingest_orchestrator" and payload["source"] == "raw/sales.csv"
@@ -313,10 +355,47 @@ def test_a_blob_created_event_starts_ingestion_once_per_file_version(loop, exten
         "url": "https://mmlake.blob.core.windows.net/raw/sales.csv",
         "etag": "0x8DC1",
     }
-    call(
-        loop, extension, "on_lake_event", event=blob_created("raw/sales.csv", etag="0x8DC2")
-    )  # a new version
-    assert len(extension.starts) == 2 and extension.starts[1][1] != instance
+    call(loop, extension, "on_lake_event", event=blob_created("raw/sales.csv", etag="0x8DC2", schema=schema))
+    assert len(extension.starts) == 2 and extension.starts[1][1] != instance  # a new version
+
+
+def test_a_cloudevents_delivery_is_decoded_by_the_worker_as_a_cloud_event_and_accepted(loop, extension):
+    event = blob_created("raw/sales.csv", schema="CloudEvents")
+    assert isinstance(event, func.CloudEvent) and not hasattr(event, "event_type")  # what the handler gets
+    call(loop, extension, "on_lake_event", event=event)
+    assert [name for name, _, _ in extension.starts] == ["ingest_orchestrator"]
+
+
+def test_a_cloudevents_delivery_without_its_type_is_refused_clearly_not_ignored(loop, extension, caplog):
+    """azure-functions < 1.26 decodes a CloudEvent as an EventGridEvent whose event_type is None."""
+    body = storage_event("raw/sales.csv", schema="CloudEvents")
+    old_style = func.EventGridEvent(
+        id=body["id"], data=body["data"], topic=None, subject=body["subject"], event_type=None,
+        event_time=None, data_version=None,
+    )
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        call(loop, extension, "on_lake_event", event=old_style)
+    assert extension.starts == []
+    assert "malformed event dropped" in caplog.text and "CloudEvents" in caplog.text
+
+
+def test_the_same_file_version_through_the_dfs_and_the_blob_endpoint_is_one_run(loop, extension):
+    """ADLS Gen2 events name the dfs endpoint; the Blob API (HTTP and upstream starts) the blob one."""
+    adls = blob_created("raw/sales.csv", etag="0x8DD5", host=LAKE_DFS, api="FlushWithClose")
+    blob = blob_created("raw/sales.csv", etag='"0x8DD5"')  # the Blob API quotes its ETags
+    call(loop, extension, "on_lake_event", event=adls)
+    call(loop, extension, "on_lake_event", event=blob)
+    assert len(extension.starts) == 1
+
+
+def test_an_adls_create_file_event_is_ignored_and_the_flush_with_close_starts_the_run(loop, extension, caplog):
+    created = blob_created("raw/sales.csv", etag="0x8DE1", host=LAKE_DFS, api="CreateFile", contentLength=0)
+    flushed = blob_created("raw/sales.csv", etag="0x8DE2", host=LAKE_DFS, api="FlushWithClose")
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        call(loop, extension, "on_lake_event", event=created)
+    assert extension.starts == [] and "event ignored" in caplog.text and "CreateFile" in caplog.text
+    call(loop, extension, "on_lake_event", event=flushed)
+    assert len(extension.starts) == 1
 
 
 def test_two_deliveries_at_the_same_moment_still_start_one_orchestration(loop, extension, caplog):
@@ -339,17 +418,19 @@ def test_two_deliveries_at_the_same_moment_still_start_one_orchestration(loop, e
     )
 
 
+@pytest.mark.parametrize("schema", ["EventGrid", "CloudEvents"])
 @pytest.mark.parametrize(
-    "event",
+    "path, kw",
     [
-        blob_created("raw/sales.csv", event_type="Microsoft.Storage.BlobDeleted"),
-        blob_created("prepared/d1/manifest.parquet"),
-        blob_created("raw/notes.txt"),
+        ("raw/sales.csv", {"event_type": "Microsoft.Storage.BlobDeleted"}),  # deletions
+        ("prepared/d1/manifest.parquet", {}),  # other containers
+        ("raw/notes.txt", {}),  # unsupported files
+        ("raw/sales.csv", {"api": "CreateFile", "contentLength": 0}),  # ADLS: created, not yet written
     ],
 )
-def test_events_that_are_not_new_raw_data_files_are_ignored(loop, extension, event, caplog):
+def test_events_that_are_not_new_raw_data_files_are_ignored(loop, extension, path, kw, schema, caplog):
     with caplog.at_level(logging.INFO, logger="manymodels.functions"):
-        call(loop, extension, "on_lake_event", event=event)
+        call(loop, extension, "on_lake_event", event=blob_created(path, schema=schema, **kw))
     assert extension.starts == [] and "ignored" in caplog.text
 
 
@@ -362,40 +443,98 @@ def test_a_bad_raw_file_is_refused_with_the_validation_reason_and_not_retried(lo
     )
 
 
+@pytest.mark.parametrize("schema", ["EventGrid", "CloudEvents"])
 @pytest.mark.parametrize(
-    "data, field",
+    "path, data, field",
     [
-        ({"url": None}, "data.url"),
-        ({"eTag": ""}, "data.eTag"),
-        ({"contentLength": -1}, "data.contentLength"),
-        ({"url": "https://mmlake.blob.core.windows.net/raw/other.csv"}, "data.url"),
+        ("raw/sales.csv", {"url": None}, "data.url"),
+        ("raw/sales.csv", {"eTag": ""}, "data.eTag"),
+        ("raw/sales.csv", {"contentLength": -1}, "data.contentLength"),
+        ("raw/sales.csv", {"url": "https://mmlake.blob.core.windows.net/raw/other.csv"}, "data.url"),
+        ("raw/../../etc/passwd.csv", {}, "path"),  # hostile paths
+        ("raw/with space.csv", {}, "path"),
+        ("raw/%2e%2e/secrets.csv", {}, "path"),
     ],
 )
-def test_a_malformed_event_raises_so_event_grid_retries_and_dead_letters_it(loop, extension, data, field):
-    from function_app.messages import MessageError
-
-    with pytest.raises(MessageError) as caught:
-        call(loop, extension, "on_lake_event", event=blob_created("raw/sales.csv", **data))
-    assert caught.value.field == field and extension.starts == []
-
-
-def test_the_blob_trigger_and_the_event_grid_trigger_share_one_instance_per_file_version(loop, extension):
-    url = "https://mmlake.blob.core.windows.net/raw/sales.csv"
-    blob = func.blob.InputStream(
-        data=b"store,item\n", name="raw/sales.csv", uri=url, length=11, blob_properties={"ETag": '"0x8DC9"'}
-    )
-    call(loop, extension, "on_raw_blob", blob=blob)
-    call(loop, extension, "on_lake_event", event=blob_created("raw/sales.csv", etag="0x8DC9"))
-    assert len(extension.starts) == 1 and extension.starts[0][0] == "ingest_orchestrator"
+def test_a_permanently_invalid_event_is_logged_and_dropped_not_redelivered_for_a_day(
+    loop, extension, path, data, field, schema, caplog
+):
+    """Raising would make Event Grid redeliver it for up to 24 hours: it can never succeed."""
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        result = call(loop, extension, "on_lake_event", event=blob_created(path, schema=schema, **data))
+    assert result is None and extension.starts == []
+    assert "malformed event dropped" in caplog.text and f"field={field}" in caplog.text
 
 
-def test_the_blob_trigger_ignores_other_files_and_refuses_unsafe_names(loop, extension):
-    for name in ("raw/readme.md", "raw/with space.csv"):
-        blob = func.blob.InputStream(
-            data=b"x", name=name, uri=f"https://a/{name}", length=1, blob_properties={"ETag": "1"}
-        )
-        call(loop, extension, "on_raw_blob", blob=blob)
-    assert extension.starts == []
+def test_a_transient_failure_raises_so_event_grid_retries_it(loop, extension, monkeypatch):
+    """The Durable extension unreachable: the event must come again, so the function raises."""
+    extension.close()
+    with pytest.raises(Exception) as caught:
+        call(loop, extension, "on_lake_event", event=blob_created("raw/sales.csv", etag="0xDOWN"))
+    assert not isinstance(caught.value, AssertionError)
+
+
+def test_the_app_has_no_blob_trigger_that_would_ship_whole_blobs_to_the_worker():
+    """A func.InputStream blob trigger makes the host read the whole blob and send it over gRPC."""
+    bindings = [b for f in app_functions().values() for b in f.get_bindings_dict()["bindings"]]
+    assert not [b for b in bindings if b["type"] == "blobTrigger"]
+    assert not [b for b in bindings if b["type"] == "blob" and b.get("dataType") != "string"]
+
+
+# -- the event loop stays free: blocking work of async functions runs on worker threads -------------------
+def _loop_stall(loop, coro_factory) -> float:
+    """The longest time the event loop could not run a 5 ms heartbeat while ``coro_factory()`` ran."""
+    gaps: list[float] = []
+
+    async def heartbeat(stop: asyncio.Event) -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async def both() -> None:
+        stop = asyncio.Event()
+        beat = asyncio.ensure_future(heartbeat(stop))
+        try:
+            await coro_factory()
+        finally:
+            stop.set()
+            await beat
+
+    loop.run_until_complete(both())
+    return max(gaps)
+
+
+@pytest.fixture
+def slow_settings(monkeypatch):
+    """Reading the deployment settings takes 0.4 s (a cold file system, a slow Key Vault reference)."""
+    original = Settings.from_env.__func__
+
+    def slow(cls, *args, **kwargs):
+        time.sleep(0.4)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Settings, "from_env", classmethod(slow))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("on_lake_event", lambda w: {"event": blob_created("raw/sales.csv", etag="0xLOOP")}),
+        ("start_training_run", lambda w: {"req": http("POST", "train", {"dataset_id": w["dataset_id"]})}),
+        ("start_scoring_run", lambda w: {"req": http("POST", "score", {"horizon": 2})}),
+        ("start_promotion_run", lambda w: {"req": http("POST", "promote", {})}),
+        ("on_upstream_message", lambda w: {"message": sb({"type": "score", "horizon": 3})}),
+    ],
+)
+def test_async_functions_keep_blocking_work_off_the_event_loop(loop, extension, workdir, slow_settings, name, kwargs):
+    """The worker runs every async function of a process on one loop: blocking there stalls them all."""
+    function = app_functions()[name].get_user_function()
+    stall = _loop_stall(loop, lambda: function(client=extension.client_json(), **kwargs(workdir)))
+    assert len(extension.starts) == 1
+    assert stall < 0.3, f"{name} blocked the event loop for {stall:.2f} s"
 
 
 # -- Service Bus ---------------------------------------------------------------------------------
