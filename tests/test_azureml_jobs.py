@@ -16,11 +16,13 @@ from azure.ai.ml import load_job  # noqa: E402
 from shared.azureml.client import AzureMLError, AzureMLSettings  # noqa: E402
 from shared.azureml.jobs import (RESULTS_FILE, STATE_MAP, WORKER_ENV, build_environment,  # noqa: E402
                                  build_job_for_group, build_pipeline_job, conda_spec, group_input,
-                                 map_job_state, plan_score, plan_train, read_requirements, stage_code)
+                                 map_job_state, plan_score, plan_train, read_requirements, stage_code,
+                                 write_registry_slice)
 from shared.compute import JOB_STATES  # noqa: E402
 from shared.config import ProjectConfig  # noqa: E402
 from shared.lake import LocalLake  # noqa: E402
 from shared.pipeline import Workspace  # noqa: E402
+from azureml_tools import azureml_tools_python  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
 RUN = "r0123456789abcdef"
@@ -121,7 +123,7 @@ def test_training_job_validates_and_carries_the_parallel_settings(aml, code, lak
     assert job.jobs[next(iter(job.jobs))].component.is_deterministic is False
 
 
-def test_scoring_job_downloads_both_registries_and_writes_predictions(aml, code, lake):
+def test_scoring_job_downloads_its_groups_registry_slices_and_writes_predictions(aml, code, lake):
     cfg = ProjectConfig()
     score_id = "s0123456789abcdef"
     paths = [f"scoring/{score_id}/batches/batch-00000.parquet"]
@@ -140,10 +142,11 @@ def test_scoring_job_downloads_both_registries_and_writes_predictions(aml, code,
                      "--output-dir": "${{outputs.predictions}}", "--score-id": score_id,
                      "--append_row_file_name": RESULTS_FILE}
     inputs = rest["properties"]["inputs"]
-    assert inputs["prod_registry"] == {"uri": "azureml://datastores/lake_registry/paths/prod/",
-                                       "mode": "Download", "jobInputType": "uri_folder"}
-    assert inputs["dev_registry"]["uri"] == "azureml://datastores/lake_registry/paths/dev/"
     runs = f"azureml://datastores/lake_runs/paths/{score_id}"
+    # the group's slices of the registries, never the registries' whole folders
+    assert inputs["prod_registry"] == {"uri": f"{runs}/registry/g00004/prod/",
+                                       "mode": "Download", "jobInputType": "uri_folder"}
+    assert inputs["dev_registry"]["uri"] == f"{runs}/registry/g00004/dev/"
     assert node["outputs"]["predictions"]["uri"] == f"{runs}/predictions/"
     assert node["outputs"]["results"]["uri"] == f"{runs}/results/g00004/"
     assert job.name == f"score-{score_id}-g00004"
@@ -152,13 +155,10 @@ def test_scoring_job_downloads_both_registries_and_writes_predictions(aml, code,
     no_fallback = cfg.with_overrides({"promotion.fallback": "none"})
     plan = plan_score(aml, no_fallback, score_id, DATASET, 4, group_input(aml, lake, score_id, 4, paths))
     assert "dev_registry" not in plan.folders and "--dev-registry" not in plan.arguments
-    # a separate production datastore is honoured
-    separate = aml.with_changes(prod_datastore="prod_registry")
-    plan = plan_score(separate, cfg, score_id, DATASET, 4, group_input(separate, lake, score_id, 4, paths))
-    assert plan.folders["prod_registry"] == "azureml://datastores/prod_registry/paths/prod/"
 
 
-def test_a_group_that_is_part_of_a_folder_reads_a_file_list_mltable(aml, code, lake):
+def test_a_group_that_is_part_of_a_folder_reads_a_file_list_mltable_mounted_read_only(aml, code, lake):
+    """The parallel job docs allow a file-list MLTable only as ro_mount or download (not eval_mount)."""
     subset = _batches()[1:]
     data = group_input(aml, lake, RUN, 1, subset)
     assert data.kind == "mltable"
@@ -170,7 +170,7 @@ def test_a_group_that_is_part_of_a_folder_reads_a_file_list_mltable(aml, code, l
     job = build_pipeline_job(aml, plan_train(aml, ProjectConfig(), RUN, DATASET, 1, data), code=code)
     assert job._validate().passed
     assert _rest(job)["properties"]["inputs"]["data"] == \
-        {"uri": data.uri, "mode": "EvalMount", "jobInputType": "mltable"}
+        {"uri": data.uri, "mode": "ReadOnlyMount", "jobInputType": "mltable"}
     with pytest.raises(AzureMLError, match="no files"):
         group_input(aml, lake, RUN, 2, [])
 
@@ -266,3 +266,86 @@ def test_settings_name_what_is_missing_and_map_lake_paths_to_datastores(aml):
     assert aml.lake_uri("registry/prod/assets/v1", datastore="prod_registry") == \
         "azureml://datastores/prod_registry/paths/prod/assets/v1"
     assert aml.registry_datastore == "lake_registry"
+
+
+# -- what Azure ML itself reads: Microsoft's own mltable package, the job environment, the slices ------
+def _run_mltable(folder: Path) -> list[dict]:
+    """Load an MLTable folder with Microsoft's ``mltable`` package (its own venv: see
+    scripts/validate-azureml.sh) and return its paths, as the parallel runtime would read them."""
+    import subprocess
+
+    python = azureml_tools_python()
+    out = subprocess.run([str(python), "-c", "import json, sys, mltable; "
+                          "print(json.dumps(mltable.load(sys.argv[1]).paths))", str(folder)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_file_list_mltable_we_write_loads_with_microsofts_mltable_package(aml, lake):
+    subset = _batches()[::2]
+    data = group_input(aml, lake, RUN, 3, subset)
+    folder = lake.local_path(data.mltable_path).parent
+    paths = _run_mltable(folder)
+    workspace = "azureml://subscriptions/sub-1/resourcegroups/rg-mm/workspaces/mlw-dev"
+    assert paths == [{"file": f"{workspace}/datastores/lake_prepared/paths/{p.split('/', 1)[1]}"} for p in subset]
+
+
+def test_the_job_environment_does_not_set_pythonpath(aml, code, lake):
+    """The parallel driver imports the entry module by its package path; PYTHONPATH='.' is not ours to set."""
+    job = build_pipeline_job(aml, plan_train(aml, ProjectConfig(), RUN, DATASET, 0,
+                                             group_input(aml, lake, RUN, 0, _batches())), code=code)
+    assert "PYTHONPATH" not in _node(_rest(job))["environment_variables"]
+
+
+def _registry_with_history(root: Path, name: str, partitions: list[str], versions: int):
+    from shared.registry import ModelRegistry
+
+    registry = ModelRegistry(root, name)
+    for v in range(versions):
+        registry.register_many([({"partition_id": pid, "run_id": f"r{v:016x}", "model_type": "ets",
+                                  "metrics": {"wape": 0.1 * v}}, f"{pid} v{v}".encode())
+                                for pid in partitions])
+    return registry
+
+
+def test_a_scoring_group_gets_only_its_partitions_newest_models(aml, code, tmp_path):
+    """Each job downloads a slice: its partitions' newest versions, not every version of every model."""
+    import pandas as pd
+
+    from shared.keys import PARTITION_ID
+    from shared.lake import write_parquet
+    from shared.registry import ModelRegistry
+
+    score_id = "s0123456789abcdef"
+    everyone = [f"p{i:020x}" for i in range(12)]
+    cfg = ProjectConfig()
+    ws = Workspace(tmp_path, cfg, LocalLake(tmp_path / "lake"))
+    prod = _registry_with_history(tmp_path / "registry" / "prod", "prod", everyone, versions=3)
+    dev = _registry_with_history(tmp_path / "registry" / "dev", "dev", everyone, versions=2)
+    ws._prod, ws._dev = prod, dev  # the workspace's registries
+    mine = everyone[3:6]
+    batch = f"runs/{score_id}/inputs/batches/batch-00001.parquet"
+    write_parquet(ws.lake, batch, pd.DataFrame({PARTITION_ID: [pid for pid in mine for _ in range(4)],
+                                                "period": list(range(4)) * len(mine)}))
+    ws.lake.write_bytes(f"runs/{score_id}/run.json", json.dumps(
+        {"score_id": score_id, "dataset_id": DATASET, "config": cfg.to_dict()}).encode())
+    job = build_job_for_group(ws, aml, "score", score_id, 1, [batch], code=code)
+    inputs = _rest(job)["properties"]["inputs"]
+    assert inputs["prod_registry"]["uri"] == f"azureml://datastores/lake_runs/paths/{score_id}/registry/g00001/prod/"
+
+    for name, source, newest in (("prod", prod, 3), ("dev", dev, 2)):
+        folder = ws.lake.local_path(f"runs/{score_id}/registry/g00001/{name}")
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        assert files == sorted(["index.sqlite", *(f"artifacts/{pid}/v{newest}.pkl" for pid in mine)])
+        sliced = ModelRegistry(folder, name)  # what the entry script opens on the node
+        assert sliced.count() == len(mine)
+        found = sliced.latest_many(everyone)
+        assert sorted(found) == mine
+        for pid in mine:
+            expected = source.latest(pid)
+            assert found[pid] == expected  # versions, run ids, metrics and tags as in the registry
+            assert sliced.artifact_path(found[pid]).read_bytes() == f"{pid} v{newest - 1}".encode()
+        sliced.close()
+    assert write_registry_slice(ws.lake, prod, "prod", ["p" + "f" * 20], "runs/x/empty") == \
+        {"partitions": 1, "models": 0}

@@ -20,14 +20,26 @@ run although ingestion already partitioned it once. When a group is every file o
 (the usual case: one group per dataset, Azure ML spreading it over ``instance_count`` nodes) the
 input is that folder; when it is a subset (the Durable orchestrator fans out several groups),
 a file-list MLTable naming exactly the group's files is written next to the run and used as the
-input: still a list of files for ``run()``, no key-based splitting.
+input: still a list of files for ``run()``, no key-based splitting. Both are mounted read-only
+(``ro_mount``): the parallel job docs allow only ``ro_mount`` or ``download`` for a file-list MLTable
+(``eval_mount`` is refused), and a mount fetches only the files a worker reads.
+
+**Scoring reads only its group's models.** Before a scoring job is submitted, the group's partition
+ids are read from its request files and each registry it needs (production; development for the
+baseline fallback) is cut to a *slice* in the lake, ``runs/<score_id>/registry/g<i>/<name>/``: the
+index with only those partitions' newest versions, and their artifacts. The job downloads that
+slice (the entry script opens its SQLite index read-write, which a read-only mount refuses): a
+group of 600 partitions moves about 600 artifacts, not every version of every model of both
+registries (about 400 MB per node at 10,000 partitions).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import shutil
+import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -49,9 +61,10 @@ SERVING_RUNTIME_PACKAGES = ("azureml-inference-server-http",)
 PYTHON_VERSION = "3.11"
 # One BLAS/OpenMP thread per worker process, as the local runner does: max_concurrency_per_instance
 # processes x N threads would oversubscribe the node's cores.
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-              # the snapshot root (the job's working directory) holds the ``shared`` package
-              "PYTHONPATH": "."}
+# No PYTHONPATH: the parallel driver imports the entry script by its package path from the code
+# snapshot's root (``shared/entry/score.py`` -> ``shared.entry.score``), and the scripts put that
+# root on ``sys.path`` themselves when loaded by file path.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # Azure ML job states -> the states the Durable monitor understands (shared.compute.JOB_STATES).
 STATE_MAP = {
@@ -168,6 +181,9 @@ def _ensure(folder: Path) -> Path:
 
 
 # -- inputs ------------------------------------------------------------------------------------
+INPUT_MODE = "ro_mount"
+
+
 @dataclass
 class GroupInput:
     """The data input of one group: a uri_folder, or a file-list MLTable for a subset of a folder."""
@@ -180,8 +196,8 @@ class GroupInput:
     def to_input(self):
         from azure.ai.ml import Input
 
-        mode = "ro_mount" if self.kind == "uri_folder" else "eval_mount"
-        return Input(type=self.kind, path=self.uri, mode=mode)
+        # ro_mount for both: a parallel job accepts a file-list MLTable only as ro_mount or download
+        return Input(type=self.kind, path=self.uri, mode=INPUT_MODE)
 
 
 def group_input(aml: AzureMLSettings, lake: Any, run_id: str, group_index: int,
@@ -242,18 +258,22 @@ def plan_train(aml: AzureMLSettings, cfg: Any, run_id: str, dataset_id: str, gro
     )
 
 
+def registry_slice_path(score_id: str, group_index: int, name: str) -> str:
+    """Lake folder of one scoring group's slice of registry ``name`` (dev | prod)."""
+    return f"runs/{score_id}/registry/g{group_index:05d}/{name}"
+
+
 def plan_score(aml: AzureMLSettings, cfg: Any, score_id: str, dataset_id: str, group_index: int,
                data: GroupInput) -> JobPlan:
-    """The scoring job's arguments mirror ``pipeline.score_group``'s; registries are downloaded
-    (``ModelRegistry`` opens its SQLite index read-write, which a read-only mount refuses)."""
-    from shared.azureml.registry import DEV_PREFIX, PROD_PREFIX
-
+    """The scoring job's arguments mirror ``pipeline.score_group``'s; the registries are the group's
+    slices (:func:`write_registry_slice`), downloaded: ``ModelRegistry`` opens its SQLite index
+    read-write, which a read-only mount refuses, and a slice holds only the group's models."""
     group = f"g{group_index:05d}"
-    folders = {"prod_registry": aml.lake_uri(PROD_PREFIX, folder=True, datastore=aml.registry_datastore)}
+    folders = {"prod_registry": aml.lake_uri(registry_slice_path(score_id, group_index, "prod"), folder=True)}
     arguments = "--config ${{inputs.config}} --dataset-meta ${{inputs.dataset_meta}} " \
                 "--prod-registry ${{inputs.prod_registry}} "
     if cfg.promotion.fallback == "baseline":
-        folders["dev_registry"] = aml.lake_uri(DEV_PREFIX, folder=True)
+        folders["dev_registry"] = aml.lake_uri(registry_slice_path(score_id, group_index, "dev"), folder=True)
         arguments += "--dev-registry ${{inputs.dev_registry}} "
     arguments += f"--output-dir ${{{{outputs.predictions}}}} --score-id {score_id} " \
                  f"--append_row_file_name {RESULTS_FILE}"
@@ -395,9 +415,67 @@ def build_job_for_group(ws: Any, aml: AzureMLSettings, kind: str, run_id: str, g
     if not ws.lake.exists(config_path) or ws.lake.read_bytes(config_path) != text:
         ws.lake.write_bytes(config_path, text)
     data = group_input(aml, ws.lake, run_id, group_index, batch_paths)
+    if kind == "score":
+        pids = group_partitions(ws.lake, batch_paths)
+        write_registry_slice(ws.lake, ws.prod, "prod", pids, registry_slice_path(run_id, group_index, "prod"))
+        if cfg.promotion.fallback == "baseline":
+            write_registry_slice(ws.lake, ws.dev, "dev", pids, registry_slice_path(run_id, group_index, "dev"))
     planner = plan_train if kind == "train" else plan_score
     plan = planner(aml, cfg, run_id, meta["dataset_id"], group_index, data)
     return build_pipeline_job(aml, plan, code=code)
+
+
+def group_partitions(lake: Any, batch_paths: list[str]) -> list[str]:
+    """The partition ids a scoring group's request files ask for (their ``partition_id`` column only)."""
+    import pyarrow.parquet as pq
+
+    from shared.keys import PARTITION_ID
+
+    ids: dict[str, None] = {}
+    for path in batch_paths:
+        table = pq.read_table(io.BytesIO(lake.read_bytes(path)), columns=[PARTITION_ID])
+        ids.update(dict.fromkeys(str(v) for v in table.column(PARTITION_ID).to_pylist()))
+    return list(ids)
+
+
+def write_registry_slice(lake: Any, registry: Any, name: str, partition_ids: list[str], dest: str) -> dict[str, int]:
+    """Write ``dest``: a registry folder holding only the newest version of ``partition_ids``.
+
+    The index is a consistent copy of the registry's (SQLite backup API) with every other row
+    deleted, so versions, run ids, metrics and tags are exactly the registry's; the artifacts
+    are those rows' files, at the same relative paths. Works over a local ``ModelRegistry`` and
+    an :class:`~shared.azureml.registry.AzureMLRegistry` (whose working copy fetches only the
+    artifacts asked for). Idempotent: a retried submission rewrites the same slice.
+    """
+    if hasattr(registry, "refresh"):
+        registry.refresh(force=True)
+    records = registry.latest_many(partition_ids)
+    work = Path(tempfile.mkdtemp(prefix="mm-slice-"))
+    try:
+        index = work / "index.sqlite"
+        source = sqlite3.connect(Path(registry.root) / "index.sqlite")
+        target = sqlite3.connect(index)
+        try:
+            source.backup(target)
+            target.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
+            target.execute("CREATE TEMP TABLE keep (partition_id TEXT, version INTEGER, "
+                           "PRIMARY KEY (partition_id, version))")
+            target.executemany("INSERT INTO keep VALUES (?, ?)",
+                               [(r.partition_id, r.version) for r in records.values()])
+            for table in ("models", "tags", "latest"):
+                target.execute(f"DELETE FROM {table} WHERE (partition_id, version) NOT IN "
+                               "(SELECT partition_id, version FROM keep)")
+            target.commit()
+            target.execute("VACUUM")
+        finally:
+            target.close()
+            source.close()
+        for record in records.values():
+            lake.write_bytes(f"{dest}/{record.artifact}", Path(registry.artifact_path(record)).read_bytes())
+        lake.write_bytes(f"{dest}/index.sqlite", index.read_bytes())  # last: the slice is complete
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"partitions": len(partition_ids), "models": len(records)}
 
 
 def parallel_job_status(ws: Any, job_id: str) -> JobHandle:
