@@ -45,13 +45,13 @@ def serving(trained, tmp_path, monkeypatch):
     _publish(ws.prod.root, lake_root, head="v1")
     monkeypatch.setenv("MM_SERVING_LAKE_DIR", str(lake_root))
     monkeypatch.setenv("MM_SERVING_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("MM_PARTITION_KEYS", "store,item")
+    monkeypatch.setenv("MM_SERVING_CONFIG", json.dumps(ws.config.to_dict()))
     monkeypatch.setenv("MM_SERVING_CACHE_MODELS", "3")
     monkeypatch.setenv("MM_SERVING_REFRESH_SECONDS", "0")
     monkeypatch.delenv("MM_SERVING_STORAGE_URL", raising=False)
     online_score.init()
     yield lake_root
-    monkeypatch.setattr(online_score, "_state", None)
+    monkeypatch.setattr(online_score, "_predictor", None)
 
 
 def _publish(registry_root: Path, lake_root: Path, head: str) -> None:
@@ -80,7 +80,7 @@ def test_init_reads_the_index_and_loads_no_model(serving, tmp_path):
 def test_a_request_gets_the_batch_scoring_forecast_of_its_partition(serving, trained):
     ws, predictions = trained
     row = predictions[predictions["is_fallback"] == 0].iloc[0]
-    answer = online_score.run(_request(partition={"store": row["store"], "item": row["item"]}))
+    answer = online_score.run(_request(keys={"store": row["store"], "item": row["item"]}))
     assert answer.get("partition_id") == row["partition_id"], answer
     assert answer["model_version"] == row["model_version"] and answer["model"] == row["model"]
     batch = predictions[predictions["partition_id"] == row["partition_id"]].sort_values("date")
@@ -97,15 +97,14 @@ def test_errors_are_answered_with_their_status_and_the_field(serving, trained):
     _, predictions = trained
     pid = predictions["partition_id"].iloc[0]
     assert online_score.run("{not json")["status"] == 400
-    assert online_score.run(_request(partition={"store": "s1"}))["error"] == \
-        "partition: missing key(s) ['item']"
-    missing = online_score.run(_request(partition={"store": "nowhere", "item": "nothing"}))
-    assert missing["status"] == 404 and "no production model for partition p" in missing["error"]
+    assert online_score.run(_request(keys={"store": "s1"}))["field"] == "keys.item"
+    missing = online_score.run(_request(keys={"store": "nowhere", "item": "nothing"}))
+    assert missing["status"] == 404 and "no model for partition" in missing["error"]
     assert online_score.run(_request(partition_id=pid, horizon=0))["status"] == 400
     both = online_score.run(_request(partition_id=pid, horizon=2, rows=[{"date": "2030-01-01"}]))
     assert both["status"] == 400 and "not both" in both["error"]
-    assert online_score.run(_request(partition_id=pid, rows=[{"date": "2030-01-01"}]))["status"] == 400, \
-        "covariates missing from the rows"
+    assert online_score.run(_request(partition={"store": "s1", "item": "i1"}))["field"] == "partition", \
+        "one contract for every front end: 'keys', not the endpoint's old 'partition'"
 
 
 def test_models_load_on_demand_once_and_the_cache_stays_bounded(serving, trained):
@@ -145,3 +144,92 @@ def test_a_newly_promoted_version_is_picked_up_through_head(serving, trained, tm
     after = online_score.run(_request(partition_id=pid))
     assert after["model_version"] == before + 1 and after["run_id"] == "r-next"
     assert isinstance(pd.Timestamp(after["predictions"][0]["date"]), pd.Timestamp)
+
+
+# -- under the real inference server (azureml-inference-server-http), over HTTP on 127.0.0.1 ------------
+@pytest.fixture(scope="module")
+def inference_server(trained, tmp_path_factory):
+    """``azmlinfsrv`` serving this scoring script, as a managed online endpoint's container runs it."""
+    import os
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from azureml_tools import APP_ROOT, azmlinfsrv
+
+    server = azmlinfsrv()
+    ws, _ = trained
+    root = tmp_path_factory.mktemp("endpoint")
+    _publish(ws.prod.root, root / "storage", head="v1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MM_", "PYTHON"))}
+    env.update(MM_SERVING_LAKE_DIR=str(root / "storage"), MM_SERVING_CACHE_DIR=str(root / "cache"),
+               MM_SERVING_CONFIG=json.dumps(ws.config.to_dict()), MM_SERVING_REFRESH_SECONDS="0",
+               AZUREML_MODEL_DIR=str(root), APPLICATIONINSIGHTS_CONNECTION_STRING="")
+    log = (root / "server.log").open("w")
+    process = subprocess.Popen(
+        [str(server), "--entry_script", str(APP_ROOT / "shared/azureml/online_score.py"), "--port", str(port)],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("azmlinfsrv did not start:\n" + (root / "server.log").read_text()[-3000:])
+            time.sleep(0.3)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _post(base: str, body: bytes) -> tuple[int, dict, object]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{base}/score", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), json.loads(error.read())
+
+
+def test_the_endpoint_answers_the_shared_contract_over_http_under_the_real_inference_server(
+        inference_server, trained):
+    _, predictions = trained
+    row = predictions[predictions["is_fallback"] == 0].iloc[0]
+    status, headers, body = _post(inference_server, _request(
+        keys={"store": row["store"], "item": row["item"]}, horizon=3).encode())
+    assert status == 200, body
+    assert isinstance(body, dict), "the body is a JSON object, not a JSON string holding JSON"
+    assert body["partition_id"] == row["partition_id"] and len(body["predictions"]) == 3
+    assert headers.get("X-Model-Version") == str(body["model_version"])
+
+
+@pytest.mark.parametrize("payload, status, field", [
+    (b"{not json", 400, "body"),
+    (json.dumps({"keys": {"store": "s1"}}).encode(), 400, "keys.item"),
+    (json.dumps({"partition": {"store": "s1", "item": "i1"}}).encode(), 400, "partition"),
+    (json.dumps({"keys": {"store": "nowhere", "item": "nothing"}}).encode(), 404, None),
+])
+def test_errors_are_encoded_once_with_their_status_under_the_real_inference_server(
+        inference_server, payload, status, field):
+    code, _, body = _post(inference_server, payload)
+    assert code == status
+    assert isinstance(body, dict), f"error body encoded twice: {body!r}"
+    assert body["status"] == status and body.get("field") == field

@@ -8,17 +8,24 @@ Concurrent first requests for one model load it once (single-flight). A newly pr
 noticed through the registry's change counter, read at most every ``MM_SERVING_REFRESH_SECONDS``
 (the registry pulls the new index when the lake's ``HEAD`` moved), never by reloading per request.
 
-Request (JSON): ``{"partition": {"store": "s1", "item": "i7"}}`` or ``{"partition_id": "p..."}``,
-plus ``"horizon": 8`` or ``"rows": [{"date": "2025-01-05", "price": 3.2, "promo": 0}, ...]``
-(neither: the trained horizon). Response: the partition, model name, version and run id, and
-``predictions`` as ``[{<time column>: ..., "prediction": ...}]``. Errors: 400 (bad request, names
-the field), 404 (no production model for the partition), 503 (the model failed to load; not
-cached, other partitions unaffected).
+Request and response are the contract of every real-time front end — the local server
+(``manymodels serve``), the Functions route ``POST /api/predict`` and this endpoint — parsed and
+answered by one module, :class:`shared.serving.Predictor`::
+
+    {"keys": {"store": "S01", "item": "I7"}, "horizon": 8}
+    {"partition_id": "p...", "rows": [{"date": "2025-01-05", "price": 3.2, "promo": 0}, ...]}
+
+Errors carry their HTTP status and the JSON body the other front ends give (``error``,
+``status``, ``field``...): 400, 404, 413, 503. The body is returned as a dict to the inference
+server's ``AMLResponse(..., json_str=True)``, which encodes it once (an already-encoded string
+would be encoded a second time: a JSON string holding JSON).
 
 Environment: ``MM_SERVING_STORAGE_URL`` (blob endpoint of the registry's storage; identity via
-``AZURE_CLIENT_ID``) or ``MM_SERVING_LAKE_DIR`` (a local lake folder, to run this script on a
-laptop), ``MM_SERVING_REGISTRY_PREFIX``, ``MM_PARTITION_KEYS``, ``MM_SERVING_CACHE_MB``,
-``MM_SERVING_CACHE_MODELS``, ``MM_SERVING_REFRESH_SECONDS``.
+``AZURE_CLIENT_ID``, the endpoint's user-assigned identity) or ``MM_SERVING_LAKE_DIR`` (a local
+lake folder, to run this script on a laptop), ``MM_SERVING_REGISTRY_PREFIX``,
+``MM_SERVING_CONFIG`` (the project config as JSON: key columns, time column, covariates, horizon;
+else the defaults with ``MM_PARTITION_KEYS``), ``MM_SERVING_REFRESH_SECONDS`` and the
+``MM_SERVING_*`` limits of :class:`shared.serving.ServingOptions`.
 """
 from __future__ import annotations
 
@@ -26,7 +33,6 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,27 +41,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from shared.errors import ManyModelsError  # noqa: E402
-from shared.keys import PARTITION_ID, partition_id  # noqa: E402
-from shared.model_cache import ModelCache, ModelLoadError, ModelNotFoundError  # noqa: E402
-
-
-class RequestError(ManyModelsError, ValueError):
-    """A request the endpoint answers with an HTTP error: ``status`` and a message naming the cause."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class _State:
-    registry: Any
-    cache: ModelCache
-    keys: list[str]
-
+from shared.serving import Predictor, ServingOptions, ServingResponse  # noqa: E402
 
 # The inference server passes nothing from init() to run() but module state: this one holder.
-_state: _State | None = None
+_predictor: Predictor | None = None
 
 
 def open_registry(environ: dict[str, str] | None = None) -> Any:
@@ -80,73 +69,40 @@ def open_registry(environ: dict[str, str] | None = None) -> Any:
                            refresh_seconds=float(env.get("MM_SERVING_REFRESH_SECONDS") or 30))
 
 
+def serving_config(environ: dict[str, str] | None = None) -> Any:
+    """The project config the models were trained with: ``MM_SERVING_CONFIG`` (JSON), else the
+    defaults with the key columns of ``MM_PARTITION_KEYS``."""
+    from shared.config import ProjectConfig
+
+    env = os.environ if environ is None else environ
+    if env.get("MM_SERVING_CONFIG"):
+        return ProjectConfig.from_dict(json.loads(env["MM_SERVING_CONFIG"]))
+    keys = [k for k in (env.get("MM_PARTITION_KEYS") or "").split(",") if k]
+    return ProjectConfig().with_overrides({"data.keys": keys} if keys else {})
+
+
 def init() -> None:
-    global _state
+    """Open the production index (no model is loaded) and the shared predictor."""
+    global _predictor
     registry = open_registry()
     registry.refresh(force=True)
-    refresh_seconds = float(os.environ.get("MM_SERVING_REFRESH_SECONDS") or 30)
-    cache = ModelCache(registry, None, fallback="none",
-                       max_bytes=int(float(os.environ.get("MM_SERVING_CACHE_MB") or 512) * 2**20),
-                       max_entries=int(os.environ.get("MM_SERVING_CACHE_MODELS") or 20_000),
-                       check_interval_ms=refresh_seconds * 1000.0)
-    keys = [k for k in (os.environ.get("MM_PARTITION_KEYS") or "").split(",") if k]
-    _state = _State(registry=registry, cache=cache, keys=keys)
+    refresh_ms = float(os.environ.get("MM_SERVING_REFRESH_SECONDS") or 30) * 1000.0
+    defaults = {"check_interval_ms": refresh_ms} if not os.environ.get("MM_SERVING_CHECK_MS") else {}
+    options = ServingOptions.from_env(**defaults)
+    _predictor = Predictor(serving_config(), options.make_cache(registry, None, "none"), options)
 
 
 def run(raw_data: str | bytes | dict[str, Any]) -> Any:
-    """Answer one request; errors become HTTP responses with their status, never a crash."""
-    if _state is None:
+    """Answer one request through the shared Predictor; errors are HTTP responses, never a crash."""
+    if _predictor is None:
         raise RuntimeError("run() called before init()")
-    try:
-        return predict(raw_data, _state)
-    except RequestError as exc:
-        return _error_response(exc.status, str(exc))
-
-
-def predict(raw_data: str | bytes | dict[str, Any], state: _State) -> dict[str, Any]:
-    import pandas as pd
-
-    body = _parse(raw_data)
-    pid = _partition_of(body, state.keys)
-    try:
-        cached = state.cache.get(pid)
-    except ModelNotFoundError as exc:
-        raise RequestError(404, f"no production model for partition {pid}") from exc
-    except ModelLoadError as exc:  # reported as 503 with its reason; the cache keeps nothing
-        raise RequestError(503, f"model of partition {pid} v{exc.version} failed to load: {exc.reason}") from exc
-    record, bundle = cached.record, cached.bundle
-    horizon = body.get("horizon")
-    rows = body.get("rows")
-    if horizon is not None and rows is not None:
-        raise RequestError(400, "give 'horizon' or 'rows', not both")
-    if horizon is not None and (not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1):
-        raise RequestError(400, f"'horizon' must be a whole number >= 1, got {horizon!r}")
-    if rows is not None and (not isinstance(rows, list) or not rows
-                             or not all(isinstance(r, dict) for r in rows)):
-        raise RequestError(400, "'rows' must be a non-empty list of objects")
-    try:
-        out = bundle.predict(future=pd.DataFrame(rows) if rows is not None else None, horizon=horizon)
-    except ValueError as exc:
-        raise RequestError(400, f"rows: {exc}") from exc
-    time_col = bundle.time_column
-    times = out[time_col]
-    if pd.api.types.is_datetime64_any_dtype(times):
-        times = times.dt.strftime("%Y-%m-%d")
-    return {
-        PARTITION_ID: pid,
-        "keys": dict(getattr(bundle, "keys", {}) or record.keys),
-        "model": record.model_type,
-        "model_version": record.version,
-        "run_id": record.run_id,
-        "predictions": [{time_col: t, "prediction": float(p)}
-                        for t, p in zip(times.tolist(), out["prediction"].tolist())],
-    }
+    return _respond(_predictor.handle(raw_data))
 
 
 def cache_stats() -> dict[str, Any]:
-    if _state is None:
+    if _predictor is None:
         raise RuntimeError("cache_stats() called before init()")
-    stats = _state.cache.stats()
+    stats = _predictor.cache.stats()
     # this endpoint's own counting (kept from before the core cache): a miss is a request that
     # performed a load, a hit any other answered request (waiters on a concurrent load included)
     answered = stats["hits"] + stats["misses"]
@@ -154,37 +110,11 @@ def cache_stats() -> dict[str, Any]:
     return {**stats, "models": stats["entries"], "hits": answered - stats["loads"], "misses": misses}
 
 
-def _parse(raw_data: str | bytes | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(raw_data, dict):
-        return raw_data
-    try:
-        body = json.loads(raw_data)
-    except (TypeError, ValueError) as exc:
-        raise RequestError(400, f"body: not valid JSON ({exc})") from exc
-    if not isinstance(body, dict):
-        raise RequestError(400, "body: expected a JSON object")
-    return body
-
-
-def _partition_of(body: dict[str, Any], keys: list[str]) -> str:
-    if body.get(PARTITION_ID):
-        return str(body[PARTITION_ID])
-    partition = body.get("partition")
-    if not isinstance(partition, dict):
-        raise RequestError(400, "'partition' (an object of key values) or 'partition_id' is required")
-    if not keys:
-        raise RequestError(400, "'partition_id' is required: the endpoint has no MM_PARTITION_KEYS")
-    missing = [k for k in keys if k not in partition]
-    if missing:
-        raise RequestError(400, f"partition: missing key(s) {missing}")
-    return partition_id([partition[k] for k in keys])
-
-
-def _error_response(status: int, message: str) -> Any:
-    """The inference server's AMLResponse when it is there (in Azure); a plain dict elsewhere."""
-    body = {"error": message, "status": status}
+def _respond(result: ServingResponse) -> Any:
+    """The inference server's AMLResponse (status and headers kept), encoding the body once; a
+    plain dict outside the server (tests, a laptop)."""
     try:
         from azureml_inference_server_http.api.aml_response import AMLResponse
-    except ImportError:  # running outside the inference server (tests, a laptop)
-        return body
-    return AMLResponse(json.dumps(body), status, json_str=True)
+    except ImportError:  # running outside the inference server
+        return result.body
+    return AMLResponse(result.body, result.status, dict(result.headers), json_str=True)
