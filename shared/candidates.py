@@ -10,6 +10,13 @@ lag does not reach) and a target vector; ``fit`` ignores rows whose target is Na
 * ``loglinear`` — :class:`LogLinearForecaster`: ridge regression of ``log1p(target)`` on
   ``log1p`` lags and rolling means, log prices (the log-log, price-elasticity form), promotion
   flags, Fourier terms and a trend; standardised, missing lags imputed from the row's rolling mean.
+* ``loglm`` — :class:`LogLinearCovariates`: the same log-log ridge on covariates, Fourier terms and
+  trend only, no lags: the classic per-series price/promotion regression. On promotion-driven
+  scanner data, lags mostly echo last quarter's deals; this candidate does not.
+* ``global`` — one gradient-boosted model over all partitions (:mod:`shared.global_model`), seen
+  by a partition through a :class:`~shared.global_model.GlobalView` (its scale, no copy of the model).
+* ``ensemble`` — :class:`AverageForecaster`: the mean of the two best candidates on validation,
+  kept when it beats both (training adds it; it is not configured).
 * ``gbm`` — :class:`BoostedTreesForecaster`: scikit-learn's histogram gradient boosting on
   ``log1p(target)``. Chosen over ``GradientBoostingRegressor`` for speed: on 132 rows x 22
   features it fits in ~30 ms versus ~140 ms (100 trees), and it scales to 4,000 rows (~60 ms
@@ -30,7 +37,7 @@ from sklearn.linear_model import Ridge
 from shared.errors import ManyModelsError
 from shared.features import FeatureSpec
 
-BUILTIN = ("baseline", "loglinear", "gbm")
+BUILTIN = ("baseline", "loglinear", "loglm", "gbm", "global")
 
 
 class CandidateError(ManyModelsError, ValueError):
@@ -104,6 +111,43 @@ class LogLinearForecaster(BaseEstimator, RegressorMixin):
         # which cost more than the product on a single request's rows; the values are the same
         out = np.expm1(((Z - self.mean_) / self.scale_) @ ridge.coef_ + ridge.intercept_)
         return np.maximum(out, 0.0)
+
+
+class LogLinearCovariates(LogLinearForecaster):
+    """Ridge of log1p(target) on covariates (log prices, flags), Fourier terms and trend: no lags."""
+
+    def __init__(self, spec: FeatureSpec, alpha: float = 1.0):
+        super().__init__(spec, alpha)
+
+    def _columns(self) -> np.ndarray:
+        spec = self.spec
+        return np.concatenate((spec.columns("sin_"), spec.columns("cos_"), spec.columns("cov_"),
+                               spec.columns("trend")))
+
+    def _design(self, X: np.ndarray) -> np.ndarray:
+        return np.array(np.asarray(X, dtype=np.float64)[:, self._columns()], copy=True)
+
+
+class AverageForecaster(BaseEstimator, RegressorMixin):
+    """The mean of fitted members' forecasts (the ensemble of the two best candidates).
+
+    Built from already fitted estimators; ``fit`` refits each member (a clone) on new rows.
+    """
+
+    def __init__(self, members: tuple[Any, ...] = (), names: tuple[str, ...] = ()):
+        self.members = members
+        self.names = names
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "AverageForecaster":
+        from sklearn.base import clone
+
+        self.members_ = tuple(clone(m).fit(X, y) for m in self.members)
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        members = getattr(self, "members_", self.members)
+        preds = [np.asarray(m.predict(X), dtype=np.float64) for m in members]
+        return np.maximum(np.mean(preds, axis=0), 0.0)
 
 
 class BoostedTreesForecaster(BaseEstimator, RegressorMixin):
@@ -223,6 +267,8 @@ def make_candidate(name: str, cfg: Any, spec: FeatureSpec) -> BaseEstimator:
         return MovingAverageBaseline()
     if name == "loglinear":
         return LogLinearForecaster(spec)
+    if name == "loglm":
+        return LogLinearCovariates(spec)
     if name == "gbm":
         return BoostedTreesForecaster(spec, random_state=seed)
     for extra in cfg.training.extra_candidates:

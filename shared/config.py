@@ -55,6 +55,7 @@ class ForecastSpec:
     season_length: int | None = None  # None: derived from freq (W=52, D=7, M=12, Q=4, H=24)
     min_train_periods: int = 26  # fewer observed periods before the test window: baseline only
     min_periods: int = 4  # fewer observed periods in all: skipped
+    interval_level: float = 0.80  # central prediction interval (lower, upper) of every forecast row
 
 
 @dataclass
@@ -67,14 +68,20 @@ class CandidateSpec:
     log_target: bool = False
 
 
+DEFAULT_CANDIDATES = ("baseline", "loglinear", "loglm", "global")
+
+
 @dataclass
 class TrainingSpec:
     """Which candidate models compete on the validation window, and the selection metric."""
 
-    candidates: list[str] = field(default_factory=lambda: ["baseline", "loglinear", "gbm"])
+    candidates: list[str] = field(default_factory=lambda: list(DEFAULT_CANDIDATES))
     extra_candidates: list[CandidateSpec] = field(default_factory=list)
     selection_metric: str = "wape"
     seed: int = 42
+    folds: int = 2  # rolling-origin validation windows the candidates are scored on
+    ensemble: bool = True  # the mean of the two best candidates competes too
+    global_max_rows: int = 2_000_000  # rows sampled (whole periods of every partition) to fit the global model
 
 
 @dataclass
@@ -100,6 +107,21 @@ class PromotionRules:
     fallback: str = "baseline"  # baseline | none: how partitions with no production model are scored
 
 
+SCORING_SOURCES = ("production", "unpromoted", "global", "baseline")
+
+
+@dataclass
+class ScoringSpec:
+    """Where each partition's forecast comes from, in order of preference (the fallback chain).
+
+    ``production`` the promoted model; ``unpromoted`` the partition's latest trained model when it
+    beat its own baseline on the test window; ``global`` the run's global model; ``baseline`` the
+    moving average. The first source that can answer does; every row records which one did.
+    """
+
+    chain: list[str] = field(default_factory=lambda: list(SCORING_SOURCES))
+
+
 @dataclass
 class StoreSpec:
     """The SQL result store: a local SQLite file by default, or any database through ODBC."""
@@ -111,6 +133,14 @@ class StoreSpec:
 
 
 @dataclass
+class IngestSpec:
+    """Ingestion's memory bound: inputs larger than fit in ``memory_mb`` stream through bucket files."""
+
+    memory_mb: int = 2048  # peak memory of ingestion (all its processes), whatever the input's size
+    workers: int = 0  # processes validating buckets in parallel; 0 = one per CPU
+
+
+@dataclass
 class ProjectConfig:
     data: DataSpec = field(default_factory=DataSpec)
     validation: ValidationPolicy = field(default_factory=ValidationPolicy)
@@ -118,9 +148,18 @@ class ProjectConfig:
     training: TrainingSpec = field(default_factory=TrainingSpec)
     runner: RunnerSpec = field(default_factory=RunnerSpec)
     promotion: PromotionRules = field(default_factory=PromotionRules)
+    scoring: ScoringSpec = field(default_factory=ScoringSpec)
     store: StoreSpec = field(default_factory=StoreSpec)
+    ingest: IngestSpec = field(default_factory=IngestSpec)
 
     # -- derived values -------------------------------------------------------------------
+    @property
+    def scoring_chain(self) -> list[str]:
+        """The sources scoring tries, in order (``promotion.fallback = none``: production only)."""
+        if self.promotion.fallback == "none":
+            return ["production"]
+        return list(self.scoring.chain)
+
     @property
     def season_length(self) -> int:
         if self.forecast.season_length:
@@ -191,17 +230,29 @@ class ProjectConfig:
         _one_of("validation.duplicates", self.validation.duplicates, {"sum", "last", "error"})
         _one_of("validation.gaps", self.validation.gaps, {"zero", "interpolate", "keep"})
         _one_of("validation.null_covariates", self.validation.null_covariates, {"ffill", "zero", "error"})
-        known = {"baseline", "loglinear", "gbm"} | {c.name for c in self.training.extra_candidates}
+        known = {"baseline", "loglinear", "loglm", "gbm", "global"} | {c.name for c in self.training.extra_candidates}
         unknown = [c for c in self.training.candidates if c not in known]
         if unknown:
             raise ConfigError(f"training.candidates: unknown candidate(s) {unknown}; known: {sorted(known)}")
         _one_of("training.selection_metric", self.training.selection_metric, {"wape", "mape", "rmse"})
+        if int(self.training.folds) < 1:
+            raise ConfigError(f"training.folds must be >= 1, got {self.training.folds}")
+        if int(self.training.global_max_rows) < 1000:
+            raise ConfigError(f"training.global_max_rows must be >= 1000, got {self.training.global_max_rows}")
+        if not 0.0 < float(f.interval_level) < 1.0:
+            raise ConfigError(f"forecast.interval_level must be between 0 and 1, got {f.interval_level}")
+        chain = list(self.scoring.chain)
+        bad = [c for c in chain if c not in SCORING_SOURCES]
+        if bad or not chain or len(set(chain)) != len(chain):
+            raise ConfigError(f"scoring.chain: {chain!r} must be distinct sources out of {list(SCORING_SOURCES)}")
         if r.workers < 0 or r.mini_batch_size < 1 or r.rows_per_file < 1 or r.retries < 0:
             raise ConfigError("runner: workers >= 0, mini_batch_size >= 1, rows_per_file >= 1, retries >= 0")
-        _one_of("promotion.metric", p.metric, {"accuracy", "wape", "mape", "rmse"})
+        _one_of("promotion.metric", p.metric, {"accuracy", "mape_accuracy", "wape", "mape", "rmse"})
         _one_of("promotion.fallback", p.fallback, {"baseline", "none"})
         _one_of("store.backend", self.store.backend, {"sqlite", "odbc"})
         _one_of("store.dialect", self.store.dialect, {"sqlite", "postgresql", "mssql"})
+        if self.ingest.memory_mb < 64 or self.ingest.workers < 0:
+            raise ConfigError("ingest: memory_mb >= 64, workers >= 0")
 
 
 SEASON_BY_FREQ = {"D": 7, "B": 5, "W": 52, "M": 12, "MS": 12, "ME": 12, "Q": 4, "QS": 4, "QE": 4,
@@ -286,7 +337,7 @@ def _coerce(where: str, fld: dataclasses.Field, value: Any, current: Any) -> Any
             except TypeError as exc:
                 raise ConfigError(f"{where}[{i}]: {exc}") from exc
         return out
-    if isinstance(current, list) or fld.name in ("keys", "covariates", "candidates"):
+    if isinstance(current, list) or fld.name in ("keys", "covariates", "candidates", "chain"):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):

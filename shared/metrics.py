@@ -4,8 +4,13 @@
 * ``mape`` = mean |error| / |actual| over the rows whose actual is non-zero (a zero actual has no
   percentage error); NaN when every actual is zero.
 * ``rmse`` = root mean squared error, in target units.
-* ``accuracy`` = 1 - MAPE clipped to [0, 1] (the reference architecture's promotion metric);
-  NaN when MAPE is NaN.
+* ``accuracy`` = 1 - WAPE clipped to [0, 1]: forecast accuracy as retail means it (volume-weighted,
+  defined with zeros and small counts); the default promotion metric. NaN when WAPE is NaN.
+* ``mape_accuracy`` = 1 - MAPE clipped to [0, 1] (the reference architecture's literal rule; on
+  small counts a few near-zero actuals make it collapse, so it is opt-in).
+
+Stored records from releases where ``accuracy`` meant 1 - MAPE are read through
+:func:`metric_value`, which derives both accuracies from the stored WAPE and MAPE.
 
 Rows where the actual or the prediction is NaN are ignored. All lower-is-better except accuracy.
 """
@@ -16,8 +21,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-METRICS = ("wape", "mape", "rmse", "accuracy")
-LOWER_IS_BETTER = {"wape": True, "mape": True, "rmse": True, "accuracy": False}
+METRICS = ("wape", "mape", "rmse", "accuracy", "mape_accuracy")
+LOWER_IS_BETTER = {"wape": True, "mape": True, "rmse": True, "accuracy": False, "mape_accuracy": False}
 
 
 def evaluate(actual: Sequence[float] | np.ndarray,
@@ -39,11 +44,42 @@ def evaluate(actual: Sequence[float] | np.ndarray,
     nz = abs_a > 0
     mape = float((err[nz] / abs_a[nz]).mean()) if nz.any() else float("nan")
     rmse = float(np.sqrt(np.mean((a - p) ** 2)))
-    return {"wape": wape, "mape": mape, "rmse": rmse, "accuracy": accuracy_from_mape(mape)}
+    return {"wape": wape, "mape": mape, "rmse": rmse, "accuracy": accuracy_from_error(wape),
+            "mape_accuracy": accuracy_from_error(mape)}
+
+
+def accuracy_from_error(error: float) -> float:
+    """1 - a relative error, clipped to [0, 1]; NaN stays NaN."""
+    return float("nan") if np.isnan(error) else float(min(1.0, max(0.0, 1.0 - error)))
 
 
 def accuracy_from_mape(mape: float) -> float:
-    return float("nan") if np.isnan(mape) else float(min(1.0, max(0.0, 1.0 - mape)))
+    return accuracy_from_error(mape)
+
+
+def metric_value(metrics: dict, name: str) -> float | None:
+    """A metric of a stored record: None when absent, NaN when undefined.
+
+    The accuracies are derived from the stored error (``accuracy`` from ``wape``,
+    ``mape_accuracy`` from ``mape``) whenever it is there, so records written when ``accuracy``
+    meant 1 - MAPE compare on the same scale as new ones.
+    """
+    source = {"accuracy": "wape", "mape_accuracy": "mape"}.get(name)
+    if source is not None and source in metrics:
+        error = _as_float(metrics[source])
+        return accuracy_from_error(error)
+    if name not in metrics:
+        return None
+    return _as_float(metrics[name])
+
+
+def _as_float(value: object) -> float:
+    if value is None:
+        return float("nan")
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def evaluate_grouped(groups: Sequence | np.ndarray, actual: Sequence[float] | np.ndarray,
@@ -76,8 +112,10 @@ def evaluate_grouped(groups: Sequence | np.ndarray, actual: Sequence[float] | np
         wape = np.where(sum_abs > 0, sum_err / sum_abs, np.nan)
         mape = np.where(n_nz > 0, sum_ape / n_nz, np.nan)
         rmse = np.where(count > 0, np.sqrt(sum_sq / count), np.nan)
-    accuracy = np.where(np.isnan(mape), np.nan, np.clip(1.0 - mape, 0.0, 1.0))
-    return pd.DataFrame({"wape": wape, "mape": mape, "rmse": rmse, "accuracy": accuracy},
+    accuracy = np.where(np.isnan(wape), np.nan, np.clip(1.0 - wape, 0.0, 1.0))
+    mape_accuracy = np.where(np.isnan(mape), np.nan, np.clip(1.0 - mape, 0.0, 1.0))
+    return pd.DataFrame({"wape": wape, "mape": mape, "rmse": rmse, "accuracy": accuracy,
+                         "mape_accuracy": mape_accuracy},
                         index=pd.Index(uniques, name="group"))
 
 

@@ -21,8 +21,10 @@ import pandas as pd
 from shared.compute import JobHandle, job_id_for
 from shared.config import CONFIG_FILE_NAME, ProjectConfig, load_config
 from shared.errors import ManyModelsError
+from shared.global_model import GLOBAL_ID
 from shared.keys import PARTITION_ID
 from shared.lake import Lake, LakeError, LocalLake, read_parquet
+from shared.metrics import evaluate
 
 TRAIN_ENTRY = "shared.entry.train"
 LAKE_SOURCE_CONTAINERS = ("raw", "scoring")
@@ -371,7 +373,10 @@ def train_group(
 
     meta = _run_meta(ws, run_id)
     dataset_meta_path = f"prepared/{meta['dataset_id']}/dataset.json"
-    with _StagedRun(ws, f"runs/{run_id}", batch_paths, [dataset_meta_path]) as staged:
+    global_path = global_model_path(run_id)
+    has_global = ws.lake.exists(global_path)
+    extra = [dataset_meta_path] + ([global_path] if has_global else [])
+    with _StagedRun(ws, f"runs/{run_id}", batch_paths, extra) as staged:
         config_file = staged.write_config(ws.config)
         args = [
             "--config", str(config_file),
@@ -379,6 +384,8 @@ def train_group(
             "--output-dir", str(staged.output("models")),
             "--run-id", run_id,
         ]
+        if has_global:
+            args += ["--global-model", str(staged.input(global_path))]
         spec = ws.config.runner
         if progress is not None:
             spec = _replace(spec, progress=progress)
@@ -402,6 +409,49 @@ def train_group(
         failed_batches=[dict(f) for f in outcome.failed_batches],
         seconds=round(outcome.seconds, 3),
     )
+
+
+def global_model_path(run_id: str) -> str:
+    return f"runs/{run_id}/global/global.pkl"
+
+
+def wants_global(cfg: ProjectConfig) -> bool:
+    """The global model is fitted when it is a candidate or a source of the scoring chain."""
+    return "global" in cfg.training.candidates or "global" in cfg.scoring_chain
+
+
+def train_global(ws: Workspace, run_id: str) -> dict[str, Any]:
+    """Fit the run's global model over every partition (see :mod:`shared.global_model`).
+
+    Reads the dataset's mini-batch files one at a time, keeps a seeded sample of whole periods
+    (``training.global_max_rows``), and writes ``runs/<run>/global/global.pkl`` atomically.
+    Idempotent: a run that has its global model keeps it.
+    """
+    import pickle
+
+    from shared.features import build_features
+    from shared.global_model import fit_global
+    from shared.training import global_cuts
+
+    path = global_model_path(run_id)
+    if ws.lake.exists(path):
+        return {"run_id": run_id, "skipped": True}
+    meta = _run_meta(ws, run_id)
+    dataset = _load_dataset(ws, meta["dataset_id"])
+    cfg = ws.config
+    batches = sorted(dataset.manifest["batch"].unique())
+    total = int(dataset.manifest["n_rows"].sum()) if "n_rows" in dataset.manifest else 0
+    keep_share = min(1.0, cfg.training.global_max_rows / total) if total else 1.0
+    frames, cuts = [], []
+    for name in batches:
+        frame = read_parquet(ws.lake, f"prepared/{meta['dataset_id']}/batches/{name}")
+        ff = build_features(frame, cfg)
+        frames.append(ff)
+        cuts.append(global_cuts(ff, cfg))
+    models = fit_global(frames, cuts, run_id, cfg.training.global_max_rows, seed=int(cfg.training.seed),
+                        keep_share=keep_share)
+    ws.lake.write_bytes(path, pickle.dumps(models, protocol=pickle.HIGHEST_PROTOCOL))
+    return {"run_id": run_id, "rows": models.rows, "seconds": round(models.seconds, 3)}
 
 
 def _replace(spec, **changes):
@@ -451,7 +501,10 @@ def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
             setattr(summary, status, getattr(summary, status) + 1)
         if status == "failed":
             summary.failures.append({PARTITION_ID: row[PARTITION_ID], "reason": str(row.get("reason", ""))})
-    registered = ws.dev.register_many(to_register)
+    global_item = _global_record(ws, run_id, rows)
+    if global_item is not None:
+        to_register.append(global_item)
+    registered = [r for r in ws.dev.register_many(to_register) if r.partition_id != GLOBAL_ID]
     summary.registered = len(registered)
     version_of = {r.partition_id: r.version for r in registered}
     metrics_rows = [_metrics_row(row, run_id, manifest, keys, version_of) for row in rows]
@@ -466,6 +519,36 @@ def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
         store.close()
     summary.failures = summary.failures[:50]
     return summary
+
+
+def _global_record(ws: Workspace, run_id: str, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], bytes] | None:
+    """The run's global model as a registry entry of its own (the ``final`` fit, pooled test metrics)."""
+    import pickle
+
+    path = global_model_path(run_id)
+    if not ws.lake.exists(path):
+        return None
+    models = pickle.loads(ws.lake.read_bytes(path))
+    final = models.fits.get("final")
+    if final is None:
+        return None
+    actual, pred = [], []
+    for row in rows:
+        for point in row.get("backtest") or []:
+            if point.get("actual") is not None and point.get("global") is not None:
+                actual.append(point["actual"])
+                pred.append(point["global"])
+    metrics = evaluate(actual, pred) if actual else {}
+    metrics = {k: (None if v is None or v != v else float(v)) for k, v in metrics.items()}
+    record = {
+        PARTITION_ID: GLOBAL_ID, "keys": {}, "model_type": "global", "run_id": run_id, "fingerprint": "",
+        "metrics": {**metrics, "rows": {k: int(v) for k, v in models.rows.items()}.get("final", 0),
+                    "fit_seconds": round(models.seconds, 3)},
+        "tags": {"partition_id": GLOBAL_ID, "run_id": run_id, "model_type": "global", "status": "trained",
+                 "scope": "global"},
+        "status": "trained",
+    }
+    return record, pickle.dumps(final, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _artifact_source(ws: Workspace, lake_path: str):
@@ -491,7 +574,8 @@ def _record_for(row: dict[str, Any], run_id: str, manifest: pd.DataFrame, keys: 
         "model_type": row.get("model_name") or "baseline",
         "run_id": run_id,
         "fingerprint": fingerprint,
-        "metrics": {**(row.get("metrics") or {}), "n_observed": n_observed},
+        "metrics": {**(row.get("metrics") or {}), "n_observed": n_observed,
+                    "baseline_wape": (row.get("baseline_metrics") or {}).get("wape")},
         "tags": {
             **{k: str(v) for k, v in key_values.items()},
             "partition_id": pid,
@@ -560,7 +644,7 @@ def _backtests(ws, run_id, rows, manifest, keys, anchor) -> pd.DataFrame | None:
         frames.append(frame)
     if not frames:
         return None
-    out = pd.concat(frames, ignore_index=True)
+    out = pd.concat(frames, ignore_index=True).rename(columns={"global": "global_forecast"})
     out[ws.config.data.time] = from_periods(out[PERIOD].to_numpy(), ws.config.data.freq, anchor).to_numpy()
     out["run_id"] = run_id
     return out.drop(columns=[PERIOD])
@@ -572,6 +656,8 @@ def train(
     """Plan, train every group locally, and register: the local equivalent of the orchestrator."""
     started = time.perf_counter()
     plan = plan_training(ws, dataset_id, run_id=run_id)
+    if wants_global(ws.config):
+        train_global(ws, plan.run_id)
     groups = [train_group(ws, plan.run_id, g, i, progress=progress) for i, g in enumerate(plan.groups)]
     registered = register_run(ws, plan.run_id)
     _record_stage(ws, plan.run_id, "train", started, registered.to_dict())
@@ -649,7 +735,7 @@ def plan_scoring(
         frame = read_source(_resolve_source(ws, data), cfg)
         source_id = int(pd.util.hash_pandas_object(frame, index=False).sum() % (1 << 63))
     score_id = score_id or _digest(
-        dataset_id, source_id, cfg.forecast.horizon, ws.prod.index_version(), cfg.promotion.fallback,
+        dataset_id, source_id, cfg.forecast.horizon, ws.prod.index_version(), cfg.scoring_chain,
         ws.dev.index_version(), prefix="s",
     )
     paths = prepare_scoring(ws.lake, cfg, dataset, frame, score_id, cfg.runner.rows_per_file)

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from shared.config import PromotionRules
+from shared.global_model import GLOBAL_ID
+from shared.metrics import metric_value
 from shared.registry import ModelRecord, ModelRegistry
 
 PROMOTABLE_STATUSES = ("trained", "baseline_only")
@@ -60,7 +62,9 @@ def promote_run(dev: ModelRegistry, prod: ModelRegistry, run_id: str, rules: Pro
     """
     if dev.root == prod.root:
         raise ValueError(f"dev and prod registries share the folder {dev.root}")
-    candidates = dev.find(run_id=run_id)
+    found = dev.find(run_id=run_id)
+    global_records = [r for r in found if r.partition_id == GLOBAL_ID]
+    candidates = [r for r in found if r.partition_id != GLOBAL_ID]
     already = {r.partition_id: r for r in prod.find(run_id=run_id)}
     champions = prod.latest_many(r.partition_id for r in candidates if r.partition_id not in already)
     up = higher_is_better(rules)
@@ -97,8 +101,9 @@ def promote_run(dev: ModelRegistry, prod: ModelRegistry, run_id: str, rules: Pro
         decision.reason = passed
         to_copy.append((record, decision))
     if to_copy:
-        copies = prod.copy_many(dev, [record for record, _ in to_copy])
-        for (_, decision), copy in zip(to_copy, copies, strict=True):
+        # the run's global model goes along (idempotent): promoted bundles may forecast through it
+        copies = prod.copy_many(dev, [record for record, _ in to_copy] + global_records)
+        for (_, decision), copy in zip(to_copy, copies[:len(to_copy)], strict=True):
             decision.prod_version = copy.version
     return sorted(decisions, key=lambda d: d.partition_id)
 
@@ -133,16 +138,11 @@ def _rejection(record: ModelRecord, value: float | None, champion_value: float |
 
 
 def _metric(record: ModelRecord, name: str) -> float | None:
-    """None when the metric is absent; NaN when present but undefined (JSON null is NaN)."""
-    if name not in record.metrics:
-        return None
-    value = record.metrics[name]
-    if value is None:
-        return float("nan")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
+    """None when the metric is absent; NaN when present but undefined (JSON null is NaN).
+
+    Accuracies come from the stored errors (:func:`shared.metrics.metric_value`), so a champion
+    registered when ``accuracy`` meant 1 - MAPE is compared on today's scale."""
+    return metric_value(record.metrics, name)
 
 
 def _observed(record: ModelRecord, history: Mapping[str, int] | None) -> int | None:

@@ -65,6 +65,10 @@ def check_identifier(name: str) -> str:
     return name
 
 
+# Columns added after the first release, per table: an older store gains them on open.
+ADDED_COLUMNS = {"predictions": ("source", "lower", "upper"), "backtests": ("global_forecast",)}
+
+
 def build_schema(keys: Sequence[str], time_column: str) -> dict[str, Table]:
     """The five tables for a data spec: key and time columns appear under their own names."""
     for name in (*keys, time_column):
@@ -86,6 +90,7 @@ def build_schema(keys: Sequence[str], time_column: str) -> dict[str, Table]:
         "predictions": table("predictions", key_cols + (time,), [
             ("prediction", "real"), ("model", "text"), ("model_version", "int"), ("run_id", "text"),
             (PARTITION_ID, "text"), ("is_fallback", "int"), ("score_id", "text"), ("scored_at", "text"),
+            ("source", "text"), ("lower", "real"), ("upper", "real"),
         ], (PARTITION_ID, time_column)),
         "model_metrics": table("model_metrics", pid + key_cols, [
             ("run_id", "text"), ("model", "text"), ("model_version", "int"), ("status", "text"),
@@ -98,6 +103,7 @@ def build_schema(keys: Sequence[str], time_column: str) -> dict[str, Table]:
         ], (PARTITION_ID, "run_id")),
         "backtests": table("backtests", pid + key_cols + (time,), [
             ("actual", "real"), ("prediction", "real"), ("baseline", "real"), ("run_id", "text"),
+            ("global_forecast", "real"),
         ], (PARTITION_ID, "run_id", time_column)),
         "runs": Table("runs", (Column("run_id", "text"), Column("stage", "text"), Column("started_at", "text"),
                                 Column("finished_at", "text"), Column("seconds", "real"), Column("counts", "text")),
@@ -279,11 +285,34 @@ class ResultStore:
         for table in self.tables.values():
             cur.execute(f"SELECT * FROM {quote(table.name, self.dialect)} WHERE 1 = 0")
             found = [d[0] for d in cur.description]
+            found = self._add_new_columns(cur, table, found)
             if [c.lower() for c in found] != [c.lower() for c in table.names]:
                 raise StoreError(
                     f"{self.describe()}: table {table.name} has columns {found}, but this configuration "
                     f"expects {table.names} (the data spec changed?); use a new store or drop the table")
         cur.close()
+
+    def _add_new_columns(self, cur: Any, table: Table, found: list[str]) -> list[str]:
+        """Stores made by earlier releases lack the columns added since: add them (NULL for old rows)."""
+        names = [c.lower() for c in table.names]
+        have = [c.lower() for c in found]
+        if have == names or names[:len(have)] != have:
+            return found
+        missing = [c for c in table.columns[len(have):] if c.name in ADDED_COLUMNS.get(table.name, ())]
+        if len(missing) != len(names) - len(have):
+            return found
+        conn = self._conn
+        self._begin(conn)
+        try:
+            for col in missing:
+                sql_type = column_type(col, self.dialect, self._time_format is None, in_key=False)
+                cur.execute(f"ALTER TABLE {quote(table.name, self.dialect)} ADD {quote(col.name, self.dialect)} "
+                            f"{sql_type}")
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        return [*found, *(c.name for c in missing)]
 
     def close(self) -> None:
         if self._conn is not None:

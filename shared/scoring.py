@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from shared.config import ProjectConfig
+from shared.global_model import GLOBAL_ID
 from shared.keys import PARTITION_ID, canonical_value, partition_ids
 from shared.lake import Lake, check_path, write_parquet
 from shared.partitioning import pack_batches
@@ -35,7 +36,8 @@ from shared.validation import DataValidationError, example_rows, parse_numeric, 
 SCORING = "scoring"
 HORIZON = "_horizon"  # > 0: "the next N periods" request row; 0: an explicit row to predict
 KNOWN = "_known"  # False: the partition is not in the dataset the models were trained on
-OUTPUT_META = ("prediction", "model", "model_version", "run_id", PARTITION_ID, "is_fallback")
+OUTPUT_META = ("prediction", "lower", "upper", "model", "model_version", "run_id", PARTITION_ID, "is_fallback",
+               "source")
 STATUSES = ("scored", "fallback", "no_model", "failed")
 
 
@@ -175,67 +177,182 @@ def _fill_covariates(out: pd.DataFrame, source: pd.DataFrame, cfg: ProjectConfig
 
 
 # -- scoring ------------------------------------------------------------------------------------
+class GlobalModels:
+    """The global models bundles need, loaded once per process and kept (one per run, small).
+
+    Looked up in the registry the bundle came from first, then in the other one (a production
+    bundle's global model is copied to production with it; a development one stays in dev).
+    """
+
+    def __init__(self, prod: Any, dev: Any | None) -> None:
+        self.prod, self.dev = prod, dev
+        self._loaded: dict[str, Any] = {}
+        self._versions: dict[str, tuple[int, str]] = {}
+
+    def get(self, run_id: str) -> Any | None:
+        if run_id in self._loaded:
+            return self._loaded[run_id]
+        model = None
+        for registry in (self.prod, self.dev):
+            if registry is None:
+                continue
+            record = registry.by_run(run_id, GLOBAL_ID)
+            if record is not None:
+                model = registry.load(record)
+                self._versions[run_id] = (int(record.version), record.run_id)
+                break
+        self._loaded[run_id] = model
+        return model
+
+    def version(self, run_id: str) -> tuple[int, str] | None:
+        return self._versions.get(run_id)
+
+    def bind(self, bundle: Any) -> bool:
+        """Attach the global model a bundle needs; False when it needs one that cannot be found."""
+        run_id = getattr(bundle, "global_run_id", None)
+        if not run_id:
+            return True
+        model = self.get(run_id)
+        if model is None:
+            return False
+        bundle.bind_global(model)
+        return True
+
+
+def beats_baseline(record: Any) -> bool:
+    """Did a trained model beat its own moving-average baseline on its backtests?
+
+    Over every backtest window (the validation folds and the test window) when the record has
+    them: 36 points say more than the 12 of the test window alone, which a few promotions can
+    swing either way; older records fall back to the test window.
+    """
+    if record is None or record.status != "trained":
+        return False
+    m = record.metrics
+    for model_key, base_key in (("backtest_wape", "baseline_backtest_wape"), ("wape", "baseline_wape")):
+        mine, base = m.get(model_key), m.get(base_key)
+        if mine is None or base is None:
+            continue
+        try:
+            mine, base = float(mine), float(base)
+        except (TypeError, ValueError):
+            return False
+        if math.isnan(mine) or math.isnan(base):
+            return False
+        return mine < base
+    return False
+
+
 def score_frame(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | None,
-                fallback: str = "baseline") -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+                chain: Sequence[str] | str | None = None,
+                global_models: GlobalModels | None = None) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Score the request rows of one mini-batch; return the predictions and one status per partition.
 
-    ``prod`` and ``dev`` are model registries (``latest_many`` / ``latest`` and ``load``). Statuses:
-    ``scored`` (production model), ``fallback`` (dev model's baseline), ``no_model``, ``failed``.
+    Each partition is answered by the first source of ``chain`` (default ``cfg.scoring_chain``)
+    that can: ``production`` (its promoted model), ``unpromoted`` (its latest trained model, when
+    that beat its own baseline), ``global`` (the run's global model on its history), ``baseline``
+    (its moving average). Every row says which in ``source`` (``is_fallback`` = not production)
+    and carries the ``lower``/``upper`` bounds of that source's prediction interval. Statuses:
+    ``scored`` (production), ``fallback`` (another source), ``no_model``, ``failed``.
     """
-    if fallback not in ("baseline", "none"):
-        raise ValueError(f"fallback must be 'baseline' or 'none', got {fallback!r}")
+    if isinstance(chain, str):  # the former ``fallback`` argument: "baseline" | "none"
+        if chain not in ("baseline", "none"):
+            raise ValueError(f"fallback must be 'baseline' or 'none', got {chain!r}")
+        chain = ["production"] if chain == "none" else None
+    chain = list(chain if chain is not None else cfg.scoring_chain)
     spec = cfg.data
     columns = prediction_columns(cfg)
     if len(frame) == 0:
         return pd.DataFrame(columns=columns), []
+    models = global_models or GlobalModels(prod, dev)
     frame = frame.sort_values([PARTITION_ID, PERIOD], kind="stable").reset_index(drop=True)
     ids = frame[PARTITION_ID].to_numpy()
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
     bounds = np.r_[starts, len(ids)]
     order = [str(ids[s]) for s in starts]
-    champions = _latest_many(prod, order)
-    fallbacks = (_latest_many(dev, [p for p in order if p not in champions])
-                 if fallback == "baseline" and dev is not None else {})
+    champions = _latest_many(prod, order) if "production" in chain else {}
+    needs_dev = dev is not None and any(c != "production" for c in chain)
+    latest_dev = _latest_many(dev, order) if needs_dev else {}
     outputs: list[pd.DataFrame] = []
     statuses: list[dict[str, Any]] = []
     for pid, lo, hi in zip(order, bounds[:-1], bounds[1:]):
         rows = frame.iloc[lo:hi]
         keys = {k: str(rows[k].iloc[0]) for k in spec.keys}
         status: dict[str, Any] = {PARTITION_ID: pid, "keys": keys, "rows": 0, "model": None,
-                                  "model_version": None, "run_id": None, "is_fallback": 0, "reason": ""}
-        record, registry, is_fallback = champions.get(pid), prod, 0
-        if record is None and pid in fallbacks:
-            record, registry, is_fallback = fallbacks[pid], dev, 1
-        if record is None:
-            known = bool(rows[KNOWN].iloc[0]) if KNOWN in rows.columns else True
-            reason = _no_model_reason(fallback, dev) if known else "partition not in the training data"
-            status.update(status="no_model", reason=reason)
-            statuses.append(status)
-            continue
-        model = "baseline" if is_fallback else str(record.model_type)
-        status.update(model=model, model_version=int(record.version), run_id=record.run_id, is_fallback=is_fallback)
-        try:
-            predicted = _predict(registry.load(record), rows, cfg, use_baseline=bool(is_fallback))
-        except Exception as exc:  # one partition's failure is reported; the mini-batch goes on
-            status.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:1000])
-            statuses.append(status)
-            continue
-        out = predicted.assign(**keys, model=model, model_version=int(record.version), run_id=record.run_id,
-                               **{PARTITION_ID: pid}, is_fallback=is_fallback)
-        outputs.append(out[columns])
-        status.update(status="fallback" if is_fallback else "scored", rows=int(len(out)))
+                                  "model_version": None, "run_id": None, "is_fallback": 0, "source": None,
+                                  "reason": ""}
+        errors: list[str] = []
+        answered = False
+        for source in chain:
+            pick = _pick_source(source, champions.get(pid), latest_dev.get(pid), prod, dev)
+            if pick is None:
+                continue
+            record, registry, kind = pick
+            try:
+                bundle = registry.load(record)
+                if not models.bind(bundle) or (kind == "global" and getattr(bundle, "global_view", None) is None):
+                    continue  # no global model for this bundle: the next source answers
+                predicted = _predict(bundle, rows, cfg, kind)
+            except Exception as exc:  # one partition's failure is reported; the mini-batch goes on
+                errors.append(f"{source}: {type(exc).__name__}: {exc}"[:500])
+                continue
+            model, version, run_id = _identity(kind, record, bundle, models)
+            is_fallback = int(source != "production")
+            out = predicted.assign(**keys, model=model, model_version=version, run_id=run_id,
+                                   **{PARTITION_ID: pid}, is_fallback=is_fallback, source=source)
+            outputs.append(out[columns])
+            status.update(status="fallback" if is_fallback else "scored", rows=int(len(out)), model=model,
+                          model_version=version, run_id=run_id, is_fallback=is_fallback, source=source,
+                          reason="; ".join(errors))
+            answered = True
+            break
+        if not answered:
+            if errors:
+                status.update(status="failed", reason="; ".join(errors)[:1000])
+            else:
+                known = bool(rows[KNOWN].iloc[0]) if KNOWN in rows.columns else True
+                reason = _no_model_reason(chain, dev) if known else "partition not in the training data"
+                status.update(status="no_model", reason=reason)
         statuses.append(status)
     predictions = pd.concat(outputs, ignore_index=True) if outputs else pd.DataFrame(columns=columns)
     predictions["model_version"] = predictions["model_version"].astype("int64")
     predictions["is_fallback"] = predictions["is_fallback"].astype("int64")
-    predictions["prediction"] = predictions["prediction"].astype("float64")
+    for col in ("prediction", "lower", "upper"):
+        predictions[col] = predictions[col].astype("float64")
     return predictions, statuses
 
 
+def _pick_source(source: str, champion: Any, latest: Any, prod: Any, dev: Any) -> tuple[Any, Any, str] | None:
+    """The (record, registry, forecast kind) a source would answer with, or None."""
+    if source == "production":
+        return (champion, prod, "model") if champion is not None else None
+    if latest is None or latest.partition_id == GLOBAL_ID:
+        return None
+    if source == "unpromoted":
+        return (latest, dev, "model") if beats_baseline(latest) else None
+    if source == "global":
+        return latest, dev, "global"
+    if source == "baseline":
+        return latest, dev, "baseline"
+    raise ValueError(f"unknown scoring source {source!r}")
+
+
+def _identity(kind: str, record: Any, bundle: Any, models: GlobalModels) -> tuple[str, int, str]:
+    """The model name, version and run a prediction row names."""
+    if kind == "global":
+        found = models.version(bundle.global_run_id) if bundle.global_run_id else None
+        if found is not None:
+            return "global", found[0], found[1]
+        return "global", int(record.version), record.run_id
+    if kind == "baseline":
+        return "baseline", int(record.version), record.run_id
+    return str(record.model_type), int(record.version), record.run_id
+
+
 def score_batch(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | None,
-                fallback: str = "baseline") -> pd.DataFrame:
+                chain: Sequence[str] | str | None = None) -> pd.DataFrame:
     """The predictions of :func:`score_frame` alone (the name in docs/internals.md)."""
-    return score_frame(frame, cfg, prod, dev, fallback)[0]
+    return score_frame(frame, cfg, prod, dev, chain)[0]
 
 
 def _latest_many(registry: Any, ids: Sequence[str]) -> dict[str, Any]:
@@ -247,15 +364,15 @@ def _latest_many(registry: Any, ids: Sequence[str]) -> dict[str, Any]:
     return {pid: rec for pid, rec in found.items() if rec is not None}
 
 
-def _no_model_reason(fallback: str, dev: Any | None) -> str:
-    if fallback == "none":
-        return "no production model (promotion.fallback = none)"
+def _no_model_reason(chain: Sequence[str], dev: Any | None) -> str:
+    if list(chain) == ["production"]:
+        return "no production model (the scoring chain has no fallback)"
     if dev is None:
-        return "no production model and no development registry for the baseline fallback"
-    return "no production model and no development model for the baseline fallback"
+        return "no production model and no development registry for the fallbacks"
+    return "no production model and no development model for the fallbacks"
 
 
-def _predict(bundle: Any, rows: pd.DataFrame, cfg: ProjectConfig, use_baseline: bool) -> pd.DataFrame:
+def _predict(bundle: Any, rows: pd.DataFrame, cfg: ProjectConfig, kind: str) -> pd.DataFrame:
     """Predict a partition's request rows; returns its time column and ``prediction``.
 
     An explicit-rows request must come back with exactly the requested periods, in order.
@@ -263,22 +380,31 @@ def _predict(bundle: Any, rows: pd.DataFrame, cfg: ProjectConfig, use_baseline: 
     spec = cfg.data
     horizon = int(rows[HORIZON].iloc[0]) if HORIZON in rows.columns else 0
     if horizon > 0:
-        out = bundle.predict(horizon=horizon, use_baseline=use_baseline)
+        out = bundle.predict(horizon=horizon, source=kind)
         return pd.DataFrame({spec.time: out[spec.time].to_numpy(),
-                             "prediction": out["prediction"].to_numpy(dtype="float64")})
+                             "prediction": out["prediction"].to_numpy(dtype="float64"),
+                             "lower": _column(out, "lower"), "upper": _column(out, "upper")})
     future = rows[[spec.time, PERIOD, *spec.covariates]].reset_index(drop=True)
-    out = bundle.predict(future=future, use_baseline=use_baseline)
+    out = bundle.predict(future=future, source=kind)
     wanted = rows[PERIOD].to_numpy(dtype="int64")
     got = out[PERIOD].to_numpy(dtype="int64") if PERIOD in out.columns else None
     if got is None or len(got) != len(wanted) or not np.array_equal(np.sort(got), np.sort(wanted)):
         raise ValueError(f"the model returned {0 if got is None else len(got)} predictions for "
                          f"{len(wanted)} requested periods")
-    by_period = pd.Series(out["prediction"].to_numpy(dtype="float64"), index=got)
-    values = by_period.loc[wanted].to_numpy()
+    position = pd.Series(np.arange(len(got)), index=got).loc[wanted].to_numpy()
+    values = out["prediction"].to_numpy(dtype="float64")[position]
     if not np.isfinite(values).all():
         bad = int((~np.isfinite(values)).sum())
         raise ValueError(f"the model returned {bad} non-finite prediction(s)")
-    return pd.DataFrame({spec.time: rows[spec.time].to_numpy(), "prediction": values})
+    return pd.DataFrame({spec.time: rows[spec.time].to_numpy(), "prediction": values,
+                         "lower": _column(out, "lower")[position], "upper": _column(out, "upper")[position]})
+
+
+def _column(out: pd.DataFrame, name: str) -> np.ndarray:
+    """A bound column of a bundle's forecast (NaN from bundles of releases without intervals)."""
+    if name in out.columns:
+        return out[name].to_numpy(dtype="float64")
+    return np.full(len(out), np.nan)
 
 
 def status_line(status: dict[str, Any]) -> str:

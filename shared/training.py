@@ -40,8 +40,9 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from shared.candidates import MovingAverageBaseline, check_candidates, make_candidate
+from shared.candidates import AverageForecaster, MovingAverageBaseline, check_candidates, make_candidate
 from shared.features import FeatureFrame, FeatureSpec, build_features, series_features
+from shared.global_model import GlobalModelSet, bind_global, needs_global, partition_stats
 from shared.keys import PARTITION_ID, key_dict
 from shared.metrics import evaluate, selection_key
 from shared.timegrid import PERIOD, anchor_offset, from_periods, to_periods
@@ -119,10 +120,57 @@ class ForecastBundle:
     time_column: str
     metrics: dict[str, float] = field(default_factory=dict)
     backtest_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    # interval offsets in log1p space per source kind ("model", "baseline", "global"): (lower, upper)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    interval_level: float = 0.80
+    global_view: Any = None  # the partition's GlobalView (scale, centres) for the global fallback
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Bundles pickled by earlier releases lack the newer fields: they get the defaults."""
+        state.setdefault("intervals", {})
+        state.setdefault("interval_level", 0.80)
+        state.setdefault("global_view", None)
+        self.__dict__.update(state)
 
     @property
     def horizon(self) -> int:
         return self.spec.horizon
+
+    @property
+    def global_run_id(self) -> str | None:
+        """The run whose global model this bundle's forecasts need (None: self-contained)."""
+        found = needs_global(self.estimator)
+        if found is None and self.global_view is not None:
+            found = self.global_view.run_id
+        return found
+
+    def bind_global(self, model: Any) -> None:
+        """Attach the loaded global model (see :mod:`shared.global_model`) to this bundle."""
+        bind_global(self.estimator, model)
+        if self.global_view is not None:
+            bind_global(self.global_view, model)
+
+    def bounds(self, periods: np.ndarray, prediction: np.ndarray,
+               kind: str = "model") -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper bounds of the ``interval_level`` interval around point forecasts.
+
+        From the partition's own backtest residuals (log1p space, conformal quantiles): a kind
+        the bundle has no residuals for gets NaN bounds. Steps beyond the horizon widen with
+        the square root of the distance.
+        """
+        pred = np.asarray(prediction, dtype=np.float64)
+        lo_hi = self.intervals.get(kind)
+        if lo_hi is None:
+            nan = np.full(len(pred), np.nan)
+            return nan, nan.copy()
+        lo, hi = lo_hi
+        steps = np.asarray(periods, dtype=np.int64) - int(self.last_period)
+        widen = np.sqrt(np.maximum(steps, 1) / max(self.horizon, 1))
+        widen = np.where(steps > self.horizon, widen, 1.0)
+        base = np.log1p(np.maximum(pred, 0.0))
+        lower = np.maximum(np.expm1(base + lo * widen), 0.0)
+        upper = np.maximum(np.expm1(base + hi * widen), lower)
+        return np.minimum(lower, pred), np.maximum(upper, pred)
 
     @property
     def covariates(self) -> tuple[str, ...]:
@@ -162,7 +210,7 @@ class ForecastBundle:
         return to_periods(times.reset_index(drop=True), self.freq)
 
     def predict(self, future: pd.DataFrame | None = None, horizon: int | None = None,
-                use_baseline: bool = False) -> pd.DataFrame:
+                use_baseline: bool = False, source: str = "model") -> pd.DataFrame:
         """Forecasts as a frame ``_period``, <time column>, ``prediction`` (never negative), by period.
 
         ``future``: the rows to forecast (time column or ``_period``, and every covariate; NaN
@@ -182,12 +230,13 @@ class ForecastBundle:
                 raise ValueError(f"future rows lack covariate column(s) {missing}")
             cov = future[list(self.covariates)].to_numpy(dtype=np.float64)
             cov = cov.reshape(len(future), len(self.covariates))
-        periods, pred = self._forecast(periods, cov, use_baseline)
-        return self._frame(periods, pred)
+        kind = "baseline" if use_baseline else source
+        periods, pred = self._forecast(periods, cov, kind)
+        return self._frame(periods, pred, kind)
 
     def predict_arrays(self, periods: np.ndarray | None = None, covariates: np.ndarray | None = None,
-                       horizon: int | None = None,
-                       use_baseline: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                       horizon: int | None = None, use_baseline: bool = False,
+                       source: str = "model") -> tuple[np.ndarray, np.ndarray]:
         """:meth:`predict` on arrays, without pandas: ``(periods sorted, predictions)``.
 
         The single-request path of serving (a frame in and a frame out cost more than the model).
@@ -212,7 +261,7 @@ class ForecastBundle:
             cov = np.asarray(covariates, dtype=np.float64)
             if cov.shape != (len(periods), n_cov):
                 raise ValueError(f"covariates must have shape ({len(periods)}, {n_cov}), got {cov.shape}")
-        return self._forecast(periods, cov, use_baseline)
+        return self._forecast(periods, cov, "baseline" if use_baseline else source)
 
     def _carried_covariates(self, n: int) -> np.ndarray:
         last_cov = self.history_covariates[-1:] if len(self.history_covariates) else \
@@ -220,8 +269,14 @@ class ForecastBundle:
         return np.repeat(last_cov, n, axis=0)
 
     def _forecast(self, periods: np.ndarray, cov: np.ndarray,
-                  use_baseline: bool) -> tuple[np.ndarray, np.ndarray]:
-        """The one forecasting step behind :meth:`predict` and :meth:`predict_arrays`."""
+                  kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """The one forecasting step behind :meth:`predict` and :meth:`predict_arrays`.
+
+        ``kind``: ``model`` (the partition's chosen model), ``baseline``, or ``global`` (the
+        run's global model seen through the partition's view; it must be bound).
+        """
+        if kind not in ("model", "baseline", "global"):
+            raise ValueError(f"unknown forecast source {kind!r}")
         if len(periods) == 0:
             return periods, np.empty(0)
         if len(np.unique(periods)) != len(periods):
@@ -233,11 +288,13 @@ class ForecastBundle:
         if len(periods) > 1 and not (periods[1:] > periods[:-1]).all():
             order = np.argsort(periods, kind="stable")
             periods, cov = periods[order], cov[order]
-        if use_baseline or isinstance(self.estimator, MovingAverageBaseline):
-            model = self.baseline if use_baseline else self.estimator
-            pred = model.predict(len(periods))
+        estimator = {"model": self.estimator, "baseline": self.baseline, "global": self.global_view}[kind]
+        if estimator is None:
+            raise ValueError(f"this bundle has no {kind} forecaster")
+        if isinstance(estimator, MovingAverageBaseline):
+            pred = estimator.predict(len(periods))
         else:
-            pred = recursive_forecast(self.estimator, self.spec, self.trend_origin, self.log_covariates,
+            pred = recursive_forecast(estimator, self.spec, self.trend_origin, self.log_covariates,
                                       self.history_periods, self.history_target, self.history_covariates,
                                       self.last_period, periods, cov)
         return periods, np.maximum(np.asarray(pred, dtype=np.float64), 0.0)
@@ -246,11 +303,15 @@ class ForecastBundle:
         """The time stamps (or integer periods) of period ordinals, as :func:`from_periods` gives them."""
         return period_times(periods, self.freq, self.anchor)
 
-    def _frame(self, periods: np.ndarray, pred: np.ndarray) -> pd.DataFrame:
+    def _frame(self, periods: np.ndarray, pred: np.ndarray, kind: str = "model") -> pd.DataFrame:
+        pred = np.maximum(np.asarray(pred, dtype=np.float64), 0.0)
+        lower, upper = self.bounds(periods, pred, kind)
         return pd.DataFrame({
             PERIOD: periods,
             self.time_column: self.period_times(periods),
-            "prediction": np.maximum(np.asarray(pred, dtype=np.float64), 0.0),
+            "prediction": pred,
+            "lower": lower,
+            "upper": upper,
         })
 
 
@@ -287,6 +348,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     baseline_metrics: dict[str, float] = field(default_factory=dict)
     candidate_scores: dict[str, float] = field(default_factory=dict)
+    global_metrics: dict[str, float] = field(default_factory=dict)  # the global model on the test window
     n_observed: int = 0
     fit_seconds: float = 0.0
     bundle: ForecastBundle | None = None
@@ -302,6 +364,7 @@ class TrainResult:
             "metrics": _json_floats(self.metrics),
             "baseline_metrics": _json_floats(self.baseline_metrics),
             "candidate_scores": _json_floats(self.candidate_scores),
+            "global_metrics": _json_floats(self.global_metrics),
             "n_observed": int(self.n_observed),
             "fit_seconds": round(float(self.fit_seconds), 6),
             "timings": {k: round(float(v), 6) for k, v in self.timings.items()},
@@ -318,7 +381,7 @@ class TrainResult:
         if not len(periods):
             return []
         values = {c: [None if np.isnan(v) else float(v) for v in np.asarray(b.get(c), dtype=float)]
-                  for c in ("actual", "prediction", "baseline")}
+                  for c in ("actual", "prediction", "baseline", "global") if c in b}
         return [{PERIOD: int(p), **{c: values[c][i] for c in values}} for i, p in enumerate(periods)]
 
 
@@ -355,11 +418,61 @@ class _Batch:
     cov: np.ndarray
     keys: list[dict[str, str]]
     anchor: str | None
+    global_models: GlobalModelSet | None = None
 
 
-def train_batch(frame: pd.DataFrame, cfg: Any,
-                dataset_meta: Mapping[str, Any] | None = None) -> list[TrainResult]:
-    """Train every partition of one validated mini-batch frame; one :class:`TrainResult` each."""
+@dataclass
+class Windows:
+    """Where a partition's evaluation windows start (row indices into its rows, and periods).
+
+    ``folds``: the rolling-origin validation windows, latest first, as (lo, hi, origin);
+    ``validation_start``: the earliest fold's first period (what the global model's
+    ``validation`` fit and every partition statistic stop before); ``short``: too little
+    history before the folds for the ML candidates (baseline only).
+    """
+
+    test_start: int
+    i_test: int
+    folds: list[tuple[int, int, int]]
+    validation_start: int
+    short: bool
+
+
+def partition_windows(periods: np.ndarray, filled: np.ndarray, cfg: Any) -> Windows:
+    """The test window and the rolling-origin validation folds of one partition (see module doc)."""
+    f, t = cfg.forecast, cfg.training
+    last = int(periods[-1])
+    test_start = last - int(f.test_periods) + 1
+    i_test = int(np.searchsorted(periods, test_start))
+    val = int(f.validation_periods)
+    n_folds = max(1, int(t.folds))
+    step = max(1, val // n_folds)
+    folds = []
+    for k in range(n_folds):
+        end = test_start - 1 - k * step
+        start = end - val + 1
+        lo, hi = (int(i) for i in np.searchsorted(periods, [start, end + 1]))
+        folds.append((lo, hi, start - 1))
+    validation_start = test_start - val - (n_folds - 1) * step
+    i_first = int(np.searchsorted(periods, validation_start))
+    short = int((~filled[:i_first]).sum()) < int(f.min_train_periods)
+    if short:  # one window spared from a short series for the baseline's test score
+        span = int(periods[-1] - periods[0] + 1)
+        window = min(int(f.test_periods), max(1, span // 2))
+        test_start = last - window + 1
+        i_test = int(np.searchsorted(periods, test_start))
+        validation_start = test_start
+        folds = []
+    return Windows(test_start, i_test, folds, validation_start, short)
+
+
+def train_batch(frame: pd.DataFrame, cfg: Any, dataset_meta: Mapping[str, Any] | None = None,
+                global_models: GlobalModelSet | None = None) -> list[TrainResult]:
+    """Train every partition of one validated mini-batch frame; one :class:`TrainResult` each.
+
+    ``global_models``: the run's global model fits (:func:`shared.global_model.fit_global`);
+    without them the ``global`` candidate and the global fallback's metrics are left out.
+    """
     meta = dict(dataset_meta or {})
     check_candidates(cfg)
     if cfg.training.selection_metric not in ("wape", "mape", "rmse"):
@@ -375,7 +488,7 @@ def train_batch(frame: pd.DataFrame, cfg: Any,
     firsts = frame[key_cols].iloc[ff.bounds[:-1]].itertuples(index=False, name=None) if len(frame) else []
     keys = [key_dict(key_cols, values) for values in firsts]
     anchor = meta["anchor"] if "anchor" in meta else _anchor(frame, cfg)
-    batch = _Batch(cfg=cfg, ff=ff, cov=cov, keys=keys, anchor=anchor)
+    batch = _Batch(cfg=cfg, ff=ff, cov=cov, keys=keys, anchor=anchor, global_models=global_models)
     shared_seconds = perf_counter() - began  # features and set-up, shared out by rows
     n_rows = max(len(frame), 1)
     results = []
@@ -383,6 +496,17 @@ def train_batch(frame: pd.DataFrame, cfg: Any,
         share = shared_seconds * (ff.bounds[g + 1] - ff.bounds[g]) / n_rows
         results.append(_train_one(batch, g, share))
     return results
+
+
+def global_cuts(ff: FeatureFrame, cfg: Any) -> dict[str, np.ndarray]:
+    """Per partition of a feature frame: the first period of its validation and test windows."""
+    val = np.empty(ff.n_partitions, dtype=np.int64)
+    test = np.empty(ff.n_partitions, dtype=np.int64)
+    for g in range(ff.n_partitions):
+        rows = ff.rows(g)
+        w = partition_windows(ff.periods[rows], ff.filled[rows], cfg)
+        val[g], test[g] = w.validation_start, w.test_start
+    return {"validation": val, "test": test}
 
 
 def _is_sorted(frame: pd.DataFrame) -> bool:
@@ -414,12 +538,44 @@ def _train_one(batch: _Batch, g: int, feature_seconds: float) -> TrainResult:
         result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
         result.model_name, result.bundle = None, None
         result.metrics, result.baseline_metrics, result.candidate_scores = {}, {}, {}
+        result.global_metrics = {}
         logger.warning("partition %s failed: %s", result.partition_id, result.reason, exc_info=True)
     own = perf_counter() - began
     result.fit_seconds = own + feature_seconds
     result.timings = {"features": feature_seconds, "estimators": clock.seconds,
                       "overhead": own - clock.seconds}
     return result
+
+
+class _Residuals:
+    """Backtest residuals in log1p space per source kind, for the prediction intervals."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[np.ndarray]] = {}
+
+    def add(self, kind: str, actual: np.ndarray, pred: np.ndarray, filled: np.ndarray) -> None:
+        keep = ~filled & ~np.isnan(actual) & ~np.isnan(pred)
+        if keep.any():
+            r = np.log1p(np.maximum(actual[keep], 0.0)) - np.log1p(np.maximum(pred[keep], 0.0))
+            self.values.setdefault(kind, []).append(r)
+
+    def intervals(self, level: float) -> dict[str, tuple[float, float]]:
+        return {kind: conformal_offsets(np.concatenate(parts), level)
+                for kind, parts in self.values.items() if parts}
+
+
+def conformal_offsets(residuals: np.ndarray, level: float) -> tuple[float, float]:
+    """Lower and upper residual quantiles for a central ``level`` interval (split-conformal ranks:
+    the ceil((n+1)(1-a/2))-th smallest, which widens honestly when there are few residuals)."""
+    r = np.sort(np.asarray(residuals, dtype=np.float64))
+    n = len(r)
+    alpha = 1.0 - float(level)
+    k_hi = int(math.ceil((n + 1) * (1.0 - alpha / 2.0)))
+    k_lo = int(math.floor((n + 1) * (alpha / 2.0)))
+    spread = float(r[-1] - r[0]) if n > 1 else 1.0
+    hi = float(r[k_hi - 1]) if k_hi <= n else float(r[-1]) + 0.5 * spread / max(n, 1) ** 0.5
+    lo = float(r[k_lo - 1]) if k_lo >= 1 else float(r[0]) - 0.5 * spread / max(n, 1) ** 0.5
+    return min(lo, 0.0), max(hi, 0.0)
 
 
 def _fit_partition(batch: _Batch, g: int, result: TrainResult, clock: _Clock) -> None:
@@ -433,59 +589,140 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult, clock: _Clock) ->
         result.reason = (f"{result.n_observed} observed periods, fewer than "
                          f"forecast.min_periods={f.min_periods}")
         return
-    last = int(periods[-1])
-    test_start = last - int(f.test_periods) + 1
-    val_start = test_start - int(f.validation_periods)
-    i_test, i_val = (int(i) for i in np.searchsorted(periods, [test_start, val_start]))
-    n_train_obs = int((~filled[:i_val]).sum())
-    if n_train_obs < int(f.min_train_periods):
-        reason = (f"{n_train_obs} observed periods before the validation window, fewer than "
-                  f"forecast.min_train_periods={f.min_train_periods}: baseline only")
-        _baseline_only(batch, g, result, clock, y_obs, reason)
+    win = partition_windows(periods, filled, cfg)
+    residuals = _Residuals()
+    gm = batch.global_models
+    stats = partition_stats(ff, g, win.validation_start) if gm is not None else None
+
+    def global_view(fit: str) -> Any:
+        if gm is None or fit not in gm.fits:
+            return None
+        return gm.view(fit, stats[0], stats[1])
+
+    i_test = win.i_test
+    test_y, test_filled = y[i_test:], filled[i_test:]
+    # the global model's honest test-window forecast: for its metrics and its interval
+    g_test = global_view("test")
+    g_pred = None
+    if g_test is not None and i_test < len(y):
+        g_pred = _window_forecast(batch, g, g_test, clock, i_test, len(y), win.test_start - 1)
+        result.global_metrics = _score(test_y, g_pred, test_filled)
+        residuals.add("global", test_y, g_pred, test_filled)
+    for lo, hi, origin in win.folds:
+        if gm is not None and "validation" in gm.fits and hi > lo:
+            pred = _window_forecast(batch, g, global_view("validation"), clock, lo, hi, origin)
+            residuals.add("global", y[lo:hi], pred, filled[lo:hi])
+
+    if win.short:
+        reason = (f"{int((~filled[:i_test]).sum())} observed periods before the evaluation windows, fewer "
+                  f"than forecast.min_train_periods={f.min_train_periods}: baseline only")
+        _baseline_only(batch, g, result, clock, y_obs, reason, win, residuals, g_pred)
         return
 
     metric = cfg.training.selection_metric
-    names = list(cfg.training.candidates)
-    scores: dict[str, float] = {}
+    names = [n for n in cfg.training.candidates if n != "global" or gm is not None and "validation" in gm.fits]
+    fold_actual = np.concatenate([y[lo:hi] for lo, hi, _ in win.folds])
+    fold_filled = np.concatenate([filled[lo:hi] for lo, hi, _ in win.folds])
+    fold_preds: dict[str, np.ndarray] = {}
     for name in names:
-        est = make_candidate(name, cfg, ff.spec)
-        clock.fit(est, X[:i_val], y_obs[:i_val])
-        pred = _window_forecast(batch, g, est, clock, i_val, i_test, val_start - 1)
-        scores[name] = _score(y[i_val:i_test], pred, filled[i_val:i_test])[metric]
-    best = min(names, key=lambda n: (selection_key(scores[n], metric), names.index(n)))
+        parts = []
+        for lo, hi, origin in win.folds:
+            if name == "global":
+                est = global_view("validation")
+            else:
+                est = clock.fit(make_candidate(name, cfg, ff.spec), X[:lo], y_obs[:lo])
+            parts.append(_window_forecast(batch, g, est, clock, lo, hi, origin))
+        fold_preds[name] = np.concatenate(parts) if parts else np.empty(0)
+    scores = {n: _score(fold_actual, fold_preds[n], fold_filled)[metric] for n in names}
+    ranked = sorted(names, key=lambda n: (selection_key(scores[n], metric), names.index(n)))
+    best = ranked[0]
+    members: tuple[str, ...] = (best,)
+    if cfg.training.ensemble and len(ranked) >= 2 and np.isfinite(selection_key(scores[ranked[1]], metric)):
+        pair = (ranked[0], ranked[1])
+        mean = (fold_preds[pair[0]] + fold_preds[pair[1]]) / 2.0
+        scores["ensemble"] = _score(fold_actual, mean, fold_filled)[metric]
+        if selection_key(scores["ensemble"], metric) < selection_key(scores[best], metric):
+            best, members = "ensemble", pair
+            fold_preds["ensemble"] = mean
+    base_folds = fold_preds.get("baseline")
+    if base_folds is None:
+        base_folds = np.concatenate([_window_forecast(batch, g, MovingAverageBaseline().fit(None, y_obs[:lo]), clock,
+                                                      lo, hi, origin) for lo, hi, origin in win.folds])
+    residuals.add("model", fold_actual, fold_preds[best], fold_filled)
+    residuals.add("baseline", fold_actual, base_folds, fold_filled)
 
-    model = clock.fit(make_candidate(best, cfg, ff.spec), X[:i_test], y_obs[:i_test])
+    model = _fit_members(batch, members, X[:i_test], y_obs[:i_test], clock, global_view("test"))
     base = clock.fit(MovingAverageBaseline(), None, y_obs[:i_test])
-    pred = _window_forecast(batch, g, model, clock, i_test, len(y), test_start - 1)
+    pred = _window_forecast(batch, g, model, clock, i_test, len(y), win.test_start - 1)
     base_pred = clock.predict(base, len(y) - i_test)
-    result.metrics = _score(y[i_test:], pred, filled[i_test:])
-    result.baseline_metrics = _score(y[i_test:], base_pred, filled[i_test:])
+    result.metrics = _score(test_y, pred, test_filled)
+    result.baseline_metrics = _score(test_y, base_pred, test_filled)
     result.candidate_scores = scores
+    residuals.add("model", test_y, pred, test_filled)
+    residuals.add("baseline", test_y, base_pred, test_filled)
+    # every backtest window at once (folds and test): the steadier evidence the scoring chain's
+    # "unpromoted" step reads (does the model beat its own baseline?)
+    all_actual = np.concatenate((fold_actual, test_y))
+    all_filled = np.concatenate((fold_filled, test_filled))
+    result.metrics["backtest_wape"] = _score(all_actual, np.concatenate((fold_preds[best], pred)), all_filled)["wape"]
+    result.metrics["baseline_backtest_wape"] = _score(all_actual, np.concatenate((base_folds, base_pred)),
+                                                      all_filled)["wape"]
 
-    final = clock.fit(make_candidate(best, cfg, ff.spec), X, y_obs)
+    final = _fit_members(batch, members, X, y_obs, clock, global_view("final"))
     final_base = clock.fit(MovingAverageBaseline(), None, y_obs)
     result.status, result.model_name = "trained", best
     result.bundle = _bundle(batch, g, best, final, final_base, result.metrics,
-                            periods[i_test:], y[i_test:], pred, base_pred)
+                            periods[i_test:], y[i_test:], pred, base_pred, g_pred)
+    _finish_bundle(result.bundle, residuals, cfg, global_view("final"))
+
+
+def _fit_members(batch: _Batch, members: tuple[str, ...], X: np.ndarray, y_obs: np.ndarray, clock: _Clock,
+                 view: Any) -> Any:
+    """The chosen candidate (or the ensemble of two) fitted on the given rows."""
+    fitted = []
+    for name in members:
+        if name == "global":
+            fitted.append(view)
+        else:
+            fitted.append(clock.fit(make_candidate(name, batch.cfg, batch.ff.spec), X, y_obs))
+    if len(fitted) == 1:
+        return fitted[0]
+    ensemble = AverageForecaster(members=tuple(fitted), names=tuple(members))
+    ensemble.members_ = tuple(fitted)
+    return ensemble
+
+
+def _finish_bundle(bundle: "ForecastBundle", residuals: _Residuals, cfg: Any, view: Any) -> None:
+    level = float(cfg.forecast.interval_level)
+    bundle.interval_level = level
+    bundle.intervals = residuals.intervals(level)
+    if view is not None:
+        bundle.global_view = view  # pickles without the model itself (see GlobalView)
 
 
 def _baseline_only(batch: _Batch, g: int, result: TrainResult, clock: _Clock, y_obs: np.ndarray,
-                   reason: str) -> None:
+                   reason: str, win: "Windows", residuals: "_Residuals", g_pred: np.ndarray | None) -> None:
     """Too short for the ML candidates: score the baseline on the last periods it can spare."""
-    ff, f = batch.ff, batch.cfg.forecast
+    ff = batch.ff
     rows = ff.rows(g)
     periods, y, filled = ff.periods[rows], ff.y[rows], ff.filled[rows]
-    span = int(periods[-1] - periods[0] + 1)
-    window = min(int(f.test_periods), max(1, span // 2))
-    i_test = int(np.searchsorted(periods, int(periods[-1]) - window + 1))
+    i_test = win.i_test
     base = clock.fit(MovingAverageBaseline(), None, y_obs[:i_test])
     pred = clock.predict(base, len(y) - i_test)
     result.metrics = _score(y[i_test:], pred, filled[i_test:])
     result.baseline_metrics = dict(result.metrics)
+    residuals.add("baseline", y[i_test:], pred, filled[i_test:])
+    residuals.add("model", y[i_test:], pred, filled[i_test:])
     final = clock.fit(MovingAverageBaseline(), None, y_obs)
     result.status, result.reason, result.model_name = "baseline_only", reason, "baseline"
     result.bundle = _bundle(batch, g, "baseline", final, final, result.metrics,
-                            periods[i_test:], y[i_test:], pred, pred)
+                            periods[i_test:], y[i_test:], pred, pred, g_pred)
+    gm = batch.global_models
+    view = None
+    if gm is not None and "final" in gm.fits:
+        scale, centres = partition_stats(ff, g, win.validation_start)
+        view = gm.view("final", scale, centres)
+    _finish_bundle(result.bundle, residuals, batch.cfg, view)
 
 
 def _window_forecast(batch: _Batch, g: int, est: Any, clock: _Clock, lo: int, hi: int,
@@ -518,12 +755,18 @@ def _score(actual: np.ndarray, pred: np.ndarray, filled: np.ndarray) -> dict[str
 
 def _bundle(batch: _Batch, g: int, name: str, estimator: Any, baseline: MovingAverageBaseline,
             metrics: dict[str, float], bt_periods: np.ndarray, bt_actual: np.ndarray, bt_pred: np.ndarray,
-            bt_base: np.ndarray) -> ForecastBundle:
+            bt_base: np.ndarray, bt_global: np.ndarray | None = None) -> ForecastBundle:
     ff, cfg = batch.ff, batch.cfg
     rows = ff.rows(g)
     periods = ff.periods[rows]
     last = int(periods[-1])
     tail = slice(int(np.searchsorted(periods, last - ff.spec.lookback + 1)), len(periods))
+    backtest = {PERIOD: np.asarray(bt_periods, dtype=np.int64).copy(),
+                "actual": np.asarray(bt_actual, dtype=np.float64).copy(),
+                "prediction": np.asarray(bt_pred, dtype=np.float64).copy(),
+                "baseline": np.asarray(bt_base, dtype=np.float64).copy()}
+    if bt_global is not None and len(bt_global) == len(bt_periods):
+        backtest["global"] = np.asarray(bt_global, dtype=np.float64).copy()
     return ForecastBundle(
         partition_id=str(ff.partition_ids[g]), keys=batch.keys[g], model_name=name, estimator=estimator,
         baseline=baseline, spec=ff.spec, trend_origin=int(ff.trend_origin[g]),
@@ -531,10 +774,7 @@ def _bundle(batch: _Batch, g: int, name: str, estimator: Any, baseline: MovingAv
         history_periods=periods[tail].copy(), history_target=ff.y[rows][tail].copy(),
         history_covariates=batch.cov[rows][tail].copy(), last_period=last, freq=cfg.data.freq,
         anchor=batch.anchor, time_column=cfg.data.time, metrics=dict(metrics),
-        backtest_arrays={PERIOD: np.asarray(bt_periods, dtype=np.int64).copy(),
-                         "actual": np.asarray(bt_actual, dtype=np.float64).copy(),
-                         "prediction": np.asarray(bt_pred, dtype=np.float64).copy(),
-                         "baseline": np.asarray(bt_base, dtype=np.float64).copy()},
+        backtest_arrays=backtest,
     )
 
 

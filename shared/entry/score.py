@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from shared.config import ProjectConfig
 from shared.lake import atomic_write
 from shared.entry.train import read_config
-from shared.scoring import score_frame, status_line
+from shared.scoring import GlobalModels, score_frame, status_line
 
 STATUS_SUFFIX = ".status.jsonl"
 
@@ -46,6 +46,7 @@ class _State:
     dev: Any
     output_dir: Path
     score_id: str
+    global_models: Any = None  # loaded once per worker, on first use
 
 
 # The Azure ML contract passes nothing from init() to run() but module state: this one holder,
@@ -72,13 +73,16 @@ def init() -> None:
     args = parse_args()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    prod = ModelRegistry(Path(args.prod_registry), "prod")
+    dev = ModelRegistry(Path(args.dev_registry), "dev") if args.dev_registry else None
     _state = _State(
         cfg=read_config(Path(args.config)),
         dataset_meta=json.loads(Path(args.dataset_meta).read_text(encoding="utf-8")),
-        prod=ModelRegistry(Path(args.prod_registry), "prod"),
-        dev=ModelRegistry(Path(args.dev_registry), "dev") if args.dev_registry else None,
+        prod=prod,
+        dev=dev,
         output_dir=output_dir,
         score_id=args.score_id,
+        global_models=GlobalModels(prod, dev),
     )
 
 
@@ -99,7 +103,8 @@ def score_file(path: Path, state: _State) -> list[str]:
     if out.is_file() and sidecar.is_file():
         return [line for line in sidecar.read_text(encoding="utf-8").splitlines() if line.strip()]
     frame = pq.read_table(path).to_pandas()
-    predictions, statuses = score_frame(frame, state.cfg, state.prod, state.dev, state.cfg.promotion.fallback)
+    predictions, statuses = score_frame(frame, state.cfg, state.prod, state.dev, state.cfg.scoring_chain,
+                                        state.global_models)
     predictions = predictions.assign(score_id=state.score_id)
     table = pa.Table.from_pandas(predictions, preserve_index=False)
     atomic_write(out, lambda fh: pq.write_table(table, fh, compression="zstd"))

@@ -5,7 +5,8 @@ Contract (Azure ML parallel job): ``init()`` once per worker, parsing the script
 returning one JSON line per partition.
 
 Arguments: ``--config`` (the project config, TOML or JSON), ``--dataset-meta`` (the prepared
-dataset's ``dataset.json``), ``--output-dir`` (where model artifacts go), ``--run-id``.
+dataset's ``dataset.json``), ``--output-dir`` (where model artifacts go), ``--run-id``, and
+optionally ``--global-model`` (the run's global model fits: a candidate for every partition).
 
 Per partition the script writes ``<output-dir>/<partition_id>.pkl`` (the ForecastBundle) and
 then the sidecar ``<partition_id>.json`` (the result row), each atomically. A sidecar therefore
@@ -51,6 +52,7 @@ class _State:
     output_dir: Path
     run_id: str
     chunk_partitions: int = CHUNK_PARTITIONS
+    global_models: Any = None  # the run's GlobalModelSet, loaded once per worker
 
 
 # The Azure ML contract passes nothing from init() to run() but module state: this one holder,
@@ -64,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset-meta", required=True, help="the prepared dataset's dataset.json")
     parser.add_argument("--output-dir", required=True, help="folder for model artifacts and sidecars")
     parser.add_argument("--run-id", required=True)
+    parser.add_argument("--global-model", default=None,
+                        help="the run's global model fits (runs/<run>/global/global.pkl), if any")
     parser.add_argument("--chunk-partitions", type=int, default=CHUNK_PARTITIONS,
                         help="partitions trained together before their artifacts are written")
     args, _unknown = parser.parse_known_args(argv)  # Azure ML adds its own arguments
@@ -89,7 +93,16 @@ def init() -> None:
         output_dir=output_dir,
         run_id=args.run_id,
         chunk_partitions=max(1, args.chunk_partitions),
+        global_models=_load_global(args.global_model),
     )
+
+
+def _load_global(path: str | None) -> Any:
+    """The run's global model fits, written by the pipeline's own global stage (trusted run folder)."""
+    if not path:
+        return None
+    with open(path, "rb") as fh:
+        return pickle.load(fh)
 
 
 def run(mini_batch: list[str]) -> list[str]:
@@ -117,7 +130,7 @@ def train_file(path: Path, state: _State) -> list[str]:
         for start in range(0, len(todo), state.chunk_partitions):
             chunk = [code_of[pid] for pid in todo[start:start + state.chunk_partitions]]
             part = frame[np.isin(codes, chunk)].reset_index(drop=True)
-            for result in train_batch(part, state.cfg, state.dataset_meta):
+            for result in train_batch(part, state.cfg, state.dataset_meta, state.global_models):
                 rows[result.partition_id] = _finish(result, state)
     missing = [pid for pid in order if pid not in rows]
     if missing:

@@ -1,0 +1,265 @@
+"""One gradient-boosted model over every partition: a candidate for each, and a fallback for all.
+
+Why: a partition with 40 weeks of history, or whose own models cannot beat its moving average,
+still shares patterns with the other 9,999 (price response, promotion lifts, seasonality).
+Trained once per run on scale-normalised targets, one model carries them to every partition.
+
+How it sees a partition: the features of :mod:`shared.features` (lags, rolling means, Fourier
+terms, covariates), with the target-derived columns divided by the partition's *scale* (its mean
+observed target up to the fit's cut-off), each non-flag covariate also given relative to the
+partition's own mean, and ``log(scale)`` as a partition statistic. The trend column is dropped
+(a trend is a partition's own affair). It predicts ``target / scale`` (Poisson loss: counts
+and sales are non-negative and skewed); a :class:`GlobalView` multiplies back.
+
+Three fits per run, each on rows before a cut-off that every partition sets for itself
+(:class:`GlobalModelSet`): ``validation`` (before the earliest validation window: its forecasts
+compete with the partition's own candidates), ``test`` (before the test window: its test-window
+metrics are honest), ``final`` (all rows: what scoring uses). Memory is bounded by
+``training.global_max_rows``: above it, whole periods are sampled at random (the same for every
+partition, seeded), so the model still sees every partition.
+
+Stored once per run (its own registry entry, ``GLOBAL_ID``); partition bundles keep only a
+:class:`GlobalView` (scale and covariate centres, no copy of the model), bound to the loaded
+model by whoever loads the bundle (:func:`bind_global`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.ensemble import HistGradientBoostingRegressor
+
+from shared.errors import ManyModelsError
+from shared.features import FeatureFrame, FeatureSpec
+
+GLOBAL_ID = "_global"  # the registry's partition id of a run's global model
+FITS = ("validation", "test", "final")
+
+
+class GlobalModelError(ManyModelsError, RuntimeError):
+    """A bundle needs the global model and none was bound to it."""
+
+
+def partition_scale(y: np.ndarray, observed: np.ndarray) -> float:
+    """The mean observed target (1 when it is 0 or missing): what the global model divides by."""
+    values = y[observed & ~np.isnan(y)]
+    scale = float(values.mean()) if values.size else 0.0
+    return scale if scale > 1e-9 else 1.0
+
+
+def covariate_centres(X: np.ndarray, spec: FeatureSpec, rows: np.ndarray) -> np.ndarray:
+    """Per covariate column: the mean over the given rows (NaN-safe, 0 when none)."""
+    cols = spec.columns("cov_")
+    if not len(cols):
+        return np.empty(0)
+    block = X[rows][:, cols]
+    present = ~np.isnan(block)
+    count = present.sum(axis=0)
+    total = np.where(present, block, 0.0).sum(axis=0)
+    return np.where(count > 0, total / np.maximum(count, 1), 0.0)
+
+
+def partition_stats(ff: FeatureFrame, g: int, validation_start: int) -> tuple[float, np.ndarray]:
+    """A partition's scale and covariate centres from its rows before ``validation_start``
+    (all its rows when none is that early): one definition for fitting and for every view."""
+    rows = ff.rows(g)
+    periods, y, filled = ff.periods[rows], ff.y[rows], ff.filled[rows]
+    before = periods < validation_start
+    if not (before & ~filled).any():
+        before = np.ones(len(periods), dtype=bool)
+    X = ff.X[rows]
+    return partition_scale(y, before & ~filled), covariate_centres(X, ff.spec, np.flatnonzero(before))
+
+
+def global_design(X: np.ndarray, spec: FeatureSpec, scale: float | np.ndarray,
+                  centres: np.ndarray) -> np.ndarray:
+    """The global model's inputs from the partition features (see the module docstring)."""
+    X = np.asarray(X, dtype=np.float64)
+    scale_col = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1, 1)
+                                if np.ndim(scale) else np.float64(scale), (len(X), 1))
+    level = np.concatenate((spec.columns("lag_"), spec.columns("roll_")))
+    keep = np.concatenate((spec.columns("sin_"), spec.columns("cos_"), spec.columns("cov_")))
+    cov = spec.columns("cov_")
+    centres_b = np.asarray(centres, dtype=np.float64)
+    if centres_b.ndim == 1:
+        centres_b = centres_b.reshape(1, -1)
+    parts = [X[:, level] / scale_col, X[:, keep]]
+    if len(cov):
+        parts.append(X[:, cov] - centres_b)
+    parts.append(np.log(scale_col))
+    return np.concatenate(parts, axis=1)
+
+
+class GlobalForecaster(BaseEstimator, RegressorMixin):
+    """Histogram gradient boosting of ``target / scale`` on :func:`global_design` inputs."""
+
+    def __init__(self, spec: FeatureSpec, max_iter: int = 300, learning_rate: float = 0.06,
+                 max_leaf_nodes: int = 31, min_samples_leaf: int = 50, l2_regularization: float = 1.0,
+                 random_state: int | None = 0):
+        self.spec = spec
+        self.max_iter = max_iter
+        self.learning_rate = learning_rate
+        self.max_leaf_nodes = max_leaf_nodes
+        self.min_samples_leaf = min_samples_leaf
+        self.l2_regularization = l2_regularization
+        self.random_state = random_state
+
+    def fit(self, Z: np.ndarray, y_scaled: np.ndarray) -> "GlobalForecaster":
+        keep = ~np.isnan(y_scaled)
+        if not keep.any():
+            raise ValueError("the global model has no rows with an observed target")
+        Z, y_scaled = Z[keep], np.maximum(y_scaled[keep], 0.0)
+        self.columns_ = np.flatnonzero(~np.isnan(Z).all(axis=0))  # the binner refuses all-NaN columns
+        Z = Z[:, self.columns_]
+        self.model_ = HistGradientBoostingRegressor(
+            loss="poisson", max_iter=self.max_iter, learning_rate=self.learning_rate,
+            max_leaf_nodes=self.max_leaf_nodes, min_samples_leaf=self.min_samples_leaf,
+            l2_regularization=self.l2_regularization, max_bins=127, early_stopping=len(Z) > 20_000,
+            validation_fraction=0.1, n_iter_no_change=15, random_state=self.random_state,
+        ).fit(Z, y_scaled)
+        self.n_rows_ = int(len(Z))
+        return self
+
+    def predict_scaled(self, Z: np.ndarray) -> np.ndarray:
+        Z = np.asarray(Z, dtype=np.float64)[:, self.columns_]
+        return np.maximum(np.asarray(self.model_.predict(Z), dtype=np.float64), 0.0)
+
+
+@dataclass
+class GlobalModelSet:
+    """The three fits of one run (see the module docstring) and how they were made."""
+
+    run_id: str
+    spec: FeatureSpec
+    fits: dict[str, GlobalForecaster] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def view(self, fit: str, scale: float, centres: np.ndarray) -> "GlobalView":
+        view = GlobalView(run_id=self.run_id, scale=scale, centres=np.asarray(centres, dtype=np.float64))
+        view.model_ = self.fits[fit]
+        return view
+
+
+class GlobalView(BaseEstimator, RegressorMixin):
+    """A partition's window onto the global model: ``predict(X)`` in the partition's units.
+
+    Pickles without the model (``model_`` is dropped): a bundle stays small, and the loader
+    binds the run's global model back with :func:`bind_global`.
+    """
+
+    def __init__(self, run_id: str = "", scale: float = 1.0, centres: np.ndarray | None = None):
+        self.run_id = run_id
+        self.scale = scale
+        self.centres = centres
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("model_", None)
+        return state
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "GlobalView":
+        return self  # the global model is fitted once per run, not per partition
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        model = getattr(self, "model_", None)
+        if model is None:
+            raise GlobalModelError(f"this forecast needs the global model of run {self.run_id}, "
+                                   f"which is not loaded")
+        centres = self.centres if self.centres is not None else np.empty(0)
+        Z = global_design(X, model.spec, self.scale, centres)
+        return model.predict_scaled(Z) * float(self.scale)
+
+
+def views_in(estimator: Any) -> list[GlobalView]:
+    """Every :class:`GlobalView` inside an estimator (itself, or an ensemble's members)."""
+    if isinstance(estimator, GlobalView):
+        return [estimator]
+    found: list[GlobalView] = []
+    for member in getattr(estimator, "members_", ()) or getattr(estimator, "members", ()) or ():
+        found += views_in(member)
+    return found
+
+
+def needs_global(estimator: Any) -> str | None:
+    """The run id of the global model an estimator needs, or None."""
+    views = views_in(estimator)
+    return views[0].run_id if views else None
+
+
+def bind_global(estimator: Any, model: GlobalForecaster) -> None:
+    """Attach a loaded global model to every view inside an estimator."""
+    for view in views_in(estimator):
+        view.model_ = model
+
+
+def _period_sample(periods: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """Rows whose period is in a seeded random share of periods (the same periods for every
+    partition and every batch, so the sample is whole cross-sections)."""
+    if share >= 1.0:
+        return np.ones(len(periods), dtype=bool)
+    mixed = (periods.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)) * np.uint64(0xBF58476D1CE4E5B9)
+    mixed ^= mixed >> np.uint64(31)
+    return (mixed % np.uint64(1_000_003)).astype(np.float64) < share * 1_000_003
+
+
+def fit_global(frames: Iterable[FeatureFrame], cuts: Iterable[dict[str, np.ndarray]], run_id: str,
+               max_rows: int, seed: int = 0, keep_share: float | None = None) -> GlobalModelSet:
+    """Fit the three global models from feature frames of batches and each partition's cut-offs.
+
+    ``cuts`` gives, per frame, the first period of each partition's validation and test windows
+    (arrays ``validation`` and ``test``, one value per partition). Rows are sampled by period
+    (a seeded hash of the period ordinal), keeping at most about ``max_rows`` rows. ``keep_share``
+    (the share of periods to keep, when the caller knows the total row count) samples each frame
+    as it arrives, so memory holds only the sample whatever the input size.
+    """
+    from time import perf_counter
+
+    began = perf_counter()
+    blocks: dict[str, list[np.ndarray]] = {"Z": [], "y": [], "period": [], "val_ok": [], "test_ok": []}
+    spec: FeatureSpec | None = None
+    for ff, cut in zip(frames, cuts):
+        spec = ff.spec
+        if not len(ff.periods):
+            continue
+        lengths = np.diff(ff.bounds)
+        part = np.repeat(np.arange(ff.n_partitions), lengths)
+        observed = ~ff.filled & ~np.isnan(ff.y)
+        val_cut = np.asarray(cut["validation"], dtype=np.int64)[part]
+        test_cut = np.asarray(cut["test"], dtype=np.int64)[part]
+        scale = np.empty(ff.n_partitions)
+        centres = np.empty((ff.n_partitions, len(spec.columns("cov_"))))
+        for g in range(ff.n_partitions):
+            scale[g], centres[g] = partition_stats(ff, g, int(cut["validation"][g]))
+        take = _period_sample(ff.periods, keep_share, seed) if keep_share is not None else slice(None)
+        Z = global_design(ff.X[take], spec, scale[part][take], centres[part][take]).astype(np.float32)
+        y = np.where(observed, ff.y / scale[part], np.nan)[take]
+        blocks["Z"].append(Z)
+        blocks["y"].append(y)
+        blocks["period"].append(ff.periods[take])
+        blocks["val_ok"].append((ff.periods < val_cut)[take])
+        blocks["test_ok"].append((ff.periods < test_cut)[take])
+    if spec is None or not blocks["Z"]:
+        raise ValueError("no rows to fit the global model on")
+    total = sum(len(z) for z in blocks["Z"])
+    keep_share = min(1.0, max_rows / max(total, 1))
+    Z = np.concatenate(blocks["Z"])
+    y = np.concatenate(blocks["y"])
+    periods = np.concatenate(blocks["period"])
+    masks = {"validation": np.concatenate(blocks["val_ok"]), "test": np.concatenate(blocks["test_ok"]),
+             "final": np.ones(len(y), dtype=bool)}
+    del blocks
+    sampled = np.ones(len(y), dtype=bool)
+    if keep_share < 1.0:
+        sampled = _period_sample(periods, keep_share, seed)
+    out = GlobalModelSet(run_id=run_id, spec=spec)
+    for name in FITS:
+        rows = masks[name] & sampled & ~np.isnan(y)
+        if not rows.any():
+            continue
+        out.fits[name] = GlobalForecaster(spec, random_state=seed).fit(Z[rows], y[rows])
+        out.rows[name] = int(rows.sum())
+    out.seconds = perf_counter() - began
+    return out
