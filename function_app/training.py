@@ -30,6 +30,7 @@ from shared.settings import SERVICEBUS_CONNECTION
 bp = df.Blueprint()
 
 PLAN_ACTIVITY = "plan_training_run"
+GLOBAL_ACTIVITY = "train_global_model"
 REGISTER_ACTIVITY = "register_trained_run"
 PROMOTION_MESSAGE_ACTIVITY = "send_promotion_message"
 
@@ -56,6 +57,9 @@ def training_steps(
     )
     run_id = plan["run_id"]
     log = log.bind(run_id=run_id, dataset_id=plan["dataset_id"])
+    # the run's global model fits (when the config asks for them) before any group trains: every
+    # group's entry script gets them, as in the local pipeline's train()
+    yield from call_with_retry(context, GLOBAL_ACTIVITY, {"run_id": run_id, "config": config}, options)
     progress = Progress(stage="training", run_id=run_id, groups_total=len(plan["groups"]))
     context.set_custom_status(progress.to_dict())
     log.info("training planned", groups=len(plan["groups"]), partitions=plan.get("partitions"))
@@ -124,6 +128,17 @@ def plan_training_run(payload: dict) -> dict:
     )
     RunLog({"run_id": plan.run_id}).info("plan written", groups=len(plan.groups))
     return plan.to_dict()
+
+
+@bp.activity_trigger(input_name="payload")
+def train_global_model(payload: dict) -> dict:
+    """Fit the run's global model (when the project config wants one) before its groups train."""
+    ws = open_workspace(payload.get("config"))
+    if not pipeline.wants_global(ws.config):
+        return {"run_id": payload["run_id"], "global": False}
+    summary = pipeline.train_global(ws, payload["run_id"])
+    RunLog({"run_id": payload["run_id"]}).info("global model trained")
+    return {"run_id": payload["run_id"], "global": True, **{k: v for k, v in summary.items() if k != "run_id"}}
 
 
 @bp.activity_trigger(input_name="payload")

@@ -526,7 +526,9 @@ def test_training_can_never_register_into_production(ws):
 # -- deployment ---------------------------------------------------------------------------------------
 def test_deploying_puts_the_endpoint_the_deployment_and_then_its_traffic(ws, service):
     out = deploy_online(ws, storage_url="https://stprod.blob.core.windows.net")
-    endpoint = f"{PROD}/onlineEndpoints/manymodels-online"
+    name = ws.azureml.aml.endpoint_name
+    assert re.fullmatch(r"mm-online-[0-9a-f]{12}", name), "derived per deployment, never one fixed name"
+    endpoint = f"{PROD}/onlineEndpoints/{name}"
     puts = [c for c in service.calls if c.method == "PUT" and "/online" in c.path]
     assert [c.path for c in puts] == [endpoint, f"{endpoint}/deployments/blue", endpoint]
     assert puts[0].body["properties"]["authMode"] == "Key"
@@ -544,7 +546,44 @@ def test_deploying_puts_the_endpoint_the_deployment_and_then_its_traffic(ws, ser
     variables = deployment["environmentVariables"]
     assert variables["MM_SERVING_STORAGE_URL"] == "https://stprod.blob.core.windows.net"
     assert deployment["environmentVariables"]["MM_PARTITION_KEYS"] == "store,item"
+    assert json.loads(variables["MM_SERVING_CONFIG"])["data"]["keys"] == ["store", "item"]
     assert "model" not in deployment or not deployment["model"], "models come from the registry, on demand"
     assert puts[2].body["properties"]["traffic"] == {"blue": 100}
     assert out["traffic"] == {"blue": 100} and out["scoring_uri"].endswith("/score")
     assert not service.requests_to("PUT", r"/workspaces/mlw-dev/online"), "serving is production"
+
+
+
+def test_the_endpoint_runs_as_the_identity_whose_client_id_the_container_gets(ws, service, sleeps, code):
+    """A client id given to the container must belong to an identity attached to the endpoint."""
+    caller = "11111111-2222-3333-4444-555555555555"  # the Function App's own identity: not the endpoint's
+    uami = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-aml"
+    ws.azureml = _backend(service, sleeps, code, client_id=caller, endpoint_identity_id=uami,
+                          endpoint_identity_client_id="99999999-8888-7777-6666-555555555555")
+    deploy_online(ws, storage_url="https://stprod.blob.core.windows.net")
+    puts = [c for c in service.calls if c.method == "PUT" and "/online" in c.path]
+    identity = puts[0].body["identity"]
+    assert identity["type"].lower() == "userassigned" and list(identity["userAssignedIdentities"]) == [uami]
+    variables = puts[1].body["properties"]["environmentVariables"]
+    assert variables["AZURE_CLIENT_ID"] == "99999999-8888-7777-6666-555555555555"
+
+
+def test_without_a_user_assigned_identity_the_endpoint_is_system_assigned_and_gets_no_client_id(
+        ws, service, sleeps, code):
+    ws.azureml = _backend(service, sleeps, code, client_id="11111111-2222-3333-4444-555555555555")
+    deploy_online(ws, storage_url="https://stprod.blob.core.windows.net")
+    puts = [c for c in service.calls if c.method == "PUT" and "/online" in c.path]
+    assert puts[0].body["identity"]["type"].lower() == "systemassigned"
+    assert "AZURE_CLIENT_ID" not in puts[1].body["properties"]["environmentVariables"], \
+        "the caller's identity is not attached to the endpoint: init() could never get a token"
+
+
+def test_endpoint_names_are_derived_per_deployment_and_checked():
+    a = _aml()
+    b = AzureMLSettings(subscription_id=SUB, resource_group=RG, workspace_dev="mlw-dev", workspace_prod="mlw-2")
+    assert a.endpoint_name != b.endpoint_name and len(a.endpoint_name) <= 32
+    assert _aml(endpoint_name="mm-abc123").endpoint_name == "mm-abc123"
+    with pytest.raises(AzureMLError, match="not an endpoint name"):
+        AzureMLSettings.from_env({"MM_AZUREML_SUBSCRIPTION_ID": SUB, "MM_AZUREML_RESOURCE_GROUP": RG,
+                                  "MM_AZUREML_WORKSPACE_DEV": "d", "MM_AZUREML_WORKSPACE_PROD": "p",
+                                  "MM_AZUREML_ENDPOINT": "9-bad_name"})

@@ -24,6 +24,7 @@ from shared.settings import SERVICEBUS_CONNECTION
 ACTIVITIES = [
     "ingest_dataset",
     "plan_training_run",
+    "train_global_model",
     "submit_group_job",
     "get_job_status",
     "register_trained_run",

@@ -52,6 +52,7 @@ class Jobs:
     def activities(self) -> dict:
         return {
             "plan_training_run": self.plan,
+            "train_global_model": lambda p: {"run_id": p["run_id"], "global": False},
             "plan_scoring_run": self.plan,
             "submit_group_job": self.submit,
             "get_job_status": self.status,
@@ -144,8 +145,8 @@ def test_fan_out_submits_every_group_then_fans_in_to_one_registration_and_one_pr
     result = run_training(jobs)
     assert result.status == "Completed", result.error
     names = _names(result)
-    assert names[0] == "plan_training_run"
-    assert names[1:5] == ["submit_group_job"] * 4  # all groups submitted before any status check
+    assert names[:2] == ["plan_training_run", "train_global_model"]
+    assert names[2:6] == ["submit_group_job"] * 4  # all groups submitted before any status check
     assert names.count("register_trained_run") == 1 and names.count("send_promotion_message") == 1
     assert names.index("register_trained_run") > max(i for i, n in enumerate(names) if n == "get_job_status")
     assert jobs.polls == {1: 2, 3: 1}

@@ -11,6 +11,8 @@ version), so repeating it is safe.
 from __future__ import annotations
 
 import email.utils
+import hashlib
+import re
 import logging
 import os
 import time
@@ -35,6 +37,17 @@ class AzureMLError(ManyModelsError, RuntimeError):
 
 
 # -- settings ------------------------------------------------------------------------------------
+_ENDPOINT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")
+
+
+def default_endpoint_name(subscription_id: str, resource_group: str, workspace: str) -> str:
+    """An online endpoint name of our own deployment: endpoint names are unique per Azure region
+    (they become ``<name>.<region>.inference.ml.azure.com``), so a fixed name collides across
+    environments and tenants. 3-32 characters, a letter first, letters, digits and hyphens."""
+    digest = hashlib.sha256(f"{subscription_id}/{resource_group}/{workspace}".lower().encode()).hexdigest()
+    return f"mm-online-{digest[:12]}"
+
+
 # Variables this package reads beyond shared.settings.Settings (which holds subscription, resource
 # group, workspace names, compute and AZURE_CLIENT_ID): (env var, field, default, meaning).
 EXTRA_SETTINGS: tuple[tuple[str, str, Any, str], ...] = (
@@ -65,7 +78,14 @@ EXTRA_SETTINGS: tuple[tuple[str, str, Any, str], ...] = (
     ("MM_AZUREML_IMAGE", "image", DEFAULT_IMAGE, "Base image of the job and serving environments."),
     ("MM_AZUREML_EXPERIMENT", "experiment", "manymodels", "Experiment name of submitted jobs."),
     ("MM_AZUREML_ASSET_NAME", "asset_name", "manymodels", "Model asset name (one version per run)."),
-    ("MM_AZUREML_ENDPOINT", "endpoint_name", "manymodels-online", "Managed online endpoint name."),
+    ("MM_AZUREML_ENDPOINT", "endpoint_name", None,
+     "Managed online endpoint name (unique per region); default mm-<hash of subscription, resource "
+     "group and production workspace>. The Bicep sets mm-<resource token>."),
+    ("MM_AZUREML_ENDPOINT_IDENTITY_ID", "endpoint_identity_id", None,
+     "Resource id of the user-assigned identity the online endpoint runs as (it reads the production "
+     "registry); empty: a system-assigned identity."),
+    ("MM_AZUREML_ENDPOINT_IDENTITY_CLIENT_ID", "endpoint_identity_client_id", None,
+     "Client id of that identity, given to the scoring container as AZURE_CLIENT_ID."),
     ("MM_AZUREML_SERVING_INSTANCE_TYPE", "serving_instance_type", "Standard_DS3_v2",
      "VM size of the online deployment."),
     ("MM_AZUREML_SERVING_INSTANCE_COUNT", "serving_instance_count", 2, "Instances of the online deployment."),
@@ -101,9 +121,16 @@ class AzureMLSettings:
     image: str = DEFAULT_IMAGE
     experiment: str = "manymodels"
     asset_name: str = "manymodels"
-    endpoint_name: str = "manymodels-online"
+    endpoint_name: str | None = None
+    endpoint_identity_id: str | None = None
+    endpoint_identity_client_id: str | None = None
     serving_instance_type: str = "Standard_DS3_v2"
     serving_instance_count: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.endpoint_name:  # derived, never one fixed name for every deployment
+            object.__setattr__(self, "endpoint_name", default_endpoint_name(
+                self.subscription_id, self.resource_group, self.workspace_prod))
 
     @classmethod
     def from_settings(cls, settings: Any, environ: Mapping[str, str] | None = None) -> "AzureMLSettings":
@@ -162,6 +189,12 @@ class AzureMLSettings:
         if self.credential not in ("default", "managed_identity"):
             raise AzureMLError(f"MM_AZUREML_CREDENTIAL: {self.credential!r} is not 'default' or "
                                "'managed_identity'")
+        if self.endpoint_name and not _ENDPOINT_NAME.match(self.endpoint_name):
+            raise AzureMLError(f"MM_AZUREML_ENDPOINT: {self.endpoint_name!r} is not an endpoint name (3-32 "
+                               "characters: a letter, then letters, digits and hyphens)")
+        if bool(self.endpoint_identity_id) != bool(self.endpoint_identity_client_id):
+            raise AzureMLError("MM_AZUREML_ENDPOINT_IDENTITY_ID and MM_AZUREML_ENDPOINT_IDENTITY_CLIENT_ID "
+                               "name one identity: set both or neither")
         if self.credential == "managed_identity" and not self.client_id:
             raise AzureMLError("MM_AZUREML_CREDENTIAL=managed_identity needs AZURE_CLIENT_ID")
         if self.instance_count < 1 or self.max_concurrency < 1 or self.mini_batch_timeout < 1:

@@ -12,9 +12,17 @@ default, a request timeout well above a cold load, and probes that leave the con
 start. Managed endpoints autoscale through Azure Monitor autoscale rules on the deployment (an
 infrastructure resource, see docs/azureml.md); the deployment's own ``scale_settings`` is the
 fixed ``default`` type, the only one managed deployments accept.
+
+**Identity.** The scoring container reads the production registry as the endpoint's identity. With
+``MM_AZUREML_ENDPOINT_IDENTITY_ID`` the endpoint is given that user-assigned identity and the
+container gets its client id as ``AZURE_CLIENT_ID`` (so the credential asks for a token of an
+identity that is attached); without it, the endpoint has a system-assigned identity and no client
+id is injected. Never the caller's own ``AZURE_CLIENT_ID``: that identity is not attached to the
+endpoint, ``init()`` would fail to get a token and the deployment would never become healthy.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,35 +40,43 @@ CACHE_MODELS = 2_000
 
 
 def build_endpoint(aml: AzureMLSettings, auth_mode: str = "key"):
-    """The endpoint: a stable URL and key; traffic goes to the deployment named in :func:`deploy_online`."""
-    from azure.ai.ml.entities import ManagedOnlineEndpoint
+    """The endpoint: a stable URL and key, and the identity its containers run as."""
+    from azure.ai.ml.entities import IdentityConfiguration, ManagedIdentityConfiguration, ManagedOnlineEndpoint
 
+    if aml.endpoint_identity_id:
+        identity = IdentityConfiguration(
+            type="user_assigned",
+            user_assigned_identities=[ManagedIdentityConfiguration(resource_id=aml.endpoint_identity_id)])
+    else:
+        identity = IdentityConfiguration(type="system_assigned")
     return ManagedOnlineEndpoint(
-        name=aml.endpoint_name, auth_mode=auth_mode,
+        name=aml.endpoint_name, auth_mode=auth_mode, identity=identity,
         description="manymodels real-time forecasts: one model per partition, loaded on demand",
         tags={"manymodels": "serving", "registry": PROD_PREFIX},
     )
 
 
-def serving_environment_variables(aml: AzureMLSettings, storage_url: str, keys: list[str],
+def serving_environment_variables(aml: AzureMLSettings, storage_url: str, config: Any,
                                   cache_mb: int = CACHE_MB,
                                   cache_models: int = CACHE_MODELS) -> dict[str, str]:
-    """What online_score.py reads: where the production registry is, the key columns, the cache size."""
+    """What online_score.py reads: where the production registry is, the project config (key and
+    time columns, covariates, horizon: the shared request contract needs them), the cache size."""
     env = {
         "MM_SERVING_STORAGE_URL": storage_url,
         "MM_SERVING_REGISTRY_PREFIX": PROD_PREFIX,
-        "MM_PARTITION_KEYS": ",".join(keys),
+        "MM_SERVING_CONFIG": json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")),
+        "MM_PARTITION_KEYS": ",".join(config.data.keys),
         "MM_SERVING_CACHE_MB": str(cache_mb),
         "MM_SERVING_CACHE_MODELS": str(cache_models),
         "MM_SERVING_REFRESH_SECONDS": "30",
         "OMP_NUM_THREADS": "1",
     }
-    if aml.client_id:
-        env["AZURE_CLIENT_ID"] = aml.client_id
+    if aml.endpoint_identity_client_id:  # the endpoint's own user-assigned identity, never the caller's
+        env["AZURE_CLIENT_ID"] = aml.endpoint_identity_client_id
     return env
 
 
-def build_deployment(aml: AzureMLSettings, storage_url: str, keys: list[str], name: str = DEPLOYMENT_NAME,
+def build_deployment(aml: AzureMLSettings, storage_url: str, config: Any, name: str = DEPLOYMENT_NAME,
                      code: Path | str | None = None, environment: Any = None):
     """The managed deployment: environment, instance type and count, request settings, probes."""
     from azure.ai.ml.entities import (CodeConfiguration, DefaultScaleSettings, ManagedOnlineDeployment,
@@ -82,7 +98,7 @@ def build_deployment(aml: AzureMLSettings, storage_url: str, keys: list[str], na
                                      success_threshold=1),
         readiness_probe=ProbeSettings(initial_delay=10, period=5, timeout=2, failure_threshold=3,
                                       success_threshold=1),
-        environment_variables=serving_environment_variables(aml, storage_url, keys),
+        environment_variables=serving_environment_variables(aml, storage_url, config),
         app_insights_enabled=True,
         tags={"manymodels": "serving"},
     )
@@ -107,7 +123,7 @@ def deploy_online(ws: Any, backend: Any = None, name: str = DEPLOYMENT_NAME, tra
     endpoint = build_endpoint(aml)
     call_with_retry(lambda: client.online_endpoints.begin_create_or_update(endpoint).result(),
                     f"create endpoint {aml.endpoint_name}", backend.retry)
-    deployment = build_deployment(aml, storage_url, list(ws.config.data.keys), name=name, code=backend.code)
+    deployment = build_deployment(aml, storage_url, ws.config, name=name, code=backend.code)
     call_with_retry(lambda: client.online_deployments.begin_create_or_update(deployment).result(),
                     f"create deployment {aml.endpoint_name}/{name}", backend.retry)
     endpoint.traffic = {name: traffic}

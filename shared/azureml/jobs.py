@@ -240,18 +240,23 @@ class JobPlan:
 
 
 def plan_train(aml: AzureMLSettings, cfg: Any, run_id: str, dataset_id: str, group_index: int,
-               data: GroupInput) -> JobPlan:
-    """The training job's arguments mirror ``pipeline.train_group``'s, flag for flag."""
+               data: GroupInput, global_model: str | None = None) -> JobPlan:
+    """The training job's arguments mirror ``pipeline.train_group``'s, flag for flag (the run's
+    global model fits, ``global_model``, when the run has them)."""
     group = f"g{group_index:05d}"
+    files = {"config": f"runs/{run_id}/config/manymodels.toml",
+             "dataset_meta": f"prepared/{dataset_id}/dataset.json"}
+    arguments = "--config ${{inputs.config}} --dataset-meta ${{inputs.dataset_meta}} "
+    if global_model:
+        files["global_model"] = global_model
+        arguments += "--global-model ${{inputs.global_model}} "
     return JobPlan(
         kind="train", run_id=run_id, group_index=group_index, data=data,
-        files={"config": f"runs/{run_id}/config/manymodels.toml",
-               "dataset_meta": f"prepared/{dataset_id}/dataset.json"},
+        files=files,
         folders={},
         outputs={"models": aml.lake_uri(f"runs/{run_id}/models", folder=True),
                  "results": aml.lake_uri(f"runs/{run_id}/results/{group}", folder=True)},
-        arguments=(f"--config ${{{{inputs.config}}}} --dataset-meta ${{{{inputs.dataset_meta}}}} "
-                   f"--output-dir ${{{{outputs.models}}}} --run-id {run_id} "
+        arguments=(arguments + f"--output-dir ${{{{outputs.models}}}} --run-id {run_id} "
                    f"--append_row_file_name {RESULTS_FILE}"),
         mini_batch_size=aml.mini_batch_size or cfg.runner.mini_batch_size,
         max_retries=aml.max_retries if aml.max_retries is not None else cfg.runner.retries,
@@ -342,6 +347,9 @@ def build_pipeline_job(aml: AzureMLSettings, plan: JobPlan, code: Path | str | N
     def train(data, config, dataset_meta):
         return wire(step(data=data, config=config, dataset_meta=dataset_meta))
 
+    def train_with_global(data, config, dataset_meta, global_model):
+        return wire(step(data=data, config=config, dataset_meta=dataset_meta, global_model=global_model))
+
     def score(data, config, dataset_meta, prod_registry):
         return wire(step(data=data, config=config, dataset_meta=dataset_meta, prod_registry=prod_registry))
 
@@ -349,7 +357,10 @@ def build_pipeline_job(aml: AzureMLSettings, plan: JobPlan, code: Path | str | N
         return wire(step(data=data, config=config, dataset_meta=dataset_meta, prod_registry=prod_registry,
                          dev_registry=dev_registry))
 
-    body = train if plan.kind == "train" else score_with_fallback if "dev_registry" in plan.folders else score
+    if plan.kind == "train":
+        body = train_with_global if "global_model" in plan.files else train
+    else:
+        body = score_with_fallback if "dev_registry" in plan.folders else score
     manymodels_pipeline = dsl.pipeline(
         name=f"manymodels_{plan.kind}", compute=aml.compute,
         description=f"manymodels {plan.kind} of {plan.run_id}, group {plan.group_index}")(body)
@@ -420,8 +431,14 @@ def build_job_for_group(ws: Any, aml: AzureMLSettings, kind: str, run_id: str, g
         write_registry_slice(ws.lake, ws.prod, "prod", pids, registry_slice_path(run_id, group_index, "prod"))
         if cfg.promotion.fallback == "baseline":
             write_registry_slice(ws.lake, ws.dev, "dev", pids, registry_slice_path(run_id, group_index, "dev"))
-    planner = plan_train if kind == "train" else plan_score
-    plan = planner(aml, cfg, run_id, meta["dataset_id"], group_index, data)
+    if kind == "train":
+        from shared.pipeline import global_model_path
+
+        global_model = global_model_path(run_id)
+        plan = plan_train(aml, cfg, run_id, meta["dataset_id"], group_index, data,
+                          global_model if ws.lake.exists(global_model) else None)
+    else:
+        plan = plan_score(aml, cfg, run_id, meta["dataset_id"], group_index, data)
     return build_pipeline_job(aml, plan, code=code)
 
 
@@ -447,9 +464,16 @@ def write_registry_slice(lake: Any, registry: Any, name: str, partition_ids: lis
     an :class:`~shared.azureml.registry.AzureMLRegistry` (whose working copy fetches only the
     artifacts asked for). Idempotent: a retried submission rewrites the same slice.
     """
+    from shared.global_model import GLOBAL_ID
+
     if hasattr(registry, "refresh"):
         registry.refresh(force=True)
-    records = registry.latest_many(partition_ids)
+    records = dict(registry.latest_many(partition_ids))
+    # scoring binds a model's run's global model (registry.by_run(run_id, GLOBAL_ID)): keep those too
+    for run_id in sorted({r.run_id for r in records.values()}):
+        found = registry.by_run(run_id, GLOBAL_ID)
+        if found is not None:
+            records[f"{GLOBAL_ID}:{run_id}"] = found
     work = Path(tempfile.mkdtemp(prefix="mm-slice-"))
     try:
         index = work / "index.sqlite"
