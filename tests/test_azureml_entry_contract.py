@@ -148,11 +148,7 @@ def test_the_models_equal_the_local_pipeline_models(local, contract):
             (theirs[pid].model_type, theirs[pid].status, theirs[pid].fingerprint)
         timeless = {k: v for k, v in record.metrics.items() if not k.endswith("_seconds")}  # wall-clock timings
         assert timeless == pytest.approx({k: theirs[pid].metrics[k] for k in timeless}, nan_ok=True)
-        if pid == "_global":  # the run's global model fits: not a per-partition bundle
-            continue
-        mine = ws.dev.load(record).predict(horizon=6)
-        reference = local_ws.dev.load(theirs[pid]).predict(horizon=6)
-        pd.testing.assert_frame_equal(mine, reference)
+        # their forecasts (with the run's global model bound) are compared by the predictions test below
     assert {r.partition_id for r in ws.prod.find(run_id=run_id)} == \
         {r.partition_id for r in local_ws.prod.find(run_id=run_id)}
 
