@@ -103,8 +103,6 @@ param appSettingsOverrides object = {}
 @description('Create the Event Grid subscriptions. Their endpoints exist only once the code is deployed, so azd sets this after the first deploy (azure.yaml postdeploy hook).')
 param createEventSubscriptions bool = false
 
-@description('Also deliver raw-file events to the blob trigger (source EventGrid). Both paths ingest every file; enable one.')
-param subscribeBlobTrigger bool = false
 
 // -- names shared with the code ---------------------------------------------------------------
 // shared/lake.py CONTAINERS, and the container of the model registries' folders
@@ -129,10 +127,9 @@ var dataFileSuffixes = [
 // shared/settings.py defaults of MM_UPSTREAM_QUEUE and MM_PROMOTION_QUEUE
 var upstreamQueueName = 'mm-upstream'
 var promotionQueueName = 'mm-promotions'
-// function_app/ingestion.py: the Event Grid trigger and the blob trigger (source EventGrid)
+// function_app/ingestion.py: the Event Grid trigger (the app has no blob trigger)
 var eventGridFunctionName = 'on_lake_event'
-var blobTriggerFunctionName = 'on_raw_blob'
-var hasBlobTrigger = true
+var hasBlobTrigger = false
 // The Azure ML parallel jobs write only under runs/<run_id>/ (models, results, predictions).
 var computeWriteContainers = [
   'runs'
@@ -166,6 +163,8 @@ var sqlDatabaseName = 'manymodels'
 // service principal) the Function App identity, whose SQL id is its client id.
 var sqlAdminIsDeployer = empty(sqlAdminObjectId) && principalType == 'User' && !empty(principalId)
 var functionAppName = 'func-${resourceToken}'
+// Online endpoint names are unique per Azure region: built from the resource token, never fixed.
+var azureMLEndpointName = 'mm-${resourceToken}'
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
   name: 'rg-${environmentName}'
@@ -278,6 +277,9 @@ module functionApp 'app/function-app.bicep' = {
     planName: 'plan-${resourceToken}'
     identityId: identity.outputs.functionIdentityId
     identityClientId: identity.outputs.functionIdentityClientId
+    azureMLEndpointName: azureMLEndpointName
+    azureMLEndpointIdentityId: identity.outputs.computeIdentityId
+    azureMLEndpointIdentityClientId: identity.outputs.computeIdentityClientId
     applicationInsightsConnectionString: monitoring.outputs.applicationInsightsConnectionString
     hostStorageName: hostStorage.outputs.name
     deploymentContainerName: hostStorage.outputs.deploymentContainerName
@@ -341,11 +343,8 @@ module eventGrid 'app/eventgrid.bicep' = {
     systemTopicName: 'evgt-${resourceToken}'
     lakeId: lake.outputs.id
     functionAppId: functionApp.outputs.id
-    functionAppHostName: functionApp.outputs.defaultHostName
     eventGridFunctionName: eventGridFunctionName
-    blobTriggerFunctionName: blobTriggerFunctionName
     createSubscriptions: createEventSubscriptions
-    subscribeBlobTrigger: subscribeBlobTrigger
     rawContainerName: rawContainer
     fileSuffixes: dataFileSuffixes
     deadLetterStorageId: hostStorage.outputs.id
@@ -375,6 +374,9 @@ output MM_AZUREML_RESOURCE_GROUP string = rg.name
 output MM_AZUREML_WORKSPACE_DEV string = aml.outputs.devWorkspaceName
 output MM_AZUREML_WORKSPACE_PROD string = aml.outputs.prodWorkspaceName
 output MM_AZUREML_COMPUTE string = aml.outputs.computeName
+output MM_AZUREML_ENDPOINT string = azureMLEndpointName
+output MM_AZUREML_ENDPOINT_IDENTITY_ID string = identity.outputs.computeIdentityId
+output MM_AZUREML_ENDPOINT_IDENTITY_CLIENT_ID string = identity.outputs.computeIdentityClientId
 output MM_UPSTREAM_QUEUE string = upstreamQueueName
 output MM_PROMOTION_QUEUE string = promotionQueueName
 output SQL_SERVER string = sql.outputs.storeServer

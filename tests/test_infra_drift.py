@@ -64,7 +64,6 @@ class Infra:
     data_suffixes: list[str]
     servicebus_queues: list[str]
     event_grid_function: str
-    blob_trigger_function: str
     has_blob_trigger: bool
     registry_container: str
     datastore_prefix: str
@@ -108,7 +107,6 @@ def read_infra(infra_dir: Path) -> Infra:
         data_suffixes=_array_var(main, "dataFileSuffixes"),
         servicebus_queues=queue_names,
         event_grid_function=_string_var(main, "eventGridFunctionName"),
-        blob_trigger_function=_string_var(main, "blobTriggerFunctionName"),
         has_blob_trigger=bool(blob_flag) and blob_flag.group(1) == "true",
         registry_container=_string_var(main, "registryContainer"),
         datastore_prefix=_string_var(main, "azureMLDatastorePrefix"),
@@ -349,10 +347,8 @@ def test_event_subscriptions_target_the_functions_that_exist(infra, bindings):
             by_function[b.function] = {"type": b.type, **b.fields}
     assert by_function[infra.event_grid_function]["type"] == "eventGridTrigger"
     blob_triggers = {name for name, t in by_function.items() if t["type"] == "blobTrigger"}
-    assert infra.has_blob_trigger == bool(blob_triggers)
-    if blob_triggers:
-        assert by_function[infra.blob_trigger_function]["type"] == "blobTrigger"
-        assert by_function[infra.blob_trigger_function].get("source") == "EventGrid"
+    assert infra.has_blob_trigger == bool(blob_triggers) is False  # no blob trigger, no blobs_extension key
+    assert "systemKeys.blobs_extension" not in (INFRA / "app" / "eventgrid.bicep").read_text()
 
 
 # -- the templates themselves ------------------------------------------------------------------
@@ -447,7 +443,7 @@ def test_a_missing_queue_or_container_is_caught(infra_copy):
 @pytest.mark.parametrize("path, old, new, expected", [
     ("app/monitoring.bicep", "    retentionInDays: retentionInDays\n  }", "    retentionInDays: retentionInDays\n",
      "is never closed"),
-    ("app/servicebus.bicep", "'Microsoft.ServiceBus/namespaces@2021-11-01' =", "'Microsoft.ServiceBus/namespaces' =",
+    ("app/servicebus.bicep", "'Microsoft.ServiceBus/namespaces@2024-01-01' =", "'Microsoft.ServiceBus/namespaces' =",
      "no valid @api-version"),
     ("main.bicep", "    queues: serviceBusQueues\n", "    queues: serviceBusQueues\n    queueCount: 2\n",
      "passes 'queueCount'"),
@@ -474,3 +470,24 @@ def test_strings_comments_and_interpolations_do_not_confuse_the_scanner():
     assert len(masked) == len(text)
     assert validate_infra.bracket_problems(masked) == []
     assert "toLower" in masked and "${" not in masked
+
+
+
+def test_service_bus_uses_an_api_version_whose_schema_has_its_tls_and_network_properties():
+    """minimumTlsVersion and publicNetworkAccess are not in the 2021-11-01 namespace schema: ARM drops them."""
+    text = (INFRA / "app" / "servicebus.bicep").read_text()
+    versions = re.findall(r"'Microsoft\.ServiceBus/namespaces@(\d{4}-\d{2}-\d{2})(-preview)?'", text)
+    assert versions and all(v >= "2022-10-01" and not preview for v, preview in versions), versions
+    assert "minimumTlsVersion: '1.2'" in text and "publicNetworkAccess:" in text
+
+
+def test_the_online_endpoint_name_and_identity_come_from_the_template(infra):
+    """Endpoint names are unique per region: built from the resource token; the endpoint runs as the
+    compute identity, whose client id the scoring container gets."""
+    main = (INFRA / "main.bicep").read_text()
+    assert re.search(r"^var azureMLEndpointName = 'mm-\$\{resourceToken\}'", main, re.M)
+    settings = infra.app_settings
+    assert settings["MM_AZUREML_ENDPOINT"] == "azureMLEndpointName"
+    assert settings["MM_AZUREML_ENDPOINT_IDENTITY_ID"] == "azureMLEndpointIdentityId"
+    assert "azureMLEndpointIdentityId: identity.outputs.computeIdentityId" in main
+    assert "azureMLEndpointIdentityClientId: identity.outputs.computeIdentityClientId" in main

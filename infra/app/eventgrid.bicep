@@ -1,13 +1,13 @@
 // Event Grid: a system topic on the lake account and the subscriptions that turn new raw files
 // into ingestion runs.
 //
-// * Event Grid trigger (the default path): endpoint type AzureFunction, addressed by the function's
+// * Event Grid trigger (the only path): endpoint type AzureFunction, addressed by the function's
 //   resource id. No key in the template, and Event Grid validates the endpoint through ARM.
-// * Blob trigger with source EventGrid (optional, for users who wire it that way): a WebHook to the
-//   blobs extension, https://<app>/runtime/webhooks/blobs?functionName=Host.Functions.<name>&code=<key>,
-//   with the blobs_extension system key read at deployment time.
-// Both endpoints exist only after the code is deployed (ARM validates them), so the subscriptions
-// are created on the second provisioning (createSubscriptions; see azure.yaml's postdeploy hook).
+//   There is no blob-trigger subscription: the app has no blob trigger (a func.InputStream trigger
+//   ships the whole blob to the worker), and its WebHook would need the host's blobs_extension
+//   system key, which exists only after the host has run once.
+// The endpoint exists only after the code is deployed (ARM validates it), so the subscription is
+// created on the second provisioning (createSubscriptions; see azure.yaml's postdeploy hook).
 //
 // Filters: BlobCreated only, subject in the raw container, file types by suffix (advanced filter on
 // subject: one subjectEndsWith per subscription would allow only one suffix), and only the API calls
@@ -21,15 +21,10 @@ param tags object
 param systemTopicName string
 param lakeId string
 param functionAppId string
-param functionAppHostName string
 @description('Event Grid-triggered function that ingests a new raw file.')
 param eventGridFunctionName string
-@description('Blob-triggered function (source EventGrid); empty when the code has none.')
-param blobTriggerFunctionName string = ''
 @description('Create the event subscriptions (needs the code deployed; see azure.yaml).')
 param createSubscriptions bool
-@description('Also subscribe the blob trigger (both paths would ingest every file; keep one).')
-param subscribeBlobTrigger bool = false
 param rawContainerName string
 param fileSuffixes array
 param deadLetterStorageId string
@@ -131,28 +126,6 @@ resource toEventGridTrigger 'Microsoft.EventGrid/systemTopics/eventSubscriptions
       endpointType: 'AzureFunction'
       properties: {
         resourceId: '${functionAppId}/functions/${eventGridFunctionName}'
-        maxEventsPerBatch: 1
-        preferredBatchSizeInKilobytes: 64
-      }
-    }
-    filter: eventFilter
-    retryPolicy: retryPolicy
-    deadLetterWithResourceIdentity: deadLetter
-  }
-  dependsOn: [
-    deadLetterWriter
-  ]
-}
-
-resource toBlobTrigger 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-06-15' = if (createSubscriptions && subscribeBlobTrigger && !empty(blobTriggerFunctionName)) {
-  parent: systemTopic
-  name: 'raw-to-${replace(toLower(blobTriggerFunctionName), '_', '-')}'
-  properties: {
-    eventDeliverySchema: 'EventGridSchema'
-    destination: {
-      endpointType: 'WebHook'
-      properties: {
-        endpointUrl: 'https://${functionAppHostName}/runtime/webhooks/blobs?functionName=Host.Functions.${blobTriggerFunctionName}&code=${listKeys('${functionAppId}/host/default', '2024-04-01').systemKeys.blobs_extension}'
         maxEventsPerBatch: 1
         preferredBatchSizeInKilobytes: 64
       }

@@ -32,6 +32,11 @@ param azureMLWorkspaceProd string
 param azureMLCompute string
 @description('Prefix of the Azure ML datastores, one per lake container (MM_AZUREML_DATASTORE_PREFIX).')
 param azureMLDatastorePrefix string
+@description('Online endpoint name, unique per region: mm-<resource token> (MM_AZUREML_ENDPOINT).')
+param azureMLEndpointName string
+@description('User-assigned identity the online endpoint runs as: the compute identity, which reads the lake and pulls images.')
+param azureMLEndpointIdentityId string
+param azureMLEndpointIdentityClientId string
 @allowed([
   'local'
   'azureml'
@@ -129,7 +134,9 @@ var appSettings = {
   MM_AZUREML_IMAGE: ''
   MM_AZUREML_EXPERIMENT: 'manymodels'
   MM_AZUREML_ASSET_NAME: 'manymodels'
-  MM_AZUREML_ENDPOINT: 'manymodels-online'
+  MM_AZUREML_ENDPOINT: azureMLEndpointName
+  MM_AZUREML_ENDPOINT_IDENTITY_ID: azureMLEndpointIdentityId
+  MM_AZUREML_ENDPOINT_IDENTITY_CLIENT_ID: azureMLEndpointIdentityClientId
   MM_AZUREML_SERVING_INSTANCE_TYPE: 'Standard_DS3_v2'
   MM_AZUREML_SERVING_INSTANCE_COUNT: '2'
 }

@@ -13,7 +13,9 @@ param name string
 @description('Queues: objects with name, maxDeliveryCount, lockDuration (ISO 8601, at most PT5M), defaultMessageTimeToLive.')
 param queues array
 
-resource namespace 'Microsoft.ServiceBus/namespaces@2021-11-01' = {
+// 2024-01-01: minimumTlsVersion and publicNetworkAccess are in this schema (not in 2021-11-01,
+// where ARM dropped them silently).
+resource namespace 'Microsoft.ServiceBus/namespaces@2024-01-01' = {
   name: name
   location: location
   tags: tags
@@ -28,7 +30,7 @@ resource namespace 'Microsoft.ServiceBus/namespaces@2021-11-01' = {
   }
 }
 
-resource serviceBusQueues 'Microsoft.ServiceBus/namespaces/queues@2021-11-01' = [for queue in queues: {
+resource serviceBusQueues 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' = [for queue in queues: {
   parent: namespace
   name: queue.name
   properties: {
