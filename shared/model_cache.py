@@ -54,6 +54,10 @@ from shared.errors import ManyModelsError
 
 logger = logging.getLogger(__name__)
 
+from shared.config import SCORING_SOURCES
+from shared.scoring import GlobalModels
+from shared.scoring import pick_source
+
 FALLBACKS = ("baseline", "none")
 SIZE_METHODS = ("memory", "file")
 MEMORY_OVERHEAD = 1.22  # resident bytes per walked byte of a loaded bundle (see the module docstring)
@@ -103,11 +107,15 @@ class CachedModel:
     is_fallback: bool
     size: int
     memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    source: str = "production"  # the scoring chain's source: production | unpromoted | global | baseline
+    kind: str = "model"  # what the bundle forecasts with: its model, its baseline, or the global model
 
     @property
     def model(self) -> str:
-        """The model's name as batch scoring reports it: ``baseline`` for a fallback."""
-        return "baseline" if self.is_fallback else str(self.record.model_type)
+        """The model's name as batch scoring reports it: ``baseline`` or ``global`` for those sources."""
+        if self.kind in ("baseline", "global"):
+            return self.kind
+        return str(self.record.model_type)
 
     @property
     def version(self) -> int:
@@ -201,8 +209,14 @@ class ModelCache:
         load_workers: int = 4,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if fallback not in FALLBACKS:
-            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+        if isinstance(fallback, str):
+            if fallback not in FALLBACKS:
+                raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+            chain = ["production"] if fallback == "none" else list(SCORING_SOURCES)
+        else:
+            chain = list(fallback)
+            if not chain or chain[0] != "production" and "production" in chain[1:]:
+                raise ValueError(f"a scoring chain lists sources out of {SCORING_SOURCES}, got {chain!r}")
         if size_by not in SIZE_METHODS:
             raise ValueError(f"size_by must be one of {SIZE_METHODS}, got {size_by!r}")
         if max_bytes < 1 or max_entries < 1:
@@ -211,7 +225,9 @@ class ModelCache:
             raise ValueError("check_interval_ms must be >= 0 and load_workers >= 1")
         self.prod = prod
         self.dev = dev
-        self.fallback = fallback
+        self.chain = chain
+        self.fallback = "none" if chain == ["production"] else "baseline"
+        self._globals = GlobalModels(prod, dev)  # loaded once per process, shared by every bundle
         self.max_bytes = int(max_bytes)
         self.max_entries = int(max_entries)
         self.check_interval_ms = float(check_interval_ms)
@@ -392,7 +408,8 @@ class ModelCache:
             prod_index, dev_index = self._prod_index, self._dev_index
             stale = self._slots.get(partition_id)
         try:
-            record, registry, is_fallback = self._resolve(partition_id)
+            record, registry, source, kind = self._resolve(partition_id)
+            is_fallback = source != "production"
         except ModelNotFoundError:
             with self._lock:
                 self._stats.not_found += 1
@@ -402,7 +419,7 @@ class ModelCache:
             stale is not None
             and stale.model.version == int(record.version)
             and stale.model.registry == registry.name
-            and stale.model.is_fallback == is_fallback
+            and stale.model.source == source
         ):
             with self._lock:  # same model as before the index moved: keep it
                 stale.prod_index, stale.dev_index = prod_index, dev_index
@@ -415,7 +432,14 @@ class ModelCache:
             bundle = registry.load(record)
             if not callable(getattr(bundle, "predict", None)):
                 raise TypeError(f"the artifact holds a {type(bundle).__name__}, not a forecast bundle")
-            size = self._size_of(bundle, registry, record)
+            size = self._size_of(bundle, registry, record)  # before binding: the global model is shared
+            bound = self._globals.bind(bundle) if hasattr(bundle, "global_run_id") else True
+            if kind == "global" and (not bound or getattr(bundle, "global_view", None) is None):
+                if "baseline" not in self.chain:
+                    raise LookupError("the global model of its run is not available")
+                source, kind = "baseline", "baseline"  # the chain's next step on the same bundle
+            elif not bound:
+                raise LookupError(f"the global model of run {bundle.global_run_id} is not in the registry")
         except Exception as exc:  # reported to every waiter; nothing is cached
             with self._lock:
                 self._stats.load_failures += 1
@@ -431,6 +455,8 @@ class ModelCache:
             registry=registry.name,
             is_fallback=is_fallback,
             size=size,
+            source=source,
+            kind=kind,
         )
         with self._lock:
             self._stats.loads += 1
@@ -444,20 +470,24 @@ class ModelCache:
             self._stats.entries = len(self._slots)
         return model, True
 
-    def _resolve(self, partition_id: str) -> tuple[Any, Any, bool]:
-        record = self.prod.latest(partition_id)
-        if record is not None:
-            return record, self.prod, False
-        if self.fallback == "none":
-            raise ModelNotFoundError(partition_id, "no production model (promotion.fallback = none)")
+    def _resolve(self, partition_id: str) -> tuple[Any, Any, str, str]:
+        """(record, registry, source, kind) of the first source of the chain that can answer."""
+        champion = self.prod.latest(partition_id) if "production" in self.chain else None
+        latest = None
+        if self.dev is not None and any(c != "production" for c in self.chain):
+            latest = self.dev.latest(partition_id)
+        for source in self.chain:
+            pick = pick_source(source, champion, latest, self.prod, self.dev)
+            if pick is not None:
+                record, registry, kind = pick
+                return record, registry, source, kind
+        if self.chain == ["production"]:
+            raise ModelNotFoundError(partition_id, "no production model (the scoring chain has no fallback)")
         if self.dev is None:
             raise ModelNotFoundError(
-                partition_id, "no production model, and no development registry for the baseline fallback"
+                partition_id, "no production model, and no development registry for the fallbacks"
             )
-        record = self.dev.latest(partition_id)
-        if record is None:
-            raise ModelNotFoundError(partition_id, "no production model and no development model")
-        return record, self.dev, True
+        raise ModelNotFoundError(partition_id, "no production model and no development model")
 
     def _size_of(self, bundle: Any, registry: Any, record: Any) -> int:
         if self.size_by == "file":

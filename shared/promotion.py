@@ -62,10 +62,10 @@ def promote_run(dev: ModelRegistry, prod: ModelRegistry, run_id: str, rules: Pro
     """
     if dev.root == prod.root:
         raise ValueError(f"dev and prod registries share the folder {dev.root}")
-    found = dev.find(run_id=run_id)
+    found = _run_records(dev, run_id)
     global_records = [r for r in found if r.partition_id == GLOBAL_ID]
     candidates = [r for r in found if r.partition_id != GLOBAL_ID]
-    already = {r.partition_id: r for r in prod.find(run_id=run_id)}
+    already = {r.partition_id: r for r in _run_records(prod, run_id)}
     champions = prod.latest_many(r.partition_id for r in candidates if r.partition_id not in already)
     up = higher_is_better(rules)
     decisions: list[Decision] = []
@@ -106,6 +106,14 @@ def promote_run(dev: ModelRegistry, prod: ModelRegistry, run_id: str, rules: Pro
         for (_, decision), copy in zip(to_copy, copies[:len(to_copy)], strict=True):
             decision.prod_version = copy.version
     return sorted(decisions, key=lambda d: d.partition_id)
+
+
+def _run_records(registry: ModelRegistry, run_id: str) -> list[ModelRecord]:
+    """Every record of a run, its global model included (registries without that option list all)."""
+    try:
+        return registry.find(run_id=run_id, include_global=True)
+    except TypeError:
+        return registry.find(run_id=run_id)
 
 
 def _rejection(record: ModelRecord, value: float | None, champion_value: float | None,

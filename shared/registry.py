@@ -31,6 +31,7 @@ from typing import Any, Iterable, Mapping
 from shared.errors import ManyModelsError
 
 REGISTRY_NAMES = ("dev", "prod")
+GLOBAL_PARTITION = "_global"  # shared.global_model.GLOBAL_ID: a run's global model, not a partition
 ASSET_PREFIX = "mm-"
 # Tags every record gets from its own fields; callers' tags and key values may not contradict them.
 STANDARD_TAGS = ("partition_id", "run_id", "model_type", "fingerprint", "status", "version", "name")
@@ -298,7 +299,8 @@ class ModelRegistry:
         return _from_db(row) if row else None
 
     def find(self, tags: Mapping[str, str] | None = None, limit: int | None = None,
-             run_id: str | None = None, latest_only: bool = False) -> list[ModelRecord]:
+             run_id: str | None = None, latest_only: bool = False,
+             include_global: bool = False) -> list[ModelRecord]:
         """Models whose tags hold all the given values, ordered by partition and version.
 
         Each tag is a row of the ``tags`` table, whose primary key starts with (key, value): a
@@ -314,6 +316,9 @@ class ModelRegistry:
         if run_id is not None:
             where.append("m.run_id = ?")
             params.append(run_id)
+        if not include_global:  # a run's global model is not a partition's model (include_global to list it)
+            where.append("m.partition_id <> ?")
+            params.append(GLOBAL_PARTITION)
         join = (" JOIN latest l ON l.partition_id = m.partition_id AND l.version = m.version"
                 if latest_only else "")
         sql = f"SELECT {_M_COLUMNS} FROM models m{join}"

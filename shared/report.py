@@ -50,6 +50,7 @@ class ReportData:
     promotion_metric: str | None = None
     best: list[str] = field(default_factory=list)
     worst: list[str] = field(default_factory=list)
+    sources: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per scoring source
 
     @property
     def empty(self) -> bool:
@@ -105,6 +106,7 @@ def gather(store: ResultStore, n_examples: int = 3) -> ReportData:
     data.n_predicted_partitions = int(counts["parts"].iloc[0] or 0)
     fallback = store.query("SELECT COUNT(DISTINCT partition_id) AS parts FROM predictions WHERE is_fallback = 1")
     data.n_fallback_partitions = int(fallback["parts"].iloc[0] or 0)
+    data.sources = _sources(store, data.run_id)
     data.best, data.worst = _examples(data.metrics, n_examples)
     chosen = data.best + data.worst
     if chosen and data.run_id is not None:
@@ -114,9 +116,45 @@ def gather(store: ResultStore, n_examples: int = 3) -> ReportData:
             f"SELECT partition_id, {t}, actual, prediction, baseline FROM backtests "
             f"WHERE run_id = ? AND partition_id IN ({marks})", [data.run_id, *chosen])
         data.future = store.query(
-            f"SELECT partition_id, {t}, prediction, is_fallback, model FROM predictions "
+            f"SELECT partition_id, {t}, prediction, is_fallback, model, lower, upper FROM predictions "
             f"WHERE partition_id IN ({marks})", chosen)
     return data
+
+
+SOURCE_ORDER = ("production", "unpromoted", "global", "baseline")
+_BACKTEST_OF = {"production": "prediction", "unpromoted": "prediction", "global": "global_forecast",
+                "baseline": "baseline"}
+
+
+def _sources(store: ResultStore, run_id: str | None) -> pd.DataFrame:
+    """Per scoring source: partitions and rows predicted, and the test-window WAPE of that source
+    on exactly those partitions (production and unpromoted: the partition's model; global: the
+    global model; baseline: the moving average)."""
+    served = store.query("SELECT partition_id, source, is_fallback, COUNT(*) AS n FROM predictions "
+                         "GROUP BY partition_id, source, is_fallback")
+    if served.empty:
+        return pd.DataFrame()
+    fallback = pd.to_numeric(served["is_fallback"], errors="coerce").fillna(0).astype(int)
+    served["source"] = served["source"].where(served["source"].notna(),
+                                              np.where(fallback == 1, "baseline", "production"))
+    out = served.groupby("source").agg(partitions=(PARTITION_ID, "nunique"), rows=("n", "sum"))
+    out["share"] = out["rows"] / max(int(out["rows"].sum()), 1)
+    out["wape"] = np.nan
+    if run_id is not None:
+        bt = store.query("SELECT partition_id, actual, prediction, baseline, global_forecast FROM backtests "
+                         "WHERE run_id = ? AND actual IS NOT NULL", [run_id])
+        if not bt.empty:
+            merged = bt.merge(served[[PARTITION_ID, "source"]].drop_duplicates(PARTITION_ID), on=PARTITION_ID)
+            for source, rows in merged.groupby("source"):
+                column = _BACKTEST_OF.get(str(source), "prediction")
+                pred = pd.to_numeric(rows[column], errors="coerce")
+                actual = pd.to_numeric(rows["actual"], errors="coerce")
+                ok = pred.notna() & actual.notna()
+                total = float(actual[ok].abs().sum())
+                if total > 0:
+                    out.loc[source, "wape"] = float((pred[ok] - actual[ok]).abs().sum()) / total
+    order = [s for s in SOURCE_ORDER if s in out.index] + [s for s in out.index if s not in SOURCE_ORDER]
+    return out.loc[order].reset_index()
 
 
 def _latest_training_run(store: ResultStore, runs: pd.DataFrame) -> str | None:
@@ -198,7 +236,7 @@ def accuracy_chart(data: ReportData) -> str | None:
         ax.legend(frameon=False, fontsize=8, loc="upper left" if left else "upper right")
     else:
         ax.hist(acc, bins=bins, color=_ACCENT)
-    ax.set_xlabel("test-window accuracy (1 − MAPE)", fontsize=9)
+    ax.set_xlabel("test-window accuracy (1 − WAPE)", fontsize=9)
     ax.set_ylabel("partitions", fontsize=9)
     ax.set_xlim(0, 1)
     _style(ax)
@@ -261,6 +299,11 @@ def forecast_chart(data: ReportData, partitions: list[str]) -> str | None:
                 ax.plot(bt["_t"], bt["baseline"], color=_MUTED, linewidth=1, linestyle=":", label="baseline")
         if not fut.empty:
             fallback = bool(pd.to_numeric(fut["is_fallback"], errors="coerce").fillna(0).max())
+            lower = pd.to_numeric(fut.get("lower"), errors="coerce") if "lower" in fut else None
+            upper = pd.to_numeric(fut.get("upper"), errors="coerce") if "upper" in fut else None
+            if lower is not None and upper is not None and lower.notna().any():
+                ax.fill_between(fut["_t"], lower, upper, color="#dd6b20", alpha=0.18, linewidth=0,
+                                label="prediction interval")
             ax.plot(fut["_t"], fut["prediction"], color="#dd6b20", linewidth=1.6,
                     label="future (fallback)" if fallback else "future forecast")
         if bt.empty and fut.empty:
@@ -361,7 +404,8 @@ def render(data: ReportData, title: str = DEFAULT_TITLE, top_n: int = 30) -> str
             "<p>The result store holds no training run, no prediction and no run timing. Run the pipeline "
             "(<code>manymodels run --data …</code>), then write this report again.</p></section>")
     else:
-        parts += [_headline(data), _accuracy_section(data), _promotion_section(data), _forecast_section(data),
+        parts += [_headline(data), _accuracy_section(data), _promotion_section(data), _source_section(data),
+                  _forecast_section(data),
                   _timing_section(data), _metrics_table(data, top_n)]
     parts.append("<footer>Built from the SQL result store (tables model_metrics, promotions, backtests, "
                  "predictions, runs). Self-contained: no scripts, no external resources.</footer>")
@@ -389,7 +433,7 @@ def _headline(data: ReportData) -> str:
         ("Rejected", f"{int(decisions.get('rejected', 0)):,}", "by the promotion rules"),
         ("Predictions", f"{data.n_predictions:,}",
          f"{data.n_predicted_partitions:,} partitions, {data.n_fallback_partitions:,} on fallback"),
-        ("Median accuracy", _pct(med_acc), "1 − MAPE on the test window"),
+        ("Median accuracy", _pct(med_acc), "1 − WAPE on the test window"),
     ]
     wape_class = ""
     if med_wape is not None and med_base is not None:
@@ -470,6 +514,23 @@ def _reason_table(title: str, reasons: pd.Series) -> str:
                    for g, r in grouped.iterrows())
     return (f"<h3 style='font-size:14px;margin:16px 0 6px'>{_e(title)}</h3><table class='reasons'>"
             f"<tr><th>Reason (numbers as #)</th><th class='num'>Partitions</th><th>Example</th></tr>{rows}</table>")
+
+
+def _source_section(data: ReportData) -> str:
+    """Where the delivered forecasts come from (the scoring chain), and how accurate each source is."""
+    if data.sources.empty:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_pill(r['source'])}</td><td class='num'>{_int(r['partitions'])}</td>"
+        f"<td class='num'>{_int(r['rows'])}</td><td class='num'>{_pct(_num(r['share']))}</td>"
+        f"<td class='num'>{_pct(_num(r['wape']))}</td></tr>" for _, r in data.sources.iterrows())
+    return ('<section id="sources"><h2>Where forecasts come from</h2><p class="note">Each partition is '
+            "forecast by the first source of the scoring chain that can answer: its production model, its "
+            "latest model when that beat its own baseline (unpromoted), the global model, then the baseline. "
+            "WAPE is that source's test-window error on the partitions it served.</p>"
+            "<table><thead><tr><th>source</th><th class='num'>partitions</th><th class='num'>rows</th>"
+            f"<th class='num'>share</th><th class='num'>test WAPE</th></tr></thead><tbody>{rows}</tbody></table>"
+            "</section>")
 
 
 def _forecast_section(data: ReportData) -> str:

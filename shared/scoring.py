@@ -11,9 +11,10 @@ Two kinds of request, both written by :func:`prepare_scoring` as mini-batch file
   covariates are carried forward from the last observed row (the model bundle does that), which
   is what "known in advance" degrades to when nobody tells us the future prices and promotions.
 
-:func:`score_frame` scores one mini-batch: production model first; without one, and with the
-fallback ``baseline`` (the default), the partition's latest development model is asked for its
-naive baseline forecast and the rows are marked ``is_fallback = 1``. A partition that fails is
+:func:`score_frame` scores one mini-batch: production model first; without one, along
+the scoring chain (``[scoring] chain``), the partition's latest development model answers when it
+beat its own baseline, then the run's global model, then the baseline; the rows say which in
+``source`` and are marked ``is_fallback = 1``. A partition that fails is
 reported with its reason while the others go on.
 """
 from __future__ import annotations
@@ -258,7 +259,7 @@ def score_frame(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | N
     if isinstance(chain, str):  # the former ``fallback`` argument: "baseline" | "none"
         if chain not in ("baseline", "none"):
             raise ValueError(f"fallback must be 'baseline' or 'none', got {chain!r}")
-        chain = ["production"] if chain == "none" else None
+        chain = ["production"] if chain == "none" else ["production", "baseline"]
     chain = list(chain if chain is not None else cfg.scoring_chain)
     spec = cfg.data
     columns = prediction_columns(cfg)
@@ -284,7 +285,7 @@ def score_frame(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | N
         errors: list[str] = []
         answered = False
         for source in chain:
-            pick = _pick_source(source, champions.get(pid), latest_dev.get(pid), prod, dev)
+            pick = pick_source(source, champions.get(pid), latest_dev.get(pid), prod, dev)
             if pick is None:
                 continue
             record, registry, kind = pick
@@ -322,7 +323,7 @@ def score_frame(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | N
     return predictions, statuses
 
 
-def _pick_source(source: str, champion: Any, latest: Any, prod: Any, dev: Any) -> tuple[Any, Any, str] | None:
+def pick_source(source: str, champion: Any, latest: Any, prod: Any, dev: Any) -> tuple[Any, Any, str] | None:
     """The (record, registry, forecast kind) a source would answer with, or None."""
     if source == "production":
         return (champion, prod, "model") if champion is not None else None

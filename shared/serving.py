@@ -7,8 +7,10 @@ A request names one partition by its key values and asks for rows or a horizon::
     {"keys": {"store": "S001", "item": "I0001"}, "horizon": 4}
 
 (``"partition_id": "p..."`` may replace ``keys``; with neither rows nor horizon the trained
-``forecast.horizon`` is used). The answer carries the model's name, version and run id, whether it
-is the baseline fallback, and ``predictions`` as ``[{<time column>: ..., "prediction": ...}]``.
+``forecast.horizon`` is used). The answer carries the model's name, version and run id, its
+``source`` in the scoring chain (production | unpromoted | global | baseline; ``is_fallback`` when
+not production), and ``predictions`` as ``[{<time column>: ..., "prediction": ..., "lower": ...,
+"upper": ...}]`` (the bounds of the ``forecast.interval_level`` prediction interval).
 
 Predictions equal batch scoring's for the same rows: times and text covariates are parsed by the
 scoring file's own helpers (:mod:`shared.validation`), null covariates follow the same policy, and
@@ -151,7 +153,7 @@ class ServingOptions:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
-    def make_cache(self, prod: Any, dev: Any | None, fallback: str) -> ModelCache:
+    def make_cache(self, prod: Any, dev: Any | None, fallback: str | list[str]) -> ModelCache:
         return ModelCache(
             prod,
             dev,
@@ -401,6 +403,7 @@ class Predictor:
             "model_version": cached.version,
             "run_id": cached.run_id,
             "is_fallback": int(cached.is_fallback),
+            "source": cached.source,
             "predictions": predictions,
         }
         return ServingResponse(
@@ -422,9 +425,7 @@ class Predictor:
                 f"rows[{i}].{self.config.data.time}",
             )
         if hasattr(bundle, "predict_arrays"):  # a ForecastBundle: its pandas-free path, same numbers
-            got, predicted = bundle.predict_arrays(
-                rows.periods, rows.covariates, use_baseline=cached.is_fallback
-            )
+            got, predicted = bundle.predict_arrays(rows.periods, rows.covariates, source=cached.kind)
         else:
             future = pd.DataFrame(
                 {
@@ -432,7 +433,7 @@ class Predictor:
                     **{c: rows.covariates[:, j] for j, c in enumerate(self.config.data.covariates)},
                 }
             )
-            out = bundle.predict(future=future, use_baseline=cached.is_fallback)
+            out = bundle.predict(future=future, use_baseline=cached.kind == "baseline")
             got, predicted = out[PERIOD].to_numpy(dtype=np.int64), out["prediction"].to_numpy()
         got = np.asarray(got, dtype=np.int64)
         position = np.searchsorted(got, rows.periods) if len(got) == len(rows.periods) else None
@@ -446,7 +447,9 @@ class Predictor:
                 f"the model returned {int((~np.isfinite(values)).sum())} non-finite prediction(s)"
             )
         time_col = self.config.data.time
-        return [{time_col: t, "prediction": p} for t, p in zip(rows.times, values.tolist())]
+        lower, upper = _bounds(bundle, rows.periods, values, cached.kind)
+        return [{time_col: t, "prediction": p, "lower": lo, "upper": hi}
+                for t, p, lo, hi in zip(rows.times, values.tolist(), lower, upper)]
 
     def _predict_horizon(self, horizon: int, cached: CachedModel) -> list[dict[str, Any]]:
         """The next ``horizon`` periods (``ForecastBundle.predict(horizon=...)``, as batch horizon mode);
@@ -458,12 +461,15 @@ class Predictor:
         bundle = cached.bundle
         time_col = self.config.data.time
         if hasattr(bundle, "predict_arrays"):  # a ForecastBundle: its pandas-free path, same numbers
-            periods, predicted = bundle.predict_arrays(horizon=horizon, use_baseline=cached.is_fallback)
+            periods, predicted = bundle.predict_arrays(horizon=horizon, source=cached.kind)
             times = self._format_times(bundle.period_times(periods))
         else:
-            out = bundle.predict(horizon=horizon, use_baseline=cached.is_fallback)
+            out = bundle.predict(horizon=horizon, use_baseline=cached.kind == "baseline")
             times, predicted = self._format_times(out[time_col]), out["prediction"].to_numpy()
-        records = [{time_col: t, "prediction": float(p)} for t, p in zip(times, predicted.tolist())]
+            periods = out[PERIOD].to_numpy(dtype=np.int64)
+        lower, upper = _bounds(bundle, periods, np.asarray(predicted, dtype=np.float64), cached.kind)
+        records = [{time_col: t, "prediction": float(p), "lower": lo, "upper": hi}
+                   for t, p, lo, hi in zip(times, predicted.tolist(), lower, upper)]
         if len(cached.memo) < MEMO_HORIZONS:
             cached.memo[memo_key] = records
         return records
@@ -597,6 +603,15 @@ class Predictor:
         self.cache.close()
 
 
+def _bounds(bundle: Any, periods: np.ndarray, values: np.ndarray, kind: str) -> tuple[list[Any], list[Any]]:
+    """The prediction interval of each row as JSON numbers (null where the bundle has none)."""
+    if not hasattr(bundle, "bounds"):
+        return [None] * len(values), [None] * len(values)
+    lower, upper = bundle.bounds(periods, values, kind)
+    as_json = lambda a: [None if not np.isfinite(v) else float(v) for v in np.asarray(a, dtype=np.float64)]  # noqa: E731
+    return as_json(lower), as_json(upper)
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
@@ -629,9 +644,9 @@ def open_predictor(workspace: Any, options: ServingOptions | None = None) -> Pre
     """A predictor over a workspace's production registry (and dev registry for the fallback)."""
     options = options or ServingOptions.from_env()
     cfg = workspace.config
-    fallback = cfg.promotion.fallback
-    dev = workspace.dev if fallback == "baseline" else None
-    return Predictor(cfg, options.make_cache(workspace.prod, dev, fallback), options)
+    chain = cfg.scoring_chain
+    dev = workspace.dev if chain != ["production"] else None
+    return Predictor(cfg, options.make_cache(workspace.prod, dev, chain), options)
 
 
 # -- the ASGI app ------------------------------------------------------------------------------------

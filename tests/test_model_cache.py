@@ -239,7 +239,7 @@ def test_a_partition_without_production_model_falls_back_to_the_dev_baseline(reg
     assert prod.latest(pid) is None
     model = ModelCache(prod, dev).get(pid)
     assert model.is_fallback and model.model == "baseline" and model.registry == "dev"
-    with pytest.raises(ModelNotFoundError, match="promotion.fallback = none"):
+    with pytest.raises(ModelNotFoundError, match="no fallback"):
         ModelCache(prod, dev, fallback="none").get(pid)
     cache = ModelCache(prod, dev)
     with pytest.raises(ModelNotFoundError) as info:

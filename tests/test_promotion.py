@@ -113,7 +113,7 @@ def test_bad_status_and_missing_or_nan_metrics_are_rejected(dev, prod):
         "pFail": {"status": "failed", "metrics": {"accuracy": 0.99}},
         "pSkip": {"status": "skipped", "metrics": {}},
         "pBase": {"status": "baseline_only", "metrics": {"accuracy": 0.85}},
-        "pMissing": {"metrics": {"wape": 0.1}},
+        "pMissing": {"metrics": {"rmse": 0.1}},
         "pNan": {"metrics": {"accuracy": float("nan")}},
         "pNull": {"metrics": {"accuracy": None}},  # how a training row stores an undefined metric
     })

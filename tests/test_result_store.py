@@ -156,8 +156,25 @@ def test_all_tables_exist_with_key_and_time_columns_under_their_own_names(make_s
         assert store.count(table) == 0
     cols = store.query("SELECT * FROM predictions WHERE 1 = 0").columns.tolist()
     assert cols == ["store", "item", "date", "prediction", "model", "model_version", "run_id",
-                    "partition_id", "is_fallback", "score_id", "scored_at"]
+                    "partition_id", "is_fallback", "score_id", "scored_at", "source", "lower", "upper"]
     assert {"store", "item", "date"} <= set(store.query("SELECT * FROM backtests WHERE 1 = 0").columns)
+
+
+def test_a_store_from_an_earlier_release_gains_the_new_columns_and_keeps_its_rows(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)  # the predictions table as release 0.1 created it
+    conn.execute("CREATE TABLE predictions (store TEXT, item TEXT, date TEXT, prediction REAL, model TEXT, "
+                 "model_version INTEGER, run_id TEXT, partition_id TEXT, is_fallback INTEGER, score_id TEXT, "
+                 "scored_at TEXT, PRIMARY KEY (partition_id, date))")
+    conn.execute("INSERT INTO predictions VALUES ('s', 'i', '2025-01-05', 1.5, 'gbm', 1, 'r', 'p1', 0, 's1', 'now')")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(path, keys=["store", "item"], time_column="date", freq="W")
+    rows = store.query("SELECT prediction, source, lower, upper FROM predictions")
+    assert rows["prediction"].tolist() == [1.5] and rows["source"].isna().all() and rows["lower"].isna().all()
+    store.close()
 
 
 def test_metrics_accept_train_result_rows_and_upsert_per_partition_and_run(make_store):

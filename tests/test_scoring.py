@@ -196,7 +196,7 @@ def test_without_the_fallback_partitions_lacking_a_production_model_get_no_rows(
                                         "none")
     assert set(predictions[PARTITION_ID]) == set(world["champions"])
     no_model = [s for s in statuses if s["status"] == "no_model"]
-    assert len(no_model) == 2 and all("fallback = none" in s["reason"] for s in no_model)
+    assert len(no_model) == 2 and all("no fallback" in s["reason"] for s in no_model)
     assert all(s["rows"] == 0 for s in no_model)
 
 
@@ -217,7 +217,7 @@ def test_a_scoring_file_gets_exactly_its_rows_predicted(world, panel):
     expected = world["bundles"][pid].predict(future=mine[["date", "price", "promo"]])
     got_rows = predictions[predictions[PARTITION_ID] == pid].sort_values("date")
     assert got_rows["prediction"].to_numpy() == pytest.approx(expected["prediction"].to_numpy())
-    assert score_batch(requests, cfg, world["prod"], world["dev"]).equals(predictions)
+    assert score_batch(requests, cfg, world["prod"], world["dev"], "baseline").equals(predictions)
 
 
 def test_a_partition_that_cannot_be_predicted_fails_alone_with_its_reason(world, panel):
