@@ -1,0 +1,167 @@
+"""The global model, the newer candidates, prediction intervals and the scoring chain."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shared.config import ProjectConfig
+from shared.features import build_features
+from shared.global_model import GLOBAL_ID, GlobalModelError, GlobalView, fit_global
+from shared.keys import PARTITION_ID
+from shared.registry import ModelRegistry
+from shared.scoring import beats_baseline, horizon_requests, score_frame
+from shared.synthetic import generate_panel
+from shared.timegrid import PERIOD
+from shared.training import conformal_offsets, global_cuts, train_batch
+from shared.validation import validate
+
+HOLDOUT = 12
+
+
+@pytest.fixture(scope="module")
+def cfg() -> ProjectConfig:
+    return ProjectConfig()
+
+
+@pytest.fixture(scope="module")
+def split(cfg):
+    raw = next(generate_panel(partitions=24, periods=120, seed=5))
+    raw = raw.sort_values(["store", "item", "date"])
+    rank = raw.groupby(["store", "item"]).cumcount(ascending=False)
+    train, hold = raw[rank >= HOLDOUT], raw[rank < HOLDOUT]
+    frame, _ = validate(train, cfg)
+    return frame, hold
+
+
+@pytest.fixture(scope="module")
+def trained(cfg, split):
+    frame, _ = split
+    ff = build_features(frame, cfg)
+    models = fit_global([ff], [global_cuts(ff, cfg)], "rg", cfg.training.global_max_rows)
+    return models, {r.partition_id: r for r in train_batch(frame, cfg, global_models=models)}
+
+
+def test_the_global_model_is_fitted_three_times_on_growing_rows(trained):
+    models, _ = trained
+    assert set(models.fits) == {"validation", "test", "final"}
+    assert models.rows["validation"] < models.rows["test"] < models.rows["final"]
+
+
+def test_a_view_pickles_without_the_model_and_predicts_once_bound(trained):
+    models, results = trained
+    bundle = next(r.bundle for r in results.values() if r.bundle is not None and r.bundle.global_view is not None)
+    restored = pickle.loads(pickle.dumps(bundle))
+    assert getattr(restored.global_view, "model_", None) is None
+    assert len(pickle.dumps(bundle)) < 200_000  # the global model is not inside every bundle
+    with pytest.raises(GlobalModelError, match="global model of run rg"):
+        restored.predict(horizon=3, source="global")
+    restored.bind_global(models.fits["final"])
+    expected = bundle.predict(horizon=3, source="global")
+    pd.testing.assert_frame_equal(restored.predict(horizon=3, source="global"), expected)
+
+
+def test_candidates_compete_over_folds_and_every_bundle_carries_intervals(trained):
+    _, results = trained
+    chosen = {r.model_name for r in results.values() if r.status == "trained"}
+    assert chosen <= {"baseline", "loglinear", "loglm", "global", "ensemble"}
+    for r in results.values():
+        if r.status == "trained":
+            assert {"baseline", "loglinear", "loglm", "global"} <= set(r.candidate_scores)
+            assert r.global_metrics and "backtest_wape" in r.metrics
+            assert set(r.bundle.intervals) >= {"model", "baseline", "global"}
+            lo, hi = r.bundle.intervals["model"]
+            assert lo <= 0.0 <= hi
+
+
+def test_intervals_widen_beyond_the_horizon_and_contain_the_forecast(trained):
+    _, results = trained
+    bundle = next(r.bundle for r in results.values() if r.status == "trained")
+    out = bundle.predict(horizon=24)
+    assert (out["lower"] <= out["prediction"]).all() and (out["prediction"] <= out["upper"]).all()
+    log_width = np.log1p(out["upper"]) - np.log1p(out["lower"])
+    assert log_width.iloc[-1] > log_width.iloc[0]
+
+
+def test_eighty_percent_intervals_cover_most_but_not_all_held_out_rows(trained, split, cfg):
+    _, results = trained
+    _, hold = split
+    frame = hold.assign(**{PARTITION_ID: None})
+    inside = total = 0
+    from shared.keys import partition_ids
+
+    frame[PARTITION_ID] = partition_ids(hold, cfg.data.keys).to_numpy()
+    for pid, rows in frame.groupby(PARTITION_ID):
+        r = results.get(pid)
+        if r is None or r.bundle is None:  # a late starter wholly inside the hold-out
+            continue
+        out = r.bundle.predict(future=rows[["date", "price", "promo"]].reset_index(drop=True))
+        actual = rows.sort_values("date")["sales"].to_numpy()
+        inside += int(((out["lower"].to_numpy() <= actual) & (actual <= out["upper"].to_numpy())).sum())
+        total += len(actual)
+    coverage = inside / total
+    assert 0.65 <= coverage <= 0.97, coverage
+
+
+def test_conformal_offsets_bracket_zero_and_widen_with_few_residuals():
+    rng = np.random.default_rng(0)
+    many = conformal_offsets(rng.normal(0, 0.1, 400), 0.8)
+    few = conformal_offsets(rng.normal(0, 0.1, 5), 0.8)
+    assert many[0] < 0 < many[1]
+    assert many[0] == pytest.approx(-0.128, abs=0.03) and many[1] == pytest.approx(0.128, abs=0.03)
+    assert few[1] - few[0] > 0
+
+
+def test_a_view_needs_its_model():
+    with pytest.raises(GlobalModelError):
+        GlobalView(run_id="r0", scale=2.0, centres=np.zeros(0)).predict(np.zeros((1, 3)))
+
+
+@pytest.fixture()
+def registries(tmp_path, trained, cfg, split):
+    """A dev registry holding the run (bundles + global model) and an empty production one."""
+    models, results = trained
+    dev, prod = ModelRegistry(tmp_path / "dev", "dev"), ModelRegistry(tmp_path / "prod", "prod")
+    items = []
+    for r in results.values():
+        if r.bundle is None:
+            continue
+        row = {**r.to_row(), "run_id": "rg"}
+        row["metrics"] = {**row["metrics"], "baseline_wape": r.baseline_metrics.get("wape")}
+        items.append((row, pickle.dumps(r.bundle)))
+    items.append(({PARTITION_ID: GLOBAL_ID, "run_id": "rg", "model_type": "global", "status": "trained"},
+                  pickle.dumps(models.fits["final"])))
+    dev.register_many(items)
+    return dev, prod, results
+
+
+def test_the_chain_answers_every_partition_and_names_the_source(registries, cfg, split):
+    dev, prod, results = registries
+    frame, _ = split
+    manifest = frame.groupby(PARTITION_ID).agg(**{k: (k, "first") for k in cfg.data.keys},
+                                                last_period=(PERIOD, "max")).reset_index()
+    requests = horizon_requests(manifest, cfg)
+    predictions, statuses = score_frame(requests, cfg, prod, dev)
+    assert set(predictions["source"]) <= {"unpromoted", "global", "baseline"}
+    assert (predictions["is_fallback"] == 1).all()
+    assert {s["status"] for s in statuses} == {"fallback"}
+    by_pid = predictions.groupby(PARTITION_ID)["source"].first()
+    for pid, source in by_pid.items():
+        record = dev.latest(pid)
+        assert (source == "unpromoted") == beats_baseline(record)
+        if source == "global":
+            assert predictions.loc[predictions[PARTITION_ID] == pid, "model"].eq("global").all()
+    assert predictions[["lower", "upper"]].notna().all().all()
+
+
+def test_a_chain_without_global_skips_it_and_the_listing_hides_the_global_model(registries, cfg, split):
+    dev, prod, _ = registries
+    frame, _ = split
+    manifest = frame.groupby(PARTITION_ID).agg(**{k: (k, "first") for k in cfg.data.keys},
+                                                last_period=(PERIOD, "max")).reset_index()
+    predictions, _ = score_frame(horizon_requests(manifest, cfg), cfg, prod, dev, ["production", "baseline"])
+    assert set(predictions["source"]) == {"baseline"}
+    assert GLOBAL_ID not in {r.partition_id for r in dev.find()}
+    assert GLOBAL_ID in {r.partition_id for r in dev.find(include_global=True)}
