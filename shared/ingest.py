@@ -11,7 +11,7 @@ from __future__ import annotations
 import decimal
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -46,26 +46,100 @@ def read_source(source: str | Path, cfg: ProjectConfig, query: str | None = None
         return _read_odbc(source[len(ODBC_PREFIX) :], query, source)
     if query is not None:
         raise IngestError(f"source {describe_source(source)}: a query is only used with an 'odbc:' source")
+    path, kind = file_kind(source)
+    if kind == "folder":
+        return _read_parquet_folder(path)
+    if kind == "parquet":
+        return _read_parquet(path)
+    return _read_csv(path, cfg)
+
+
+def file_kind(source: str | Path) -> tuple[Path, str]:
+    """A file source's path and kind: ``parquet``, ``folder`` (of Parquet files) or ``csv``."""
     path = Path(source)
     if not path.exists():
         raise IngestError(f"source not found: {path}")
     if path.is_dir():
-        return _read_parquet_folder(path)
+        return path, "folder"
     suffixes = "".join(path.suffixes[-2:]).lower()
     if path.suffix.lower() == ".parquet":
-        return _read_parquet(path)
+        return path, "parquet"
     if path.suffix.lower() == ".csv" or suffixes in (".csv.gz", ".csv.zip", ".csv.bz2", ".csv.xz"):
-        return _read_csv(path, cfg)
+        return path, "csv"
     raise IngestError(
         f"source {path}: unsupported file type {path.suffix!r}; use .csv, .parquet, a folder of "
         f"Parquet files, or 'odbc:<connection string>' with a query"
     )
 
 
+def iter_batches(path: Path, kind: str, cfg: ProjectConfig, batch_rows: int) -> Iterator[pa.Table | pd.DataFrame]:
+    """The source in order, ``batch_rows`` rows at a time (Arrow tables; CSV: pandas chunks, read by
+    the same parser as :func:`read_source`), with the same errors as ``read_source``."""
+    if kind == "csv":
+        try:
+            key_types = _csv_key_types(path, cfg)
+            with pd.read_csv(path, dtype=key_types, keep_default_na=True, chunksize=batch_rows) as chunks:
+                yield from chunks
+        except pd.errors.EmptyDataError as exc:
+            raise IngestError(f"source {path}: the CSV file is empty (no header row)") from exc
+        except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
+            raise IngestError(f"source {path}: not a readable CSV file: {exc}") from exc
+        return
+    what = "not a readable Parquet file" if kind == "parquet" else "the Parquet files cannot be read as one table"
+    try:
+        dataset = _parquet_dataset(path, kind)
+        scanner = dataset.scanner(batch_size=batch_rows, batch_readahead=2, fragment_readahead=1)
+        for batch in scanner.to_batches():
+            if batch.num_rows:
+                yield pa.Table.from_batches([batch]).replace_schema_metadata(dataset.schema.metadata)
+    except (pa.ArrowException, OSError) as exc:
+        raise IngestError(f"source {path}: {what}: {exc}") from exc
+
+
+def estimate_rows(path: Path, kind: str) -> int:
+    """Rows in a file source: exact for Parquet (metadata), from the size of the first lines for CSV."""
+    if kind == "csv":
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 20)
+        lines = max(1, head.count(b"\n") - 1)
+        size = path.stat().st_size
+        if "".join(path.suffixes[-2:]).lower() != ".csv":
+            size *= 5  # compressed CSV: a rough expansion ratio
+        return int(size / max(1.0, len(head) / lines)) if len(head) else 0
+    try:
+        return int(_parquet_dataset(path, kind).count_rows())
+    except (pa.ArrowException, OSError, IngestError):
+        return 0
+
+
+def table_to_pandas(table: pa.Table) -> pd.DataFrame:
+    """An Arrow table as :func:`read_source` returns Parquet data (dictionaries decoded)."""
+    return _plain(table.to_pandas())
+
+
+def _csv_key_types(path: Path, cfg: ProjectConfig) -> dict[str, type]:
+    header = pd.read_csv(path, nrows=0).columns
+    return {k: str for k in cfg.data.keys if k in header}
+
+
+def _parquet_dataset(path: Path, kind: str) -> pads.Dataset:
+    if kind == "parquet":
+        return pads.dataset(path, format="parquet")
+    files = sorted(p for p in path.rglob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
+    if not files:
+        found = sorted({p.suffix or p.name for p in path.rglob("*") if p.is_file()})
+        raise IngestError(f"source {path}: the folder holds no .parquet files (found: {found or 'nothing'})")
+    return pads.dataset(
+        [str(f) for f in files],
+        format="parquet",
+        partitioning=pads.HivePartitioning.discover(infer_dictionary=False),
+        partition_base_dir=str(path),
+    )
+
+
 def _read_csv(path: Path, cfg: ProjectConfig) -> pd.DataFrame:
     try:
-        header = pd.read_csv(path, nrows=0).columns
-        key_types = {k: str for k in cfg.data.keys if k in header}
+        key_types = _csv_key_types(path, cfg)
         return pd.read_csv(path, dtype=key_types, keep_default_na=True)
     except pd.errors.EmptyDataError as exc:
         raise IngestError(f"source {path}: the CSV file is empty (no header row)") from exc
@@ -75,25 +149,15 @@ def _read_csv(path: Path, cfg: ProjectConfig) -> pd.DataFrame:
 
 def _read_parquet(path: Path) -> pd.DataFrame:
     try:
-        return _plain(pads.dataset(path, format="parquet").to_table().to_pandas())
+        return _plain(_parquet_dataset(path, "parquet").to_table().to_pandas())
     except (pa.ArrowException, OSError) as exc:
         raise IngestError(f"source {path}: not a readable Parquet file: {exc}") from exc
 
 
 def _read_parquet_folder(path: Path) -> pd.DataFrame:
     """All Parquet files below a folder as one table; hive folders (``store=S01/``) become columns."""
-    files = sorted(p for p in path.rglob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
-    if not files:
-        found = sorted({p.suffix or p.name for p in path.rglob("*") if p.is_file()})
-        raise IngestError(f"source {path}: the folder holds no .parquet files (found: {found or 'nothing'})")
     try:
-        dataset = pads.dataset(
-            [str(f) for f in files],
-            format="parquet",
-            partitioning=pads.HivePartitioning.discover(infer_dictionary=False),
-            partition_base_dir=str(path),
-        )
-        return _plain(dataset.to_table().to_pandas())
+        return _plain(_parquet_dataset(path, "folder").to_table().to_pandas())
     except (pa.ArrowException, OSError) as exc:
         raise IngestError(f"source {path}: the Parquet files cannot be read as one table: {exc}") from exc
 

@@ -13,6 +13,7 @@ fingerprint), so ingesting the same data twice is a no-op that returns the exist
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -22,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from shared.config import ProjectConfig
 from shared.keys import PARTITION_ID, canonical_value
@@ -141,29 +144,60 @@ def prepare_dataset(
     starts = _starts(ids)
     sizes = np.diff(np.r_[starts, len(ids)])
     batch_of_part = pack_batches(sizes, file_rows(int(sizes.sum()), cfg))
-    names = [f"batch-{b:05d}.parquet" for b in range(int(batch_of_part.max()) + 1)]
+    names = batch_names(batch_of_part)
     root = dataset_root(dataset_id)
     bounds = np.r_[starts, len(ids)]
     part_bounds = np.r_[np.flatnonzero(np.r_[True, batch_of_part[1:] != batch_of_part[:-1]]), len(starts)]
+    table = batch_table(frame)  # one conversion, then zero-copy slices: the same bytes as per slice
     for b, name in enumerate(names):
         lo, hi = bounds[part_bounds[b]], bounds[part_bounds[b + 1]]
-        write_parquet(lake, f"{root}/batches/{name}", frame.iloc[lo:hi].reset_index(drop=True))
+        write_batch(lake, f"{root}/batches/{name}", table.slice(lo, hi - lo))
+    del table
 
     manifest = _manifest(frame, cfg, starts, sizes, prints, [names[b] for b in batch_of_part])
+    anchor = report.anchor
+    if anchor is None and spec.freq != "int":
+        observed = frame[spec.time] if FILLED not in frame else frame.loc[~frame[FILLED], spec.time]
+        anchor = anchor_offset(observed, spec.freq)
+    return finish_dataset(lake, cfg, dataset_id, manifest, names, report, anchor)
+
+
+def batch_names(batch_of_part: np.ndarray) -> list[str]:
+    return [f"batch-{b:05d}.parquet" for b in range(int(batch_of_part.max()) + 1)] if len(batch_of_part) else []
+
+
+def batch_table(frame: pd.DataFrame) -> pa.Table:
+    """A validated frame as the Arrow table its mini-batch files are slices of."""
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def write_batch(lake: Lake, path: str, table: pa.Table) -> None:
+    """One mini-batch file; chunks are combined first, so the bytes do not depend on how the rows
+    were assembled (one frame in memory, or slices of several streamed buckets)."""
+    sink = io.BytesIO()
+    pq.write_table(table.combine_chunks(), sink, compression="zstd")
+    lake.write_bytes(path, sink.getvalue())
+
+
+def finish_dataset(
+    lake: Lake,
+    cfg: ProjectConfig,
+    dataset_id: str,
+    manifest: pd.DataFrame,
+    names: list[str],
+    report: ValidationReport,
+    anchor: str | None,
+) -> PreparedDataset:
+    """Write the manifest, then ``dataset.json`` (last: it marks the dataset complete)."""
+    root = dataset_root(dataset_id)
     write_parquet(lake, f"{root}/manifest.parquet", manifest)
-    observed = frame[spec.time] if FILLED not in frame else frame.loc[~frame[FILLED], spec.time]
-    anchor = (
-        report.anchor
-        if report.anchor is not None or spec.freq == "int"
-        else anchor_offset(observed, spec.freq)
-    )
     meta = {
         "dataset_id": dataset_id,
         "created_at": datetime.now(timezone.utc).isoformat(),
         "config": cfg.to_dict(),
         "anchor": anchor,
-        "n_partitions": int(len(starts)),
-        "n_rows": int(len(frame)),
+        "n_partitions": int(len(manifest)),
+        "n_rows": int(manifest["n_rows"].sum()),
         "batches": names,
         "validation": report.to_dict(),
     }
@@ -234,6 +268,14 @@ def _from_meta(meta: dict[str, Any], manifest: pd.DataFrame) -> PreparedDataset:
 
 def _starts(ids: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+
+
+def manifest_rows(frame: pd.DataFrame, cfg: ProjectConfig, prints: pd.Series) -> pd.DataFrame:
+    """The manifest of a validated frame (sorted by partition id), its ``batch`` column still empty."""
+    ids = frame[PARTITION_ID].to_numpy()
+    starts = _starts(ids)
+    sizes = np.diff(np.r_[starts, len(ids)])
+    return _manifest(frame, cfg, starts, sizes, prints, [""] * len(starts))
 
 
 def _manifest(

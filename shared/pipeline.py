@@ -228,15 +228,14 @@ class Workspace:
 
 # -- ingest ------------------------------------------------------------------------------------
 def ingest(ws: Workspace, source: str | Path, query: str | None = None) -> IngestSummary:
-    """Read, validate and partition a source; the same data twice gives the same dataset."""
-    from shared.ingest import read_source
-    from shared.partitioning import prepare_dataset
-    from shared.validation import validate
+    """Read, validate and partition a source; the same data twice gives the same dataset.
 
-    frame = read_source(_resolve_source(ws, source), ws.config, query=query)
-    validated, report = validate(frame, ws.config)
-    del frame
-    dataset = prepare_dataset(ws.lake, validated, ws.config, report)
+    Within ``ingest.memory_mb`` whatever the source's size (``shared.streaming``)."""
+    from shared.streaming import ingest_source
+
+    dataset, report = ingest_source(
+        ws.lake, _resolve_source(ws, source), ws.config, query=query, tmp_root=ws.local_dir(".cache")
+    )
     ws.lake.write_bytes("prepared/LATEST", dataset.dataset_id.encode())
     return IngestSummary(
         dataset_id=dataset.dataset_id,

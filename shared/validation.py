@@ -25,10 +25,23 @@ from pandas.api import types as ptypes
 from shared.config import DataSpec, ProjectConfig
 from shared.errors import ManyModelsError
 from shared.keys import PARTITION_ID, partition_ids
-from shared.timegrid import PERIOD, anchor_offset, from_periods, to_periods
+from shared.timegrid import PERIOD, anchor_offset, from_periods, period_freq, to_periods
 
 FILLED = "_filled"
 MAX_EXAMPLES = 5
+
+
+class _Unset:
+    """A global fact a part of the input leaves to be computed from the part itself."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __reduce__(self) -> str:  # pickled by reference: still ``is UNSET`` in a worker process
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
 
 REASONS = {
     "dropped_null_keys": "rows dropped: a partition key was null",
@@ -44,6 +57,41 @@ REASONS = {
     "filled_gaps": "rows added for missing periods inside a series",
     "kept_gaps": "missing periods inside a series left as gaps (policy keep)",
 }
+
+
+@dataclass
+class PartContext:
+    """Validating one part of a larger input (:mod:`shared.streaming`): what the part cannot see.
+
+    Inputs are facts about the whole input, decided outside (``UNSET``: compute from the part as
+    :func:`validate` does). Outputs are what the part observed, for the global checks that
+    :func:`validate` makes over the whole frame: the anchor's statistics, whether the anchor or a
+    covariate median was used, covariates null in the whole part, and the stage of each reason.
+    The part's frame is indexed by input row positions.
+    """
+
+    anchor: Any = UNSET
+    first_time: Any = UNSET  # the input's first time value, quoted by "not a date"
+    time_format: str | None = None  # strptime format guessed from the input's first time value
+    time_utc: bool | None = None  # None: as validate (UTC only if offsets are mixed)
+    covariate_medians: dict[str, float] = field(default_factory=dict)
+    collect_covariates: bool = False
+    # observations
+    stage: tuple = ()
+    reason_stage: dict[str, tuple] = field(default_factory=dict)
+    anchor_counts: Any = None
+    used_anchor: bool = False
+    tz_kinds: set = field(default_factory=set)
+    needs_median: set = field(default_factory=set)
+    non_null: dict[str, int] = field(default_factory=dict)
+    all_null: dict[str, Any] = field(default_factory=dict)  # covariate -> (null rows, examples)
+    covariate_values: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def enter(self, stage: tuple, report: "ValidationReport") -> None:
+        """Start a stage; reasons that appeared since the last call belong to the previous one."""
+        for reason in report.counts:
+            self.reason_stage.setdefault(reason, self.stage)
+        self.stage = stage
 
 
 class DataValidationError(ManyModelsError, ValueError):
@@ -115,25 +163,43 @@ class ValidationReport:
         return lines
 
 
-def validate(frame: pd.DataFrame, cfg: ProjectConfig) -> tuple[pd.DataFrame, ValidationReport]:
-    """Check and repair ``frame`` by ``cfg.validation``; return the validated frame and the report."""
+def validate(
+    frame: pd.DataFrame, cfg: ProjectConfig, part: PartContext | None = None
+) -> tuple[pd.DataFrame, ValidationReport]:
+    """Check and repair ``frame`` by ``cfg.validation``; return the validated frame and the report.
+
+    With ``part``, ``frame`` is one part of a larger input (whole partitions, indexed by input row
+    positions, null keys already handled): the checks that need the whole input are left to the
+    caller through ``part`` (see :class:`PartContext`), and a part may end up empty.
+    """
     spec, policy = cfg.data, cfg.validation
     report = ValidationReport(input_rows=len(frame), policy=dataclasses.asdict(policy))
-    if frame.shape[1] == 0 or len(frame) == 0:
+    if part is None and (frame.shape[1] == 0 or len(frame) == 0):
         raise DataValidationError(None, f"empty input: {len(frame)} rows, {frame.shape[1]} columns")
     _check_columns(frame, spec)
-    source = frame.reset_index(drop=True)  # examples quote rows by their position in the input
+    # examples quote rows by their position in the input (a part's index already holds them)
+    source = frame.reset_index(drop=True) if part is None else frame
     work = source[[*spec.keys, spec.time, spec.target, *spec.covariates]]
 
+    _enter(part, (0,), report)
     work = _null_keys(work, source, spec, policy.null_keys, report)
-    times = parse_time(work[spec.time], source, spec)
+    _enter(part, (1, 0), report)
+    times = parse_time(work[spec.time], source, spec, part=part)
+    _enter(part, (1, 1), report)
     target = parse_numeric(work[spec.target], source, spec.target, "target")
-    covs = {c: parse_numeric(work[c], source, c, "covariate") for c in spec.covariates}
+    covs = {}
+    for i, c in enumerate(spec.covariates):
+        _enter(part, (1, 2, i), report)
+        covs[c] = parse_numeric(work[c], source, c, "covariate")
+    _enter(part, (1, 3), report)
     target, keep = _target_policies(target, work.index.to_numpy(), source, spec.target, policy, report)
     if keep is not None:
         work, times, target = work[keep], times[keep], target[keep]
         covs = {c: v[keep] for c, v in covs.items()}
     if len(work) == 0:
+        if part is not None:  # whether the whole input is empty is the caller's check
+            _enter(part, (9,), report)
+            return pd.DataFrame(), report
         raise DataValidationError(None, f"no rows left after validation: {report.counts}")
 
     # partition codes (sorted by partition id) and periods; one stable sort puts rows in order
@@ -147,7 +213,13 @@ def validate(frame: pd.DataFrame, cfg: ProjectConfig) -> tuple[pd.DataFrame, Val
     covs = {c: v[order] for c, v in covs.items()}
     keys = work[spec.keys].take(order)
 
-    anchor = anchor_offset(times, spec.freq)
+    if part is None or part.anchor is UNSET:
+        anchor = anchor_offset(times, spec.freq)
+    else:
+        anchor = part.anchor
+    if part is not None:
+        part.anchor_counts = anchor_counts(times, spec.freq)
+    _enter(part, (2,), report)
     merged = _duplicates(codes, periods, target, rows, source, spec, policy.duplicates, report)
     if merged is not None:
         keep_rows, absorbed = merged
@@ -162,14 +234,21 @@ def validate(frame: pd.DataFrame, cfg: ProjectConfig) -> tuple[pd.DataFrame, Val
         keys = keys[keep_rows]
         # a merged row stands for its whole period: give it the period's usual time stamp
         absorbed = absorbed[keep_rows]
+        if part is not None and absorbed.any():
+            part.used_anchor = True
         time_values = time_values.copy()
         time_values[absorbed] = (
             from_periods(periods[absorbed], spec.freq, anchor).to_numpy().astype(time_values.dtype)
         )
 
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
-    for name in spec.covariates:
-        covs[name] = _null_covariate(covs[name], starts, rows, source, name, policy.null_covariates, report)
+    for i, name in enumerate(spec.covariates):
+        _enter(part, (3, i), report)
+        if part is not None and part.collect_covariates:
+            part.covariate_values[name] = covs[name]
+        covs[name] = _null_covariate(
+            covs[name], starts, rows, source, name, policy.null_covariates, report, part
+        )
 
     out = pd.DataFrame(
         {
@@ -182,12 +261,44 @@ def validate(frame: pd.DataFrame, cfg: ProjectConfig) -> tuple[pd.DataFrame, Val
             FILLED: np.zeros(len(codes), dtype=bool),
         }
     )
-    out = _fill_gaps(out, starts, spec, policy.gaps, anchor, report)
+    _enter(part, (4,), report)
+    out = _fill_gaps(out, starts, spec, policy.gaps, anchor, report, part)
+    _enter(part, (9,), report)
 
     report.output_rows = len(out)
     report.partitions = len(starts)
     report.anchor = anchor
     return out, report
+
+
+def _enter(part: PartContext | None, stage: tuple, report: ValidationReport) -> None:
+    if part is not None:
+        part.enter(stage, report)
+
+
+def anchor_counts(times: pd.Series, freq: str) -> tuple[pd.Series, pd.Series] | None:
+    """What :func:`shared.timegrid.anchor_offset` takes the modes of, as value counts: parts of an
+    input add theirs up and :func:`anchor_from_counts` gives the whole input's anchor."""
+    if freq == "int" or times.empty:
+        return None
+    periods = times.dt.to_period(period_freq(freq))
+    from_start = (times - periods.dt.start_time).value_counts()
+    to_end = (periods.dt.end_time.dt.normalize() - times).value_counts()
+    return from_start, to_end
+
+
+def anchor_from_counts(counts: tuple[pd.Series, pd.Series] | None, freq: str) -> str | None:
+    """``anchor_offset``'s rule over summed counts (a mode is the smallest of the most frequent)."""
+    if counts is None:
+        return None
+
+    def mode(c: pd.Series) -> pd.Timedelta:
+        return c[c == c.max()].index.min()
+
+    from_start, to_end = mode(counts[0]), mode(counts[1])
+    if to_end == pd.Timedelta(0) and from_start != pd.Timedelta(0) and period_freq(freq)[0] in "MQY":
+        return "end:0"
+    return f"start:{int(from_start.total_seconds())}"
 
 
 # -- the checks, in the order validate applies them ------------------------------------------------
@@ -214,7 +325,8 @@ def _check_columns(frame: pd.DataFrame, spec: DataSpec) -> None:
 
 
 def example_rows(source: pd.DataFrame, positions: np.ndarray) -> pd.DataFrame:
-    shown = source.iloc[np.asarray(positions)[:MAX_EXAMPLES]]
+    """Up to five rows of ``source`` by index label (its row position in the input)."""
+    shown = source.loc[np.asarray(positions)[:MAX_EXAMPLES]]
     shown.index.name = "row"
     return shown
 
@@ -236,7 +348,9 @@ def _null_keys(
     return work[~mask]
 
 
-def parse_time(col: pd.Series, source: pd.DataFrame, spec: DataSpec) -> pd.Series:
+def parse_time(
+    col: pd.Series, source: pd.DataFrame, spec: DataSpec, part: PartContext | None = None
+) -> pd.Series:
     """Dates as datetime64 (time zones dropped, wall time kept), or int64 periods for freq 'int'."""
     name = spec.time
     missing = col.isna().to_numpy()
@@ -265,15 +379,24 @@ def parse_time(col: pd.Series, source: pd.DataFrame, spec: DataSpec) -> pd.Serie
             example_rows(source, col.index),
         )
     else:
+        fmt = part.time_format if part is not None else None
         try:
-            parsed = pd.to_datetime(col, errors="coerce")
+            if part is not None and part.time_utc:
+                raise ValueError("the whole input mixes UTC offsets")
+            parsed = pd.to_datetime(col, errors="coerce", format=fmt)
         except (ValueError, TypeError):  # mixed UTC offsets: compare them in UTC
-            parsed = pd.to_datetime(col, errors="coerce", utc=True)
+            parsed = pd.to_datetime(col, errors="coerce", utc=True, format=fmt)
+            if part is not None:
+                part.tz_kinds.add("utc")
+        else:
+            if part is not None:
+                part.tz_kinds.add(str(getattr(parsed.dt, "tz", None)))
         bad = parsed.isna().to_numpy()
         if bad.any():
+            first = col.iloc[0] if part is None or part.first_time is UNSET else part.first_time
             raise DataValidationError(
                 name,
-                f"not a date (values must share one format, like the first: {col.iloc[0]!r})",
+                f"not a date (values must share one format, like the first: {first!r})",
                 example_rows(source, col.index[bad]),
                 int(bad.sum()),
             )
@@ -412,9 +535,16 @@ def _null_covariate(
     name: str,
     policy: str,
     report: ValidationReport,
+    part: PartContext | None = None,
 ) -> np.ndarray:
-    """Fill null covariates: forward then backward within the partition (``ffill``), 0, or refuse."""
+    """Fill null covariates: forward then backward within the partition (``ffill``), 0, or refuse.
+
+    A partition with no value at all takes the column's median: of the whole input, which a
+    ``part`` gets from ``part.covariate_medians`` (or says it needs through ``part.needs_median``).
+    """
     null = np.isnan(values)
+    if part is not None:
+        part.non_null[name] = int((~null).sum())
     if not null.any():
         return values
     examples = example_rows(source, rows[null])
@@ -426,7 +556,9 @@ def _null_covariate(
         report.add("zeroed_null_covariates", int(null.sum()), examples)
         return np.where(null, 0.0, values)
     if null.all():
-        raise DataValidationError(name, "covariate is null in every row", examples, int(null.sum()))
+        if part is None:
+            raise DataValidationError(name, "covariate is null in every row", examples, int(null.sum()))
+        part.all_null[name] = (int(null.sum()), examples)
     n = len(values)
     idx = np.arange(n)
     part_start = np.repeat(starts, np.diff(np.r_[starts, n]))
@@ -441,7 +573,11 @@ def _null_covariate(
     report.add("filled_null_covariates", int(use_prev.sum() + use_next.sum()), examples)
     rest = np.isnan(filled)
     if rest.any():
-        filled[rest] = np.nanmedian(values)
+        if part is None:
+            filled[rest] = np.nanmedian(values)
+        else:  # NaN until the caller knows the whole input's median
+            filled[rest] = part.covariate_medians.get(name, np.nan)
+            part.needs_median.add(name)
         report.add("median_filled_null_covariates", int(rest.sum()), example_rows(source, rows[rest]))
     return filled
 
@@ -453,6 +589,7 @@ def _fill_gaps(
     policy: str,
     anchor: str | None,
     report: ValidationReport,
+    part: PartContext | None = None,
 ) -> pd.DataFrame:
     """Put every series on a complete grid from its first to its last period (``zero``/``interpolate``).
 
@@ -476,6 +613,8 @@ def _fill_gaps(
     if policy == "keep":
         report.add("kept_gaps", total_missing, examples)
         return out
+    if part is not None:
+        part.used_anchor = True
     total = int(span.sum())
     grid_start = np.r_[0, np.cumsum(span)[:-1]]
     group_of_slot = np.repeat(np.arange(len(starts)), span)
