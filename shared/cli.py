@@ -142,7 +142,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     ws = _workspace(args)
     plan, loaded = score(ws, data=args.data, horizon=args.horizon, progress=_progress(args))
     _say(args, f"scoring {plan.score_id}: {loaded.rows} predictions for {loaded.partitions} partitions "
-               f"({loaded.fallback_partitions} on the fallback model, {loaded.no_model} without a model, "
+               f"({loaded.fallback_partitions} from a fallback source, {loaded.no_model} without a model, "
                f"{loaded.failed} failed) -> {_sql_location(ws)}")
     return {**loaded.to_dict(), "sql": _sql_location(ws)}
 
@@ -268,7 +268,7 @@ def _print_run_summary(args: argparse.Namespace, s: dict[str, Any]) -> None:
     _say(args, f"promoted {s['promoted']}  rejected {s['rejected']}  "
                + "  ".join(f"[{k}: {v}]" for k, v in s.get("rejection_reasons", {}).items()))
     _say(args, f"predictions {s['predictions']} rows for {s['scored_partitions']} partitions "
-               f"({s['fallback_partitions']} scored with the fallback baseline)")
+               f"({s['fallback_partitions']} from the scoring chain's fallbacks: unpromoted, global or baseline)")
     _say_wape(args, s.get("model_wape"), s.get("baseline_wape"))
     _say(args, "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
     _say(args, f"SQL store: {s['sql']}")
