@@ -95,9 +95,10 @@ ROW = "__row"  # input position of a spilled row
 MB = 1 << 20
 # Measured (benchmarks/ingest_scale.py): a part's peak in a worker is about PEAK_FACTOR times its
 # spilled bytes; the in-memory path peaks at about IN_MEMORY_FACTOR times the input's raw bytes.
-PEAK_FACTOR = 9.0
+PEAK_FACTOR = 10.0
 IN_MEMORY_FACTOR = 9.0
 BASE_MB = 200  # an interpreter with pandas and pyarrow imported, per process
+SCAN_MB = 250  # the scanning process above its base: a record batch, its bucketed copy, readahead
 SPILL_CHUNK = 65_536  # rows per record batch of a validated spill: pass 3 reads only what it needs
 INPUT_ORDER = {  # reasons whose examples validate lists in input order (the others: partition order)
     "dropped_null_keys",
@@ -170,31 +171,27 @@ def fits_in_memory(source: str | Path, cfg: ProjectConfig) -> bool:
 def default_plan(path: Path, kind: str, cfg: ProjectConfig) -> StreamPlan:
     memory_mb, workers = memory_settings(cfg)
     rows = max(1, estimate_rows(path, kind))
-    workers = max(1, min(workers, int((memory_mb - BASE_MB) // (2 * BASE_MB)) or 1))
-    worker_mb = max(32.0, (memory_mb - BASE_MB * (1 + workers)) / workers)
-    part_rows = worker_mb * MB / (PEAK_FACTOR * _row_bytes(path, kind))
+    row_bytes = _row_bytes(path, kind)
+    workers = max(1, min(workers, int((memory_mb - BASE_MB - SCAN_MB) // (2 * BASE_MB)) or 1))
+    # what a worker may use for its part, above its own interpreter
+    worker_mb = max(32.0, (memory_mb - BASE_MB - SCAN_MB) / workers - BASE_MB)
+    part_rows = worker_mb * MB / (PEAK_FACTOR * row_bytes)
     buckets = 1 << max(4, min(12, math.ceil(math.log2(max(1.0, 4 * rows / part_rows)))))
-    batch_rows = int(min(1_000_000, max(65_536, worker_mb * MB / (8 * _row_bytes(path, kind)))))
+    batch_rows = int(min(250_000, max(16_384, SCAN_MB * MB / (8 * row_bytes))))
     return StreamPlan(batch_rows=batch_rows, buckets=buckets, part_rows=None, workers=workers, worker_mb=worker_mb)
 
 
 def _row_bytes(path: Path, kind: str) -> float:
-    """Arrow bytes per row, estimated: Parquet's uncompressed sizes, or the CSV line length."""
-    if kind == "csv":
-        with open(path, "rb") as fh:
-            head = fh.read(1 << 20)
-        return max(16.0, len(head) / max(1, head.count(b"\n")))
+    """Bytes per row once read (Arrow; CSV: pandas), from a sample of the first rows."""
     try:
-        import pyarrow.parquet as pq
+        if kind == "csv":
+            sample = pd.read_csv(path, nrows=20_000)
+            return max(16.0, sample.memory_usage(deep=True, index=False).sum() / max(1, len(sample)))
+        from shared.ingest import _parquet_dataset
 
-        files = [path] if kind == "parquet" else sorted(path.rglob("*.parquet"))[:8]
-        size = rows = 0
-        for f in files:
-            meta = pq.ParquetFile(f).metadata
-            rows += meta.num_rows
-            size += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-        return max(16.0, size / max(1, rows))
-    except (pa.ArrowException, OSError):
+        head = _parquet_dataset(path, kind).head(65_536)
+        return max(16.0, head.nbytes / max(1, head.num_rows))
+    except (pa.ArrowException, OSError, ValueError, pd.errors.ParserError):
         return 64.0
 
 
@@ -225,6 +222,7 @@ class _Streamer:
         self.spec = cfg.data
 
     def run(self) -> tuple[PreparedDataset, ValidationReport]:
+        _return_freed_memory()
         with _pool(self.plan.workers) as pool:
             scan = self._scan()
             parts = self._parts(scan)
@@ -262,6 +260,7 @@ class _Streamer:
             for _, writer, sink in writers.values():
                 writer.close()
                 sink.close()
+            pa.default_memory_pool().release_unused()
         if scan.rows == 0:
             columns = scan.columns or _columns_of(self.path, self.kind)
             raise DataValidationError(None, f"empty input: 0 rows, {len(columns)} columns")
@@ -533,6 +532,7 @@ class _Task:
 
 
 def _validate_part(job) -> dict[str, Any]:
+    _return_freed_memory()
     cfg_dict, task, ctx, dtypes, collect, values_prefix = job
     cfg = ProjectConfig.from_dict(cfg_dict)
     frame = _read_part(task.pieces, dtypes)
@@ -752,6 +752,15 @@ def _kth(arrays: list[np.ndarray], k: int) -> float:
 
 
 # -- small helpers ------------------------------------------------------------------------------
+
+
+def _return_freed_memory() -> None:
+    """Arrow's allocator gives freed memory back at once instead of keeping it for reuse: the
+    process's resident size then follows what it holds, which is what the memory bound is about."""
+    try:
+        pa.jemalloc_set_decay_ms(0)
+    except (NotImplementedError, pa.ArrowException):  # built without jemalloc
+        pass
 
 
 class _Inline:
