@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: demo test install test-deps infra-check bench clean
+.PHONY: demo test install test-deps infra-check azureml-check bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ demo: install
 	$(VENV)/bin/manymodels demo --workdir $(DEMO)
 
 ## make test: install what the tests need (pip, npm, apt) and run the suite
-test: install test-deps infra-check
+test: install test-deps infra-check azureml-check
 	$(PY) -m pytest
 
 test-deps:
@@ -30,6 +30,10 @@ test-deps:
 ## make infra-check: parse and lint the Bicep templates offline (tree-sitter-bicep, pycep, checkov)
 infra-check:
 	bash scripts/validate-infra.sh
+
+## make azureml-check: Microsoft's mltable and azmlinfsrv (own venv) against our MLTable files and online scoring script
+azureml-check: install
+	bash scripts/validate-azureml.sh -q
 
 ## make bench: the performance benchmarks (figures recorded in the README)
 bench: install
