@@ -95,7 +95,7 @@ ROW = "__row"  # input position of a spilled row
 MB = 1 << 20
 # Measured (benchmarks/ingest_scale.py): a part's peak in a worker is about PEAK_FACTOR times its
 # spilled bytes; the in-memory path peaks at about IN_MEMORY_FACTOR times the input's raw bytes.
-PEAK_FACTOR = 10.0
+PEAK_FACTOR = 12.0
 IN_MEMORY_FACTOR = 9.0
 BASE_MB = 200  # an interpreter with pandas and pyarrow imported, per process
 SCAN_MB = 250  # the scanning process above its base: a record batch, its bucketed copy, readahead
@@ -809,9 +809,9 @@ def _pandas_dtypes(table: pa.Table) -> dict[str, Any]:
     out = {}
     for name, dtype in base.items():
         col = table.column(name)
-        if col.null_count and pd.api.types.is_integer_dtype(dtype):
+        if col.null_count and isinstance(dtype, np.dtype) and dtype.kind in "iu":
             dtype = np.dtype("float64")
-        elif col.null_count and pd.api.types.is_bool_dtype(dtype):
+        elif col.null_count and isinstance(dtype, np.dtype) and dtype.kind == "b":
             dtype = np.dtype("object")
         out[str(name)] = dtype
     return out

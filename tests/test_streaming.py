@@ -102,6 +102,25 @@ def test_other_policies_stream_identically(tmp_path, policy):
     assert_same(tmp_path, source, CFG.with_overrides({"validation.null_keys": "drop", **policy}))
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_columns_typed_differently_in_some_batches_read_as_the_whole_input(tmp_path, suffix):
+    """A null late in an integer column: the whole column is float (or nullable Int64 from pandas'
+    Parquet metadata) when read at once, so every part must read it so too; a bool key as well."""
+    frame = clean()
+    frame["promo"] = frame["promo"].astype("int64")
+    frame.loc[len(frame) - 3, "promo"] = None  # the last scan batch only
+    frame["flag"] = (frame.index % 2 == 0).astype(object)  # an extra column, only shown in examples
+    frame.loc[len(frame) - 4, "flag"] = None
+    frame.loc[[2, 900], "sales"] = np.nan
+    source = tmp_path / f"panel{suffix}"
+    if suffix == ".parquet":
+        frame.astype({"promo": "Int64"}).to_parquet(source, index=False)
+    else:
+        frame.to_csv(source, index=False)
+    ds, report = assert_same(tmp_path, source)
+    assert report.counts["filled_null_covariates"] == 1 and report.examples["dropped_null_target"]
+
+
 def test_integer_periods_and_one_part_per_bucket(tmp_path):
     frame = pd.concat(generate_panel(partitions=30, periods=40, freq="int", seed=2), ignore_index=True)
     source = tmp_path / "panel.parquet"
