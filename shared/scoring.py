@@ -284,13 +284,17 @@ def score_frame(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | N
                                   "reason": ""}
         errors: list[str] = []
         answered = False
+        loaded: dict[tuple[str, int], Any] = {}  # several sources may read the same dev bundle
         for source in chain:
             pick = pick_source(source, champions.get(pid), latest_dev.get(pid), prod, dev)
             if pick is None:
                 continue
             record, registry, kind = pick
             try:
-                bundle = registry.load(record)
+                key = (str(getattr(registry, "name", id(registry))), int(record.version))
+                if key not in loaded:
+                    loaded[key] = registry.load(record)
+                bundle = loaded[key]
                 if not models.bind(bundle) or (kind == "global" and getattr(bundle, "global_view", None) is None):
                     continue  # no global model for this bundle: the next source answers
                 predicted = _predict(bundle, rows, cfg, kind)

@@ -608,30 +608,30 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult, clock: _Clock) ->
         g_pred = _window_forecast(batch, g, g_test, clock, i_test, len(y), win.test_start - 1)
         result.global_metrics = _score(test_y, g_pred, test_filled)
         residuals.add("global", test_y, g_pred, test_filled)
-    for lo, hi, origin in win.folds:
-        if gm is not None and "validation" in gm.fits and hi > lo:
-            pred = _window_forecast(batch, g, global_view("validation"), clock, lo, hi, origin)
+    g_val = global_view("validation")
+    global_folds = None  # the global model's forecasts of the folds: its residuals and its candidate score
+    if g_val is not None:
+        global_folds = [_window_forecast(batch, g, g_val, clock, lo, hi, origin) for lo, hi, origin in win.folds]
+        for (lo, hi, _), pred in zip(win.folds, global_folds):
             residuals.add("global", y[lo:hi], pred, filled[lo:hi])
 
     if win.short:
         reason = (f"{int((~filled[:i_test]).sum())} observed periods before the evaluation windows, fewer "
                   f"than forecast.min_train_periods={f.min_train_periods}: baseline only")
-        _baseline_only(batch, g, result, clock, y_obs, reason, win, residuals, g_pred)
+        _baseline_only(batch, g, result, clock, y_obs, reason, win, residuals, g_pred, global_view("final"))
         return
 
     metric = cfg.training.selection_metric
-    names = [n for n in cfg.training.candidates if n != "global" or gm is not None and "validation" in gm.fits]
+    names = [n for n in cfg.training.candidates if n != "global" or global_folds is not None]
     fold_actual = np.concatenate([y[lo:hi] for lo, hi, _ in win.folds])
     fold_filled = np.concatenate([filled[lo:hi] for lo, hi, _ in win.folds])
     fold_preds: dict[str, np.ndarray] = {}
     for name in names:
-        parts = []
-        for lo, hi, origin in win.folds:
-            if name == "global":
-                est = global_view("validation")
-            else:
-                est = clock.fit(make_candidate(name, cfg, ff.spec), X[:lo], y_obs[:lo])
-            parts.append(_window_forecast(batch, g, est, clock, lo, hi, origin))
+        if name == "global":
+            parts = global_folds
+        else:
+            parts = [_window_forecast(batch, g, clock.fit(make_candidate(name, cfg, ff.spec), X[:lo], y_obs[:lo]),
+                                      clock, lo, hi, origin) for lo, hi, origin in win.folds]
         fold_preds[name] = np.concatenate(parts) if parts else np.empty(0)
     scores = {n: _score(fold_actual, fold_preds[n], fold_filled)[metric] for n in names}
     ranked = sorted(names, key=lambda n: (selection_key(scores[n], metric), names.index(n)))
@@ -701,7 +701,8 @@ def _finish_bundle(bundle: "ForecastBundle", residuals: _Residuals, cfg: Any, vi
 
 
 def _baseline_only(batch: _Batch, g: int, result: TrainResult, clock: _Clock, y_obs: np.ndarray,
-                   reason: str, win: "Windows", residuals: "_Residuals", g_pred: np.ndarray | None) -> None:
+                   reason: str, win: "Windows", residuals: "_Residuals", g_pred: np.ndarray | None,
+                   view: Any) -> None:
     """Too short for the ML candidates: score the baseline on the last periods it can spare."""
     ff = batch.ff
     rows = ff.rows(g)
@@ -717,11 +718,6 @@ def _baseline_only(batch: _Batch, g: int, result: TrainResult, clock: _Clock, y_
     result.status, result.reason, result.model_name = "baseline_only", reason, "baseline"
     result.bundle = _bundle(batch, g, "baseline", final, final, result.metrics,
                             periods[i_test:], y[i_test:], pred, pred, g_pred)
-    gm = batch.global_models
-    view = None
-    if gm is not None and "final" in gm.fits:
-        scale, centres = partition_stats(ff, g, win.validation_start)
-        view = gm.view("final", scale, centres)
     _finish_bundle(result.bundle, residuals, batch.cfg, view)
 
 
