@@ -24,4 +24,5 @@ fi
 
 PY=.venv/bin/python
 [ -x "$PY" ] || PY=python3
+VENV="$(cd "$VENV" && pwd)"  # absolute: the tests start its commands from other directories
 MM_AZUREML_TOOLS_VENV="$VENV" "$PY" -m pytest tests/test_azureml_jobs.py tests/test_azureml_online_score.py "$@"

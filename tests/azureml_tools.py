@@ -18,7 +18,9 @@ APP_ROOT = Path(__file__).resolve().parents[1]
 
 
 def azureml_tools_venv() -> Path:
-    return Path(os.environ.get("MM_AZUREML_TOOLS_VENV") or APP_ROOT / ".venv" / "azureml-tools")
+    # Absolute, since the tools are run as subprocesses from other working directories.
+    configured = os.environ.get("MM_AZUREML_TOOLS_VENV")
+    return Path(configured).resolve() if configured else APP_ROOT / ".venv" / "azureml-tools"
 
 
 def azureml_tools_python() -> Path:
