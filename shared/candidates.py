@@ -121,8 +121,8 @@ class LogLinearCovariates(LogLinearForecaster):
 
     def _columns(self) -> np.ndarray:
         spec = self.spec
-        return np.concatenate((spec.columns("sin_"), spec.columns("cos_"), spec.columns("cov_"),
-                               spec.columns("trend")))
+        return np.concatenate((spec.columns("sin_"), spec.columns("cos_"), spec.columns("ysin_"),
+                               spec.columns("ycos_"), spec.columns("cov_"), spec.columns("trend")))
 
     def _design(self, X: np.ndarray) -> np.ndarray:
         return np.array(np.asarray(X, dtype=np.float64)[:, self._columns()], copy=True)

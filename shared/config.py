@@ -107,7 +107,9 @@ class PromotionRules:
     fallback: str = "baseline"  # baseline | none: how partitions with no production model are scored
 
 
-SCORING_SOURCES = ("production", "unpromoted", "global", "baseline")
+DEFAULT_CHAIN = ("production", "unpromoted", "global", "baseline")
+# "latest": the partition's latest trained model whatever its backtests (to judge a candidate alone)
+SCORING_SOURCES = (*DEFAULT_CHAIN, "latest")
 
 
 @dataclass
@@ -116,10 +118,11 @@ class ScoringSpec:
 
     ``production`` the promoted model; ``unpromoted`` the partition's latest trained model when it
     beat its own baseline on the test window; ``global`` the run's global model; ``baseline`` the
-    moving average. The first source that can answer does; every row records which one did.
+    moving average; ``latest`` (not in the default) the partition's latest trained model whatever
+    its backtests. The first source that can answer does; every row records which one did.
     """
 
-    chain: list[str] = field(default_factory=lambda: list(SCORING_SOURCES))
+    chain: list[str] = field(default_factory=lambda: list(DEFAULT_CHAIN))
 
 
 @dataclass

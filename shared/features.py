@@ -19,6 +19,9 @@ Features (all NaN where the history does not reach):
   (missing cells ignored; NaN when the window holds no value);
 * ``sin_<j>`` / ``cos_<j>`` — Fourier terms of the position in the season (``_period mod s``;
   period ordinals are one grid for all partitions, so positions agree across partitions);
+* ``ysin_<j>`` / ``ycos_<j>`` and ``lag_<y>`` — for daily and business-day data only, whose short
+  season (the week) leaves the year out: Fourier terms of the position in the year and the
+  target one year back in whole seasons (364 days: the same weekday);
 * ``cov_<name>`` — each covariate, as ``log(x)`` when it is strictly positive and not a 0/1 flag
   in that partition (prices: the log-log, price-elasticity form), otherwise as it is;
 * ``trend`` — periods since the partition's first period.
@@ -42,6 +45,14 @@ from shared.timegrid import PERIOD
 FILLED = "_filled"
 N_LAGS = 4
 FOURIER_TERMS = 3
+YEARLY_TERMS = 2
+# periods per year of the frequencies whose season is far shorter than a year (daily: the week)
+PERIODS_PER_YEAR = {"D": 365.2425, "B": 260.8929}
+
+
+def periods_per_year(freq: str) -> float:
+    """How many periods a year holds, for frequencies that get yearly terms (else 0)."""
+    return PERIODS_PER_YEAR.get(str(freq).upper(), 0.0)
 
 
 def rolling_windows(season_length: int) -> tuple[int, ...]:
@@ -64,6 +75,9 @@ class FeatureSpec:
     windows: tuple[int, ...]
     fourier_terms: int
     covariates: tuple[str, ...]
+    # yearly terms (daily-like data): class defaults keep bundles pickled before them predicting as before
+    year_length: float = 0.0
+    yearly_terms: int = 0
     names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +86,8 @@ class FeatureSpec:
             if 2 * j != self.season_length:  # sin(pi * pos) is zero on the grid
                 names.append(f"sin_{j}")
             names.append(f"cos_{j}")
+        for j in range(1, self.yearly_terms + 1):
+            names += [f"ysin_{j}", f"ycos_{j}"]
         names += [f"cov_{c}" for c in self.covariates] + ["trend"]
         object.__setattr__(self, "names", tuple(names))
 
@@ -81,8 +97,13 @@ class FeatureSpec:
         lags = list(range(h, h + N_LAGS))
         if s > 1:
             lags += [k for k in (s - 1, s, s + 1) if k >= h]
+        year = periods_per_year(cfg.data.freq)
+        yearly = year > 0 and 4 * s < year
+        if yearly:
+            lags.append(s * round(year / s) if s > 1 else round(year))
         return cls(horizon=h, season_length=s, lags=tuple(sorted(set(lags))), windows=rolling_windows(s),
-                   fourier_terms=min(FOURIER_TERMS, s // 2), covariates=tuple(cfg.data.covariates))
+                   fourier_terms=min(FOURIER_TERMS, s // 2), covariates=tuple(cfg.data.covariates),
+                   year_length=year if yearly else 0.0, yearly_terms=YEARLY_TERMS if yearly else 0)
 
     def _fourier_orders(self) -> range:
         return range(1, self.fourier_terms + 1)
@@ -229,6 +250,12 @@ def compute_features(spec: FeatureSpec, bounds: np.ndarray, periods: np.ndarray,
             col += 1
         X[:, col] = np.cos(j * phase)
         col += 1
+    if spec.yearly_terms:
+        year_phase = 2.0 * np.pi * periods / spec.year_length
+        for j in range(1, spec.yearly_terms + 1):
+            X[:, col] = np.sin(j * year_phase)
+            X[:, col + 1] = np.cos(j * year_phase)
+            col += 2
     if cov.shape[1]:
         use_log = log_cov[part]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -271,6 +298,9 @@ def pandas_partition_features(part: pd.DataFrame, cfg: Any) -> pd.DataFrame:
         if 2 * j != s:
             out[f"sin_{j}"] = np.sin(2 * np.pi * j * pos / s)
         out[f"cos_{j}"] = np.cos(2 * np.pi * j * pos / s)
+    for j in range(1, spec.yearly_terms + 1):
+        out[f"ysin_{j}"] = np.sin(2 * np.pi * j * out.index.to_numpy() / spec.year_length)
+        out[f"ycos_{j}"] = np.cos(2 * np.pi * j * out.index.to_numpy() / spec.year_length)
     for c in spec.covariates:
         x = part[c].to_numpy(dtype=float)
         use_log = (x > 0).all() and not np.isin(x, [0.0, 1.0]).all()

@@ -80,7 +80,8 @@ def global_design(X: np.ndarray, spec: FeatureSpec, scale: float | np.ndarray,
     scale_col = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1, 1)
                                 if np.ndim(scale) else np.float64(scale), (len(X), 1))
     level = np.concatenate((spec.columns("lag_"), spec.columns("roll_")))
-    keep = np.concatenate((spec.columns("sin_"), spec.columns("cos_"), spec.columns("cov_")))
+    keep = np.concatenate((spec.columns("sin_"), spec.columns("cos_"), spec.columns("ysin_"),
+                           spec.columns("ycos_"), spec.columns("cov_")))
     cov = spec.columns("cov_")
     centres_b = np.asarray(centres, dtype=np.float64)
     if centres_b.ndim == 1:

@@ -54,7 +54,7 @@ from shared.errors import ManyModelsError
 
 logger = logging.getLogger(__name__)
 
-from shared.config import SCORING_SOURCES
+from shared.config import DEFAULT_CHAIN, SCORING_SOURCES
 from shared.scoring import GlobalModels
 from shared.scoring import pick_source
 
@@ -107,7 +107,7 @@ class CachedModel:
     is_fallback: bool
     size: int
     memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
-    source: str = "production"  # the scoring chain's source: production | unpromoted | global | baseline
+    source: str = "production"  # the scoring chain's source: production | unpromoted | latest | global | baseline
     kind: str = "model"  # what the bundle forecasts with: its model, its baseline, or the global model
 
     @property
@@ -212,7 +212,7 @@ class ModelCache:
         if isinstance(fallback, str):
             if fallback not in FALLBACKS:
                 raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-            chain = ["production"] if fallback == "none" else list(SCORING_SOURCES)
+            chain = ["production"] if fallback == "none" else list(DEFAULT_CHAIN)
         else:
             chain = list(fallback)
             if not chain or chain[0] != "production" and "production" in chain[1:]:

@@ -121,9 +121,9 @@ def gather(store: ResultStore, n_examples: int = 3) -> ReportData:
     return data
 
 
-SOURCE_ORDER = ("production", "unpromoted", "global", "baseline")
-_BACKTEST_OF = {"production": "prediction", "unpromoted": "prediction", "global": "global_forecast",
-                "baseline": "baseline"}
+SOURCE_ORDER = ("production", "unpromoted", "latest", "global", "baseline")
+_BACKTEST_OF = {"production": "prediction", "unpromoted": "prediction", "latest": "prediction",
+                "global": "global_forecast", "baseline": "baseline"}
 
 
 def _sources(store: ResultStore, run_id: str | None) -> pd.DataFrame:

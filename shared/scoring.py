@@ -335,6 +335,8 @@ def pick_source(source: str, champion: Any, latest: Any, prod: Any, dev: Any) ->
         return None
     if source == "unpromoted":
         return (latest, dev, "model") if beats_baseline(latest) else None
+    if source == "latest":
+        return (latest, dev, "model") if latest.status in ("trained", "baseline_only") else None
     if source == "global":
         return latest, dev, "global"
     if source == "baseline":

@@ -115,3 +115,25 @@ def test_empty_batch_gives_empty_features(panel_with_gaps, small_cfg):
     ff = build_features(panel_with_gaps.iloc[:0], small_cfg)
     assert ff.X.shape == (0, len(ff.names)) and ff.n_partitions == 0
     assert ff.to_frame().empty
+
+
+def test_daily_data_gets_the_year_its_weekly_season_leaves_out():
+    daily = FeatureSpec.from_config(ProjectConfig().with_overrides({"data.freq": "D", "forecast.horizon": 14}))
+    assert 364 in daily.lags  # a year back in whole weeks: the same weekday
+    assert {"ysin_1", "ycos_1", "ysin_2", "ycos_2"} <= set(daily.names)
+    weekly = FeatureSpec.from_config(ProjectConfig())
+    assert not any(n.startswith(("ysin_", "ycos_")) for n in weekly.names)  # s=52 is the year already
+
+
+def test_daily_batch_features_equal_the_naive_computation_yearly_terms_included():
+    cfg = ProjectConfig().with_overrides({"data.freq": "D", "forecast.horizon": 7})
+    raw = next(generate_panel(partitions=3, periods=420, freq="D", seed=2))
+    raw = raw.drop(index=raw.index[[5, 6, 300]])
+    frame = validated(raw, cfg)
+    ff = build_features(frame, cfg)
+    expected = naive_features(frame, cfg)
+    assert list(expected.columns) == list(ff.names)
+    np.testing.assert_allclose(ff.X, expected.to_numpy(dtype=float), rtol=1e-9, atol=1e-9, equal_nan=True)
+    year_back = ff.to_frame()["lag_364"].to_numpy()
+    first_year = ff.X[:, ff.names.index("trend")] < 364
+    assert np.isnan(year_back[first_year]).all() and not np.isnan(year_back[~first_year]).all()

@@ -165,3 +165,20 @@ def test_a_chain_without_global_skips_it_and_the_listing_hides_the_global_model(
     assert set(predictions["source"]) == {"baseline"}
     assert GLOBAL_ID not in {r.partition_id for r in dev.find()}
     assert GLOBAL_ID in {r.partition_id for r in dev.find(include_global=True)}
+
+
+def test_a_latest_chain_scores_every_trained_model_alone_whatever_its_backtests(registries, cfg, split):
+    dev, prod, results = registries
+    frame, _ = split
+    loser = next(pid for pid, r in results.items() if r.status == "trained")
+    worse = {**results[loser].to_row(), "run_id": "rg2"}
+    worse["metrics"] = {**worse["metrics"], "backtest_wape": 9.0, "baseline_backtest_wape": 1.0}
+    dev.register_many([(worse, pickle.dumps(results[loser].bundle))])
+    manifest = frame.groupby(PARTITION_ID).agg(**{k: (k, "first") for k in cfg.data.keys},
+                                                last_period=(PERIOD, "max")).reset_index()
+    requests = horizon_requests(manifest, cfg)
+    alone, _ = score_frame(requests, cfg, prod, dev, ["latest", "baseline"])
+    chained, _ = score_frame(requests, cfg, prod, dev, ["unpromoted", "baseline"])
+    assert set(alone["source"]) == {"latest"}
+    assert set(alone.loc[alone[PARTITION_ID] == loser, "run_id"]) == {"rg2"}
+    assert set(chained.loc[chained[PARTITION_ID] == loser, "source"]) == {"baseline"}
