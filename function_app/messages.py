@@ -35,6 +35,7 @@ from pathlib import PurePosixPath
 from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit
 
+from shared.config import ConfigError, check_message_overrides
 from shared.lake import LakeError, check_path
 
 RAW_CONTAINER = "raw"
@@ -153,13 +154,24 @@ class RawFile:
 
 
 # -- JSON bodies -------------------------------------------------------------------------------
+MAX_BODY_BYTES = 1 << 20  # a start request or message is small: ids, paths and a few options
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_json_object(body: bytes | str, field_name: str = "body") -> dict[str, Any]:
     """Decode a UTF-8 JSON object; anything else is a MessageError on ``field_name``."""
+    if len(body) > MAX_BODY_BYTES:
+        raise MessageError(field_name, f"larger than {MAX_BODY_BYTES} bytes")
     try:
         text = body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body
-        value = json.loads(text) if text and text.strip() else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        value = json.loads(text, parse_constant=_no_constant) if text and text.strip() else None
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise MessageError(field_name, f"not valid UTF-8 JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise MessageError(field_name, "JSON nested too deeply") from exc
     if not isinstance(value, dict):
         raise MessageError(field_name, "must be a JSON object")
     return value
@@ -479,11 +491,10 @@ def _options(body: Mapping[str, Any]) -> RunOptions:
     group_size = raw.get("group_size")
     if group_size is not None:
         group_size = _positive_int(group_size, "options.group_size")
-    config = raw.get("config") or {}
-    if not isinstance(config, dict) or not all(isinstance(k, str) and "." in k for k in config):
-        raise MessageError(
-            "options.config", 'must be an object of dotted overrides, e.g. {"forecast.horizon": 8}'
-        )
+    try:  # data only: allow-listed options with typed, bounded values (never estimators or paths)
+        config = check_message_overrides(raw.get("config") or {})
+    except ConfigError as exc:
+        raise MessageError("options.config", str(exc)) from exc
     return RunOptions(
         group_size=group_size,
         min_accuracy=_fraction(raw.get("min_accuracy"), "options.min_accuracy"),

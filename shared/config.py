@@ -6,6 +6,7 @@ own. Defaults match the synthetic generator's column names, so a generated panel
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Mapping
 import tomli_w
 
 from shared.errors import ManyModelsError
+from shared.trust import DEFAULT_ESTIMATOR_PACKAGES, UntrustedCodeError, check_estimator_packages, check_estimator_path
 
 CONFIG_FILE_NAME = "manymodels.toml"
 
@@ -60,7 +62,8 @@ class ForecastSpec:
 
 @dataclass
 class CandidateSpec:
-    """An extra candidate model: any scikit-learn regressor by dotted path and parameters."""
+    """An extra candidate model: a scikit-learn regressor of an allowed package, by dotted path
+    and parameters. Only the project file names one (never a message: see MESSAGE_OVERRIDES)."""
 
     name: str
     estimator: str
@@ -77,6 +80,8 @@ class TrainingSpec:
 
     candidates: list[str] = field(default_factory=lambda: list(DEFAULT_CANDIDATES))
     extra_candidates: list[CandidateSpec] = field(default_factory=list)
+    # packages whose regressors extra_candidates may name (shared.trust); never the standard library
+    estimator_packages: list[str] = field(default_factory=lambda: list(DEFAULT_ESTIMATOR_PACKAGES))
     selection_metric: str = "wape"
     seed: int = 42
     folds: int = 2  # rolling-origin validation windows the candidates are scored on
@@ -233,6 +238,7 @@ class ProjectConfig:
         _one_of("validation.duplicates", self.validation.duplicates, {"sum", "last", "error"})
         _one_of("validation.gaps", self.validation.gaps, {"zero", "interpolate", "keep"})
         _one_of("validation.null_covariates", self.validation.null_covariates, {"ffill", "zero", "error"})
+        self._validate_extra_candidates()
         known = {"baseline", "loglinear", "loglm", "gbm", "global"} | {c.name for c in self.training.extra_candidates}
         unknown = [c for c in self.training.candidates if c not in known]
         if unknown:
@@ -256,6 +262,159 @@ class ProjectConfig:
         _one_of("store.dialect", self.store.dialect, {"sqlite", "postgresql", "mssql"})
         if self.ingest.memory_mb < 64 or self.ingest.workers < 0:
             raise ConfigError("ingest: memory_mb >= 64, workers >= 0")
+
+    def _validate_extra_candidates(self) -> None:
+        """Names are plain words; estimators are public dotted paths under an allowed package
+        (checked without importing anything); params are data (TOML values), never objects."""
+        packages = self.training.estimator_packages
+        try:
+            check_estimator_packages(packages)
+        except UntrustedCodeError as exc:
+            raise ConfigError(str(exc)) from exc
+        for i, extra in enumerate(self.training.extra_candidates):
+            where = f"training.extra_candidates[{i}]"
+            if not isinstance(extra.name, str) or not _CANDIDATE_NAME.match(extra.name):
+                raise ConfigError(f"{where}.name: {extra.name!r} must be a word of letters, digits, '_' "
+                                  "or '-' (at most 64 characters)")
+            try:
+                check_estimator_path(extra.estimator, packages, f"{where}.estimator")
+            except UntrustedCodeError as exc:
+                raise ConfigError(str(exc)) from exc
+            if not isinstance(extra.params, Mapping) or not _is_data(extra.params):
+                raise ConfigError(f"{where}.params must be a table of plain values (numbers, strings, "
+                                  "booleans, lists and tables of them)")
+            if not isinstance(extra.log_target, bool):
+                raise ConfigError(f"{where}.log_target must be true or false")
+
+
+_CANDIDATE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+def _is_data(value: Any, depth: int = 0) -> bool:
+    """A TOML/JSON value: scalars, and lists and tables of them (nesting bounded)."""
+    if depth > 8:
+        return False
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_data(v, depth + 1) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_data(v, depth + 1) for k, v in value.items())
+    return False
+
+
+# -- what a message may override -----------------------------------------------------------------
+@dataclass(frozen=True)
+class OverrideRule:
+    """The type and range of one option a message or HTTP body may set."""
+
+    kind: str  # int | float | bool | choice | names
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind in ("int", "float"):
+            word = "a whole number" if self.kind == "int" else "a number"
+            return f"{word} from {self.low:g} to {self.high:g}"
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "choice":
+            return f"one of {list(self.choices)}"
+        return ("a list of candidate names" if not self.choices
+                else f"a list of distinct names out of {list(self.choices)}")
+
+
+def _int(low: int, high: int) -> OverrideRule:
+    return OverrideRule("int", low, high)
+
+
+def _choice(*choices: str) -> OverrideRule:
+    return OverrideRule("choice", choices=choices)
+
+
+_BOOL = OverrideRule("bool")
+MAX_MESSAGE_HORIZON = 1000
+# Messages and HTTP bodies carry data, never code: they may choose among the candidates the
+# operator configured and set numeric, boolean and fixed-choice options. Column names, frequency,
+# extra candidates, estimator packages, runner, store and ingest settings come only from the
+# project file (and the operator's CLI flags).
+MESSAGE_OVERRIDES: dict[str, OverrideRule] = {
+    "forecast.horizon": _int(1, MAX_MESSAGE_HORIZON),
+    "forecast.test_periods": _int(1, MAX_MESSAGE_HORIZON),
+    "forecast.validation_periods": _int(1, MAX_MESSAGE_HORIZON),
+    "forecast.season_length": _int(1, 1000),
+    "forecast.min_train_periods": _int(0, 100_000),
+    "forecast.min_periods": _int(1, 100_000),
+    "forecast.interval_level": OverrideRule("float", 0.01, 0.99),
+    "training.candidates": OverrideRule("names"),
+    "training.selection_metric": _choice("wape", "mape", "rmse"),
+    "training.seed": _int(0, 2**32 - 1),
+    "training.folds": _int(1, 10),
+    "training.ensemble": _BOOL,
+    "training.global_max_rows": _int(1000, 10_000_000),
+    "promotion.metric": _choice("accuracy", "mape_accuracy", "wape", "mape", "rmse"),
+    "promotion.min_value": OverrideRule("float", -1e12, 1e12),
+    "promotion.higher_is_better": _BOOL,
+    "promotion.must_beat_champion": _BOOL,
+    "promotion.min_history": _int(0, 100_000),
+    "promotion.fallback": _choice("baseline", "none"),
+    "validation.null_keys": _choice("error", "drop"),
+    "validation.null_target": _choice("drop", "zero", "error"),
+    "validation.negative_target": _choice("clip", "drop", "keep", "error"),
+    "validation.duplicates": _choice("sum", "last", "error"),
+    "validation.gaps": _choice("zero", "interpolate", "keep"),
+    "validation.null_covariates": _choice("ffill", "zero", "error"),
+    "scoring.chain": OverrideRule("names", choices=SCORING_SOURCES),
+}
+
+
+def check_message_overrides(overrides: Any) -> dict[str, Any]:
+    """Config overrides from a message or an HTTP body, checked as data against MESSAGE_OVERRIDES.
+
+    Raises :class:`ConfigError` naming the first offending key (``key: reason``); returns a plain
+    copy. Whether the values fit the project (a candidate name it knows, say) is checked after,
+    by :meth:`ProjectConfig.with_overrides`.
+    """
+    if not isinstance(overrides, Mapping):
+        raise ConfigError('must be an object of dotted overrides, e.g. {"forecast.horizon": 8}')
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        rule = MESSAGE_OVERRIDES.get(key) if isinstance(key, str) else None
+        if rule is None:
+            raise ConfigError(f"{str(key)[:100]!r}: not an option a message may set; allowed: "
+                              f"{sorted(MESSAGE_OVERRIDES)} (columns, candidates' estimators and "
+                              "engine settings come only from the project file)")
+        if value is None:
+            continue
+        if not _fits(rule, value):
+            raise ConfigError(f"{key}: must be {rule.describe()}, got {_short(value)}")
+        out[key] = list(value) if isinstance(value, list) else value
+    return out
+
+
+def _fits(rule: OverrideRule, value: Any) -> bool:
+    import math
+
+    if rule.kind == "bool":
+        return isinstance(value, bool)
+    if rule.kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool) and rule.low <= value <= rule.high
+    if rule.kind == "float":
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and rule.low <= value <= rule.high)
+    if rule.kind == "choice":
+        return isinstance(value, str) and value in rule.choices
+    if not isinstance(value, list) or not 1 <= len(value) <= 20 or len(set(map(str, value))) != len(value):
+        return False
+    if not all(isinstance(v, str) and _CANDIDATE_NAME.match(v) for v in value):
+        return False
+    return not rule.choices or all(v in rule.choices for v in value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 SEASON_BY_FREQ = {"D": 7, "B": 5, "W": 52, "M": 12, "MS": 12, "ME": 12, "Q": 4, "QS": 4, "QE": 4,

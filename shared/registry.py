@@ -5,22 +5,34 @@ a registry's model list (Azure ML's included) has no tag filter and is slow to p
 thousands of models. The index answers by primary key; the artifacts are plain files.
 
 Layout under ``root``:
-- ``artifacts/<partition_id>/v<version>.pkl`` — immutable once written;
+- ``artifacts/<partition_id>/v<version>.pkl`` — immutable once written, each an independent file
+  (never a hard link to another registry's or a run's copy: damage to one copy reaches no other);
 - ``index.sqlite`` (WAL mode: readers in other processes never block and never see a half-done
   registration) with the tables ``models`` (one row per version, primary key
   (partition_id, version), unique (run_id, partition_id)), ``latest`` (partition_id -> newest
   version), ``tags`` (key, value, partition_id, version) and ``meta`` (the registry's name and a
   change counter).
 
+Trust: an artifact is a pickle, and unpickling runs code. Each record stores the SHA-256 of its
+artifact, taken while the file was written; :meth:`ModelRegistry.load` reads the bytes once, checks
+them against the index and only then unpickles them, so a file dropped over, edited or corrupted
+after registration is refused (:class:`ArtifactIntegrityError`, one partition's failure) instead of
+run. A file the index does not name is never loaded. Whoever can write ``index.sqlite`` itself is
+trusted: the index and the folder's permissions are the boundary. Records of registries made before
+digests existed (schema 1) carry none: they load with a warning, and gain one when promoted
+(the copy is hashed) or by :meth:`ModelRegistry.seal`; a record without a digest created after the
+upgrade is refused.
+
 Development and production are two roots (``<workdir>/registry/dev`` and ``.../prod``); the name
 is stored in the index and checked on open, so one can never be opened as the other.
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import pickle
-import shutil
 import sqlite3
 import threading
 from dataclasses import asdict, dataclass, field
@@ -29,6 +41,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from shared.errors import ManyModelsError
+from shared.trust import copy_with_digest, sha256_bytes, sha256_file, write_with_digest
+
+LOG = logging.getLogger("manymodels.registry")
 
 REGISTRY_NAMES = ("dev", "prod")
 GLOBAL_PARTITION = "_global"  # shared.global_model.GLOBAL_ID: a run's global model, not a partition
@@ -50,6 +65,7 @@ CREATE TABLE IF NOT EXISTS models (
     artifact TEXT NOT NULL,
     created_at TEXT NOT NULL,
     status TEXT NOT NULL,
+    sha256 TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (partition_id, version)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS models_by_run ON models (run_id, partition_id);
@@ -66,7 +82,8 @@ CREATE TABLE IF NOT EXISTS tags (
 ) WITHOUT ROWID;
 """
 _COLUMNS = ("partition_id, version, name, model_type, run_id, fingerprint, metrics, tags, artifact, "
-            "created_at, status")
+            "created_at, status, sha256")
+SCHEMA_VERSION = "2"  # 2: every record has its artifact's SHA-256
 _M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
 # Two primary-key lookups (latest, then models): no scan, whatever the number of models.
 _LATEST_BASE = (f"SELECT {_M_COLUMNS} FROM latest l JOIN models m "
@@ -76,6 +93,11 @@ LATEST_SQL = _LATEST_BASE + " = ?"
 
 class RegistryError(ManyModelsError, ValueError):
     """A registry is misused: wrong name for its root, a missing artifact, contradicting tags."""
+
+
+class ArtifactIntegrityError(RegistryError):
+    """A model file is not the one registered (digest mismatch, no digest, not in the index):
+    it is refused before anything in it runs."""
 
 
 @dataclass
@@ -94,6 +116,7 @@ class ModelRecord:
     artifact: str = ""  # relative to the registry root
     created_at: str = ""
     status: str = "trained"
+    sha256: str = ""  # of the artifact's bytes, recorded at registration, checked before loading
 
     @property
     def model_name(self) -> str:
@@ -126,6 +149,8 @@ class ModelRegistry:
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
+        self._legacy_before: str | None = None  # records up to then may lack a digest (schema 1)
+        self._warned: set[tuple[str, int]] = set()
         self._connect()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -142,23 +167,35 @@ class ModelRegistry:
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
-        self.root.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.root / "index.sqlite", timeout=60.0, isolation_level=None,
-                               check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.root / "index.sqlite", timeout=60.0, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+        except (OSError, sqlite3.OperationalError) as exc:
+            raise RegistryError(f"the {self.name} registry at {self.root} cannot be opened: {exc}; "
+                                "check that the folder exists and is writable (a read-only workdir?)") from exc
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: never corrupt, fast commits
         conn.execute("PRAGMA foreign_keys=OFF")
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            raise RegistryError(f"the {self.name} registry at {self.root} cannot be written: {exc}; "
+                                "check the folder's permissions (a read-only workdir?)") from exc
         try:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(statement)
             stored = conn.execute("SELECT value FROM meta WHERE key = 'name'").fetchone()
             if stored is None:
                 conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
-                                 [("name", self.name), ("changes", "0"), ("schema", "1")])
+                                 [("name", self.name), ("changes", "0"), ("schema", SCHEMA_VERSION)])
             elif stored[0] != self.name:
                 raise RegistryError(f"the registry at {self.root} is {stored[0]!r}, not {self.name!r}; "
                                     "dev and prod registries must live in separate folders")
+            self._migrate(conn)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'legacy_before'").fetchone()
+            self._legacy_before = row[0] if row else None
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -166,6 +203,19 @@ class ModelRegistry:
             raise
         self._conn, self._pid = conn, os.getpid()
         return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Schema 1 -> 2: add the digest column; records made until now may lack one (legacy)."""
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(models)")}
+        if "sha256" in columns:
+            return
+        conn.execute("ALTER TABLE models ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''")
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                         "SET value = excluded.value", [("schema", SCHEMA_VERSION), ("legacy_before", now)])
+        LOG.warning("registry %s at %s upgraded to schema %s: its existing models have no recorded "
+                    "SHA-256; they load with a warning until promoted again or sealed", self.name,
+                    self.root, SCHEMA_VERSION)
 
     def close(self) -> None:
         with self._lock:
@@ -186,9 +236,12 @@ class ModelRegistry:
         A record is a :class:`ModelRecord` or a dict with at least ``partition_id`` and
         ``run_id`` (a training result row works: ``model_name`` is read as ``model_type``, and
         ``keys`` become tags). Version, name, artifact and created_at are assigned here. The
-        artifact is a file (hard-linked when possible: artifacts are immutable, and a link costs
-        no copy) or bytes. Idempotent: a (run_id, partition_id) already registered returns the
+        artifact is a file or bytes. Idempotent: a (run_id, partition_id) already registered returns the
         existing version and writes nothing.
+
+        The artifact is always copied into an independent file (never hard-linked), and its
+        SHA-256 recorded; a record that already carries ``sha256`` (a copy from another registry,
+        a training row) must match the bytes copied, or nothing is registered.
         """
         prepared = [(_as_fields(record), artifact) for record, artifact in items]
         return self._register(prepared, source_root=None)
@@ -201,7 +254,9 @@ class ModelRegistry:
         """Copy models from another registry in one transaction; idempotent by (run_id, partition_id).
 
         The copies keep their run id, fingerprint, metrics and tags, and gain the tags
-        ``source_registry`` and ``source_version``.
+        ``source_registry`` and ``source_version``. Each copy is an independent file whose bytes
+        must match the digest the source recorded (:class:`ArtifactIntegrityError` otherwise); a
+        legacy source record without one gets the digest of the bytes copied.
         """
         if source.root == self.root:
             raise RegistryError(f"cannot copy models from a registry into itself ({self.root})")
@@ -210,7 +265,10 @@ class ModelRegistry:
             fields = _as_fields(rec)
             fields["tags"] = {**fields["tags"], "source_registry": source.name,
                               "source_version": str(rec.version)}
-            prepared.append((fields, source.root / rec.artifact))
+            stored = source.get(rec.partition_id, rec.version)
+            if stored is not None:
+                fields["sha256"] = stored.sha256
+            prepared.append((fields, source.root / (stored or rec).artifact))
         return self._register(prepared, source_root=source.root)
 
     def _register(self, prepared: list[tuple[dict[str, Any], Path | str | bytes]],
@@ -240,16 +298,17 @@ class ModelRegistry:
                     version = next_version[pid]
                     next_version[pid] = version + 1
                     rel = f"artifacts/{pid}/v{version}.pkl"
-                    _place_artifact(artifact, self.root / rel)
+                    digest = _place_artifact(artifact, self.root / rel, fields.get("sha256") or "",
+                                             f"{pid} (run {run_id})")
                     written.append(self.root / rel)
-                    record = _new_record(fields, version, rel, now)
+                    record = _new_record({**fields, "sha256": digest}, version, rel, now)
                     claimed[(run_id, pid)] = record
                     out.append(record)
                     new_rows.append(_to_db(record))
                     new_tags.extend((k, v, pid, version) for k, v in record.tags.items())
                     latest_rows[pid] = version
                 if new_rows:
-                    conn.executemany(f"INSERT INTO models ({_COLUMNS}) VALUES ({','.join('?' * 11)})",
+                    conn.executemany(f"INSERT INTO models ({_COLUMNS}) VALUES ({','.join('?' * 12)})",
                                      new_rows)
                     conn.executemany("INSERT INTO tags (key, value, partition_id, version) VALUES (?,?,?,?)",
                                      new_tags)
@@ -331,22 +390,88 @@ class ModelRegistry:
         return [_from_db(row) for row in self._query(sql, params)]
 
     def load(self, record: ModelRecord) -> Any:
-        """Unpickle a record's artifact (a ``ForecastBundle`` for our own models)."""
-        path = self.artifact_path(record)
-        if not path.is_file():
-            raise RegistryError(f"artifact of {record.partition_id} v{record.version} is missing: {path}")
-        with path.open("rb") as fh:  # our own artifacts only: the registry is trusted storage
-            try:
-                return pickle.load(fh)
-            except pickle.UnpicklingError as not_pickle:
-                # artifacts written with joblib.dump (its numpy side-channel format), e.g. by
-                # earlier releases or by hand, still load; anything else keeps pickle's error
-                import joblib
+        """Unpickle a record's artifact (a ``ForecastBundle`` for our own models), once its bytes
+        match the SHA-256 the index recorded; :class:`ArtifactIntegrityError` otherwise.
 
+        The record is looked up again by (partition, version): what is checked and loaded is what
+        the index says, whatever the caller's copy of the record holds.
+        """
+        data = self.verified_bytes(record)
+        try:
+            return pickle.loads(data)
+        except pickle.UnpicklingError as not_pickle:
+            # artifacts written with joblib.dump (its numpy side-channel format), e.g. by
+            # earlier releases or by hand, still load; anything else keeps pickle's error
+            import joblib
+
+            try:
+                return joblib.load(io.BytesIO(data))
+            except Exception:  # noqa: BLE001 - not a joblib file either: report the first error
+                raise not_pickle from None
+
+    def verified_bytes(self, record: ModelRecord) -> bytes:
+        """The artifact's bytes, read once and checked against the index (nothing is unpickled)."""
+        stored = self.get(record.partition_id, record.version)
+        what = f"model {record.partition_id} v{record.version} of the {self.name} registry"
+        if stored is None:
+            raise ArtifactIntegrityError(f"{what} is not in its index: refusing to load an unknown file")
+        path = self._inside(stored)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise RegistryError(f"artifact of {what} is missing: {stored.artifact}") from None
+        if stored.sha256:
+            if sha256_bytes(data) != stored.sha256:
+                raise ArtifactIntegrityError(
+                    f"artifact of {what} ({stored.artifact}) does not match the SHA-256 recorded at "
+                    "registration: it was changed or corrupted since, so it is not loaded; register "
+                    "or promote the model again")
+        elif self._legacy_before is not None and stored.created_at <= self._legacy_before:
+            key = (stored.partition_id, stored.version)
+            if key not in self._warned:
+                self._warned.add(key)
+                LOG.warning("%s predates artifact digests: loaded unverified (seal the registry or "
+                            "promote the model again to record one)", what)
+        else:
+            raise ArtifactIntegrityError(f"{what} has no recorded SHA-256 although it was registered "
+                                         "after digests were introduced: refusing to load it")
+        return data
+
+    def verify(self, record: ModelRecord) -> None:
+        """Raise :class:`ArtifactIntegrityError` (or RegistryError) if ``load`` would refuse it."""
+        self.verified_bytes(record)
+
+    def seal(self) -> int:
+        """Record the digest of every legacy record's artifact as it is now (trust on upgrade:
+        the files the registry already loaded unverified). Returns how many records were sealed."""
+        rows = self._query("SELECT partition_id, version, artifact FROM models WHERE sha256 = ''")
+        sealed = []
+        for pid, version, artifact in rows:
+            path = self._inside(ModelRecord(pid, int(version), "", "", "", "", artifact=artifact))
+            if path.is_file():
+                sealed.append((sha256_file(path), pid, int(version)))
+        if sealed:
+            with self._lock:
+                conn = self._connect()
+                conn.execute("BEGIN IMMEDIATE")
                 try:
-                    return joblib.load(path)
-                except Exception:  # noqa: BLE001 - not a joblib file either: report the first error
-                    raise not_pickle from None
+                    conn.executemany("UPDATE models SET sha256 = ? WHERE partition_id = ? AND version = ? "
+                                     "AND sha256 = ''", sealed)
+                    conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'changes'")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+        return len(sealed)
+
+    def _inside(self, record: ModelRecord) -> Path:
+        """The artifact's path, which must lie under ``root/artifacts`` (no ``..``, no absolute path)."""
+        base = (self.root / "artifacts").resolve()
+        path = (self.root / record.artifact).resolve()
+        if base not in path.parents:
+            raise ArtifactIntegrityError(f"model {record.partition_id} v{record.version}: artifact path "
+                                         f"{record.artifact!r} is outside the registry's artifacts folder")
+        return path
 
     def artifact_path(self, record: ModelRecord) -> Path:
         return self.root / record.artifact
@@ -392,6 +517,7 @@ def _as_fields(record: ModelRecord | Mapping[str, Any]) -> dict[str, Any]:
         "metrics": dict(raw.get("metrics") or {}),
         "status": str(raw.get("status") or "trained"),
         "tags": tags,
+        "sha256": str(raw.get("sha256") or ""),
     }
 
 
@@ -410,40 +536,43 @@ def _new_record(fields: dict[str, Any], version: int, artifact: str, now: str) -
     return ModelRecord(partition_id=fields["partition_id"], version=version, name=name,
                        model_type=fields["model_type"], run_id=fields["run_id"],
                        fingerprint=fields["fingerprint"], metrics=fields["metrics"], tags=tags,
-                       artifact=artifact, created_at=now, status=fields["status"])
+                       artifact=artifact, created_at=now, status=fields["status"],
+                       sha256=fields["sha256"])
 
 
-def _place_artifact(artifact: Path | str | bytes, target: Path) -> None:
-    """Put an artifact at its final path atomically: a hard link, a copy, or the given bytes."""
+def _place_artifact(artifact: Path | str | bytes, target: Path, expected: str = "", what: str = "") -> str:
+    """Put an artifact at its final path atomically, as a new independent file (bytes written or
+    a file copied, never a hard link); returns its SHA-256, which must equal ``expected`` if given."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{target.name}")
     tmp.unlink(missing_ok=True)
     try:
         if isinstance(artifact, (bytes, bytearray, memoryview)):
-            with open(tmp, "wb") as fh:
-                fh.write(artifact)
+            digest = write_with_digest(artifact, tmp)
         else:
             source = Path(artifact)
             if not source.is_file():
                 raise RegistryError(f"model artifact not found: {source}")
-            try:
-                os.link(source, tmp)
-            except OSError:  # another file system, or links not allowed: copy instead
-                shutil.copyfile(source, tmp)
+            digest = copy_with_digest(source, tmp)
+        if expected and digest != expected:
+            raise ArtifactIntegrityError(f"model artifact of {what or target.name} does not match the SHA-256 "
+                                         "recorded for it: it was changed after it was written; not copied")
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return digest
 
 
 def _to_db(record: ModelRecord) -> tuple:
     return (record.partition_id, record.version, record.name, record.model_type, record.run_id,
             record.fingerprint, json.dumps(record.metrics, default=float), json.dumps(record.tags),
-            record.artifact, record.created_at, record.status)
+            record.artifact, record.created_at, record.status, record.sha256)
 
 
 def _from_db(row: tuple) -> ModelRecord:
     return ModelRecord(partition_id=row[0], version=int(row[1]), name=row[2], model_type=row[3],
                        run_id=row[4], fingerprint=row[5], metrics=json.loads(row[6]),
-                       tags=json.loads(row[7]), artifact=row[8], created_at=row[9], status=row[10])
+                       tags=json.loads(row[7]), artifact=row[8], created_at=row[9], status=row[10],
+                       sha256=row[11] or "")
 

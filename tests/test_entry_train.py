@@ -41,6 +41,7 @@ def config(marker: Path, max_mean: float, sleep: float = 0.0) -> ProjectConfig:
         "forecast.horizon": 3, "forecast.test_periods": 6, "forecast.validation_periods": 6,
         "forecast.min_train_periods": 20, "runner.rows_per_file": 130,
         "training.candidates": ["baseline", "loglinear", "picky"],
+        "training.estimator_packages": ["sklearn", "entry_fixture"],  # the test regressor's module is allowed
         "training.extra_candidates": [{"name": "picky", "estimator": "entry_fixture.PickyRegressor",
                                        "params": {"max_mean": max_mean, "marker": str(marker),
                                                   "sleep": sleep}}],

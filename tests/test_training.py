@@ -134,6 +134,7 @@ def test_a_partition_that_raises_is_recorded_as_failed_while_the_others_train(cf
     frame.loc[frame.index[frame[PARTITION_ID] == victim][10], "sales"] = MARKER
     fragile = cfg.with_overrides({
         "training.extra_candidates": [{"name": "fragile", "estimator": f"{__name__}.FragileRegressor"}],
+        "training.estimator_packages": ["sklearn", __name__],  # this test module's regressor is allowed
         "training.candidates": ["baseline", "loglinear", "fragile"],
     })
     results = {r.partition_id: r for r in train_batch(frame, fragile, {})}
@@ -183,6 +184,7 @@ def test_models_never_learn_from_filled_targets(cfg):
     frame.loc[gap, "_filled"] = True
     fragile = cfg.with_overrides({
         "training.extra_candidates": [{"name": "fragile", "estimator": f"{__name__}.FragileRegressor"}],
+        "training.estimator_packages": ["sklearn", __name__],  # this test module's regressor is allowed
         "training.candidates": ["fragile"],
     })
     (r,) = train_batch(frame, fragile, {})
