@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shared.features import pandas_partition_features  # noqa: E402
 from shared.keys import PARTITION_ID  # noqa: E402
 from shared.lake import read_parquet  # noqa: E402
-from shared.pipeline import Workspace, ingest, plan_training, train_group  # noqa: E402
+from shared.pipeline import ingest, plan_training, train_group  # noqa: E402
+from shared.workspace import Workspace  # noqa: E402
 from shared.synthetic import write_panel  # noqa: E402
 from shared.training import time_breakdown, train_batch  # noqa: E402
 

@@ -62,7 +62,8 @@ def build(workdir: Path, trained: int, partitions: int, seed: int) -> dict:
 
     from shared.keys import PARTITION_ID, partition_id
     from shared.lake import read_parquet
-    from shared.pipeline import Workspace, ingest, promote, train
+    from shared.pipeline import ingest, promote, train
+    from shared.workspace import Workspace
     from shared.synthetic import write_panel
     from shared.timegrid import from_periods
 

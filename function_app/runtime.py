@@ -17,7 +17,7 @@ from function_app.logging_context import RunLog
 from function_app.messages import MessageError, RunOptions
 from shared.config import ConfigError
 from shared.keys import partition_id
-from shared.pipeline import Workspace
+from shared.workspace import Workspace
 from shared.settings import Settings
 
 # A duplicate start is a no-op while an instance with the same id is running or has completed;

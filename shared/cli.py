@@ -76,7 +76,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _workspace(args: argparse.Namespace):
-    from shared.pipeline import Workspace
+    from shared.workspace import Workspace
 
     return Workspace.open(args.workdir, overrides=_overrides(args), config_path=args.config)
 
@@ -137,14 +137,14 @@ def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.pipeline import _sql_location, score
+    from shared.pipeline import score
 
     ws = _workspace(args)
     plan, loaded = score(ws, data=args.data, horizon=args.horizon, progress=_progress(args))
     _say(args, f"scoring {plan.score_id}: {loaded.rows} predictions for {loaded.partitions} partitions "
                f"({loaded.fallback_partitions} from a fallback source, {loaded.no_model} without a model, "
-               f"{loaded.failed} failed) -> {_sql_location(ws)}")
-    return {**loaded.to_dict(), "sql": _sql_location(ws)}
+               f"{loaded.failed} failed) -> {ws.sql_location}")
+    return {**loaded.to_dict(), "sql": ws.sql_location}
 
 
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
@@ -167,7 +167,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.pipeline import Workspace, run_all
+    from shared.pipeline import run_all
+    from shared.workspace import Workspace
     from shared.synthetic import write_panel
 
     started = time.perf_counter()

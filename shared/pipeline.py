@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import pandas as pd
 
-from shared.compute import JobHandle, job_id_for
-from shared.config import CONFIG_FILE_NAME, ProjectConfig, load_config
+from shared.compute import JobHandle
+from shared.config import ProjectConfig
 from shared.errors import ManyModelsError
 from shared.global_model import GLOBAL_ID
 from shared.keys import PARTITION_ID
-from shared.lake import Lake, LakeError, LocalLake, read_parquet
+from shared.lake import LakeError, read_parquet
 from shared.metrics import evaluate
+from shared.workspace import StagedRun, Workspace
 
 TRAIN_ENTRY = "shared.entry.train"
 LAKE_SOURCE_CONTAINERS = ("raw", "scoring")
@@ -123,107 +122,6 @@ class LoadSummary(_Payload):
     fallback_partitions: int = 0
     no_model: int = 0
     failed: int = 0
-
-
-class Workspace:
-    """A workdir: its remembered config, the lake, the dev and prod registries and the SQL store."""
-
-    def __init__(self, root: Path, config: ProjectConfig, lake: Lake, settings: Any = None) -> None:
-        self.root = root
-        self.config = config
-        self.lake = lake
-        self.settings = settings
-        self._dev = None
-        self._prod = None
-
-    @classmethod
-    def open(
-        cls,
-        workdir: Path | str | None = None,
-        settings: Any = None,
-        overrides: Mapping[str, Any] | None = None,
-        config_path: Path | str | None = None,
-        remember: bool = True,
-    ) -> "Workspace":
-        """Open a workdir; with ``remember`` the effective config is saved for later commands.
-
-        The Functions app opens with ``remember=False``: one request's options must not become
-        the defaults of the next.
-        """
-        if workdir is None:
-            if settings is None:
-                from shared.settings import Settings
-
-                settings = Settings.from_env()
-            workdir = settings.workdir
-        root = Path(workdir).resolve()
-        remembered = root / CONFIG_FILE_NAME
-        base = Path(config_path) if config_path else (remembered if remembered.is_file() else None)
-        config = load_config(base, overrides)
-        if settings is not None and getattr(settings, "lake_backend", "local") != "local":
-            from shared.lake_blob import open_lake
-
-            lake: Lake = open_lake(settings)
-        else:
-            lake = LocalLake(root / "lake")
-        ws = cls(root, config, lake, settings)
-        if remember:
-            ws.remember_config()
-        return ws
-
-    # -- shared resources ------------------------------------------------------------------
-    def remember_config(self) -> None:
-        path = self.root / CONFIG_FILE_NAME
-        text = self.config.to_toml()
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            self.config.save(path)
-
-    @property
-    def registry_backend(self) -> str:
-        return getattr(self.settings, "registry_backend", "local") if self.settings is not None else "local"
-
-    def _open_registries(self) -> None:
-        if self.registry_backend == "azureml":
-            from shared.azureml import open_registries
-
-            self._dev, self._prod = open_registries(self)
-            return
-        from shared.registry import ModelRegistry
-
-        self._dev = ModelRegistry(self.root / "registry" / "dev", "dev")
-        self._prod = ModelRegistry(self.root / "registry" / "prod", "prod")
-
-    @property
-    def dev(self):
-        if self._dev is None:
-            self._open_registries()
-        return self._dev
-
-    @property
-    def prod(self):
-        if self._prod is None:
-            self._open_registries()
-        return self._prod
-
-    def registry_roots(self) -> tuple[Path, Path]:
-        """Plain registry folders for local entry scripts (an Azure ML registry is materialised)."""
-        if self.registry_backend == "azureml":
-            return self.prod.materialize(), self.dev.materialize()
-        return self.prod.root, self.dev.root
-
-    def store(self):
-        from shared.result_store import open_store
-
-        return open_store(self.config, self.root)
-
-    @property
-    def config_file(self) -> Path:
-        return self.root / CONFIG_FILE_NAME
-
-    def local_dir(self, *parts: str) -> Path:
-        path = self.root.joinpath(*parts)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
 
 
 # -- ingest ------------------------------------------------------------------------------------
@@ -332,36 +230,20 @@ def latest_run_id(ws: Workspace) -> str:
 def submit_group(
     ws: Workspace, kind: str, run_id: str, group_index: int, batch_paths: list[str]
 ) -> JobHandle:
-    """Submit one group to the configured compute backend (local: runs it now)."""
-    if kind not in ("train", "score"):
-        raise PipelineError(f"unknown job kind {kind!r}")
-    backend = getattr(ws.settings, "compute_backend", "local") if ws.settings is not None else "local"
-    if backend == "azureml":
-        from shared.azureml import submit_parallel_job
-
-        return submit_parallel_job(ws, kind, run_id, group_index, batch_paths)
-    handle = JobHandle(job_id_for(kind, run_id, group_index), kind, run_id, group_index, state="running")
-    runner = train_group if kind == "train" else score_group
-    summary = runner(ws, run_id, batch_paths, group_index=group_index)
-    handle.summary = summary.to_dict()
-    handle.state = "failed" if summary.failed_batches else "completed"
-    handle.detail = "; ".join(str(f.get("error", ""))[:200] for f in summary.failed_batches)
-    ws.lake.write_bytes(f"runs/{run_id}/jobs/{handle.job_id}.json", handle.to_json().encode())
-    return handle
+    """Submit one group to the workspace's compute backend (local: runs it now)."""
+    return ws.compute.submit(ws, kind, run_id, group_index, batch_paths)
 
 
 def job_status(ws: Workspace, job_id: str, run_id: str | None = None) -> JobHandle:
     """The state of a submitted job: local jobs from their record, Azure ML jobs from the service."""
-    backend = getattr(ws.settings, "compute_backend", "local") if ws.settings is not None else "local"
-    if backend == "azureml":
-        from shared.azureml import parallel_job_status
+    return ws.compute.status(ws, job_id, run_id)
 
-        return parallel_job_status(ws, job_id)
-    run = run_id or job_id.partition("-")[2].rsplit("-g", 1)[0]  # ids are <kind>-<run>-g<group>
-    path = f"runs/{run}/jobs/{job_id}.json"
-    if not ws.lake.exists(path):
-        raise PipelineError(f"unknown job {job_id}")
-    return JobHandle.from_dict(json.loads(ws.lake.read_bytes(path)))
+
+def run_group(ws: Workspace, kind: str, run_id: str, batch_paths: list[str], group_index: int = 0,
+              progress: bool | None = None) -> GroupSummary:
+    """Train or score one group of mini-batch files here, on the local process pool."""
+    runner = train_group if kind == "train" else score_group
+    return runner(ws, run_id, batch_paths, group_index=group_index, progress=progress)
 
 
 def train_group(
@@ -375,7 +257,7 @@ def train_group(
     global_path = global_model_path(run_id)
     has_global = ws.lake.exists(global_path)
     extra = [dataset_meta_path] + ([global_path] if has_global else [])
-    with _StagedRun(ws, f"runs/{run_id}", batch_paths, extra) as staged:
+    with StagedRun(ws, run_id, batch_paths, extra) as staged:
         config_file = staged.write_config(ws.config)
         args = [
             "--config", str(config_file),
@@ -758,7 +640,7 @@ def score_group(
     meta = _run_meta(ws, score_id)
     cfg = ProjectConfig.from_dict(meta["config"])
     dataset_meta_path = f"prepared/{meta['dataset_id']}/dataset.json"
-    with _StagedRun(ws, f"runs/{score_id}", batch_paths, [dataset_meta_path]) as staged:
+    with StagedRun(ws, score_id, batch_paths, [dataset_meta_path]) as staged:
         config_file = staged.write_config(cfg)
         prod_root, dev_root = ws.registry_roots()
         args = [
@@ -883,76 +765,8 @@ def run_all(
         "model_wape": registered.model_wape,
         "baseline_wape": registered.baseline_wape,
         "validation": {k: v for k, v in ingested.report.items() if isinstance(v, (int, float))},
-        "sql": str(_sql_location(ws)),
+        "sql": ws.sql_location,
         "report": str(report_path),
         "workdir": str(ws.root),
         "seconds": {k: round(v, 2) for k, v in timings.items()},
     }
-
-
-def _sql_location(ws: Workspace) -> str:
-    if ws.config.store.backend == "sqlite":
-        return str(ws.root / ws.config.store.sqlite_file)
-    return f"odbc ({ws.config.store.odbc_connection_setting})"
-
-
-class _StagedRun:
-    """Local paths for an entry script: the lake's own files when it is a local folder, else a cache.
-
-    With a blob lake the inputs and the run's earlier outputs (what makes a rerun resume) are
-    downloaded once, and only the files the group wrote are uploaded when it ends, so entry
-    scripts always see a file system, as they do when Azure ML mounts a data asset.
-    """
-
-    def __init__(self, ws: Workspace, run_prefix: str, inputs: Iterable[str], extra: Iterable[str]) -> None:
-        self.ws = ws
-        self.run_prefix = run_prefix
-        self.inputs = [*inputs, *extra]
-        self.local = isinstance(ws.lake, LocalLake)
-        self.tmp: Path | None = None
-        self.downloaded: dict[Path, int] = {}  # earlier outputs -> their mtime after download
-
-    def __enter__(self) -> "_StagedRun":
-        if not self.local:
-            self.tmp = Path(tempfile.mkdtemp(prefix="mm-stage-", dir=self.ws.local_dir(".cache")))
-            for path in self.inputs:
-                target = self.tmp / "in" / path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(self.ws.lake.read_bytes(path))
-            for existing in self.ws.lake.list(self.run_prefix):
-                target = self.tmp / "out" / existing
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(self.ws.lake.read_bytes(existing))
-                self.downloaded[target] = target.stat().st_mtime_ns
-        return self
-
-    def input(self, path: str) -> Path:
-        if self.local:
-            return self.ws.lake.local_path(path)
-        return self.tmp / "in" / path
-
-    def output(self, name: str) -> Path:
-        lake_path = f"{self.run_prefix}/{name}"
-        folder = self.ws.lake.local_path(lake_path) if self.local else self.tmp / "out" / lake_path
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def write_config(self, cfg: ProjectConfig) -> Path:
-        folder = self.output("config")
-        path = folder / "manymodels.toml"
-        cfg.save(path)
-        return path
-
-    def __exit__(self, *exc: object) -> None:
-        if self.local or self.tmp is None:
-            return
-        try:
-            out_root = self.tmp / "out"
-            for file in out_root.rglob("*"):
-                if not file.is_file() or file.name.startswith(".tmp-"):
-                    continue
-                if self.downloaded.get(file) == file.stat().st_mtime_ns:
-                    continue  # an earlier output this group did not rewrite
-                self.ws.lake.write_bytes(file.relative_to(out_root).as_posix(), file.read_bytes())
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)

@@ -791,7 +791,8 @@ def serve(
     """Serve a workdir's production models over HTTP with uvicorn until interrupted."""
     import uvicorn
 
-    from shared.pipeline import PipelineError, Workspace
+    from shared.pipeline import PipelineError
+    from shared.workspace import Workspace
 
     root = Path(workdir).resolve()
     if not (root / "registry" / "prod" / "index.sqlite").is_file():

@@ -32,10 +32,11 @@ from shared.azureml.client import AzureMLBackend, AzureMLError, AzureMLSettings,
 from shared.azureml.endpoint import deploy_online  # noqa: E402
 from shared.azureml.jobs import parallel_job_status, stage_code, submit_parallel_job  # noqa: E402
 from shared.azureml.registry import (HEAD_FILE, INDEX_FILE, MANIFEST_FILE, AzureMLRegistry,  # noqa: E402
-                                     RegistryConflictError, WorkspaceAssetPublisher, open_registries)
+                                     RegistryConflictError, WorkspaceAssetPublisher)
+from shared.backends import open_azureml_registries as open_registries  # noqa: E402
 from shared.config import ProjectConfig, PromotionRules  # noqa: E402
 from shared.lake import LocalLake  # noqa: E402
-from shared.pipeline import Workspace  # noqa: E402
+from shared.workspace import Workspace  # noqa: E402
 from shared.promotion import promote_run  # noqa: E402
 from shared.registry import ModelRegistry, RegistryError  # noqa: E402
 

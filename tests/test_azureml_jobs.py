@@ -21,7 +21,7 @@ from shared.azureml.jobs import (RESULTS_FILE, STATE_MAP, WORKER_ENV, build_envi
 from shared.compute import JOB_STATES  # noqa: E402
 from shared.config import ProjectConfig  # noqa: E402
 from shared.lake import LocalLake  # noqa: E402
-from shared.pipeline import Workspace  # noqa: E402
+from shared.workspace import Workspace  # noqa: E402
 from azureml_tools import azureml_tools_python  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 

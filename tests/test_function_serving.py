@@ -12,7 +12,8 @@ from durable_harness import app_functions
 from function_app.serving import worker_predictor
 from shared.keys import PARTITION_ID
 from shared.lake import read_parquet
-from shared.pipeline import Workspace, run_all
+from shared.pipeline import run_all
+from shared.workspace import Workspace
 from shared.settings import Settings
 from shared.synthetic import write_panel
 

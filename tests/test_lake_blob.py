@@ -10,7 +10,8 @@ from azure.storage.blob import BlobServiceClient
 
 from shared.config import ProjectConfig
 from shared.lake import LakeError, LocalLake, read_parquet, write_parquet
-from shared.lake_blob import BlobLake, open_lake
+from shared.azureml.blob_lake import BlobLake
+from shared.backends import open_lake
 from shared.settings import Settings
 
 pytestmark = pytest.mark.azurite

@@ -3,8 +3,10 @@
 - ``shared`` is the core: it runs in Azure ML jobs and on laptops, where the Functions host is not
   installed, so nothing in it imports ``azure.functions`` (or the Durable extension) or the
   ``function_app`` package. The entry scripts (``shared/entry``) in particular never do.
-- The Azure ML backend (``shared/azureml/``) is optional: outside it, no module imports it at module
-  level, and only the allow-listed modules import it at all (inside functions).
+- The Azure backends (``shared/azureml/``: the Blob lake, Azure ML) are optional: outside the
+  package, no module imports them at module level, and only the backend factory
+  ``shared/backends.py`` imports them at all (inside functions). The modules of the package import
+  each other without cycles.
 """
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ MODULES = sorted(p for p in SHARED.rglob("*.py") if "__pycache__" not in p.parts
 HOST_ONLY = ("azure.functions", "azure.durable_functions", "function_app")
 AZUREML = "shared.azureml"
 
-# Modules outside shared/azureml/ that import shared.azureml, lazily (inside a function), today.
-# Issue 10 step 2 shrinks this list to a single backend factory, shared/backends.py.
+# Modules outside shared/azureml/ that import shared.azureml, lazily (inside a function): the backend
+# factory, and the alias of the Blob lake's old module path (shared.azureml.online_score still
+# imports shared.lake_blob).
 AZUREML_IMPORTERS = {
-    "shared/pipeline.py",
+    "shared/backends.py",
+    "shared/lake_blob.py",
 }
 
 
@@ -125,7 +129,7 @@ def test_only_the_allow_list_imports_the_azureml_backend() -> None:
     importers = {rel(p) for p in OUTSIDE_AZUREML if any(is_under(i.module, AZUREML) for i in imports_of(p))}
     assert importers <= AZUREML_IMPORTERS, (
         f"new importers of {AZUREML}: {sorted(importers - AZUREML_IMPORTERS)}; go through the allow-listed "
-        f"modules instead (issue 10 step 2: one backend factory, shared/backends.py)")
+        f"modules instead: backends are opened by one factory, shared/backends.py")
     stale = AZUREML_IMPORTERS - importers
     assert not stale, f"{sorted(stale)} no longer import {AZUREML}: shrink AZUREML_IMPORTERS"
 
@@ -148,3 +152,52 @@ def test_the_checker_sees_relative_lazy_and_dynamic_imports(tmp_path: Path) -> N
     assert ("function_app", False) in found
     assert ("azure.functions", False) in found
     assert ("shared.azureml.jobs", False) in found
+
+
+def _graph(paths: list[Path], lazy: bool) -> dict[str, set[str]]:
+    names = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in paths}
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        graph[name] = {i.module for i in imports_of(path) if i.module in names and i.module != name
+                       and (lazy or i.module_level)}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found: list[list[str]] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def test_the_azure_backends_import_each_other_without_cycles() -> None:
+    """Lazy imports included: registry.py once imported promotion.py inside a function that
+    promotion.py's own import of registry.py depended on."""
+    package = [p for p in MODULES if p.is_relative_to(SHARED / "azureml") and p.name != "__init__.py"]
+    cycles = _cycles(_graph(package, lazy=True))
+    assert not cycles, f"import cycles in shared/azureml: {[' -> '.join(c) for c in cycles]}"
+
+
+def test_the_core_has_no_module_level_import_cycles() -> None:
+    cycles = _cycles(_graph(MODULES, lazy=False))
+    assert not cycles, f"module-level import cycles in shared: {[' -> '.join(c) for c in cycles]}"
+
+
+def test_the_cycle_checker_finds_a_lazy_cycle(tmp_path: Path) -> None:
+    assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

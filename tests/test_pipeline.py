@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from shared.pipeline import Workspace, run_all
+from shared.pipeline import run_all
+from shared.workspace import Workspace
 from shared.synthetic import write_panel
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,8 @@ import uvicorn
 
 from shared.keys import PARTITION_ID
 from shared.lake import read_parquet
-from shared.pipeline import Workspace, run_all
+from shared.pipeline import run_all
+from shared.workspace import Workspace
 from shared.registry import ModelRegistry
 from shared.scoring import score_batch, scoring_requests
 from shared.serving import GcKeeper, Predictor, ServingOptions, create_app, open_predictor

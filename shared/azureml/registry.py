@@ -468,32 +468,3 @@ def _safe(prefix: str) -> str:
 
 def _atomic_text(target: Path, text: str) -> None:
     atomic_write_bytes(target, text.encode("utf-8"))
-
-
-# -- the registries of a pipeline workspace ----------------------------------------------------------
-def open_prod_lake(aml: AzureMLSettings, lake: Any, credential: Any = None) -> Any:
-    """The storage of the production registry: its own account when configured, else the lake."""
-    if not aml.prod_storage_url:
-        return lake
-    from shared.lake_blob import BlobLake
-
-    return BlobLake.from_account_url(aml.prod_storage_url, credential=credential,
-                                     managed_identity_client_id=aml.client_id)
-
-
-def open_registries(ws: Any, backend: Any = None, keep_artifacts: bool = False
-                    ) -> tuple[AzureMLRegistry, AzureMLRegistry]:
-    """The dev and prod registries of a workspace whose ``registry_backend`` is ``azureml``."""
-    from shared.azureml.client import AzureMLBackend
-    from shared.azureml.promotion import production_publisher
-
-    backend = backend or AzureMLBackend.for_workspace(ws)
-    aml = backend.aml
-    cache = ws.local_dir(".cache", "azureml-registry")
-    dev = AzureMLRegistry(
-        "dev", ws.lake, cache, keep_artifacts=keep_artifacts,
-        publisher=WorkspaceAssetPublisher(backend.client("dev"), aml, retry=backend.retry))
-    publisher = production_publisher(backend)
-    prod_lake = open_prod_lake(aml, ws.lake, credential=backend.credential)
-    prod = AzureMLRegistry("prod", prod_lake, cache, publisher=publisher, keep_artifacts=keep_artifacts)
-    return dev, prod

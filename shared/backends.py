@@ -1,0 +1,207 @@
+"""The backends of a workspace, chosen in one place from the deployment settings.
+
+Three interfaces, each with a local implementation (the default) and an Azure one:
+
+============  ===================================  ==============================================
+interface     local                                Azure (settings)
+============  ===================================  ==============================================
+``Lake``      :class:`shared.lake.LocalLake`        :class:`shared.azureml.blob_lake.BlobLake`
+              (``<workdir>/lake``)                  (``MM_LAKE_BACKEND=blob``)
+``Registry``  :class:`shared.registry.ModelRegistry`  :class:`shared.azureml.registry.AzureMLRegistry`
+              (``<workdir>/registry/{dev,prod}``)   (``MM_REGISTRY_BACKEND=azureml``)
+``Compute``   :class:`LocalCompute` (process pool,  :class:`AzureMLCompute` (one parallel job per
+              runs a group inside ``submit``)       group, polled; ``MM_COMPUTE_BACKEND=azureml``)
+============  ===================================  ==============================================
+
+This module is the only one outside ``shared/azureml/`` that imports the Azure backends, and only
+inside the function that opens one: a local workspace never imports ``azure.ai.ml`` nor
+``azure.storage.blob``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
+
+from shared import layout
+from shared.compute import JobHandle, job_id_for
+from shared.errors import ManyModelsError
+from shared.lake import Lake, LakeError, LocalLake
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shared.registry import ModelRecord
+    from shared.workspace import Workspace
+
+LOCAL = "local"
+AZUREML = "azureml"
+BLOB = "blob"
+JOB_KINDS = ("train", "score")
+
+
+class BackendError(ManyModelsError, ValueError):
+    """A backend cannot be opened or asked: unknown job kind, unknown job, missing settings."""
+
+
+class Registry(Protocol):
+    """A model registry (dev or prod): our own index, O(1) "the model of this partition"."""
+
+    name: str
+
+    def register_many(self, items: Iterable[tuple[Any, Any]]) -> list["ModelRecord"]: ...
+    def copy_many(self, source: Any, records: Iterable["ModelRecord"]) -> list["ModelRecord"]: ...
+    def latest(self, partition_id: str) -> "ModelRecord | None": ...
+    def latest_many(self, partition_ids: Iterable[str]) -> dict[str, "ModelRecord"]: ...
+    def get(self, partition_id: str, version: int) -> "ModelRecord | None": ...
+    def find(self, tags: Mapping[str, str] | None = None, limit: int | None = None,
+             run_id: str | None = None) -> list["ModelRecord"]: ...
+    def load(self, record: "ModelRecord") -> Any: ...
+    def index_version(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class Compute(Protocol):
+    """Where a group of mini-batch files is trained or scored (``shared.compute``)."""
+
+    name: str
+
+    def submit(self, ws: "Workspace", kind: str, run_id: str, group_index: int,
+               batch_paths: list[str]) -> JobHandle: ...
+    def status(self, ws: "Workspace", job_id: str, run_id: str | None = None) -> JobHandle: ...
+
+
+def _setting(settings: Any, name: str) -> str:
+    return getattr(settings, name, LOCAL) if settings is not None else LOCAL
+
+
+def lake_backend(settings: Any) -> str:
+    return _setting(settings, "lake_backend")
+
+
+def registry_backend(settings: Any) -> str:
+    return _setting(settings, "registry_backend")
+
+
+def compute_backend(settings: Any) -> str:
+    return _setting(settings, "compute_backend")
+
+
+# -- the lake --------------------------------------------------------------------------------------
+def open_lake(settings: Any, root: Path | str | None = None) -> Lake:
+    """The lake the settings describe: ``<root>/lake`` when local (root: the workdir), else the
+    blob account (``LakeStorage`` connection string, or its ``__blobServiceUri`` with an identity)."""
+    if lake_backend(settings) == LOCAL:
+        return LocalLake(Path(root if root is not None else settings.workdir) / "lake")
+    from shared.azureml.blob_lake import BlobLake
+
+    if settings.lake_connection_string:
+        return BlobLake.from_connection_string(settings.lake_connection_string)
+    if settings.lake_blob_service_uri:
+        return BlobLake.from_account_url(
+            settings.lake_blob_service_uri,
+            managed_identity_client_id=settings.lake_client_id,
+            use_managed_identity=(settings.lake_credential or "").lower() == "managedidentity",
+        )
+    raise LakeError("the blob lake needs LakeStorage or LakeStorage__blobServiceUri")
+
+
+def open_prod_lake(aml: Any, lake: Lake, credential: Any = None) -> Lake:
+    """The storage of the Azure ML production registry: its own account when configured, else the lake."""
+    if not aml.prod_storage_url:
+        return lake
+    from shared.azureml.blob_lake import BlobLake
+
+    return BlobLake.from_account_url(aml.prod_storage_url, credential=credential,
+                                     managed_identity_client_id=aml.client_id)
+
+
+# -- the registries ----------------------------------------------------------------------------------
+def open_registries(ws: "Workspace") -> tuple[Registry, Registry]:
+    """The dev and prod registries of a workspace: folders under the workdir, or Azure ML's."""
+    if registry_backend(ws.settings) == AZUREML:
+        return open_azureml_registries(ws)
+    from shared.registry import ModelRegistry
+
+    return (ModelRegistry(ws.root / layout.registry_dir("dev"), "dev"),
+            ModelRegistry(ws.root / layout.registry_dir("prod"), "prod"))
+
+
+def open_azureml_registries(ws: "Workspace", backend: Any = None, keep_artifacts: bool = False
+                            ) -> tuple[Registry, Registry]:
+    """The Azure ML dev and prod registries (``backend``: an
+    :class:`shared.azureml.client.AzureMLBackend`, else the workspace's own, made from its settings)."""
+    from shared.azureml.client import AzureMLBackend
+    from shared.azureml.promotion import production_publisher
+    from shared.azureml.registry import AzureMLRegistry, WorkspaceAssetPublisher
+
+    backend = backend or AzureMLBackend.for_workspace(ws)
+    aml = backend.aml
+    cache = ws.local_dir(".cache", "azureml-registry")
+    dev = AzureMLRegistry(
+        "dev", ws.lake, cache, keep_artifacts=keep_artifacts,
+        publisher=WorkspaceAssetPublisher(backend.client("dev"), aml, retry=backend.retry))
+    prod_lake = open_prod_lake(aml, ws.lake, credential=backend.credential)
+    prod = AzureMLRegistry("prod", prod_lake, cache, publisher=production_publisher(backend),
+                           keep_artifacts=keep_artifacts)
+    return dev, prod
+
+
+def registry_folder(ws: "Workspace", registry: Registry) -> Path:
+    """A plain registry folder for local entry scripts (an Azure ML registry is materialised)."""
+    if registry_backend(ws.settings) == AZUREML:
+        return registry.materialize()  # type: ignore[attr-defined]
+    return registry.root  # type: ignore[attr-defined]
+
+
+# -- compute -------------------------------------------------------------------------------------------
+def check_kind(kind: str) -> None:
+    if kind not in JOB_KINDS:
+        raise BackendError(f"unknown job kind {kind!r}; one of {list(JOB_KINDS)}")
+
+
+class LocalCompute:
+    """Runs a group on the local process pool inside ``submit`` and records the outcome in the lake,
+    so a Durable monitor sees a terminal state on its first poll."""
+
+    name = LOCAL
+
+    def submit(self, ws: "Workspace", kind: str, run_id: str, group_index: int,
+               batch_paths: list[str]) -> JobHandle:
+        check_kind(kind)
+        from shared.pipeline import run_group  # the stages open their workspace through this module
+
+        handle = JobHandle(job_id_for(kind, run_id, group_index), kind, run_id, group_index, state="running")
+        summary = run_group(ws, kind, run_id, batch_paths, group_index)
+        handle.summary = summary.to_dict()
+        handle.state = "failed" if summary.failed_batches else "completed"
+        handle.detail = "; ".join(str(f.get("error", ""))[:200] for f in summary.failed_batches)
+        ws.lake.write_bytes(layout.job_record(run_id, handle.job_id), handle.to_json().encode())
+        return handle
+
+    def status(self, ws: "Workspace", job_id: str, run_id: str | None = None) -> JobHandle:
+        run = run_id or layout.run_of_job(job_id)
+        path = layout.job_record(run, job_id)
+        if not ws.lake.exists(path):
+            raise BackendError(f"unknown job {job_id}")
+        return JobHandle.from_dict(json.loads(ws.lake.read_bytes(path)))
+
+
+class AzureMLCompute:
+    """One Azure ML parallel job per group (:mod:`shared.azureml.jobs`), polled by the monitor."""
+
+    name = AZUREML
+
+    def submit(self, ws: "Workspace", kind: str, run_id: str, group_index: int,
+               batch_paths: list[str]) -> JobHandle:
+        check_kind(kind)
+        from shared.azureml.jobs import submit_parallel_job
+
+        return submit_parallel_job(ws, kind, run_id, group_index, batch_paths)
+
+    def status(self, ws: "Workspace", job_id: str, run_id: str | None = None) -> JobHandle:
+        from shared.azureml.jobs import parallel_job_status
+
+        return parallel_job_status(ws, job_id)
+
+
+def open_compute(settings: Any) -> Compute:
+    return AzureMLCompute() if compute_backend(settings) == AZUREML else LocalCompute()

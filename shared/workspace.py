@@ -1,0 +1,176 @@
+"""A workspace: one workdir's config, lake, registries, compute backend and SQL store.
+
+The CLI opens one per command, the Functions app one per activity; every stage of
+:mod:`shared.pipeline` takes one. The backends are chosen by :mod:`shared.backends` from the
+deployment settings (local folders and a process pool when there are none) and opened lazily:
+a command that never touches a registry never opens one.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from shared import backends, layout
+from shared.config import CONFIG_FILE_NAME, ProjectConfig, load_config
+from shared.lake import Lake, LocalLake
+
+
+class Workspace:
+    """A workdir: its remembered config, the lake, the dev and prod registries and the SQL store."""
+
+    def __init__(self, root: Path, config: ProjectConfig, lake: Lake, settings: Any = None) -> None:
+        self.root = root
+        self.config = config
+        self.lake = lake
+        self.settings = settings
+        self.azureml: Any = None  # the Azure ML clients, made on first use (shared.azureml.client)
+        self._dev: backends.Registry | None = None
+        self._prod: backends.Registry | None = None
+        self._compute: backends.Compute | None = None
+
+    @classmethod
+    def open(
+        cls,
+        workdir: Path | str | None = None,
+        settings: Any = None,
+        overrides: Mapping[str, Any] | None = None,
+        config_path: Path | str | None = None,
+        remember: bool = True,
+    ) -> "Workspace":
+        """Open a workdir; with ``remember`` the effective config is saved for later commands.
+
+        The Functions app opens with ``remember=False``: one request's options must not become
+        the defaults of the next.
+        """
+        if workdir is None:
+            if settings is None:
+                from shared.settings import Settings
+
+                settings = Settings.from_env()
+            workdir = settings.workdir
+        root = Path(workdir).resolve()
+        remembered = root / CONFIG_FILE_NAME
+        base = Path(config_path) if config_path else (remembered if remembered.is_file() else None)
+        config = load_config(base, overrides)
+        ws = cls(root, config, backends.open_lake(settings, root), settings)
+        if remember:
+            ws.remember_config()
+        return ws
+
+    def remember_config(self) -> None:
+        path = self.config_file
+        text = self.config.to_toml()
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            self.config.save(path)
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / CONFIG_FILE_NAME
+
+    # -- backends ------------------------------------------------------------------------------
+    @property
+    def registry_backend(self) -> str:
+        return backends.registry_backend(self.settings)
+
+    @property
+    def dev(self) -> backends.Registry:
+        if self._dev is None:
+            self._dev, self._prod = backends.open_registries(self)
+        return self._dev
+
+    @property
+    def prod(self) -> backends.Registry:
+        if self._prod is None:
+            self._dev, self._prod = backends.open_registries(self)
+        return self._prod
+
+    @property
+    def compute(self) -> backends.Compute:
+        if self._compute is None:
+            self._compute = backends.open_compute(self.settings)
+        return self._compute
+
+    def registry_roots(self) -> tuple[Path, Path]:
+        """Plain registry folders for local entry scripts (an Azure ML registry is materialised)."""
+        return backends.registry_folder(self, self.prod), backends.registry_folder(self, self.dev)
+
+    def store(self):
+        """The SQL result store, open: use it as a context manager (``with ws.store() as store:``)."""
+        from shared.result_store import open_store
+
+        return open_store(self.config, self.root)
+
+    @property
+    def sql_location(self) -> str:
+        """Where the SQL store is: the SQLite file, or the setting that holds the ODBC connection."""
+        if self.config.store.backend == "sqlite":
+            return str(self.root / self.config.store.sqlite_file)
+        return f"odbc ({self.config.store.odbc_connection_setting})"
+
+    def local_dir(self, *parts: str) -> Path:
+        path = self.root.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class StagedRun:
+    """Local paths for an entry script: the lake's own files when it is a local folder, else a cache.
+
+    With a blob lake the inputs and the run's earlier outputs (what makes a rerun resume) are
+    downloaded once, and only the files the group wrote are uploaded when it ends, so entry
+    scripts always see a file system, as they do when Azure ML mounts a data asset.
+    """
+
+    def __init__(self, ws: Workspace, run_id: str, inputs: Iterable[str], extra: Iterable[str] = ()) -> None:
+        self.ws = ws
+        self.run_prefix = layout.run_dir(run_id)
+        self.inputs = [*inputs, *extra]
+        self.local = isinstance(ws.lake, LocalLake)
+        self.tmp: Path | None = None
+        self.downloaded: dict[Path, int] = {}  # earlier outputs -> their mtime after download
+
+    def __enter__(self) -> "StagedRun":
+        if not self.local:
+            self.tmp = Path(tempfile.mkdtemp(prefix="mm-stage-", dir=self.ws.local_dir(".cache")))
+            for path in self.inputs:
+                target = self.tmp / "in" / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(self.ws.lake.read_bytes(path))
+            for existing in self.ws.lake.list(self.run_prefix):
+                target = self.tmp / "out" / existing
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(self.ws.lake.read_bytes(existing))
+                self.downloaded[target] = target.stat().st_mtime_ns
+        return self
+
+    def input(self, path: str) -> Path:
+        if self.local:
+            return self.ws.lake.local_path(path)
+        return self.tmp / "in" / path
+
+    def output(self, name: str) -> Path:
+        lake_path = f"{self.run_prefix}/{name}"
+        folder = self.ws.lake.local_path(lake_path) if self.local else self.tmp / "out" / lake_path
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def write_config(self, cfg: ProjectConfig) -> Path:
+        path = self.output("config") / layout.CONFIG_FILE
+        cfg.save(path)
+        return path
+
+    def __exit__(self, *exc: object) -> None:
+        if self.local or self.tmp is None:
+            return
+        try:
+            out_root = self.tmp / "out"
+            for file in out_root.rglob("*"):
+                if not file.is_file() or file.name.startswith(".tmp-"):
+                    continue
+                if self.downloaded.get(file) == file.stat().st_mtime_ns:
+                    continue  # an earlier output this group did not rewrite
+                self.ws.lake.write_bytes(file.relative_to(out_root).as_posix(), file.read_bytes())
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
