@@ -10,6 +10,12 @@ so when one dies (``kill -9``, the OOM killer) the parent knows exactly which mi
 retries only that one, and replaces only that worker; the others never stop. A broken
 ``ProcessPoolExecutor`` fails every pending future and cannot say which batch killed it.
 
+Workers die with their parent: on Linux the kernel sends each worker SIGKILL when the parent
+dies (``prctl(PR_SET_PDEATHSIG)``), and everywhere a watchdog thread in the worker exits as soon
+as its parent process is gone (re-parented), even in the middle of a batch. A forked worker also
+closes the parent's ends of its siblings' pipes, which it inherits: otherwise each worker keeps
+the others' pipes open and none sees end-of-file when the parent dies.
+
 Per mini-batch the parent sends a list of file paths and receives short JSON lines, so the
 engine's own cost is a pipe round trip (tens of microseconds), never a pickled data frame.
 """
@@ -23,6 +29,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -40,6 +47,11 @@ from shared.lake import atomic_write
 # process pool must stay single-threaded, or N workers x N threads oversubscribe the cores.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+PDEATHSIG = True  # Linux: the kernel kills a worker when its parent dies (tests turn it off)
+WATCHDOG_SECONDS = 0.5  # how often a worker checks that its parent is still there
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class RunnerError(ManyModelsError, RuntimeError):
@@ -238,8 +250,37 @@ def _load_entry(entry: str, args: list[str]) -> Any:
     return module
 
 
-def _worker_main(conn: multiprocessing.connection.Connection, entry: str, args: list[str]) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Make sure this worker does not outlive ``parent_pid``: the kernel's parent-death signal on
+    Linux, and a watchdog thread everywhere (it also covers a parent that died before prctl)."""
+    if PDEATHSIG and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl here: the watchdog below still stops us
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCHDOG_SECONDS)
+            if os.getppid() != parent_pid:  # re-parented: the parent is gone, so is its run
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, entry: str, args: list[str],
+                 parent_pid: int | None = None,
+                 siblings: Sequence[multiprocessing.connection.Connection] = ()) -> None:
     """A worker: init() once, then run(mini_batch) for each (index, files) message until None."""
+    for inherited in siblings:  # the parent's ends of the other workers' pipes (forked copies)
+        inherited.close()
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     _limit_threads()
     try:
@@ -276,9 +317,17 @@ class _Worker:
     """One worker process and its private pipe; ``batch`` is what it holds, ``ready`` whether
     its init() has finished."""
 
-    def __init__(self, ctx: Any, entry: str, args: list[str]) -> None:
+    def __init__(self, ctx: Any, entry: str, args: list[str],
+                 siblings: Sequence[multiprocessing.connection.Connection] = ()) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child, entry, args), daemon=True)
+        # a forked child inherits the parent's end of its own and every sibling's pipe: it closes
+        # them first (a spawned child inherits nothing, and passing them would duplicate them)
+        forked = ctx.get_start_method() == "fork"
+        self.process = ctx.Process(
+            target=_worker_main,
+            args=(child, entry, args, os.getpid(), [*siblings, self.conn] if forked else []),
+            daemon=True,
+        )
         # Forked children share the parent's heap copy-on-write; a child's garbage collector
         # walking the parent's objects would touch (and copy) every page and stall the worker.
         # Freezing moves them out of the collector's reach for the children.
@@ -356,7 +405,7 @@ class _Pool:
                     if worker.batch is None and queue:
                         worker.assign(queue.popleft())
                 while queue and len(workers) < self.size:
-                    workers.append(_Worker(self.ctx, self.entry, self.args))
+                    workers.append(_Worker(self.ctx, self.entry, self.args, [w.conn for w in workers]))
                     workers[-1].assign(queue.popleft())
                 ready = set(multiprocessing.connection.wait(
                     [w.conn for w in workers] + [w.process.sentinel for w in workers]))

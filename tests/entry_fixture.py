@@ -5,7 +5,8 @@ it gets, and misbehaves on purpose by file name:
 - ``fail``: run() raises; ``flaky``: raises the first time only;
 - ``die``: the worker kills itself with SIGKILL the first time only; ``doom``: every time;
 - ``frame``: run() returns a pandas DataFrame instead of JSON lines;
-- ``garbage``: run() returns a line that is not JSON.
+- ``garbage``: run() returns a line that is not JSON;
+- ``slow``: run() writes a heartbeat file every 0.1 s for a minute (a batch still busy).
 
 It also holds :class:`PickyRegressor`, an extra training candidate the training entry tests use
 to make a chosen partition fail.
@@ -71,6 +72,10 @@ def run(mini_batch: list[str]) -> list[str] | object:
             raise ValueError(f"cannot process {name}")
         if "doom" in name or ("die" in name and _once(name)):
             os.kill(os.getpid(), signal.SIGKILL)
+        if "slow" in name:  # a long batch that keeps writing files, like training writing models
+            for i in range(600):
+                (_state.log_dir / f"beat-{os.getpid()}").write_text(str(i))
+                time.sleep(0.1)
         rows.append({"file": name, "tag": _state.tag, "pid": os.getpid()})
     if any("garbage" in Path(p).name for p in mini_batch):
         return ["this is not json"]

@@ -1,9 +1,16 @@
 """The local runner keeps the Azure ML parallel job contract, with real worker processes."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from shared.config import RunnerSpec
@@ -186,3 +193,81 @@ def test_one_worker_and_the_in_process_path_give_the_same_rows(tmp_path, logs):
                          in_process=True)
     assert [r["file"] for r in local.rows] == [r["file"] for r in pooled.rows]
     assert {r["pid"] for r in pooled.rows} != {r["pid"] for r in local.rows}
+
+
+
+# -- workers die with their parent (issue 12 item 4) -------------------------------------------
+PARENT = """
+import sys
+sys.path.insert(0, {tests!r})
+import shared.runner as runner
+runner.PDEATHSIG = {pdeathsig!r}
+from shared.config import RunnerSpec
+runner.run_parallel("entry_fixture", {files!r}, ["--log-dir", {logs!r}],
+                    RunnerSpec(workers=2, mini_batch_size=1, retries=0, progress=False), {results!r})
+"""
+
+
+@contextlib.contextmanager
+def busy_pool(tmp_path: Path, logs: Path, pdeathsig: bool = True):
+    """A real parent process running a 2-worker pool whose workers are both inside a long batch
+    (writing a heartbeat file, as training writes models). Yields (parent, workers); afterwards
+    the session it ran in is killed whole, so a failing test leaves no process behind."""
+    files = make_files(tmp_path / "in", [f"slow-{i}" for i in range(4)])
+    script = PARENT.format(tests=str(Path(__file__).parent), pdeathsig=pdeathsig, files=files,
+                           logs=str(logs), results=str(tmp_path / "results"))
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[1],
+                              start_new_session=True)  # its own session: we can kill the parent alone
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(logs.glob("beat-*"))) < 2:
+            assert parent.poll() is None, "the parent exited before its workers started"
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.05)
+        workers = psutil.Process(parent.pid).children(recursive=True)
+        assert len(workers) == 2
+        yield parent, workers
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait(10)
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)  # only what this test started
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("pdeathsig", [True, False], ids=["parent-death-signal", "watchdog-only"])
+def test_killing_only_the_parent_leaves_no_worker_alive(tmp_path, logs, pdeathsig):
+    """kill -9 of the parent alone (not its process group): every worker is gone within 10 s and
+    stops writing, by the kernel's parent-death signal or by the worker's own watchdog."""
+    with busy_pool(tmp_path, logs, pdeathsig) as (parent, workers):
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"workers outlived their parent: {[p.pid for p in alive]}"
+        beats = {p.name: p.read_text() for p in logs.glob("beat-*")}
+        time.sleep(0.3)
+        assert {p.name: p.read_text() for p in logs.glob("beat-*")} == beats  # nobody writes any more
+
+
+def test_a_forked_worker_holds_no_pipe_end_of_the_parent(tmp_path, logs):
+    """Each worker closes the parent's pipe ends it inherited (its own and its siblings'), so a
+    dead parent means end-of-file on every worker's pipe."""
+
+    def sockets(pid: int) -> set[str]:
+        out = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:"):  # multiprocessing's duplex pipes are socket pairs
+                out.add(target)
+        return out
+
+    with busy_pool(tmp_path, logs) as (parent, workers):
+        held_by_parent = sockets(parent.pid)
+        assert len(held_by_parent) >= 2
+        for worker in workers:
+            assert not sockets(worker.pid) & held_by_parent, "a worker holds one of the parent's pipe ends"
