@@ -47,9 +47,9 @@ from function_app.runtime import (
     resolve_partitions,
     start_once,
 )
-from shared import pipeline
+from shared import layout, pipeline
 from shared.keys import PARTITION_ID
-from shared.partitioning import dataset_root, load_dataset
+from shared.partitioning import load_dataset
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def prepare_training(
         except Rejected as why:
             raise MessageError(path_field, str(why)) from why
     dataset_id = request.dataset_id or _latest(pipeline.latest_dataset_id, ws, "dataset_id")
-    if not ws.lake.exists(f"{dataset_root(dataset_id)}/dataset.json"):
+    if not ws.lake.exists(layout.dataset_meta(dataset_id)):
         raise MessageError("dataset_id", f"no dataset {dataset_id} in the lake")
     partition_ids = resolve_partitions(ws, request.partitions)
     if partition_ids:
@@ -193,7 +193,7 @@ def prepare_promotion(request: PromoteRequest) -> Start:
     settings = load_settings()
     ws = open_workspace(settings=settings)
     run_id = request.run_id or _latest(pipeline.latest_run_id, ws, "run_id")
-    if not ws.lake.exists(f"runs/{run_id}/run.json"):
+    if not ws.lake.exists(layout.run_meta(run_id)):
         raise MessageError("run_id", f"no training run {run_id} in the lake")
     options = orchestration_options(settings, RunOptions(min_accuracy=request.min_accuracy))
     payload = {"run_id": run_id, "options": options}

@@ -145,6 +145,14 @@ def open_azureml_registries(ws: "Workspace", backend: Any = None, keep_artifacts
     return dev, prod
 
 
+def registry_exists(ws: "Workspace", name: str) -> bool:
+    """Whether registry ``name`` was ever written, asked without creating it (an Azure ML registry
+    is assumed to exist: it answers on first use)."""
+    if registry_backend(ws.settings) == AZUREML:
+        return True
+    return (ws.root / layout.registry_index(name)).is_file()
+
+
 def registry_folder(ws: "Workspace", registry: Registry) -> Path:
     """A plain registry folder for local entry scripts (an Azure ML registry is materialised)."""
     if registry_backend(ws.settings) == AZUREML:

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from shared import layout
 from shared.compute import JobHandle
 from shared.config import ProjectConfig
 from shared.errors import ManyModelsError
@@ -26,7 +27,7 @@ from shared.metrics import evaluate
 from shared.workspace import StagedRun, Workspace
 
 TRAIN_ENTRY = "shared.entry.train"
-LAKE_SOURCE_CONTAINERS = ("raw", "scoring")
+LAKE_SOURCE_CONTAINERS = layout.SOURCE_CONTAINERS
 SCORE_ENTRY = "shared.entry.score"
 
 
@@ -134,7 +135,7 @@ def ingest(ws: Workspace, source: str | Path, query: str | None = None) -> Inges
     dataset, report = ingest_source(
         ws.lake, _resolve_source(ws, source), ws.config, query=query, tmp_root=ws.local_dir(".cache")
     )
-    ws.lake.write_bytes("prepared/LATEST", dataset.dataset_id.encode())
+    ws.lake.write_bytes(layout.LATEST_DATASET, dataset.dataset_id.encode())
     return IngestSummary(
         dataset_id=dataset.dataset_id,
         partitions=int(len(dataset.manifest)),
@@ -149,7 +150,7 @@ def _resolve_source(ws: Workspace, source: str | Path) -> str | Path:
     text = str(source)
     if text.startswith("odbc:"):
         return text
-    if text.split("/", 1)[0] in LAKE_SOURCE_CONTAINERS and not Path(text).exists():
+    if layout.is_source(text) and not Path(text).exists():
         local = ws.lake.local_path(text)
         if local is not None:
             return local
@@ -160,9 +161,9 @@ def _resolve_source(ws: Workspace, source: str | Path) -> str | Path:
 
 
 def latest_dataset_id(ws: Workspace) -> str:
-    if not ws.lake.exists("prepared/LATEST"):
+    if not ws.lake.exists(layout.LATEST_DATASET):
         raise PipelineError(f"no dataset in {ws.root}: run 'manymodels ingest --data FILE' first")
-    return ws.lake.read_bytes("prepared/LATEST").decode().strip()
+    return ws.lake.read_bytes(layout.LATEST_DATASET).decode().strip()
 
 
 def _load_dataset(ws: Workspace, dataset_id: str):
@@ -196,7 +197,7 @@ def plan_training(
         dataset_id, asdict(cfg.forecast), asdict(cfg.training), sorted(partition_ids or []), prefix="r"
     )
     batches = sorted(manifest["batch"].unique())
-    paths = [f"prepared/{dataset_id}/batches/{b}" for b in batches]
+    paths = [layout.batch(dataset_id, b) for b in batches]
     size = group_size or max(1, len(paths))
     groups = [paths[i : i + size] for i in range(0, len(paths), size)]
     run_meta = {
@@ -208,23 +209,23 @@ def plan_training(
         "partition_ids": sorted(partition_ids) if partition_ids else None,
         "groups": len(groups),
     }
-    if not ws.lake.exists(f"runs/{run_id}/run.json"):
-        ws.lake.write_bytes(f"runs/{run_id}/run.json", json.dumps(run_meta, indent=2).encode())
-    ws.lake.write_bytes("runs/LATEST", run_id.encode())
+    if not ws.lake.exists(layout.run_meta(run_id)):
+        ws.lake.write_bytes(layout.run_meta(run_id), json.dumps(run_meta, indent=2).encode())
+    ws.lake.write_bytes(layout.LATEST_RUN, run_id.encode())
     return TrainingPlan(run_id=run_id, dataset_id=dataset_id, groups=groups, partitions=int(len(manifest)))
 
 
 def _run_meta(ws: Workspace, run_id: str) -> dict[str, Any]:
-    path = f"runs/{run_id}/run.json"
+    path = layout.run_meta(run_id)
     if not ws.lake.exists(path):
         raise PipelineError(f"run {run_id} not found in {ws.root}: plan or train it first")
     return json.loads(ws.lake.read_bytes(path))
 
 
 def latest_run_id(ws: Workspace) -> str:
-    if not ws.lake.exists("runs/LATEST"):
+    if not ws.lake.exists(layout.LATEST_RUN):
         raise PipelineError(f"no training run in {ws.root}: run 'manymodels train' first")
-    return ws.lake.read_bytes("runs/LATEST").decode().strip()
+    return ws.lake.read_bytes(layout.LATEST_RUN).decode().strip()
 
 
 def submit_group(
@@ -253,7 +254,7 @@ def train_group(
     from shared.runner import run_parallel
 
     meta = _run_meta(ws, run_id)
-    dataset_meta_path = f"prepared/{meta['dataset_id']}/dataset.json"
+    dataset_meta_path = layout.dataset_meta(meta["dataset_id"])
     global_path = global_model_path(run_id)
     has_global = ws.lake.exists(global_path)
     extra = [dataset_meta_path] + ([global_path] if has_global else [])
@@ -293,7 +294,7 @@ def train_group(
 
 
 def global_model_path(run_id: str) -> str:
-    return f"runs/{run_id}/global/global.pkl"
+    return layout.global_model(run_id)
 
 
 def wants_global(cfg: ProjectConfig) -> bool:
@@ -325,7 +326,7 @@ def train_global(ws: Workspace, run_id: str) -> dict[str, Any]:
     keep_share = min(1.0, cfg.training.global_max_rows / total) if total else 1.0
     frames, cuts = [], []
     for name in batches:
-        frame = read_parquet(ws.lake, f"prepared/{meta['dataset_id']}/batches/{name}")
+        frame = read_parquet(ws.lake, layout.batch(meta["dataset_id"], name))
         ff = build_features(frame, cfg)
         frames.append(ff)
         cuts.append(global_cuts(ff, cfg))
@@ -362,7 +363,7 @@ def _result_rows(ws: Workspace, prefix: str) -> list[dict[str, Any]]:
 def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
     """Register a run's trained models in the dev registry and load its metrics into SQL."""
     meta = _run_meta(ws, run_id)
-    rows = _result_rows(ws, f"runs/{run_id}/results")
+    rows = _result_rows(ws, layout.run_results(run_id))
     if not rows:
         raise PipelineError(f"run {run_id} has no results yet: train it first")
     dataset = _load_dataset(ws, meta["dataset_id"])
@@ -373,7 +374,7 @@ def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
     for row in rows:
         status = row.get("status")
         if status in ("trained", "baseline_only"):
-            artifact = f"runs/{run_id}/models/{row[PARTITION_ID]}.pkl"
+            artifact = layout.model_artifact(run_id, row[PARTITION_ID])
             if not ws.lake.exists(artifact):
                 summary.missing += 1
                 continue
@@ -624,8 +625,8 @@ def plan_scoring(
     groups = [paths[i : i + size] for i in range(0, len(paths), size)]
     meta = {"score_id": score_id, "dataset_id": dataset_id, "kind": "score", "created_at": _now(),
             "horizon": cfg.forecast.horizon, "source": str(data) if data else None, "config": cfg.to_dict()}
-    if not ws.lake.exists(f"runs/{score_id}/run.json"):
-        ws.lake.write_bytes(f"runs/{score_id}/run.json", json.dumps(meta, indent=2).encode())
+    if not ws.lake.exists(layout.run_meta(score_id)):
+        ws.lake.write_bytes(layout.run_meta(score_id), json.dumps(meta, indent=2).encode())
     return ScoringPlan(score_id=score_id, groups=groups, horizon=cfg.forecast.horizon,
                        source=str(data) if data else None)
 
@@ -639,7 +640,7 @@ def score_group(
 
     meta = _run_meta(ws, score_id)
     cfg = ProjectConfig.from_dict(meta["config"])
-    dataset_meta_path = f"prepared/{meta['dataset_id']}/dataset.json"
+    dataset_meta_path = layout.dataset_meta(meta["dataset_id"])
     with StagedRun(ws, score_id, batch_paths, [dataset_meta_path]) as staged:
         config_file = staged.write_config(cfg)
         prod_root, dev_root = ws.registry_roots()
@@ -666,14 +667,14 @@ def score_group(
 
 def load_predictions(ws: Workspace, score_id: str) -> LoadSummary:
     """Upsert a scoring run's prediction files into the SQL store (reruns never duplicate)."""
-    files = [p for p in ws.lake.list(f"runs/{score_id}/predictions") if p.endswith(".parquet")]
+    files = [p for p in ws.lake.list(layout.run_predictions(score_id)) if p.endswith(".parquet")]
     summary = LoadSummary(score_id=score_id)
     frames = [read_parquet(ws.lake, p) for p in files]
     frames = [f for f in frames if len(f)]
     predictions = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if len(predictions):
         predictions["score_id"] = score_id
-        out = f"predictions/{score_id}/predictions.parquet"
+        out = layout.predictions(score_id)
         from shared.lake import write_parquet
 
         write_parquet(ws.lake, out, predictions)
@@ -685,7 +686,7 @@ def load_predictions(ws: Workspace, score_id: str) -> LoadSummary:
         summary.rows = int(len(predictions))
         summary.partitions = int(predictions[PARTITION_ID].nunique())
         summary.fallback_partitions = int(predictions.loc[predictions["is_fallback"] == 1, PARTITION_ID].nunique())
-    for row in _result_rows(ws, f"runs/{score_id}/results"):
+    for row in _result_rows(ws, layout.run_results(score_id)):
         if row.get("status") == "no_model":
             summary.no_model += 1
         elif row.get("status") == "failed":

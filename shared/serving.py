@@ -791,16 +791,18 @@ def serve(
     """Serve a workdir's production models over HTTP with uvicorn until interrupted."""
     import uvicorn
 
+    from shared.backends import registry_exists
     from shared.pipeline import PipelineError
     from shared.workspace import Workspace
 
-    root = Path(workdir).resolve()
-    if not (root / "registry" / "prod" / "index.sqlite").is_file():
+    workspace = Workspace.open(workdir, remember=False)
+    if not registry_exists(workspace, "prod"):
         raise PipelineError(
-            f"no production registry in {root}: run 'manymodels run' (or train and promote) first"
+            f"no production registry in {workspace.root}: run 'manymodels run' (or train and promote) first"
         )
+    root = workspace.root
     options = options or ServingOptions.from_env(cache_mb=cache_mb)
-    predictor = open_predictor(Workspace.open(root, remember=False), options)
+    predictor = open_predictor(workspace, options)
     predictor.warm_up()
     gc.collect()
     gc.freeze()  # the libraries' objects: never worth scanning again

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,3 +202,70 @@ def test_the_core_has_no_module_level_import_cycles() -> None:
 def test_the_cycle_checker_finds_a_lazy_cycle(tmp_path: Path) -> None:
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b", "a"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+# -- the lake layout is built in one module ----------------------------------------------------------
+LAYOUT = SHARED / "layout.py"
+LAKE_PATH = re.compile(
+    r"^(raw|prepared|runs|scoring|predictions|registry)/"  # a container (or the registry folder) and more
+    r"|(^|/)(LATEST|run\.json|dataset\.json|manifest\.parquet|index\.sqlite|global\.pkl)$"
+    r"|(^|/)(batches|models|results|jobs|inputs|global)/")
+# Modules that still build lake paths by hand: owned by parallel work (issues 11 and 12) when the layout
+# moved to shared/layout.py; they move to it when next edited. Shrink, never grow.
+LAKE_PATH_BUILDERS = {
+    "shared/partitioning.py",
+    "shared/streaming.py",
+    "shared/scoring.py",
+    "shared/registry.py",
+}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    found = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            found.add(id(body[0].value))
+    return found
+
+
+def lake_path_literals(path: Path) -> list[str]:
+    """String literals (not docstrings, not messages with spaces, not URIs) that spell a lake path;
+    an f-string is read whole, its placeholders as ``{}``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = _docstrings(tree)
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            skip.update(id(v) for v in node.values)
+            text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+            text = node.value
+        else:
+            continue
+        if " " not in text and "://" not in text and LAKE_PATH.search(text):
+            found.append(f"line {node.lineno}: {text!r}")
+    return found
+
+
+HOST_AND_CORE = [*MODULES, *sorted((ROOT / "function_app").glob("*.py"))]
+
+
+@pytest.mark.parametrize("path", [p for p in HOST_AND_CORE if p != LAYOUT], ids=rel)
+def test_lake_paths_are_built_by_shared_layout_only(path: Path) -> None:
+    found = lake_path_literals(path)
+    if rel(path) in LAKE_PATH_BUILDERS:
+        assert found, f"{rel(path)} no longer builds lake paths: drop it from LAKE_PATH_BUILDERS"
+        return
+    assert not found, f"{rel(path)} builds lake paths by hand ({found}); use shared.layout"
+
+
+def test_the_lake_path_checker_sees_f_strings_and_constants(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text('"""runs/<run>/run.json in a docstring is fine"""\n'
+                      'a = f"runs/{run_id}/run.json"\n'
+                      'b = "prepared/LATEST"\n'
+                      'c = "no model in runs/ here"\n'
+                      'd = "azureml://registries/x/models/"\n', encoding="utf-8")
+    assert [f.split(":")[0] for f in lake_path_literals(source)] == ["line 2", "line 3"]

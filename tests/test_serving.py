@@ -265,7 +265,8 @@ def test_a_corrupted_artifact_is_503_with_the_reason_and_other_partitions_still_
             response = _post(server, {"keys": keys, "horizon": 2})
             assert response.status_code == 503
             body = response.json()
-            assert "UnpicklingError" in body["reason"] and "failed to load" in body["error"]
+            # the registry checks the artifact's SHA-256 before unpickling it (issue 12)
+            assert "ArtifactIntegrityError" in body["reason"] and "failed to load" in body["error"]
             assert body["partition"][PARTITION_ID] == pid and response.headers["retry-after"]
         assert _post(server, {"keys": partitions["prod"][6][1], "horizon": 2}).status_code == 200
         failures = server.stats()["cache"]["load_failures"]

@@ -46,6 +46,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shared.azureml.client import AzureMLError, AzureMLSettings, call_with_retry
+from shared import layout
 from shared.compute import JobHandle, job_id_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -211,7 +212,7 @@ def group_input(aml: AzureMLSettings, lake: Any, run_id: str, group_index: int,
         siblings = {p for p in lake.list(folder) if str(PurePosixPath(p).parent) == folder}
         if siblings == set(batch_paths):
             return GroupInput("uri_folder", aml.lake_uri(folder, folder=True), list(batch_paths))
-    folder = f"runs/{run_id}/inputs/g{group_index:05d}"
+    folder = layout.group_inputs(run_id, group_index)
     lines = ["# files of one group, written by shared.azureml.jobs", "paths:"]
     lines += [f"  - file: {aml.long_lake_uri(p)}" for p in batch_paths]
     lake.write_bytes(f"{folder}/MLTable", ("\n".join(lines) + "\n").encode("utf-8"))
@@ -243,9 +244,7 @@ def plan_train(aml: AzureMLSettings, cfg: Any, run_id: str, dataset_id: str, gro
                data: GroupInput, global_model: str | None = None) -> JobPlan:
     """The training job's arguments mirror ``pipeline.train_group``'s, flag for flag (the run's
     global model fits, ``global_model``, when the run has them)."""
-    group = f"g{group_index:05d}"
-    files = {"config": f"runs/{run_id}/config/manymodels.toml",
-             "dataset_meta": f"prepared/{dataset_id}/dataset.json"}
+    files = {"config": layout.run_config(run_id), "dataset_meta": layout.dataset_meta(dataset_id)}
     arguments = "--config ${{inputs.config}} --dataset-meta ${{inputs.dataset_meta}} "
     if global_model:
         files["global_model"] = global_model
@@ -254,8 +253,8 @@ def plan_train(aml: AzureMLSettings, cfg: Any, run_id: str, dataset_id: str, gro
         kind="train", run_id=run_id, group_index=group_index, data=data,
         files=files,
         folders={},
-        outputs={"models": aml.lake_uri(f"runs/{run_id}/models", folder=True),
-                 "results": aml.lake_uri(f"runs/{run_id}/results/{group}", folder=True)},
+        outputs={"models": aml.lake_uri(layout.run_models(run_id), folder=True),
+                 "results": aml.lake_uri(layout.group_results(run_id, group_index), folder=True)},
         arguments=(arguments + f"--output-dir ${{{{outputs.models}}}} --run-id {run_id} "
                    f"--append_row_file_name {RESULTS_FILE}"),
         mini_batch_size=aml.mini_batch_size or cfg.runner.mini_batch_size,
@@ -265,7 +264,7 @@ def plan_train(aml: AzureMLSettings, cfg: Any, run_id: str, dataset_id: str, gro
 
 def registry_slice_path(score_id: str, group_index: int, name: str) -> str:
     """Lake folder of one scoring group's slice of registry ``name`` (dev | prod)."""
-    return f"runs/{score_id}/registry/g{group_index:05d}/{name}"
+    return layout.registry_slice(score_id, group_index, name)
 
 
 def plan_score(aml: AzureMLSettings, cfg: Any, score_id: str, dataset_id: str, group_index: int,
@@ -273,7 +272,6 @@ def plan_score(aml: AzureMLSettings, cfg: Any, score_id: str, dataset_id: str, g
     """The scoring job's arguments mirror ``pipeline.score_group``'s; the registries are the group's
     slices (:func:`write_registry_slice`), downloaded: ``ModelRegistry`` opens its SQLite index
     read-write, which a read-only mount refuses, and a slice holds only the group's models."""
-    group = f"g{group_index:05d}"
     folders = {"prod_registry": aml.lake_uri(registry_slice_path(score_id, group_index, "prod"), folder=True)}
     arguments = "--config ${{inputs.config}} --dataset-meta ${{inputs.dataset_meta}} " \
                 "--prod-registry ${{inputs.prod_registry}} "
@@ -284,11 +282,10 @@ def plan_score(aml: AzureMLSettings, cfg: Any, score_id: str, dataset_id: str, g
                  f"--append_row_file_name {RESULTS_FILE}"
     return JobPlan(
         kind="score", run_id=score_id, group_index=group_index, data=data,
-        files={"config": f"runs/{score_id}/config/manymodels.toml",
-               "dataset_meta": f"prepared/{dataset_id}/dataset.json"},
+        files={"config": layout.run_config(score_id), "dataset_meta": layout.dataset_meta(dataset_id)},
         folders=folders,
-        outputs={"predictions": aml.lake_uri(f"runs/{score_id}/predictions", folder=True),
-                 "results": aml.lake_uri(f"runs/{score_id}/results/{group}", folder=True)},
+        outputs={"predictions": aml.lake_uri(layout.run_predictions(score_id), folder=True),
+                 "results": aml.lake_uri(layout.group_results(score_id, group_index), folder=True)},
         arguments=arguments,
         mini_batch_size=aml.mini_batch_size or cfg.runner.mini_batch_size,
         max_retries=aml.max_retries if aml.max_retries is not None else cfg.runner.retries,
@@ -414,14 +411,14 @@ def submit_parallel_job(ws: Any, kind: str, run_id: str, group_index: int,
 def build_job_for_group(ws: Any, aml: AzureMLSettings, kind: str, run_id: str, group_index: int,
                         batch_paths: list[str], code: Path | str | None = None):
     """Write the group's config (and MLTable, if needed) to the lake and build its pipeline job."""
-    meta = json.loads(ws.lake.read_bytes(f"runs/{run_id}/run.json"))
+    meta = json.loads(ws.lake.read_bytes(layout.run_meta(run_id)))
     if kind == "train":
         cfg = ws.config
     else:
         from shared.config import ProjectConfig
 
         cfg = ProjectConfig.from_dict(meta["config"])
-    config_path = f"runs/{run_id}/config/manymodels.toml"
+    config_path = layout.run_config(run_id)
     text = cfg.to_toml().encode("utf-8")
     if not ws.lake.exists(config_path) or ws.lake.read_bytes(config_path) != text:
         ws.lake.write_bytes(config_path, text)
@@ -432,9 +429,7 @@ def build_job_for_group(ws: Any, aml: AzureMLSettings, kind: str, run_id: str, g
         if cfg.promotion.fallback == "baseline":
             write_registry_slice(ws.lake, ws.dev, "dev", pids, registry_slice_path(run_id, group_index, "dev"))
     if kind == "train":
-        from shared.pipeline import global_model_path
-
-        global_model = global_model_path(run_id)
+        global_model = layout.global_model(run_id)
         plan = plan_train(aml, cfg, run_id, meta["dataset_id"], group_index, data,
                           global_model if ws.lake.exists(global_model) else None)
     else:
@@ -476,8 +471,8 @@ def write_registry_slice(lake: Any, registry: Any, name: str, partition_ids: lis
             records[f"{GLOBAL_ID}:{run_id}"] = found
     work = Path(tempfile.mkdtemp(prefix="mm-slice-"))
     try:
-        index = work / "index.sqlite"
-        source = sqlite3.connect(Path(registry.root) / "index.sqlite")
+        index = work / layout.REGISTRY_INDEX
+        source = sqlite3.connect(Path(registry.root) / layout.REGISTRY_INDEX)
         target = sqlite3.connect(index)
         try:
             source.backup(target)
@@ -496,7 +491,7 @@ def write_registry_slice(lake: Any, registry: Any, name: str, partition_ids: lis
             source.close()
         for record in records.values():
             lake.write_bytes(f"{dest}/{record.artifact}", Path(registry.artifact_path(record)).read_bytes())
-        lake.write_bytes(f"{dest}/index.sqlite", index.read_bytes())  # last: the slice is complete
+        lake.write_bytes(f"{dest}/{layout.REGISTRY_INDEX}", index.read_bytes())  # last: the slice is complete
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"partitions": len(partition_ids), "models": len(records)}
@@ -550,7 +545,7 @@ def _handle(ws: Any, job: Any, kind: str, run_id: str, group_index: int) -> JobH
 
 def _summary(ws: Any, run_id: str, group_index: int) -> dict[str, Any]:
     """Counts by status from the rows the parallel runtime appended for this group."""
-    prefix = f"runs/{run_id}/results/g{group_index:05d}"
+    prefix = layout.group_results(run_id, group_index)
     statuses: dict[str, int] = {}
     rows = 0
     for path in ws.lake.list(prefix):

@@ -40,12 +40,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from shared.azureml.client import AzureMLSettings, RetryPolicy, call_with_retry
+from shared import layout
 from shared.lake import LakeError, atomic_write_bytes
 from shared.registry import ModelRecord, ModelRegistry, RegistryError
 
-DEV_PREFIX = "registry/dev"
-PROD_PREFIX = "registry/prod"
-INDEX_FILE = "index.sqlite"
+DEV_PREFIX = layout.registry_dir("dev")
+PROD_PREFIX = layout.registry_dir("prod")
+INDEX_FILE = layout.REGISTRY_INDEX
 HEAD_FILE = "HEAD"
 MANIFEST_FILE = "models.jsonl"
 
