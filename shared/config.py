@@ -115,6 +115,10 @@ class PromotionRules:
 DEFAULT_CHAIN = ("production", "unpromoted", "global", "baseline")
 # "latest": the partition's latest trained model whatever its backtests (to judge a candidate alone)
 SCORING_SOURCES = (*DEFAULT_CHAIN, "latest")
+# The prepared dataset's manifest columns (shared.partitioning) and the registry's standard tags
+# (shared.registry.STANDARD_TAGS) sit beside the key columns: a key may not take their names.
+MANIFEST_COLUMNS = ("n_rows", "n_observed", "first_period", "last_period", "last_time", "fingerprint", "batch")
+RESERVED_KEY_NAMES = (*MANIFEST_COLUMNS, "run_id", "model_type", "status", "version", "name")
 
 
 @dataclass
@@ -226,6 +230,11 @@ class ProjectConfig:
             raise ConfigError(f"data: column(s) {clash} named in more than one role")
         if any(c.startswith("_") or c == "partition_id" for c in named):
             raise ConfigError("data: column names starting with '_' and 'partition_id' are reserved")
+        reserved = sorted(set(d.keys) & set(RESERVED_KEY_NAMES))
+        if reserved:
+            raise ConfigError(f"data.keys: {reserved} name columns of the dataset manifest or the model "
+                              f"registry's standard tags; rename the key column(s) (reserved: "
+                              f"{list(RESERVED_KEY_NAMES)})")
         check_freq(d.freq)
         for name in ("horizon", "test_periods", "validation_periods"):
             if int(getattr(f, name)) < 1:

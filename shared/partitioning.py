@@ -26,22 +26,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.config import ProjectConfig
+from shared.config import MANIFEST_COLUMNS, ConfigError, ProjectConfig
 from shared.keys import PARTITION_ID, canonical_value
 from shared.lake import Lake, LakeError, read_parquet, write_parquet
 from shared.timegrid import PERIOD, anchor_offset
 from shared.validation import FILLED, ValidationReport
 
 PREPARED = "prepared"
-MANIFEST_COLUMNS = (
-    "n_rows",
-    "n_observed",
-    "first_period",
-    "last_period",
-    "last_time",
-    "fingerprint",
-    "batch",
-)
 _DATASET_ID = re.compile(r"^d[0-9a-f]{16}$")
 
 
@@ -124,8 +115,8 @@ def prepare_dataset(
             f"prepare_dataset needs a validated frame (shared.validation.validate); missing {missing}"
         )
     clash = sorted(set(spec.keys) & set(MANIFEST_COLUMNS))
-    if clash:
-        raise ValueError(f"key column name(s) {clash} clash with manifest columns {list(MANIFEST_COLUMNS)}")
+    if clash:  # ProjectConfig.validate refuses these names first
+        raise ConfigError(f"data.keys: key column name(s) {clash} clash with manifest columns {list(MANIFEST_COLUMNS)}")
     if len(frame) == 0:
         raise ValueError("prepare_dataset: the validated frame is empty")
     ids = frame[PARTITION_ID].to_numpy()

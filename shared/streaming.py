@@ -85,6 +85,7 @@ from shared.validation import (
     ValidationReport,
     anchor_from_counts,
     anchor_offset,
+    check_arrow_types,
     example_rows,
     parse_time,
     validate,
@@ -254,6 +255,7 @@ class _Streamer:
                     continue
                 if not checked:
                     _check_columns(pd.DataFrame(columns=table.column_names), spec)
+                    check_arrow_types(table.schema, spec)
                     checked = True
                 self._bucket(table, scan, writers, bucket_of_keys)
         finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -104,10 +105,6 @@ def write_with_digest(data: bytes | bytearray | memoryview, target: Path) -> str
 
 def copy_with_digest(source: Path | str, target: Path) -> str:
     """Copy ``source`` into a new, independent file ``target`` (never a hard link: damage to one
-    copy must not reach another) and return the SHA-256 of the bytes copied."""
-    digest = hashlib.sha256()
-    with open(source, "rb") as src, open(target, "xb") as dst:
-        for chunk in iter(lambda: src.read(CHUNK), b""):
-            digest.update(chunk)
-            dst.write(chunk)
-    return digest.hexdigest()
+    copy must not reach another) and return the SHA-256 of the bytes now in ``target``."""
+    shutil.copyfile(source, target)  # the kernel's copy (sendfile / copy_file_range): no Python loop
+    return sha256_file(target)

@@ -29,6 +29,17 @@ from shared.timegrid import PERIOD, anchor_offset, from_periods, period_freq, to
 
 FILLED = "_filled"
 MAX_EXAMPLES = 5
+# Dates must fit pandas' nanosecond range (1677-09-21 .. 2262-04-11) with room for a forecast
+# horizon on either side; integer periods must be exact in float64 and leave room for arithmetic.
+DATE_MIN = pd.Timestamp("1678-01-01")
+DATE_MAX = pd.Timestamp("2261-12-31")
+INT_PERIOD_LIMIT = 10**15
+# Filling gaps may multiply the rows, but not without bound: a grid more than GRID_FACTOR times
+# the observed rows (and beyond GRID_SLACK rows) means sparse periods or a wrong frequency.
+GRID_FACTOR = 20
+GRID_SLACK = 2_000_000
+# A warning, not an error: this share of the input merged as duplicates suggests a wrong freq.
+MERGED_WARNING_SHARE = 0.10
 
 
 class _Unset:
@@ -150,6 +161,26 @@ class ValidationReport:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
 
+    def repairs(self) -> dict[str, int]:
+        """Rows dropped, repaired, merged or added, per kind (the reasons of REASONS)."""
+        return {reason: int(n) for reason, n in self.counts.items() if n}
+
+    def warnings(self, freq: str | None = None) -> list[str]:
+        """Repairs so large that the configuration is likely wrong (the frequency, mostly)."""
+        out = []
+        freq_text = f" (freq={freq!r})" if freq else ""
+        merged = int(self.counts.get("merged_duplicates", 0))
+        if self.input_rows and merged >= MERGED_WARNING_SHARE * self.input_rows:
+            out.append(f"{merged} of {self.input_rows} input rows were merged into another row of the "
+                       f"same partition and period{freq_text}: if the data is finer than the "
+                       "frequency, set data.freq (e.g. D); validation.duplicates chooses sum, last or error")
+        filled = int(self.counts.get("filled_gaps", 0))
+        if self.output_rows and filled > 0.5 * self.output_rows:
+            out.append(f"{filled} of {self.output_rows} rows were added for missing periods{freq_text}: "
+                       "if the data is coarser than the frequency, set data.freq; validation.gaps = "
+                       "'keep' leaves gaps as they are")
+        return out
+
     def summary_lines(self) -> list[str]:
         lines = [
             f"input rows: {self.input_rows}",
@@ -160,6 +191,7 @@ class ValidationReport:
             lines.append(f"{reason}: {n} ({REASONS.get(reason, reason)})")
         if not self.counts:
             lines.append("no rows dropped or repaired")
+        lines.extend(f"warning: {w}" for w in self.warnings())
         return lines
 
 
@@ -179,6 +211,7 @@ def validate(
     _check_columns(frame, spec)
     # examples quote rows by their position in the input (a part's index already holds them)
     source = frame.reset_index(drop=True) if part is None else frame
+    _check_nested(source, spec)
     work = source[[*spec.keys, spec.time, spec.target, *spec.covariates]]
 
     _enter(part, (0,), report)
@@ -324,6 +357,34 @@ def _check_columns(frame: pd.DataFrame, spec: DataSpec) -> None:
         raise DataValidationError(dup, "column names appear more than once in the input")
 
 
+_NESTED = (list, tuple, dict, set, frozenset, np.ndarray)
+_FLAT_INFERRED = {"string", "bytes", "floating", "integer", "mixed-integer-float", "decimal", "boolean",
+                  "datetime64", "datetime", "date", "timedelta64", "timedelta", "time", "period", "empty"}
+
+
+def _check_nested(frame: pd.DataFrame, spec: DataSpec) -> None:
+    """Lists, structs and maps (nested Parquet types) in a used column are refused by name."""
+    for name in [*spec.keys, spec.time, spec.target, *spec.covariates]:
+        col = frame[name]
+        if col.dtype != object or ptypes.infer_dtype(col, skipna=True) in _FLAT_INFERRED:
+            continue
+        nested = col.map(lambda v: isinstance(v, _NESTED)).to_numpy(dtype=bool)
+        if nested.any():
+            raise DataValidationError(
+                name, "nested values (lists, structs or maps) are not supported: flatten the column into "
+                "plain numbers, text or dates", example_rows(frame, frame.index[nested]), int(nested.sum()))
+
+
+def check_arrow_types(schema: pa.Schema, spec: DataSpec) -> None:
+    """The Arrow counterpart of the nested-values check, on a schema (before any row is read)."""
+    for name in [*spec.keys, spec.time, spec.target, *spec.covariates]:
+        index = schema.get_field_index(name)
+        if index >= 0 and pa.types.is_nested(schema.field(index).type):
+            raise DataValidationError(
+                name, f"nested values ({schema.field(index).type}) are not supported: flatten the column "
+                "into plain numbers, text or dates")
+
+
 def example_rows(source: pd.DataFrame, positions: np.ndarray) -> pd.DataFrame:
     """Up to five rows of ``source`` by index label (its row position in the input)."""
     shown = source.loc[np.asarray(positions)[:MAX_EXAMPLES]]
@@ -369,6 +430,11 @@ def parse_time(
             raise DataValidationError(
                 name, "not an integer period (freq='int')", example_rows(source, col.index[bad]), int(bad.sum())
             )
+        far = np.abs(num) > INT_PERIOD_LIMIT
+        if far.any():
+            raise DataValidationError(
+                name, f"integer period outside -{INT_PERIOD_LIMIT:.0e} .. {INT_PERIOD_LIMIT:.0e} (freq='int')",
+                example_rows(source, col.index[far]), int(far.sum()))
         return pd.Series(num.astype("int64"), index=col.index)
     if ptypes.is_datetime64_any_dtype(col):
         parsed = col
@@ -402,6 +468,15 @@ def parse_time(
             )
     if getattr(parsed.dt, "tz", None) is not None:
         parsed = parsed.dt.tz_localize(None)
+    outside = ((parsed < DATE_MIN) | (parsed > DATE_MAX)).to_numpy(dtype=bool)
+    if outside.any():
+        raise DataValidationError(
+            name,
+            f"date outside the supported range {DATE_MIN.date()} .. {DATE_MAX.date()} (what pandas "
+            "handles at nanosecond precision, with room for a forecast horizon)",
+            example_rows(source, col.index[outside]),
+            int(outside.sum()),
+        )
     return parsed
 
 
@@ -613,6 +688,18 @@ def _fill_gaps(
     if policy == "keep":
         report.add("kept_gaps", total_missing, examples)
         return out
+    grid_rows = float(span.astype("float64").sum())
+    if grid_rows > max(GRID_FACTOR * n, n + GRID_SLACK):
+        widest = int(np.argmax(span))
+        shown = out.iloc[[starts[widest]]][[*spec.keys]].assign(
+            first_period=int(first[widest]), last_period=int(last[widest]), observed_rows=int(counts[widest]))
+        raise DataValidationError(
+            spec.time,
+            f"the periods are too sparse to fill the gaps: a complete grid would hold {grid_rows:.0f} rows "
+            f"for {n} observed ({grid_rows / max(n, 1):.0f}x, freq={spec.freq!r}); check the time column and "
+            "data.freq, or set validation.gaps = 'keep'",
+            shown,
+        )
     if part is not None:
         part.used_anchor = True
     total = int(span.sum())
