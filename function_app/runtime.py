@@ -16,7 +16,7 @@ from azure.durable_functions import OrchestrationRuntimeStatus
 from function_app.logging_context import RunLog
 from function_app.messages import MessageError, RunOptions
 from shared.config import ConfigError
-from shared.keys import partition_id
+from shared.keys import PartitionKeyError, partition_of
 from shared.workspace import Workspace
 from shared.settings import Settings
 
@@ -67,18 +67,15 @@ def resolve_partitions(ws: Workspace, partitions: tuple[Any, ...] | None) -> lis
     """Partition ids from ids or key objects (``{"store": "S01", "item": "I1"}``), in request order."""
     if partitions is None:
         return None
-    keys = ws.config.data.keys
     out: list[str] = []
     for i, item in enumerate(partitions):
         if isinstance(item, str):
             out.append(item)
             continue
-        missing = [k for k in keys if k not in item]
-        extra = sorted(set(item) - set(keys))
-        if missing or extra:
-            problem = f"missing key column(s) {missing}" if missing else f"unknown key column(s) {extra}"
-            raise MessageError(f"partitions[{i}]", f"{problem}; the partition keys are {keys}")
-        out.append(partition_id([item[k] for k in keys]))
+        try:
+            out.append(partition_of(ws.config.data.keys, item)[0])
+        except PartitionKeyError as exc:
+            raise MessageError(f"partitions[{i}]", exc.message) from exc
     return list(dict.fromkeys(out))
 
 

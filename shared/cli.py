@@ -222,12 +222,13 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
 
 def _partition_from_tags(ws: Any, tags: dict[str, str]) -> str:
     """`models show --tag store=S001 --tag item=I0001`: every key column names one partition."""
-    from shared.keys import partition_id
+    from shared.keys import PartitionKeyError, partition_of
 
-    keys = ws.config.data.keys
-    if not tags or set(tags) != set(keys):
-        raise _UsageError(f"models show needs a partition id (p...) or one --tag per key column {keys}")
-    return partition_id([tags[k] for k in keys])
+    try:
+        return partition_of(ws.config.data.keys, tags)[0]
+    except PartitionKeyError as exc:
+        raise _UsageError(f"models show needs a partition id (p...) or one --tag per key column: "
+                          f"{exc.message}") from exc
 
 
 def _record_dict(record: Any) -> dict[str, Any]:

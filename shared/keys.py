@@ -8,12 +8,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from shared.errors import ManyModelsError
+
 PARTITION_ID = "partition_id"
+PARTITION_ID_PATTERN = re.compile(r"^p[0-9a-f]{20}$")
+
+
+class PartitionKeyError(ManyModelsError, ValueError):
+    """Key values that do not name one partition; ``key`` is the key column at fault (if one is)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key = key
 
 
 def canonical_value(value: Any) -> str:
@@ -51,3 +65,33 @@ def key_dict(keys: Sequence[str], values: Sequence[Any]) -> dict[str, str]:
 
 def describe(keys: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in keys.items())
+
+
+def is_partition_id(value: Any) -> bool:
+    """``p`` + 20 hex digits: the only form a partition id has (safe in paths, URLs and SQL)."""
+    return isinstance(value, str) and PARTITION_ID_PATTERN.match(value) is not None
+
+
+def partition_of(names: Sequence[str], keys: Any) -> tuple[str, dict[str, str]]:
+    """The partition id and canonical key values that a request's key object names.
+
+    The one check of key values from outside (an HTTP request, a queue message, CLI tags): every key
+    column present, none unknown, each value a string or a finite number. Raises
+    :class:`PartitionKeyError` naming the key column at fault.
+    """
+    names = list(names)
+    if not isinstance(keys, Mapping):
+        raise PartitionKeyError(f"the partition keys must be an object with the values of {names}")
+    missing = [n for n in names if n not in keys]
+    if missing:
+        raise PartitionKeyError(f"missing key column(s) {missing}; the partition keys are {names}", missing[0])
+    for name in names:
+        value = keys[name]
+        if value is None or isinstance(value, (dict, list, tuple, set)) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            raise PartitionKeyError(f"partition key {name!r} must be a string or a number, got {value!r}", name)
+    extra = [k for k in keys if k not in names]
+    if extra:
+        raise PartitionKeyError(f"unknown key column(s) {extra}; the partition keys are {names}", str(extra[0]))
+    values = [keys[n] for n in names]
+    return partition_id(values), {n: canonical_value(v) for n, v in zip(names, values)}

@@ -30,3 +30,34 @@ def test_vectorised_ids_equal_the_scalar_ones_row_by_row():
     ids = partition_ids(frame, ["store", "item"])
     assert list(ids) == [partition_id(r) for r in frame.itertuples(index=False, name=None)]
     assert ids.iloc[0] == ids.iloc[2] and ids.nunique() == 3
+
+
+# -- the one check of key values from outside ----------------------------------------------------------
+def test_partition_of_gives_the_id_and_canonical_values_of_a_key_object() -> None:
+    from shared.keys import partition_of
+
+    pid, keys = partition_of(["store", "item"], {"item": 7.0, "store": "S1"})
+    assert pid == partition_id(["S1", 7]) and keys == {"store": "S1", "item": "7"}
+
+
+@pytest.mark.parametrize("keys, field, text", [
+    ({"store": "S1"}, "item", "missing key column(s) ['item']"),
+    ({"store": "S1", "item": None}, "item", "must be a string or a number"),
+    ({"store": "S1", "item": float("nan")}, "item", "must be a string or a number"),
+    ({"store": ["S1"], "item": "I1"}, "store", "must be a string or a number"),
+    ({"store": "S1", "item": "I1", "colour": "red"}, "colour", "unknown key column(s) ['colour']"),
+    (["S1", "I1"], None, "must be an object"),
+])
+def test_partition_of_names_the_key_column_at_fault(keys, field, text) -> None:
+    from shared.keys import PartitionKeyError, partition_of
+
+    with pytest.raises(PartitionKeyError) as caught:
+        partition_of(["store", "item"], keys)
+    assert caught.value.key == field and text in caught.value.message
+
+
+def test_is_partition_id_accepts_only_the_hash_form() -> None:
+    from shared.keys import is_partition_id
+
+    assert is_partition_id(partition_id(["S1", "I1"]))
+    assert not any(is_partition_id(v) for v in ("p123", "P" + "0" * 20, "p" + "g" * 20, None, 7))

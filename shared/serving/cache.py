@@ -1,0 +1,75 @@
+"""The serving side of the model cache: its limits and the request limits, from ``MM_SERVING_*``.
+
+The cache itself is :class:`shared.model_cache.ModelCache` (bounded by bytes and count, LRU,
+single-flight loads, version pick-up), shared with batch scoring's fallback chain; this module
+only says how big it is and what a request may ask, and builds it over a workspace's registries.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from shared.model_cache import ModelCache
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Limits and cache settings; :meth:`from_env` reads the ``MM_SERVING_*`` variables."""
+
+    cache_mb: float = 512.0
+    cache_models: int = 20_000
+    check_interval_ms: float = 1000.0
+    size_by: str = "memory"
+    load_workers: int = 2
+    max_body_bytes: int = 1 << 20
+    max_rows: int = 1000
+    max_horizon: int = 520
+
+    ENV = {
+        "cache_mb": "MM_SERVING_CACHE_MB",
+        "cache_models": "MM_SERVING_CACHE_MODELS",
+        "check_interval_ms": "MM_SERVING_CHECK_MS",
+        "size_by": "MM_SERVING_SIZE_BY",
+        "load_workers": "MM_SERVING_LOAD_WORKERS",
+        "max_body_bytes": "MM_SERVING_MAX_BODY_BYTES",
+        "max_rows": "MM_SERVING_MAX_ROWS",
+        "max_horizon": "MM_SERVING_MAX_HORIZON",
+    }
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "ServingOptions":
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, var in cls.ENV.items():
+            raw = (env.get(var) or "").strip()
+            if not raw:
+                continue
+            kind = type(getattr(cls, name))
+            try:
+                values[name] = kind(raw)
+            except ValueError as exc:
+                raise ValueError(f"{var}={raw!r} is not a valid {kind.__name__}") from exc
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def make_cache(self, prod: Any, dev: Any | None, fallback: str | list[str]) -> ModelCache:
+        return ModelCache(
+            prod,
+            dev,
+            fallback=fallback,
+            max_bytes=int(self.cache_mb * 2**20),
+            max_entries=self.cache_models,
+            check_interval_ms=self.check_interval_ms,
+            size_by=self.size_by,
+            load_workers=self.load_workers,
+        )
+
+
+
+def open_cache(workspace: Any, options: ServingOptions) -> ModelCache:
+    """A cache over a workspace's production registry (and its dev registry when the scoring chain
+    goes beyond production)."""
+    chain = workspace.config.scoring_chain
+    dev = workspace.dev if chain != ["production"] else None
+    return options.make_cache(workspace.prod, dev, chain)
