@@ -19,6 +19,7 @@ import pyarrow.dataset as pads
 
 from shared.config import ProjectConfig
 from shared.errors import ManyModelsError
+from shared.validation import check_arrow_types
 
 ODBC_PREFIX = "odbc:"
 FETCH_ROWS = 50_000  # rows per cursor.fetchmany: bounded Python-object overhead per step
@@ -48,9 +49,9 @@ def read_source(source: str | Path, cfg: ProjectConfig, query: str | None = None
         raise IngestError(f"source {describe_source(source)}: a query is only used with an 'odbc:' source")
     path, kind = file_kind(source)
     if kind == "folder":
-        return _read_parquet_folder(path)
+        return _read_parquet_folder(path, cfg)
     if kind == "parquet":
-        return _read_parquet(path)
+        return _read_parquet(path, cfg)
     return _read_csv(path, cfg)
 
 
@@ -88,6 +89,7 @@ def iter_batches(path: Path, kind: str, cfg: ProjectConfig, batch_rows: int) -> 
     what = "not a readable Parquet file" if kind == "parquet" else "the Parquet files cannot be read as one table"
     try:
         dataset = _parquet_dataset(path, kind)
+        check_arrow_types(dataset.schema, cfg.data)
         scanner = dataset.scanner(batch_size=batch_rows, batch_readahead=2, fragment_readahead=1)
         for batch in scanner.to_batches():
             if batch.num_rows:
@@ -147,17 +149,21 @@ def _read_csv(path: Path, cfg: ProjectConfig) -> pd.DataFrame:
         raise IngestError(f"source {path}: not a readable CSV file: {exc}") from exc
 
 
-def _read_parquet(path: Path) -> pd.DataFrame:
+def _read_parquet(path: Path, cfg: ProjectConfig) -> pd.DataFrame:
     try:
-        return _plain(_parquet_dataset(path, "parquet").to_table().to_pandas())
+        dataset = _parquet_dataset(path, "parquet")
+        check_arrow_types(dataset.schema, cfg.data)  # before pandas tries (and fails) to convert them
+        return _plain(dataset.to_table().to_pandas())
     except (pa.ArrowException, OSError) as exc:
         raise IngestError(f"source {path}: not a readable Parquet file: {exc}") from exc
 
 
-def _read_parquet_folder(path: Path) -> pd.DataFrame:
+def _read_parquet_folder(path: Path, cfg: ProjectConfig) -> pd.DataFrame:
     """All Parquet files below a folder as one table; hive folders (``store=S01/``) become columns."""
     try:
-        return _plain(_parquet_dataset(path, "folder").to_table().to_pandas())
+        dataset = _parquet_dataset(path, "folder")
+        check_arrow_types(dataset.schema, cfg.data)
+        return _plain(dataset.to_table().to_pandas())
     except (pa.ArrowException, OSError) as exc:
         raise IngestError(f"source {path}: the Parquet files cannot be read as one table: {exc}") from exc
 
