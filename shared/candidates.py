@@ -38,6 +38,7 @@ from shared.errors import ManyModelsError
 from shared.features import FeatureSpec
 
 BUILTIN = ("baseline", "loglinear", "loglm", "gbm", "global")
+LOG_CAP_MARGIN = 1.0  # log-linear forecasts stop at exp(1) = 2.7 times the largest training target
 
 
 class CandidateError(ManyModelsError, ValueError):
@@ -101,6 +102,9 @@ class LogLinearForecaster(BaseEstimator, RegressorMixin):
         self.scale_ = np.where(scale > 1e-12, scale, 1.0)
         target = np.log1p(np.maximum(y, 0.0))
         self.ridge_ = Ridge(alpha=self.alpha).fit((Z - self.mean_) / self.scale_, target)
+        # a log-linear model extrapolates exponentially (a price or trend never seen in a short
+        # history): forecasts stop at e times the largest target it learned from
+        self.cap_ = float(target.max()) + LOG_CAP_MARGIN
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
@@ -109,8 +113,11 @@ class LogLinearForecaster(BaseEstimator, RegressorMixin):
         ridge = self.ridge_
         # Ridge.predict's own arithmetic (X @ coef_ + intercept_) without its per-call input checks,
         # which cost more than the product on a single request's rows; the values are the same
-        out = np.expm1(((Z - self.mean_) / self.scale_) @ ridge.coef_ + ridge.intercept_)
-        return np.maximum(out, 0.0)
+        raw = ((Z - self.mean_) / self.scale_) @ ridge.coef_ + ridge.intercept_
+        cap = getattr(self, "cap_", None)  # models pickled before the cap predict as they did
+        if cap is not None:
+            raw = np.minimum(raw, cap)
+        return np.maximum(np.expm1(raw), 0.0)
 
 
 class LogLinearCovariates(LogLinearForecaster):

@@ -53,9 +53,9 @@ class ForecastSpec:
 
     horizon: int = 12
     test_periods: int = 12
-    validation_periods: int = 12
+    validation_periods: int = 24  # two horizons: a 12-period window let one noisy quarter pick the model
     season_length: int | None = None  # None: derived from freq (W=52, D=7, M=12, Q=4, H=24)
-    min_train_periods: int = 26  # fewer observed periods before the test window: baseline only
+    min_train_periods: int = 26  # fewer observed periods before the validation folds: baseline only
     min_periods: int = 4  # fewer observed periods in all: skipped
     interval_level: float = 0.80  # central prediction interval (lower, upper) of every forecast row
 

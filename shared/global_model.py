@@ -61,12 +61,12 @@ def covariate_centres(X: np.ndarray, spec: FeatureSpec, rows: np.ndarray) -> np.
     return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
 
-def partition_stats(ff: FeatureFrame, g: int, validation_start: int) -> tuple[float, np.ndarray]:
-    """A partition's scale and covariate centres from its rows before ``validation_start``
-    (all its rows when none is that early): one definition for fitting and for every view."""
+def partition_stats(ff: FeatureFrame, g: int, cutoff: int) -> tuple[float, np.ndarray]:
+    """A partition's scale and covariate centres from its rows before ``cutoff`` (all its rows
+    when none is that early): one definition for fitting and for every view."""
     rows = ff.rows(g)
     periods, y, filled = ff.periods[rows], ff.y[rows], ff.filled[rows]
-    before = periods < validation_start
+    before = periods < cutoff
     if not (before & ~filled).any():
         before = np.ones(len(periods), dtype=bool)
     X = ff.X[rows]
@@ -206,20 +206,31 @@ def _period_sample(periods: np.ndarray, share: float, seed: int) -> np.ndarray:
     return (mixed % np.uint64(1_000_003)).astype(np.float64) < share * 1_000_003
 
 
+def fit_cutoffs(cut: dict[str, np.ndarray], n_partitions: int) -> dict[str, np.ndarray]:
+    """Per fit, each partition's cut-off period: the fit learns from rows before it (final: all)."""
+    last = np.full(n_partitions, np.iinfo(np.int64).max, dtype=np.int64)
+    return {"validation": np.asarray(cut["validation"], dtype=np.int64),
+            "test": np.asarray(cut["test"], dtype=np.int64), "final": last}
+
+
 def fit_global(frames: Iterable[FeatureFrame], cuts: Iterable[dict[str, np.ndarray]], run_id: str,
                max_rows: int, seed: int = 0, keep_share: float | None = None) -> GlobalModelSet:
     """Fit the three global models from feature frames of batches and each partition's cut-offs.
 
     ``cuts`` gives, per frame, the first period of each partition's validation and test windows
-    (arrays ``validation`` and ``test``, one value per partition). Rows are sampled by period
-    (a seeded hash of the period ordinal), keeping at most about ``max_rows`` rows. ``keep_share``
-    (the share of periods to keep, when the caller knows the total row count) samples each frame
-    as it arrives, so memory holds only the sample whatever the input size.
+    (arrays ``validation`` and ``test``, one value per partition). Each fit sees a partition
+    through the statistics of its rows before that fit's cut-off (the final fit: all its rows),
+    as the partition's view of that fit does. Rows are sampled by period (a seeded hash of the
+    period ordinal), keeping at most about ``max_rows`` rows. ``keep_share`` (the share of periods
+    to keep, when the caller knows the total row count) samples each frame as it arrives, so
+    memory holds only the sample whatever the input size.
     """
     from time import perf_counter
 
     began = perf_counter()
-    blocks: dict[str, list[np.ndarray]] = {"Z": [], "y": [], "period": [], "val_ok": [], "test_ok": []}
+    blocks: dict[str, list[np.ndarray]] = {"X": [], "y": [], "period": []}
+    for name in FITS:
+        blocks[f"ok_{name}"], blocks[f"scale_{name}"], blocks[f"centres_{name}"] = [], [], []
     spec: FeatureSpec | None = None
     for ff, cut in zip(frames, cuts):
         spec = ff.spec
@@ -228,39 +239,37 @@ def fit_global(frames: Iterable[FeatureFrame], cuts: Iterable[dict[str, np.ndarr
         lengths = np.diff(ff.bounds)
         part = np.repeat(np.arange(ff.n_partitions), lengths)
         observed = ~ff.filled & ~np.isnan(ff.y)
-        val_cut = np.asarray(cut["validation"], dtype=np.int64)[part]
-        test_cut = np.asarray(cut["test"], dtype=np.int64)[part]
-        scale = np.empty(ff.n_partitions)
-        centres = np.empty((ff.n_partitions, len(spec.columns("cov_"))))
-        for g in range(ff.n_partitions):
-            scale[g], centres[g] = partition_stats(ff, g, int(cut["validation"][g]))
         take = _period_sample(ff.periods, keep_share, seed) if keep_share is not None else slice(None)
-        Z = global_design(ff.X[take], spec, scale[part][take], centres[part][take]).astype(np.float32)
-        y = np.where(observed, ff.y / scale[part], np.nan)[take]
-        blocks["Z"].append(Z)
-        blocks["y"].append(y)
+        blocks["X"].append(ff.X[take].astype(np.float32))
+        blocks["y"].append(np.where(observed, ff.y, np.nan)[take])
         blocks["period"].append(ff.periods[take])
-        blocks["val_ok"].append((ff.periods < val_cut)[take])
-        blocks["test_ok"].append((ff.periods < test_cut)[take])
-    if spec is None or not blocks["Z"]:
+        for name, cutoff in fit_cutoffs(cut, ff.n_partitions).items():
+            scale = np.empty(ff.n_partitions)
+            centres = np.empty((ff.n_partitions, len(spec.columns("cov_"))))
+            for g in range(ff.n_partitions):
+                scale[g], centres[g] = partition_stats(ff, g, int(cutoff[g]))
+            blocks[f"ok_{name}"].append((ff.periods < cutoff[part])[take])
+            blocks[f"scale_{name}"].append(scale[part][take])
+            blocks[f"centres_{name}"].append(centres[part][take].astype(np.float32))
+    if spec is None or not blocks["X"]:
         raise ValueError("no rows to fit the global model on")
-    total = sum(len(z) for z in blocks["Z"])
+    total = sum(len(x) for x in blocks["X"])
     keep_share = min(1.0, max_rows / max(total, 1))
-    Z = np.concatenate(blocks["Z"])
-    y = np.concatenate(blocks["y"])
-    periods = np.concatenate(blocks["period"])
-    masks = {"validation": np.concatenate(blocks["val_ok"]), "test": np.concatenate(blocks["test_ok"]),
-             "final": np.ones(len(y), dtype=bool)}
+    joined = {key: np.concatenate(parts) for key, parts in blocks.items()}
     del blocks
+    y, periods = joined.pop("y"), joined.pop("period")
     sampled = np.ones(len(y), dtype=bool)
     if keep_share < 1.0:
         sampled = _period_sample(periods, keep_share, seed)
     out = GlobalModelSet(run_id=run_id, spec=spec)
     for name in FITS:
-        rows = masks[name] & sampled & ~np.isnan(y)
+        rows = joined[f"ok_{name}"] & sampled & ~np.isnan(y)
         if not rows.any():
             continue
-        out.fits[name] = GlobalForecaster(spec, random_state=seed).fit(Z[rows], y[rows])
+        scale = joined[f"scale_{name}"][rows]
+        Z = global_design(joined["X"][rows], spec, scale, joined[f"centres_{name}"][rows]).astype(np.float32)
+        out.fits[name] = GlobalForecaster(spec, random_state=seed).fit(Z, y[rows] / scale)
         out.rows[name] = int(rows.sum())
+        del Z
     out.seconds = perf_counter() - began
     return out

@@ -11,10 +11,12 @@ Per partition, the end of the series is cut into windows by period::
    baseline's are ``baseline_metrics``;
 3. the winner and the baseline are refitted on all rows and packed into a :class:`ForecastBundle`.
 
-Statuses: ``skipped`` (fewer than ``forecast.min_periods`` observed rows), ``baseline_only``
-(fewer than ``forecast.min_train_periods`` observed rows before the validation window: the
-baseline is scored on the last ``min(test_periods, span // 2)`` periods and kept), ``failed``
-(anything raised for that partition: the exception's type and message; the others go on),
+Statuses: ``skipped`` (fewer than ``forecast.min_periods`` observed rows); ``baseline_only``
+(fewer than ``forecast.min_train_periods`` observed rows before the validation window, with the
+folds reduced to one if need be, and no global model in the run: the baseline is scored on the
+last ``min(test_periods, span // 2)`` periods and kept; with a global model, that is the
+partition's model instead: status ``trained``, model ``global``, the reason says why); ``failed``
+(anything raised for that partition: the exception's type and message; the others go on);
 ``trained``.
 
 Rows filled into gaps by validation (``_filled``) stay in the data as lag and rolling-mean
@@ -445,17 +447,22 @@ def partition_windows(periods: np.ndarray, filled: np.ndarray, cfg: Any) -> Wind
     test_start = last - int(f.test_periods) + 1
     i_test = int(np.searchsorted(periods, test_start))
     val = int(f.validation_periods)
-    n_folds = max(1, int(t.folds))
-    step = max(1, val // n_folds)
+    # as many folds as configured, fewer when the history cannot spare them; too short for one
+    # fold (fewer than min_train_periods observed before it): baseline only, and the scoring
+    # chain's global model is its better forecast (pooled, it needs no long history)
+    for n_folds in range(max(1, int(t.folds)), 0, -1):
+        step = max(1, val // n_folds)
+        validation_start = test_start - val - (n_folds - 1) * step
+        i_first = int(np.searchsorted(periods, validation_start))
+        short = int((~filled[:i_first]).sum()) < int(f.min_train_periods)
+        if not short:
+            break
     folds = []
     for k in range(n_folds):
         end = test_start - 1 - k * step
         start = end - val + 1
         lo, hi = (int(i) for i in np.searchsorted(periods, [start, end + 1]))
         folds.append((lo, hi, start - 1))
-    validation_start = test_start - val - (n_folds - 1) * step
-    i_first = int(np.searchsorted(periods, validation_start))
-    short = int((~filled[:i_first]).sum()) < int(f.min_train_periods)
     if short:  # one window spared from a short series for the baseline's test score
         span = int(periods[-1] - periods[0] + 1)
         window = min(int(f.test_periods), max(1, span // 2))
@@ -592,12 +599,13 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult, clock: _Clock) ->
     win = partition_windows(periods, filled, cfg)
     residuals = _Residuals()
     gm = batch.global_models
-    stats = partition_stats(ff, g, win.validation_start) if gm is not None else None
+    cutoffs = {"validation": win.validation_start, "test": win.test_start, "final": np.iinfo(np.int64).max}
 
     def global_view(fit: str) -> Any:
+        """The partition's view of one global fit: its statistics before that fit's cut-off."""
         if gm is None or fit not in gm.fits:
             return None
-        return gm.view(fit, stats[0], stats[1])
+        return gm.view(fit, *partition_stats(ff, g, int(cutoffs[fit])))
 
     i_test = win.i_test
     test_y, test_filled = y[i_test:], filled[i_test:]
@@ -616,8 +624,9 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult, clock: _Clock) ->
             residuals.add("global", y[lo:hi], pred, filled[lo:hi])
 
     if win.short:
-        reason = (f"{int((~filled[:i_test]).sum())} observed periods before the evaluation windows, fewer "
-                  f"than forecast.min_train_periods={f.min_train_periods}: baseline only")
+        reason = (f"{int((~filled[:i_test]).sum())} observed periods before the test window: too few for "
+                  f"forecast.min_train_periods={f.min_train_periods} before a validation window of "
+                  f"{f.validation_periods}: baseline only")
         _baseline_only(batch, g, result, clock, y_obs, reason, win, residuals, g_pred, global_view("final"))
         return
 
@@ -667,6 +676,9 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult, clock: _Clock) ->
     result.metrics["backtest_wape"] = _score(all_actual, np.concatenate((fold_preds[best], pred)), all_filled)["wape"]
     result.metrics["baseline_backtest_wape"] = _score(all_actual, np.concatenate((base_folds, base_pred)),
                                                       all_filled)["wape"]
+    if global_folds is not None and g_pred is not None:
+        result.metrics["global_backtest_wape"] = _score(
+            all_actual, np.concatenate((*global_folds, g_pred)), all_filled)["wape"]
 
     final = _fit_members(batch, members, X, y_obs, clock, global_view("final"))
     final_base = clock.fit(MovingAverageBaseline(), None, y_obs)
@@ -713,11 +725,22 @@ def _baseline_only(batch: _Batch, g: int, result: TrainResult, clock: _Clock, y_
     result.metrics = _score(y[i_test:], pred, filled[i_test:])
     result.baseline_metrics = dict(result.metrics)
     residuals.add("baseline", y[i_test:], pred, filled[i_test:])
-    residuals.add("model", y[i_test:], pred, filled[i_test:])
     final = clock.fit(MovingAverageBaseline(), None, y_obs)
-    result.status, result.reason, result.model_name = "baseline_only", reason, "baseline"
-    result.bundle = _bundle(batch, g, "baseline", final, final, result.metrics,
-                            periods[i_test:], y[i_test:], pred, pred, g_pred)
+    if (view is not None and g_pred is not None and len(g_pred) == len(y) - i_test
+            and "global" in batch.cfg.training.candidates):
+        # too short for models of its own, not for the global model (pooled over every partition):
+        # that is its model, scored on the same window, and promoted or not by the same rule
+        result.metrics = _score(y[i_test:], g_pred, filled[i_test:])
+        residuals.add("model", y[i_test:], g_pred, filled[i_test:])
+        result.status, result.model_name = "trained", "global"
+        result.reason = reason.replace("baseline only", "the global model is its model")
+        result.bundle = _bundle(batch, g, "global", view, final, result.metrics,
+                                periods[i_test:], y[i_test:], g_pred, pred, g_pred)
+    else:
+        residuals.add("model", y[i_test:], pred, filled[i_test:])
+        result.status, result.reason, result.model_name = "baseline_only", reason, "baseline"
+        result.bundle = _bundle(batch, g, "baseline", final, final, result.metrics,
+                                periods[i_test:], y[i_test:], pred, pred, g_pred)
     _finish_bundle(result.bundle, residuals, batch.cfg, view)
 
 

@@ -98,3 +98,16 @@ def test_interval_coverage_ignores_rows_without_bounds():
     assert bench.interval_coverage(joined, columns, "sales") == 1.0
     assert bench.interval_note(joined, columns) == "1/3 held-out rows have both bounds"
     assert bench.interval_coverage(joined.assign(lower=None, upper=None), columns, "sales") is None
+
+
+def test_a_candidate_alone_is_trained_alone_and_scored_by_itself_through_the_cli_config():
+    import tomllib
+
+    from shared.config import ProjectConfig
+
+    assert bench.default_candidates() == list(ProjectConfig().training.candidates)
+    own = tomllib.loads(bench.alone_config("loglm"))
+    assert own == {"training": {"candidates": ["loglm"], "ensemble": False},
+                   "scoring": {"chain": ["latest", "baseline"]}}
+    cfg = ProjectConfig.from_dict(tomllib.loads(bench.alone_config("global")))  # valid as a project file
+    assert cfg.scoring_chain == ["global", "baseline"] and cfg.training.candidates == ["global"]

@@ -54,11 +54,13 @@ def serving(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(online_score, "_predictor", None)
 
 
-def _publish(registry_root: Path, lake_root: Path, head: str) -> None:
-    """The production folder as the promotion function leaves it in storage: artifacts, a
-    single-file snapshot of the index (WAL included), HEAD last."""
-    target = lake_root / "registry" / "prod"
-    shutil.copytree(registry_root / "artifacts", target / "artifacts", dirs_exist_ok=True)
+def _publish(registry_root: Path, lake_root: Path, head: str, name: str = "prod") -> None:
+    """A registry folder as the pipeline leaves it in storage: artifacts, a single-file snapshot
+    of the index (WAL included), HEAD last."""
+    target = lake_root / "registry" / name
+    target.mkdir(parents=True, exist_ok=True)
+    if (registry_root / "artifacts").is_dir():
+        shutil.copytree(registry_root / "artifacts", target / "artifacts", dirs_exist_ok=True)
     source, copy = sqlite3.connect(registry_root / "index.sqlite"), sqlite3.connect(target / "index.sqlite")
     source.backup(copy)
     copy.close()
@@ -91,6 +93,48 @@ def test_a_request_gets_the_batch_scoring_forecast_of_its_partition(serving, tra
     by_rows = online_score.run(_request(partition_id=row["partition_id"], rows=rows))
     assert len(by_rows["predictions"]) == 3
     assert len(online_score.run(_request(partition_id=row["partition_id"], horizon=2))["predictions"]) == 2
+
+
+@pytest.fixture(scope="module")
+def unpromoted(tmp_path_factory):
+    """A run nothing of which was promoted, batch-scored along the scoring chain."""
+    data = tmp_path_factory.mktemp("data") / "sales.parquet"
+    write_panel(data, partitions=6, periods=104, freq="W", seed=23)
+    ws = Workspace.open(tmp_path_factory.mktemp("ws"), overrides=OVERRIDES)
+    ingest(ws, data)
+    plan, _, _ = train(ws)
+    promote(ws, plan.run_id, min_accuracy=1.0)  # nobody forecasts perfectly: production stays empty
+    scoring, _ = score(ws)
+    predictions = read_parquet(ws.lake, f"predictions/{scoring.score_id}/predictions.parquet")
+    return ws, predictions
+
+
+def test_partitions_without_a_production_model_get_the_batch_chain_answer_sources_and_intervals(
+        unpromoted, tmp_path, monkeypatch):
+    ws, predictions = unpromoted
+    assert not (predictions["source"] == "production").any()
+    lake_root = tmp_path / "storage"
+    _publish(ws.prod.root, lake_root, head="p1")
+    _publish(ws.dev.root, lake_root, head="d1", name="dev")
+    monkeypatch.setenv("MM_SERVING_LAKE_DIR", str(lake_root))
+    monkeypatch.setenv("MM_SERVING_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MM_SERVING_CONFIG", json.dumps(ws.config.to_dict()))
+    monkeypatch.setenv("MM_SERVING_REFRESH_SECONDS", "0")
+    monkeypatch.delenv("MM_SERVING_STORAGE_URL", raising=False)
+    online_score.init()
+    try:
+        for pid, batch in predictions.groupby("partition_id"):
+            batch = batch.sort_values("date")
+            first = batch.iloc[0]
+            answer = online_score.run(_request(keys={"store": first["store"], "item": first["item"]}))
+            assert answer["source"] == first["source"], (pid, answer)
+            got = answer["predictions"]
+            assert [p["prediction"] for p in got] == pytest.approx(batch["prediction"].tolist())
+            assert [p["lower"] for p in got] == pytest.approx(batch["lower"].tolist())
+            assert [p["upper"] for p in got] == pytest.approx(batch["upper"].tolist())
+        assert set(predictions["source"]) & {"unpromoted", "global"}, "the chain went past the baseline"
+    finally:
+        monkeypatch.setattr(online_score, "_predictor", None)
 
 
 def test_errors_are_answered_with_their_status_and_the_field(serving, trained):

@@ -169,3 +169,22 @@ def test_candidates_predict_exactly_what_scikit_learn_predicts_for_few_and_many_
         loglinear.predict(X[:2, :-1])
     with pytest.raises(IndexError):
         gbm.predict(X[:2, :-1])
+
+
+def test_log_linear_forecasts_stop_at_e_times_the_largest_target_seen():
+    from shared.candidates import LOG_CAP_MARGIN, LogLinearCovariates
+    from shared.config import ProjectConfig
+    from shared.features import FeatureSpec
+
+    spec = FeatureSpec.from_config(ProjectConfig().with_overrides({"data.covariates": ["price"]}))
+    rng = np.random.default_rng(0)
+    n = 30
+    X = np.zeros((n, len(spec.names)))
+    price = spec.names.index("cov_price")
+    X[:, price] = np.log(rng.uniform(2.0, 2.2, n))  # a short history over a narrow price band
+    y = np.exp(3.0 - 4.0 * X[:, price]) * 100
+    model = LogLinearCovariates(spec).fit(X, y)
+    far = X[:3].copy()
+    far[:, price] = np.log(0.05)  # a price never seen: the log-log slope alone would explode
+    assert model.predict(far).max() <= np.expm1(np.log1p(y.max()) + LOG_CAP_MARGIN) + 1e-9
+    assert np.isfinite(model.predict(far)).all()

@@ -182,3 +182,21 @@ def test_a_latest_chain_scores_every_trained_model_alone_whatever_its_backtests(
     assert set(alone["source"]) == {"latest"}
     assert set(alone.loc[alone[PARTITION_ID] == loser, "run_id"]) == {"rg2"}
     assert set(chained.loc[chained[PARTITION_ID] == loser, "source"]) == {"baseline"}
+
+
+def test_a_series_too_short_for_its_own_candidates_gets_the_global_model_as_its_model(cfg):
+    raw = next(generate_panel(partitions=6, periods=120, seed=9)).sort_values(["store", "item", "date"])
+    first = raw.groupby(["store", "item"]).ngroup() == 0
+    raw = raw[~first | (raw.groupby(["store", "item"]).cumcount(ascending=False) < 40)]  # one series of 40
+    frame, _ = validate(raw, cfg)
+    ff = build_features(frame, cfg)
+    models = fit_global([ff], [global_cuts(ff, cfg)], "rs", cfg.training.global_max_rows)
+    results = train_batch(frame, cfg, global_models=models)
+    short = [r for r in results if r.n_observed == 40]
+    assert len(short) == 1 and short[0].status == "trained" and short[0].model_name == "global"
+    assert "global model is its model" in short[0].reason
+    assert short[0].metrics["wape"] == pytest.approx(short[0].global_metrics["wape"])
+    assert short[0].bundle.predict(horizon=3)["prediction"].notna().all()
+    without = train_batch(frame, cfg.with_overrides({"training.candidates": ["baseline", "loglinear"]}),
+                          global_models=models)
+    assert next(r for r in without if r.n_observed == 40).status == "baseline_only"

@@ -303,7 +303,8 @@ class LibraryPredict:
         if isinstance(est, LogLinearForecaster):
             Z = est._design(X)
             Z = np.where(np.isnan(Z), est.fill_, Z)
-            return np.maximum(np.expm1(est.ridge_.predict((Z - est.mean_) / est.scale_)), 0.0)
+            raw = np.minimum(est.ridge_.predict((Z - est.mean_) / est.scale_), est.cap_)
+            return np.maximum(np.expm1(raw), 0.0)
         if isinstance(est, BoostedTreesForecaster):
             return np.maximum(np.expm1(est.model_.predict(X[:, est.columns_])), 0.0)
         return est.predict(X)

@@ -1,7 +1,7 @@
 """Scoring script of the Azure ML managed online endpoint: ``init()`` once, ``run(raw_data)`` per request.
 
-Models are loaded **on demand**: ``init()`` opens the production registry's index (a few MB) and
-nothing else; a request's partition is looked up in the index (one primary-key read), its model
+Models are loaded **on demand**: ``init()`` opens the production registry's index (a few MB) and,
+when the scoring chain goes past production (the default), the development registry's index; a request's partition is looked up in the index (one primary-key read), its model
 loaded on first use and kept in the core's bounded LRU cache (:class:`shared.model_cache.ModelCache`:
 by count and by bytes held), so memory stays flat while requests cycle through 10,000 partitions.
 Concurrent first requests for one model load it once (single-flight). A newly promoted version is
@@ -23,8 +23,11 @@ would be encoded a second time: a JSON string holding JSON).
 Environment: ``MM_SERVING_STORAGE_URL`` (blob endpoint of the registry's storage; identity via
 ``AZURE_CLIENT_ID``, the endpoint's user-assigned identity) or ``MM_SERVING_LAKE_DIR`` (a local
 lake folder, to run this script on a laptop), ``MM_SERVING_REGISTRY_PREFIX``,
-``MM_SERVING_CONFIG`` (the project config as JSON: key columns, time column, covariates, horizon;
-else the defaults with ``MM_PARTITION_KEYS``), ``MM_SERVING_REFRESH_SECONDS`` and the
+``MM_SERVING_DEV_REGISTRY_PREFIX``, ``MM_SERVING_CONFIG`` (the project config as JSON: key
+columns, time column, covariates, horizon, the scoring chain; else the defaults with
+``MM_PARTITION_KEYS``): a partition without a production model is answered along the chain
+(its latest model when it beat its baseline, the run's global model, the baseline), as in batch
+scoring, ``MM_SERVING_REFRESH_SECONDS`` and the
 ``MM_SERVING_*`` limits of :class:`shared.serving.ServingOptions`.
 """
 from __future__ import annotations
@@ -47,9 +50,10 @@ from shared.serving import Predictor, ServingOptions, ServingResponse  # noqa: E
 _predictor: Predictor | None = None
 
 
-def open_registry(environ: dict[str, str] | None = None) -> Any:
-    """The production registry, read-only, from blob storage or (offline) a local lake folder."""
-    from shared.azureml.registry import PROD_PREFIX, AzureMLRegistry
+def open_registry(environ: dict[str, str] | None = None, name: str = "prod") -> Any:
+    """A registry (production, or ``name="dev"`` for the scoring chain's fallbacks), read-only,
+    from blob storage or (offline) a local lake folder."""
+    from shared.azureml.registry import DEV_PREFIX, PROD_PREFIX, AzureMLRegistry
 
     env = os.environ if environ is None else environ
     if env.get("MM_SERVING_STORAGE_URL"):
@@ -64,8 +68,11 @@ def open_registry(environ: dict[str, str] | None = None) -> Any:
     else:
         raise RuntimeError("online_score needs MM_SERVING_STORAGE_URL (Azure) or MM_SERVING_LAKE_DIR (local)")
     cache_dir = Path(env.get("MM_SERVING_CACHE_DIR") or Path(tempfile.gettempdir()) / "manymodels-serving")
-    return AzureMLRegistry("prod", lake, cache_dir, publisher=None,
-                           prefix=env.get("MM_SERVING_REGISTRY_PREFIX") or PROD_PREFIX,
+    if name == "dev":
+        prefix = env.get("MM_SERVING_DEV_REGISTRY_PREFIX") or DEV_PREFIX
+    else:
+        prefix = env.get("MM_SERVING_REGISTRY_PREFIX") or PROD_PREFIX
+    return AzureMLRegistry(name, lake, cache_dir, publisher=None, prefix=prefix,
                            refresh_seconds=float(env.get("MM_SERVING_REFRESH_SECONDS") or 30))
 
 
@@ -84,12 +91,18 @@ def serving_config(environ: dict[str, str] | None = None) -> Any:
 def init() -> None:
     """Open the production index (no model is loaded) and the shared predictor."""
     global _predictor
+    cfg = serving_config()
+    chain = cfg.scoring_chain  # the same chain as batch scoring and the local server
     registry = open_registry()
     registry.refresh(force=True)
+    dev = None
+    if chain != ["production"]:
+        dev = open_registry(name="dev")  # the latest trained models and the run's global model
+        dev.refresh(force=True)
     refresh_ms = float(os.environ.get("MM_SERVING_REFRESH_SECONDS") or 30) * 1000.0
     defaults = {"check_interval_ms": refresh_ms} if not os.environ.get("MM_SERVING_CHECK_MS") else {}
     options = ServingOptions.from_env(**defaults)
-    _predictor = Predictor(serving_config(), options.make_cache(registry, None, "none"), options)
+    _predictor = Predictor(cfg, options.make_cache(registry, dev, chain), options)
 
 
 def run(raw_data: str | bytes | dict[str, Any]) -> Any:

@@ -281,14 +281,15 @@ def process_memory() -> dict[str, Any]:
         import resource
     except ImportError:  # not on Windows
         return {"pid": os.getpid(), "rss_bytes": None, "peak_rss_bytes": None}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     rss = None
     try:
         with open("/proc/self/statm", encoding="ascii") as fh:
             rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         rss = None
-    return {"pid": os.getpid(), "rss_bytes": rss, "peak_rss_bytes": peak}
+    # read after the current size (another thread may allocate in between), and never below it
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"pid": os.getpid(), "rss_bytes": rss, "peak_rss_bytes": max(peak, rss or 0)}
 
 
 
