@@ -8,27 +8,42 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 
 from shared import layout
+from shared.backends import check_kind
 from shared.compute import JobHandle
 from shared.config import ProjectConfig
 from shared.errors import ManyModelsError
-from shared.global_model import GLOBAL_ID
+from shared.features import build_features
+from shared.global_model import GLOBAL_ID, fit_global
+from shared.ingest import read_source
 from shared.keys import PARTITION_ID
-from shared.lake import LakeError, read_parquet
-from shared.metrics import evaluate
+from shared.lake import LakeError, read_parquet, write_parquet
+from shared.partitioning import load_dataset
+from shared.promotion import promote_run
+from shared.registration import (aggregate_wape, artifact_source, backtests_frame, global_record, keys_of,
+                                 metrics_row, record_for, result_rows)
+from shared.report import write_report
+from shared.runner import run_parallel
+from shared.scoring import prepare_scoring
+from shared.streaming import ingest_source
+from shared.summaries import (GroupSummary, IngestSummary, LoadSummary, PromotionSummary, RegisterSummary,
+                              ScoringPlan, TrainingPlan)
+from shared.training import global_cuts
 from shared.workspace import StagedRun, Workspace
 
 TRAIN_ENTRY = "shared.entry.train"
-LAKE_SOURCE_CONTAINERS = layout.SOURCE_CONTAINERS
 SCORE_ENTRY = "shared.entry.score"
+ENTRIES = {"train": TRAIN_ENTRY, "score": SCORE_ENTRY}
+LAKE_SOURCE_CONTAINERS = layout.SOURCE_CONTAINERS
 
 
 class PipelineError(ManyModelsError, RuntimeError):
@@ -44,94 +59,11 @@ def _digest(*parts: Any, prefix: str) -> str:
     return prefix + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-@dataclass
-class _Payload:
-    """JSON round-trip for summaries that travel through Durable Functions."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]):
-        return cls(**raw)
-
-
-@dataclass
-class IngestSummary(_Payload):
-    dataset_id: str
-    partitions: int
-    rows: int
-    report: dict[str, Any] = field(default_factory=dict)
-    reused: bool = False
-
-
-@dataclass
-class TrainingPlan(_Payload):
-    run_id: str
-    dataset_id: str
-    groups: list[list[str]]
-    partitions: int = 0
-
-
-@dataclass
-class GroupSummary(_Payload):
-    run_id: str
-    group_index: int
-    partitions: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)
-    failed_batches: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-@dataclass
-class RegisterSummary(_Payload):
-    run_id: str
-    trained: int = 0
-    baseline_only: int = 0
-    failed: int = 0
-    skipped: int = 0
-    registered: int = 0
-    missing: int = 0
-    model_wape: float | None = None
-    baseline_wape: float | None = None
-    failures: list[dict[str, str]] = field(default_factory=list)
-
-
-@dataclass
-class PromotionSummary(_Payload):
-    run_id: str
-    promoted: int = 0
-    rejected: int = 0
-    unchanged: int = 0
-    in_production: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class ScoringPlan(_Payload):
-    score_id: str
-    groups: list[list[str]]
-    horizon: int | None = None
-    source: str | None = None
-
-
-@dataclass
-class LoadSummary(_Payload):
-    score_id: str
-    rows: int = 0
-    partitions: int = 0
-    fallback_partitions: int = 0
-    no_model: int = 0
-    failed: int = 0
-
-
 # -- ingest ------------------------------------------------------------------------------------
 def ingest(ws: Workspace, source: str | Path, query: str | None = None) -> IngestSummary:
     """Read, validate and partition a source; the same data twice gives the same dataset.
 
     Within ``ingest.memory_mb`` whatever the source's size (``shared.streaming``)."""
-    from shared.streaming import ingest_source
-
     dataset, report = ingest_source(
         ws.lake, _resolve_source(ws, source), ws.config, query=query, tmp_root=ws.local_dir(".cache")
     )
@@ -167,8 +99,6 @@ def latest_dataset_id(ws: Workspace) -> str:
 
 
 def _load_dataset(ws: Workspace, dataset_id: str):
-    from shared.partitioning import load_dataset
-
     try:
         return load_dataset(ws.lake, dataset_id)
     except LakeError as exc:
@@ -242,58 +172,56 @@ def job_status(ws: Workspace, job_id: str, run_id: str | None = None) -> JobHand
 
 def run_group(ws: Workspace, kind: str, run_id: str, batch_paths: list[str], group_index: int = 0,
               progress: bool | None = None) -> GroupSummary:
-    """Train or score one group of mini-batch files here, on the local process pool."""
-    runner = train_group if kind == "train" else score_group
-    return runner(ws, run_id, batch_paths, group_index=group_index, progress=progress)
+    """Train or score one group of mini-batch files with its entry script on the local process pool.
+
+    Both kinds stage their files the same way (:class:`shared.workspace.StagedRun`) and pass the
+    parallel job contract's arguments, flag for flag as :mod:`shared.azureml.jobs` does; a training
+    group reads the run's config and global model, a scoring group the config it was planned with and
+    the registries.
+    """
+    check_kind(kind)
+    meta = _run_meta(ws, run_id)
+    dataset_meta = layout.dataset_meta(meta["dataset_id"])
+    if kind == "train":
+        cfg = ws.config
+        global_path = layout.global_model(run_id)
+        extra = [global_path] if ws.lake.exists(global_path) else []
+        counted = {"total_items": _partitions_in(ws, meta["dataset_id"], batch_paths)}
+    else:
+        cfg = ProjectConfig.from_dict(meta["config"])
+        extra, counted = [], {}
+    spec = cfg.runner if progress is None else replace(cfg.runner, progress=progress)
+    with StagedRun(ws, run_id, batch_paths, [dataset_meta, *extra]) as staged:
+        args = ["--config", str(staged.write_config(cfg)), "--dataset-meta", str(staged.input(dataset_meta))]
+        if kind == "train":
+            args += ["--output-dir", str(staged.output("models")), "--run-id", run_id]
+            for path in extra:
+                args += ["--global-model", str(staged.input(path))]
+        else:
+            prod_root, dev_root = ws.registry_roots()
+            args += ["--prod-registry", str(prod_root), "--dev-registry", str(dev_root),
+                     "--output-dir", str(staged.output("predictions")), "--score-id", run_id]
+        outcome = run_parallel(ENTRIES[kind], [str(staged.input(p)) for p in batch_paths], args, spec,
+                               staged.output("results"), desc=f"{kind} {run_id}", **counted)
+    return GroupSummary.of(run_id, group_index, outcome)
 
 
 def train_group(
     ws: Workspace, run_id: str, batch_paths: list[str], group_index: int = 0, progress: bool | None = None
 ) -> GroupSummary:
-    """Train every partition of some batch files with the entry script on the local process pool."""
-    from shared.runner import run_parallel
+    """Train every partition of some batch files (:func:`run_group`)."""
+    return run_group(ws, "train", run_id, batch_paths, group_index, progress)
 
-    meta = _run_meta(ws, run_id)
-    dataset_meta_path = layout.dataset_meta(meta["dataset_id"])
-    global_path = global_model_path(run_id)
-    has_global = ws.lake.exists(global_path)
-    extra = [dataset_meta_path] + ([global_path] if has_global else [])
-    with StagedRun(ws, run_id, batch_paths, extra) as staged:
-        config_file = staged.write_config(ws.config)
-        args = [
-            "--config", str(config_file),
-            "--dataset-meta", str(staged.input(dataset_meta_path)),
-            "--output-dir", str(staged.output("models")),
-            "--run-id", run_id,
-        ]
-        if has_global:
-            args += ["--global-model", str(staged.input(global_path))]
-        spec = ws.config.runner
-        if progress is not None:
-            spec = _replace(spec, progress=progress)
-        outcome = run_parallel(
-            TRAIN_ENTRY,
-            [str(staged.input(p)) for p in batch_paths],
-            args,
-            spec,
-            staged.output("results"),
-            total_items=_partitions_in(ws, meta["dataset_id"], batch_paths),
-            desc=f"train {run_id}",
-        )
-    statuses: dict[str, int] = {}
-    for row in outcome.rows:
-        statuses[row.get("status", "unknown")] = statuses.get(row.get("status", "unknown"), 0) + 1
-    return GroupSummary(
-        run_id=run_id,
-        group_index=group_index,
-        partitions=len(outcome.rows),
-        statuses=statuses,
-        failed_batches=[dict(f) for f in outcome.failed_batches],
-        seconds=round(outcome.seconds, 3),
-    )
+
+def score_group(
+    ws: Workspace, score_id: str, batch_paths: list[str], group_index: int = 0, progress: bool | None = None
+) -> GroupSummary:
+    """Score some scoring-input files (:func:`run_group`)."""
+    return run_group(ws, "score", score_id, batch_paths, group_index, progress)
 
 
 def global_model_path(run_id: str) -> str:
+    """The lake path of a run's global model fits (:func:`shared.layout.global_model`)."""
     return layout.global_model(run_id)
 
 
@@ -309,13 +237,7 @@ def train_global(ws: Workspace, run_id: str) -> dict[str, Any]:
     (``training.global_max_rows``), and writes ``runs/<run>/global/global.pkl`` atomically.
     Idempotent: a run that has its global model keeps it.
     """
-    import pickle
-
-    from shared.features import build_features
-    from shared.global_model import fit_global
-    from shared.training import global_cuts
-
-    path = global_model_path(run_id)
+    path = layout.global_model(run_id)
     if ws.lake.exists(path):
         return {"run_id": run_id, "skipped": True}
     meta = _run_meta(ws, run_id)
@@ -336,34 +258,16 @@ def train_global(ws: Workspace, run_id: str) -> dict[str, Any]:
     return {"run_id": run_id, "rows": models.rows, "seconds": round(models.seconds, 3)}
 
 
-def _replace(spec, **changes):
-    from dataclasses import replace
-
-    return replace(spec, **changes)
-
-
 def _partitions_in(ws: Workspace, dataset_id: str, batch_paths: list[str]) -> int:
     manifest = _load_dataset(ws, dataset_id).manifest
     names = {p.rsplit("/", 1)[-1] for p in batch_paths}
     return int(manifest["batch"].isin(names).sum())
 
 
-def _result_rows(ws: Workspace, prefix: str) -> list[dict[str, Any]]:
-    rows: dict[str, dict[str, Any]] = {}
-    for path in ws.lake.list(prefix):
-        if not path.endswith(".jsonl"):
-            continue
-        for line in ws.lake.read_bytes(path).decode("utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row[PARTITION_ID]] = row
-    return list(rows.values())
-
-
 def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
     """Register a run's trained models in the dev registry and load its metrics into SQL."""
     meta = _run_meta(ws, run_id)
-    rows = _result_rows(ws, layout.run_results(run_id))
+    rows = result_rows(ws.lake, layout.run_results(run_id))
     if not rows:
         raise PipelineError(f"run {run_id} has no results yet: train it first")
     dataset = _load_dataset(ws, meta["dataset_id"])
@@ -378,158 +282,25 @@ def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
             if not ws.lake.exists(artifact):
                 summary.missing += 1
                 continue
-            to_register.append((_record_for(row, run_id, manifest, keys), _artifact_source(ws, artifact)))
+            to_register.append((record_for(row, run_id, manifest, keys), artifact_source(ws.lake, artifact)))
         if status in ("trained", "baseline_only", "failed", "skipped"):
             setattr(summary, status, getattr(summary, status) + 1)
         if status == "failed":
             summary.failures.append({PARTITION_ID: row[PARTITION_ID], "reason": str(row.get("reason", ""))})
-    global_item = _global_record(ws, run_id, rows)
+    global_item = global_record(ws.lake, run_id, rows)
     if global_item is not None:
         to_register.append(global_item)
     registered = [r for r in ws.dev.register_many(to_register) if r.partition_id != GLOBAL_ID]
     summary.registered = len(registered)
     version_of = {r.partition_id: r.version for r in registered}
-    metrics_rows = [_metrics_row(row, run_id, manifest, keys, version_of) for row in rows]
-    summary.model_wape, summary.baseline_wape = _aggregate_wape(rows)
-    store = ws.store()
-    try:
-        store.upsert_metrics(metrics_rows)
-        backtests = _backtests(ws, run_id, rows, manifest, keys, dataset.anchor)
+    summary.model_wape, summary.baseline_wape = aggregate_wape(rows)
+    backtests = backtests_frame(ws.config, run_id, rows, manifest, keys, dataset.anchor)
+    with ws.store() as store:
+        store.upsert_metrics([metrics_row(row, run_id, manifest, keys, version_of) for row in rows])
         if backtests is not None and len(backtests):
             store.upsert_backtests(backtests)
-    finally:
-        store.close()
     summary.failures = summary.failures[:50]
     return summary
-
-
-def _global_record(ws: Workspace, run_id: str, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], bytes] | None:
-    """The run's global model as a registry entry of its own (the ``final`` fit, pooled test metrics)."""
-    import pickle
-
-    path = global_model_path(run_id)
-    if not ws.lake.exists(path):
-        return None
-    models = pickle.loads(ws.lake.read_bytes(path))
-    final = models.fits.get("final")
-    if final is None:
-        return None
-    actual, pred = [], []
-    for row in rows:
-        for point in row.get("backtest") or []:
-            if point.get("actual") is not None and point.get("global") is not None:
-                actual.append(point["actual"])
-                pred.append(point["global"])
-    metrics = evaluate(actual, pred) if actual else {}
-    metrics = {k: (None if v is None or v != v else float(v)) for k, v in metrics.items()}
-    record = {
-        PARTITION_ID: GLOBAL_ID, "keys": {}, "model_type": "global", "run_id": run_id, "fingerprint": "",
-        "metrics": {**metrics, "rows": {k: int(v) for k, v in models.rows.items()}.get("final", 0),
-                    "fit_seconds": round(models.seconds, 3)},
-        "tags": {"partition_id": GLOBAL_ID, "run_id": run_id, "model_type": "global", "status": "trained",
-                 "scope": "global"},
-        "status": "trained",
-    }
-    return record, pickle.dumps(final, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _artifact_source(ws: Workspace, lake_path: str):
-    local = ws.lake.local_path(lake_path)
-    return local if local is not None else ws.lake.read_bytes(lake_path)
-
-
-def _keys_of(manifest: pd.DataFrame, pid: str, keys: list[str]) -> dict[str, str]:
-    if pid not in manifest.index:
-        return {}
-    row = manifest.loc[pid]
-    return {k: str(row[k]) for k in keys}
-
-
-def _record_for(row: dict[str, Any], run_id: str, manifest: pd.DataFrame, keys: list[str]) -> dict[str, Any]:
-    pid = row[PARTITION_ID]
-    key_values = row.get("keys") or _keys_of(manifest, pid, keys)
-    n_observed = int(manifest.loc[pid, "n_observed"]) if pid in manifest.index else row.get("n_observed", 0)
-    fingerprint = str(manifest.loc[pid, "fingerprint"]) if pid in manifest.index else ""
-    return {
-        PARTITION_ID: pid,
-        "keys": {k: str(v) for k, v in key_values.items()},
-        "model_type": row.get("model_name") or "baseline",
-        "run_id": run_id,
-        "fingerprint": fingerprint,
-        "metrics": {**(row.get("metrics") or {}), "n_observed": n_observed,
-                    "baseline_wape": (row.get("baseline_metrics") or {}).get("wape")},
-        "tags": {
-            **{k: str(v) for k, v in key_values.items()},
-            "partition_id": pid,
-            "run_id": run_id,
-            "model_type": str(row.get("model_name") or "baseline"),
-            "fingerprint": fingerprint,
-            "status": str(row.get("status")),
-            "n_observed": str(n_observed),
-        },
-        "status": row.get("status"),
-    }
-
-
-def _metrics_row(row, run_id, manifest, keys, version_of) -> dict[str, Any]:
-    pid = row[PARTITION_ID]
-    metrics = row.get("metrics") or {}
-    baseline = row.get("baseline_metrics") or {}
-    return {
-        PARTITION_ID: pid,
-        **(row.get("keys") or _keys_of(manifest, pid, keys)),
-        "run_id": run_id,
-        "model": row.get("model_name"),
-        "model_version": version_of.get(pid),
-        "status": row.get("status"),
-        "reason": row.get("reason") or "",
-        "wape": metrics.get("wape"),
-        "mape": metrics.get("mape"),
-        "rmse": metrics.get("rmse"),
-        "accuracy": metrics.get("accuracy"),
-        "baseline_wape": baseline.get("wape"),
-        "n_observed": row.get("n_observed"),
-        "fit_seconds": row.get("fit_seconds"),
-        "registry": "dev",
-    }
-
-
-def _aggregate_wape(rows: list[dict[str, Any]]) -> tuple[float | None, float | None]:
-    """Pooled WAPE over every test window: the chosen models' and the baseline's, side by side."""
-    err = base = actual = 0.0
-    for row in rows:
-        for point in row.get("backtest") or []:
-            if point.get("actual") is None or point.get("prediction") is None:
-                continue
-            err += abs(point["prediction"] - point["actual"])
-            base += abs((point.get("baseline") if point.get("baseline") is not None else point["prediction"])
-                        - point["actual"])
-            actual += abs(point["actual"])
-    if actual <= 0:
-        return None, None
-    return round(err / actual, 4), round(base / actual, 4)
-
-
-def _backtests(ws, run_id, rows, manifest, keys, anchor) -> pd.DataFrame | None:
-    """Every partition's test window in one frame; periods become time stamps in one vectorised call."""
-    from shared.timegrid import PERIOD, from_periods
-
-    frames = []
-    for row in rows:
-        bt = row.get("backtest")
-        if not bt:
-            continue
-        frame = pd.DataFrame(bt)
-        frame[PARTITION_ID] = row[PARTITION_ID]
-        for k, v in (row.get("keys") or _keys_of(manifest, row[PARTITION_ID], keys)).items():
-            frame[k] = v
-        frames.append(frame)
-    if not frames:
-        return None
-    out = pd.concat(frames, ignore_index=True).rename(columns={"global": "global_forecast"})
-    out[ws.config.data.time] = from_periods(out[PERIOD].to_numpy(), ws.config.data.freq, anchor).to_numpy()
-    out["run_id"] = run_id
-    return out.drop(columns=[PERIOD])
 
 
 def train(
@@ -547,21 +318,16 @@ def train(
 
 
 def _record_stage(ws: Workspace, run_id: str, stage: str, started: float, counts: dict[str, Any]) -> None:
-    store = ws.store()
-    try:
-        counts = {k: v for k, v in counts.items() if not isinstance(v, (list, dict))}
-        seconds = time.perf_counter() - started
-        started_at = datetime.fromtimestamp(time.time() - seconds, timezone.utc).isoformat(timespec="seconds")
+    counts = {k: v for k, v in counts.items() if not isinstance(v, (list, dict))}
+    seconds = time.perf_counter() - started
+    started_at = datetime.fromtimestamp(time.time() - seconds, timezone.utc).isoformat(timespec="seconds")
+    with ws.store() as store:
         store.record_run(run_id, stage, started_at, round(seconds, 3), counts)
-    finally:
-        store.close()
 
 
 # -- promotion ---------------------------------------------------------------------------------
 def promote(ws: Workspace, run_id: str | None = None, min_accuracy: float | None = None) -> PromotionSummary:
     """Apply the promotion rules to a run's models; copy the eligible ones to production."""
-    from shared.promotion import promote_run
-
     started = time.perf_counter()
     run_id = run_id or latest_run_id(ws)
     meta = _run_meta(ws, run_id)
@@ -569,7 +335,7 @@ def promote(ws: Workspace, run_id: str | None = None, min_accuracy: float | None
     if min_accuracy is not None:
         if not 0.0 <= float(min_accuracy) <= 1.0:
             raise PipelineError(f"min_accuracy must be between 0 and 1, got {min_accuracy}")
-        rules = _replace(rules, metric="accuracy", min_value=float(min_accuracy), higher_is_better=True)
+        rules = replace(rules, metric="accuracy", min_value=float(min_accuracy), higher_is_better=True)
     manifest = _load_dataset(ws, meta["dataset_id"]).manifest
     history = dict(zip(manifest[PARTITION_ID], manifest["n_observed"].astype(int)))
     decisions = promote_run(ws.dev, ws.prod, run_id, rules, history)
@@ -582,14 +348,11 @@ def promote(ws: Workspace, run_id: str | None = None, min_accuracy: float | None
             reason = d.reason.split(" ")[0] if d.reason else "rejected"
             summary.reasons[reason] = summary.reasons.get(reason, 0) + 1
         if d.decision != "unchanged":
-            rows.append({**d.to_row(), **_keys_of(keyed, d.partition_id, ws.config.data.keys)})
+            rows.append({**d.to_row(), **keys_of(keyed, d.partition_id, ws.config.data.keys)})
     summary.in_production = sum(1 for r in ws.prod.find(run_id=run_id))
-    store = ws.store()
-    try:
-        if rows:
+    if rows:
+        with ws.store() as store:
             store.upsert_promotions(rows)
-    finally:
-        store.close()
     _record_stage(ws, run_id, "promote", started, summary.to_dict())
     return summary
 
@@ -604,16 +367,12 @@ def plan_scoring(
     group_size: int | None = None,
 ) -> ScoringPlan:
     """Write the scoring inputs (a scoring file's rows, or one horizon request per partition)."""
-    from shared.scoring import prepare_scoring
-
     dataset_id = dataset_id or latest_dataset_id(ws)
     dataset = _load_dataset(ws, dataset_id)
     cfg = ws.config if horizon is None else ws.config.with_overrides({"forecast.horizon": int(horizon)})
     frame = None
     source_id: Any = None
     if data is not None:
-        from shared.ingest import read_source
-
         frame = read_source(_resolve_source(ws, data), cfg)
         source_id = int(pd.util.hash_pandas_object(frame, index=False).sum() % (1 << 63))
     score_id = score_id or _digest(
@@ -631,40 +390,6 @@ def plan_scoring(
                        source=str(data) if data else None)
 
 
-def score_group(
-    ws: Workspace, score_id: str, batch_paths: list[str], group_index: int = 0, progress: bool | None = None
-) -> GroupSummary:
-    """Score some scoring-input files with the entry script on the local process pool."""
-    from shared.config import ProjectConfig
-    from shared.runner import run_parallel
-
-    meta = _run_meta(ws, score_id)
-    cfg = ProjectConfig.from_dict(meta["config"])
-    dataset_meta_path = layout.dataset_meta(meta["dataset_id"])
-    with StagedRun(ws, score_id, batch_paths, [dataset_meta_path]) as staged:
-        config_file = staged.write_config(cfg)
-        prod_root, dev_root = ws.registry_roots()
-        args = [
-            "--config", str(config_file),
-            "--dataset-meta", str(staged.input(dataset_meta_path)),
-            "--prod-registry", str(prod_root),
-            "--dev-registry", str(dev_root),
-            "--output-dir", str(staged.output("predictions")),
-            "--score-id", score_id,
-        ]
-        spec = cfg.runner if progress is None else _replace(cfg.runner, progress=progress)
-        outcome = run_parallel(
-            SCORE_ENTRY, [str(staged.input(p)) for p in batch_paths], args, spec,
-            staged.output("results"), desc=f"score {score_id}",
-        )
-    statuses: dict[str, int] = {}
-    for row in outcome.rows:
-        statuses[row.get("status", "unknown")] = statuses.get(row.get("status", "unknown"), 0) + 1
-    return GroupSummary(run_id=score_id, group_index=group_index, partitions=len(outcome.rows),
-                        statuses=statuses, failed_batches=[dict(f) for f in outcome.failed_batches],
-                        seconds=round(outcome.seconds, 3))
-
-
 def load_predictions(ws: Workspace, score_id: str) -> LoadSummary:
     """Upsert a scoring run's prediction files into the SQL store (reruns never duplicate)."""
     files = [p for p in ws.lake.list(layout.run_predictions(score_id)) if p.endswith(".parquet")]
@@ -675,18 +400,13 @@ def load_predictions(ws: Workspace, score_id: str) -> LoadSummary:
     if len(predictions):
         predictions["score_id"] = score_id
         out = layout.predictions(score_id)
-        from shared.lake import write_parquet
-
         write_parquet(ws.lake, out, predictions)
-        store = ws.store()
-        try:
+        with ws.store() as store:
             store.upsert_predictions(predictions)
-        finally:
-            store.close()
         summary.rows = int(len(predictions))
         summary.partitions = int(predictions[PARTITION_ID].nunique())
         summary.fallback_partitions = int(predictions.loc[predictions["is_fallback"] == 1, PARTITION_ID].nunique())
-    for row in _result_rows(ws, layout.run_results(score_id)):
+    for row in result_rows(ws.lake, layout.run_results(score_id)):
         if row.get("status") == "no_model":
             summary.no_model += 1
         elif row.get("status") == "failed":
@@ -713,13 +433,8 @@ def score(
 
 # -- report and the whole pipeline ------------------------------------------------------------
 def report(ws: Workspace, path: Path | None = None) -> Path:
-    from shared.report import write_report
-
-    store = ws.store()
-    try:
+    with ws.store() as store:
         return write_report(store, path or ws.root / "report.html", min_accuracy=ws.config.promotion.min_value)
-    finally:
-        store.close()
 
 
 def run_all(

@@ -1,0 +1,162 @@
+"""Registration's row mapping: a training run's result rows into registry records and SQL rows.
+
+The entry script returns one JSON row per partition (``TrainResult.to_row()``: status, keys,
+metrics, backtest points); registration turns each into a registry record with its tags, a
+``model_metrics`` row and ``backtests`` rows, without opening a model bundle. The run's global model
+becomes one registry entry of its own (partition id ``_global``).
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from shared import layout
+from shared.config import ProjectConfig
+from shared.global_model import GLOBAL_ID
+from shared.keys import PARTITION_ID
+from shared.lake import Lake
+from shared.metrics import evaluate
+from shared.timegrid import PERIOD, from_periods
+
+
+def result_rows(lake: Lake, prefix: str) -> list[dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    for path in lake.list(prefix):
+        if not path.endswith(".jsonl"):
+            continue
+        for line in lake.read_bytes(path).decode("utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row[PARTITION_ID]] = row
+    return list(rows.values())
+
+
+def record_for(row: dict[str, Any], run_id: str, manifest: pd.DataFrame, keys: list[str]) -> dict[str, Any]:
+    pid = row[PARTITION_ID]
+    key_values = row.get("keys") or keys_of(manifest, pid, keys)
+    n_observed = int(manifest.loc[pid, "n_observed"]) if pid in manifest.index else row.get("n_observed", 0)
+    fingerprint = str(manifest.loc[pid, "fingerprint"]) if pid in manifest.index else ""
+    return {
+        PARTITION_ID: pid,
+        "keys": {k: str(v) for k, v in key_values.items()},
+        "model_type": row.get("model_name") or "baseline",
+        "run_id": run_id,
+        "fingerprint": fingerprint,
+        "metrics": {**(row.get("metrics") or {}), "n_observed": n_observed,
+                    "baseline_wape": (row.get("baseline_metrics") or {}).get("wape")},
+        "tags": {
+            **{k: str(v) for k, v in key_values.items()},
+            "partition_id": pid,
+            "run_id": run_id,
+            "model_type": str(row.get("model_name") or "baseline"),
+            "fingerprint": fingerprint,
+            "status": str(row.get("status")),
+            "n_observed": str(n_observed),
+        },
+        "status": row.get("status"),
+    }
+
+
+def metrics_row(row: dict[str, Any], run_id: str, manifest: pd.DataFrame, keys: list[str],
+                version_of: Mapping[str, int]) -> dict[str, Any]:
+    pid = row[PARTITION_ID]
+    metrics = row.get("metrics") or {}
+    baseline = row.get("baseline_metrics") or {}
+    return {
+        PARTITION_ID: pid,
+        **(row.get("keys") or keys_of(manifest, pid, keys)),
+        "run_id": run_id,
+        "model": row.get("model_name"),
+        "model_version": version_of.get(pid),
+        "status": row.get("status"),
+        "reason": row.get("reason") or "",
+        "wape": metrics.get("wape"),
+        "mape": metrics.get("mape"),
+        "rmse": metrics.get("rmse"),
+        "accuracy": metrics.get("accuracy"),
+        "baseline_wape": baseline.get("wape"),
+        "n_observed": row.get("n_observed"),
+        "fit_seconds": row.get("fit_seconds"),
+        "registry": "dev",
+    }
+
+
+def keys_of(manifest: pd.DataFrame, pid: str, keys: list[str]) -> dict[str, str]:
+    if pid not in manifest.index:
+        return {}
+    row = manifest.loc[pid]
+    return {k: str(row[k]) for k in keys}
+
+
+def global_record(lake: Lake, run_id: str, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], bytes] | None:
+    """The run's global model as a registry entry of its own (the ``final`` fit, pooled test metrics)."""
+    path = layout.global_model(run_id)
+    if not lake.exists(path):
+        return None
+    models = pickle.loads(lake.read_bytes(path))
+    final = models.fits.get("final")
+    if final is None:
+        return None
+    actual, pred = [], []
+    for row in rows:
+        for point in row.get("backtest") or []:
+            if point.get("actual") is not None and point.get("global") is not None:
+                actual.append(point["actual"])
+                pred.append(point["global"])
+    metrics = evaluate(actual, pred) if actual else {}
+    metrics = {k: (None if v is None or v != v else float(v)) for k, v in metrics.items()}
+    record = {
+        PARTITION_ID: GLOBAL_ID, "keys": {}, "model_type": "global", "run_id": run_id, "fingerprint": "",
+        "metrics": {**metrics, "rows": {k: int(v) for k, v in models.rows.items()}.get("final", 0),
+                    "fit_seconds": round(models.seconds, 3)},
+        "tags": {"partition_id": GLOBAL_ID, "run_id": run_id, "model_type": "global", "status": "trained",
+                 "scope": "global"},
+        "status": "trained",
+    }
+    return record, pickle.dumps(final, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def artifact_source(lake: Lake, lake_path: str) -> Path | bytes:
+    local = lake.local_path(lake_path)
+    return local if local is not None else lake.read_bytes(lake_path)
+
+
+def aggregate_wape(rows: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """Pooled WAPE over every test window: the chosen models' and the baseline's, side by side."""
+    err = base = actual = 0.0
+    for row in rows:
+        for point in row.get("backtest") or []:
+            if point.get("actual") is None or point.get("prediction") is None:
+                continue
+            err += abs(point["prediction"] - point["actual"])
+            base += abs((point.get("baseline") if point.get("baseline") is not None else point["prediction"])
+                        - point["actual"])
+            actual += abs(point["actual"])
+    if actual <= 0:
+        return None, None
+    return round(err / actual, 4), round(base / actual, 4)
+
+
+def backtests_frame(cfg: ProjectConfig, run_id: str, rows: list[dict[str, Any]], manifest: pd.DataFrame,
+                    keys: list[str], anchor: Any) -> pd.DataFrame | None:
+    """Every partition's test window in one frame; periods become time stamps in one vectorised call."""
+    frames = []
+    for row in rows:
+        bt = row.get("backtest")
+        if not bt:
+            continue
+        frame = pd.DataFrame(bt)
+        frame[PARTITION_ID] = row[PARTITION_ID]
+        for k, v in (row.get("keys") or keys_of(manifest, row[PARTITION_ID], keys)).items():
+            frame[k] = v
+        frames.append(frame)
+    if not frames:
+        return None
+    out = pd.concat(frames, ignore_index=True).rename(columns={"global": "global_forecast"})
+    out[cfg.data.time] = from_periods(out[PERIOD].to_numpy(), cfg.data.freq, anchor).to_numpy()
+    out["run_id"] = run_id
+    return out.drop(columns=[PERIOD])
