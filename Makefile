@@ -35,7 +35,7 @@ infra-check:
 azureml-check: install
 	bash scripts/validate-azureml.sh -q
 
-## make bench: the performance benchmarks (figures recorded in the README)
+## make bench: the performance benchmarks (figures recorded in docs/performance.md)
 bench: install
 	$(PY) benchmarks/engine_overhead.py
 
