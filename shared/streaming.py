@@ -370,8 +370,10 @@ class _Streamer:
             scan.anchor = UNSET  # each part finds its own; checked against the whole input's later
 
     def _null_examples(self, scan: _Scan) -> pd.DataFrame:
-        table = pa.concat_tables(scan.null_examples, promote_options="permissive")
-        frame = _typed(table_to_pandas(table), self._dtypes(scan))
+        # the same column may have been read as numbers in one batch and text in another: pandas
+        # unifies what Arrow cannot (as _read_part does for the parts)
+        frame = pd.concat([table_to_pandas(t) for t in scan.null_examples])
+        frame = _typed(frame, self._dtypes(scan))
         frame.index = pd.Index(frame.pop(ROW).to_numpy(), name="row")
         return example_rows(frame, frame.index.to_numpy())
 

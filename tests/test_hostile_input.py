@@ -371,3 +371,25 @@ def test_registry_errors_are_user_errors():
     from shared.errors import ManyModelsError
 
     assert issubclass(UntrustedCodeError, ManyModelsError)
+
+
+def test_null_keys_in_batches_typed_differently_give_the_in_memory_error_when_streamed(tmp_path):
+    """Found by the property campaign: a covariate read as numbers in one scan batch and as text
+    in another broke the streamed null-key examples (Arrow could not merge them)."""
+    from shared.lake import LocalLake
+    from shared.streaming import StreamPlan, ingest_source
+
+    n = 17
+    frame = pd.DataFrame({"store": ["S1"] * n, "item": ["S1"] * n, "date": ["2020-01-05"] * n,
+                          "sales": [0.0] * n, "price": [0.0] * n}).astype({"price": object})
+    frame.loc[4, "price"], frame.loc[9, "price"] = None, "x"
+    frame.loc[6, "store"], frame.loc[13, "item"] = None, None
+    frame.to_csv(data := tmp_path / "in.csv", index=False)
+    cfg = ProjectConfig().with_overrides({"data.covariates": ["price"], "data.freq": "D"})
+    messages = []
+    for stream in (False, True):
+        plan = StreamPlan(batch_rows=7, buckets=16, part_rows=5, workers=1, worker_mb=64) if stream else None
+        with pytest.raises(DataValidationError, match="partition key is null") as caught:
+            ingest_source(LocalLake(tmp_path / f"lake-{stream}"), data, cfg, stream=stream, plan=plan)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
