@@ -14,6 +14,15 @@ The function:
    unparseable times or targets...) and refuses a bad file with a logged reason;
 4. starts ``ingest_orchestrator``: ingest (full validation, partitioning) then training.
 
+Ingestion runs on the compute backend, like training: the ``ingest_dataset`` activity holds only
+the source's lake path and the run's options. With the local backend it runs the pipeline's
+streaming ingestion in the activity and returns the finished result; with Azure ML it submits a
+command job (:mod:`shared.azureml.ingest_job`) that runs the same code on the cluster over the
+lake's mounts, and the orchestrator polls it with durable timers (``get_ingest_job_status``, one
+task at a time, continuing as new after ``history_tasks`` tasks) until the job has written the
+dataset and its small result (dataset id, partitions, rows, the report's path and counts). Only
+that result travels through Durable, never rows.
+
 What can never succeed — a malformed event, a hostile or unsupported path, a bad file — is logged
 and the function returns: an exception would make Event Grid redeliver it for up to 24 hours. Only
 transient failures (the lake or the Durable extension unreachable) raise, so Event Grid retries
@@ -23,6 +32,7 @@ and ship it over gRPC before the function runs, which the Event Grid trigger nev
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import azure.durable_functions as df
@@ -30,16 +40,23 @@ import azure.functions as func
 
 from function_app.logging_context import RunLog, orchestration_log
 from function_app.messages import Ignored, MessageError, RawFile, lake_event, parse_blob_created
-from function_app.orchestration import INGEST_ORCHESTRATOR, call_with_retry
+from function_app.orchestration import (
+    HISTORY_TASKS,
+    INGEST_ORCHESTRATOR,
+    TERMINAL_STATES as TERMINAL,
+    call_with_retry,
+    follow_job,
+)
 from function_app.raw_files import Rejected
 from function_app.runtime import StartOutcome, open_workspace
 from function_app.starts import start_raw_file
 from function_app.training import training_steps
-from shared import pipeline
+from shared import backends
 
 bp = df.Blueprint()
 
 INGEST_ACTIVITY = "ingest_dataset"
+INGEST_STATUS_ACTIVITY = "get_ingest_job_status"
 
 
 @bp.event_grid_trigger(arg_name="event")
@@ -71,18 +88,16 @@ async def start_ingestion(client: Any, raw: RawFile, log: RunLog) -> StartOutcom
 
 @bp.orchestration_trigger(context_name="context")
 def ingest_orchestrator(context: df.DurableOrchestrationContext):
-    """Ingest one raw file (validate, partition), then train its dataset and queue promotion."""
+    """Ingest one raw file (validate, partition) on the compute backend, then train its dataset."""
     payload = context.get_input()
     options = payload["options"]
     log = orchestration_log(context, orchestrator=INGEST_ORCHESTRATOR, path=payload["source"])
-    context.set_custom_status({"stage": "ingesting", "source": payload["source"]})
-    ingested = yield from call_with_retry(
-        context,
-        INGEST_ACTIVITY,
-        {"source": payload["source"], "config": options.get("config") or {}},
-        options,
-    )
-    log.info("dataset ingested", dataset_id=ingested["dataset_id"], partitions=ingested["partitions"])
+    job = yield from ingest_steps(context, payload, log)
+    if job is None:
+        return None  # continued as new: the next generation keeps polling the job
+    ingested = job["summary"]
+    log.info("dataset ingested", dataset_id=ingested["dataset_id"], partitions=ingested["partitions"],
+             job_id=job["job_id"])
     training = yield from training_steps(
         context, ingested["dataset_id"], payload.get("partition_ids"), options, log
     )
@@ -94,12 +109,67 @@ def ingest_orchestrator(context: df.DurableOrchestrationContext):
     }
 
 
+def ingest_steps(context: Any, payload: dict[str, Any], log: RunLog):
+    """Submit the ingestion (local: it runs in the activity) and follow its job to the end.
+
+    Returns the job's last handle (its ``summary`` is the ingestion's result), or None after
+    scheduling ``continue_as_new`` with the handle (``payload["ingest_job"]``) when the job outlives
+    one generation's task budget. A failed or canceled job fails the orchestration with its reason.
+    """
+    options = payload["options"]
+    config = options.get("config") or {}
+    carried = payload.get("ingest_job")
+    status = {"stage": "ingesting", "source": payload["source"]}
+    if carried is None:
+        context.set_custom_status(status)
+        handle = yield from call_with_retry(
+            context,
+            INGEST_ACTIVITY,
+            {"source": payload["source"], "config": config, "key": context.instance_id},
+            options,
+        )
+        deadline = context.current_utc_datetime + timedelta(seconds=int(options["timeout_seconds"]))
+        generation = 0
+        if handle["state"] not in TERMINAL:
+            log.info("ingestion job submitted", job_id=handle["job_id"], state=handle["state"])
+    else:
+        handle, deadline = carried["handle"], datetime.fromisoformat(carried["deadline"])
+        generation = int(carried["generation"])
+    context.set_custom_status({**status, "job_id": handle["job_id"], "job_state": handle["state"],
+                               "generation": generation})
+    budget = int(options.get("history_tasks") or HISTORY_TASKS)
+    final, finished = yield from follow_job(
+        context, handle, INGEST_STATUS_ACTIVITY, {"config": config}, deadline, options, budget
+    )
+    if not finished:
+        log.info("history budget reached; continuing as new", job_id=final["job_id"], generation=generation)
+        context.continue_as_new({**payload, "ingest_job": {
+            "handle": final, "deadline": deadline.isoformat(), "generation": generation + 1}})
+        return None
+    if final["state"] != "completed":
+        raise RuntimeError(
+            f"ingestion of {payload['source']} {final['state']}: job {final['job_id']}: {final.get('detail') or ''}"
+        )
+    return final
+
+
 @bp.activity_trigger(input_name="payload")
 def ingest_dataset(payload: dict) -> dict:
-    """Read, validate and partition one source into the lake; returns the dataset summary."""
+    """Ingest one lake source on the compute backend: run it here (local) or submit its Azure ML
+    job; returns the job's handle (a completed local one carries the result), never data."""
     ws = open_workspace(payload.get("config"))
-    summary = pipeline.ingest(ws, payload["source"])
-    RunLog({"path": payload["source"], "dataset_id": summary.dataset_id}).info(
-        "dataset written", partitions=summary.partitions, rows=summary.rows, reused=summary.reused
+    handle = backends.submit_ingest(ws, payload["source"], payload.get("key"))
+    summary = handle.summary or {}
+    RunLog({"path": payload["source"], "job_id": handle.job_id}).info(
+        "dataset written" if handle.state == "completed" else "ingestion job submitted",
+        state=handle.state, dataset_id=summary.get("dataset_id"), partitions=summary.get("partitions"),
+        rows=summary.get("rows"), reused=summary.get("reused"),
     )
-    return summary.to_dict()
+    return handle.to_dict()
+
+
+@bp.activity_trigger(input_name="payload")
+def get_ingest_job_status(payload: dict) -> dict:
+    """The current state of an ingestion job; a completed one carries its small result."""
+    ws = open_workspace(payload.get("config"))
+    return backends.ingest_status(ws, payload["job_id"]).to_dict()

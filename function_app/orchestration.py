@@ -73,6 +73,42 @@ def call_with_retry(
     raise AssertionError("unreachable")
 
 
+def follow_job(
+    context: Any,
+    handle: dict[str, Any],
+    status_activity: str,
+    payload: dict[str, Any],
+    deadline: datetime,
+    options: dict[str, Any],
+    budget: int,
+) -> Generator[Any, Any, tuple[dict[str, Any], bool]]:
+    """Poll one submitted job on durable timers until it is terminal: ``(last handle, finished)``.
+
+    One task at a time (a timer, then the status activity through :func:`call_with_retry`), so
+    nothing is ever scheduled while another task is pending. ``finished`` is False once ``budget``
+    tasks were scheduled and the job is still live: the caller continues as new with the handle,
+    which keeps its history bounded however long the job runs. A job still live at ``deadline``
+    raises (it is not canceled).
+    """
+    poll = timedelta(seconds=int(options["poll_seconds"]))
+    scheduled = 0
+    while handle["state"] not in TERMINAL_STATES:
+        now = context.current_utc_datetime
+        if now >= deadline:
+            raise RuntimeError(
+                f"job {handle['job_id']} still {handle['state']} after "
+                f"{int(options['timeout_seconds'])} s; it was not canceled"
+            )
+        if scheduled >= budget:
+            return handle, False
+        yield context.create_timer(min(now + poll, deadline))
+        handle = yield from call_with_retry(
+            context, status_activity, {**payload, "job_id": handle["job_id"]}, options
+        )
+        scheduled += 2
+    return handle, True
+
+
 def failure_of(task: Any) -> str | None:
     """The reason a finished task failed (first line of the activity's error), or None if it succeeded."""
     result = task.result

@@ -213,3 +213,36 @@ class AzureMLCompute:
 
 def open_compute(settings: Any) -> Compute:
     return AzureMLCompute() if compute_backend(settings) == AZUREML else LocalCompute()
+
+
+# -- ingestion -----------------------------------------------------------------------------------------
+INGEST = "ingest"
+
+
+def submit_ingest(ws: "Workspace", source: str, key: str | None = None) -> JobHandle:
+    """Ingest a lake source where the compute backend runs work; a handle, never data.
+
+    Local: the pipeline's own streaming ingestion runs here, inside the call (as a local group runs
+    inside ``submit``), and the handle comes back completed with the small result. Azure ML: a
+    command job (:mod:`shared.azureml.ingest_job`) runs the same code on the cluster; the handle
+    is queued and :func:`ingest_status` polls it. ``key`` (the orchestration instance) names the
+    job, so a redelivered submit finds the job it already made.
+    """
+    if compute_backend(ws.settings) == AZUREML:
+        from shared.azureml.ingest_job import submit_ingest_job
+
+        return submit_ingest_job(ws, source, key)
+    from shared.entry.ingest import run_ingest
+
+    result = run_ingest(ws, source)
+    return JobHandle(f"{INGEST}-local-{result['dataset_id']}", INGEST, result["dataset_id"], 0,
+                     state="completed", detail="ingested in process", summary=result)
+
+
+def ingest_status(ws: "Workspace", job_id: str) -> JobHandle:
+    """The state of an ingestion job (Azure ML); a local ingestion finished inside its submit."""
+    if compute_backend(ws.settings) != AZUREML:
+        raise BackendError(f"no ingestion job {job_id} to poll: local ingestion finishes when submitted")
+    from shared.azureml.ingest_job import ingest_job_status
+
+    return ingest_job_status(ws, job_id)

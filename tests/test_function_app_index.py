@@ -23,6 +23,7 @@ from shared.settings import SERVICEBUS_CONNECTION
 
 ACTIVITIES = [
     "ingest_dataset",
+    "get_ingest_job_status",
     "plan_training_run",
     "train_global_model",
     "submit_group_job",

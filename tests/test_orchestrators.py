@@ -38,6 +38,20 @@ OPTIONS = {
 }
 
 
+def ingest_result(partitions: int) -> dict:
+    """What an ingestion returns (shared.entry.ingest.result_of): counts and lake paths."""
+    return {
+        "status": "completed",
+        "source": "raw/sales.csv",
+        "dataset_id": "d0123456789abcdef",
+        "partitions": partitions,
+        "rows": 100,
+        "reused": False,
+        "report_path": "prepared/d0123456789abcdef/dataset.json",
+        "report": {"input_rows": 100, "output_rows": 100, "partitions": partitions, "counts": {}},
+    }
+
+
 class Jobs:
     """Scripted compute; per group: done | poll:N | never | fail-submit | flaky-submit | job-fails."""
 
@@ -61,12 +75,14 @@ class Jobs:
                 "body": f"promote {p['run_id']} {p['min_accuracy']} {p['origin']}"
             },
             "load_scored_predictions": self.load,
-            "ingest_dataset": lambda p: {
-                "dataset_id": "d0123456789abcdef",
-                "partitions": 2 * len(self.behaviour),
-                "rows": 100,
-                "report": {},
-                "reused": False,
+            "ingest_dataset": lambda p: {  # the local backend: ingested inside the activity
+                "job_id": "ingest-local-d0123456789abcdef",
+                "kind": "ingest",
+                "run_id": "d0123456789abcdef",
+                "group_index": 0,
+                "state": "completed",
+                "detail": "ingested in process",
+                "summary": ingest_result(2 * len(self.behaviour)),
             },
             "promote_run": lambda p: {"run_id": p["run_id"], "promoted": 3, "rejected": 1, "unchanged": 0},
         }
@@ -332,6 +348,132 @@ def test_ingestion_ingests_then_trains_the_new_dataset():
     assert plan_payload["dataset_id"] == "d0123456789abcdef" and plan_payload["group_size"] == 2
     assert result.output["ingested"]["partitions"] == 4 and result.output["training"]["run_id"] == RUN_ID
     assert result.custom_statuses[0]["stage"] == "ingesting"
+
+
+# -- ingestion on Azure ML: a command job, submitted and polled like a group's job ------------------------
+class IngestJob:
+    """Scripted Azure ML ingestion: ``states`` are what successive status polls answer."""
+
+    def __init__(self, states: list[str], detail: str = "", flaky_status: int = 0) -> None:
+        self.states = states
+        self.detail = detail
+        self.flaky_status = flaky_status  # status checks that raise before answering
+        self.submits: list[dict] = []
+        self.polls: list[dict] = []
+
+    def handle(self, state: str) -> dict:
+        done = state == "completed"
+        return {
+            "job_id": "ingest-i0123456789abcdef",
+            "kind": "ingest",
+            "run_id": "i0123456789abcdef",
+            "group_index": 0,
+            "state": state,
+            "detail": self.detail if state == "failed" else f"Azure ML {state.title()}",
+            "summary": ingest_result(4) if done else {},
+        }
+
+    def submit(self, payload: dict) -> dict:
+        self.submits.append(payload)
+        return self.handle("queued")
+
+    def status(self, payload: dict) -> dict:
+        self.polls.append(payload)
+        if self.flaky_status:
+            self.flaky_status -= 1
+            raise RuntimeError("Azure ML throttled the status check")
+        return self.handle(self.states[min(len(self.polls), len(self.states)) - 1])
+
+    def activities(self, jobs: Jobs) -> dict:
+        return {**jobs.activities(), "ingest_dataset": self.submit, "get_ingest_job_status": self.status}
+
+
+INGEST_INPUT = {"source": "raw/sales.csv", "trigger": {"etag": "0x1"}, "partition_ids": None, "options": OPTIONS}
+
+
+def run_ingestion(job: IngestJob, **options) -> object:
+    harness = OrchestrationHarness(activities=job.activities(Jobs(["done", "done"])))
+    return harness.run(
+        "ingest_orchestrator", {**INGEST_INPUT, "options": {**OPTIONS, **options}}, instance_id="ingest-abc"
+    )
+
+
+def test_azure_ml_ingestion_is_submitted_then_polled_on_durable_timers_then_training_starts():
+    job = IngestJob(["running", "running", "completed"])
+    result = run_ingestion(job)
+    assert result.status == "Completed", result.error
+    names = _names(result)
+    assert names[:5] == ["ingest_dataset"] + ["get_ingest_job_status"] * 3 + ["plan_training_run"]
+    # the submit holds the source's lake path, the run's config and the instance (the job's name key)
+    assert job.submits == [{"source": "raw/sales.csv", "config": {"forecast.horizon": 8}, "key": "ingest-abc"}]
+    assert job.polls == [{"config": {"forecast.horizon": 8}, "job_id": "ingest-i0123456789abcdef"}] * 3
+    # one poll interval between status checks, from the orchestration's own clock
+    fire_times = [e["FireAt"] for e in result.events(TIMER_CREATED)][:3]
+    assert fire_times == [(START + timedelta(seconds=60 * k)).strftime("%Y-%m-%dT%H:%M:%S.%fZ") for k in (1, 2, 3)]
+    plan_payload = next(p for n, p, _ in result.activity_calls if n == "plan_training_run")
+    assert plan_payload["dataset_id"] == "d0123456789abcdef"
+    assert result.output["ingested"]["dataset_id"] == "d0123456789abcdef"
+    assert result.output["ingested"]["report_path"] == "prepared/d0123456789abcdef/dataset.json"
+    assert result.output["training"]["run_id"] == RUN_ID
+    live = [s for s in result.custom_statuses if s and s.get("stage") == "ingesting"]
+    assert live and live[-1]["job_id"] == "ingest-i0123456789abcdef"
+
+
+def test_a_failed_ingestion_job_fails_the_orchestration_with_its_reason_and_trains_nothing():
+    job = IngestJob(["running", "failed"], detail="column 'sales': not numeric (3 rows) (Azure ML Failed)")
+    result = run_ingestion(job)
+    assert result.status == "Failed"
+    assert "ingestion of raw/sales.csv failed: job ingest-i0123456789abcdef" in result.error
+    assert "column 'sales': not numeric (3 rows)" in result.error
+    assert "plan_training_run" not in _names(result)
+
+
+def test_a_flaky_status_check_is_retried_on_a_durable_timer_and_the_ingestion_completes():
+    job = IngestJob(["completed"], flaky_status=1)
+    result = run_ingestion(job)
+    assert result.status == "Completed", result.error
+    assert len(job.polls) == 2 and "plan_training_run" in _names(result)
+
+
+def test_an_ingestion_job_that_never_finishes_times_out_on_durable_time():
+    job = IngestJob(["running"])
+    result = run_ingestion(job, timeout_seconds=300)
+    assert result.status == "Failed"
+    assert "job ingest-i0123456789abcdef still running after 300 s" in result.error
+    assert len(job.polls) == 5 and result.clock == START + timedelta(seconds=300)
+
+
+def test_a_long_ingestion_job_continues_as_new_and_keeps_the_history_bounded():
+    polls, budget = 40, 10
+    job = IngestJob(["running"] * (polls - 1) + ["completed"])
+    result = run_ingestion(job, history_tasks=budget, timeout_seconds=60 * (polls + 5))
+    assert result.status == "Completed", result.error
+    assert len(job.submits) == 1, "the job is submitted once, whatever the generation"
+    assert len(job.polls) == polls
+    assert result.generations >= polls * 2 // budget
+    assert result.max_history <= 4 * (budget + 2) + 40  # a generation's polls, or the training steps
+    assert result.output["training"]["run_id"] == RUN_ID
+
+
+def test_no_ingestion_payload_carries_rows_of_data():
+    """Activity inputs and outputs are lake paths, ids and counts: small, whatever the data's size."""
+    result = run_ingestion(IngestJob(["running", "completed"]))
+    assert result.status == "Completed", result.error
+    ingest_events = [e for e in result.history if e.get("Name") in ("ingest_dataset", "get_ingest_job_status")]
+    completed = {e["TaskScheduledId"]: e for e in result.events(5)}  # TaskCompleted
+    for event in ingest_events:
+        assert len(event["Input"]) < 300, event["Input"]
+        assert len(completed[event["EventId"]]["Result"]) < 1500
+    for _, payload, _ in [c for c in result.activity_calls if c[0] in ("ingest_dataset", "get_ingest_job_status")]:
+        assert set(payload) <= {"source", "config", "key", "job_id"}
+
+
+def test_the_local_backend_ingests_in_the_activity_and_polls_nothing():
+    result = OrchestrationHarness(activities=Jobs(["done"]).activities()).run(
+        "ingest_orchestrator", INGEST_INPUT, instance_id="ingest-abc")
+    assert result.status == "Completed", result.error
+    assert "get_ingest_job_status" not in _names(result)
+    assert not [e for e in result.events(TIMER_CREATED)]
 
 
 def test_promotion_orchestrator_runs_the_rules_once_with_the_requested_threshold():

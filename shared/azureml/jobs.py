@@ -388,24 +388,29 @@ def submit_parallel_job(ws: Any, kind: str, run_id: str, group_index: int,
         raise AzureMLError(f"unknown job kind {kind!r}")
     backend = AzureMLBackend.for_workspace(ws)
     client = backend.client("dev")
-    base = job_id_for(kind, run_id, group_index)
-    name = base
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        name = base if attempt == 1 else f"{base}-a{attempt}"
-        existing = _get_job(client, name, backend)
-        if existing is None:
-            break
-        state = map_job_state(existing.status)
-        if state not in ("failed", "canceled"):
-            return _handle(ws, existing, kind, run_id, group_index)
-    else:
-        raise AzureMLError(f"{base}: {MAX_ATTEMPTS} attempts failed or were canceled; not submitting another")
+    name, existing = next_attempt(client, job_id_for(kind, run_id, group_index), backend)
+    if existing is not None:
+        return _handle(ws, existing, kind, run_id, group_index)
     job = build_job_for_group(ws, backend.aml, kind, run_id, group_index, batch_paths, code=backend.code)
     job.name = name
     created = call_with_retry(
         lambda: client.jobs.create_or_update(job, experiment_name=backend.aml.experiment),
         f"submit {name}", backend.retry)
     return _handle(ws, created, kind, run_id, group_index)
+
+
+def next_attempt(client: Any, base: str, backend: Any) -> tuple[str, Any | None]:
+    """The job to return or the name to submit: ``(name, live job)`` when an attempt of ``base`` is
+    queued, running or completed; ``(free name, None)`` when every attempt so far failed or was
+    canceled (``base``, then ``base-a2`` ...). Raises after ``MAX_ATTEMPTS`` failed attempts."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        name = base if attempt == 1 else f"{base}-a{attempt}"
+        existing = _get_job(client, name, backend)
+        if existing is None:
+            return name, None
+        if map_job_state(existing.status) not in ("failed", "canceled"):
+            return name, existing
+    raise AzureMLError(f"{base}: {MAX_ATTEMPTS} attempts failed or were canceled; not submitting another")
 
 
 def build_job_for_group(ws: Any, aml: AzureMLSettings, kind: str, run_id: str, group_index: int,
