@@ -130,8 +130,11 @@ var promotionQueueName = 'mm-promotions'
 // function_app/ingestion.py: the Event Grid trigger (the app has no blob trigger)
 var eventGridFunctionName = 'on_lake_event'
 var hasBlobTrigger = false
-// The Azure ML parallel jobs write only under runs/<run_id>/ (models, results, predictions).
+// The Azure ML jobs write only to these containers: the parallel jobs under runs/<run_id>/ (models,
+// results, predictions); the ingestion command job the dataset under prepared/<dataset_id>/ (and
+// prepared/LATEST) and its result under runs/<ingest_id>/ (shared/azureml/ingest_job.py).
 var computeWriteContainers = [
+  'prepared'
   'runs'
 ]
 

@@ -1,7 +1,8 @@
 // Azure ML: a development workspace (training jobs, dev model registry, the compute cluster) and a
 // separate production workspace (promoted models only; training never writes there), sharing one
 // container registry for environment images. The compute cluster scales to zero when idle and
-// runs as its own user-assigned identity, which is what the parallel jobs use to reach the lake.
+// runs as its own user-assigned identity, which is what the jobs (the parallel training and scoring
+// jobs, the ingestion command job) use to reach the lake.
 
 param location string
 param tags object

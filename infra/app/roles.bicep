@@ -19,9 +19,9 @@
 //                  models; no jobs, no compute, no deletes. No built-in role is that narrow
 //                  (AzureML Data Scientist could also run jobs in production). Plus Storage Blob
 //                  Data Contributor on the prod workspace storage for the model artifacts.
-// Azure ML compute identity (what the parallel jobs run as)
+// Azure ML compute identity (what the parallel jobs and the ingestion command job run as)
 //   lake           Storage Blob Data Reader on the account; Storage Blob Data Contributor only on
-//                  the containers the jobs write to.
+//                  the containers the jobs write to (prepared, runs: main.bicep computeWriteContainers).
 //   Azure ML dev   Storage Blob Data Contributor on the dev workspace storage (outputs, logs);
 //                  AcrPull on the shared registry (environment images).
 // Deploying principal (optional; the user running azd, or CI)
