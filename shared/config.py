@@ -85,6 +85,9 @@ class TrainingSpec:
     selection_metric: str = "wape"
     seed: int = 42
     folds: int = 2  # rolling-origin validation windows the candidates are scored on
+    # a partition keeps its own best candidate over the batch's best only when it wins its folds by
+    # more than this share (selection on a few dozen points is noisy; see shared.training.choose)
+    selection_margin: float = 0.10
     ensemble: bool = True  # the mean of the two best candidates competes too
     global_max_rows: int = 2_000_000  # rows sampled (whole periods of every partition) to fit the global model
 
@@ -255,6 +258,9 @@ class ProjectConfig:
         _one_of("training.selection_metric", self.training.selection_metric, {"wape", "mape", "rmse"})
         if int(self.training.folds) < 1:
             raise ConfigError(f"training.folds must be >= 1, got {self.training.folds}")
+        if not 0.0 <= float(self.training.selection_margin) <= 1.0:
+            raise ConfigError(f"training.selection_margin must be between 0 and 1, got "
+                              f"{self.training.selection_margin}")
         if int(self.training.global_max_rows) < 1000:
             raise ConfigError(f"training.global_max_rows must be >= 1000, got {self.training.global_max_rows}")
         if not 0.0 < float(f.interval_level) < 1.0:
@@ -360,6 +366,7 @@ MESSAGE_OVERRIDES: dict[str, OverrideRule] = {
     "training.selection_metric": _choice("wape", "mape", "rmse"),
     "training.seed": _int(0, 2**32 - 1),
     "training.folds": _int(1, 10),
+    "training.selection_margin": OverrideRule("float", 0.0, 1.0),
     "training.ensemble": _BOOL,
     "training.global_max_rows": _int(1000, 10_000_000),
     "promotion.metric": _choice("accuracy", "mape_accuracy", "wape", "mape", "rmse"),
