@@ -688,3 +688,56 @@ def test_a_real_blob_upload_and_its_event_delivered_twice_start_one_orchestratio
         call(loop, extension, "on_lake_event", event=bad)
     assert len(extension.starts) == 2
     assert "file rejected" in caplog.text and "sales" in caplog.text
+
+
+# -- the ingestion activities with the Azure ML backend: a handle in, a handle out, never data ------------
+def test_the_ingestion_activities_submit_and_poll_an_azure_ml_job_without_reading_the_file(
+    workdir, monkeypatch
+):
+    """The real activities, the real workspace and job builder; only the Azure ML client is scripted."""
+    from types import SimpleNamespace
+
+    from azure.core.exceptions import ResourceNotFoundError
+
+    from durable_harness import call_activity
+    from shared.azureml import ingest_job
+    from shared.azureml.client import AzureMLBackend, AzureMLSettings
+    from shared.azureml.jobs import stage_code
+
+    for name, value in {"MM_COMPUTE_BACKEND": "azureml", "MM_AZUREML_SUBSCRIPTION_ID": "sub-1",
+                        "MM_AZUREML_RESOURCE_GROUP": "rg", "MM_AZUREML_WORKSPACE_DEV": "mlw-dev",
+                        "MM_AZUREML_WORKSPACE_PROD": "mlw-prod"}.items():
+        monkeypatch.setenv(name, value)
+    jobs: dict = {}
+
+    def create(job, experiment_name=None):
+        jobs[job.name] = SimpleNamespace(name=job.name, status="Queued", studio_url="", tags=dict(job.tags), job=job)
+        return jobs[job.name]
+
+    def get(name):
+        if name not in jobs:
+            raise ResourceNotFoundError(name)
+        return jobs[name]
+
+    aml = AzureMLSettings.from_env()
+    backend = AzureMLBackend(aml, credential=object(), code=stage_code())
+    backend._clients["dev"] = SimpleNamespace(jobs=SimpleNamespace(get=get, create_or_update=create))
+    monkeypatch.setattr(AzureMLBackend, "for_workspace", classmethod(lambda cls, ws: backend))
+    read = []
+    monkeypatch.setattr(pipeline, "ingest", lambda *a, **k: read.append(a))  # must never run in the Function
+
+    functions = app_functions()
+    payload = {"source": "raw/sales.csv", "config": {}, "key": "ingest-abc"}
+    handle = call_activity(functions["ingest_dataset"], payload, [])
+    assert handle["state"] == "queued" and handle["kind"] == "ingest" and read == []
+    assert len(json.dumps(handle)) < 400
+    [submitted] = jobs.values()
+    assert submitted.job.inputs["source"].path == "azureml://datastores/lake_raw/paths/sales.csv"
+
+    status = {"job_id": handle["job_id"], "config": {}}
+    assert call_activity(functions["get_ingest_job_status"], status, [])["state"] == "queued"
+    submitted.status = "Completed"
+    result = {"status": "completed", "dataset_id": workdir["dataset_id"], "partitions": 6, "rows": 360}
+    workdir["lake"].write_bytes(ingest_job.result_path(handle["run_id"], handle["job_id"]), json.dumps(result).encode())
+    done = call_activity(functions["get_ingest_job_status"], status, [])
+    assert done["state"] == "completed" and done["summary"] == result
