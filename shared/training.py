@@ -11,7 +11,8 @@ Per partition, the end of the series is cut into windows by period::
    baseline's are ``baseline_metrics``;
 3. the winner and the baseline are refitted on all rows and packed into a :class:`ForecastBundle`.
 
-Statuses: ``skipped`` (fewer than ``forecast.min_periods`` observed rows); ``baseline_only``
+Statuses: ``skipped`` (fewer than ``forecast.min_periods`` observed rows, and no global model to
+forecast it; with one, such a series is treated as too short, below); ``baseline_only``
 (fewer than ``forecast.min_train_periods`` observed rows before the validation window, with the
 folds reduced to one if need be, and no global model in the run: the baseline is scored on the
 last ``min(test_periods, span // 2)`` periods and kept; with a global model, that is the
@@ -650,14 +651,16 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
     rows = ff.rows(g)
     periods, y, filled, X = ff.periods[rows], ff.y[rows], ff.filled[rows], ff.X[rows]
     y_obs = np.where(filled, np.nan, y)  # models learn from observed rows; filled ones only feed lags
-    if result.n_observed < int(f.min_periods):
+    gm = batch.global_models
+    pooled = gm is not None and "global" in cfg.training.candidates and "final" in gm.fits
+    too_few = result.n_observed < int(f.min_periods)
+    if too_few and not (pooled and result.n_observed >= 1):
         result.status = "skipped"
         result.reason = (f"{result.n_observed} observed periods, fewer than "
                          f"forecast.min_periods={f.min_periods}")
         return
     win = partition_windows(periods, filled, cfg)
     residuals = _Residuals()
-    gm = batch.global_models
     cutoffs = {"validation": win.validation_start, "test": win.test_start, "final": np.iinfo(np.int64).max}
 
     def global_view(fit: str) -> Any:
@@ -682,10 +685,13 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
         for (lo, hi, _), pred in zip(win.folds, global_folds):
             residuals.add("global", y[lo:hi], pred, filled[lo:hi])
 
-    if win.short:
+    if win.short or too_few:
         reason = (f"{int((~filled[:i_test]).sum())} observed periods before the test window: too few for "
                   f"forecast.min_train_periods={f.min_train_periods} before a validation window of "
                   f"{f.validation_periods}: baseline only")
+        if too_few:  # a new series: only the global model (pooled over all the others) can say much
+            reason = (f"{result.n_observed} observed periods, fewer than forecast.min_periods="
+                      f"{f.min_periods}: baseline only")
         _baseline_only(batch, g, result, clock, y_obs, reason, win, residuals, g_pred, global_view("final"))
         return
 

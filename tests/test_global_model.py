@@ -200,3 +200,19 @@ def test_a_series_too_short_for_its_own_candidates_gets_the_global_model_as_its_
     without = train_batch(frame, cfg.with_overrides({"training.candidates": ["baseline", "loglinear"]}),
                           global_models=models)
     assert next(r for r in without if r.n_observed == 40).status == "baseline_only"
+
+
+def test_a_new_series_with_a_couple_of_rows_is_forecast_by_the_global_model_not_skipped(cfg):
+    raw = next(generate_panel(partitions=5, periods=110, seed=4)).sort_values(["store", "item", "date"])
+    first = raw.groupby(["store", "item"]).ngroup() == 0
+    raw = raw[~first | (raw.groupby(["store", "item"]).cumcount(ascending=False) < 2)]  # two rows
+    frame, _ = validate(raw, cfg)
+    ff = build_features(frame, cfg)
+    models = fit_global([ff], [global_cuts(ff, cfg)], "rn", cfg.training.global_max_rows)
+    new = next(r for r in train_batch(frame, cfg, global_models=models) if r.n_observed == 2)
+    assert new.status == "trained" and new.model_name == "global", new.reason
+    assert "fewer than forecast.min_periods" in new.reason
+    forecast = new.bundle.predict(horizon=4)
+    assert len(forecast) == 4 and (forecast["prediction"] >= 0).all()
+    alone = next(r for r in train_batch(frame, cfg) if r.n_observed == 2)  # no global model: skipped
+    assert alone.status == "skipped"
