@@ -188,3 +188,18 @@ def test_log_linear_forecasts_stop_at_e_times_the_largest_target_seen():
     far[:, price] = np.log(0.05)  # a price never seen: the log-log slope alone would explode
     assert model.predict(far).max() <= np.expm1(np.log1p(y.max()) + LOG_CAP_MARGIN) + 1e-9
     assert np.isfinite(model.predict(far)).all()
+
+
+def test_the_direct_ridge_solve_equals_scikit_learns_ridge():
+    from sklearn.linear_model import Ridge
+
+    from shared.candidates import ridge_fit
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(400, 25))
+    X[:, 3] = 0.0  # a constant column, as a covariate that never moved
+    y = X @ rng.normal(size=25) + rng.normal(scale=0.1, size=400) + 2.0
+    ours, theirs = ridge_fit(X, y, 3.0), Ridge(alpha=3.0).fit(X, y)
+    np.testing.assert_allclose(ours.coef_, theirs.coef_, rtol=1e-9, atol=1e-11)
+    assert ours.intercept_ == pytest.approx(theirs.intercept_, abs=1e-10)
+    np.testing.assert_allclose(ours.predict(X[:5]), theirs.predict(X[:5]), rtol=1e-9)
