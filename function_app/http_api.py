@@ -32,6 +32,7 @@ from function_app.messages import (
 )
 from function_app.runtime import StartOutcome
 from function_app.starts import start_promotion, start_scoring, start_training
+from shared.serving.errors import redact
 
 bp = df.Blueprint()
 
@@ -110,6 +111,9 @@ async def get_run_status(req: func.HttpRequest, client: df.DurableOrchestrationC
 
 # -- shared response helpers -------------------------------------------------------------------------
 def json_response(status_code: int, body: Any, headers: dict[str, str] | None = None) -> func.HttpResponse:
+    """A JSON answer; an error's body never shows the server's absolute paths."""
+    if status_code >= 400:
+        body = redact(body)
     return func.HttpResponse(
         json.dumps(body, default=str),
         status_code=status_code,

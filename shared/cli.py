@@ -75,10 +75,55 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+# Commands that change the workdir hold its writer lock (shared.locking) for their whole run;
+# the others (models list/show/verify, report, serve) work alongside them.
+WRITERS = ("ingest", "train", "promote", "score", "run", "demo")
+# Commands that define the project: only they save the workdir's config, and only once they succeed.
+PROJECT_COMMANDS = ("ingest", "run", "demo")
+# How one command runs, never what the project is: never saved, whichever command gives them.
+ONE_OFF = ("runner.workers", "runner.mini_batch_size", "runner.rows_per_file", "runner.progress")
+
+
 def _workspace(args: argparse.Namespace):
+    """The workdir with this command's flags applied; nothing is saved here (see :func:`_remember`)."""
     from shared.workspace import Workspace
 
-    return Workspace.open(args.workdir, overrides=_overrides(args), config_path=args.config)
+    return Workspace.open(args.workdir, overrides=_overrides(args), config_path=args.config, remember=False)
+
+
+def _remember(args: argparse.Namespace, ws: Any) -> None:
+    """Save the project's config once a project-defining command succeeded: the remembered (or
+    --config) file with this command's column and forecasting flags, never the one-off ones."""
+    from shared.config import load_config
+
+    overrides = {k: v for k, v in _overrides(args).items() if k not in ONE_OFF}
+    base = Path(args.config) if args.config else (ws.config_file if ws.config_file.is_file() else None)
+    project = load_config(base, overrides)
+    text = project.to_toml()
+    if not ws.config_file.is_file() or ws.config_file.read_text(encoding="utf-8") != text:
+        project.save(ws.config_file)
+
+
+def _reset(args: argparse.Namespace) -> None:
+    if getattr(args, "reset", False):
+        from shared.workspace import reset_workdir
+
+        removed = reset_workdir(args.workdir)
+        if removed:
+            _say(args, f"reset {args.workdir}: removed {', '.join(removed)}")
+
+
+def _holder_text(args: argparse.Namespace) -> str:
+    """What the lock file says this command does (no connection strings: --data odbc:... is shown
+    as 'odbc:...', a file by its name)."""
+    words = [args.command]
+    if args.command == "models":
+        words.append(args.action)
+    data = getattr(args, "data", None)
+    if data:
+        text = str(data)
+        words += ["--data", "odbc:..." if text.startswith("odbc:") else Path(text).name]
+    return "manymodels " + " ".join(words)
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
@@ -99,11 +144,15 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
     from shared.pipeline import ingest
 
+    _reset(args)
     ws = _workspace(args)
     summary = ingest(ws, args.data, query=args.query)
+    _remember(args, ws)
     _say(args, f"dataset {summary.dataset_id}: {summary.partitions} partitions, {summary.rows} rows"
                + (" (already ingested)" if summary.reused else ""))
     for line in _report_lines(summary.report):
+        _say(args, f"  {line}")
+    for line in _repair_lines(summary.report, ws.config.data.freq):
         _say(args, f"  {line}")
     return summary.to_dict()
 
@@ -112,9 +161,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from shared.pipeline import train
 
     ws = _workspace(args)
-    plan, groups, reg = train(ws, args.dataset, run_id=args.run_id, progress=_progress(args))
+    plan, groups, reg = train(ws, args.dataset, run_id=args.run_id, progress=_progress(args), full=args.full)
     _say(args, f"run {plan.run_id}: trained {reg.trained}, baseline only {reg.baseline_only}, "
-               f"failed {reg.failed}, skipped {reg.skipped}; registered {reg.registered} in dev")
+               f"failed {reg.failed}, skipped {reg.skipped}; registered {reg.registered} in dev"
+               + (f"; carried forward {reg.carried} unchanged" if reg.carried else ""))
     _say_wape(args, reg.model_wape, reg.baseline_wape)
     for failure in reg.failures[:5]:
         _say(args, f"  failed {failure['partition_id']}: {failure['reason']}")
@@ -133,6 +183,8 @@ def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
                f"unchanged {summary.unchanged}; {summary.in_production} of its models are in production")
     for reason, count in sorted(summary.reasons.items(), key=lambda kv: -kv[1]):
         _say(args, f"  rejected ({reason}): {count}")
+    if summary.reconciled:
+        _say(args, f"  recorded {summary.reconciled} earlier promotion(s) that the SQL store was missing")
     return summary.to_dict()
 
 
@@ -159,9 +211,11 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from shared.pipeline import run_all
 
+    _reset(args)
     ws = _workspace(args)
     summary = run_all(ws, args.data, min_accuracy=args.min_accuracy, progress=_progress(args),
-                      scoring_data=args.scoring_data)
+                      scoring_data=args.scoring_data, full=args.full)
+    _remember(args, ws)
     _print_run_summary(args, summary)
     return summary
 
@@ -172,6 +226,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from shared.synthetic import write_panel
 
     started = time.perf_counter()
+    _reset(args)
     root = Path(args.workdir)
     data = root / "data" / "sales.parquet"
     data.parent.mkdir(parents=True, exist_ok=True)
@@ -179,8 +234,9 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         stats = write_panel(data, partitions=args.partitions, periods=args.periods, freq="W", seed=args.seed)
         _say(args, f"generated {stats.get('rows', '?')} rows: {args.partitions} store x item series, "
                    f"{args.periods} weeks -> {data}")
-    ws = Workspace.open(root, overrides=_overrides(args), config_path=args.config)
+    ws = Workspace.open(root, overrides=_overrides(args), config_path=args.config, remember=False)
     summary = run_all(ws, data, min_accuracy=args.min_accuracy, progress=_progress(args))
+    _remember(args, ws)
     summary["seconds"]["total"] = round(time.perf_counter() - started, 2)
     _print_run_summary(args, summary)
     _say(args, "")
@@ -192,7 +248,10 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
     ws = _workspace(args)
+    if args.action in ("seal", "verify"):
+        return _seal_or_verify(args, ws)
     registry = ws.prod if args.registry == "prod" else ws.dev
+    args.registry = args.registry or "dev"
     tags = dict(_parse_tag(t) for t in (args.tag or []))
     if args.action == "show":
         partition = args.partition or _partition_from_tags(ws, tags)
@@ -211,6 +270,42 @@ def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
         _say(args, f"{r['partition_id']}  v{r['version']:<3} {r.get('model_type', ''):<10} acc {acc_text}  {keys}")
     _say(args, f"{len(rows)} model(s) in {args.registry}")
     return {"registry": args.registry, "count": len(rows), "models": rows if args.json else []}
+
+
+def _seal_or_verify(args: argparse.Namespace, ws: Any) -> dict[str, Any]:
+    """`models seal`: record the SHA-256 of legacy models (registered before digests) as they are now.
+    `models verify`: check every model file against its recorded SHA-256, unpickling nothing."""
+    from shared.registry import ArtifactIntegrityError, RegistryError
+
+    names = [args.registry] if args.registry else ["dev", "prod"]
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for name in names:
+        registry = ws.prod if name == "prod" else ws.dev
+        if not hasattr(registry, "seal"):
+            raise _UsageError(f"the {name} registry ({type(registry).__name__}) keeps its own digests: "
+                              f"'models {args.action}' is for local registries")
+        if args.action == "seal":
+            sealed = registry.seal()
+            _say(args, f"{name}: sealed {sealed} model(s) that had no recorded SHA-256")
+            out[name] = {"sealed": sealed}
+            continue
+        checked, bad = 0, []
+        for record in registry.find(include_global=True):
+            checked += 1
+            try:
+                registry.verify(record)
+            except (ArtifactIntegrityError, RegistryError) as exc:
+                bad.append(f"{record.partition_id} v{record.version}: {exc}")
+        _say(args, f"{name}: {checked - len(bad)} of {checked} model file(s) match their recorded SHA-256")
+        for line in bad[:20]:
+            _say(args, f"  refused {line}")
+        out[name] = {"checked": checked, "failed": len(bad)}
+        problems += [f"{name} {line}" for line in bad]
+    if problems:
+        raise RegistryError(f"{len(problems)} model file(s) fail verification and will not be loaded: "
+                            f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return out
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
@@ -263,6 +358,16 @@ def _report_lines(report: dict[str, Any]) -> list[str]:
     return [f"{k}: {v}" for k, v in report.items() if isinstance(v, (int, float)) and v]
 
 
+def _repair_lines(report: dict[str, Any], freq: str) -> list[str]:
+    """What validation repaired, counted per kind, then its warnings (the config is likely wrong)."""
+    from shared.validation import ValidationReport
+
+    checked = ValidationReport.from_dict(report)
+    repairs = checked.repairs()
+    lines = ["repairs: " + (", ".join(f"{kind} {n}" for kind, n in sorted(repairs.items())) if repairs else "none")]
+    return lines + [f"warning: {text}" for text in checked.warnings(freq)]
+
+
 def _print_run_summary(args: argparse.Namespace, s: dict[str, Any]) -> None:
     _say(args, "")
     _say(args, f"partitions {s['partitions']}  trained {s['trained']} (baseline only {s['baseline_only']})  "
@@ -272,6 +377,10 @@ def _print_run_summary(args: argparse.Namespace, s: dict[str, Any]) -> None:
     _say(args, f"predictions {s['predictions']} rows for {s['scored_partitions']} partitions "
                f"({s['fallback_partitions']} from the scoring chain's fallbacks: unpromoted, global or baseline)")
     _say_wape(args, s.get("model_wape"), s.get("baseline_wape"))
+    repairs = s.get("repairs") or {}
+    _say(args, "repairs: " + (", ".join(f"{k} {n}" for k, n in sorted(repairs.items())) if repairs else "none"))
+    for text in s.get("warnings") or []:
+        _say(args, f"warning: {text}")
     _say(args, "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
     _say(args, f"SQL store: {s['sql']}")
     _say(args, f"report:    {s['report']}")
@@ -282,6 +391,22 @@ class _UsageError(ManyModelsError, ValueError):
 
 
 # -- parser -------------------------------------------------------------------------------------
+def _reset_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reset", action="store_true",
+                        help="first clear this workdir's data, models, results and remembered config "
+                             "(needed to change the partition keys or time column of a workdir)")
+
+
+def _writer_lock(args: argparse.Namespace):
+    """The workdir's writer lock for a command that changes it, else None."""
+    from shared.locking import WorkdirLock
+
+    writes = args.command in WRITERS or (args.command == "models" and args.action == "seal")
+    if not writes:
+        return None
+    return WorkdirLock(Path(args.workdir).resolve(), _holder_text(args), wait=getattr(args, "wait", 0.0) or 0.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manymodels", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -291,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         if data:
             _data_flags(p)
+        if name in WRITERS:
+            p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                           help="wait up to SECONDS for another command changing the workdir to finish "
+                                "(default: refuse at once, naming it)")
         p.set_defaults(func=func)
         return p
 
@@ -307,10 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("ingest", cmd_ingest, "validate and partition a data set into the lake")
     p.add_argument("--data", required=True, help="CSV or Parquet file/folder, or odbc:<connection string>")
     p.add_argument("--query", help="SQL query, with an odbc: source")
+    _reset_flag(p)
 
     p = add("train", cmd_train, "train a model per partition of the latest (or given) dataset")
     p.add_argument("--dataset", help="dataset id (default: the latest ingested)")
     p.add_argument("--run-id", help="run id (default: derived from the dataset and config)")
+    p.add_argument("--full", action="store_true",
+                   help="retrain every partition (default: only those whose data or training config changed)")
 
     p = add("promote", cmd_promote, "apply promotion rules and copy eligible models to production")
     p.add_argument("--run-id", help="training run (default: the latest)")
@@ -326,17 +458,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="CSV or Parquet file/folder, or odbc:<connection string>")
     p.add_argument("--scoring-data", help="scoring file (default: the next --horizon periods)")
     p.add_argument("--min-accuracy", type=float, help="promotion accuracy threshold (default 0.80)")
+    p.add_argument("--full", action="store_true",
+                   help="retrain every partition (default: only those whose data or training config changed)")
+    _reset_flag(p)
 
     p = add("demo", cmd_demo, "generate a demo panel and run the whole pipeline on it")
     p.add_argument("--partitions", type=int, default=500)
     p.add_argument("--periods", type=int, default=156)
     p.add_argument("--min-accuracy", type=float)
+    _reset_flag(p)
     p.set_defaults(seed=0)
 
     p = add("models", cmd_models, "list or show registered models, filtered by tags", data=False)
-    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("action", choices=["list", "show", "seal", "verify"],
+                   help="list, show PARTITION, seal (record the digests of legacy models), verify (check "
+                        "every model file against its recorded SHA-256)")
     p.add_argument("partition", nargs="?", help="partition id, for show")
-    p.add_argument("--registry", choices=["dev", "prod"], default="dev")
+    p.add_argument("--registry", choices=["dev", "prod"],
+                   help="dev (default for list and show) or prod; seal and verify do both by default")
+    p.add_argument("--wait", type=float, default=0.0, help="seal: seconds to wait for another writer")
     p.add_argument("--tag", action="append", help="filter NAME=VALUE (repeatable), e.g. --tag store=S001")
     p.add_argument("--run-id")
     p.add_argument("--version", type=int)
@@ -355,7 +495,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        result = args.func(args)
+        lock = _writer_lock(args)
+        if lock is None:
+            result = args.func(args)
+        else:
+            with lock:
+                result = args.func(args)
     except KeyboardInterrupt:
         if args.command == "serve":
             print("server stopped", file=sys.stderr)

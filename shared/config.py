@@ -135,6 +135,9 @@ class ScoringSpec:
     """
 
     chain: list[str] = field(default_factory=lambda: list(DEFAULT_CHAIN))
+    # bounded work: a scoring row (or horizon) may reach at most this many periods past the end of
+    # training (the serving default MM_SERVING_MAX_HORIZON is the same 520)
+    max_distance: int = 520
 
 
 @dataclass
@@ -265,6 +268,12 @@ class ProjectConfig:
             raise ConfigError(f"training.global_max_rows must be >= 1000, got {self.training.global_max_rows}")
         if not 0.0 < float(f.interval_level) < 1.0:
             raise ConfigError(f"forecast.interval_level must be between 0 and 1, got {f.interval_level}")
+        if int(self.scoring.max_distance) < 1:
+            raise ConfigError(f"scoring.max_distance must be >= 1, got {self.scoring.max_distance}")
+        if int(f.horizon) > int(self.scoring.max_distance):
+            raise ConfigError(f"forecast.horizon {f.horizon} is beyond scoring.max_distance "
+                              f"{self.scoring.max_distance} periods after the end of training; ask for "
+                              "fewer periods, or raise scoring.max_distance in the project file")
         chain = list(self.scoring.chain)
         bad = [c for c in chain if c not in SCORING_SOURCES]
         if bad or not chain or len(set(chain)) != len(chain):

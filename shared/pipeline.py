@@ -17,18 +17,20 @@ from typing import Any
 
 import pandas as pd
 
-from shared import layout
+from shared import faults, layout
 from shared.backends import check_kind
 from shared.compute import JobHandle
 from shared.config import ProjectConfig
 from shared.errors import ManyModelsError
 from shared.features import build_features
 from shared.global_model import GLOBAL_ID, fit_global
+from shared.incremental import (CONFIG_TAG, adopt_global, carried_forward, carried_meta, carried_rows,
+                                reusable_global, training_config_digest, write_partition_list)
 from shared.ingest import read_source
 from shared.keys import PARTITION_ID
 from shared.lake import LakeError, read_parquet, write_parquet
 from shared.partitioning import load_dataset
-from shared.promotion import promote_run
+from shared.promotion import decision_of, promote_run
 from shared.registration import (aggregate_wape, artifact_source, backtests_frame, global_record, keys_of,
                                  metrics_row, record_for, result_rows)
 from shared.report import write_report
@@ -38,6 +40,7 @@ from shared.streaming import ingest_source
 from shared.summaries import (GroupSummary, IngestSummary, LoadSummary, PromotionSummary, RegisterSummary,
                               ScoringPlan, TrainingPlan)
 from shared.training import global_cuts
+from shared.validation import ValidationReport
 from shared.workspace import StagedRun, Workspace
 
 TRAIN_ENTRY = "shared.entry.train"
@@ -64,9 +67,11 @@ def ingest(ws: Workspace, source: str | Path, query: str | None = None) -> Inges
     """Read, validate and partition a source; the same data twice gives the same dataset.
 
     Within ``ingest.memory_mb`` whatever the source's size (``shared.streaming``)."""
+    faults.point("ingest.start")
     dataset, report = ingest_source(
         ws.lake, _resolve_source(ws, source), ws.config, query=query, tmp_root=ws.local_dir(".cache")
     )
+    faults.point("ingest.latest")
     ws.lake.write_bytes(layout.LATEST_DATASET, dataset.dataset_id.encode())
     return IngestSummary(
         dataset_id=dataset.dataset_id,
@@ -112,8 +117,14 @@ def plan_training(
     partition_ids: list[str] | None = None,
     run_id: str | None = None,
     group_size: int | None = None,
+    full: bool = False,
 ) -> TrainingPlan:
-    """Split a dataset's batch files into groups, one compute job each; writes run.json."""
+    """Split a dataset's batch files into groups, one compute job each; writes run.json.
+
+    Incremental unless ``full`` (:mod:`shared.incremental`): partitions whose latest model was
+    trained on the same data and training config are carried forward, the others trained; only
+    the batch files holding those are scheduled, and the entry script trains just those.
+    """
     dataset_id = dataset_id or latest_dataset_id(ws)
     dataset = _load_dataset(ws, dataset_id)
     manifest = dataset.manifest
@@ -123,26 +134,40 @@ def plan_training(
             raise PipelineError(f"unknown partition id(s) for dataset {dataset_id}: {unknown[:5]}")
         manifest = manifest[manifest[PARTITION_ID].isin(partition_ids)]
     cfg = ws.config
+    digest = training_config_digest(cfg)
+    carried = {} if full else carried_forward(ws.dev, manifest, digest)
+    to_train = manifest[~manifest[PARTITION_ID].astype(str).isin(set(carried))]
+    subset = bool(partition_ids) or bool(carried)
     run_id = run_id or _digest(
-        dataset_id, asdict(cfg.forecast), asdict(cfg.training), sorted(partition_ids or []), prefix="r"
+        dataset_id, asdict(cfg.forecast), asdict(cfg.training), sorted(partition_ids or []),
+        ["carried", sorted(to_train[PARTITION_ID].astype(str))] if carried else [], prefix="r"
     )
-    batches = sorted(manifest["batch"].unique())
+    batches = sorted(to_train["batch"].unique())
     paths = [layout.batch(dataset_id, b) for b in batches]
     size = group_size or max(1, len(paths))
     groups = [paths[i : i + size] for i in range(0, len(paths), size)]
+    base_run = ws.lake.read_bytes(layout.LATEST_RUN).decode().strip() if ws.lake.exists(layout.LATEST_RUN) else None
     run_meta = {
         "run_id": run_id,
         "dataset_id": dataset_id,
         "kind": "train",
         "created_at": _now(),
         "config": cfg.to_dict(),
+        "config_digest": digest,
         "partition_ids": sorted(partition_ids) if partition_ids else None,
         "groups": len(groups),
+        "incremental": not full,
+        "carried": carried_meta(carried),
+        "global_from": reusable_global(ws.lake, base_run, digest) if carried else None,
+        "partitions_file": layout.run_partitions(run_id) if subset else None,
     }
     if not ws.lake.exists(layout.run_meta(run_id)):
+        if subset:
+            write_partition_list(ws.lake, run_id, to_train[PARTITION_ID].astype(str))
         ws.lake.write_bytes(layout.run_meta(run_id), json.dumps(run_meta, indent=2).encode())
     ws.lake.write_bytes(layout.LATEST_RUN, run_id.encode())
-    return TrainingPlan(run_id=run_id, dataset_id=dataset_id, groups=groups, partitions=int(len(manifest)))
+    return TrainingPlan(run_id=run_id, dataset_id=dataset_id, groups=groups, partitions=int(len(to_train)),
+                        carried=len(carried))
 
 
 def _run_meta(ws: Workspace, run_id: str) -> dict[str, Any]:
@@ -186,7 +211,10 @@ def run_group(ws: Workspace, kind: str, run_id: str, batch_paths: list[str], gro
         cfg = ws.config
         global_path = layout.global_model(run_id)
         extra = [global_path] if ws.lake.exists(global_path) else []
-        counted = {"total_items": _partitions_in(ws, meta["dataset_id"], batch_paths)}
+        subset = meta.get("partitions_file")
+        if subset:
+            extra.append(subset)
+        counted = {"total_items": _partitions_in(ws, meta["dataset_id"], batch_paths, subset)}
     else:
         cfg = ProjectConfig.from_dict(meta["config"])
         extra, counted = [], {}
@@ -195,8 +223,10 @@ def run_group(ws: Workspace, kind: str, run_id: str, batch_paths: list[str], gro
         args = ["--config", str(staged.write_config(cfg)), "--dataset-meta", str(staged.input(dataset_meta))]
         if kind == "train":
             args += ["--output-dir", str(staged.output("models")), "--run-id", run_id]
-            for path in extra:
-                args += ["--global-model", str(staged.input(path))]
+            if ws.lake.exists(global_path):
+                args += ["--global-model", str(staged.input(global_path))]
+            if subset:
+                args += ["--partitions", str(staged.input(subset))]
         else:
             prod_root, dev_root = ws.registry_roots()
             args += ["--prod-registry", str(prod_root), "--dev-registry", str(dev_root),
@@ -241,6 +271,8 @@ def train_global(ws: Workspace, run_id: str) -> dict[str, Any]:
     if ws.lake.exists(path):
         return {"run_id": run_id, "skipped": True}
     meta = _run_meta(ws, run_id)
+    if meta.get("global_from"):  # an incremental run: the latest run's fits, under this run's id
+        return adopt_global(ws.lake, meta["global_from"], run_id)
     dataset = _load_dataset(ws, meta["dataset_id"])
     cfg = ws.config
     batches = sorted(dataset.manifest["batch"].unique())
@@ -258,17 +290,21 @@ def train_global(ws: Workspace, run_id: str) -> dict[str, Any]:
     return {"run_id": run_id, "rows": models.rows, "seconds": round(models.seconds, 3)}
 
 
-def _partitions_in(ws: Workspace, dataset_id: str, batch_paths: list[str]) -> int:
+def _partitions_in(ws: Workspace, dataset_id: str, batch_paths: list[str], subset: str | None = None) -> int:
     manifest = _load_dataset(ws, dataset_id).manifest
     names = {p.rsplit("/", 1)[-1] for p in batch_paths}
-    return int(manifest["batch"].isin(names).sum())
+    inside = manifest["batch"].isin(names)
+    if subset:
+        inside &= manifest[PARTITION_ID].astype(str).isin(json.loads(ws.lake.read_bytes(subset)))
+    return int(inside.sum())
 
 
 def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
     """Register a run's trained models in the dev registry and load its metrics into SQL."""
     meta = _run_meta(ws, run_id)
     rows = result_rows(ws.lake, layout.run_results(run_id))
-    if not rows:
+    carried = meta.get("carried") or {}
+    if not rows and not carried:
         raise PipelineError(f"run {run_id} has no results yet: train it first")
     dataset = _load_dataset(ws, meta["dataset_id"])
     keys = ws.config.data.keys
@@ -282,11 +318,14 @@ def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
             if not ws.lake.exists(artifact):
                 summary.missing += 1
                 continue
-            to_register.append((record_for(row, run_id, manifest, keys), artifact_source(ws.lake, artifact)))
+            record = record_for(row, run_id, manifest, keys)
+            record["tags"][CONFIG_TAG] = str(meta.get("config_digest") or "")
+            to_register.append((record, artifact_source(ws.lake, artifact)))
         if status in ("trained", "baseline_only", "failed", "skipped"):
             setattr(summary, status, getattr(summary, status) + 1)
         if status == "failed":
             summary.failures.append({PARTITION_ID: row[PARTITION_ID], "reason": str(row.get("reason", ""))})
+    faults.point("register.index")
     global_item = global_record(ws.lake, run_id, rows)
     if global_item is not None:
         to_register.append(global_item)
@@ -295,6 +334,11 @@ def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
     version_of = {r.partition_id: r.version for r in registered}
     summary.model_wape, summary.baseline_wape = aggregate_wape(rows)
     backtests = backtests_frame(ws.config, run_id, rows, manifest, keys, dataset.anchor)
+    kept = carried_rows(carried, ws.dev)  # recorded in this run's SQL rows with the version they keep
+    summary.carried = len(kept)
+    version_of.update({pid: int(c["version"]) for pid, c in carried.items()})
+    rows = rows + kept
+    faults.point("register.store")
     with ws.store() as store:
         store.upsert_metrics([metrics_row(row, run_id, manifest, keys, version_of) for row in rows])
         if backtests is not None and len(backtests):
@@ -304,13 +348,16 @@ def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
 
 
 def train(
-    ws: Workspace, dataset_id: str | None = None, run_id: str | None = None, progress: bool | None = None
+    ws: Workspace, dataset_id: str | None = None, run_id: str | None = None, progress: bool | None = None,
+    full: bool = False,
 ) -> tuple[TrainingPlan, list[GroupSummary], RegisterSummary]:
-    """Plan, train every group locally, and register: the local equivalent of the orchestrator."""
+    """Plan, train every group locally, and register: the local equivalent of the orchestrator.
+    Incremental unless ``full`` (see :func:`plan_training`)."""
     started = time.perf_counter()
-    plan = plan_training(ws, dataset_id, run_id=run_id)
+    plan = plan_training(ws, dataset_id, run_id=run_id, full=full)
     if wants_global(ws.config):
         train_global(ws, plan.run_id)
+    faults.point("train.start")
     groups = [train_group(ws, plan.run_id, g, i, progress=progress) for i, g in enumerate(plan.groups)]
     registered = register_run(ws, plan.run_id)
     _record_stage(ws, plan.run_id, "train", started, registered.to_dict())
@@ -350,11 +397,33 @@ def promote(ws: Workspace, run_id: str | None = None, min_accuracy: float | None
         if d.decision != "unchanged":
             rows.append({**d.to_row(), **keys_of(keyed, d.partition_id, ws.config.data.keys)})
     summary.in_production = sum(1 for r in ws.prod.find(run_id=run_id))
-    if rows:
-        with ws.store() as store:
+    faults.point("promote.copied")
+    with ws.store() as store:
+        decided = {(r["run_id"], r[PARTITION_ID]) for r in rows}
+        missing = [d for d in unrecorded_promotions(ws, store) if (d.run_id, d.partition_id) not in decided]
+        summary.reconciled = len(missing)
+        rows += [{**d.to_row(), **_record_keys(ws, d)} for d in missing]
+        faults.point("promote.store")
+        if rows:
             store.upsert_promotions(rows)
     _record_stage(ws, run_id, "promote", started, summary.to_dict())
     return summary
+
+
+def unrecorded_promotions(ws: Workspace, store: Any) -> list[Any]:
+    """Production models whose promotion has no row in the SQL store (a crash or a failed store write
+    between the copy and the SQL write): their decisions, rebuilt from the production records."""
+    recorded = store.query("SELECT partition_id, run_id FROM promotions WHERE decision = 'promoted'")
+    known = set(zip(recorded["partition_id"], recorded["run_id"])) if len(recorded) else set()
+    return [decision_of(r) for r in ws.prod.find()
+            if r.tags.get("source_registry") and (r.partition_id, r.run_id) not in known]
+
+
+def _record_keys(ws: Workspace, decision: Any) -> dict[str, Any]:
+    """A reconciled decision's key values, from its production record (its run's dataset may be gone)."""
+    record = ws.prod.get(decision.partition_id, decision.prod_version)
+    keys = record.keys if record is not None else {}
+    return {k: keys.get(k) for k in ws.config.data.keys if k in keys}
 
 
 # -- scoring -----------------------------------------------------------------------------------
@@ -401,6 +470,7 @@ def load_predictions(ws: Workspace, score_id: str) -> LoadSummary:
         predictions["score_id"] = score_id
         out = layout.predictions(score_id)
         write_parquet(ws.lake, out, predictions)
+        faults.point("score.load")
         with ws.store() as store:
             store.upsert_predictions(predictions)
         summary.rows = int(len(predictions))
@@ -415,10 +485,14 @@ def load_predictions(ws: Workspace, score_id: str) -> LoadSummary:
 
 
 def score(
-    ws: Workspace, data: str | Path | None = None, horizon: int | None = None, progress: bool | None = None
+    ws: Workspace, data: str | Path | None = None, horizon: int | None = None, progress: bool | None = None,
+    dataset_id: str | None = None,
 ) -> tuple[ScoringPlan, LoadSummary]:
+    """Plan, score every group locally and load into SQL; the dataset is the one given (``run`` passes
+    the one it ingested) or the latest, resolved once here and pinned in the plan."""
     started = time.perf_counter()
-    plan = plan_scoring(ws, data=data, horizon=horizon)
+    plan = plan_scoring(ws, data=data, horizon=horizon, dataset_id=dataset_id)
+    faults.point("score.start")
     for i, group in enumerate(plan.groups):
         result = score_group(ws, plan.score_id, group, i, progress=progress)
         if result.failed_batches:
@@ -439,7 +513,7 @@ def report(ws: Workspace, path: Path | None = None) -> Path:
 
 def run_all(
     ws: Workspace, source: str | Path, min_accuracy: float | None = None, progress: bool | None = None,
-    scoring_data: str | Path | None = None,
+    scoring_data: str | Path | None = None, full: bool = False,
 ) -> dict[str, Any]:
     """Ingest -> partition -> train -> register -> promote -> score -> SQL -> report."""
     timings: dict[str, float] = {}
@@ -447,18 +521,19 @@ def run_all(
     ingested = ingest(ws, source)
     timings["ingest"] = time.perf_counter() - t
     t = time.perf_counter()
-    plan, groups, registered = train(ws, ingested.dataset_id, progress=progress)
+    plan, groups, registered = train(ws, ingested.dataset_id, progress=progress, full=full)
     timings["train"] = time.perf_counter() - t
     t = time.perf_counter()
     promoted = promote(ws, plan.run_id, min_accuracy=min_accuracy)
     timings["promote"] = time.perf_counter() - t
     t = time.perf_counter()
-    scoring_plan, loaded = score(ws, data=scoring_data, progress=progress)
+    scoring_plan, loaded = score(ws, data=scoring_data, progress=progress, dataset_id=ingested.dataset_id)
     timings["score"] = time.perf_counter() - t
     t = time.perf_counter()
     report_path = report(ws)
     timings["report"] = time.perf_counter() - t
     failed_batches = sum(len(g.failed_batches) for g in groups)
+    checked = ValidationReport.from_dict(ingested.report)
     return {
         "dataset_id": ingested.dataset_id,
         "run_id": plan.run_id,
@@ -481,6 +556,8 @@ def run_all(
         "model_wape": registered.model_wape,
         "baseline_wape": registered.baseline_wape,
         "validation": {k: v for k, v in ingested.report.items() if isinstance(v, (int, float))},
+        "repairs": checked.repairs(),
+        "warnings": checked.warnings(ws.config.data.freq),
         "sql": ws.sql_location,
         "report": str(report_path),
         "workdir": str(ws.root),

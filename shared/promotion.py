@@ -1,22 +1,30 @@
 """Promotion: business rules decide which trained models reach the production registry.
 
 Every dev model of a run gets one :class:`Decision` with a human-readable reason ("accuracy
-0.742 < 0.80", "champion accuracy 0.91 >= challenger 0.88"). Eligible models are copied into the
-production registry in one transaction. Promotion is idempotent: promoting a run twice finds its
-models already in production (by run id and partition) and reports them "unchanged".
+0.742 < 0.80", "champion accuracy 0.91 >= challenger 0.88"). Eligible models are verified (their
+artifact's bytes against the SHA-256 the dev registry recorded: a damaged one is rejected alone,
+with the reason) and copied into the production registry in one transaction. Promotion is
+idempotent: promoting a run twice finds its models already in production (by run id and
+partition) and reports them "unchanged".
+
+The production copy carries its decision in its tags (``promotion_*``): the production index is the
+record of what was promoted, and the SQL store's ``promotions`` rows are rebuilt from it when they
+are missing (:func:`decision_of`, used by ``shared.pipeline.promote`` to reconcile after a crash or
+a failed store write between the copy and the SQL write).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
 from shared.config import PromotionRules
 from shared.global_model import GLOBAL_ID
 from shared.metrics import metric_value
-from shared.registry import ModelRecord, ModelRegistry
+from shared.registry import ModelRecord, ModelRegistry, RegistryError
 
 PROMOTABLE_STATUSES = ("trained", "baseline_only")
+DECISION_TAGS = ("reason", "metric", "value", "threshold", "champion_value")  # as promotion_<name>
 LOWER_IS_BETTER = ("wape", "mape", "rmse")
 
 
@@ -90,6 +98,10 @@ def promote_run(dev: ModelRegistry, prod: ModelRegistry, run_id: str, rules: Pro
         if reason:
             decision.reason = reason
             continue
+        damaged = _integrity(dev, record)
+        if damaged:
+            decision.reason = damaged
+            continue
         decision.decision = "promoted"
         passed = f"{rules.metric} {_fmt(value)} {'>=' if up else '<='} {_fmt(rules.min_value)}"
         if champion is None:
@@ -102,10 +114,50 @@ def promote_run(dev: ModelRegistry, prod: ModelRegistry, run_id: str, rules: Pro
         to_copy.append((record, decision))
     if to_copy:
         # the run's global model goes along (idempotent): promoted bundles may forecast through it
-        copies = prod.copy_many(dev, [record for record, _ in to_copy] + global_records)
+        tagged = [replace(record, tags={**record.tags, **decision_tags(decision)}) for record, decision in to_copy]
+        copies = prod.copy_many(dev, tagged + global_records)
         for (_, decision), copy in zip(to_copy, copies[:len(to_copy)], strict=True):
             decision.prod_version = copy.version
     return sorted(decisions, key=lambda d: d.partition_id)
+
+
+def _integrity(dev: ModelRegistry, record: ModelRecord) -> str | None:
+    """Why a candidate's artifact may not be promoted (changed or missing since it was registered)."""
+    verify = getattr(dev, "verify", None)
+    if verify is None:  # a registry that checks its own artifacts (Azure ML)
+        return None
+    try:
+        verify(record)
+    except RegistryError as exc:
+        return f"artifact integrity: {exc}"
+    return None
+
+
+def decision_tags(decision: Decision) -> dict[str, str]:
+    """The decision as tags of the production copy (strings; '' for none)."""
+    return {f"promotion_{name}": "" if getattr(decision, name) is None else str(getattr(decision, name))
+            for name in DECISION_TAGS}
+
+
+def decision_of(record: ModelRecord) -> Decision:
+    """The promotion decision a production record carries (its ``promotion_*`` tags), for the SQL
+    store's ``promotions`` table; records copied before the tags existed get what is known."""
+    tags = record.tags
+
+    def number(name: str) -> float | None:
+        text = tags.get(f"promotion_{name}", "")
+        try:
+            return float(text) if text != "" else None
+        except ValueError:
+            return None
+
+    source_version = tags.get("source_version", "")
+    return Decision(
+        partition_id=record.partition_id, run_id=record.run_id, decision="promoted",
+        reason=tags.get("promotion_reason") or f"promoted as production version {record.version}",
+        metric=tags.get("promotion_metric", ""), value=number("value"), threshold=number("threshold"),
+        champion_value=number("champion_value"),
+        dev_version=int(source_version) if source_version.isdigit() else None, prod_version=record.version)
 
 
 def _run_records(registry: ModelRegistry, run_id: str) -> list[ModelRecord]:

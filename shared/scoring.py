@@ -70,6 +70,7 @@ def prepare_scoring(lake: Lake, cfg: ProjectConfig, dataset: Any, frame: pd.Data
         mode = "horizon"
     else:
         requests = scoring_requests(frame, cfg)
+        check_distances(requests, manifest, cfg, frame.reset_index(drop=True))
         mode = "rows"
     known = set(manifest[PARTITION_ID])
     requests[KNOWN] = requests[PARTITION_ID].isin(known).to_numpy()
@@ -152,6 +153,29 @@ def scoring_requests(frame: pd.DataFrame, cfg: ProjectConfig) -> pd.DataFrame:
         raise DataValidationError([*spec.keys, spec.time], "the scoring file asks for the same partition and "
                                   "period more than once", example_rows(source, np.flatnonzero(dup)), int(dup.sum()))
     return _fill_covariates(out, source, cfg)
+
+
+def check_distances(requests: pd.DataFrame, manifest: pd.DataFrame, cfg: ProjectConfig,
+                    source: pd.DataFrame) -> None:
+    """Bounded work: every row of a known partition lies after the end of its training data, and at
+    most ``scoring.max_distance`` periods after it (forecasting walks every period up to a row).
+    Raises :class:`DataValidationError` naming the time column and the first offending rows."""
+    last = manifest.set_index(PARTITION_ID)["last_period"].astype("int64")
+    ends = requests[PARTITION_ID].map(last).to_numpy(dtype="float64")  # NaN: a partition never trained
+    periods = requests[PERIOD].to_numpy(dtype="float64")
+    known = ~np.isnan(ends)
+    early = np.flatnonzero(known & (periods <= ends))
+    if len(early):
+        raise DataValidationError(cfg.data.time, "scoring rows must lie after the end of their partition's "
+                                  "training data (a forecast is for periods not yet observed); "
+                                  f"first such row: {int(early[0])}",
+                                  example_rows(source, early), int(len(early)))
+    limit = int(cfg.scoring.max_distance)
+    far = np.flatnonzero(known & (periods - ends > limit))
+    if len(far):
+        raise DataValidationError(cfg.data.time, f"scoring rows may lie at most scoring.max_distance={limit} "
+                                  f"periods after the end of their partition's training data; first such "
+                                  f"row: {int(far[0])}", example_rows(source, far), int(len(far)))
 
 
 def _canonical(values: pd.Series) -> np.ndarray:

@@ -37,7 +37,8 @@ class TrainingPlan(_Payload):
     run_id: str
     dataset_id: str
     groups: list[list[str]]
-    partitions: int = 0
+    partitions: int = 0  # partitions to train (incremental runs: the changed ones)
+    carried: int = 0  # partitions whose model is carried forward unchanged
 
 
 @dataclass
@@ -68,6 +69,7 @@ class RegisterSummary(_Payload):
     failed: int = 0
     skipped: int = 0
     registered: int = 0
+    carried: int = 0
     missing: int = 0
     model_wape: float | None = None
     baseline_wape: float | None = None
@@ -81,6 +83,7 @@ class PromotionSummary(_Payload):
     rejected: int = 0
     unchanged: int = 0
     in_production: int = 0
+    reconciled: int = 0  # production models whose missing SQL promotion record this run wrote
     reasons: dict[str, int] = field(default_factory=dict)
 
 

@@ -7,14 +7,26 @@ a command that never touches a registry never opens one.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from shared import backends, layout
-from shared.config import CONFIG_FILE_NAME, ProjectConfig, load_config
-from shared.lake import Lake, LocalLake
+from shared.config import CONFIG_FILE_NAME, ConfigError, ProjectConfig, load_config
+from shared.errors import ManyModelsError
+from shared.lake import Lake, LakeError, LocalLake
+
+# What a workdir's data is keyed by: changing one of these on a workdir that holds data would mix
+# two projects (a dataset keyed one way scored, served or trained against another).
+IDENTITY_FIELDS = ("keys", "time")
+# Everything a local workdir holds that --reset clears (the lock file and input data stay).
+RESET_ENTRIES = ("lake", "registry", ".cache", "report.html", CONFIG_FILE_NAME)
+
+
+class WorkdirIdentityError(ConfigError):
+    """A command would change the partition keys or time column of a workdir that holds data."""
 
 
 class Workspace:
@@ -55,9 +67,38 @@ class Workspace:
         base = Path(config_path) if config_path else (remembered if remembered.is_file() else None)
         config = load_config(base, overrides)
         ws = cls(root, config, backends.open_lake(settings, root), settings)
+        ws.check_identity()
         if remember:
             ws.remember_config()
         return ws
+
+    def stored_identity(self) -> dict[str, object] | None:
+        """The key columns and time column of the data this workdir holds (its newest dataset), or
+        None when it holds none."""
+        if not self.lake.exists(layout.LATEST_DATASET):
+            return None
+        try:
+            dataset_id = self.lake.read_bytes(layout.LATEST_DATASET).decode().strip()
+            meta = json.loads(self.lake.read_bytes(layout.dataset_meta(dataset_id)))
+            data = meta["config"]["data"]
+            return {name: data[name] for name in IDENTITY_FIELDS}
+        except (LakeError, ValueError, KeyError, TypeError):
+            return None
+
+    def check_identity(self) -> None:
+        """Refuse a config whose partition keys or time column differ from the data the workdir holds."""
+        stored = self.stored_identity()
+        if stored is None:
+            return
+        wanted = {"keys": list(self.config.data.keys), "time": self.config.data.time}
+        changed = [name for name in IDENTITY_FIELDS if stored[name] != wanted[name]]
+        if changed:
+            what = "; ".join(f"data.{n} {stored[n]!r} -> {wanted[n]!r}" for n in changed)
+            raise WorkdirIdentityError(
+                f"the workdir {self.root.name!r} holds data keyed by data.keys {stored['keys']!r} and "
+                f"data.time {stored['time']!r}; this command would change {what}. Use a new --workdir "
+                "for a different key set or time column, or add --reset (ingest, run, demo) to clear "
+                "this workdir's data, models and results first")
 
     def remember_config(self) -> None:
         path = self.config_file
@@ -174,3 +215,35 @@ class StagedRun:
                 self.ws.lake.write_bytes(file.relative_to(out_root).as_posix(), file.read_bytes())
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def reset_workdir(root: Path | str, settings: object = None) -> list[str]:
+    """Clear a local workdir's lake, registries, SQL file, report, cache and remembered config;
+    returns what was removed. The caller holds the workdir's lock. A blob lake is never cleared
+    from here (its data belongs to the deployment, not to one command)."""
+    root = Path(root).resolve()
+    if backends.lake_backend(settings) != backends.LOCAL:
+        raise ManyModelsError("--reset clears local workdirs only; the lake here is Azure Blob storage: "
+                              "use a new lake container or delete its data deliberately")
+    entries = list(RESET_ENTRIES)
+    remembered = root / CONFIG_FILE_NAME
+    sqlite_file = "results.sqlite"
+    if remembered.is_file():
+        try:
+            sqlite_file = load_config(remembered).store.sqlite_file
+        except ManyModelsError:
+            pass
+    entries += [sqlite_file, f"{sqlite_file}-wal", f"{sqlite_file}-shm", f"{sqlite_file}-journal"]
+    removed = []
+    for name in entries:
+        path = (root / name).resolve()
+        if root not in path.parents:  # a configured SQL file outside the workdir is not ours to delete
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed

@@ -128,3 +128,16 @@ def test_health_answers_with_the_production_index(workdir):
     response = call("serving_health", "GET", "health")
     body = json.loads(response.get_body())
     assert response.status_code == 200 and body["status"] == "ok" and body["prod_index_version"] >= 1
+
+
+def test_a_row_far_beyond_the_end_of_training_is_400_naming_the_row(workdir, monkeypatch):
+    """Bounded work per request (issue 12, case 3) on the Functions route: the same Predictor bound."""
+    ws, _ = workdir
+    keys = ws.prod.find(latest_only=True)[0].keys
+    far = predict({"keys": keys, "rows": [{"date": "2200-01-05", "price": 1.0, "promo": 0}]})
+    assert far.status_code == 400
+    body = json.loads(far.get_body())
+    assert body["field"] == "rows[0].date" and "MM_SERVING_MAX_DISTANCE" in body["error"]
+    monkeypatch.setenv("MM_SERVING_MAX_DISTANCE", "100000")
+    worker_predictor.reset()
+    assert predict({"keys": keys, "rows": [{"date": "2200-01-05", "price": 1.0, "promo": 0}]}).status_code == 200

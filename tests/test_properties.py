@@ -276,7 +276,6 @@ def test_http_starts_answer_2xx_or_400_never_500(http_app, name, body):
         assert out.get("error") and "Traceback" not in out["error"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 phase 2: start errors still quote the server's workdir path")
 def test_http_errors_show_no_server_paths(http_app, tmp_path_factory):
     import azure.functions as func
 

@@ -483,3 +483,103 @@ def test_the_core_answers_without_any_http_framework(workspace, partitions):
         assert predictor.stats()["requests"] == {"200": 2, "400": 1, "404": 1}
     finally:
         predictor.close()
+
+
+# -- issue 12: bounded work per request, client errors are 4xx, no server paths -----------------------
+def test_a_row_far_beyond_the_end_of_training_is_400_naming_the_row(server, workspace, partitions):
+    ws, _ = workspace
+    pid, keys = partitions["prod"][2]
+    rows = _future_rows(ws, pid, 2, seed=3)
+    started = time.monotonic()
+    for far in ("2261-12-25", "9999-12-31"):
+        response = _post(server, {"keys": keys, "rows": [*rows, {"date": far, "price": 1.0, "promo": 0}]})
+        assert response.status_code == 400, response.text
+        assert response.json()["field"] == "rows[2].date"
+    assert "periods ahead" in _post(server, {"keys": keys, "rows": [{"date": "2261-12-25"}]}).json()["error"]
+    assert time.monotonic() - started < 5
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("make_body, field", [
+    (lambda keys: b'{"keys": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", "body"),
+    (lambda keys: {"keys": keys, "rows": [{"date": "2026-01-04", "price": 1e308, "promo": 1e308}]}, None),
+    (lambda keys: {"keys": keys, "rows": [{"date": "2026-01-04", "price": -1e308, "promo": 0}]}, None),
+    (lambda keys: {"keys": keys, "rows": [{"date": "2026-01-04", "price": "1e400", "promo": 0}]}, None),
+])
+def test_hostile_bodies_are_4xx_never_500(server, partitions, make_body, field):
+    for _, keys in partitions["prod"][:3] + partitions["fallback"][:2]:
+        response = _post(server, make_body(keys))
+        assert response.status_code in (200, 400), response.text
+        if response.status_code == 400 and field:
+            assert response.json()["field"] == field
+        if response.status_code == 200:
+            assert all(np.isfinite(p["prediction"]) for p in response.json()["predictions"])
+
+
+def test_error_bodies_show_no_server_paths(workspace, partitions):
+    ws, _ = workspace
+    pid, keys = partitions["prod"][7]
+    predictor = open_predictor(ws, ServingOptions(check_interval_ms=0))
+    path = ws.prod.artifact_path(ws.prod.latest(pid))
+    good = path.read_bytes()
+    path.unlink()
+    try:  # a missing artifact: the registry's error quotes its absolute path, the answer does not
+        response = predictor.handle({"keys": keys, "horizon": 2})
+    finally:
+        path.write_bytes(good)
+        predictor.close()
+    assert response.status == 503 and "missing" in response.body["error"]
+    assert str(ws.root) not in response.json_bytes().decode() and "/tmp" not in response.json_bytes().decode()
+
+
+def _start_serve(ws: Workspace, env: dict) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "serve", "--workdir", str(ws.root), "--port", str(port)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**__import__("os").environ, **env},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "manymodels serve did not come up"
+        time.sleep(0.1)
+
+
+def test_a_slow_request_never_blocks_health_and_sigterm_stops_serve_mid_request(workspace, partitions):
+    """The frozen-server attack (issue 12, case 3) on a real `manymodels serve` process: each forecast
+    takes 30 s (an injected fault at the forecast), the budget is 1 s."""
+    ws, _ = workspace
+    pid, keys = partitions["prod"][3]
+    far_rows = _future_rows(ws, pid, 100, seed=4)  # 100 periods ahead: forecast on a thread
+    proc, url = _start_serve(ws, {"MM_FAULT": "serve.forecast:sleep:30", "MM_SERVING_REQUEST_SECONDS": "1"})
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(httpx.post, f"{url}/predict", json={"keys": keys, "rows": far_rows}, timeout=30)
+            time.sleep(0.3)
+            started = time.monotonic()
+            assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+            assert time.monotonic() - started < 1.0
+            answered = slow.result()
+        assert answered.status_code == 503 and "time budget" in answered.json()["error"]
+        assert answered.headers["retry-after"]
+        # another slow request in flight, then SIGTERM: the server is gone within seconds
+        stuck = ThreadPoolExecutor(1)
+        stuck.submit(httpx.post, f"{url}/predict", json={"keys": keys, "rows": far_rows}, timeout=30)
+        time.sleep(0.3)
+        proc.terminate()
+        started = time.monotonic()
+        proc.wait(timeout=8)
+        assert time.monotonic() - started < 5
+        stuck.shutdown(wait=False)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        output = proc.communicate(timeout=10)[0]
+    assert proc.returncode in (0, -15), output

@@ -21,6 +21,7 @@ from shared.serving.predictor import Predictor, open_predictor
 from shared.serving.request import ServingResponse
 
 logger = logging.getLogger(__name__)
+GRACEFUL_SECONDS = 2
 
 
 class GcKeeper:
@@ -188,6 +189,8 @@ def serve(
         port=int(port),
         log_level=log_level,
         access_log=False,
-        timeout_graceful_shutdown=10,
+        # SIGTERM stops the server within seconds: in-flight requests get this long to finish, and
+        # forecasts run on daemon threads that never hold the process (Predictor.pool)
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
     )
     uvicorn.Server(config).run()

@@ -25,6 +25,11 @@ class ServingOptions:
     max_body_bytes: int = 1 << 20
     max_rows: int = 1000
     max_horizon: int = 520
+    # bounded work per request: a row at most this many periods after the model's last period
+    # (0: the same as max_horizon), and a time budget for one request's lookup and forecast
+    max_distance: int = 0
+    request_seconds: float = 10.0
+    forecast_workers: int = 4
 
     ENV = {
         "cache_mb": "MM_SERVING_CACHE_MB",
@@ -35,7 +40,15 @@ class ServingOptions:
         "max_body_bytes": "MM_SERVING_MAX_BODY_BYTES",
         "max_rows": "MM_SERVING_MAX_ROWS",
         "max_horizon": "MM_SERVING_MAX_HORIZON",
+        "max_distance": "MM_SERVING_MAX_DISTANCE",
+        "request_seconds": "MM_SERVING_REQUEST_SECONDS",
+        "forecast_workers": "MM_SERVING_FORECAST_WORKERS",
     }
+
+    @property
+    def distance_limit(self) -> int:
+        """How far past a model's last period a request row may lie."""
+        return int(self.max_distance) if self.max_distance > 0 else int(self.max_horizon)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "ServingOptions":
@@ -51,7 +64,13 @@ class ServingOptions:
             except ValueError as exc:
                 raise ValueError(f"{var}={raw!r} is not a valid {kind.__name__}") from exc
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        out = cls(**values)
+        for name in ("max_body_bytes", "max_rows", "max_horizon", "forecast_workers", "load_workers"):
+            if int(getattr(out, name)) < 1:
+                raise ValueError(f"{cls.ENV[name]} must be >= 1, got {getattr(out, name)}")
+        if not 0 < float(out.request_seconds) <= 3600:
+            raise ValueError(f"MM_SERVING_REQUEST_SECONDS must be in (0, 3600], got {out.request_seconds}")
+        return out
 
     def make_cache(self, prod: Any, dev: Any | None, fallback: str | list[str]) -> ModelCache:
         return ModelCache(

@@ -5,6 +5,7 @@ partition, 413 gives the limit, 503 gives the reason a model failed to load.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 from shared.errors import ManyModelsError
@@ -54,4 +55,29 @@ class PayloadTooLarge(ServingError):
 
 class ModelUnavailable(ServingError):
     status = 503
+
+
+class RequestTimeout(ServingError):
+    """The request's lookup and forecast took longer than its time budget (503, Retry-After)."""
+
+    status = 503
+
+
+_ABSOLUTE_PATH = re.compile(r"file://[^\s'\"]*|(?<![\w:/.])(?:/[\w.@+-]+){2,}/?")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` without absolute file paths (the server's folders are nobody's business)."""
+    return _ABSOLUTE_PATH.sub("<path>", text)
+
+
+def redact(value: Any) -> Any:
+    """A JSON body with every string's absolute paths replaced by ``<path>``."""
+    if isinstance(value, str):
+        return redact_paths(value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
 

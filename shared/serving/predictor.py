@@ -14,25 +14,82 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import threading
 import time
+from concurrent.futures import Executor, Future
 from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 
+from shared import faults
 from shared.config import ProjectConfig
 from shared.keys import PARTITION_ID, describe
 from shared.model_cache import CachedModel, Lookup, ModelCache, ModelLoadError, ModelNotFoundError
 from shared.serving.cache import ServingOptions, open_cache
-from shared.serving.errors import BadRequest, ModelUnavailable, PartitionNotFound, ServingError
+from shared.serving.errors import (BadRequest, ModelUnavailable, PartitionNotFound, RequestTimeout, ServingError,
+                                   redact, redact_paths)
 from shared.serving.request import PredictRequest, RequestParser, RequestRows, ServingResponse, format_times
 from shared.timegrid import PERIOD, from_periods
 
 logger = logging.getLogger(__name__)
 
-INLINE_PERIODS = 64  # larger requests are predicted on a worker thread, not on the event loop
+INLINE_PERIODS = 64  # forecasts reaching further are made on a forecast thread, not on the event loop
 MEMO_HORIZONS = 4  # horizon forecasts kept per cached model
+
+
+class DaemonPool(Executor):
+    """A fixed pool of daemon threads for forecasts.
+
+    Unlike ``ThreadPoolExecutor`` (whose threads the interpreter joins at exit), a forecast still
+    running when the server is told to stop never holds the process: SIGTERM ends it in seconds.
+    The per-request time budget (:attr:`ServingOptions.request_seconds`) answers the client when a
+    forecast overruns; the bounded distance of a row keeps every forecast finite.
+    """
+
+    def __init__(self, workers: int, name: str = "forecast") -> None:
+        self.workers = max(1, int(workers))
+        self.name = name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the forecast pool is shut down")
+            self._queue.put((future, fn, args, kwargs))
+            if len(self._threads) < self.workers:
+                thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = False, *, cancel_futures: bool = True) -> None:
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
 
 
 class Predictor:
@@ -48,6 +105,15 @@ class Predictor:
         self.started = time.time()
         self._lock = threading.Lock()
         self._requests: dict[str, int] = {}
+        self._pool: DaemonPool | None = None
+
+    @property
+    def pool(self) -> DaemonPool:
+        """The forecast threads, made on first use."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = DaemonPool(self.options.forecast_workers)
+            return self._pool
 
     def parse(self, body: bytes | str | Mapping[str, Any]) -> PredictRequest:
         """Check a request body; raises BadRequest naming the field, or PayloadTooLarge."""
@@ -56,6 +122,7 @@ class Predictor:
     # -- predicting ------------------------------------------------------------------------------
     def answer(self, request: PredictRequest, found: Lookup) -> ServingResponse:
         """Predict a parsed request with its cached model (the same forecast as batch scoring)."""
+        faults.point("serve.forecast")
         cached = found.model
         if request.rows is not None:
             predictions = self._predict_rows(request.rows, cached)
@@ -80,16 +147,7 @@ class Predictor:
         """``ForecastBundle.predict(future)`` as batch scoring calls it (on arrays); in request order."""
         bundle = cached.bundle
         last = int(getattr(bundle, "last_period", -(2**62)))
-        early = np.flatnonzero(rows.periods <= last)
-        if len(early):
-            i = int(early[0])
-            when = self._times_out(
-                from_periods(np.array([last]), self.config.data.freq, getattr(bundle, "anchor", None))
-            )[0]
-            raise BadRequest(
-                f"rows[{i}] is not after the model's last trained period ({when})",
-                f"rows[{i}].{self.config.data.time}",
-            )
+        self.check_distance(rows, last, bundle)
         if hasattr(bundle, "predict_arrays"):  # a ForecastBundle: its pandas-free path, same numbers
             got, predicted = bundle.predict_arrays(rows.periods, rows.covariates, source=cached.kind)
         else:
@@ -107,15 +165,55 @@ class Predictor:
             raise ValueError(
                 f"the model returned {len(got)} predictions for {len(rows.periods)} requested periods"
             )
-        values = np.asarray(predicted, dtype=np.float64)[position]
-        if not np.isfinite(values).all():
-            raise ValueError(
-                f"the model returned {int((~np.isfinite(values)).sum())} non-finite prediction(s)"
+        with np.errstate(all="ignore"):
+            values = np.asarray(predicted, dtype=np.float64)[position]
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad) and rows.covariates.size:  # finite inputs, no finite forecast: the covariates are extreme
+            i = int(bad[0])
+            raise BadRequest(
+                f"rows[{i}]: the model gives no finite forecast for these covariate values "
+                f"({len(bad)} row(s)); they are far outside anything it was trained on",
+                f"rows[{i}]",
             )
+        if len(bad):
+            raise ValueError(f"the model returned {len(bad)} non-finite prediction(s)")
         time_col = self.config.data.time
         lower, upper = _bounds(bundle, rows.periods, values, cached.kind)
         return [{time_col: t, "prediction": p, "lower": lo, "upper": hi}
                 for t, p, lo, hi in zip(rows.times, values.tolist(), lower, upper)]
+
+    def check_distance(self, rows: RequestRows, last: int, bundle: Any) -> None:
+        """Bounded work: each row lies after the model's last trained period, and at most
+        ``options.distance_limit`` periods after it (a forecast walks every period up to its row)."""
+        limit = self.options.distance_limit
+
+        def when() -> Any:
+            return self._times_out(
+                from_periods(np.array([last]), self.config.data.freq, getattr(bundle, "anchor", None))
+            )[0]
+
+        early = np.flatnonzero(rows.periods <= last)
+        if len(early):
+            i = int(early[0])
+            raise BadRequest(
+                f"rows[{i}] is not after the model's last trained period ({when()})",
+                f"rows[{i}].{self.config.data.time}",
+            )
+        far = np.flatnonzero(rows.periods - last > limit)
+        if len(far):
+            i = int(far[0])
+            raise BadRequest(
+                f"rows[{i}] is {int(rows.periods[i] - last)} periods after the model's last trained period "
+                f"({when()}); a request may reach at most {limit} periods ahead (MM_SERVING_MAX_DISTANCE)",
+                f"rows[{i}].{self.config.data.time}",
+            )
+
+    def _reach(self, request: PredictRequest, cached: CachedModel) -> int:
+        """How many periods past the model's end the forecast walks (what it costs)."""
+        if request.rows is None:
+            return int(request.horizon or 1)
+        last = int(getattr(cached.bundle, "last_period", -(2**62)))
+        return int(np.max(request.rows.periods)) - last
 
     def _predict_horizon(self, horizon: int, cached: CachedModel) -> list[dict[str, Any]]:
         """The next ``horizon`` periods (``ForecastBundle.predict(horizon=...)``, as batch horizon mode);
@@ -166,16 +264,29 @@ class Predictor:
         return response
 
     async def _ahandle(self, body: bytes | str | Mapping[str, Any]) -> ServingResponse:
+        """Small forecasts (at most INLINE_PERIODS periods ahead, or remembered) are answered on the
+        loop; larger ones on the forecast threads. The lookup and forecast share one time budget."""
+        loop = asyncio.get_running_loop()
+        budget = float(self.options.request_seconds)
+        deadline = loop.time() + budget
         try:
             request = self.parse(body)
             try:
-                found = await self.cache.alookup(request.partition_id)
+                # shielded: a request that gives up never cancels a load other requests wait for
+                found = await asyncio.wait_for(asyncio.shield(self.cache.alookup(request.partition_id)), budget)
             except (ModelNotFoundError, ModelLoadError) as exc:
                 raise self._cache_error(request, exc) from exc
-            if request.periods > INLINE_PERIODS and request.rows is not None:
-                response = await asyncio.to_thread(self.answer, request, found)
-            else:
+            cached = found.model
+            memo = request.rows is None and ("horizon", request.horizon or 1) in cached.memo
+            if memo or self._reach(request, cached) <= INLINE_PERIODS:
                 response = self.answer(request, found)
+            else:
+                work = loop.run_in_executor(self.pool, self.answer, request, found)
+                response = await asyncio.wait_for(work, max(0.0, deadline - loop.time()))
+        except (asyncio.TimeoutError, TimeoutError):
+            response = self.error(RequestTimeout(
+                f"the request ran out of its time budget of {budget:g} s (MM_SERVING_REQUEST_SECONDS); "
+                "ask for fewer or nearer periods, or retry", headers={"Retry-After": "5"}))
         except ServingError as exc:
             response = self.error(exc)
         except Exception as exc:  # a bug or a broken model: logged with its traceback, answered 500
@@ -205,12 +316,12 @@ class Predictor:
     def error(self, exc: ServingError) -> ServingResponse:
         if exc.status >= 500:
             logger.warning("predict: %s %s", exc.status, exc.message)
-        return ServingResponse(exc.status, exc.body(), dict(exc.headers))
+        return ServingResponse(exc.status, redact(exc.body()), dict(exc.headers))
 
     def failure(self, exc: Exception) -> ServingResponse:
         logger.exception("predict failed")
         return ServingResponse(
-            500, {"error": f"prediction failed: {type(exc).__name__}: {exc}", "status": 500}
+            500, {"error": redact_paths(f"prediction failed: {type(exc).__name__}: {exc}"), "status": 500}
         )
 
     def _counted(self, response: ServingResponse) -> ServingResponse:
@@ -225,7 +336,8 @@ class Predictor:
         try:
             index = int(self.cache.prod.index_version())
         except Exception as exc:  # the reason is the answer
-            return ServingResponse(503, {"status": "unavailable", "reason": f"{type(exc).__name__}: {exc}"})
+            return ServingResponse(503, {"status": "unavailable",
+                                         "reason": redact_paths(f"{type(exc).__name__}: {exc}")})
         return ServingResponse(
             200,
             {
@@ -261,6 +373,10 @@ class Predictor:
         return found[0].partition_id
 
     def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
         self.cache.close()
 
 

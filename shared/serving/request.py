@@ -114,6 +114,8 @@ class RequestParser:
             data = json.loads(body, parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError) as exc:
             raise BadRequest(f"the body is not valid JSON: {exc}", "body") from exc
+        except RecursionError as exc:
+            raise BadRequest("the body is nested too deeply", "body") from exc
         if not isinstance(data, dict):
             raise BadRequest(f"the body must be a JSON object, got {type(data).__name__}", "body")
         return data

@@ -1,0 +1,223 @@
+"""Issue 12, cases 5 to 8, written as the faults and misuses they are, through the real CLI.
+
+One writer per workdir (a real paused `manymodels train` process holds the lock), promotions
+recorded even when the SQL write fails, config saved only by successful project-defining commands,
+key changes refused, bounded scoring rows, repairs printed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from shared.cli import main
+from shared.synthetic import write_panel
+
+REPO = Path(__file__).resolve().parents[1]
+FLAGS = ["--no-progress", "--workers", "1", "--horizon", "6", "--test-periods", "6"]
+
+
+@pytest.fixture(scope="module")
+def panel(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("rel") / "sales.csv"
+    write_panel(path, partitions=6, periods=80, freq="W", seed=2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, panel) -> Path:
+    """A workdir after ingest and train (nothing promoted yet), copied by each test that changes it."""
+    work = tmp_path_factory.mktemp("rel-trained") / "w"
+    assert main(["ingest", "--data", str(panel), "--workdir", str(work), *FLAGS]) == 0
+    assert main(["train", "--workdir", str(work), "--no-progress", "--workers", "1"]) == 0
+    return work
+
+
+@pytest.fixture
+def work(trained, tmp_path) -> Path:
+    copy = tmp_path / "w"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _cli(*argv: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "shared.cli", *argv], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, **(env or {})}, **kw)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 60) -> str:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+    return path.read_text()
+
+
+def _config(work: Path) -> dict:
+    return tomllib.loads((work / "manymodels.toml").read_text())
+
+
+# -- case 5: one writer per workdir --------------------------------------------------------------
+def test_an_ingest_during_training_is_refused_naming_the_holder_and_readers_go_on(work, panel, tmp_path):
+    marker = tmp_path / "paused"
+    train = _cli("train", "--workdir", str(work), "--no-progress", "--run-id", "rpinned",
+                 env={"MM_FAULT": "train.start:pause", "MM_FAULT_MARKER": str(marker)})
+    try:
+        _wait_for(marker, train)
+        other = tmp_path / "other.csv"
+        write_panel(other, partitions=3, periods=60, freq="W", seed=9)
+        ingest = subprocess.run([sys.executable, "-m", "shared.cli", "ingest", "--data", str(other),
+                                 "--workdir", str(work)], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert ingest.returncode == 2, ingest.stderr
+        assert "manymodels train" in ingest.stderr and f"pid {train.pid}" in ingest.stderr
+        assert "Traceback" not in ingest.stderr
+        listed = subprocess.run([sys.executable, "-m", "shared.cli", "models", "list", "--workdir", str(work)],
+                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0 and "model(s) in dev" in listed.stdout
+    finally:
+        os.killpg(train.pid, signal.SIGKILL)
+        train.wait(10)
+    # the kernel released the killed holder's lock: the next writer gets it at once
+    assert main(["promote", "--workdir", str(work)]) == 0
+
+
+def test_run_pins_the_dataset_it_ingested_for_scoring(work, panel, tmp_path, capsys):
+    code, out, _ = _run(capsys, "run", "--data", str(panel), "--workdir", str(work), "--json", *FLAGS)
+    assert code == 0
+    import json
+
+    summary = json.loads(out.strip().splitlines()[-1])
+    meta = json.loads((work / "lake" / "runs" / summary["score_id"] / "run.json").read_text())
+    assert meta["dataset_id"] == summary["dataset_id"]
+
+
+# -- case 6: promotion records -------------------------------------------------------------------
+def test_a_failed_store_write_after_the_copy_is_reconciled_by_the_rerun(work, capsys):
+    store = work / "results.sqlite"
+    saved = work / "results.saved"
+    store.rename(saved)
+    store.mkdir()  # a real fault: the SQL file cannot be opened when promotion records its decisions
+    code, _, err = _run(capsys, "promote", "--workdir", str(work), "--min-accuracy", "0.3")
+    assert code != 0 and "error:" in err
+    prod = sqlite3.connect(work / "registry" / "prod" / "index.sqlite")
+    copied = prod.execute("SELECT COUNT(*) FROM models WHERE partition_id <> '_global'").fetchone()[0]
+    assert copied > 0  # the copies happened before the failure
+    store.rmdir()
+    saved.rename(store)
+    code, out, _ = _run(capsys, "promote", "--workdir", str(work), "--min-accuracy", "0.3")
+    assert code == 0 and f"recorded {copied} earlier promotion(s)" in out
+    rows = sqlite3.connect(store).execute(
+        "SELECT partition_id, decision, prod_version, reason, store, item FROM promotions "
+        "WHERE decision = 'promoted'").fetchall()
+    assert len(rows) == copied and all(r[2] >= 1 and r[3] and r[4] and r[5] for r in rows)
+    assert all(">=" in r[3] for r in rows)  # the original reasons, from the production records' tags
+    code, out, _ = _run(capsys, "promote", "--workdir", str(work), "--min-accuracy", "0.3")
+    assert code == 0 and "earlier promotion" not in out and f"unchanged {copied}" in out
+
+
+def test_a_damaged_candidate_is_rejected_alone_with_the_reason(work, capsys):
+    dev = sqlite3.connect(work / "registry" / "dev" / "index.sqlite")
+    pid, artifact = dev.execute("SELECT partition_id, artifact FROM models WHERE partition_id <> '_global' "
+                                "ORDER BY partition_id LIMIT 1").fetchone()
+    (work / "registry" / "dev" / artifact).write_bytes(b"\x80\x05not the model")
+    code, out, _ = _run(capsys, "promote", "--workdir", str(work), "--min-accuracy", "0")
+    assert code == 0 and "rejected (artifact): 1" in out
+    reason = sqlite3.connect(work / "results.sqlite").execute(
+        "SELECT reason FROM promotions WHERE partition_id = ?", (pid,)).fetchone()[0]
+    assert "SHA-256" in reason
+    code, out, err = _run(capsys, "models", "verify", "--workdir", str(work))
+    assert code == 2 and pid in err and "fail verification" in err
+
+
+# -- case 7: flags saved by failed or one-off commands --------------------------------------------
+def test_a_failed_ingest_never_rewrites_the_config(work, tmp_path, capsys):
+    before = (work / "manymodels.toml").read_text()
+    code, _, err = _run(capsys, "ingest", "--data", str(tmp_path / "missing.csv"), "--keys", "foo",
+                        "--workdir", str(work))
+    assert code == 2 and "--reset" in err  # the key change is refused before the file is even read
+    assert (work / "manymodels.toml").read_text() == before
+    fresh = tmp_path / "fresh"
+    code, _, err = _run(capsys, "ingest", "--data", str(tmp_path / "missing.csv"), "--keys", "foo",
+                        "--workdir", str(fresh))
+    assert code == 2 and "missing.csv" in err and not (fresh / "manymodels.toml").exists()
+    assert _run(capsys, "score", "--workdir", str(work), "--no-progress")[0] == 0
+
+
+def test_one_off_flags_are_never_saved(work, capsys):
+    before = (work / "manymodels.toml").read_text()
+    code, _, _ = _run(capsys, "score", "--workdir", str(work), "--horizon", "9", "--workers", "1", "--no-progress")
+    assert code == 0
+    code, _, err = _run(capsys, "score", "--workdir", str(work), "--horizon", "3000")
+    assert code == 2 and "scoring.max_distance" in err
+    assert (work / "manymodels.toml").read_text() == before
+    assert _config(work)["forecast"]["horizon"] == 6
+    runs = sorted(p.name for p in (work / "lake" / "runs").glob("r*"))
+    assert _run(capsys, "train", "--workdir", str(work), "--no-progress")[0] == 0
+    # the same run as before (its id derives from the saved config): nothing retrained
+    assert sorted(p.name for p in (work / "lake" / "runs").glob("r*")) == runs
+
+
+def test_changing_the_keys_of_a_workdir_with_data_is_refused_until_reset(work, panel, capsys):
+    before = (work / "manymodels.toml").read_text()
+    code, _, err = _run(capsys, "ingest", "--data", str(panel), "--keys", "store", "--workdir", str(work))
+    assert code == 2 and "new --workdir" in err and "--reset" in err and "['store', 'item']" in err
+    assert (work / "manymodels.toml").read_text() == before
+    code, _, err = _run(capsys, "score", "--workdir", str(work), "--time", "week")
+    assert code == 2 and "data.time" in err
+    code, out, _ = _run(capsys, "ingest", "--data", str(panel), "--keys", "store", "--covariates", "",
+                        "--workdir", str(work), "--reset", "--rows-per-file", "100")
+    assert code == 0 and "reset" in out
+    assert _config(work)["data"]["keys"] == ["store"]
+    assert _config(work)["runner"]["rows_per_file"] != 100  # a one-off flag
+    assert not (work / "registry").exists() and not (work / "results.sqlite").exists()
+
+
+# -- case 8: the smaller ones -------------------------------------------------------------------
+def test_ingest_prints_its_repairs_per_kind(tmp_path, panel, capsys):
+    frame = pd.read_csv(panel)
+    frame.loc[3, "sales"] = None
+    frame = pd.concat([frame, frame.iloc[[10, 11]]])
+    frame.to_csv(tmp_path / "dirty.csv", index=False)
+    code, out, _ = _run(capsys, "ingest", "--data", str(tmp_path / "dirty.csv"), "--workdir", str(tmp_path / "w"))
+    assert code == 0
+    line = next(li for li in out.splitlines() if "repairs:" in li)
+    assert "merged_duplicates 2" in line and "null_target" in line
+
+
+@pytest.mark.parametrize("when, words", [("before", "after the end"), ("far", "scoring.max_distance=520")])
+def test_a_scoring_row_outside_the_forecast_window_is_exit_2_naming_the_row(work, tmp_path, capsys, when, words):
+    dataset = (work / "lake" / "prepared" / "LATEST").read_text().strip()
+    manifest = pd.read_parquet(work / "lake" / "prepared" / dataset / "manifest.parquet")
+    first = manifest.iloc[0]
+    last = pd.Timestamp(first["last_time"])
+    rows = pd.DataFrame({"store": [first["store"]] * 2, "item": [first["item"]] * 2,
+                         "date": [last + pd.Timedelta(weeks=1),
+                                  last - pd.Timedelta(weeks=3) if when == "before" else pd.Timestamp("2200-01-06")],
+                         "price": [1.0, 1.0], "promo": [0, 0]})
+    rows.to_csv(tmp_path / "future.csv", index=False)
+    code, _, err = _run(capsys, "score", "--workdir", str(work), "--data", str(tmp_path / "future.csv"))
+    assert code == 2 and words in err and "'date'" in err and "row" in err, err
+
+
+def test_models_seal_and_verify(work, capsys):
+    code, out, _ = _run(capsys, "models", "verify", "--workdir", str(work))
+    assert code == 0 and "match their recorded SHA-256" in out
+    code, out, _ = _run(capsys, "models", "seal", "--workdir", str(work))
+    assert code == 0 and "sealed 0 model(s)" in out
