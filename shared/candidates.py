@@ -26,7 +26,6 @@ lag does not reach) and a target vector; ``fit`` ignores rows whose target is Na
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,7 @@ from sklearn.linear_model import Ridge
 
 from shared.errors import ManyModelsError
 from shared.features import FeatureSpec
+from shared.trust import DEFAULT_ESTIMATOR_PACKAGES, UntrustedCodeError, estimator_class
 
 BUILTIN = ("baseline", "loglinear", "loglm", "gbm", "global")
 LOG_CAP_MARGIN = 1.0  # log-linear forecasts stop at exp(1) = 2.7 times the largest training target
@@ -241,19 +241,20 @@ def _small_hgb_predict(model: HistGradientBoostingRegressor, X: np.ndarray) -> n
     return link.inverse(raw.ravel())
 
 
-def resolve_estimator(path: str, params: dict[str, Any] | None = None, name: str = "") -> BaseEstimator:
-    """An unfitted regressor from a dotted path and parameters; :class:`CandidateError` names the path."""
+def resolve_estimator(path: str, params: dict[str, Any] | None = None, name: str = "",
+                      packages: Any = None) -> BaseEstimator:
+    """An unfitted regressor from a dotted path and parameters; :class:`CandidateError` names the path.
+
+    The path is checked against the allowed packages (``training.estimator_packages``; scikit-learn
+    and LightGBM by default) and resolved to a scikit-learn regressor class by
+    :func:`shared.trust.estimator_class` before anything is called: a path such as
+    ``subprocess.Popen`` is refused unimported."""
     where = f"training.extra_candidates {name!r}: " if name else ""
-    module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        raise CandidateError(f"{where}estimator {path!r} must be a dotted path such as "
-                             f"'sklearn.linear_model.Lasso'")
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise CandidateError(f"{where}cannot import estimator {path!r}: {exc}") from exc
-    if not isinstance(cls, type):
-        raise CandidateError(f"{where}estimator {path!r} is not a class")
+        cls = estimator_class(path, packages or DEFAULT_ESTIMATOR_PACKAGES,
+                              where=f"{where}estimator" if where else "estimator")
+    except UntrustedCodeError as exc:
+        raise CandidateError(str(exc)) from exc
     try:
         model = cls(**dict(params or {}))
     except TypeError as exc:
@@ -275,15 +276,16 @@ class SklearnForecaster(BaseEstimator, RegressorMixin):
     """Any scikit-learn regressor by dotted path, NaN features filled with training means."""
 
     def __init__(self, estimator: str, params: dict[str, Any] | None = None, log_target: bool = False,
-                 random_state: int | None = None):
+                 random_state: int | None = None, packages: tuple[str, ...] | None = None):
         self.estimator = estimator
         self.params = params
         self.log_target = log_target
         self.random_state = random_state
+        self.packages = packages  # the allowed estimator packages (None: the defaults)
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "SklearnForecaster":
         X, y = _observed_rows(X, y)
-        model = resolve_estimator(self.estimator, self.params)
+        model = resolve_estimator(self.estimator, self.params, packages=getattr(self, "packages", None))
         if "random_state" in model.get_params() and "random_state" not in (self.params or {}):
             model.set_params(random_state=self.random_state)
         self.fill_ = _column_means(X)
@@ -310,7 +312,8 @@ def make_candidate(name: str, cfg: Any, spec: FeatureSpec) -> BaseEstimator:
     for extra in cfg.training.extra_candidates:
         if extra.name == name:
             return SklearnForecaster(extra.estimator, dict(extra.params), bool(extra.log_target),
-                                     random_state=seed)
+                                     random_state=seed,
+                                     packages=tuple(cfg.training.estimator_packages))
     raise CandidateError(f"unknown candidate {name!r}; known: {known_names(cfg)}")
 
 
@@ -328,7 +331,7 @@ def check_candidates(cfg: Any) -> None:
         if extra.name in BUILTIN:
             raise CandidateError(f"training.extra_candidates: name {extra.name!r} clashes with a built-in "
                                  f"candidate")
-        resolve_estimator(extra.estimator, extra.params, extra.name)
+        resolve_estimator(extra.estimator, extra.params, extra.name, cfg.training.estimator_packages)
     for name in cfg.training.candidates:
         if name not in BUILTIN and name not in extra_names(cfg):
             raise CandidateError(f"unknown candidate {name!r}; known: {known_names(cfg)}")

@@ -393,3 +393,23 @@ def test_null_keys_in_batches_typed_differently_give_the_in_memory_error_when_st
             ingest_source(LocalLake(tmp_path / f"lake-{stream}"), data, cfg, stream=stream, plan=plan)
         messages.append(str(caught.value))
     assert messages[0] == messages[1]
+
+
+def test_candidates_resolve_estimators_through_the_allow_list_before_calling_anything(tmp_path, monkeypatch):
+    """Case 1 at the last line of defence: even a config that skipped validation (an old run's saved
+    config, a hand-made ProjectConfig) cannot make training call subprocess.Popen."""
+    from shared.candidates import CandidateError, SklearnForecaster, check_candidates, resolve_estimator
+    from shared.config import CandidateSpec
+
+    monkeypatch.chdir(tmp_path)
+    cfg = ProjectConfig()
+    cfg.training.extra_candidates = [CandidateSpec("x", "subprocess.Popen", {"args": "touch PWNED", "shell": True})]
+    cfg.training.candidates = ["baseline", "x"]
+    with pytest.raises(CandidateError, match="not under an allowed package"):
+        check_candidates(cfg)
+    with pytest.raises(CandidateError, match="not under an allowed package"):
+        SklearnForecaster("subprocess.Popen", {"args": "touch PWNED", "shell": True}).fit([[1.0]], [1.0])
+    with pytest.raises(CandidateError, match="not a scikit-learn regressor"):
+        resolve_estimator("sklearn.preprocessing.StandardScaler")
+    assert not (tmp_path / "PWNED").exists()
+    assert resolve_estimator("sklearn.linear_model.Lasso", {"alpha": 0.1}).alpha == 0.1
