@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from shared import faults
 from shared.config import RunnerSpec
 from shared.errors import ManyModelsError
 from shared.lake import atomic_write
@@ -299,6 +300,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, entry: str, args: 
             break
         index, files = message
         try:
+            faults.point(f"worker.{entry.rsplit('.', 1)[-1]}")
             conn.send(("ok", index, _to_lines(module.run(files))))
         except BaseException:  # one batch's error is that batch's result, retried by the parent
             conn.send(("error", index, traceback.format_exc()))
