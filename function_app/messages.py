@@ -47,7 +47,7 @@ BLOB_CREATED = "Microsoft.Storage.BlobCreated"
 # data) and FlushWithClose (the data is committed). Only the second means the file is there.
 INCOMPLETE_APIS = ("CreateFile",)
 UPSTREAM_TYPES = ("dataset-ready", "retrain", "score")
-OPTION_NAMES = ("group_size", "min_accuracy", "config")
+OPTION_NAMES = ("group_size", "min_accuracy", "config", "full")
 _PARTITION_ID = re.compile(r"^p[0-9a-f]{20}$")
 _RUN_ID = re.compile(r"^r[0-9a-f]{16}$")
 _DATASET_ID = re.compile(r"^d[0-9a-f]{16}$")
@@ -72,6 +72,7 @@ class RunOptions:
     group_size: int | None = None
     min_accuracy: float | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    full: bool = False  # retrain every partition (default: only those whose data or config changed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -495,8 +496,12 @@ def _options(body: Mapping[str, Any]) -> RunOptions:
         config = check_message_overrides(raw.get("config") or {})
     except ConfigError as exc:
         raise MessageError("options.config", str(exc)) from exc
+    full = raw.get("full", False)
+    if not isinstance(full, bool):
+        raise MessageError("options.full", "must be true or false")
     return RunOptions(
         group_size=group_size,
         min_accuracy=_fraction(raw.get("min_accuracy"), "options.min_accuracy"),
         config=dict(config),
+        full=full,
     )

@@ -52,6 +52,7 @@ def training_steps(
             "partition_ids": partition_ids,
             "group_size": options["group_size"],
             "config": config,
+            "full": bool(options.get("full", False)),
         },
         options,
     )
@@ -66,7 +67,7 @@ def training_steps(
 
     results = yield from fan_out(context, "train", run_id, plan["groups"], options, progress, log)
     outcome = summarize(results)
-    if not any(produced_output(r) for r in results):
+    if plan["groups"] and not any(produced_output(r) for r in results):  # none: every partition carried
         reasons = "; ".join(f"group {f['group_index']}: {f['reason']}" for f in outcome["failed_groups"][:3])
         raise RuntimeError(
             f"run {run_id}: no group produced models ({outcome['groups_failed']} failed): {reasons}"
@@ -125,6 +126,7 @@ def plan_training_run(payload: dict) -> dict:
         payload.get("dataset_id"),
         partition_ids=payload.get("partition_ids"),
         group_size=payload.get("group_size"),
+        full=bool(payload.get("full", False)),  # incremental by default (shared.incremental)
     )
     RunLog({"run_id": plan.run_id}).info("plan written", groups=len(plan.groups))
     return plan.to_dict()

@@ -18,6 +18,8 @@ path changes here or nowhere. Ids are content-derived (``d...`` datasets, ``r...
     runs/<run>/run.json                       what the run is (kind, dataset, config, groups)
     runs/<run>/config/manymodels.toml         the config the entry scripts read
     runs/<run>/global/global.pkl              the run's global model fits (training)
+    runs/<run>/partitions.json                the partitions an incremental run trains (training)
+    runs/by-dataset/<dataset>-<config>        the run that trained a dataset with a training config
     runs/<run>/models/<partition>.pkl|.json   a trained bundle and its done-mark sidecar (training)
     runs/<run>/predictions/<stem>.parquet     a scoring group's predictions (scoring)
     runs/<run>/results/.../*.jsonl            one JSON line per partition (both kinds)
@@ -100,6 +102,16 @@ def run_models(run_id: str) -> str:
 
 def model_artifact(run_id: str, partition_id: str) -> str:
     return _join(RUNS, run_id, "models", f"{partition_id}.pkl")
+
+
+def run_partitions(run_id: str) -> str:
+    """The JSON list of partitions a run trains, when it trains only some (incremental runs)."""
+    return _join(run_dir(run_id), "partitions.json")
+
+
+def dataset_run(dataset_id: str, config_digest: str) -> str:
+    """Which run trained a dataset with a training config: a rerun finds it instead of a new run."""
+    return _join(RUNS, "by-dataset", f"{dataset_id}-{config_digest}")
 
 
 def global_model(run_id: str) -> str:

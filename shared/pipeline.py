@@ -135,6 +135,10 @@ def plan_training(
         manifest = manifest[manifest[PARTITION_ID].isin(partition_ids)]
     cfg = ws.config
     digest = training_config_digest(cfg)
+    marker = layout.dataset_run(dataset_id, digest)
+    if not full and not partition_ids and run_id is None and ws.lake.exists(marker):
+        # this dataset was planned with this config before: the same run (reruns are idempotent)
+        return _replan(ws, ws.lake.read_bytes(marker).decode().strip(), manifest, group_size)
     carried = {} if full else carried_forward(ws.dev, manifest, digest)
     to_train = manifest[~manifest[PARTITION_ID].astype(str).isin(set(carried))]
     subset = bool(partition_ids) or bool(carried)
@@ -165,9 +169,25 @@ def plan_training(
         if subset:
             write_partition_list(ws.lake, run_id, to_train[PARTITION_ID].astype(str))
         ws.lake.write_bytes(layout.run_meta(run_id), json.dumps(run_meta, indent=2).encode())
+    if not partition_ids:
+        ws.lake.write_bytes(marker, run_id.encode())
     ws.lake.write_bytes(layout.LATEST_RUN, run_id.encode())
     return TrainingPlan(run_id=run_id, dataset_id=dataset_id, groups=groups, partitions=int(len(to_train)),
                         carried=len(carried))
+
+
+def _replan(ws: Workspace, run_id: str, manifest: pd.DataFrame, group_size: int | None) -> TrainingPlan:
+    """The plan of an existing run, from its run.json (and its partition list when incremental)."""
+    meta = _run_meta(ws, run_id)
+    if meta.get("partitions_file"):
+        wanted = set(json.loads(ws.lake.read_bytes(meta["partitions_file"])))
+        manifest = manifest[manifest[PARTITION_ID].astype(str).isin(wanted)]
+    paths = [layout.batch(meta["dataset_id"], b) for b in sorted(manifest["batch"].unique())]
+    size = group_size or max(1, len(paths))
+    groups = [paths[i : i + size] for i in range(0, len(paths), size)]
+    ws.lake.write_bytes(layout.LATEST_RUN, run_id.encode())
+    return TrainingPlan(run_id=run_id, dataset_id=meta["dataset_id"], groups=groups,
+                        partitions=int(len(manifest)), carried=len(meta.get("carried") or {}))
 
 
 def _run_meta(ws: Workspace, run_id: str) -> dict[str, Any]:

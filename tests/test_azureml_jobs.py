@@ -349,3 +349,20 @@ def test_a_scoring_group_gets_only_its_partitions_newest_models(aml, code, tmp_p
         sliced.close()
     assert write_registry_slice(ws.lake, prod, "prod", ["p" + "f" * 20], "runs/x/empty") == \
         {"partitions": 1, "models": 0}
+
+
+def test_an_incremental_training_job_passes_the_list_of_partitions_to_train(aml, code, lake):
+    from shared import layout
+
+    data = group_input(aml, lake, RUN, 0, _batches())
+    plan = plan_train(aml, ProjectConfig(), RUN, DATASET, 0, data, layout.global_model(RUN),
+                      layout.run_partitions(RUN))
+    job = build_pipeline_job(aml, plan, code=code)
+    assert job._validate().passed
+    rest = _rest(job)
+    assert rest["properties"]["inputs"]["partitions"]["uri"].endswith(f"{RUN}/partitions.json")
+    args = _node(rest)["task"]["program_arguments"]
+    assert "--partitions ${{inputs.partitions}}" in args and "--global-model ${{inputs.global_model}}" in args
+    alone = build_pipeline_job(aml, plan_train(aml, ProjectConfig(), RUN, DATASET, 0, data, None,
+                                               layout.run_partitions(RUN)), code=code)
+    assert alone._validate().passed and "global_model" not in _rest(alone)["properties"]["inputs"]

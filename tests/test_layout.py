@@ -65,6 +65,7 @@ def test_the_modules_that_still_spell_paths_agree_with_the_layout() -> None:
 
 def test_a_demo_workdir_has_exactly_the_layouts_paths(tmp_path: Path) -> None:
     """Ingest, train, promote and score a small panel; every file of the lake is one the layout names."""
+    from shared.incremental import training_config_digest
     from shared.pipeline import run_all
     from shared.synthetic import write_panel
     from shared.workspace import Workspace
@@ -81,7 +82,9 @@ def test_a_demo_workdir_has_exactly_the_layouts_paths(tmp_path: Path) -> None:
     assert {layout.LATEST_DATASET, layout.LATEST_RUN, layout.dataset_meta(d), layout.dataset_manifest(d),
             layout.run_meta(r), layout.run_config(r), layout.global_model(r), layout.run_meta(s),
             layout.predictions(s)} <= files
-    for path in files - {layout.LATEST_DATASET, layout.LATEST_RUN, layout.predictions(s)}:
+    marker = layout.dataset_run(d, training_config_digest(ws.config))
+    assert ws.lake.read_bytes(marker).decode() == r
+    for path in files - {layout.LATEST_DATASET, layout.LATEST_RUN, layout.predictions(s), marker}:
         assert path.startswith(expected_prefixes), path
     assert ws.lake.read_bytes(layout.LATEST_RUN).decode() == r
     assert (ws.root / layout.registry_index("prod")).is_file()

@@ -241,14 +241,18 @@ class JobPlan:
 
 
 def plan_train(aml: AzureMLSettings, cfg: Any, run_id: str, dataset_id: str, group_index: int,
-               data: GroupInput, global_model: str | None = None) -> JobPlan:
+               data: GroupInput, global_model: str | None = None, partitions: str | None = None) -> JobPlan:
     """The training job's arguments mirror ``pipeline.train_group``'s, flag for flag (the run's
-    global model fits, ``global_model``, when the run has them)."""
+    global model fits, ``global_model``, when the run has them; the list of partitions to train,
+    ``partitions``, when the run is incremental)."""
     files = {"config": layout.run_config(run_id), "dataset_meta": layout.dataset_meta(dataset_id)}
     arguments = "--config ${{inputs.config}} --dataset-meta ${{inputs.dataset_meta}} "
     if global_model:
         files["global_model"] = global_model
         arguments += "--global-model ${{inputs.global_model}} "
+    if partitions:
+        files["partitions"] = partitions
+        arguments += "--partitions ${{inputs.partitions}} "
     return JobPlan(
         kind="train", run_id=run_id, group_index=group_index, data=data,
         files=files,
@@ -347,6 +351,13 @@ def build_pipeline_job(aml: AzureMLSettings, plan: JobPlan, code: Path | str | N
     def train_with_global(data, config, dataset_meta, global_model):
         return wire(step(data=data, config=config, dataset_meta=dataset_meta, global_model=global_model))
 
+    def train_some(data, config, dataset_meta, partitions):
+        return wire(step(data=data, config=config, dataset_meta=dataset_meta, partitions=partitions))
+
+    def train_some_with_global(data, config, dataset_meta, global_model, partitions):
+        return wire(step(data=data, config=config, dataset_meta=dataset_meta, global_model=global_model,
+                         partitions=partitions))
+
     def score(data, config, dataset_meta, prod_registry):
         return wire(step(data=data, config=config, dataset_meta=dataset_meta, prod_registry=prod_registry))
 
@@ -355,7 +366,8 @@ def build_pipeline_job(aml: AzureMLSettings, plan: JobPlan, code: Path | str | N
                          dev_registry=dev_registry))
 
     if plan.kind == "train":
-        body = train_with_global if "global_model" in plan.files else train
+        body = {(False, False): train, (True, False): train_with_global, (False, True): train_some,
+                (True, True): train_some_with_global}["global_model" in plan.files, "partitions" in plan.files]
     else:
         body = score_with_fallback if "dev_registry" in plan.folders else score
     manymodels_pipeline = dsl.pipeline(
@@ -436,7 +448,8 @@ def build_job_for_group(ws: Any, aml: AzureMLSettings, kind: str, run_id: str, g
     if kind == "train":
         global_model = layout.global_model(run_id)
         plan = plan_train(aml, cfg, run_id, meta["dataset_id"], group_index, data,
-                          global_model if ws.lake.exists(global_model) else None)
+                          global_model if ws.lake.exists(global_model) else None,
+                          meta.get("partitions_file"))
     else:
         plan = plan_score(aml, cfg, run_id, meta["dataset_id"], group_index, data)
     return build_pipeline_job(aml, plan, code=code)

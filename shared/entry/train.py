@@ -6,7 +6,9 @@ returning one JSON line per partition.
 
 Arguments: ``--config`` (the project config, TOML or JSON), ``--dataset-meta`` (the prepared
 dataset's ``dataset.json``), ``--output-dir`` (where model artifacts go), ``--run-id``, and
-optionally ``--global-model`` (the run's global model fits: a candidate for every partition).
+optionally ``--global-model`` (the run's global model fits: a candidate for every partition) and
+``--partitions`` (a JSON list of partition ids: an incremental run trains only those of each file;
+the others keep their models, see :mod:`shared.incremental`).
 
 Per partition the script writes ``<output-dir>/<partition_id>.pkl`` (the ForecastBundle) and
 then the sidecar ``<partition_id>.json`` (the result row), each atomically. A sidecar therefore
@@ -38,6 +40,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from shared.config import ProjectConfig, load_config
+from shared.incremental import read_partition_list
 from shared.keys import PARTITION_ID
 from shared.lake import atomic_write
 from shared.training import train_batch
@@ -53,6 +56,7 @@ class _State:
     run_id: str
     chunk_partitions: int = CHUNK_PARTITIONS
     global_models: Any = None  # the run's GlobalModelSet, loaded once per worker
+    only: frozenset[str] | None = None  # the partitions to train (None: every partition of a file)
 
 
 # The Azure ML contract passes nothing from init() to run() but module state: this one holder,
@@ -68,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--global-model", default=None,
                         help="the run's global model fits (runs/<run>/global/global.pkl), if any")
+    parser.add_argument("--partitions", default=None,
+                        help="JSON list of the partition ids to train (an incremental run); default all")
     parser.add_argument("--chunk-partitions", type=int, default=CHUNK_PARTITIONS,
                         help="partitions trained together before their artifacts are written")
     args, _unknown = parser.parse_known_args(argv)  # Azure ML adds its own arguments
@@ -94,6 +100,7 @@ def init() -> None:
         run_id=args.run_id,
         chunk_partitions=max(1, args.chunk_partitions),
         global_models=_load_global(args.global_model),
+        only=frozenset(read_partition_list(args.partitions)) if args.partitions else None,
     )
 
 
@@ -117,7 +124,7 @@ def run(mini_batch: list[str]) -> list[str]:
 def train_file(path: Path, state: _State) -> list[str]:
     """Train the partitions of one batch file that have no sidecar yet; one line per partition."""
     ids = pq.read_table(path, columns=[PARTITION_ID]).column(PARTITION_ID).to_pylist()
-    order = list(dict.fromkeys(ids))
+    order = [pid for pid in dict.fromkeys(ids) if state.only is None or pid in state.only]
     done = {pid: _read_sidecar(state.output_dir, pid) for pid in order}
     # a sidecar from another run (an output folder reused by hand) does not count as done
     done = {pid: row for pid, row in done.items() if row is not None and row.get("run_id") == state.run_id}
