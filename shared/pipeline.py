@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -24,15 +23,15 @@ from shared.config import ProjectConfig
 from shared.errors import ManyModelsError
 from shared.features import build_features
 from shared.global_model import GLOBAL_ID, fit_global
-from shared.incremental import (CONFIG_TAG, adopt_global, carried_forward, carried_meta, carried_rows,
+from shared.incremental import (CONFIG_TAG, carried_forward, carried_meta, carried_rows,
                                 reusable_global, training_config_digest, write_partition_list)
 from shared.ingest import read_source
 from shared.keys import PARTITION_ID
 from shared.lake import LakeError, read_parquet, write_parquet
 from shared.partitioning import load_dataset
 from shared.promotion import decision_of, promote_run
-from shared.registration import (aggregate_wape, artifact_source, backtests_frame, global_record, keys_of,
-                                 metrics_row, record_for, result_rows)
+from shared.registration import (aggregate_wape, artifact_source, backtests_frame, dump_lake_pickle, global_record,
+                                 keys_of, lake_digest, load_lake_pickle, metrics_row, record_for, result_rows)
 from shared.report import write_report
 from shared.runner import run_parallel
 from shared.scoring import prepare_scoring
@@ -245,6 +244,9 @@ def run_group(ws: Workspace, kind: str, run_id: str, batch_paths: list[str], gro
             args += ["--output-dir", str(staged.output("models")), "--run-id", run_id]
             if ws.lake.exists(global_path):
                 args += ["--global-model", str(staged.input(global_path))]
+                digest = lake_digest(ws.lake, global_path)
+                if digest:
+                    args += ["--global-model-sha256", digest]
             if subset:
                 args += ["--partitions", str(staged.input(subset))]
         else:
@@ -288,11 +290,17 @@ def train_global(ws: Workspace, run_id: str) -> dict[str, Any]:
     Idempotent: a run that has its global model keeps it.
     """
     path = layout.global_model(run_id)
-    if ws.lake.exists(path):
+    if ws.lake.exists(path) and lake_digest(ws.lake, path):  # without its digest: a torn write, refit
         return {"run_id": run_id, "skipped": True}
     meta = _run_meta(ws, run_id)
     if meta.get("global_from"):  # an incremental run: the latest run's fits, under this run's id
-        return adopt_global(ws.lake, meta["global_from"], run_id)
+        # (shared.incremental.adopt_global, with the writer's digest checked before unpickling and
+        # recorded for the copy)
+        base = meta["global_from"]
+        models = load_lake_pickle(ws.lake, layout.global_model(base), f"the global model of run {base}")
+        models.run_id = run_id
+        dump_lake_pickle(ws.lake, path, models)
+        return {"run_id": run_id, "from_run": base, "rows": dict(models.rows), "seconds": 0.0}
     dataset = _load_dataset(ws, meta["dataset_id"])
     cfg = ws.config
     batches = sorted(dataset.manifest["batch"].unique())
@@ -306,7 +314,7 @@ def train_global(ws: Workspace, run_id: str) -> dict[str, Any]:
         cuts.append(global_cuts(ff, cfg))
     models = fit_global(frames, cuts, run_id, cfg.training.global_max_rows, seed=int(cfg.training.seed),
                         keep_share=keep_share)
-    ws.lake.write_bytes(path, pickle.dumps(models, protocol=pickle.HIGHEST_PROTOCOL))
+    dump_lake_pickle(ws.lake, path, models)  # the pickle, then the writer's digest beside it
     return {"run_id": run_id, "rows": models.rows, "seconds": round(models.seconds, 3)}
 
 

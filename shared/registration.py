@@ -19,6 +19,7 @@ from shared.config import ProjectConfig
 from shared.global_model import GLOBAL_ID
 from shared.keys import PARTITION_ID
 from shared.lake import Lake
+from shared.trust import check_digest, digest_path, sha256_bytes
 from shared.metrics import evaluate
 from shared.timegrid import PERIOD, from_periods
 
@@ -58,6 +59,7 @@ def record_for(row: dict[str, Any], run_id: str, manifest: pd.DataFrame, keys: l
             "n_observed": str(n_observed),
         },
         "status": row.get("status"),
+        "sha256": str(row.get("sha256") or ""),  # of the artifact, recorded by the worker that wrote it
     }
 
 
@@ -97,7 +99,7 @@ def global_record(lake: Lake, run_id: str, rows: list[dict[str, Any]]) -> tuple[
     path = layout.global_model(run_id)
     if not lake.exists(path):
         return None
-    models = pickle.loads(lake.read_bytes(path))
+    models = load_lake_pickle(lake, path, f"the global model of run {run_id}")
     final = models.fits.get("final")
     if final is None:
         return None
@@ -118,6 +120,29 @@ def global_record(lake: Lake, run_id: str, rows: list[dict[str, Any]]) -> tuple[
         "status": "trained",
     }
     return record, pickle.dumps(final, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def dump_lake_pickle(lake: Lake, path: str, obj: Any) -> str:
+    """Pickle ``obj`` to the lake at ``path``, then record its SHA-256 beside it (the writer's digest,
+    :func:`load_lake_pickle` checks it); returns the digest."""
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    digest = sha256_bytes(data)
+    lake.write_bytes(path, data)
+    lake.write_bytes(digest_path(path), digest.encode("ascii"))
+    return digest
+
+
+def lake_digest(lake: Lake, path: str) -> str | None:
+    """The SHA-256 the writer of ``path`` recorded, or None (written before digests)."""
+    sidecar = digest_path(path)
+    return lake.read_bytes(sidecar).decode("ascii").strip() if lake.exists(sidecar) else None
+
+
+def load_lake_pickle(lake: Lake, path: str, what: str) -> Any:
+    """Unpickle a lake file once its bytes match the digest its writer recorded."""
+    data = lake.read_bytes(path)
+    check_digest(data, lake_digest(lake, path), what)
+    return pickle.loads(data)
 
 
 def artifact_source(lake: Lake, lake_path: str) -> Path | bytes:

@@ -37,6 +37,13 @@ class UntrustedCodeError(ManyModelsError, ValueError):
     """A config names code it may not name (an estimator outside the allowed packages)."""
 
 
+class DigestMismatchError(ManyModelsError, ValueError):
+    """A pickle's bytes do not match the SHA-256 its writer recorded: refused before unpickling."""
+
+
+DIGEST_SUFFIX = ".sha256"  # a pickle's sidecar: the SHA-256 its writer recorded, in hex
+
+
 def check_estimator_packages(packages: Iterable[str]) -> list[str]:
     """The allow-list itself: dotted package names, none of them from the standard library."""
     out = []
@@ -91,6 +98,25 @@ def sha256_file(path: Path | str) -> str:
         for chunk in iter(lambda: fh.read(CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def digest_path(path: str) -> str:
+    """Where the writer of the pickle ``path`` records its SHA-256."""
+    return path + DIGEST_SUFFIX
+
+
+def check_digest(data: bytes, expected: str | None, what: str) -> None:
+    """Refuse ``data`` unless it matches the writer's recorded digest; with none recorded (a file
+    written before digests existed) it is accepted with a warning."""
+    if not expected:
+        import logging
+
+        logging.getLogger("manymodels.trust").warning(
+            "%s has no SHA-256 recorded by its writer (written before digests): loaded unverified", what)
+        return
+    if sha256_bytes(data) != expected.strip():
+        raise DigestMismatchError(f"{what} does not match the SHA-256 its writer recorded: it was changed "
+                                  "or corrupted since, so it is not unpickled; rerun the stage that wrote it")
 
 
 def write_with_digest(data: bytes | bytearray | memoryview, target: Path) -> str:

@@ -413,3 +413,48 @@ def test_candidates_resolve_estimators_through_the_allow_list_before_calling_any
         resolve_estimator("sklearn.preprocessing.StandardScaler")
     assert not (tmp_path / "PWNED").exists()
     assert resolve_estimator("sklearn.linear_model.Lasso", {"alpha": 0.1}).alpha == 0.1
+
+
+def test_a_model_file_changed_between_the_worker_and_registration_is_refused(tmp_path):
+    """Case 2 one step earlier: the training worker records each artifact's SHA-256 in its row and
+    the global model's beside it; a file replaced in the run folder before registration (or before
+    a training worker unpickles the global model) is refused unread."""
+    from shared import layout
+    from shared.pipeline import plan_training, register_run, train_global, train_group
+    from shared.registration import result_rows
+    from shared.trust import DigestMismatchError
+    from shared.workspace import Workspace
+    from shared.synthetic import write_panel
+
+    write_panel(tmp_path / "p.csv", partitions=3, periods=70, freq="W", seed=1)
+    ws = Workspace.open(tmp_path / "w", overrides={"runner.workers": 1, "runner.progress": False,
+                                                   "forecast.test_periods": 6}, remember=False)
+    from shared.pipeline import ingest
+
+    ingest(ws, tmp_path / "p.csv")
+    plan = plan_training(ws)
+    train_global(ws, plan.run_id)
+    marker = tmp_path / "PWNED"
+    global_file = ws.lake.local_path(layout.global_model(plan.run_id))
+    good_global = global_file.read_bytes()
+    global_file.write_bytes(pickle.dumps(Payload(marker)))
+    from shared.runner import RunnerError
+
+    with pytest.raises(RunnerError, match="does not match the SHA-256 its writer recorded"):
+        train_group(ws, plan.run_id, plan.groups[0])  # the workers' init() refuses it
+    assert not marker.exists()
+    global_file.write_bytes(good_global)
+    train_group(ws, plan.run_id, plan.groups[0])
+    rows = result_rows(ws.lake, layout.run_results(plan.run_id))
+    assert all(len(r["sha256"]) == 64 for r in rows if r.get("artifact"))
+    victim = next(r for r in rows if r.get("artifact"))
+    artifact = ws.lake.local_path(layout.model_artifact(plan.run_id, victim["partition_id"]))
+    artifact.write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(ArtifactIntegrityError):
+        register_run(ws, plan.run_id)
+    global_file.write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(DigestMismatchError):
+        from shared.registration import global_record
+
+        global_record(ws.lake, plan.run_id, rows)
+    assert not marker.exists() and ws.dev.count() == 0

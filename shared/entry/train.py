@@ -43,6 +43,7 @@ from shared.config import ProjectConfig, load_config
 from shared.incremental import read_partition_list
 from shared.keys import PARTITION_ID
 from shared.lake import atomic_write
+from shared.trust import check_digest, digest_path, sha256_bytes
 from shared.training import train_batch
 
 CHUNK_PARTITIONS = 16
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--global-model", default=None,
                         help="the run's global model fits (runs/<run>/global/global.pkl), if any")
+    parser.add_argument("--global-model-sha256", default=None,
+                        help="the SHA-256 the global model's writer recorded (else read from its .sha256 "
+                             "sidecar); checked before unpickling")
     parser.add_argument("--partitions", default=None,
                         help="JSON list of the partition ids to train (an incremental run); default all")
     parser.add_argument("--chunk-partitions", type=int, default=CHUNK_PARTITIONS,
@@ -99,17 +103,22 @@ def init() -> None:
         output_dir=output_dir,
         run_id=args.run_id,
         chunk_partitions=max(1, args.chunk_partitions),
-        global_models=_load_global(args.global_model),
+        global_models=_load_global(args.global_model, args.global_model_sha256),
         only=frozenset(read_partition_list(args.partitions)) if args.partitions else None,
     )
 
 
-def _load_global(path: str | None) -> Any:
-    """The run's global model fits, written by the pipeline's own global stage (trusted run folder)."""
+def _load_global(path: str | None, expected: str | None = None) -> Any:
+    """The run's global model fits, written by the pipeline's own global stage; unpickled only once
+    their bytes match the SHA-256 the writer recorded (passed, or its ``.sha256`` sidecar)."""
     if not path:
         return None
-    with open(path, "rb") as fh:
-        return pickle.load(fh)
+    data = Path(path).read_bytes()
+    if not expected:
+        sidecar = Path(digest_path(path))
+        expected = sidecar.read_text(encoding="ascii").strip() if sidecar.is_file() else None
+    check_digest(data, expected, f"global model {Path(path).name}")
+    return pickle.loads(data)
 
 
 def run(mini_batch: list[str]) -> list[str]:
@@ -154,9 +163,10 @@ def _finish(result: Any, state: _State) -> dict[str, Any]:
         return row  # no files: the next run retries it
     if result.bundle is not None:
         artifact = f"{pid}.pkl"
-        atomic_write(state.output_dir / artifact,
-                     lambda fh: pickle.dump(result.bundle, fh, protocol=pickle.HIGHEST_PROTOCOL))
+        data = pickle.dumps(result.bundle, protocol=pickle.HIGHEST_PROTOCOL)
+        atomic_write(state.output_dir / artifact, lambda fh: fh.write(data))
         row["artifact"] = artifact
+        row["sha256"] = sha256_bytes(data)  # the registry checks the file it copies against it
     text = json.dumps(row, allow_nan=True)
     atomic_write(state.output_dir / f"{pid}.json", lambda fh: fh.write(text.encode("utf-8")))
     return row
