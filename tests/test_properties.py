@@ -286,3 +286,63 @@ def test_http_errors_show_no_server_paths(http_app, tmp_path_factory):
         client=fake.client_json(), req=request))
     assert response.status_code == 400
     assert str(tmp_path_factory.getbasetemp()) not in response.get_body().decode()
+
+
+# -- real-time predict bodies --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    """A Predictor over a real trained and promoted workdir (the same one every front end uses)."""
+    from shared.pipeline import run_all
+    from shared.serving import ServingOptions, open_predictor
+    from shared.synthetic import write_panel
+    from shared.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("props-serve")
+    write_panel(root / "p.csv", partitions=3, periods=70, freq="W", seed=6)
+    ws = Workspace.open(root / "w", overrides={"runner.progress": False, "runner.workers": 1,
+                                               "forecast.test_periods": 6}, remember=False)
+    run_all(ws, root / "p.csv", min_accuracy=0.0, progress=False)
+    keys = [r.keys for r in ws.dev.find(latest_only=True)]
+    predictor = open_predictor(ws, ServingOptions(max_rows=50, max_body_bytes=1 << 16, check_interval_ms=0))
+    yield predictor, keys, ws.root
+    predictor.close()
+
+
+PREDICT_DATES = st.one_of(st.dates(min_value=pd.Timestamp("1500-01-01").date()).map(str),
+                          st.sampled_from(["2024-06-02", "2026-01-04", "9999-12-31", "0001-01-01", "", "soon"]),
+                          st.integers(-(2**63), 2**63), JSON)
+PREDICT_VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([1e308, -1e308, 5e-324,
+                           "1e400", "NaN", "", None, True]), st.integers(-(2**70), 2**70), JSON)
+
+
+@st.composite
+def predict_bodies(draw, keys):
+    body = {}
+    if draw(st.integers(0, 9)):
+        body["keys"] = draw(st.sampled_from(keys) | st.dictionaries(st.sampled_from(["store", "item", "x"]),
+                                                                    JSON, max_size=3) | JSON)
+    if draw(st.booleans()):
+        body["rows"] = draw(st.lists(st.fixed_dictionaries({"date": PREDICT_DATES}, optional={
+            "price": PREDICT_VALUES, "promo": PREDICT_VALUES, "other": JSON}), max_size=6) | JSON)
+    if draw(st.integers(0, 2)) == 0:
+        body["horizon"] = draw(st.integers(-5, 10**6) | JSON)
+    return body
+
+
+@settings(FAST, max_examples=60 * SCALE)
+@given(st.data())
+def test_predict_bodies_answer_200_or_4xx_never_500_quickly_and_without_paths(predictor, data):
+    import time as _time
+
+    serving, keys, root = predictor
+    body = data.draw(predict_bodies(keys))
+    raw = json.dumps(body, allow_nan=True).encode() if data.draw(st.booleans()) else body
+    started = _time.perf_counter()
+    response = serving.handle(raw)
+    assert _time.perf_counter() - started < 5
+    event(f"predict {response.status}")
+    assert response.status in (200, 400, 404, 413), response.body
+    text = response.json_bytes().decode()  # always valid JSON: no NaN, no infinity
+    assert str(root) not in text and "Traceback" not in text
+    if response.status >= 400:
+        assert response.body["error"] and response.body.get("field") or response.status == 404
