@@ -98,14 +98,21 @@ def corrected_copy(source: Path, target: Path, share: float, seed: int) -> int:
     changed = set(zip(chosen["store"].astype(str), chosen["item"].astype(str)))
     last_day = pa.compute.max(reader.read(columns=["date"]).column("date")).as_py()
     cutoff = np.datetime64(last_day) - np.timedelta64(HORIZON - 1, "D")
+    wanted = pa.array(sorted(f"{s}|{i}" for s, i in changed))
     with pq.ParquetWriter(target, reader.schema_arrow) as writer:
         for batch in reader.iter_batches(batch_size=1_000_000):
-            frame = batch.to_pandas()
-            hit = [(s, i) in changed for s, i in zip(frame["store"].astype(str), frame["item"].astype(str))]
-            late = frame["date"].to_numpy() >= cutoff
-            mask = np.asarray(hit) & late
-            frame.loc[mask, "sales"] = np.round(frame.loc[mask, "sales"] * 1.1)
-            writer.write_table(pa.Table.from_pandas(frame, schema=reader.schema_arrow, preserve_index=False))
+            table = pa.Table.from_batches([batch])
+            key = pa.compute.binary_join_element_wise(pa.compute.cast(table["store"], pa.string()),
+                                                      pa.compute.cast(table["item"], pa.string()), "|")
+            hit = pa.compute.is_in(key, value_set=wanted).to_numpy(zero_copy_only=False)
+            late = table["date"].to_numpy() >= cutoff
+            sales = table["sales"].to_numpy(zero_copy_only=False).astype(np.float64)
+            mask = hit & late
+            sales[mask] = np.round(sales[mask] * 1.1)
+            column = table.schema.get_field_index("sales")
+            table = table.set_column(column, table.schema.field(column),
+                                     pa.array(sales).cast(table.schema.field(column).type))
+            writer.write_table(table)
     return len(changed)
 
 

@@ -89,7 +89,7 @@ class TrainingSpec:
     # more than this share (selection on a few dozen points is noisy; see shared.training.choose)
     selection_margin: float = 0.10
     ensemble: bool = True  # the mean of the two best candidates competes too
-    global_max_rows: int = 2_000_000  # rows sampled (whole periods of every partition) to fit the global model
+    global_max_rows: int = 1_000_000  # rows the global model is fitted on (sampled: partitions, then whole periods)
 
 
 @dataclass

@@ -213,12 +213,44 @@ def fit_cutoffs(cut: dict[str, np.ndarray], n_partitions: int) -> dict[str, np.n
             "test": np.asarray(cut["test"], dtype=np.int64), "final": last}
 
 
-def fit_global(frames: Iterable[FeatureFrame], cuts: Iterable[dict[str, np.ndarray]], run_id: str,
+OVERSAMPLE = 2  # at scale, partitions are sampled to this many times the row budget, then periods
+
+
+def global_sample(partition_ids: Any, n_rows: Any, max_rows: int, seed: int = 0) -> tuple[set[str] | None, float]:
+    """Which partitions the global model reads (None: all) and the share of periods it keeps.
+
+    Up to ``OVERSAMPLE`` times ``max_rows`` rows, every partition is read and whole periods are
+    sampled. Beyond, a seeded random set of partitions holding about that many rows is read first
+    (so that 40 million rows never have their features built for a 1-million-row sample); the
+    choice depends on the ids and the seed only, not on the order of the files.
+    """
+    ids = [str(p) for p in partition_ids]
+    rows = np.asarray(n_rows, dtype=np.int64)
+    total = int(rows.sum())
+    if total <= max_rows:
+        return None, 1.0
+    budget = OVERSAMPLE * max_rows
+    if total <= budget:
+        return None, max_rows / total
+    import hashlib
+
+    rank = sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode()).hexdigest())
+    chosen, taken = set(), 0
+    for i in rank:
+        if taken >= budget:
+            break
+        chosen.add(ids[i])
+        taken += int(rows[i])
+    return chosen, min(1.0, max_rows / max(taken, 1))
+
+
+def fit_global(frames: Iterable[Any], cuts: Iterable[dict[str, np.ndarray]] | None, run_id: str,
                max_rows: int, seed: int = 0, keep_share: float | None = None) -> GlobalModelSet:
     """Fit the three global models from feature frames of batches and each partition's cut-offs.
 
     ``cuts`` gives, per frame, the first period of each partition's validation and test windows
-    (arrays ``validation`` and ``test``, one value per partition). Each fit sees a partition
+    (arrays ``validation`` and ``test``, one value per partition); with ``cuts=None``, ``frames``
+    yields ``(frame, cut)`` pairs (a generator: one batch's features in memory at a time). Each fit sees a partition
     through the statistics of its rows before that fit's cut-off (the final fit: all its rows),
     as the partition's view of that fit does. Rows are sampled by period (a seeded hash of the
     period ordinal), keeping at most about ``max_rows`` rows. ``keep_share`` (the share of periods
@@ -232,7 +264,7 @@ def fit_global(frames: Iterable[FeatureFrame], cuts: Iterable[dict[str, np.ndarr
     for name in FITS:
         blocks[f"ok_{name}"], blocks[f"scale_{name}"], blocks[f"centres_{name}"] = [], [], []
     spec: FeatureSpec | None = None
-    for ff, cut in zip(frames, cuts):
+    for ff, cut in (frames if cuts is None else zip(frames, cuts)):
         spec = ff.spec
         if not len(ff.periods):
             continue

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 
@@ -22,7 +22,7 @@ from shared.compute import JobHandle
 from shared.config import ProjectConfig
 from shared.errors import ManyModelsError
 from shared.features import build_features
-from shared.global_model import GLOBAL_ID, fit_global
+from shared.global_model import GLOBAL_ID, fit_global, global_sample
 from shared.incremental import (CONFIG_TAG, carried_forward, carried_meta, carried_rows,
                                 reusable_global, training_config_digest, write_partition_list)
 from shared.ingest import read_source
@@ -303,16 +303,22 @@ def train_global(ws: Workspace, run_id: str) -> dict[str, Any]:
         return {"run_id": run_id, "from_run": base, "rows": dict(models.rows), "seconds": 0.0}
     dataset = _load_dataset(ws, meta["dataset_id"])
     cfg = ws.config
-    batches = sorted(dataset.manifest["batch"].unique())
-    total = int(dataset.manifest["n_rows"].sum()) if "n_rows" in dataset.manifest else 0
-    keep_share = min(1.0, cfg.training.global_max_rows / total) if total else 1.0
-    frames, cuts = [], []
-    for name in batches:
-        frame = read_parquet(ws.lake, layout.batch(meta["dataset_id"], name))
-        ff = build_features(frame, cfg)
-        frames.append(ff)
-        cuts.append(global_cuts(ff, cfg))
-    models = fit_global(frames, cuts, run_id, cfg.training.global_max_rows, seed=int(cfg.training.seed),
+    manifest = dataset.manifest
+    chosen, keep_share = global_sample(manifest[PARTITION_ID], manifest["n_rows"], cfg.training.global_max_rows,
+                                       seed=int(cfg.training.seed))
+    if chosen is not None:
+        manifest = manifest[manifest[PARTITION_ID].astype(str).isin(chosen)]
+
+    def batches() -> Iterator[tuple[Any, dict[str, Any]]]:
+        """One batch file's features at a time (only the sampled partitions'), with their cut-offs."""
+        for name in sorted(manifest["batch"].unique()):
+            frame = read_parquet(ws.lake, layout.batch(meta["dataset_id"], name))
+            if chosen is not None:
+                frame = frame[frame[PARTITION_ID].astype(str).isin(chosen)].reset_index(drop=True)
+            ff = build_features(frame, cfg)
+            yield ff, global_cuts(ff, cfg)
+
+    models = fit_global(batches(), None, run_id, cfg.training.global_max_rows, seed=int(cfg.training.seed),
                         keep_share=keep_share)
     dump_lake_pickle(ws.lake, path, models)  # the pickle, then the writer's digest beside it
     return {"run_id": run_id, "rows": models.rows, "seconds": round(models.seconds, 3)}

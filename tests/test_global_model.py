@@ -216,3 +216,18 @@ def test_a_new_series_with_a_couple_of_rows_is_forecast_by_the_global_model_not_
     assert len(forecast) == 4 and (forecast["prediction"] >= 0).all()
     alone = next(r for r in train_batch(frame, cfg) if r.n_observed == 2)  # no global model: skipped
     assert alone.status == "skipped"
+
+
+def test_at_scale_the_global_model_reads_a_seeded_set_of_partitions_then_samples_periods():
+    from shared.global_model import OVERSAMPLE, global_sample
+
+    ids = [f"p{i:04d}" for i in range(1000)]
+    rows = [4000] * 1000
+    assert global_sample(ids, [10] * 1000, 100_000) == (None, 1.0)  # small: everything
+    assert global_sample(ids, [150] * 1000, 100_000) == (None, pytest.approx(100_000 / 150_000))
+    chosen, share = global_sample(ids, rows, 100_000, seed=3)
+    assert 4000 * len(chosen) >= OVERSAMPLE * 100_000 > 4000 * (len(chosen) - 1)
+    assert share == pytest.approx(100_000 / (4000 * len(chosen)))
+    again, _ = global_sample(list(reversed(ids)), rows, 100_000, seed=3)
+    assert again == chosen  # the ids and the seed decide, not the order
+    assert global_sample(ids, rows, 100_000, seed=4)[0] != chosen
