@@ -149,3 +149,28 @@ def test_the_partition_step_writes_the_same_layout_to_blob_as_to_a_local_folder(
     pd.testing.assert_frame_equal(reloaded.manifest, on_disk.manifest)
     again = prepare_dataset(lake, validated, cfg, report)  # idempotent on blob too
     assert again.dataset_id == on_disk.dataset_id and lake.list(prefix) == local.list(prefix)
+
+
+def test_one_writer_per_blob_lake_a_lease_that_names_its_holder(azurite_blob):
+    """The blob lake's writer lock (issue 12, case 5 in Azure): a second writer is refused naming
+    the first, a released lease is taken at once, a waiting writer gets it when the holder ends."""
+    import threading
+    import time
+
+    from shared.azureml.blob_lake import LakeLease
+    from shared.errors import ManyModelsError
+    from shared.locking import WorkdirLockedError
+
+    first = BlobLake.from_connection_string(azurite_blob.connection_string)
+    second = BlobLake.from_connection_string(azurite_blob.connection_string)
+    with LakeLease(first, "manymodels train") as held:
+        with pytest.raises(WorkdirLockedError) as caught:
+            LakeLease(second, "manymodels ingest").acquire()
+        assert "manymodels train" in str(caught.value) and caught.value.holder.command == "manymodels train"
+        assert isinstance(caught.value, ManyModelsError)
+        threading.Timer(1.0, held.release).start()
+        started = time.monotonic()
+        with LakeLease(second, "manymodels promote", wait=20):
+            assert time.monotonic() - started < 10
+    with LakeLease(first, "manymodels score"):
+        pass

@@ -181,3 +181,95 @@ def _credential(client_id: str | None, use_managed_identity: bool) -> Any:
     if client_id:
         return DefaultAzureCredential(managed_identity_client_id=client_id)
     return DefaultAzureCredential()
+
+
+class LakeLease:
+    """One writer per blob lake: the blob lake's counterpart of :class:`shared.locking.WorkdirLock`.
+
+    A 60 s Blob lease on ``runs/.manymodels-writer``, renewed every 20 s by a daemon thread while
+    held; the holder is described in the blob's metadata (the same JSON as a workdir lock file). A
+    second writer is refused at once (or after ``wait`` seconds) with
+    :class:`shared.locking.WorkdirLockedError` naming the holder. A holder that dies stops renewing:
+    its lease expires within 60 s, so no stale lock outlives it by more than that.
+    """
+
+    PATH = "runs/.manymodels-writer"
+
+    def __init__(self, lake: BlobLake, command: str, wait: float = 0.0, duration: int = 60) -> None:
+        self.lake = lake
+        self.command = command
+        self.wait = float(wait)
+        self.duration = int(duration)
+        self._lease: Any = None
+        self._stop: Any = None
+
+    def acquire(self) -> "LakeLease":
+        import json
+        import os
+        import socket
+        import threading
+        import time
+        from dataclasses import asdict
+        from datetime import datetime, timezone
+
+        from azure.core.exceptions import HttpResponseError
+
+        from shared.locking import POLL_SECONDS, LockHolder, WorkdirLockedError
+
+        container, name = self.lake._split(self.PATH)
+        blob = self.lake.service.get_blob_client(container, name)
+        if not self.lake.exists(self.PATH):
+            try:
+                self.lake._create_container(container)
+                blob.upload_blob(b"", overwrite=False)
+            except (ResourceExistsError, HttpResponseError):
+                pass  # created meanwhile (or leased already): the lease below decides
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                lease = blob.acquire_lease(lease_duration=self.duration)
+                break
+            except HttpResponseError as exc:
+                if exc.status_code != 409:
+                    raise
+                if time.monotonic() >= deadline:
+                    raw = (blob.get_blob_properties().metadata or {}).get("holder", "")
+                    holder = LockHolder.parse(raw)
+                    who = holder.describe() if holder else "another command"
+                    waited = f" after waiting {self.wait:g} s" if self.wait > 0 else ""
+                    raise WorkdirLockedError(
+                        f"the lake {self.lake.uri} is being changed by {who}{waited}; '{self.command}' needs "
+                        "it alone: wait for that command to finish (read-only commands and the server may "
+                        "run alongside)", holder) from None
+                time.sleep(max(POLL_SECONDS, 0.5))
+        me = LockHolder(os.getpid(), self.command, socket.gethostname(),
+                        datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        blob.set_blob_metadata({"holder": json.dumps(asdict(me))}, lease=lease)
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.duration / 3):
+                try:
+                    lease.renew()
+                except HttpResponseError:  # lost (expired while this process was stalled): stop renewing
+                    return
+
+        threading.Thread(target=renew, name="lake-lease", daemon=True).start()
+        self._lease, self._stop = lease, stop
+        return self
+
+    def release(self) -> None:
+        if self._lease is None:
+            return
+        lease, self._lease = self._lease, None
+        self._stop.set()
+        try:
+            self.lake.service.get_blob_client(*self.lake._split(self.PATH)).set_blob_metadata({}, lease=lease)
+        finally:
+            lease.release()
+
+    def __enter__(self) -> "LakeLease":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
