@@ -15,6 +15,7 @@ path changes here or nowhere. Ids are content-derived (``d...`` datasets, ``r...
     prepared/<dataset>/manifest.parquet       one row per partition (keys, counts, fingerprint, batch)
     prepared/<dataset>/batches/<batch>        mini-batch files of whole partitions
     runs/LATEST                               id of the newest training run
+    runs/.manymodels-writer                   the blob lake's writer lease (one writer per lake)
     runs/<run>/run.json                       what the run is (kind, dataset, config, groups)
     runs/<run>/config/manymodels.toml         the config the entry scripts read
     runs/<run>/global/global.pkl              the run's global model fits (training)
@@ -59,6 +60,7 @@ def _join(*parts: str) -> str:
 # -- pointers to the newest dataset and run ------------------------------------------------------
 LATEST_DATASET = _join(PREPARED, LATEST)
 LATEST_RUN = _join(RUNS, LATEST)
+WRITER_LEASE = _join(RUNS, ".manymodels-writer")  # the blob lake's one-writer lease (LakeLease)
 
 
 # -- prepared datasets ---------------------------------------------------------------------------

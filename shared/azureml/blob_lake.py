@@ -20,6 +20,7 @@ from typing import Any
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
+from shared import layout
 from shared.lake import LakeError, check_path
 
 _CONTAINER_NAME = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
@@ -193,7 +194,7 @@ class LakeLease:
     its lease expires within 60 s, so no stale lock outlives it by more than that.
     """
 
-    PATH = "runs/.manymodels-writer"
+    PATH = layout.WRITER_LEASE
 
     def __init__(self, lake: BlobLake, command: str, wait: float = 0.0, duration: int = 60) -> None:
         self.lake = lake
