@@ -10,13 +10,13 @@ everything.
 
 The run's global model, fitted over every partition, is costly at scale and changes little when 5 %
 of the partitions change: an incremental run takes the latest run's global model (same training
-config) as its own, and a full run fits a new one.
+config) as its own (``pipeline.train_global``, its writer's digest checked), and a full run fits
+a new one.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from dataclasses import asdict
 from typing import Any, Iterable, Mapping
 
@@ -80,15 +80,6 @@ def reusable_global(lake: Any, base_run_id: str | None, config_digest: str) -> s
     except Exception:  # noqa: BLE001 - no readable meta: fit a new one
         return None
     return base_run_id if meta.get("config_digest") == config_digest else None
-
-
-def adopt_global(lake: Any, base_run_id: str, run_id: str) -> dict[str, Any]:
-    """Make the base run's global model this run's own (the same fits under this run's id, so the
-    new bundles' views name this run and it is registered and promoted with it)."""
-    models = pickle.loads(lake.read_bytes(layout.global_model(base_run_id)))  # the pipeline's own file
-    models.run_id = run_id
-    lake.write_bytes(layout.global_model(run_id), pickle.dumps(models, protocol=pickle.HIGHEST_PROTOCOL))
-    return {"run_id": run_id, "from_run": base_run_id, "rows": dict(models.rows), "seconds": 0.0}
 
 
 def carried_rows(carried: Mapping[str, Mapping[str, Any]], registry: Any) -> list[dict[str, Any]]:

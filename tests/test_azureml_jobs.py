@@ -366,3 +366,16 @@ def test_an_incremental_training_job_passes_the_list_of_partitions_to_train(aml,
     alone = build_pipeline_job(aml, plan_train(aml, ProjectConfig(), RUN, DATASET, 0, data, None,
                                                layout.run_partitions(RUN)), code=code)
     assert alone._validate().passed and "global_model" not in _rest(alone)["properties"]["inputs"]
+
+
+def test_the_training_job_passes_the_global_models_recorded_digest_to_its_workers(aml, code, lake):
+    from shared import layout
+
+    data = group_input(aml, lake, RUN, 0, _batches())
+    digest = "ab" * 32
+    job = build_pipeline_job(aml, plan_train(aml, ProjectConfig(), RUN, DATASET, 0, data,
+                                             layout.global_model(RUN), None, digest), code=code)
+    assert job._validate().passed
+    assert f"--global-model-sha256 {digest}" in _node(_rest(job))["task"]["program_arguments"]
+    with pytest.raises(AzureMLError, match="not a digest"):
+        plan_train(aml, ProjectConfig(), RUN, DATASET, 0, data, layout.global_model(RUN), None, "x; rm -rf /")

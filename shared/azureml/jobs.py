@@ -48,6 +48,7 @@ from typing import Any
 from shared.azureml.client import AzureMLError, AzureMLSettings, call_with_retry
 from shared import layout
 from shared.compute import JobHandle, job_id_for
+from shared.registration import lake_digest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = "shared/entry/train.py"
@@ -241,7 +242,8 @@ class JobPlan:
 
 
 def plan_train(aml: AzureMLSettings, cfg: Any, run_id: str, dataset_id: str, group_index: int,
-               data: GroupInput, global_model: str | None = None, partitions: str | None = None) -> JobPlan:
+               data: GroupInput, global_model: str | None = None, partitions: str | None = None,
+               global_sha256: str | None = None) -> JobPlan:
     """The training job's arguments mirror ``pipeline.train_group``'s, flag for flag (the run's
     global model fits, ``global_model``, when the run has them; the list of partitions to train,
     ``partitions``, when the run is incremental)."""
@@ -250,6 +252,10 @@ def plan_train(aml: AzureMLSettings, cfg: Any, run_id: str, dataset_id: str, gro
     if global_model:
         files["global_model"] = global_model
         arguments += "--global-model ${{inputs.global_model}} "
+        if global_sha256:  # the digest its writer recorded: the worker checks it before unpickling
+            if not re.fullmatch(r"[0-9a-f]{64}", global_sha256):
+                raise AzureMLError(f"the global model's recorded SHA-256 is not a digest: {global_sha256[:80]!r}")
+            arguments += f"--global-model-sha256 {global_sha256} "
     if partitions:
         files["partitions"] = partitions
         arguments += "--partitions ${{inputs.partitions}} "
@@ -447,9 +453,10 @@ def build_job_for_group(ws: Any, aml: AzureMLSettings, kind: str, run_id: str, g
             write_registry_slice(ws.lake, ws.dev, "dev", pids, registry_slice_path(run_id, group_index, "dev"))
     if kind == "train":
         global_model = layout.global_model(run_id)
+        has_global = ws.lake.exists(global_model)
         plan = plan_train(aml, cfg, run_id, meta["dataset_id"], group_index, data,
-                          global_model if ws.lake.exists(global_model) else None,
-                          meta.get("partitions_file"))
+                          global_model if has_global else None, meta.get("partitions_file"),
+                          lake_digest(ws.lake, global_model) if has_global else None)
     else:
         plan = plan_score(aml, cfg, run_id, meta["dataset_id"], group_index, data)
     return build_pipeline_job(aml, plan, code=code)
