@@ -80,6 +80,22 @@ def test_predictions_equal_the_batch_predictions_and_name_the_model(workdir):
             record.run_id,
             0,
         )
+        assert [(p["lower"], p["upper"]) for p in body["predictions"]] == list(zip(expected["lower"], expected["upper"]))
+        assert body["source"] == expected["source"].iloc[0] == "production"
+
+
+def test_partitions_without_a_production_model_get_the_batch_chain_answer(workdir):
+    ws, table = workdir
+    served = table[table["source"] != "production"]
+    assert not served.empty, "the fixture should hold partitions answered by the scoring chain"
+    for pid, expected in list(served.groupby(PARTITION_ID))[:3]:
+        expected = expected.sort_values("date")
+        keys = {k: str(expected[k].iloc[0]) for k in ws.config.data.keys}
+        body = json.loads(predict({"keys": keys}).get_body())
+        assert body["source"] == expected["source"].iloc[0] and body["is_fallback"] == 1
+        assert [p["prediction"] for p in body["predictions"]] == expected["prediction"].tolist()
+        assert [p["lower"] for p in body["predictions"]] == expected["lower"].tolist()
+        assert [p["upper"] for p in body["predictions"]] == expected["upper"].tolist()
 
 
 def test_the_cache_lives_as_long_as_the_worker_and_is_made_lazily(workdir):

@@ -155,10 +155,14 @@ def test_row_predictions_equal_batch_scoring_of_the_same_rows(server, workspace,
         assert response.status_code == 200, response.text
         got = response.json()
         expected = batch[batch[PARTITION_ID] == pid].reset_index(drop=True)
-        by_date = dict(zip(expected["date"].dt.strftime("%Y-%m-%d"), expected["prediction"]))
+        dates = expected["date"].dt.strftime("%Y-%m-%d")
+        by_date = dict(zip(dates, expected["prediction"]))
+        bounds = dict(zip(dates, zip(expected["lower"], expected["upper"])))
         assert got[PARTITION_ID] == pid and got["keys"] == body["keys"]
         assert [p["date"] for p in got["predictions"]] == [r["date"] for r in body["rows"]]
         assert [p["prediction"] for p in got["predictions"]] == [by_date[r["date"]] for r in body["rows"]]
+        assert [(p["lower"], p["upper"]) for p in got["predictions"]] == [bounds[r["date"]] for r in body["rows"]]
+        assert got["source"] == expected["source"][0]
         assert (got["model"], got["model_version"], got["run_id"], got["is_fallback"]) == (
             expected["model"][0],
             int(expected["model_version"][0]),
@@ -180,7 +184,10 @@ def test_horizon_predictions_equal_the_batch_predictions_table(server, workspace
         got = first.json()["predictions"]
         assert [p["prediction"] for p in got] == expected["prediction"].tolist()
         assert [p["date"] for p in got] == expected["date"].dt.strftime("%Y-%m-%d").tolist()
+        assert [p["lower"] for p in got] == expected["lower"].tolist()
+        assert [p["upper"] for p in got] == expected["upper"].tolist()
         assert first.json()["is_fallback"] == int(expected["is_fallback"].iloc[0])
+        assert first.json()["source"] == expected["source"].iloc[0]
     short = _post(server, {"keys": partitions["prod"][2][1], "horizon": 3}).json()["predictions"]
     assert len(short) == 3
 
