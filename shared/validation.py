@@ -8,14 +8,15 @@ policy and counted in the :class:`ValidationReport`: nothing is dropped silently
 The work is vectorised over the whole frame (group codes, ``np.lexsort``, accumulate tricks, a
 complete period grid built with ``np.repeat``/``arange``), never one pandas frame per partition,
 so millions of rows validate in seconds.
+
+The report and the error are in :mod:`shared.validation_report`, the policies' repairs (targets,
+duplicates, covariates, gaps) in :mod:`shared.repairs`; this module parses and checks, and
+:func:`validate` runs the whole flow. Every name stays importable from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,176 +24,34 @@ import pyarrow as pa
 from pandas.api import types as ptypes
 
 from shared.config import DataSpec, ProjectConfig
-from shared.errors import ManyModelsError
 from shared.keys import PARTITION_ID, partition_ids
+from shared.repairs import (  # noqa: F401  (GRID_FACTOR, GRID_SLACK: re-exported)
+    FILLED,
+    GRID_FACTOR,
+    GRID_SLACK,
+    _duplicates,
+    _fill_gaps,
+    _null_covariate,
+    _target_policies,
+)
 from shared.timegrid import PERIOD, anchor_offset, from_periods, period_freq, to_periods
+from shared.validation_report import (  # noqa: F401  (re-exported: the names callers import from here)
+    MAX_EXAMPLES,
+    MERGED_WARNING_SHARE,
+    REASONS,
+    UNSET,
+    DataValidationError,
+    PartContext,
+    ValidationReport,
+    _Unset,
+    example_rows,
+)
 
-FILLED = "_filled"
-MAX_EXAMPLES = 5
 # Dates must fit pandas' nanosecond range (1677-09-21 .. 2262-04-11) with room for a forecast
 # horizon on either side; integer periods must be exact in float64 and leave room for arithmetic.
 DATE_MIN = pd.Timestamp("1678-01-01")
 DATE_MAX = pd.Timestamp("2261-12-31")
 INT_PERIOD_LIMIT = 10**15
-# Filling gaps may multiply the rows, but not without bound: a grid more than GRID_FACTOR times
-# the observed rows (and beyond GRID_SLACK rows) means sparse periods or a wrong frequency.
-GRID_FACTOR = 20
-GRID_SLACK = 2_000_000
-# A warning, not an error: this share of the input merged as duplicates suggests a wrong freq.
-MERGED_WARNING_SHARE = 0.10
-
-
-class _Unset:
-    """A global fact a part of the input leaves to be computed from the part itself."""
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-    def __reduce__(self) -> str:  # pickled by reference: still ``is UNSET`` in a worker process
-        return "UNSET"
-
-
-UNSET: Any = _Unset()
-
-REASONS = {
-    "dropped_null_keys": "rows dropped: a partition key was null",
-    "dropped_null_target": "rows dropped: the target was null",
-    "zeroed_null_target": "rows repaired: a null target set to 0",
-    "clipped_negative_target": "rows repaired: a negative target clipped to 0",
-    "dropped_negative_target": "rows dropped: the target was negative",
-    "kept_negative_target": "rows kept with a negative target (policy keep)",
-    "merged_duplicates": "rows merged into another row of the same partition and period",
-    "filled_null_covariates": "covariate values filled from the same partition's neighbours",
-    "median_filled_null_covariates": "covariate values set to the column median (null in a whole partition)",
-    "zeroed_null_covariates": "covariate values set to 0",
-    "filled_gaps": "rows added for missing periods inside a series",
-    "kept_gaps": "missing periods inside a series left as gaps (policy keep)",
-}
-
-
-@dataclass
-class PartContext:
-    """Validating one part of a larger input (:mod:`shared.streaming`): what the part cannot see.
-
-    Inputs are facts about the whole input, decided outside (``UNSET``: compute from the part as
-    :func:`validate` does). Outputs are what the part observed, for the global checks that
-    :func:`validate` makes over the whole frame: the anchor's statistics, whether the anchor or a
-    covariate median was used, covariates null in the whole part, and the stage of each reason.
-    The part's frame is indexed by input row positions.
-    """
-
-    anchor: Any = UNSET
-    first_time: Any = UNSET  # the input's first time value, quoted by "not a date"
-    time_format: str | None = None  # strptime format guessed from the input's first time value
-    time_utc: bool | None = None  # None: as validate (UTC only if offsets are mixed)
-    covariate_medians: dict[str, float] = field(default_factory=dict)
-    collect_covariates: bool = False
-    # observations
-    stage: tuple = ()
-    reason_stage: dict[str, tuple] = field(default_factory=dict)
-    anchor_counts: Any = None
-    used_anchor: bool = False
-    tz_kinds: set = field(default_factory=set)
-    needs_median: set = field(default_factory=set)
-    non_null: dict[str, int] = field(default_factory=dict)
-    all_null: dict[str, Any] = field(default_factory=dict)  # covariate -> (null rows, examples)
-    covariate_values: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def enter(self, stage: tuple, report: "ValidationReport") -> None:
-        """Start a stage; reasons that appeared since the last call belong to the previous one."""
-        for reason in report.counts:
-            self.reason_stage.setdefault(reason, self.stage)
-        self.stage = stage
-
-
-class DataValidationError(ManyModelsError, ValueError):
-    """The input breaks the data contract; ``column``, ``rule`` and ``examples`` say where and how."""
-
-    def __init__(
-        self,
-        column: str | list[str] | None,
-        rule: str,
-        examples: pd.DataFrame | None = None,
-        rows: int | None = None,
-    ) -> None:
-        self.column = column
-        self.rule = rule
-        self.examples = examples if examples is not None else pd.DataFrame()
-        self.rows = rows
-        where = (
-            f"column {column!r}: " if isinstance(column, str) else (f"columns {column}: " if column else "")
-        )
-        message = f"{where}{rule}"
-        if rows is not None:
-            message += f" ({rows} row{'s' if rows != 1 else ''})"
-        if len(self.examples):
-            shown = self.examples.head(MAX_EXAMPLES)
-            message += f"\nexamples (row = position in the input):\n{shown.to_string()}"
-        super().__init__(message)
-
-
-@dataclass
-class ValidationReport:
-    """What validation did: row counts in and out, and a count (with examples) per repair reason."""
-
-    input_rows: int = 0
-    output_rows: int = 0
-    partitions: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
-    examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    policy: dict[str, str] = field(default_factory=dict)
-    anchor: str | None = None
-
-    def add(self, reason: str, n: int, examples: pd.DataFrame | None = None) -> None:
-        if n <= 0:
-            return
-        self.counts[reason] = self.counts.get(reason, 0) + int(n)
-        if examples is not None and reason not in self.examples:
-            shown = examples.head(MAX_EXAMPLES).reset_index(drop=examples.index.name != "row")
-            self.examples[reason] = json.loads(
-                shown.to_json(orient="records", date_format="iso", default_handler=str)
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ValidationReport":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
-
-    def repairs(self) -> dict[str, int]:
-        """Rows dropped, repaired, merged or added, per kind (the reasons of REASONS)."""
-        return {reason: int(n) for reason, n in self.counts.items() if n}
-
-    def warnings(self, freq: str | None = None) -> list[str]:
-        """Repairs so large that the configuration is likely wrong (the frequency, mostly)."""
-        out = []
-        freq_text = f" (freq={freq!r})" if freq else ""
-        merged = int(self.counts.get("merged_duplicates", 0))
-        if self.input_rows and merged >= MERGED_WARNING_SHARE * self.input_rows:
-            out.append(f"{merged} of {self.input_rows} input rows were merged into another row of the "
-                       f"same partition and period{freq_text}: if the data is finer than the "
-                       "frequency, set data.freq (e.g. D); validation.duplicates chooses sum, last or error")
-        filled = int(self.counts.get("filled_gaps", 0))
-        if self.output_rows and filled > 0.5 * self.output_rows:
-            out.append(f"{filled} of {self.output_rows} rows were added for missing periods{freq_text}: "
-                       "if the data is coarser than the frequency, set data.freq; validation.gaps = "
-                       "'keep' leaves gaps as they are")
-        return out
-
-    def summary_lines(self) -> list[str]:
-        lines = [
-            f"input rows: {self.input_rows}",
-            f"output rows: {self.output_rows}",
-            f"partitions: {self.partitions}",
-        ]
-        for reason, n in self.counts.items():
-            lines.append(f"{reason}: {n} ({REASONS.get(reason, reason)})")
-        if not self.counts:
-            lines.append("no rows dropped or repaired")
-        lines.extend(f"warning: {w}" for w in self.warnings())
-        return lines
 
 
 def validate(
@@ -385,12 +244,6 @@ def check_arrow_types(schema: pa.Schema, spec: DataSpec) -> None:
                 "into plain numbers, text or dates")
 
 
-def example_rows(source: pd.DataFrame, positions: np.ndarray) -> pd.DataFrame:
-    """Up to five rows of ``source`` by index label (its row position in the input)."""
-    shown = source.loc[np.asarray(positions)[:MAX_EXAMPLES]]
-    shown.index.name = "row"
-    return shown
-
 
 def _null_keys(
     work: pd.DataFrame, source: pd.DataFrame, spec: DataSpec, policy: str, report: ValidationReport
@@ -507,47 +360,6 @@ def parse_numeric(col: pd.Series, source: pd.DataFrame, name: str, role: str) ->
     return values
 
 
-def _target_policies(
-    target: np.ndarray,
-    positions: np.ndarray,
-    source: pd.DataFrame,
-    name: str,
-    policy: Any,
-    report: ValidationReport,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Null and negative targets by policy; returns the target and a row mask (None: keep all)."""
-    keep = np.ones(len(target), dtype=bool)
-    null = np.isnan(target)
-    if null.any():
-        examples = example_rows(source, positions[null])
-        if policy.null_target == "error":
-            raise DataValidationError(
-                name, "target is null (validation.null_target=error)", examples, int(null.sum())
-            )
-        if policy.null_target == "zero":
-            target = np.where(null, 0.0, target)
-            report.add("zeroed_null_target", int(null.sum()), examples)
-        else:
-            keep &= ~null
-            report.add("dropped_null_target", int(null.sum()), examples)
-    negative = keep & (target < 0)
-    if negative.any():
-        examples = example_rows(source, positions[negative])
-        n = int(negative.sum())
-        if policy.negative_target == "error":
-            raise DataValidationError(
-                name, "target is negative (validation.negative_target=error)", examples, n
-            )
-        if policy.negative_target == "clip":
-            target = np.where(negative, 0.0, target)
-            report.add("clipped_negative_target", n, examples)
-        elif policy.negative_target == "drop":
-            keep &= ~negative
-            report.add("dropped_negative_target", n, examples)
-        else:
-            report.add("kept_negative_target", n, examples)
-    return target, (None if keep.all() else keep)
-
 
 def _partition_codes(work: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Group codes numbered in partition-id order, and the id of each code.
@@ -564,166 +376,3 @@ def _partition_codes(work: pd.DataFrame, keys: list[str]) -> tuple[np.ndarray, n
     return code_of_group[groups], ids[rank]
 
 
-def _duplicates(
-    codes: np.ndarray,
-    periods: np.ndarray,
-    target: np.ndarray,
-    rows: np.ndarray,
-    source: pd.DataFrame,
-    spec: DataSpec,
-    policy: str,
-    report: ValidationReport,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Rows sharing (partition, period), adjacent after the sort: (rows to keep, rows that absorbed others).
-
-    ``sum`` adds the targets into the run's last row (whose covariates are kept); ``last`` keeps
-    the last row in input order (the sort is stable).
-    """
-    same = (codes[1:] == codes[:-1]) & (periods[1:] == periods[:-1])
-    if not same.any():
-        return None
-    has_next = np.r_[same, False]
-    has_prev = np.r_[False, same]
-    involved = has_next | has_prev
-    examples = example_rows(source, rows[involved])
-    merged = int(has_next.sum())
-    if policy == "error":
-        raise DataValidationError(
-            spec.time,
-            f"duplicate rows for the same partition ({', '.join(spec.keys)}) and period "
-            f"(freq={spec.freq!r}) (validation.duplicates=error)",
-            examples,
-            int(involved.sum()),
-        )
-    if policy == "sum":
-        run_starts = np.flatnonzero(~has_prev)
-        target[~has_next] = np.add.reduceat(target, run_starts)
-    report.add("merged_duplicates", merged, examples)
-    return ~has_next, has_prev & ~has_next
-
-
-def _null_covariate(
-    values: np.ndarray,
-    starts: np.ndarray,
-    rows: np.ndarray,
-    source: pd.DataFrame,
-    name: str,
-    policy: str,
-    report: ValidationReport,
-    part: PartContext | None = None,
-) -> np.ndarray:
-    """Fill null covariates: forward then backward within the partition (``ffill``), 0, or refuse.
-
-    A partition with no value at all takes the column's median: of the whole input, which a
-    ``part`` gets from ``part.covariate_medians`` (or says it needs through ``part.needs_median``).
-    """
-    null = np.isnan(values)
-    if part is not None:
-        part.non_null[name] = int((~null).sum())
-    if not null.any():
-        return values
-    examples = example_rows(source, rows[null])
-    if policy == "error":
-        raise DataValidationError(
-            name, "covariate is null (validation.null_covariates=error)", examples, int(null.sum())
-        )
-    if policy == "zero":
-        report.add("zeroed_null_covariates", int(null.sum()), examples)
-        return np.where(null, 0.0, values)
-    if null.all():
-        if part is None:
-            raise DataValidationError(name, "covariate is null in every row", examples, int(null.sum()))
-        part.all_null[name] = (int(null.sum()), examples)
-    n = len(values)
-    idx = np.arange(n)
-    part_start = np.repeat(starts, np.diff(np.r_[starts, n]))
-    part_end = np.repeat(np.r_[starts[1:], n] - 1, np.diff(np.r_[starts, n]))
-    prev_valid = np.maximum.accumulate(np.where(null, -1, idx))
-    next_valid = np.minimum.accumulate(np.where(null, n, idx)[::-1])[::-1]
-    use_prev = null & (prev_valid >= part_start)
-    use_next = null & ~use_prev & (next_valid <= part_end)
-    filled = values.copy()
-    filled[use_prev] = values[prev_valid[use_prev]]
-    filled[use_next] = values[next_valid[use_next]]
-    report.add("filled_null_covariates", int(use_prev.sum() + use_next.sum()), examples)
-    rest = np.isnan(filled)
-    if rest.any():
-        if part is None:
-            filled[rest] = np.nanmedian(values)
-        else:  # NaN until the caller knows the whole input's median
-            filled[rest] = part.covariate_medians.get(name, np.nan)
-            part.needs_median.add(name)
-        report.add("median_filled_null_covariates", int(rest.sum()), example_rows(source, rows[rest]))
-    return filled
-
-
-def _fill_gaps(
-    out: pd.DataFrame,
-    starts: np.ndarray,
-    spec: DataSpec,
-    policy: str,
-    anchor: str | None,
-    report: ValidationReport,
-    part: PartContext | None = None,
-) -> pd.DataFrame:
-    """Put every series on a complete grid from its first to its last period (``zero``/``interpolate``).
-
-    The grid is built with ``np.repeat``/``arange``; each grid slot takes its row from the last
-    observed row at or before it, so keys and covariates of filled rows are forward-filled.
-    """
-    n = len(out)
-    periods = out[PERIOD].to_numpy()
-    counts = np.diff(np.r_[starts, n])
-    ends = np.r_[starts[1:], n] - 1
-    first, last = periods[starts], periods[ends]
-    span = last - first + 1
-    missing = span - counts
-    total_missing = int(missing.sum())
-    if total_missing == 0:
-        return out
-    gap_parts = np.flatnonzero(missing > 0)
-    examples = out.iloc[starts[gap_parts[:MAX_EXAMPLES]]][[*spec.keys]].assign(
-        missing_periods=missing[gap_parts[:MAX_EXAMPLES]]
-    )
-    if policy == "keep":
-        report.add("kept_gaps", total_missing, examples)
-        return out
-    grid_rows = float(span.astype("float64").sum())
-    if grid_rows > max(GRID_FACTOR * n, n + GRID_SLACK):
-        widest = int(np.argmax(span))
-        shown = out.iloc[[starts[widest]]][[*spec.keys]].assign(
-            first_period=int(first[widest]), last_period=int(last[widest]), observed_rows=int(counts[widest]))
-        raise DataValidationError(
-            spec.time,
-            f"the periods are too sparse to fill the gaps: a complete grid would hold {grid_rows:.0f} rows "
-            f"for {n} observed ({grid_rows / max(n, 1):.0f}x, freq={spec.freq!r}); check the time column and "
-            "data.freq, or set validation.gaps = 'keep'",
-            shown,
-        )
-    if part is not None:
-        part.used_anchor = True
-    total = int(span.sum())
-    grid_start = np.r_[0, np.cumsum(span)[:-1]]
-    group_of_slot = np.repeat(np.arange(len(starts)), span)
-    slot_period = first[group_of_slot] + (np.arange(total) - grid_start[group_of_slot])
-    group_of_row = np.repeat(np.arange(len(starts)), counts)
-    slot_of_row = grid_start[group_of_row] + (periods - first[group_of_row])
-    row_of_slot = np.full(total, -1, dtype=np.int64)
-    row_of_slot[slot_of_row] = np.arange(n)
-    observed = row_of_slot >= 0
-    source_row = np.maximum.accumulate(row_of_slot)  # each series' first slot is observed
-
-    grid = out.iloc[source_row].reset_index(drop=True)
-    grid[PERIOD] = slot_period
-    grid[FILLED] = ~observed
-    target = out[spec.target].to_numpy()
-    if policy == "interpolate":
-        grid[spec.target] = np.interp(np.arange(total), slot_of_row, target)
-    else:
-        grid[spec.target] = np.where(observed, target[source_row], 0.0)
-    filled_times = from_periods(slot_period[~observed], spec.freq, anchor).to_numpy()
-    times = grid[spec.time].to_numpy().copy()
-    times[~observed] = filled_times.astype(times.dtype)
-    grid[spec.time] = times
-    report.add("filled_gaps", int((~observed).sum()), grid.loc[~observed, [*spec.keys, spec.time]])
-    return grid
