@@ -15,7 +15,9 @@ and its workers) every 50 ms:
                    carry their models forward) and ``score`` again;
 5. joblib peer     on a 300-partition sample, ``joblib.Parallel`` over partitions, each building its
                    features with pandas and fitting the same candidates (validation pick, test,
-                   final fit): what a user would write. Our time per model against it.
+                   final fit): what a user would write. Our time per model against it. And on the
+                   same sample, the loglinear training with scikit-learn's ``Ridge.fit`` (before)
+                   and with the direct solve (now): test WAPE and time per partition of each.
 
 It prints per stage: wall time, rows/s or models/s, peak RSS of the process tree, and the
 totals, then the targets of the scale issue with PASS/MISS.
@@ -152,6 +154,42 @@ def joblib_peer(panel: Path, partitions: int, candidates: list[str], workers: in
     return {"partitions": len(parts), "wall_s": round(wall, 2), "ms_per_model": round(1000 * wall / len(parts), 2)}
 
 
+def ridge_before_after(panel: Path, partitions: int) -> dict[str, Any]:
+    """The per-partition ridge systems solved directly (now) against scikit-learn's Ridge.fit
+    (before this release), on the same sample: test-window WAPE and training time of each."""
+    from sklearn.linear_model import Ridge
+
+    import shared.candidates as candidates
+    from shared.config import ProjectConfig
+    from shared.training import train_batch
+    from shared.validation import validate
+
+    cfg = ProjectConfig().with_overrides({"data.freq": "D", "forecast.horizon": HORIZON,
+                                          "forecast.test_periods": HORIZON, "training.candidates": ["loglinear"],
+                                          "training.ensemble": False})
+    frame, _ = validate(first_partitions(panel, partitions), cfg)
+    out = {}
+    direct = candidates.ridge_fit
+    for label, fit in (("before: scikit-learn Ridge.fit", lambda X, y, a: Ridge(alpha=a).fit(X, y)),
+                       ("after: direct normal-equation solve", direct)):
+        candidates.ridge_fit = fit
+        try:
+            began = time.perf_counter()
+            results = train_batch(frame, cfg)
+            seconds = time.perf_counter() - began
+        finally:
+            candidates.ridge_fit = direct
+        err = act = 0.0
+        for r in results:
+            for point in r.to_row().get("backtest") or []:
+                if point.get("actual") is not None and point.get("prediction") is not None:
+                    err += abs(point["prediction"] - point["actual"])
+                    act += abs(point["actual"])
+        out[label] = {"test_wape": round(err / act, 5) if act else None,
+                      "ms_per_partition": round(1000 * seconds / max(len(results), 1), 2)}
+    return out
+
+
 def peer_partition(part: Any, cfg: Any, candidates: list[str]) -> float:
     """One partition the obvious way: pandas features, each candidate fitted before the validation
     window and scored on it, the best refitted before the test window and scored, then on all rows."""
@@ -269,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             figures["peer"] = {**peer, "ours_ms_per_model": ours}
             print(f"  joblib.Parallel peer: {peer['ms_per_model']:.2f} ms/model; ours (train stage, loglinear "
                   f"only, all {n:,}): {ours if ours is not None else 'n/a'} ms/model", flush=True)
+            print(f"ridge solve before/after on {PEER_PARTITIONS} partitions (loglinear only, one process):",
+                  flush=True)
+            figures["ridge"] = ridge_before_after(panel, PEER_PARTITIONS)
+            for label, fig in figures["ridge"].items():
+                print(f"  {label:<38} test WAPE {fig['test_wape']}  {fig['ms_per_partition']} ms/partition")
 
         figures["stages"] = stages
         print("\ntargets (scale issue, 2 cores):")
