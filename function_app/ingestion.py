@@ -48,7 +48,7 @@ from function_app.orchestration import (
     follow_job,
 )
 from function_app.raw_files import Rejected
-from function_app.runtime import StartOutcome, open_workspace
+from function_app.runtime import StartOutcome, lake_writer, open_workspace
 from function_app.starts import start_raw_file
 from function_app.training import training_steps
 from shared import backends
@@ -156,9 +156,17 @@ def ingest_steps(context: Any, payload: dict[str, Any], log: RunLog):
 @bp.activity_trigger(input_name="payload")
 def ingest_dataset(payload: dict) -> dict:
     """Ingest one lake source on the compute backend: run it here (local) or submit its Azure ML
-    job; returns the job's handle (a completed local one carries the result), never data."""
+    job; returns the job's handle (a completed local one carries the result), never data.
+
+    An ingestion run here writes ``prepared/LATEST``, so it holds the lake's writer lease; a submit
+    to Azure ML writes only the job's own record and takes none (the job writes its content-addressed
+    dataset and the pointer from the cluster)."""
     ws = open_workspace(payload.get("config"))
-    handle = backends.submit_ingest(ws, payload["source"], payload.get("key"))
+    if backends.compute_backend(ws.settings) == backends.AZUREML:
+        handle = backends.submit_ingest(ws, payload["source"], payload.get("key"))
+    else:
+        with lake_writer(ws, INGEST_ACTIVITY, payload.get("key")):
+            handle = backends.submit_ingest(ws, payload["source"], payload.get("key"))
     summary = handle.summary or {}
     RunLog({"path": payload["source"], "job_id": handle.job_id}).info(
         "dataset written" if handle.state == "completed" else "ingestion job submitted",

@@ -16,8 +16,9 @@ import azure.functions as func
 from function_app.logging_context import RunLog, orchestration_log
 from function_app.messages import MessageError, parse_promotion_message
 from function_app.orchestration import call_with_retry
-from function_app.runtime import open_workspace
+from function_app.runtime import lake_writer, open_workspace
 from shared import pipeline
+from shared.locking import WorkdirLockedError
 from shared.settings import SERVICEBUS_CONNECTION
 
 bp = df.Blueprint()
@@ -38,8 +39,10 @@ def on_promotion_message(message: func.ServiceBusMessage) -> None:
         raise
     log = log.bind(run_id=request.run_id, origin=request.origin)
     try:
-        summary = pipeline.promote(open_workspace(), request.run_id, min_accuracy=request.min_accuracy)
-    except pipeline.PipelineError as exc:
+        ws = open_workspace()
+        with lake_writer(ws, f"on_promotion_message for run {request.run_id}", request.origin):
+            summary = pipeline.promote(ws, request.run_id, min_accuracy=request.min_accuracy)
+    except (pipeline.PipelineError, WorkdirLockedError) as exc:  # the lake busy: redelivered later
         log.error("promotion failed", reason=str(exc))
         raise
     log.info(
@@ -61,6 +64,7 @@ def promote_orchestrator(context: df.DurableOrchestrationContext):
             "run_id": payload.get("run_id"),
             "min_accuracy": options.get("min_accuracy"),
             "config": options.get("config") or {},
+            "instance": context.instance_id,
         },
         options,
     )
@@ -70,9 +74,11 @@ def promote_orchestrator(context: df.DurableOrchestrationContext):
 
 @bp.activity_trigger(input_name="payload")
 def promote_run(payload: dict) -> dict:
-    """Apply the promotion rules and copy eligible models to the production registry."""
+    """Apply the promotion rules and copy eligible models to the production registry, holding the
+    lake's writer lease."""
     ws = open_workspace(payload.get("config"))
-    summary = pipeline.promote(ws, payload.get("run_id"), min_accuracy=payload.get("min_accuracy"))
+    with lake_writer(ws, PROMOTE_ACTIVITY, payload.get("instance")):
+        summary = pipeline.promote(ws, payload.get("run_id"), min_accuracy=payload.get("min_accuracy"))
     RunLog({"run_id": summary.run_id}).info(
         "run promoted", promoted=summary.promoted, rejected=summary.rejected
     )

@@ -9,12 +9,13 @@ run's activities see the same project config on any Functions instance.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, ContextManager, Mapping
 
 from azure.durable_functions import OrchestrationRuntimeStatus
 
 from function_app.logging_context import RunLog
 from function_app.messages import MessageError, RunOptions
+from shared import backends
 from shared.config import ConfigError
 from shared.keys import PartitionKeyError, partition_of
 from shared.workspace import Workspace
@@ -39,6 +40,15 @@ def open_workspace(config: Mapping[str, Any] | None = None, settings: Settings |
     settings = settings or load_settings()
     overrides = {**settings.config_overrides(), **dict(config or {})}
     return Workspace.open(settings=settings, overrides=overrides, config_path=settings.config_file, remember=False)
+
+
+def lake_writer(ws: Workspace, activity: str, instance: str | None) -> ContextManager[Any]:
+    """The one-writer lease an activity holds while it changes shared lake state (LATEST pointers,
+    run.json, the registries, the SQL store): the blob lake's lease in Azure, the workdir's lock
+    locally (:func:`shared.backends.writer_lease`). The holder is named by the activity and its
+    orchestration instance, so a contending writer's error says who to wait for; the wait is bounded
+    and the refusal raises, so the orchestrator's retries (``call_with_retry``) try again later."""
+    return backends.writer_lease(ws, f"{activity} of orchestration {instance or '(unknown)'}")
 
 
 def orchestration_options(settings: Settings, options: RunOptions) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import azure.durable_functions as df
 
 from function_app.logging_context import RunLog, orchestration_log
 from function_app.orchestration import Progress, call_with_retry, fan_out, produced_output, summarize
-from function_app.runtime import open_workspace
+from function_app.runtime import lake_writer, open_workspace
 from shared import pipeline
 
 bp = df.Blueprint()
@@ -33,6 +33,7 @@ def score_orchestrator(context: df.DurableOrchestrationContext):
             "dataset_id": payload.get("dataset_id"),
             "group_size": options["group_size"],
             "config": config,
+            "instance": context.instance_id,
         },
         options,
     )
@@ -48,7 +49,8 @@ def score_orchestrator(context: df.DurableOrchestrationContext):
     progress.stage = "loading"
     context.set_custom_status(progress.to_dict())
     loaded = yield from call_with_retry(
-        context, LOAD_ACTIVITY, {"score_id": score_id, "config": config}, options
+        context, LOAD_ACTIVITY, {"score_id": score_id, "config": config, "instance": context.instance_id},
+        options,
     )
     progress.stage = "loaded"
     context.set_custom_status(progress.to_dict())
@@ -64,23 +66,26 @@ def score_orchestrator(context: df.DurableOrchestrationContext):
 
 @bp.activity_trigger(input_name="payload")
 def plan_scoring_run(payload: dict) -> dict:
-    """Write the scoring inputs and group them; returns the plan."""
+    """Write the scoring inputs and group them; returns the plan. Holds the lake's writer lease, so
+    the registries' versions in the score id are not read mid-promotion."""
     ws = open_workspace(payload.get("config"))
-    plan = pipeline.plan_scoring(
-        ws,
-        data=payload.get("data"),
-        horizon=payload.get("horizon"),
-        dataset_id=payload.get("dataset_id"),
-        group_size=payload.get("group_size"),
-    )
+    with lake_writer(ws, PLAN_ACTIVITY, payload.get("instance")):
+        plan = pipeline.plan_scoring(
+            ws,
+            data=payload.get("data"),
+            horizon=payload.get("horizon"),
+            dataset_id=payload.get("dataset_id"),
+            group_size=payload.get("group_size"),
+        )
     RunLog({"run_id": plan.score_id}).info("scoring planned", groups=len(plan.groups))
     return plan.to_dict()
 
 
 @bp.activity_trigger(input_name="payload")
 def load_scored_predictions(payload: dict) -> dict:
-    """Upsert the scoring run's predictions into the SQL store."""
+    """Upsert the scoring run's predictions into the SQL store, holding the lake's writer lease."""
     ws = open_workspace(payload.get("config"))
-    summary = pipeline.load_predictions(ws, payload["score_id"])
+    with lake_writer(ws, LOAD_ACTIVITY, payload.get("instance")):
+        summary = pipeline.load_predictions(ws, payload["score_id"])
     RunLog({"run_id": payload["score_id"]}).info("predictions loaded", rows=summary.rows)
     return summary.to_dict()

@@ -23,7 +23,7 @@ from function_app.orchestration import (
     produced_output,
     summarize,
 )
-from function_app.runtime import load_settings, open_workspace
+from function_app.runtime import lake_writer, load_settings, open_workspace
 from shared import pipeline
 from shared.settings import SERVICEBUS_CONNECTION
 
@@ -53,6 +53,7 @@ def training_steps(
             "group_size": options["group_size"],
             "config": config,
             "full": bool(options.get("full", False)),
+            "instance": context.instance_id,
         },
         options,
     )
@@ -76,7 +77,8 @@ def training_steps(
     progress.stage = "registering"
     context.set_custom_status(progress.to_dict())
     registered = yield from call_with_retry(
-        context, REGISTER_ACTIVITY, {"run_id": run_id, "config": config}, options
+        context, REGISTER_ACTIVITY, {"run_id": run_id, "config": config, "instance": context.instance_id},
+        options,
     )
     message = yield from call_with_retry(
         context,
@@ -119,15 +121,17 @@ def group_chunk_orchestrator(context: df.DurableOrchestrationContext):
 
 @bp.activity_trigger(input_name="payload")
 def plan_training_run(payload: dict) -> dict:
-    """Split the dataset's mini-batch files into groups and write run.json; returns the plan."""
+    """Split the dataset's mini-batch files into groups and write run.json and ``runs/LATEST``; returns
+    the plan. Holds the lake's writer lease (it reads the dev registry and writes shared pointers)."""
     ws = open_workspace(payload.get("config"))
-    plan = pipeline.plan_training(
-        ws,
-        payload.get("dataset_id"),
-        partition_ids=payload.get("partition_ids"),
-        group_size=payload.get("group_size"),
-        full=bool(payload.get("full", False)),  # incremental by default (shared.incremental)
-    )
+    with lake_writer(ws, PLAN_ACTIVITY, payload.get("instance")):
+        plan = pipeline.plan_training(
+            ws,
+            payload.get("dataset_id"),
+            partition_ids=payload.get("partition_ids"),
+            group_size=payload.get("group_size"),
+            full=bool(payload.get("full", False)),  # incremental by default (shared.incremental)
+        )
     RunLog({"run_id": plan.run_id}).info("plan written", groups=len(plan.groups))
     return plan.to_dict()
 
@@ -165,9 +169,11 @@ def get_job_status(payload: dict) -> dict:
 
 @bp.activity_trigger(input_name="payload")
 def register_trained_run(payload: dict) -> dict:
-    """Register the run's trained models in the dev registry and load their metrics into SQL."""
+    """Register the run's trained models in the dev registry and load their metrics into SQL, holding
+    the lake's writer lease."""
     ws = open_workspace(payload.get("config"))
-    summary = pipeline.register_run(ws, payload["run_id"])
+    with lake_writer(ws, REGISTER_ACTIVITY, payload.get("instance")):
+        summary = pipeline.register_run(ws, payload["run_id"])
     RunLog({"run_id": payload["run_id"]}).info(
         "run registered", registered=summary.registered, trained=summary.trained, failed=summary.failed
     )

@@ -20,8 +20,9 @@ inside the function that opens one: a local workspace never imports ``azure.ai.m
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Protocol
 
 from shared import layout
 from shared.compute import JobHandle, job_id_for
@@ -112,6 +113,45 @@ def open_prod_lake(aml: Any, lake: Lake, credential: Any = None) -> Lake:
 
     return BlobLake.from_account_url(aml.prod_storage_url, credential=credential,
                                      managed_identity_client_id=aml.client_id)
+
+
+# -- one writer ----------------------------------------------------------------------------------
+WRITER_WAIT_SECONDS = 120.0  # how long a writer waits for another before its retryable refusal
+WRITER_LEASE_SECONDS = 60  # a blob lease's period: a dead holder's lease ends this long after its last renewal
+
+
+@contextmanager
+def writer_lease(ws: "Workspace", holder: str, wait: float | None = None,
+                 duration: int | None = None) -> Iterator[Any]:
+    """Hold the workspace's one-writer lock while the body changes shared state (issue 12).
+
+    One API for both lakes: on a blob lake, :class:`shared.azureml.blob_lake.LakeLease` (a Blob
+    lease on ``runs/.manymodels-writer``, ``duration`` seconds, renewed while held: every Functions
+    instance and every process sharing the lake sees it); on a local lake, the workdir's
+    :class:`shared.locking.WorkdirLock` — or nothing more when this thread holds that lock already
+    (the CLI holds it for its whole command, and a second ``flock`` in one process would wait for
+    the first). ``holder`` names who writes ("plan_training_run of orchestration ingest-ab12..."), as
+    the refusal shows it to a contending writer, which waits up to ``wait`` seconds (default
+    :data:`WRITER_WAIT_SECONDS`) and then gets a :class:`shared.locking.WorkdirLockedError` (on a
+    blob lake its retryable subclass ``LakeLeasedError``) naming the holder. Yields the lock held
+    (None when the caller's own lock covers it).
+    """
+    wait = WRITER_WAIT_SECONDS if wait is None else float(wait)
+    if not isinstance(ws.lake, LocalLake):
+        from shared.azureml.blob_lake import BlobLake, LakeLease
+
+        if isinstance(ws.lake, BlobLake):
+            with LakeLease(ws.lake, holder, wait=wait,
+                           duration=WRITER_LEASE_SECONDS if duration is None else duration) as lease:
+                yield lease
+            return
+    from shared.locking import WorkdirLock, held_here
+
+    if held_here(ws.root):
+        yield None
+        return
+    with WorkdirLock(ws.root, holder, wait=wait) as lock:
+        yield lock
 
 
 # -- the registries ----------------------------------------------------------------------------------

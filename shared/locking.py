@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -34,6 +35,8 @@ from shared.errors import ManyModelsError
 LOCK_FILE = ".manymodels.lock"
 POLL_SECONDS = 0.1
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+# (resolved workdir, thread id) of every lock this process holds: held_here() answers from it
+_HELD: set[tuple[str, int]] = set()
 
 
 class WorkdirLockedError(ManyModelsError, RuntimeError):
@@ -140,6 +143,8 @@ class WorkdirLock:
             os.close(fd)
             raise
         self._fd = fd
+        self._key = (str(self.workdir.resolve()), threading.get_ident())
+        _HELD.add(self._key)
         return self
 
     def release(self) -> None:
@@ -149,6 +154,7 @@ class WorkdirLock:
         import fcntl
 
         fd, self._fd = self._fd, None
+        _HELD.discard(getattr(self, "_key", None))  # type: ignore[arg-type]
         try:
             os.ftruncate(fd, 0)  # no holder any more: an old description never misleads
         except OSError:
@@ -173,10 +179,19 @@ class WorkdirLock:
 
     def __del__(self) -> None:  # a forgotten lock is released with its object, not at exit only
         if getattr(self, "_fd", None) is not None:
+            _HELD.discard(getattr(self, "_key", None))  # type: ignore[arg-type]
             try:
                 os.close(self._fd)
             except OSError:
                 pass
+
+
+def held_here(workdir: Path | str) -> bool:
+    """Whether this thread holds ``workdir``'s lock already (the CLI does, for its whole command):
+    code it calls must not lock the workdir again (a second ``flock`` in the same process would
+    wait for the first). Another thread's lock does not count: it excludes this thread as any
+    other writer's does."""
+    return (str(Path(workdir).resolve()), threading.get_ident()) in _HELD
 
 
 def holder(workdir: Path | str) -> LockHolder | None:

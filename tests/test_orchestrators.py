@@ -169,7 +169,9 @@ def test_fan_out_submits_every_group_then_fans_in_to_one_registration_and_one_pr
     out = result.output
     assert out["run_id"] == RUN_ID and out["groups_total"] == 4 and out["groups_failed"] == 0
     assert out["promotion_message"]["body"] == f"promote {RUN_ID} 0.7 train-abc"
-    assert jobs.registered == [{"run_id": RUN_ID, "config": {"forecast.horizon": 8}}]
+    # the activities that write shared lake state name their orchestration (the writer lease's holder)
+    assert jobs.registered == [{"run_id": RUN_ID, "config": {"forecast.horizon": 8}, "instance": "train-abc"}]
+    assert result.activity_calls[0][1]["instance"] == "train-abc"
 
 
 def test_progress_is_published_as_custom_status_while_groups_finish():
@@ -320,7 +322,9 @@ def test_scoring_fans_out_the_same_way_then_loads_predictions():
     )
     assert result.status == "Completed", result.error
     assert result.output["score_id"] == "s0123456789abcdef" and result.output["loaded"]["rows"] == 24
-    assert jobs.loaded == [{"score_id": "s0123456789abcdef", "config": {"forecast.horizon": 8}}]
+    assert jobs.loaded == [{"score_id": "s0123456789abcdef", "config": {"forecast.horizon": 8},
+                            "instance": "score-abc"}]
+    assert result.activity_calls[0][1]["instance"] == "score-abc"
     assert result.custom_status["stage"] == "loaded" and result.custom_status["groups_done"] == 2
 
 
@@ -487,7 +491,8 @@ def test_promotion_orchestrator_runs_the_rules_once_with_the_requested_threshold
     )
     result = harness.run("promote_orchestrator", {"run_id": RUN_ID, "options": OPTIONS})
     assert result.status == "Completed" and result.output["promoted"] == 2
-    assert calls == [{"run_id": RUN_ID, "min_accuracy": 0.7, "config": {"forecast.horizon": 8}}]
+    assert calls == [{"run_id": RUN_ID, "min_accuracy": 0.7, "config": {"forecast.horizon": 8},
+                      "instance": "test-instance"}]
 
 
 def test_every_orchestrator_of_the_app_is_a_generator_the_sdk_can_replay():

@@ -13,15 +13,26 @@ atomically, so a reader sees the old content or the new one, never a half-writte
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import re
+import socket
+import threading
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
 from shared import layout
 from shared.lake import LakeError, check_path
+from shared.locking import LockHolder, WorkdirLockedError
+
+_log = logging.getLogger(__name__)
 
 _CONTAINER_NAME = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
 _TRANSFER_CONCURRENCY = 4
@@ -184,41 +195,68 @@ def _credential(client_id: str | None, use_managed_identity: bool) -> Any:
     return DefaultAzureCredential()
 
 
+class LakeLeasedError(WorkdirLockedError):
+    """Another writer holds the blob lake's lease (:class:`LakeLease`): retryable, since the lease ends
+    when its holder finishes or, if the holder died, at most one lease period after its last renewal.
+    ``holder`` says who holds it (or None when its description is unreadable)."""
+
+    retryable = True
+
+
 class LakeLease:
     """One writer per blob lake: the blob lake's counterpart of :class:`shared.locking.WorkdirLock`.
 
-    A 60 s Blob lease on ``runs/.manymodels-writer``, renewed every 20 s by a daemon thread while
-    held; the holder is described in the blob's metadata (the same JSON as a workdir lock file). A
-    second writer is refused at once (or after ``wait`` seconds) with
-    :class:`shared.locking.WorkdirLockedError` naming the holder. A holder that dies stops renewing:
-    its lease expires within 60 s, so no stale lock outlives it by more than that.
+    A Blob lease on ``runs/.manymodels-writer`` (:data:`shared.layout.WRITER_LEASE`), ``duration``
+    seconds long (60 by default; the service accepts 15 to 60) and renewed every third of it by a
+    daemon thread while held; the holder is described in the blob's metadata (the same JSON as a
+    workdir lock file: pid, command, host, start). A second writer polls every ``poll`` seconds for
+    up to ``wait`` seconds (0: refuse at once), then gets :class:`LakeLeasedError` (a
+    :class:`shared.locking.WorkdirLockedError`) naming the holder. A holder that dies stops
+    renewing: its lease expires within ``duration`` seconds, so no stale lock outlives it by more.
+
+    Renewal survives transient errors (it retries at the next tick, well within the period); if the
+    lease is lost all the same (the process stalled past the period and another writer took it),
+    :attr:`lost` is set and :meth:`check` raises, so a holder can verify it still holds the lease
+    before a last write. :meth:`release` is best effort: a lease it cannot release expires.
     """
 
     PATH = layout.WRITER_LEASE
 
-    def __init__(self, lake: BlobLake, command: str, wait: float = 0.0, duration: int = 60) -> None:
+    def __init__(self, lake: BlobLake, command: str, wait: float = 0.0, duration: int = 60,
+                 poll: float = 1.0) -> None:
+        if not 15 <= int(duration) <= 60:
+            raise LakeError(f"a blob lease lasts 15 to 60 seconds, not {duration}")
         self.lake = lake
         self.command = command
         self.wait = float(wait)
         self.duration = int(duration)
+        self.poll = max(0.05, float(poll))
+        self.lost = False
         self._lease: Any = None
-        self._stop: Any = None
+        self._stop: threading.Event | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._lease is not None
+
+    def _blob(self) -> Any:
+        return self.lake.service.get_blob_client(*self.lake._split(self.PATH))
+
+    def holder(self) -> LockHolder | None:
+        """Who holds the lease now, as its blob's metadata says (None: nobody, or unreadable)."""
+        try:
+            props = self._blob().get_blob_properties()
+        except ResourceNotFoundError:
+            return None
+        if str(getattr(props.lease, "state", "")).lower() != "leased":
+            return None
+        return LockHolder.parse((props.metadata or {}).get("holder", ""))
 
     def acquire(self) -> "LakeLease":
-        import json
-        import os
-        import socket
-        import threading
-        import time
-        from dataclasses import asdict
-        from datetime import datetime, timezone
-
-        from azure.core.exceptions import HttpResponseError
-
-        from shared.locking import POLL_SECONDS, LockHolder, WorkdirLockedError
-
-        container, name = self.lake._split(self.PATH)
-        blob = self.lake.service.get_blob_client(container, name)
+        if self._lease is not None:
+            return self
+        blob = self._blob()
+        container = self.lake._split(self.PATH)[0]
         if not self.lake.exists(self.PATH):
             try:
                 self.lake._create_container(container)
@@ -231,46 +269,77 @@ class LakeLease:
                 lease = blob.acquire_lease(lease_duration=self.duration)
                 break
             except HttpResponseError as exc:
-                if exc.status_code != 409:
+                if exc.status_code != 409:  # 409: LeaseAlreadyPresent (anything else is a real error)
                     raise
                 if time.monotonic() >= deadline:
-                    raw = (blob.get_blob_properties().metadata or {}).get("holder", "")
-                    holder = LockHolder.parse(raw)
-                    who = holder.describe() if holder else "another command"
-                    waited = f" after waiting {self.wait:g} s" if self.wait > 0 else ""
-                    raise WorkdirLockedError(
-                        f"the lake {self.lake.uri} is being changed by {who}{waited}; '{self.command}' needs "
-                        "it alone: wait for that command to finish (read-only commands and the server may "
-                        "run alongside)", holder) from None
-                time.sleep(max(POLL_SECONDS, 0.5))
+                    raise self._refusal(blob) from None
+                time.sleep(min(self.poll, max(0.01, deadline - time.monotonic())))
         me = LockHolder(os.getpid(), self.command, socket.gethostname(),
                         datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        blob.set_blob_metadata({"holder": json.dumps(asdict(me))}, lease=lease)
+        try:
+            blob.set_blob_metadata({"holder": json.dumps(asdict(me))}, lease=lease)
+        except BaseException:
+            _quietly(lease.release)
+            raise
         stop = threading.Event()
-
-        def renew() -> None:
-            while not stop.wait(self.duration / 3):
-                try:
-                    lease.renew()
-                except HttpResponseError:  # lost (expired while this process was stalled): stop renewing
-                    return
-
-        threading.Thread(target=renew, name="lake-lease", daemon=True).start()
-        self._lease, self._stop = lease, stop
+        self._lease, self._stop, self.lost = lease, stop, False
+        threading.Thread(target=self._renew, args=(lease, stop), name="lake-lease", daemon=True).start()
         return self
 
+    def _renew(self, lease: Any, stop: threading.Event) -> None:
+        interval = self.duration / 3
+        while not stop.wait(interval):
+            try:
+                lease.renew()
+                interval = self.duration / 3
+            except HttpResponseError as exc:
+                if exc.status_code in (409, 412):  # another lease id holds the blob: ours is gone
+                    self.lost = True
+                    _log.warning("lake lease of %r lost: %s", self.command, str(exc).splitlines()[0])
+                    return
+                interval = min(5.0, self.duration / 6)  # transient (throttled, 5xx): try again soon
+            except AzureError:
+                interval = min(5.0, self.duration / 6)  # network: the lease still runs; try again soon
+
+    def check(self) -> None:
+        """Raise :class:`LakeLeasedError` if the lease was lost while held (see the class docstring)."""
+        if self.lost:
+            raise LakeLeasedError(
+                f"'{self.command}' lost the lease of the lake {self.lake.uri} (not renewed within "
+                f"{self.duration} s); its writes may interleave with another writer's: retry it", None)
+
+    def _refusal(self, blob: Any) -> LakeLeasedError:
+        try:
+            raw = (blob.get_blob_properties().metadata or {}).get("holder", "")
+        except AzureError:
+            raw = ""
+        holder = LockHolder.parse(raw)
+        who = holder.describe() if holder else "another writer (its description is unreadable)"
+        waited = f" after waiting {self.wait:g} s" if self.wait > 0 else ""
+        return LakeLeasedError(
+            f"the lake {self.lake.uri} is being changed by {who}{waited}; '{self.command}' needs it "
+            f"alone: retry when that writer finishes (its lease ends with it, or {self.duration} s after "
+            "its last renewal if it died; read-only work and the server run alongside)", holder)
+
     def release(self) -> None:
+        """Give the lease back (best effort: a lease that cannot be released expires by itself)."""
         if self._lease is None:
             return
         lease, self._lease = self._lease, None
-        self._stop.set()
-        try:
-            self.lake.service.get_blob_client(*self.lake._split(self.PATH)).set_blob_metadata({}, lease=lease)
-        finally:
-            lease.release()
+        if self._stop is not None:
+            self._stop.set()
+        _quietly(lambda: self._blob().set_blob_metadata({}, lease=lease))  # no stale description
+        _quietly(lease.release)
 
     def __enter__(self) -> "LakeLease":
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def _quietly(action: Any) -> None:
+    try:
+        action()
+    except AzureError as exc:
+        _log.warning("lake lease: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
