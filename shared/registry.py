@@ -25,112 +25,44 @@ upgrade is refused.
 
 Development and production are two roots (``<workdir>/registry/dev`` and ``.../prod``); the name
 is stored in the index and checked on open, so one can never be opened as the other.
+
+The records, their tags and their index rows are defined in :mod:`shared.registry_records`.
 """
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import pickle
 import sqlite3
 import threading
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from shared.errors import ManyModelsError
+from shared.registry_records import (  # noqa: F401  (re-exported: callers import them from here)
+    ASSET_PREFIX,
+    GLOBAL_PARTITION,
+    LATEST_SQL,
+    REGISTRY_NAMES,
+    SCHEMA_VERSION,
+    STANDARD_TAGS,
+    _COLUMNS,
+    _LATEST_BASE,
+    _M_COLUMNS,
+    _SCHEMA,
+    ArtifactIntegrityError,
+    ModelRecord,
+    RegistryError,
+    _as_fields,
+    _from_db,
+    _new_record,
+    _tag_value,
+    _to_db,
+)
 from shared.trust import copy_with_digest, sha256_bytes, sha256_file, write_with_digest
 
 LOG = logging.getLogger("manymodels.registry")
-
-REGISTRY_NAMES = ("dev", "prod")
-GLOBAL_PARTITION = "_global"  # shared.global_model.GLOBAL_ID: a run's global model, not a partition
-ASSET_PREFIX = "mm-"
-# Tags every record gets from its own fields; callers' tags and key values may not contradict them.
-STANDARD_TAGS = ("partition_id", "run_id", "model_type", "fingerprint", "status", "version", "name")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS models (
-    partition_id TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    model_type TEXT NOT NULL,
-    run_id TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    metrics TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    artifact TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    status TEXT NOT NULL,
-    sha256 TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (partition_id, version)
-) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS models_by_run ON models (run_id, partition_id);
-CREATE TABLE IF NOT EXISTS latest (
-    partition_id TEXT PRIMARY KEY,
-    version INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS tags (
-    key TEXT NOT NULL,
-    value TEXT NOT NULL,
-    partition_id TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    PRIMARY KEY (key, value, partition_id, version)
-) WITHOUT ROWID;
-"""
-_COLUMNS = ("partition_id, version, name, model_type, run_id, fingerprint, metrics, tags, artifact, "
-            "created_at, status, sha256")
-SCHEMA_VERSION = "2"  # 2: every record has its artifact's SHA-256
-_M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
-# Two primary-key lookups (latest, then models): no scan, whatever the number of models.
-_LATEST_BASE = (f"SELECT {_M_COLUMNS} FROM latest l JOIN models m "
-                "ON m.partition_id = l.partition_id AND m.version = l.version WHERE l.partition_id")
-LATEST_SQL = _LATEST_BASE + " = ?"
-
-
-class RegistryError(ManyModelsError, ValueError):
-    """A registry is misused: wrong name for its root, a missing artifact, contradicting tags."""
-
-
-class ArtifactIntegrityError(RegistryError):
-    """A model file is not the one registered (digest mismatch, no digest, not in the index):
-    it is refused before anything in it runs."""
-
-
-@dataclass
-class ModelRecord:
-    """One registered model version. ``tags`` are all strings: partition key values, run id,
-    model type, fingerprint, status, version, plus whatever the caller added."""
-
-    partition_id: str
-    version: int
-    name: str
-    model_type: str
-    run_id: str
-    fingerprint: str
-    metrics: dict[str, Any] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    artifact: str = ""  # relative to the registry root
-    created_at: str = ""
-    status: str = "trained"
-    sha256: str = ""  # of the artifact's bytes, recorded at registration, checked before loading
-
-    @property
-    def model_name(self) -> str:
-        """The chosen candidate's name (gbm, loglinear, ...): the same thing as ``model_type``."""
-        return self.model_type
-
-    @property
-    def keys(self) -> dict[str, str]:
-        """The partition key values, from the tags (``partition_keys`` lists their names)."""
-        names = [n for n in self.tags.get("partition_keys", "").split(",") if n]
-        return {n: self.tags[n] for n in names if n in self.tags}
-
-    def to_row(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class ModelRegistry:
@@ -484,62 +416,6 @@ class ModelRegistry:
         return int(self._query("SELECT value FROM meta WHERE key = 'changes'")[0][0])
 
 
-# -- helpers -------------------------------------------------------------------------------
-
-def _tag_value(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _as_fields(record: ModelRecord | Mapping[str, Any]) -> dict[str, Any]:
-    """The caller's part of a record, from a ModelRecord or a dict such as a training result row."""
-    raw = record.to_row() if isinstance(record, ModelRecord) else dict(record)
-    for required in ("partition_id", "run_id"):
-        if not raw.get(required):
-            raise RegistryError(f"a model record needs {required!r}; got keys {sorted(raw)}")
-    model_type = raw.get("model_type") or raw.get("model_name") or "custom"
-    tags: dict[str, str] = {}
-    keys = raw.get("keys") or {}
-    if keys:
-        tags.update({str(k): _tag_value(v) for k, v in keys.items()})
-        tags["partition_keys"] = ",".join(str(k) for k in keys)
-    tags.update({str(k): _tag_value(v) for k, v in (raw.get("tags") or {}).items()})
-    return {
-        "partition_id": str(raw["partition_id"]),
-        "run_id": str(raw["run_id"]),
-        "model_type": str(model_type),
-        "fingerprint": str(raw.get("fingerprint") or ""),
-        "metrics": dict(raw.get("metrics") or {}),
-        "status": str(raw.get("status") or "trained"),
-        "tags": tags,
-        "sha256": str(raw.get("sha256") or ""),
-    }
-
-
-def _new_record(fields: dict[str, Any], version: int, artifact: str, now: str) -> ModelRecord:
-    name = ASSET_PREFIX + fields["partition_id"]
-    standard = {"partition_id": fields["partition_id"], "run_id": fields["run_id"],
-                "model_type": fields["model_type"], "fingerprint": fields["fingerprint"],
-                "status": fields["status"], "version": str(version), "name": name}
-    tags = dict(fields["tags"])
-    for key, value in standard.items():
-        if key in tags and key not in ("version", "name") and tags[key] != value:
-            raise RegistryError(f"tag {key}={tags[key]!r} contradicts the record's {key} {value!r} "
-                                f"(partition {fields['partition_id']}); a partition key column may "
-                                f"not be named like a standard tag {STANDARD_TAGS}")
-        tags[key] = value
-    return ModelRecord(partition_id=fields["partition_id"], version=version, name=name,
-                       model_type=fields["model_type"], run_id=fields["run_id"],
-                       fingerprint=fields["fingerprint"], metrics=fields["metrics"], tags=tags,
-                       artifact=artifact, created_at=now, status=fields["status"],
-                       sha256=fields["sha256"])
-
-
 def _place_artifact(artifact: Path | str | bytes, target: Path, expected: str = "", what: str = "") -> str:
     """Put an artifact at its final path atomically, as a new independent file (bytes written or
     a file copied, never a hard link); returns its SHA-256, which must equal ``expected`` if given."""
@@ -562,17 +438,3 @@ def _place_artifact(artifact: Path | str | bytes, target: Path, expected: str = 
         tmp.unlink(missing_ok=True)
         raise
     return digest
-
-
-def _to_db(record: ModelRecord) -> tuple:
-    return (record.partition_id, record.version, record.name, record.model_type, record.run_id,
-            record.fingerprint, json.dumps(record.metrics, default=float), json.dumps(record.tags),
-            record.artifact, record.created_at, record.status, record.sha256)
-
-
-def _from_db(row: tuple) -> ModelRecord:
-    return ModelRecord(partition_id=row[0], version=int(row[1]), name=row[2], model_type=row[3],
-                       run_id=row[4], fingerprint=row[5], metrics=json.loads(row[6]),
-                       tags=json.loads(row[7]), artifact=row[8], created_at=row[9], status=row[10],
-                       sha256=row[11] or "")
-
