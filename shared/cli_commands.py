@@ -1,0 +1,358 @@
+"""The `manymodels` commands (``cmd_*``): each opens the workdir with the command's flags, calls a
+stage of :mod:`shared.pipeline` and prints what it did (one JSON object with ``--json``).
+
+The parser and the error boundary are in :mod:`shared.cli`, which re-exports every name here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ManyModelsError
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    def listed(value: str | None) -> list[str] | None:
+        if value is None:
+            return None
+        return [v.strip() for v in value.split(",") if v.strip()]
+
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    overrides = {
+        "data.keys": listed(get("keys")),
+        "data.time": get("time"),
+        "data.target": get("target"),
+        "data.covariates": listed(get("covariates")),
+        "data.freq": get("freq"),
+        "forecast.horizon": get("horizon"),
+        "forecast.test_periods": get("test_periods"),
+        "forecast.validation_periods": get("validation_periods"),
+        "forecast.season_length": get("season_length"),
+        "training.seed": get("seed"),
+        "runner.workers": get("workers"),
+        "runner.mini_batch_size": get("mini_batch_size"),
+        "runner.rows_per_file": get("rows_per_file"),
+    }
+    if get("no_progress"):
+        overrides["runner.progress"] = False
+    return overrides
+
+
+# Commands that change the workdir hold its writer lock (shared.locking) for their whole run;
+# the others (models list/show/verify, report, serve) work alongside them.
+WRITERS = ("ingest", "train", "promote", "score", "run", "demo")
+# Commands that define the project: only they save the workdir's config, and only once they succeed.
+PROJECT_COMMANDS = ("ingest", "run", "demo")
+# How one command runs, never what the project is: never saved, whichever command gives them.
+ONE_OFF = ("runner.workers", "runner.mini_batch_size", "runner.rows_per_file", "runner.progress")
+
+
+def _workspace(args: argparse.Namespace):
+    """The workdir with this command's flags applied; nothing is saved here (see :func:`_remember`)."""
+    from shared.workspace import Workspace
+
+    return Workspace.open(args.workdir, overrides=_overrides(args), config_path=args.config, remember=False)
+
+
+def _remember(args: argparse.Namespace, ws: Any) -> None:
+    """Save the project's config once a project-defining command succeeded: the remembered (or
+    --config) file with this command's column and forecasting flags, never the one-off ones."""
+    from shared.config import load_config
+
+    overrides = {k: v for k, v in _overrides(args).items() if k not in ONE_OFF}
+    base = Path(args.config) if args.config else (ws.config_file if ws.config_file.is_file() else None)
+    project = load_config(base, overrides)
+    text = project.to_toml()
+    if not ws.config_file.is_file() or ws.config_file.read_text(encoding="utf-8") != text:
+        project.save(ws.config_file)
+
+
+def _reset(args: argparse.Namespace) -> None:
+    if getattr(args, "reset", False):
+        from shared.workspace import reset_workdir
+
+        removed = reset_workdir(args.workdir)
+        if removed:
+            _say(args, f"reset {args.workdir}: removed {', '.join(removed)}")
+
+
+def _holder_text(args: argparse.Namespace) -> str:
+    """What the lock file says this command does (no connection strings: --data odbc:... is shown
+    as 'odbc:...', a file by its name)."""
+    words = [args.command]
+    if args.command == "models":
+        words.append(args.action)
+    data = getattr(args, "data", None)
+    if data:
+        text = str(data)
+        words += ["--data", "odbc:..." if text.startswith("odbc:") else Path(text).name]
+    return "manymodels " + " ".join(words)
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if args.no_progress else None
+
+
+# -- commands -----------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.synthetic import write_panel
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stats = write_panel(out, partitions=args.partitions, periods=args.periods, freq=args.freq, seed=args.seed)
+    _say(args, f"wrote {stats.get('rows', '?')} rows for {args.partitions} partitions to {out}")
+    return {"path": str(out), **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}}
+
+
+def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.pipeline import ingest
+
+    _reset(args)
+    ws = _workspace(args)
+    summary = ingest(ws, args.data, query=args.query)
+    _remember(args, ws)
+    _say(args, f"dataset {summary.dataset_id}: {summary.partitions} partitions, {summary.rows} rows"
+               + (" (already ingested)" if summary.reused else ""))
+    for line in _report_lines(summary.report):
+        _say(args, f"  {line}")
+    for line in _repair_lines(summary.report, ws.config.data.freq):
+        _say(args, f"  {line}")
+    return summary.to_dict()
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.pipeline import train
+
+    ws = _workspace(args)
+    plan, groups, reg = train(ws, args.dataset, run_id=args.run_id, progress=_progress(args), full=args.full)
+    _say(args, f"run {plan.run_id}: trained {reg.trained}, baseline only {reg.baseline_only}, "
+               f"failed {reg.failed}, skipped {reg.skipped}; registered {reg.registered} in dev"
+               + (f"; carried forward {reg.carried} unchanged" if reg.carried else ""))
+    _say_wape(args, reg.model_wape, reg.baseline_wape)
+    for failure in reg.failures[:5]:
+        _say(args, f"  failed {failure['partition_id']}: {failure['reason']}")
+    failed_batches = [f for g in groups for f in g.failed_batches]
+    for batch in failed_batches[:5]:
+        _say(args, f"  mini-batch failed after retries: {batch.get('files')} {str(batch.get('error'))[:200]}")
+    return {**reg.to_dict(), "partitions": plan.partitions, "failed_batches": len(failed_batches)}
+
+
+def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.pipeline import promote
+
+    ws = _workspace(args)
+    summary = promote(ws, args.run_id, min_accuracy=args.min_accuracy)
+    _say(args, f"run {summary.run_id}: promoted {summary.promoted}, rejected {summary.rejected}, "
+               f"unchanged {summary.unchanged}; {summary.in_production} of its models are in production")
+    for reason, count in sorted(summary.reasons.items(), key=lambda kv: -kv[1]):
+        _say(args, f"  rejected ({reason}): {count}")
+    if summary.reconciled:
+        _say(args, f"  recorded {summary.reconciled} earlier promotion(s) that the SQL store was missing")
+    return summary.to_dict()
+
+
+def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.pipeline import score
+
+    ws = _workspace(args)
+    plan, loaded = score(ws, data=args.data, horizon=args.horizon, progress=_progress(args))
+    _say(args, f"scoring {plan.score_id}: {loaded.rows} predictions for {loaded.partitions} partitions "
+               f"({loaded.fallback_partitions} from a fallback source, {loaded.no_model} without a model, "
+               f"{loaded.failed} failed) -> {ws.sql_location}")
+    return {**loaded.to_dict(), "sql": ws.sql_location}
+
+
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.pipeline import report
+
+    ws = _workspace(args)
+    path = report(ws, Path(args.out) if args.out else None)
+    _say(args, f"report: {path}")
+    return {"report": str(path)}
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.pipeline import run_all
+
+    _reset(args)
+    ws = _workspace(args)
+    summary = run_all(ws, args.data, min_accuracy=args.min_accuracy, progress=_progress(args),
+                      scoring_data=args.scoring_data, full=args.full)
+    _remember(args, ws)
+    _print_run_summary(args, summary)
+    return summary
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.pipeline import run_all
+    from shared.workspace import Workspace
+    from shared.synthetic import write_panel
+
+    started = time.perf_counter()
+    _reset(args)
+    root = Path(args.workdir)
+    data = root / "data" / "sales.parquet"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    if not data.exists():
+        stats = write_panel(data, partitions=args.partitions, periods=args.periods, freq="W", seed=args.seed)
+        _say(args, f"generated {stats.get('rows', '?')} rows: {args.partitions} store x item series, "
+                   f"{args.periods} weeks -> {data}")
+    ws = Workspace.open(root, overrides=_overrides(args), config_path=args.config, remember=False)
+    summary = run_all(ws, data, min_accuracy=args.min_accuracy, progress=_progress(args))
+    _remember(args, ws)
+    summary["seconds"]["total"] = round(time.perf_counter() - started, 2)
+    _print_run_summary(args, summary)
+    _say(args, "")
+    _say(args, f"query it:  python -c \"import sqlite3; print(sqlite3.connect('{summary['sql']}')"
+               f".execute('select * from predictions limit 5').fetchall())\"")
+    _say(args, f"open it:   {summary['report']}")
+    return summary
+
+
+def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
+    ws = _workspace(args)
+    if args.action in ("seal", "verify"):
+        return _seal_or_verify(args, ws)
+    registry = ws.prod if args.registry == "prod" else ws.dev
+    args.registry = args.registry or "dev"
+    tags = dict(_parse_tag(t) for t in (args.tag or []))
+    if args.action == "show":
+        partition = args.partition or _partition_from_tags(ws, tags)
+        record = registry.latest(partition) if args.version is None else registry.get(partition, args.version)
+        if record is None:
+            raise _UsageError(f"no model for partition {partition} in the {args.registry} registry")
+        row = _record_dict(record)
+        _say(args, json.dumps(row, indent=2, default=str))
+        return row
+    records = registry.find(tags or None, limit=args.limit, run_id=args.run_id)
+    rows = [_record_dict(r) for r in records]
+    for r in rows:
+        acc = (r.get("metrics") or {}).get("accuracy")
+        acc_text = f"{acc:.3f}" if isinstance(acc, (int, float)) and acc == acc else "  n/a"
+        keys = " ".join(f"{k}={v}" for k, v in (r.get("tags") or {}).items() if k in ws.config.data.keys)
+        _say(args, f"{r['partition_id']}  v{r['version']:<3} {r.get('model_type', ''):<10} acc {acc_text}  {keys}")
+    _say(args, f"{len(rows)} model(s) in {args.registry}")
+    return {"registry": args.registry, "count": len(rows), "models": rows if args.json else []}
+
+
+def _seal_or_verify(args: argparse.Namespace, ws: Any) -> dict[str, Any]:
+    """`models seal`: record the SHA-256 of legacy models (registered before digests) as they are now.
+    `models verify`: check every model file against its recorded SHA-256, unpickling nothing."""
+    from shared.registry import ArtifactIntegrityError, RegistryError
+
+    names = [args.registry] if args.registry else ["dev", "prod"]
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for name in names:
+        registry = ws.prod if name == "prod" else ws.dev
+        if not hasattr(registry, "seal"):
+            raise _UsageError(f"the {name} registry ({type(registry).__name__}) keeps its own digests: "
+                              f"'models {args.action}' is for local registries")
+        if args.action == "seal":
+            sealed = registry.seal()
+            _say(args, f"{name}: sealed {sealed} model(s) that had no recorded SHA-256")
+            out[name] = {"sealed": sealed}
+            continue
+        checked, bad = 0, []
+        for record in registry.find(include_global=True):
+            checked += 1
+            try:
+                registry.verify(record)
+            except (ArtifactIntegrityError, RegistryError) as exc:
+                bad.append(f"{record.partition_id} v{record.version}: {exc}")
+        _say(args, f"{name}: {checked - len(bad)} of {checked} model file(s) match their recorded SHA-256")
+        for line in bad[:20]:
+            _say(args, f"  refused {line}")
+        out[name] = {"checked": checked, "failed": len(bad)}
+        problems += [f"{name} {line}" for line in bad]
+    if problems:
+        raise RegistryError(f"{len(problems)} model file(s) fail verification and will not be loaded: "
+                            f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return out
+
+
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from shared.serving import serve
+
+    serve(Path(args.workdir), host=args.host, port=args.port, cache_mb=args.cache_mb)
+    return {}
+
+
+def _partition_from_tags(ws: Any, tags: dict[str, str]) -> str:
+    """`models show --tag store=S001 --tag item=I0001`: every key column names one partition."""
+    from shared.keys import PartitionKeyError, partition_of
+
+    try:
+        return partition_of(ws.config.data.keys, tags)[0]
+    except PartitionKeyError as exc:
+        raise _UsageError(f"models show needs a partition id (p...) or one --tag per key column: "
+                          f"{exc.message}") from exc
+
+
+def _record_dict(record: Any) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(record) if is_dataclass(record) else dict(record)
+
+
+def _parse_tag(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise _UsageError(f"--tag {text!r}: expected NAME=VALUE")
+    return name, value
+
+
+# -- output -------------------------------------------------------------------------------------
+def _say(args: argparse.Namespace, text: str) -> None:
+    print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
+def _say_wape(args: argparse.Namespace, model: float | None, baseline: float | None) -> None:
+    if model is not None and baseline is not None:
+        gain = (1 - model / baseline) * 100 if baseline else 0.0
+        _say(args, f"test-window WAPE: chosen models {model:.3f} vs moving-average baseline {baseline:.3f} "
+                   f"({gain:.0f} % lower error)")
+
+
+def _report_lines(report: dict[str, Any]) -> list[str]:
+    lines = report.get("summary_lines")
+    if isinstance(lines, list):
+        return [str(x) for x in lines]
+    return [f"{k}: {v}" for k, v in report.items() if isinstance(v, (int, float)) and v]
+
+
+def _repair_lines(report: dict[str, Any], freq: str) -> list[str]:
+    """What validation repaired, counted per kind, then its warnings (the config is likely wrong)."""
+    from shared.validation import ValidationReport
+
+    checked = ValidationReport.from_dict(report)
+    repairs = checked.repairs()
+    lines = ["repairs: " + (", ".join(f"{kind} {n}" for kind, n in sorted(repairs.items())) if repairs else "none")]
+    return lines + [f"warning: {text}" for text in checked.warnings(freq)]
+
+
+def _print_run_summary(args: argparse.Namespace, s: dict[str, Any]) -> None:
+    _say(args, "")
+    _say(args, f"partitions {s['partitions']}  trained {s['trained']} (baseline only {s['baseline_only']})  "
+               f"failed {s['failed']}  skipped {s['skipped']}")
+    _say(args, f"promoted {s['promoted']}  rejected {s['rejected']}  "
+               + "  ".join(f"[{k}: {v}]" for k, v in s.get("rejection_reasons", {}).items()))
+    _say(args, f"predictions {s['predictions']} rows for {s['scored_partitions']} partitions "
+               f"({s['fallback_partitions']} from the scoring chain's fallbacks: unpromoted, global or baseline)")
+    _say_wape(args, s.get("model_wape"), s.get("baseline_wape"))
+    repairs = s.get("repairs") or {}
+    _say(args, "repairs: " + (", ".join(f"{k} {n}" for k, n in sorted(repairs.items())) if repairs else "none"))
+    for text in s.get("warnings") or []:
+        _say(args, f"warning: {text}")
+    _say(args, "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
+    _say(args, f"SQL store: {s['sql']}")
+    _say(args, f"report:    {s['report']}")
+
+
+class _UsageError(ManyModelsError, ValueError):
+    """The command line asks for something that does not exist or cannot be done."""
+
