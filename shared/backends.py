@@ -133,8 +133,9 @@ def writer_lease(ws: "Workspace", holder: str, wait: float | None = None,
     the first). ``holder`` names who writes ("plan_training_run of orchestration ingest-ab12..."), as
     the refusal shows it to a contending writer, which waits up to ``wait`` seconds (default
     :data:`WRITER_WAIT_SECONDS`) and then gets a :class:`shared.locking.WorkdirLockedError` (on a
-    blob lake its retryable subclass ``LakeLeasedError``) naming the holder. Yields the lock held
-    (None when the caller's own lock covers it).
+    blob lake its retryable subclass ``LakeLeasedError``) naming the holder; the same error leaves
+    the body if the lease was lost while it ran (see ``LakeLease.check``), so an idempotent stage is
+    retried under a fresh lease. Yields the lock held (None when the caller's own lock covers it).
     """
     wait = WRITER_WAIT_SECONDS if wait is None else float(wait)
     if not isinstance(ws.lake, LocalLake):
@@ -144,6 +145,7 @@ def writer_lease(ws: "Workspace", holder: str, wait: float | None = None,
             with LakeLease(ws.lake, holder, wait=wait,
                            duration=WRITER_LEASE_SECONDS if duration is None else duration) as lease:
                 yield lease
+                lease.check()  # lost mid-way (a stall past the period): fail, so the stage is retried
             return
     from shared.locking import WorkdirLock, held_here
 

@@ -70,6 +70,11 @@ def test_a_second_writer_waits_then_gets_a_retryable_error_naming_the_first(azur
         assert lease.holder().command == "plan_training_run of orchestration train-second"
     assert lease.holder() is None
 
+    with pytest.raises(LakeLeasedError, match="lost the lease"):  # a lease lost mid-way fails the stage
+        with backends.writer_lease(ws, "register_trained_run of orchestration stalled", wait=0) as lease:
+            lease.lost = True  # what the renewal thread records when another lease id took the blob
+    assert lease.holder() is None
+
 
 @pytest.mark.azurite
 @pytest.mark.slow
