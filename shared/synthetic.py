@@ -75,6 +75,8 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
+ROW_GROUP_ROWS = 256 * 1024  # rows per Parquet row group of a generated file
+
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a bijective, well-mixed hash of uint64 values."""
     x = x + _GOLDEN
@@ -275,7 +277,9 @@ def write_panel(
                     )
                 )
             if suffix == ".parquet":
-                writer.write_table(table, row_group_size=max(1, table.num_rows))
+                # row groups of a common size (readers decode a whole row group at a time: one
+                # chunk of 2 M rows as one group made every reader hold 500 MB for it)
+                writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
             else:
                 writer.write_table(table)
             rows += len(frame)
