@@ -548,6 +548,9 @@ def test_deploying_puts_the_endpoint_the_deployment_and_then_its_traffic(ws, ser
     assert variables["MM_SERVING_STORAGE_URL"] == "https://stprod.blob.core.windows.net"
     assert deployment["environmentVariables"]["MM_PARTITION_KEYS"] == "store,item"
     assert json.loads(variables["MM_SERVING_CONFIG"])["data"]["keys"] == ["store", "item"]
+    # the scoring chain's fallbacks (unpromoted, global, baseline) read the development registry
+    assert variables["MM_SERVING_REGISTRY_PREFIX"] == "registry/prod"
+    assert variables["MM_SERVING_DEV_REGISTRY_PREFIX"] == "registry/dev"
     assert "model" not in deployment or not deployment["model"], "models come from the registry, on demand"
     assert puts[2].body["properties"]["traffic"] == {"blue": 100}
     assert out["traffic"] == {"blue": 100} and out["scoring_uri"].endswith("/score")

@@ -28,7 +28,7 @@ from typing import Any
 
 from shared.azureml.client import AzureMLSettings, call_with_retry
 from shared.azureml.jobs import build_environment, stage_code
-from shared.azureml.registry import PROD_PREFIX
+from shared.azureml.registry import DEV_PREFIX, PROD_PREFIX
 
 SCORING_SCRIPT = "shared/azureml/online_score.py"
 DEPLOYMENT_NAME = "blue"
@@ -71,6 +71,8 @@ def serving_environment_variables(aml: AzureMLSettings, storage_url: str, config
         "MM_SERVING_REFRESH_SECONDS": "30",
         "OMP_NUM_THREADS": "1",
     }
+    if config.scoring_chain != ["production"]:  # the chain's fallbacks read the development registry
+        env["MM_SERVING_DEV_REGISTRY_PREFIX"] = DEV_PREFIX
     if aml.endpoint_identity_client_id:  # the endpoint's own user-assigned identity, never the caller's
         env["AZURE_CLIENT_ID"] = aml.endpoint_identity_client_id
     return env
