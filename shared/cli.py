@@ -7,6 +7,7 @@ flags. Errors print one line and exit non-zero; `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from shared.cli_commands import (  # noqa: F401  (re-exported: the commands and their helpers)
+    LEASES,
     ONE_OFF,
     PROJECT_COMMANDS,
     WRITERS,
@@ -184,11 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         lock = _writer_lock(args)
-        if lock is None:
+        with lock if lock is not None else contextlib.nullcontext(), LEASES:
             result = args.func(args)
-        else:
-            with lock:
-                result = args.func(args)
     except KeyboardInterrupt:
         if args.command == "serve":
             print("server stopped", file=sys.stderr)

@@ -6,6 +6,7 @@ The parser and the error boundary are in :mod:`shared.cli`, which re-exports eve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -51,11 +52,24 @@ PROJECT_COMMANDS = ("ingest", "run", "demo")
 ONE_OFF = ("runner.workers", "runner.mini_batch_size", "runner.rows_per_file", "runner.progress")
 
 
+# Writer leases a command's workspaces hold until the command ends (closed by ``cli.main``).
+LEASES = contextlib.ExitStack()
+
+
 def _workspace(args: argparse.Namespace):
-    """The workdir with this command's flags applied; nothing is saved here (see :func:`_remember`)."""
+    """The workdir with this command's flags applied; nothing is saved here (see :func:`_remember`).
+
+    A command that writes holds the lake's writer lease too (:func:`shared.backends.writer_lease`):
+    nothing more on a local lake, whose workdir lock ``cli.main`` already holds; the blob lease on
+    a Blob lake, which other machines and the Functions app share.
+    """
+    from shared.backends import writer_lease
     from shared.workspace import Workspace
 
-    return Workspace.open(args.workdir, overrides=_overrides(args), config_path=args.config, remember=False)
+    ws = Workspace.open(args.workdir, overrides=_overrides(args), config_path=args.config, remember=False)
+    if args.command in WRITERS or (args.command == "models" and getattr(args, "action", None) == "seal"):
+        LEASES.enter_context(writer_lease(ws, _holder_text(args), wait=getattr(args, "wait", 0.0) or 0.0))
+    return ws
 
 
 def _remember(args: argparse.Namespace, ws: Any) -> None:
