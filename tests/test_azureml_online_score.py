@@ -25,17 +25,21 @@ pytestmark = pytest.mark.slow
 OVERRIDES = {"runner.progress": False, "runner.rows_per_file": 400, "runner.workers": 2}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def _scored_workspace(tmp_path_factory, partitions: int, seed: int, min_accuracy: float):
+    """A workspace through ingest, train, promote (at ``min_accuracy``) and batch scoring."""
     data = tmp_path_factory.mktemp("data") / "sales.parquet"
-    write_panel(data, partitions=8, periods=104, freq="W", seed=21)
+    write_panel(data, partitions=partitions, periods=104, freq="W", seed=seed)
     ws = Workspace.open(tmp_path_factory.mktemp("ws"), overrides=OVERRIDES)
     ingest(ws, data)
     plan, _, _ = train(ws)
-    promote(ws, plan.run_id, min_accuracy=0.0)
+    promote(ws, plan.run_id, min_accuracy=min_accuracy)
     scoring, _ = score(ws)
-    predictions = read_parquet(ws.lake, f"predictions/{scoring.score_id}/predictions.parquet")
-    return ws, predictions
+    return ws, read_parquet(ws.lake, f"predictions/{scoring.score_id}/predictions.parquet")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return _scored_workspace(tmp_path_factory, partitions=8, seed=21, min_accuracy=0.0)
 
 
 @pytest.fixture
@@ -97,16 +101,9 @@ def test_a_request_gets_the_batch_scoring_forecast_of_its_partition(serving, tra
 
 @pytest.fixture(scope="module")
 def unpromoted(tmp_path_factory):
-    """A run nothing of which was promoted, batch-scored along the scoring chain."""
-    data = tmp_path_factory.mktemp("data") / "sales.parquet"
-    write_panel(data, partitions=6, periods=104, freq="W", seed=23)
-    ws = Workspace.open(tmp_path_factory.mktemp("ws"), overrides=OVERRIDES)
-    ingest(ws, data)
-    plan, _, _ = train(ws)
-    promote(ws, plan.run_id, min_accuracy=1.0)  # nobody forecasts perfectly: production stays empty
-    scoring, _ = score(ws)
-    predictions = read_parquet(ws.lake, f"predictions/{scoring.score_id}/predictions.parquet")
-    return ws, predictions
+    """A run nothing of which was promoted, batch-scored along the scoring chain (nobody forecasts
+    perfectly: production stays empty)."""
+    return _scored_workspace(tmp_path_factory, partitions=6, seed=23, min_accuracy=1.0)
 
 
 def test_partitions_without_a_production_model_get_the_batch_chain_answer_sources_and_intervals(
