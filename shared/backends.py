@@ -67,6 +67,7 @@ class Compute(Protocol):
 
     def submit(self, ws: "Workspace", kind: str, run_id: str, group_index: int,
                batch_paths: list[str]) -> JobHandle: ...
+    def pin_scoring(self, ws: "Workspace", score_id: str, groups: list[list[str]]) -> None: ...
     def status(self, ws: "Workspace", job_id: str, run_id: str | None = None) -> JobHandle: ...
 
 
@@ -227,6 +228,11 @@ class LocalCompute:
         ws.lake.write_bytes(layout.job_record(run_id, handle.job_id), handle.to_json().encode())
         return handle
 
+    def pin_scoring(self, ws: "Workspace", score_id: str, groups: list[list[str]]) -> None:
+        """No slices locally: the groups read the registries directly. Under the CLI nothing can
+        promote mid-run (the command holds the workdir lock from plan to load); in the Functions
+        app with local compute, a group reads the registries as they are when it runs."""
+
     def status(self, ws: "Workspace", job_id: str, run_id: str | None = None) -> JobHandle:
         run = run_id or layout.run_of_job(job_id)
         path = layout.job_record(run, job_id)
@@ -246,6 +252,12 @@ class AzureMLCompute:
         from shared.azureml.jobs import submit_parallel_job
 
         return submit_parallel_job(ws, kind, run_id, group_index, batch_paths)
+
+    def pin_scoring(self, ws: "Workspace", score_id: str, groups: list[list[str]]) -> None:
+        """Every group's registry slices, written when the scoring run is planned (one snapshot)."""
+        from shared.azureml.jobs import pin_scoring
+
+        pin_scoring(ws, score_id, groups)
 
     def status(self, ws: "Workspace", job_id: str, run_id: str | None = None) -> JobHandle:
         from shared.azureml.jobs import parallel_job_status

@@ -275,6 +275,7 @@ def plan_scoring(
             "horizon": cfg.forecast.horizon, "source": str(data) if data else None, "config": cfg.to_dict()}
     if not ws.lake.exists(layout.run_meta(score_id)):
         ws.lake.write_bytes(layout.run_meta(score_id), json.dumps(meta, indent=2).encode())
+    ws.compute.pin_scoring(ws, score_id, groups)  # Azure ML: every group's registry slices now
     return ScoringPlan(score_id=score_id, groups=groups, horizon=cfg.forecast.horizon,
                        source=str(data) if data else None)
 

@@ -351,6 +351,40 @@ def test_a_scoring_group_gets_only_its_partitions_newest_models(aml, code, tmp_p
         {"partitions": 1, "models": 0}
 
 
+def test_a_scoring_run_pins_every_groups_slices_when_planned_so_a_later_promotion_reaches_none(
+        aml, code, tmp_path):
+    import pandas as pd
+
+    from shared.azureml.jobs import pin_scoring
+    from shared.keys import PARTITION_ID
+    from shared.lake import write_parquet
+    from shared.registry import ModelRegistry
+
+    score_id = "s00000000000000ab"
+    everyone = [f"p{i:020x}" for i in range(6)]
+    cfg = ProjectConfig()
+    ws = Workspace(tmp_path, cfg, LocalLake(tmp_path / "lake"))
+    ws._prod = _registry_with_history(tmp_path / "registry" / "prod", "prod", everyone, versions=1)
+    ws._dev = _registry_with_history(tmp_path / "registry" / "dev", "dev", everyone, versions=1)
+    groups = []
+    for g, part in enumerate((everyone[:3], everyone[3:])):
+        batch = f"runs/{score_id}/inputs/batches/batch-{g:05d}.parquet"
+        write_parquet(ws.lake, batch, pd.DataFrame({PARTITION_ID: part, "period": [0] * len(part)}))
+        groups.append([batch])
+    ws.lake.write_bytes(f"runs/{score_id}/run.json", json.dumps(
+        {"score_id": score_id, "dataset_id": DATASET, "config": cfg.to_dict()}).encode())
+    assert pin_scoring(ws, score_id, groups) == 2
+    # a promotion lands while the groups run: version 2 of every partition in production
+    ws.prod.register_many([({"partition_id": pid, "run_id": "r" + "9" * 16, "model_type": "ets"}, b"new")
+                           for pid in everyone])
+    for g, batch in enumerate(groups):
+        build_job_for_group(ws, aml, "score", score_id, g, batch, code=code)  # submission keeps the pin
+        sliced = ModelRegistry(ws.lake.local_path(f"runs/{score_id}/registry/g{g:05d}/prod"), "prod")
+        assert {r.version for r in sliced.latest_many(everyone).values()} == {1}
+        sliced.close()
+    assert pin_scoring(ws, score_id, groups) == 0  # idempotent: a replanned run keeps its slices
+
+
 def test_an_incremental_training_job_passes_the_list_of_partitions_to_train(aml, code, lake):
     from shared import layout
 

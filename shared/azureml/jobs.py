@@ -354,6 +354,29 @@ def build_pipeline_job(aml: AzureMLSettings, plan: JobPlan, code: Path | str | N
     return job
 
 
+def write_scoring_slices(ws: Any, score_id: str, group_index: int, batch_paths: list[str], cfg: Any) -> bool:
+    """A scoring group's registry slices (production, and development for the scoring chain), unless
+    they exist: written for every group when the scoring run is planned (:func:`pin_scoring`), so
+    a promotion that finishes while the groups run cannot reach some groups and not others; a
+    group submitted without them (an older plan) gets them now. Returns whether it wrote them."""
+    prod_slice = registry_slice_path(score_id, group_index, "prod")
+    if ws.lake.exists(f"{prod_slice}/{layout.REGISTRY_INDEX}"):  # the index is written last
+        return False
+    pids = group_partitions(ws.lake, batch_paths)
+    if cfg.promotion.fallback == "baseline":
+        write_registry_slice(ws.lake, ws.dev, "dev", pids, registry_slice_path(score_id, group_index, "dev"))
+    write_registry_slice(ws.lake, ws.prod, "prod", pids, prod_slice)
+    return True
+
+
+def pin_scoring(ws: Any, score_id: str, groups: list[list[str]]) -> int:
+    """Slice the registries for every group of a scoring run at once, as they are when it is planned."""
+    from shared.config import ProjectConfig
+
+    cfg = ProjectConfig.from_dict(json.loads(ws.lake.read_bytes(layout.run_meta(score_id)))["config"])
+    return sum(write_scoring_slices(ws, score_id, i, paths, cfg) for i, paths in enumerate(groups))
+
+
 # -- submit and poll ------------------------------------------------------------------------------
 def submit_parallel_job(ws: Any, kind: str, run_id: str, group_index: int,
                         batch_paths: list[str]) -> JobHandle:
@@ -411,10 +434,7 @@ def build_job_for_group(ws: Any, aml: AzureMLSettings, kind: str, run_id: str, g
         ws.lake.write_bytes(config_path, text)
     data = group_input(aml, ws.lake, run_id, group_index, batch_paths)
     if kind == "score":
-        pids = group_partitions(ws.lake, batch_paths)
-        write_registry_slice(ws.lake, ws.prod, "prod", pids, registry_slice_path(run_id, group_index, "prod"))
-        if cfg.promotion.fallback == "baseline":
-            write_registry_slice(ws.lake, ws.dev, "dev", pids, registry_slice_path(run_id, group_index, "dev"))
+        write_scoring_slices(ws, run_id, group_index, batch_paths, cfg)
     if kind == "train":
         global_model = layout.global_model(run_id)
         has_global = ws.lake.exists(global_model)
