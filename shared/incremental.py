@@ -1,8 +1,9 @@
 """Incremental retraining: a run retrains only the partitions whose data or training config changed.
 
 A partition's *fingerprint* (a digest of its rows, in the dataset manifest) and the digest of the
-training config (forecast and training sections) are stored on every registered model. When a new
-dataset arrives (a corrected extract, a file where 500 of 10,000 partitions have new rows), a
+training config (data, forecast and training sections) are stored on every registered model. When
+a new dataset arrives (a corrected extract, a new extract in which 500 of 10,000 partitions have new
+rows), a
 partition whose latest model was trained on the same fingerprint with the same config keeps that
 model: it is *carried forward* into the new run (recorded as such in the SQL store, same registry
 version), and only the others are trained. ``full=True`` (``manymodels train --full``) retrains
