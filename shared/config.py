@@ -98,7 +98,7 @@ class RunnerSpec:
 
     workers: int = 2  # 0 = one per CPU
     mini_batch_size: int = 1  # files per run(mini_batch) call, as in an Azure ML parallel job
-    rows_per_file: int = 5_000  # partitions are packed into mini-batch files of about this many rows
+    rows_per_file: int = 20_000  # mini-batch files hold at most about this many rows (small data: fewer, see partitioning.file_rows)
     retries: int = 2  # retries of a mini-batch whose run() raised or whose worker died
     progress: bool = True
 
