@@ -351,6 +351,21 @@ def score_frame(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | N
     return predictions, statuses
 
 
+def global_may_answer(record: Any) -> bool:
+    """May the run's global model answer for this partition? Unless its backtests (the validation
+    folds and the test window) showed it worse than the partition's own moving average: then the
+    baseline is the better forecast. Records without that evidence (older ones, new series) let it."""
+    m = record.metrics if record is not None else {}
+    mine, base = m.get("global_backtest_wape"), m.get("baseline_backtest_wape")
+    try:
+        mine, base = float(mine), float(base)
+    except (TypeError, ValueError):
+        return True
+    if math.isnan(mine) or math.isnan(base):
+        return True
+    return mine < base
+
+
 def pick_source(source: str, champion: Any, latest: Any, prod: Any, dev: Any) -> tuple[Any, Any, str] | None:
     """The (record, registry, forecast kind) a source would answer with, or None."""
     if source == "production":
@@ -362,7 +377,7 @@ def pick_source(source: str, champion: Any, latest: Any, prod: Any, dev: Any) ->
     if source == "latest":
         return (latest, dev, "model") if latest.status in ("trained", "baseline_only") else None
     if source == "global":
-        return latest, dev, "global"
+        return (latest, dev, "global") if global_may_answer(latest) else None
     if source == "baseline":
         return latest, dev, "baseline"
     raise ValueError(f"unknown scoring source {source!r}")

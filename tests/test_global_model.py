@@ -231,3 +231,21 @@ def test_at_scale_the_global_model_reads_a_seeded_set_of_partitions_then_samples
     again, _ = global_sample(list(reversed(ids)), rows, 100_000, seed=3)
     assert again == chosen  # the ids and the seed decide, not the order
     assert global_sample(ids, rows, 100_000, seed=4)[0] != chosen
+
+
+def test_the_global_model_does_not_answer_where_its_backtests_lost_to_the_baseline(registries, cfg, split):
+    dev, prod, results = registries
+    frame, _ = split
+    pid = next(p for p, r in results.items() if r.status == "trained")
+    worse = {**results[pid].to_row(), "run_id": "rg3"}
+    worse["metrics"] = {**worse["metrics"], "backtest_wape": 9.0, "baseline_backtest_wape": 1.0,
+                        "global_backtest_wape": 5.0}
+    dev.register_many([(worse, pickle.dumps(results[pid].bundle))])
+    manifest = frame.groupby(PARTITION_ID).agg(**{k: (k, "first") for k in cfg.data.keys},
+                                                last_period=(PERIOD, "max")).reset_index()
+    predictions, _ = score_frame(horizon_requests(manifest, cfg), cfg, prod, dev)
+    assert set(predictions.loc[predictions[PARTITION_ID] == pid, "source"]) == {"baseline"}
+    better = {**worse, "run_id": "rg4", "metrics": {**worse["metrics"], "global_backtest_wape": 0.5}}
+    dev.register_many([(better, pickle.dumps(results[pid].bundle))])
+    predictions, _ = score_frame(horizon_requests(manifest, cfg), cfg, prod, dev)
+    assert set(predictions.loc[predictions[PARTITION_ID] == pid, "source"]) == {"global"}
