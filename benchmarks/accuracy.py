@@ -611,9 +611,10 @@ def interval_note(joined: pd.DataFrame, columns: Sequence[str]) -> str:
 
 
 # Each default candidate trained alone and scored alone, through the CLI: a project file picks the
-# candidate and a scoring chain that answers with it whatever its backtests ("latest"; the global
-# model through the chain's "global" source, so short series get it too).
-ALONE_CHAINS = {"global": ["global", "baseline"]}
+# candidate and a scoring chain that answers with each partition's model whatever its backtests
+# ("latest"; trained with the global candidate alone, every partition's model is the global model,
+# short series included).
+ALONE_CHAINS: dict[str, list[str]] = {}
 ALONE_DEFAULT_CHAIN = ["latest", "baseline"]
 
 

@@ -110,4 +110,4 @@ def test_a_candidate_alone_is_trained_alone_and_scored_by_itself_through_the_cli
     assert own == {"training": {"candidates": ["loglm"], "ensemble": False},
                    "scoring": {"chain": ["latest", "baseline"]}}
     cfg = ProjectConfig.from_dict(tomllib.loads(bench.alone_config("global")))  # valid as a project file
-    assert cfg.scoring_chain == ["global", "baseline"] and cfg.training.candidates == ["global"]
+    assert cfg.scoring_chain == ["latest", "baseline"] and cfg.training.candidates == ["global"]
