@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -244,6 +244,16 @@ class GlobalModels:
         return True
 
 
+def _wape_pair(metrics: Mapping[str, Any], mine_key: str, base_key: str) -> tuple[float, float] | None:
+    """Two stored WAPEs as numbers, or None when either is missing, not a number, or NaN."""
+    mine, base = metrics.get(mine_key), metrics.get(base_key)
+    try:
+        mine, base = float(mine), float(base)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(mine) or math.isnan(base) else (mine, base)
+
+
 def beats_baseline(record: Any) -> bool:
     """Did a trained model beat its own moving-average baseline on its backtests?
 
@@ -255,16 +265,10 @@ def beats_baseline(record: Any) -> bool:
         return False
     m = record.metrics
     for model_key, base_key in (("backtest_wape", "baseline_backtest_wape"), ("wape", "baseline_wape")):
-        mine, base = m.get(model_key), m.get(base_key)
-        if mine is None or base is None:
+        if m.get(model_key) is None or m.get(base_key) is None:
             continue
-        try:
-            mine, base = float(mine), float(base)
-        except (TypeError, ValueError):
-            return False
-        if math.isnan(mine) or math.isnan(base):
-            return False
-        return mine < base
+        pair = _wape_pair(m, model_key, base_key)
+        return pair is not None and pair[0] < pair[1]
     return False
 
 
@@ -355,15 +359,9 @@ def global_may_answer(record: Any) -> bool:
     """May the run's global model answer for this partition? Unless its backtests (the validation
     folds and the test window) showed it worse than the partition's own moving average: then the
     baseline is the better forecast. Records without that evidence (older ones, new series) let it."""
-    m = record.metrics if record is not None else {}
-    mine, base = m.get("global_backtest_wape"), m.get("baseline_backtest_wape")
-    try:
-        mine, base = float(mine), float(base)
-    except (TypeError, ValueError):
-        return True
-    if math.isnan(mine) or math.isnan(base):
-        return True
-    return mine < base
+    pair = _wape_pair(record.metrics if record is not None else {}, "global_backtest_wape",
+                      "baseline_backtest_wape")
+    return pair is None or pair[0] < pair[1]
 
 
 def pick_source(source: str, champion: Any, latest: Any, prod: Any, dev: Any) -> tuple[Any, Any, str] | None:
