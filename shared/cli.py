@@ -19,6 +19,7 @@ from shared.cli_commands import (  # noqa: F401  (re-exported: the commands and 
     ONE_OFF,
     PROJECT_COMMANDS,
     WRITERS,
+    writes_workdir,
     _holder_text,
     _parse_tag,
     _partition_from_tags,
@@ -91,8 +92,7 @@ def _writer_lock(args: argparse.Namespace):
     """The workdir's writer lock for a command that changes it, else None."""
     from shared.locking import WorkdirLock
 
-    writes = args.command in WRITERS or (args.command == "models" and args.action == "seal")
-    if not writes:
+    if not writes_workdir(args):
         return None
     return WorkdirLock(Path(args.workdir).resolve(), _holder_text(args), wait=getattr(args, "wait", 0.0) or 0.0)
 

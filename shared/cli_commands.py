@@ -52,6 +52,11 @@ PROJECT_COMMANDS = ("ingest", "run", "demo")
 ONE_OFF = ("runner.workers", "runner.mini_batch_size", "runner.rows_per_file", "runner.progress")
 
 
+def writes_workdir(args: argparse.Namespace) -> bool:
+    """Does this command change the workdir (and so need its writer lock and the lake's lease)?"""
+    return args.command in WRITERS or (args.command == "models" and getattr(args, "action", None) == "seal")
+
+
 # Writer leases a command's workspaces hold until the command ends (closed by ``cli.main``).
 LEASES = contextlib.ExitStack()
 
@@ -67,7 +72,7 @@ def _workspace(args: argparse.Namespace):
     from shared.workspace import Workspace
 
     ws = Workspace.open(args.workdir, overrides=_overrides(args), config_path=args.config, remember=False)
-    if args.command in WRITERS or (args.command == "models" and getattr(args, "action", None) == "seal"):
+    if writes_workdir(args):
         LEASES.enter_context(writer_lease(ws, _holder_text(args), wait=getattr(args, "wait", 0.0) or 0.0))
     return ws
 
