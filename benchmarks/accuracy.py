@@ -614,8 +614,7 @@ def interval_note(joined: pd.DataFrame, columns: Sequence[str]) -> str:
 # candidate and a scoring chain that answers with each partition's model whatever its backtests
 # ("latest"; trained with the global candidate alone, every partition's model is the global model,
 # short series included).
-ALONE_CHAINS: dict[str, list[str]] = {}
-ALONE_DEFAULT_CHAIN = ["latest", "baseline"]
+ALONE_CHAIN = ["latest", "baseline"]
 
 
 def default_candidates() -> list[str]:
@@ -628,9 +627,8 @@ def default_candidates() -> list[str]:
 
 def alone_config(name: str) -> str:
     """The project TOML that trains `name` alone and scores every partition with it."""
-    chain = ALONE_CHAINS.get(name, ALONE_DEFAULT_CHAIN)
     return (f"[training]\ncandidates = [{json.dumps(name)}]\nensemble = false\n\n"
-            f"[scoring]\nchain = {json.dumps(chain)}\n")
+            f"[scoring]\nchain = {json.dumps(ALONE_CHAIN)}\n")
 
 
 def candidates_alone(split: Split, cols: Columns, folder: Path, suffix: str, holdout: int,
