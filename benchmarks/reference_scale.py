@@ -119,19 +119,21 @@ def corrected_copy(source: Path, target: Path, share: float, seed: int) -> int:
 
 
 def first_partitions(panel: Path, partitions: int) -> Any:
-    """The rows of the file's first `partitions` series (read batch by batch, stopping early)."""
+    """The rows of the file's first `partitions` series (the generator writes series one after
+    another: read batch by batch, and stop at the first batch that reaches past them)."""
     import pandas as pd
 
-    frames, seen = [], set()
+    frames, chosen = [], set()
     for batch in pq.ParquetFile(panel).iter_batches(batch_size=500_000):
         frame = batch.to_pandas()
         keys = list(zip(frame["store"], frame["item"]))
-        fresh = [k for k in dict.fromkeys(keys) if k not in seen]
-        take = fresh[: max(0, partitions - len(seen))]
-        seen.update(take)
-        wanted = set(take) | (seen if len(seen) <= partitions else set())
-        frames.append(frame[[k in wanted for k in keys]])
-        if len(seen) >= partitions and len(fresh) > len(take):
+        for key in dict.fromkeys(keys):
+            if len(chosen) >= partitions:
+                break
+            chosen.add(key)
+        inside = [k in chosen for k in keys]
+        frames.append(frame[inside])
+        if not all(inside):
             break
     return pd.concat(frames, ignore_index=True)
 
