@@ -268,11 +268,17 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
     residuals = _Residuals()
     cutoffs = {"validation": win.validation_start, "test": win.test_start, "final": np.iinfo(np.int64).max}
 
+    views: dict[str, Any] = {}
+
     def global_view(fit: str) -> Any:
-        """The partition's view of one global fit: its statistics before that fit's cut-off."""
+        """The partition's view of one global fit: its statistics before that fit's cut-off
+        (made once per fit: the test view forecasts the test window and joins the test-fit
+        ensemble; the final view is the model's member and the bundle's fallback)."""
         if gm is None or fit not in gm.fits:
             return None
-        return gm.view(fit, *partition_stats(ff, g, int(cutoffs[fit])))
+        if fit not in views:
+            views[fit] = gm.view(fit, *partition_stats(ff, g, int(cutoffs[fit])))
+        return views[fit]
 
     i_test = win.i_test
     test_y, test_filled = y[i_test:], filled[i_test:]
