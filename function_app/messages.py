@@ -43,9 +43,10 @@ RAW_CONTAINER = "raw"
 SCORING_CONTAINERS = ("raw", "scoring")
 DATA_SUFFIXES = (".csv", ".parquet")
 BLOB_CREATED = "Microsoft.Storage.BlobCreated"
-# ADLS Gen2 (hierarchical namespace) reports a new file twice: CreateFile (an empty file, before any
-# data) and FlushWithClose (the data is committed). Only the second means the file is there.
-INCOMPLETE_APIS = ("CreateFile",)
+# Some writers report a new file twice: an empty file first, then its committed data. ADLS Gen2
+# (hierarchical namespace): CreateFile, then FlushWithClose; SFTP: SftpCreate, then SftpCommit.
+# Only the second means the file is there (Microsoft's "Blob Storage as an Event Grid source").
+INCOMPLETE_APIS = ("CreateFile", "SftpCreate")
 UPSTREAM_TYPES = ("dataset-ready", "retrain", "score")
 OPTION_NAMES = ("group_size", "min_accuracy", "config", "full")
 _PARTITION_ID = re.compile(r"^p[0-9a-f]{20}$")
@@ -285,7 +286,9 @@ def lake_event(event: Any) -> LakeEvent:
     ``func.CloudEvent`` (CloudEvents 1.0, azure-functions >= 1.26), by their own attributes.
 
     An older azure-functions decodes a CloudEvents delivery as an ``EventGridEvent`` without an
-    event type: that is refused with a MessageError naming the fix (never silently ignored).
+    event type: that is refused with a MessageError naming the fix (never silently ignored). On
+    Python <= 3.12 the worker uses its own bundled azure-functions unless the app setting
+    ``PYTHON_ISOLATE_WORKER_DEPENDENCIES=1`` lets it load ours, so the fix may be that setting.
     """
     if hasattr(event, "specversion"):  # func.CloudEvent: ``type``, ``source``; no event_type
         return LakeEvent(event.id, event.type, event.subject, event.get_json(), "CloudEvents")
@@ -293,8 +296,9 @@ def lake_event(event: Any) -> LakeEvent:
     if event_type is None:
         raise MessageError(
             "eventType",
-            "missing: a CloudEvents 1.0 delivery decoded by azure-functions older than 1.26; "
-            "use azure-functions >= 1.26 or the Event Grid schema on the subscription",
+            "missing: a CloudEvents 1.0 delivery decoded by azure-functions older than 1.26 (on Python "
+            "<= 3.12 the worker's bundled copy unless PYTHON_ISOLATE_WORKER_DEPENDENCIES=1); load "
+            "azure-functions >= 1.26 or use the Event Grid schema on the subscription",
         )
     return LakeEvent(event.id, event_type, event.subject, event.get_json(), "EventGrid")
 
@@ -349,7 +353,8 @@ def normalise_url(url: str) -> str:
 
 
 def normalise_etag(etag: str) -> str:
-    """An ETag without the quotes the Blob API puts around it (Event Grid reports it bare)."""
+    """An ETag without its quotes: Event Grid's ``data.eTag`` and the Blob API both quote it
+    (``"0x8D..."``), some tools strip them; the version is the same."""
     return etag.strip().strip('"')
 
 

@@ -15,15 +15,14 @@ import json
 import sqlite3
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import azure.functions as func
 import pandas as pd
 import pytest
-from azure.functions.servicebus import ServiceBusMessage
 
 from durable_harness import FakeDurableExtension, app_functions
+from test_function_handlers import decoded, sb, storage_event  # the worker's decoding of raw inputs
 from shared.config import ProjectConfig
 from shared.synthetic import write_panel
 
@@ -83,33 +82,17 @@ def through_functions(data, tmp_path_factory):
         )
 
     try:
-        event = func.EventGridEvent(
-            id="evt-1",
-            topic="/subscriptions/x/storageAccounts/lake",
-            event_type="Microsoft.Storage.BlobCreated",
-            subject="/blobServices/default/containers/raw/blobs/sales.csv",
-            data={
-                "url": "https://lake.blob.core.windows.net/raw/sales.csv",
-                "eTag": "0x8DC0001",
-                "contentLength": data["csv"].stat().st_size,
-                "api": "PutBlob",
-            },
-            event_time=datetime.now(timezone.utc),
-            data_version="1",
-        )
+        # the event's JSON as Event Grid sends it, decoded by the worker's own converter
+        body = storage_event("raw/sales.csv", etag="0x8DC0001", host="https://lake.blob.core.windows.net",
+                             contentLength=data["csv"].stat().st_size)
+        event = decoded(body)
         client_call("on_lake_event", event=event)
         [(_, ingest_id, _)] = extension.starts
         ingest = extension.run_pending()[ingest_id]
         assert ingest.status == "Completed", ingest.error
 
         [promotion] = [o for o in ingest.outputs if o["function"] == "send_promotion_message"]
-        message = ServiceBusMessage(
-            body=promotion["value"].encode(),
-            message_id="promo-1",
-            delivery_count=1,
-            application_properties={},
-            user_properties={},
-        )
+        message = sb(promotion["value"].encode(), message_id="promo-1")  # as the worker decodes it
         functions["on_promotion_message"].get_user_function()(message=message)
 
         request = func.HttpRequest("POST", "https://app.example/api/score", body=b"{}", headers={})

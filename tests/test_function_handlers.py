@@ -10,6 +10,7 @@ and dead-lettered). The workspace is a real local one with a real ingested datas
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -18,9 +19,9 @@ from pathlib import Path
 import azure.functions as func
 import pandas as pd
 import pytest
-from azure.functions.servicebus import ServiceBusMessage as WorkerServiceBusMessage
 
 from durable_harness import FakeDurableExtension, app_functions
+from function_app.messages import MessageError
 from shared import pipeline
 from shared.keys import partition_id
 from shared.lake import LocalLake
@@ -96,6 +97,10 @@ def http(method: str, route: str, body=None, raw: bytes | None = None, route_par
         route_params=route_params or {},
         body=data,
     )
+
+
+def status_request(instance_id: str) -> func.HttpRequest:
+    return http("GET", f"status/{instance_id}", route_params={"instance_id": instance_id})
 
 
 def reply(response: func.HttpResponse) -> dict:
@@ -278,13 +283,70 @@ def test_status_returns_the_durable_status_with_progress_or_404(loop, extension)
     assert bad.status_code == 400
 
 
+SYSTEM_KEY = "dUrAbLeSyStEmKeY0123456789=="
+
+
+def client_with_system_key(extension) -> str:
+    """The durableClient binding JSON with a recognisable system key where the host puts one: in every
+    management URL (``code=...``) and in ``requiredQueryStringParameters``."""
+    binding = json.loads(extension.client_json().replace("code=key", f"code={SYSTEM_KEY}"))
+    binding.update(
+        baseUrl=f"{extension.base}/runtime/webhooks/durabletask",
+        requiredQueryStringParameters=f"code={SYSTEM_KEY}",
+    )
+    return json.dumps(binding)
+
+
+@pytest.mark.parametrize(
+    "name, req, status",
+    [
+        ("start_training_run", lambda w: http("POST", "train", {"dataset_id": w["dataset_id"]}), 202),
+        ("start_training_run", lambda w: http("POST", "train", {"dataset_id": "nope"}), 400),
+        ("start_training_run", lambda w: http("POST", "train", raw=b"{broken"), 400),
+        ("start_promotion_run", lambda w: http("POST", "promote", {}), 202),
+        ("start_promotion_run", lambda w: http("POST", "promote", {"run_id": "r0000000000000000"}), 400),
+        ("start_scoring_run", lambda w: http("POST", "score", {"horizon": 2}), 202),
+        ("start_scoring_run", lambda w: http("POST", "score", {"horizon": 0}), 400),
+        ("get_run_status", lambda w: status_request("train-known"), 200),
+        ("get_run_status", lambda w: status_request("train-unknown"), 404),  # unknown ids
+        ("get_run_status", lambda w: status_request("a/b"), 400),
+    ],
+)
+def test_no_response_carries_the_durable_management_urls_or_their_key(
+    loop, extension, workdir, name, req, status
+):
+    """The management URLs carry the extension's system key: any function-key holder could terminate,
+    rewind or purge every instance of the task hub with it. Only our own status route is returned."""
+    extension.set_status("train-known", "Failed", name="train_orchestrator", output="boom",
+                         customStatus={"stage": "training"})
+    function = app_functions()[name].get_user_function()
+
+    def answer() -> func.HttpResponse:
+        return loop.run_until_complete(function(req=req(workdir), client=client_with_system_key(extension)))
+
+    responses = [answer()]
+    assert responses[0].status_code == status
+    if status == 202:  # a repeat answers 200 with the same instance
+        responses.append(answer())
+        assert responses[1].status_code == 200
+    for answer in responses:
+        text = answer.get_body().decode() + json.dumps(dict(answer.headers))
+        for leak in (SYSTEM_KEY, "code=", "webhooks", "statusQueryGetUri", "terminatePost", "purgeHistory"):
+            assert leak not in text, f"{name} answered {answer.status_code} with {leak!r}: {text[:300]}"
+        if status == 202:
+            assert set(reply(answer)) == {"id", "started", "runtimeStatus", "statusUri"}
+            assert answer.headers["Location"] == reply(answer)["statusUri"]
+
+
 # -- lake events -------------------------------------------------------------------------------
-# Events are built as Event Grid sends them (raw JSON, either schema) and decoded by the worker's own
-# converter (azure.functions.eventgrid.EventGridEventInConverter), exactly as the host hands them to
-# the function: no hand-built EventGridEvent objects.
+# Events are built as Event Grid sends them (raw JSON, either schema, in the shapes of Microsoft's
+# "Azure Blob Storage as an Event Grid source" examples) and decoded by the worker's own converter
+# (azure.functions.eventgrid.EventGridEventInConverter), exactly as the host hands them to the
+# function: no hand-built EventGridEvent objects.
 LAKE_HOST = "https://mmlake.blob.core.windows.net"
 LAKE_DFS = "https://mmlake.dfs.core.windows.net"
 STORAGE_TOPIC = "/subscriptions/x/resourceGroups/rg/providers/Microsoft.Storage/storageAccounts/mmlake"
+BLOB_DELETED = "Microsoft.Storage.BlobDeleted"
 
 
 def storage_event(
@@ -295,38 +357,53 @@ def storage_event(
     host: str = LAKE_HOST,
     **data,
 ) -> dict:
-    """The JSON of one storage event as Event Grid delivers it, in the Event Grid or CloudEvents schema."""
+    """The JSON of one storage event as Event Grid delivers it, in the Event Grid or CloudEvents schema.
+
+    As documented: ``data.eTag`` is quoted (``"\"0x8D...\""``); an ADLS Gen2 (``dfs``) write is
+    ``FlushWithClose`` with ``contentOffset`` and ``dataVersion`` "2"; a deletion has no ETag or
+    length (``DeleteBlob``, or ``DeleteFile`` on the ``dfs`` endpoint); CloudEvents carry
+    ``source`` / ``type`` / ``time`` / ``specversion`` and no ``datacontenttype``.
+    """
     container, _, blob = path.partition("/")
+    adls = ".dfs." in host
     payload = {
-        "api": "PutBlob",
-        "url": f"{host}/{path}",
-        "eTag": etag,
+        "api": "FlushWithClose" if adls else "PutBlockList",
+        "clientRequestId": "6d79dbfb-0e37-4fc4-981f-442c9ca65760",
+        "requestId": "831e1650-001e-001b-66ab-eeb76e000000",
+        "eTag": etag if etag.startswith('"') else f'"{etag}"',
         "contentType": "text/csv",
         "contentLength": 1234,
+        **({"contentOffset": 0} if adls else {}),
         "blobType": "BlockBlob",
-        "sequencer": "0000000000000000000000000000A1B2000000000000c3d4",
-        **data,
+        "url": f"{host}/{path}",
+        "sequencer": "00000000000004420000000000028963",
+        "storageDiagnostics": {"batchId": "b68529f3-68cd-4744-baa4-3c0498ec19f0"},
     }
+    if event_type == BLOB_DELETED:
+        payload = {k: v for k, v in payload.items() if k not in ("eTag", "contentLength", "contentOffset")}
+        payload["api"] = "DeleteFile" if adls else "DeleteBlob"
+    payload.update(data)
     subject = f"/blobServices/default/containers/{container}/blobs/{blob}"
+    digest = hashlib.sha256(f"{path}|{etag}|{host}|{event_type}".encode()).hexdigest()
+    event_id = f"831e1650-001e-001b-66ab-{digest[:12]}"
     if schema == "CloudEvents":
         return {
-            "specversion": "1.0",
-            "id": f"evt-{etag}",
             "source": STORAGE_TOPIC,
-            "type": event_type,
             "subject": subject,
-            "time": "2024-06-01T00:00:00.0000000Z",
-            "datacontenttype": "application/json",
+            "type": event_type,
+            "time": "2024-06-01T18:41:00.9584103Z",
+            "id": event_id,
             "data": payload,
+            "specversion": "1.0",
         }
     return {
-        "id": f"evt-{etag}",
         "topic": STORAGE_TOPIC,
         "subject": subject,
         "eventType": event_type,
-        "eventTime": "2024-06-01T00:00:00.0000000Z",
+        "eventTime": "2024-06-01T18:41:00.9584103Z",
+        "id": event_id,
         "data": payload,
-        "dataVersion": "",
+        "dataVersion": "2" if adls else "",
         "metadataVersion": "1",
     }
 
@@ -366,12 +443,13 @@ def test_a_cloudevents_delivery_is_decoded_by_the_worker_as_a_cloud_event_and_ac
 
 
 def test_a_cloudevents_delivery_without_its_type_is_refused_clearly_not_ignored(loop, extension, caplog):
-    """azure-functions < 1.26 decodes a CloudEvent as an EventGridEvent whose event_type is None."""
+    """An older azure-functions (or the worker's bundled copy on Python <= 3.12 without
+    PYTHON_ISOLATE_WORKER_DEPENDENCIES=1) has no CloudEvent branch: its converter reads every payload
+    as the Event Grid schema (``eventType``, ``topic``...), i.e. today's converter minus the
+    ``specversion`` test, and hands the function an EventGridEvent whose event_type is None."""
     body = storage_event("raw/sales.csv", schema="CloudEvents")
-    old_style = func.EventGridEvent(
-        id=body["id"], data=body["data"], topic=None, subject=body["subject"], event_type=None,
-        event_time=None, data_version=None,
-    )
+    old_style = decoded({k: v for k, v in body.items() if k != "specversion"})  # the old converter's path
+    assert isinstance(old_style, func.EventGridEvent) and old_style.event_type is None
     with caplog.at_level(logging.INFO, logger="manymodels.functions"):
         call(loop, extension, "on_lake_event", event=old_style)
     assert extension.starts == []
@@ -380,8 +458,8 @@ def test_a_cloudevents_delivery_without_its_type_is_refused_clearly_not_ignored(
 
 def test_the_same_file_version_through_the_dfs_and_the_blob_endpoint_is_one_run(loop, extension):
     """ADLS Gen2 events name the dfs endpoint; the Blob API (HTTP and upstream starts) the blob one."""
-    adls = blob_created("raw/sales.csv", etag="0x8DD5", host=LAKE_DFS, api="FlushWithClose")
-    blob = blob_created("raw/sales.csv", etag='"0x8DD5"')  # the Blob API quotes its ETags
+    adls = blob_created("raw/sales.csv", etag="0x8DD5", host=LAKE_DFS)  # FlushWithClose, dfs URL
+    blob = blob_created("raw/sales.csv", etag="0x8DD5")  # PutBlockList, blob URL
     call(loop, extension, "on_lake_event", event=adls)
     call(loop, extension, "on_lake_event", event=blob)
     assert len(extension.starts) == 1
@@ -421,10 +499,12 @@ def test_two_deliveries_at_the_same_moment_still_start_one_orchestration(loop, e
 @pytest.mark.parametrize(
     "path, kw",
     [
-        ("raw/sales.csv", {"event_type": "Microsoft.Storage.BlobDeleted"}),  # deletions
+        ("raw/sales.csv", {"event_type": BLOB_DELETED}),  # deletions (DeleteBlob)
+        ("raw/sales.csv", {"event_type": BLOB_DELETED, "host": LAKE_DFS}),  # ADLS deletions (DeleteFile)
         ("prepared/d1/manifest.parquet", {}),  # other containers
         ("raw/notes.txt", {}),  # unsupported files
-        ("raw/sales.csv", {"api": "CreateFile", "contentLength": 0}),  # ADLS: created, not yet written
+        ("raw/sales.csv", {"host": LAKE_DFS, "api": "CreateFile", "contentLength": 0}),  # ADLS: no data yet
+        ("raw/sales.csv", {"api": "SftpCreate", "contentLength": 0, "contentOffset": 0}),  # SFTP: likewise
     ],
 )
 def test_events_that_are_not_new_raw_data_files_are_ignored(loop, extension, path, kw, schema, caplog):
@@ -473,6 +553,93 @@ def test_a_transient_failure_raises_so_event_grid_retries_it(loop, extension, mo
     assert not isinstance(caught.value, AssertionError)
 
 
+@pytest.mark.parametrize(
+    "error, raises",
+    [
+        ("ServiceRequestError", True),  # the connection failed: transient
+        ("HttpResponseError", True),  # 503 Server Busy, throttling: transient
+        ("LakeError", False),  # the blob is gone (deleted since the event): permanent, logged
+    ],
+)
+def test_a_lake_read_failure_raises_only_when_a_retry_can_succeed(
+    loop, extension, monkeypatch, error, raises, caplog
+):
+    """The sample check reads the file: an unreachable or busy lake must come again (Event Grid retries
+    a raising function), a file that is no longer there never will."""
+    from azure.core import exceptions as azure_errors
+
+    from function_app import raw_files
+    from shared.lake import LakeError
+
+    exc = LakeError("no such file in the lake: raw/sales.csv") if error == "LakeError" else getattr(
+        azure_errors, error)("connection reset by peer")
+
+    def read_fails(lake, path):
+        raise exc
+
+    monkeypatch.setattr(raw_files, "_open", read_fails)
+    event = blob_created("raw/sales.csv", etag=f"0x{error}")
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        if raises:
+            with pytest.raises(type(exc)):
+                call(loop, extension, "on_lake_event", event=event)
+        else:
+            assert call(loop, extension, "on_lake_event", event=event) is None
+    assert extension.starts == []
+    assert ("file rejected" in caplog.text) is not raises
+
+
+def test_an_sftp_upload_starts_the_run_on_its_commit_not_on_its_empty_create(loop, extension, caplog):
+    """SFTP uploads report SftpCreate (an empty blob, when the file is opened) then SftpCommit."""
+    created = blob_created("raw/sales.csv", etag="0x8DF1", api="SftpCreate", contentLength=0, contentOffset=0)
+    committed = blob_created("raw/sales.csv", etag="0x8DF2", api="SftpCommit", contentOffset=0)
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        call(loop, extension, "on_lake_event", event=created)
+    assert extension.starts == [] and "event ignored" in caplog.text and "SftpCreate" in caplog.text
+    call(loop, extension, "on_lake_event", event=committed)
+    assert len(extension.starts) == 1
+
+
+def test_an_event_grid_batch_reaches_the_function_one_event_at_a_time(loop, extension):
+    """Event Grid posts arrays (every documented example is one); the Event Grid extension invokes the
+    function once per element, and the binding declares no ``cardinality: many``. The worker's
+    converter cannot decode a whole array as one event: it fails before our code runs, so such an
+    invocation would fail and be retried, never be half-handled."""
+    from azure.functions.eventgrid import EventGridEventInConverter
+    from azure.functions.meta import Datum
+
+    batch = [storage_event("raw/sales.csv", "0x8DB1"), storage_event("raw/sales.csv", "0x8DB1"),
+             storage_event("raw/sales.csv", "0x8DB2")]
+    with pytest.raises(AttributeError):
+        EventGridEventInConverter.decode(Datum(json.dumps(batch), "json"), trigger_metadata={})
+    [trigger] = [b for b in app_functions()["on_lake_event"].get_bindings_dict()["bindings"]
+                 if b["type"] == "eventGridTrigger"]
+    assert "cardinality" not in trigger
+    for element in batch:
+        call(loop, extension, "on_lake_event", event=decoded(element))
+    assert len(extension.starts) == 2  # the repeated element is a duplicate of the first
+
+
+def test_an_adls_event_and_http_and_upstream_starts_of_one_file_version_are_one_run(
+    loop, extension, monkeypatch
+):
+    """ADLS events name the ``dfs`` endpoint; an HTTP or upstream start names the file through the lake's
+    Blob API (``blob`` endpoint, quoted ETag). One file version, one instance id."""
+    from shared.lake import LocalLake
+
+    monkeypatch.setattr(LocalLake, "uri", property(lambda self: LAKE_HOST))  # as the Blob API names it
+    monkeypatch.setattr("function_app.starts.file_version", lambda lake, path: '"0x8DA7"')
+    call(loop, extension, "on_lake_event", event=blob_created("raw/sales.csv", etag="0x8DA7", host=LAKE_DFS))
+    assert extension.starts[0][2]["trigger"]["url"] == f"{LAKE_DFS}/raw/sales.csv"
+    by_http = call(
+        loop, extension, "start_training_run", req=http("POST", "train", {"dataset": "raw/sales.csv"})
+    )
+    message = sb({"type": "dataset-ready", "path": "raw/sales.csv", "etag": "0x8DA7"}, message_id="up-1")
+    call(loop, extension, "on_upstream_message", message=message)
+    assert len(extension.starts) == 1
+    assert by_http.status_code == 200 and reply(by_http)["id"] == extension.starts[0][1]
+
+
 def test_the_app_has_no_blob_trigger_that_would_ship_whole_blobs_to_the_worker():
     """A func.InputStream blob trigger makes the host read the whole blob and send it over gRPC."""
     bindings = [b for f in app_functions().values() for b in f.get_bindings_dict()["bindings"]]
@@ -496,6 +663,9 @@ def _loop_stall(loop, coro_factory) -> float:
     async def both() -> None:
         stop = asyncio.Event()
         beat = asyncio.ensure_future(heartbeat(stop))
+        # let the heartbeat take its first beat: a function that blocks before its first await
+        # would otherwise run before the heartbeat started and its stall would go unmeasured
+        await asyncio.sleep(0.02)
         try:
             await coro_factory()
         finally:
@@ -537,16 +707,27 @@ def test_async_functions_keep_blocking_work_off_the_event_loop(loop, extension, 
 
 
 # -- Service Bus ---------------------------------------------------------------------------------
-def sb(body, message_id: str = "msg-1", delivery_count: int = 1) -> WorkerServiceBusMessage:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return WorkerServiceBusMessage(
-        body=data,
-        message_id=message_id,
-        delivery_count=delivery_count,
-        application_properties={},
-        user_properties={},
-        content_type="application/json",
-    )
+def sb(body, message_id: str = "msg-1", delivery_count: int = 1, data_type: str = "bytes"):
+    """The message the worker passes to the function: the body and the trigger metadata the Service Bus
+    extension sends, decoded by the worker's own converter (ServiceBusMessageInConverter)."""
+    from azure.functions.meta import Datum
+    from azure.functions.servicebus import ServiceBusMessageInConverter
+
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    data = Datum(raw if data_type == "bytes" else raw.decode("utf-8"), data_type)
+    metadata = {
+        "MessageId": Datum(message_id, "string"),
+        "DeliveryCount": Datum(delivery_count, "int"),
+        "ContentType": Datum("application/json", "string"),
+        "SequenceNumber": Datum(7, "int"),
+        "EnqueuedTimeUtc": Datum("2024-06-01T00:00:00Z", "string"),
+        "LockToken": Datum("87931fd2-39f4-415a-9fdc-adfdcbed3148", "string"),
+        "UserProperties": Datum("{}", "json"),  # its presence means cardinality one
+        "ApplicationProperties": Datum("{}", "json"),
+    }
+    message = ServiceBusMessageInConverter.decode(data, trigger_metadata=metadata)
+    assert isinstance(message, func.ServiceBusMessage) and message.message_id == message_id
+    return message
 
 
 def test_upstream_dataset_ready_starts_ingestion_like_the_lake_event_would(loop, extension):
@@ -578,15 +759,24 @@ def test_upstream_retrain_with_partition_keys_and_redelivery(loop, extension, wo
     assert len(extension.starts) == 2
 
 
-def test_upstream_score_message(loop, extension):
-    call(
-        loop,
-        extension,
-        "on_upstream_message",
-        message=func.ServiceBusMessage(body=json.dumps({"type": "score", "horizon": 4}).encode()),
-    )
+@pytest.mark.parametrize("data_type", ["bytes", "string", "json"])
+def test_upstream_score_message(loop, extension, data_type):
+    """Whatever typed data the host sends the body as, the function reads the same message."""
+    message = sb({"type": "score", "horizon": 4}, message_id=f"score-{data_type}", data_type=data_type)
+    call(loop, extension, "on_upstream_message", message=message)
     name, _, payload = extension.starts[0]
     assert name == "score_orchestrator" and payload["horizon"] == 4 and payload["data"] is None
+
+
+def test_an_upstream_message_that_meets_a_transient_failure_raises_to_be_redelivered(loop, extension, caplog):
+    """The Durable extension unreachable: not the message's fault, so it is not logged as rejected; the
+    function raises, Service Bus abandons the lock and redelivers (dead-lettered only after
+    maxDeliveryCount)."""
+    extension.close()
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"), pytest.raises(Exception) as caught:
+        call(loop, extension, "on_upstream_message", message=sb({"type": "score", "horizon": 2}))
+    assert not isinstance(caught.value, (AssertionError, MessageError))
+    assert "upstream message rejected" not in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -606,8 +796,6 @@ def test_upstream_score_message(loop, extension):
     ],
 )
 def test_invalid_upstream_messages_raise_so_they_are_dead_lettered(loop, extension, body, field, caplog):
-    from function_app.messages import MessageError
-
     with caplog.at_level(logging.INFO, logger="manymodels.functions"), pytest.raises(MessageError) as caught:
         call(loop, extension, "on_upstream_message", message=sb(body if isinstance(body, bytes) else body))
     assert caught.value.field == field
@@ -641,6 +829,29 @@ def test_a_poison_promotion_message_raises_with_its_reason_logged(body, error, c
         handler(message=sb(body))
     assert type(caught.value).__name__ == error
     assert ("promotion message rejected" if error == "MessageError" else "promotion failed") in caplog.text
+
+
+@pytest.mark.parametrize("transient", ["lease", "lake"])
+def test_a_promotion_that_meets_a_transient_failure_raises_to_be_redelivered(
+    workdir, monkeypatch, transient, caplog
+):
+    """The writer lease held elsewhere, or the lake unreachable: the message is fine, so the function
+    raises and Service Bus redelivers it (never completed without its promotion)."""
+    from shared.locking import WorkdirLockedError
+
+    def busy(*args, **kwargs):
+        if transient == "lease":
+            raise WorkdirLockedError("the lake's writer lease is held by train_orchestrator", None)
+        raise ConnectionResetError("lake unreachable")
+
+    monkeypatch.setattr(pipeline, "promote", busy)
+    handler = app_functions()["on_promotion_message"].get_user_function()
+    body = {"type": "promote", "run_id": workdir["run_id"], "origin": "train-x"}
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"), pytest.raises(Exception) as caught:
+        handler(message=sb(body, message_id="promo-busy"))
+    expected = "WorkdirLockedError" if transient == "lease" else "ConnectionResetError"
+    assert type(caught.value).__name__ == expected
+    assert "promotion message rejected" not in caplog.text
 
 
 # -- against Azurite: a real upload and its event ----------------------------------------------------
