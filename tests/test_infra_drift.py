@@ -473,12 +473,33 @@ def test_strings_comments_and_interpolations_do_not_confuse_the_scanner():
 
 
 
-def test_service_bus_uses_an_api_version_whose_schema_has_its_tls_and_network_properties():
-    """minimumTlsVersion and publicNetworkAccess are not in the 2021-11-01 namespace schema: ARM drops them."""
-    text = (INFRA / "app" / "servicebus.bicep").read_text()
-    versions = re.findall(r"'Microsoft\.ServiceBus/namespaces@(\d{4}-\d{2}-\d{2})(-preview)?'", text)
-    assert versions and all(v >= "2022-10-01" and not preview for v, preview in versions), versions
-    assert "minimumTlsVersion: '1.2'" in text and "publicNetworkAccess:" in text
+# Writable properties of Microsoft.ServiceBus/namespaces (SBNamespaceProperties) per API version, as
+# the Bicep type definitions give them (github.com/Azure/bicep-types-az, generated/servicebus/
+# microsoft.servicebus/<version>/types.md). ARM drops a property its version's schema lacks, silently.
+_SB_BASE = {"alternateName", "disableLocalAuth", "encryption", "privateEndpointConnections", "zoneRedundant"}
+SERVICE_BUS_NAMESPACE_PROPERTIES = {
+    "2021-11-01": _SB_BASE,
+    "2024-01-01": _SB_BASE | {"minimumTlsVersion", "publicNetworkAccess", "premiumMessagingPartitions"},
+}
+
+
+def _namespace_properties(text: str) -> tuple[str, set[str]]:
+    """The API version of the namespace resource and the property names its ``properties:`` sets."""
+    m = re.search(r"^resource \w+ 'Microsoft\.ServiceBus/namespaces@([0-9a-z-]+)' = \{\n(.*?)^\}", text, re.M | re.S)
+    assert m, "no Service Bus namespace resource"
+    props = re.search(r"^  properties: \{\n(.*?)^  \}", m.group(2), re.M | re.S)
+    assert props, "the namespace sets no properties"
+    return m.group(1), set(re.findall(r"^    (\w+):", props.group(1), re.M))
+
+
+def test_every_service_bus_namespace_property_is_in_its_api_versions_schema():
+    """minimumTlsVersion and publicNetworkAccess are not in the 2021-11-01 schema: ARM drops them."""
+    version, used = _namespace_properties((INFRA / "app" / "servicebus.bicep").read_text())
+    assert {"minimumTlsVersion", "publicNetworkAccess", "disableLocalAuth"} <= used
+    assert version in SERVICE_BUS_NAMESPACE_PROPERTIES, f"add {version}'s SBNamespaceProperties to the table"
+    assert used <= SERVICE_BUS_NAMESPACE_PROPERTIES[version], used - SERVICE_BUS_NAMESPACE_PROPERTIES[version]
+    # the rule itself: on the old version the two settings would not be in the schema
+    assert used - SERVICE_BUS_NAMESPACE_PROPERTIES["2021-11-01"] == {"minimumTlsVersion", "publicNetworkAccess"}
 
 
 def test_the_online_endpoint_name_and_identity_come_from_the_template(infra):
@@ -491,3 +512,33 @@ def test_the_online_endpoint_name_and_identity_come_from_the_template(infra):
     assert settings["MM_AZUREML_ENDPOINT_IDENTITY_ID"] == "azureMLEndpointIdentityId"
     assert "azureMLEndpointIdentityId: identity.outputs.computeIdentityId" in main
     assert "azureMLEndpointIdentityClientId: identity.outputs.computeIdentityClientId" in main
+
+
+def _role_assignments(text: str) -> list[dict[str, str]]:
+    """Each role assignment of a Bicep file: its scope, principal and role (the Bicep expressions)."""
+    out = []
+    for block in re.split(r"^resource ", text, flags=re.M)[1:]:
+        if "'Microsoft.Authorization/roleAssignments@" not in block.split("\n", 1)[0]:
+            continue
+        fields = {k: re.search(rf"^\s*{k}:\s*(.+)$", block, re.M) for k in ("scope", "principalId", "roleDefinitionId")}
+        out.append({k: m.group(1).strip() if m else "" for k, m in fields.items()})
+    return out
+
+
+def test_the_endpoint_identity_holds_the_roles_a_managed_online_endpoint_needs():
+    """A managed online endpoint's identity needs AcrPull on the workspace's container registry and
+    Storage Blob Data Reader on its default storage, or the deployment never becomes healthy; the
+    scoring script reads registry/prod in the lake. The endpoint runs as the compute identity."""
+    main = (INFRA / "main.bicep").read_text()
+    assert "azureMLEndpointIdentityId: identity.outputs.computeIdentityId" in main
+    assert "computePrincipalId: identity.outputs.computeIdentityPrincipalId" in main
+    assert "prodWorkspaceStorageName: aml.outputs.prodStorageName" in main
+    aml = (INFRA / "app" / "aml.bicep").read_text()
+    prod = re.search(r"^module prod 'aml-workspace\.bicep' = \{(.*?)^\}", aml, re.M | re.S).group(1)
+    assert "containerRegistryId: registry.id" in prod and "registryName string = registry.name" in aml
+    granted = {(a["scope"], a["roleDefinitionId"].split("roles.")[-1].rstrip(")"))
+               for a in _role_assignments((INFRA / "app" / "roles.bicep").read_text())
+               if a["principalId"] == "computePrincipalId"}
+    assert ("containerRegistry", "acrPull") in granted
+    assert ("prodWorkspaceStorage", "storageBlobDataReader") in granted
+    assert ("lake", "storageBlobDataReader") in granted  # registry/prod, read on demand

@@ -24,6 +24,11 @@
 //                  the containers the jobs write to (prepared, runs: main.bicep computeWriteContainers).
 //   Azure ML dev   Storage Blob Data Contributor on the dev workspace storage (outputs, logs);
 //                  AcrPull on the shared registry (environment images).
+//   Azure ML prod  Storage Blob Data Reader on the prod workspace storage: the online endpoint runs
+//                  as this identity (MM_AZUREML_ENDPOINT_IDENTITY_ID), and a managed online
+//                  endpoint's identity needs AcrPull on the workspace's registry and read access to
+//                  its default storage (the deployment's code snapshot) to become healthy; it reads
+//                  registry/prod with the lake role above.
 // Deploying principal (optional; the user running azd, or CI)
 //   lake           Storage Blob Data Contributor (upload raw files); Service Bus Data Sender on the
 //                  upstream queue (send test messages); AzureML Data Scientist on dev.
@@ -322,6 +327,17 @@ resource computeDevStorage 'Microsoft.Authorization/roleAssignments@2022-04-01' 
     principalId: computePrincipalId
     principalType: 'ServicePrincipal'
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataContributor)
+  }
+}
+
+// the online endpoint (production workspace) runs as the compute identity: its code snapshot lives here
+resource computeProdStorageRead 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(prodWorkspaceStorage.id, computePrincipalId, roles.storageBlobDataReader)
+  scope: prodWorkspaceStorage
+  properties: {
+    principalId: computePrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataReader)
   }
 }
 
