@@ -587,7 +587,32 @@ def test_endpoint_names_are_derived_per_deployment_and_checked():
     b = AzureMLSettings(subscription_id=SUB, resource_group=RG, workspace_dev="mlw-dev", workspace_prod="mlw-2")
     assert a.endpoint_name != b.endpoint_name and len(a.endpoint_name) <= 32
     assert _aml(endpoint_name="mm-abc123").endpoint_name == "mm-abc123"
+    assert a.with_changes(workspace_prod="mlw-2").endpoint_name == b.endpoint_name, "re-derived"
+    assert _aml(endpoint_name="mm-abc123").with_changes(workspace_prod="mlw-2").endpoint_name == "mm-abc123"
     with pytest.raises(AzureMLError, match="not an endpoint name"):
         AzureMLSettings.from_env({"MM_AZUREML_SUBSCRIPTION_ID": SUB, "MM_AZUREML_RESOURCE_GROUP": RG,
                                   "MM_AZUREML_WORKSPACE_DEV": "d", "MM_AZUREML_WORKSPACE_PROD": "p",
                                   "MM_AZUREML_ENDPOINT": "9-bad_name"})
+
+
+def test_our_endpoint_names_pass_the_sdks_own_rule_and_the_check_agrees_with_it():
+    """3-32 characters, a letter first, letters, digits and hyphens, no hyphen last (the SDK's
+    validate_endpoint_or_deployment_name); the Bicep's mm-<uniqueString> is 16 characters."""
+    from azure.ai.ml.entities._endpoint._endpoint_helpers import validate_endpoint_or_deployment_name
+    from azure.ai.ml.exceptions import ValidationException
+
+    from shared.azureml.client import _ENDPOINT_NAME
+
+    derived = [AzureMLSettings(subscription_id=SUB, resource_group=f"rg-{i}", workspace_dev="mlw-dev",
+                               workspace_prod="mlw-prod").endpoint_name for i in range(50)]
+    assert len(set(derived)) == 50
+    bicep_like = "mm-" + "0123456789abc"  # uniqueString(): 13 lowercase letters and digits
+    for name in [*derived, bicep_like]:
+        validate_endpoint_or_deployment_name(name)
+    for name in ["ab", "a" * 33, "9abc", "-abc", "abc-", "ab_c", "ab.c", "a" * 32, "abc", "a-1"]:
+        try:
+            validate_endpoint_or_deployment_name(name)
+            sdk_accepts = True
+        except ValidationException:
+            sdk_accepts = False
+        assert bool(_ENDPOINT_NAME.match(name)) == sdk_accepts, name

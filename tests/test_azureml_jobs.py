@@ -351,6 +351,72 @@ def test_a_scoring_group_gets_only_its_partitions_newest_models(aml, code, tmp_p
         {"partitions": 1, "models": 0}
 
 
+def _folder_bytes(folder: Path) -> tuple[int, int]:
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+@pytest.mark.slow
+def test_at_reference_scale_a_groups_slices_are_its_share_of_the_registries_not_all_of_them(aml, code, tmp_path):
+    """10,000 partitions with every version of every model in dev and prod, scored in 16 groups: each
+    job downloads its ~625 partitions' newest models and the global models they need, ~1/16 of the
+    newest models and a small part of the registries' bytes (the old inputs were both whole folders)."""
+    import sqlite3
+
+    import pandas as pd
+
+    from shared.global_model import GLOBAL_ID
+    from shared.keys import PARTITION_ID
+    from shared.lake import write_parquet
+    from shared.registry import ModelRegistry
+
+    score_id = "s00000000000000cd"
+    everyone = [f"p{i:020x}" for i in range(10_000)]
+    artifact = b"m" * 2_000  # about the size of a small model's pickle
+
+    def registry(name: str, runs: list[tuple[str, list[str]]]) -> ModelRegistry:
+        reg = ModelRegistry(tmp_path / "registry" / name, name)
+        for run_id, pids in runs:  # each run registers its partitions' models and its global model
+            reg.register_many([({"partition_id": pid, "run_id": run_id, "model_type": "ets"}, artifact)
+                               for pid in [*pids, GLOBAL_ID]])
+        return reg
+
+    # production: every partition promoted from run 1, a third of them again from run 2; development:
+    # runs 1 and 2 trained everything
+    runs = ["r" + "1" * 16, "r" + "2" * 16]
+    prod = registry("prod", [(runs[0], everyone), (runs[1], everyone[::3])])
+    dev = registry("dev", [(runs[0], everyone), (runs[1], everyone)])
+    cfg = ProjectConfig()
+    ws = Workspace(tmp_path, cfg, LocalLake(tmp_path / "lake"))
+    ws._prod, ws._dev = prod, dev
+    ws.lake.write_bytes(f"runs/{score_id}/run.json", json.dumps(
+        {"score_id": score_id, "dataset_id": DATASET, "config": cfg.to_dict()}).encode())
+    groups = [everyone[g::16] for g in range(16)]  # 625 partitions each
+    for g in (0, 15):
+        mine = groups[g]
+        batch = f"runs/{score_id}/inputs/batches/batch-{g:05d}.parquet"
+        write_parquet(ws.lake, batch, pd.DataFrame({PARTITION_ID: [pid for pid in mine for _ in range(3)],
+                                                    "period": [0, 1, 2] * len(mine)}))
+        inputs = _rest(build_job_for_group(ws, aml, "score", score_id, g, [batch], code=code))["properties"]["inputs"]
+        for name, source in (("prod", prod), ("dev", dev)):
+            assert inputs[f"{name}_registry"]["uri"] == \
+                f"azureml://datastores/lake_runs/paths/{score_id}/registry/g{g:05d}/{name}/"
+            folder = ws.lake.local_path(f"runs/{score_id}/registry/g{g:05d}/{name}")
+            with sqlite3.connect(folder / "index.sqlite") as index:
+                rows = index.execute("SELECT partition_id, version, run_id FROM models").fetchall()
+            newest = source.latest_many(mine)
+            expected = {(r.partition_id, r.version, r.run_id) for r in newest.values()}
+            needed = {r.run_id for r in newest.values()}  # the runs whose global models bundles bind
+            expected |= {(GLOBAL_ID, source.by_run(run_id, GLOBAL_ID).version, run_id) for run_id in needed}
+            assert set(rows) == expected and len(rows) == 625 + len(needed)
+            assert needed == (set(runs) if name == "prod" else {runs[1]})
+            files, size = _folder_bytes(folder)
+            assert files == len(rows) + 1  # one artifact per kept model, and the index
+            registry_files, registry_size = _folder_bytes(Path(source.root))
+            # prod holds 13,336 models, dev 20,002: a slice is 627 or 626 of them
+            assert files < registry_files / 20 and size < registry_size / 10, (name, files, size)
+
+
 def test_a_scoring_run_pins_every_groups_slices_when_planned_so_a_later_promotion_reaches_none(
         aml, code, tmp_path):
     import pandas as pd

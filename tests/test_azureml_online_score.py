@@ -203,6 +203,7 @@ def inference_server(trained, tmp_path_factory):
     ws, _ = trained
     root = tmp_path_factory.mktemp("endpoint")
     _publish(ws.prod.root, root / "storage", head="v1")
+    _publish(ws.dev.root, root / "storage", head="d1", name="dev")  # the scoring chain's fallbacks
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -274,3 +275,33 @@ def test_errors_are_encoded_once_with_their_status_under_the_real_inference_serv
     assert code == status
     assert isinstance(body, dict), f"error body encoded twice: {body!r}"
     assert body["status"] == status and body.get("field") == field
+
+
+def test_every_partition_gets_the_local_servers_answer_from_the_endpoint_over_http(inference_server, trained):
+    """One contract for every front end: the endpoint under azmlinfsrv answers each request with the
+    status and body of the local server (``manymodels serve``; the Functions route runs the same
+    shared.serving.Predictor), for forecasts along the whole scoring chain and for errors."""
+    from starlette.testclient import TestClient
+
+    from shared.serving import open_predictor
+    from shared.serving.app import create_app
+
+    ws, predictions = trained
+    requests = [_request(keys={"store": r["store"], "item": r["item"]}, horizon=4)
+                for _, r in predictions.drop_duplicates("partition_id").iterrows()]
+    first = predictions.sort_values("date").iloc[0]
+    dates = sorted(predictions.loc[predictions["partition_id"] == first["partition_id"], "date"])[:2]
+    requests += [
+        _request(partition_id=first["partition_id"],
+                 rows=[{"date": d.strftime("%Y-%m-%d"), "price": 2.5, "promo": 1} for d in dates]),
+        _request(keys={"store": "nowhere", "item": "nothing"}),
+        _request(keys={"store": "s1"}),
+        _request(partition={"store": "s1", "item": "i1"}),
+        _request(partition_id=first["partition_id"], horizon=0),
+        "{not json",
+    ]
+    with TestClient(create_app(open_predictor(ws))) as local:
+        for body in requests:
+            status, _, answer = _post(inference_server, body.encode())
+            expected = local.post("/predict", content=body.encode(), headers={"Content-Type": "application/json"})
+            assert (status, answer) == (expected.status_code, expected.json()), body

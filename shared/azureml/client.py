@@ -79,8 +79,8 @@ EXTRA_SETTINGS: tuple[tuple[str, str, Any, str], ...] = (
     ("MM_AZUREML_EXPERIMENT", "experiment", "manymodels", "Experiment name of submitted jobs."),
     ("MM_AZUREML_ASSET_NAME", "asset_name", "manymodels", "Model asset name (one version per run)."),
     ("MM_AZUREML_ENDPOINT", "endpoint_name", None,
-     "Managed online endpoint name (unique per region); default mm-<hash of subscription, resource "
-     "group and production workspace>. The Bicep sets mm-<resource token>."),
+     "Managed online endpoint name (unique per region); default mm-online-<hash of subscription, "
+     "resource group and production workspace>. The Bicep sets mm-<resource token>."),
     ("MM_AZUREML_ENDPOINT_IDENTITY_ID", "endpoint_identity_id", None,
      "Resource id of the user-assigned identity the online endpoint runs as (it reads the production "
      "registry); empty: a system-assigned identity."),
@@ -207,6 +207,9 @@ class AzureMLSettings:
                                "production models live apart from training")
 
     def with_changes(self, **changes: Any) -> "AzureMLSettings":
+        derived = default_endpoint_name(self.subscription_id, self.resource_group, self.workspace_prod)
+        if "endpoint_name" not in changes and self.endpoint_name == derived:
+            changes["endpoint_name"] = None  # a derived name follows the workspace it was derived from
         out = replace(self, **changes)
         out.check()
         return out
