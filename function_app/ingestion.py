@@ -1,12 +1,15 @@
 """Ingestion: new files in the lake's raw container start ingestion and retraining.
 
 One way in: an Event Grid trigger for ``Microsoft.Storage.BlobCreated`` (the event carries the URL
-and ETag; the function reads only a sample). Both delivery schemas are accepted: the Event Grid
+and ETag; the function reads only a sample) and, on ADLS Gen2, ``Microsoft.Storage.BlobRenamed`` for
+a file renamed into ``raw/`` (Spark and Data Factory write elsewhere, then rename; the event has no
+ETag, so the file's current ETag is read first). Both delivery schemas are accepted: the Event Grid
 schema (``func.EventGridEvent``) and CloudEvents 1.0 (``func.CloudEvent``, azure-functions >= 1.26).
 The function:
 
 1. keeps only ``.csv`` / ``.parquet`` files under ``raw/`` (other containers, other files, other
-   event types, and ADLS ``CreateFile`` events, which precede the data: logged, ignored);
+   event types, hidden or temporary paths such as Spark's ``_temporary/``, renamed folders, and
+   ADLS ``CreateFile`` events, which precede the data: logged, ignored);
 2. derives the orchestration instance id from the storage account, container, blob and ETag, so a
    duplicate delivery of the same file version — through either the ``blob`` or the ``dfs``
    endpoint, or an HTTP / Service Bus start naming the same file — starts nothing new;
@@ -39,7 +42,7 @@ import azure.durable_functions as df
 import azure.functions as func
 
 from function_app.logging_context import RunLog, orchestration_log
-from function_app.messages import Ignored, MessageError, RawFile, lake_event, parse_blob_created
+from function_app.messages import Ignored, MessageError, RawFile, lake_event, parse_lake_file_event
 from function_app.orchestration import (
     HISTORY_TASKS,
     INGEST_ORCHESTRATOR,
@@ -62,12 +65,13 @@ INGEST_STATUS_ACTIVITY = "get_ingest_job_status"
 @bp.event_grid_trigger(arg_name="event")
 @bp.durable_client_input(client_name="client")
 async def on_lake_event(event: func.EventGridEvent, client: df.DurableOrchestrationClient) -> None:
-    """BlobCreated in the raw container (either schema): check the file and start ingestion once."""
+    """A new file in the raw container (BlobCreated, or a file BlobRenamed into it; either schema):
+    check it and start its ingestion once."""
     log = RunLog({"event_id": getattr(event, "id", None), "subject": getattr(event, "subject", None)})
     try:
         received = lake_event(event)
         log = log.bind(schema=received.schema)
-        raw = parse_blob_created(received.type, received.subject, received.data)
+        raw = parse_lake_file_event(received.type, received.subject, received.data)
     except Ignored as why:
         log.info("event ignored", reason=str(why))
         return

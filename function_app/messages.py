@@ -42,11 +42,21 @@ RAW_CONTAINER = "raw"
 # Scoring files may come from raw/ or scoring/ (shared.pipeline.LAKE_SOURCE_CONTAINERS stages both).
 SCORING_CONTAINERS = ("raw", "scoring")
 DATA_SUFFIXES = (".csv", ".parquet")
+# Names that writers use for work in progress (Spark's _temporary/, Hadoop's .crc and _SUCCESS):
+# an event for such a path is not a new raw file.
+HIDDEN_PREFIXES = ("_", ".")
 BLOB_CREATED = "Microsoft.Storage.BlobCreated"
 # Some writers report a new file twice: an empty file first, then its committed data. ADLS Gen2
 # (hierarchical namespace): CreateFile, then FlushWithClose; SFTP: SftpCreate, then SftpCommit.
 # Only the second means the file is there (Microsoft's "Blob Storage as an Event Grid source").
 INCOMPLETE_APIS = ("CreateFile", "SftpCreate")
+# ADLS Gen2 only: a file renamed into raw/ (Spark's and Data Factory's write-then-rename) is a new
+# file there; the event carries no ETag, so the version is read from the lake before the run is named.
+BLOB_RENAMED = "Microsoft.Storage.BlobRenamed"
+RENAMED_FILE_API = "RenameFile"
+# The API calls after which a file in raw/ is complete: the Event Grid subscription's data.api filter
+# (infra/app/eventgrid.bicep) lets only these through.
+COMPLETED_APIS = ("PutBlob", "PutBlockList", "FlushWithClose", "CopyBlob", "SftpCommit", RENAMED_FILE_API)
 UPSTREAM_TYPES = ("dataset-ready", "retrain", "score")
 OPTION_NAMES = ("group_size", "min_accuracy", "config", "full")
 _PARTITION_ID = re.compile(r"^p[0-9a-f]{20}$")
@@ -145,13 +155,16 @@ class RawFile:
 
     path: str  # lake path: raw/...
     url: str
-    etag: str
+    etag: str | None  # None: the event carries no version (a rename); read it from the lake first
     size: int | None = None
+    renamed_from: str | None = None  # the source URL of a rename, for the log
 
     @property
     def identity(self) -> str:
         """Account, container, blob and version: the same file version has one identity whichever
         endpoint names it (``dfs`` in ADLS events, ``blob`` in HTTP and upstream starts)."""
+        if self.etag is None:
+            raise ValueError(f"{self.path}: the file version is not known yet")
         return f"{storage_location(self.url)}|{normalise_etag(self.etag)}"
 
 
@@ -303,34 +316,80 @@ def lake_event(event: Any) -> LakeEvent:
     return LakeEvent(event.id, event_type, event.subject, event.get_json(), "EventGrid")
 
 
+def parse_lake_file_event(event_type: str | None, subject: str | None, data: Any) -> RawFile:
+    """A new file in the raw container, announced by a ``BlobCreated`` or a ``BlobRenamed`` event.
+
+    Raises :class:`Ignored` for events we do not act on, :class:`MessageError` for malformed ones.
+    """
+    if event_type == BLOB_RENAMED:
+        return parse_blob_renamed(subject, data)
+    return parse_blob_created(event_type, subject, data)
+
+
 def parse_blob_created(event_type: str | None, subject: str | None, data: Any) -> RawFile:
     """A ``BlobCreated`` event of the raw container as a RawFile.
 
     Raises :class:`Ignored` for events we do not act on, :class:`MessageError` for malformed ones.
     """
     if event_type != BLOB_CREATED:
-        raise Ignored(f"event type {event_type!r} is not {BLOB_CREATED}")
-    match = _SUBJECT.match(subject or "")
-    if not match:
-        raise MessageError("subject", f"not a blob subject: {subject!r}")
-    if not isinstance(data, Mapping):
-        raise MessageError("data", "must be a JSON object")
+        raise Ignored(f"event type {event_type!r} is neither {BLOB_CREATED} nor {BLOB_RENAMED}")
+    data = _event_data(data)
     if data.get("api") in INCOMPLETE_APIS:
         raise Ignored(f"{data.get('api')}: the file is created but not written yet (FlushWithClose follows)")
-    url = data.get("url")
+    container, blob = _subject_blob(subject)
+    url = _blob_url(data, "url", container, blob)
     etag = data.get("eTag")
-    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
-        raise MessageError("data.url", "missing or not an http(s) URL")
     if not isinstance(etag, str) or not etag.strip('"'):
         raise MessageError("data.eTag", "missing: the ETag identifies the file version")
     size = data.get("contentLength")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
         raise MessageError("data.contentLength", f"must be a non-negative integer, got {size!r}")
-    container, blob = match.group("container"), unquote(match.group("blob"))
-    if not normalise_url(url).endswith(f"/{container}/{blob}"):
-        raise MessageError("data.url", f"does not name the blob of the subject ({container}/{blob})")
     path = raw_lake_path(f"{container}/{blob}")
     return RawFile(path=path, url=url, etag=normalise_etag(etag), size=size)
+
+
+def parse_blob_renamed(subject: str | None, data: Any) -> RawFile:
+    """A file renamed into the raw container (ADLS Gen2 ``RenameFile``) as a RawFile without a version.
+
+    The subject names the destination. A renamed directory is ignored with the reason: its event
+    names no file, and the files inside it are announced by no event of their own.
+    """
+    data = _event_data(data)
+    container, blob = _subject_blob(subject)
+    api = data.get("api")
+    if api != RENAMED_FILE_API:
+        raise Ignored(
+            f"{container}/{blob}: {api or 'a rename'} is not a file rename ({RENAMED_FILE_API}); rename "
+            "files, not folders, into the raw container, or start the run with a dataset-ready message"
+        )
+    url = _blob_url(data, "destinationUrl", container, blob)
+    source = data.get("sourceUrl")
+    path = raw_lake_path(f"{container}/{blob}")
+    return RawFile(path=path, url=url, etag=None, renamed_from=source if isinstance(source, str) else None)
+
+
+def _event_data(data: Any) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise MessageError("data", "must be a JSON object")
+    return data
+
+
+def _subject_blob(subject: str | None) -> tuple[str, str]:
+    """``(container, blob)`` of a storage event's subject."""
+    match = _SUBJECT.match(subject or "")
+    if not match:
+        raise MessageError("subject", f"not a blob subject: {subject!r}")
+    return match.group("container"), unquote(match.group("blob"))
+
+
+def _blob_url(data: Mapping[str, Any], name: str, container: str, blob: str) -> str:
+    """The event's URL of the blob, which must name the subject's blob."""
+    url = data.get(name)
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise MessageError(f"data.{name}", "missing or not an http(s) URL")
+    if not normalise_url(url).endswith(f"/{container}/{blob}"):
+        raise MessageError(f"data.{name}", f"does not name the blob of the subject ({container}/{blob})")
+    return url
 
 
 def raw_lake_path(name: str) -> str:
@@ -341,9 +400,15 @@ def raw_lake_path(name: str) -> str:
     if not name.lower().endswith(DATA_SUFFIXES):
         raise Ignored(f"{name}: not a data file ({', '.join(DATA_SUFFIXES)})")
     try:
-        return check_path(name)
+        path = check_path(name)  # hostile paths first: they are malformed, not merely hidden
     except LakeError as exc:
         raise MessageError("path", str(exc)) from exc
+    if any(part.startswith(HIDDEN_PREFIXES) for part in path.split("/")[1:]):
+        raise Ignored(
+            f"{name}: a hidden or temporary path (a folder or file name starts with "
+            f"{' or '.join(repr(p) for p in HIDDEN_PREFIXES)}, as Spark and Hadoop name work in progress)"
+        )
+    return path
 
 
 def normalise_url(url: str) -> str:

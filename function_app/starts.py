@@ -16,7 +16,7 @@ calls are awaited on the loop: a slow blob read never stalls the other invocatio
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from function_app.logging_context import RunLog
@@ -28,6 +28,7 @@ from function_app.messages import (
     ScoreRequest,
     TrainRequest,
     instance_id,
+    normalise_etag,
     normalise_url,
 )
 from function_app.orchestration import (
@@ -69,7 +70,13 @@ async def start_raw_file(
     options: RunOptions | None = None,
     partitions: tuple[Any, ...] | None = None,
 ) -> StartOutcome:
-    """Ingest and retrain one version of a raw file; Rejected if its sample fails validation."""
+    """Ingest and retrain one version of a raw file; Rejected if its sample fails validation.
+
+    A file whose event carries no version (a rename) gets the lake's current ETag first, so it has
+    the identity an HTTP or Service Bus start of the same file version would have."""
+    if raw.etag is None:
+        log = log.bind(renamed_from=raw.renamed_from)
+        raw = await asyncio.to_thread(with_current_version, raw)
     iid = instance_id("ingest", raw.identity)
     log = log.bind(path=raw.path, etag=raw.etag)
     status = await existing_run(client, iid)
@@ -78,6 +85,12 @@ async def start_raw_file(
         return StartOutcome(iid, False, status)
     start = await asyncio.to_thread(prepare_raw_file, raw, iid, options, partitions)
     return await start_once(client, start.orchestrator, start.instance_id, start.payload, log)
+
+
+def with_current_version(raw: RawFile) -> RawFile:
+    """Blocking: the raw file with the lake's current version of it (Rejected if it is gone)."""
+    ws = open_workspace(settings=load_settings())
+    return replace(raw, etag=normalise_etag(file_version(ws.lake, raw.path)))
 
 
 def prepare_raw_file(

@@ -640,6 +640,92 @@ def test_an_adls_event_and_http_and_upstream_starts_of_one_file_version_are_one_
     assert by_http.status_code == 200 and reply(by_http)["id"] == extension.starts[0][1]
 
 
+BLOB_RENAMED = "Microsoft.Storage.BlobRenamed"
+
+
+def blob_renamed(path: str, source: str = "staging/_temporary/0/sales.csv", schema: str = "EventGrid", **data):
+    """A file renamed on ADLS Gen2, as Event Grid delivers it: the subject and ``destinationUrl``
+    name the new path, ``sourceUrl`` the old one; no ETag and no length."""
+    body = storage_event(path, event_type=BLOB_RENAMED, schema=schema, host=LAKE_DFS)
+    body["data"] = {
+        "api": "RenameFile",
+        "clientRequestId": "2b4f1e6e-1a3e-4a1b-9e7f-0e0d9c3b2a10",
+        "requestId": "8fe2c8d2-b01f-0041-3a16-5fd2b2000000",
+        "destinationUrl": f"{LAKE_DFS}/{path}",
+        "sourceUrl": f"{LAKE_DFS}/{source}",
+        "sequencer": "00000000000000000000000000005e5d0000000000000bb1",
+        "storageDiagnostics": {"batchId": "0a1c4b1e-3e95-4a5a-8b6c-3e5f1c9d7a20"},
+        **data,
+    }
+    return decoded(body)
+
+
+@pytest.mark.parametrize("schema", ["EventGrid", "CloudEvents"])
+def test_a_file_renamed_into_raw_starts_one_run_with_the_files_current_version(
+    loop, extension, monkeypatch, schema, caplog
+):
+    """Spark and Data Factory write elsewhere and rename into raw/: no BlobCreated fires for raw/.
+    The rename carries no ETag, so the lake's is read; an HTTP start of that version is the same run."""
+    from shared.lake import LocalLake
+
+    monkeypatch.setattr(LocalLake, "uri", property(lambda self: LAKE_HOST))
+    monkeypatch.setattr("function_app.starts.file_version", lambda lake, path: '"0x8DB1"')
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        call(loop, extension, "on_lake_event", event=blob_renamed("raw/sales.csv", schema=schema))
+        call(loop, extension, "on_lake_event", event=blob_renamed("raw/sales.csv", schema=schema))  # redelivery
+    assert len(extension.starts) == 1
+    name, instance, payload = extension.starts[0]
+    assert name == "ingest_orchestrator" and payload["source"] == "raw/sales.csv"
+    assert payload["trigger"] == {"url": f"{LAKE_DFS}/raw/sales.csv", "etag": "0x8DB1"}
+    assert "renamed_from=" in caplog.text and "_temporary/0/sales.csv" in caplog.text
+    by_http = call(loop, extension, "start_training_run", req=http("POST", "train", {"dataset": "raw/sales.csv"}))
+    assert by_http.status_code == 200 and reply(by_http)["id"] == instance
+
+
+def test_a_renamed_file_is_checked_like_a_new_one(loop, extension, caplog):
+    """Its version comes from the real (local) lake, and a bad or vanished file is refused, not retried."""
+    call(loop, extension, "on_lake_event", event=blob_renamed("raw/sales.csv"))
+    assert extension.starts[0][2]["trigger"]["etag"].startswith("local-")
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        assert call(loop, extension, "on_lake_event", event=blob_renamed("raw/no-target.csv")) is None
+        assert call(loop, extension, "on_lake_event", event=blob_renamed("raw/renamed-away.csv")) is None
+    assert len(extension.starts) == 1
+    assert caplog.text.count("file rejected") == 2 and "no such file in the lake: raw/renamed-away.csv" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "event, words",
+    [
+        (lambda: blob_renamed("raw/batch", api="RenameDirectory"), "not a file rename"),  # folders
+        (lambda: blob_renamed("prepared/sales.csv"), "not in the 'raw' container"),
+        (lambda: blob_renamed("raw/notes.txt"), "not a data file"),
+        (lambda: blob_renamed("raw/out/_temporary/0/part-0000.csv"), "hidden or temporary"),
+        (lambda: blob_created("raw/out/_temporary/0/task_1/part-0000.parquet", host=LAKE_DFS), "hidden or temporary"),
+        (lambda: blob_created("raw/out/.part-0000.csv"), "hidden or temporary"),
+        (lambda: blob_created("raw/_SUCCESS.csv"), "hidden or temporary"),
+    ],
+)
+def test_renamed_folders_and_work_in_progress_paths_are_ignored_with_the_reason(
+    loop, extension, event, words, caplog
+):
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        assert call(loop, extension, "on_lake_event", event=event()) is None
+    assert extension.starts == [] and "event ignored" in caplog.text and words in caplog.text
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"destinationUrl": None}, "data.destinationUrl"),
+        ({"destinationUrl": f"{LAKE_DFS}/raw/other.csv"}, "data.destinationUrl"),
+    ],
+)
+def test_a_malformed_rename_is_dropped_with_the_field_named(loop, extension, data, field, caplog):
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        assert call(loop, extension, "on_lake_event", event=blob_renamed("raw/sales.csv", **data)) is None
+    assert extension.starts == [] and "malformed event dropped" in caplog.text and f"field={field}" in caplog.text
+
+
 def test_the_app_has_no_blob_trigger_that_would_ship_whole_blobs_to_the_worker():
     """A func.InputStream blob trigger makes the host read the whole blob and send it over gRPC."""
     bindings = [b for f in app_functions().values() for b in f.get_bindings_dict()["bindings"]]

@@ -338,6 +338,12 @@ def test_the_model_registry_container_and_its_datastores_match_the_azureml_code(
 def test_event_grid_filter_matches_the_ingestion_code(infra):
     assert infra.raw_container == messages.RAW_CONTAINER
     assert sorted(infra.data_suffixes) == sorted(messages.DATA_SUFFIXES)
+    text = (INFRA / "app" / "eventgrid.bicep").read_text()
+    types = re.search(r"includedEventTypes: \[(.*?)\]", text, re.S).group(1)
+    assert sorted(re.findall(r"'([^']+)'", types)) == sorted([messages.BLOB_CREATED, messages.BLOB_RENAMED])
+    apis = re.search(r"key: 'data\.api'\s+values: \[(.*?)\]", text, re.S).group(1)
+    assert sorted(re.findall(r"'([^']+)'", apis)) == sorted(messages.COMPLETED_APIS)
+    assert not set(messages.COMPLETED_APIS) & set(messages.INCOMPLETE_APIS)
 
 
 def test_event_subscriptions_target_the_functions_that_exist(infra, bindings):

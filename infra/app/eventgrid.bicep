@@ -9,10 +9,12 @@
 // The endpoint exists only after the code is deployed (ARM validates it), so the subscription is
 // created on the second provisioning (createSubscriptions; see azure.yaml's postdeploy hook).
 //
-// Filters: BlobCreated only, subject in the raw container, file types by suffix (advanced filter on
-// subject: one subjectEndsWith per subscription would allow only one suffix), and only the API calls
-// that complete a blob (an ADLS Gen2 CreateFile fires BlobCreated for an empty file first; the
-// FlushWithClose that completes it, a Blob API upload, a copy or an SFTP commit are kept).
+// Filters: BlobCreated and BlobRenamed, subject in the raw container, file types by suffix (advanced
+// filter on subject: one subjectEndsWith per subscription would allow only one suffix), and only the
+// API calls that complete a file (an ADLS Gen2 CreateFile fires BlobCreated for an empty file first;
+// the FlushWithClose that completes it, a Blob API upload, a copy, an SFTP commit and a file renamed
+// into raw/ by Spark or Data Factory (RenameFile; its subject is the new name) are kept).
+// function_app/messages.py BLOB_CREATED, BLOB_RENAMED and COMPLETED_APIS hold the same lists.
 // Delivery: retried with exponential back-off up to maxDeliveryAttempts within the TTL, then
 // dead-lettered as a blob into the host storage account, written with the topic's own identity.
 
@@ -38,6 +40,7 @@ var storageBlobDataContributor = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
 var eventFilter = {
   includedEventTypes: [
     'Microsoft.Storage.BlobCreated'
+    'Microsoft.Storage.BlobRenamed'
   ]
   subjectBeginsWith: '/blobServices/default/containers/${rawContainerName}/'
   enableAdvancedFilteringOnArrays: true
@@ -56,6 +59,7 @@ var eventFilter = {
         'FlushWithClose'
         'CopyBlob'
         'SftpCommit'
+        'RenameFile'
       ]
     }
   ]
