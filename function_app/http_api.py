@@ -30,6 +30,7 @@ from function_app.messages import (
     parse_score_request,
     parse_train_request,
 )
+from function_app.raw_files import NotReady
 from function_app.runtime import StartOutcome
 from function_app.starts import start_promotion, start_scoring, start_training
 from shared.serving.errors import redact
@@ -49,6 +50,9 @@ async def start_training_run(
         outcome = await start_training(client, request, log)
     except MessageError as exc:
         return bad_request(exc, log)
+    except NotReady as exc:  # a copy into the raw file is still running: the same request will succeed
+        log.warning("raw file not complete yet", reason=str(exc))
+        return json_response(503, {"error": f"{exc}; retry later", "field": "dataset"}, {"Retry-After": "30"})
     return accepted(req, client, outcome)
 
 

@@ -50,7 +50,7 @@ from function_app.orchestration import (
     call_with_retry,
     follow_job,
 )
-from function_app.raw_files import Rejected
+from function_app.raw_files import NotReady, Rejected
 from function_app.runtime import StartOutcome, lake_writer, open_workspace
 from function_app.starts import start_raw_file
 from function_app.training import training_steps
@@ -82,12 +82,17 @@ async def on_lake_event(event: func.EventGridEvent, client: df.DurableOrchestrat
 
 
 async def start_ingestion(client: Any, raw: RawFile, log: RunLog) -> StartOutcome | None:
-    """Start ingestion for a file version; a bad file is refused with a logged reason, not retried."""
+    """Start ingestion for a file version; a bad file is refused with a logged reason, not retried;
+    a file still being copied raises, so Event Grid delivers the event again later."""
     try:
         return await start_raw_file(client, raw, log)
     except Rejected as why:
         log.warning("file rejected", path=raw.path, reason=str(why))
         return None
+    except NotReady as why:
+        log.warning("file not complete yet; Event Grid will deliver the event again", path=raw.path,
+                    reason=str(why))
+        raise
 
 
 @bp.orchestration_trigger(context_name="context")

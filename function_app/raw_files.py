@@ -30,6 +30,13 @@ class Rejected(Exception):
     """A raw file that cannot be ingested; the message is the reason, naming the file."""
 
 
+class NotReady(Exception):
+    """A raw file that is not complete yet (a copy into the lake still running): try again later.
+
+    Transient, unlike :class:`Rejected`: a lake event raises it so Event Grid redelivers the event,
+    an HTTP start answers 503 with ``Retry-After``."""
+
+
 def file_version(lake: Lake, path: str) -> str:
     """The version of a lake file: the blob's ETag, or a local file's modification time and size."""
     local = lake.local_path(path)
@@ -47,7 +54,15 @@ def file_version(lake: Lake, path: str) -> str:
 
 
 def check_raw_file(lake: Lake, path: str, cfg: Any, size: int | None = None) -> None:
-    """Read a sample with the core's reader and validate it; Rejected with the reason if it fails."""
+    """Read a sample with the core's reader and validate it; Rejected with the reason if it fails,
+    NotReady while a copy into the file is still running."""
+    if hasattr(lake, "copy_pending"):
+        try:
+            pending = lake.copy_pending(path)
+        except LakeError as exc:
+            raise Rejected(str(exc)) from exc
+        if pending:
+            raise NotReady(f"{path}: a copy into the lake is still running (copy status pending)")
     if size == 0:
         raise Rejected(f"{path}: the file is empty")
     suffix = PurePosixPath(path).suffix.lower()

@@ -15,6 +15,7 @@ import azure.functions as func
 
 from function_app.logging_context import RunLog
 from function_app.messages import MessageError, TrainRequest, parse_upstream_message
+from function_app.raw_files import NotReady
 from function_app.starts import start_scoring, start_training
 from shared.settings import SERVICEBUS_CONNECTION
 
@@ -40,5 +41,8 @@ async def on_upstream_message(message: func.ServiceBusMessage, client: df.Durabl
             outcome = await start_scoring(client, parsed.request, log, dedupe=message_id, path_field="path")
     except MessageError as exc:
         log.error("upstream message rejected", field=exc.field, reason=exc.reason)
+        raise
+    except NotReady as exc:  # transient: abandoned, so Service Bus delivers it again
+        log.warning("raw file not complete yet; the message will be delivered again", reason=str(exc))
         raise
     log.info("upstream message accepted", instance_id=outcome.instance_id, started=outcome.started)

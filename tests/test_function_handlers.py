@@ -726,6 +726,28 @@ def test_a_malformed_rename_is_dropped_with_the_field_named(loop, extension, dat
     assert extension.starts == [] and "malformed event dropped" in caplog.text and f"field={field}" in caplog.text
 
 
+def test_a_file_still_being_copied_is_retried_not_rejected(loop, extension, monkeypatch, caplog):
+    """On a hierarchical-namespace account a CopyBlob's BlobCreated fires when the copy starts: the
+    sample would read a partial file. Event Grid must deliver it again, an HTTP caller retry."""
+    from function_app.raw_files import NotReady
+    from shared.lake import LocalLake
+
+    monkeypatch.setattr(LocalLake, "copy_pending", lambda self, path: True, raising=False)
+    event = blob_created("raw/sales.csv", etag="0x8DCC", host=LAKE_DFS, api="CopyBlob")
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"), pytest.raises(NotReady, match="copy"):
+        call(loop, extension, "on_lake_event", event=event)
+    assert extension.starts == [] and "file not complete yet" in caplog.text
+    answer = call(loop, extension, "start_training_run", req=http("POST", "train", {"dataset": "raw/sales.csv"}))
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "30"
+    assert reply(answer)["field"] == "dataset" and "still running" in reply(answer)["error"]
+    message = sb({"type": "dataset-ready", "path": "raw/sales.csv", "etag": "0x8DCC"}, message_id="copy-1")
+    with pytest.raises(NotReady):  # abandoned: Service Bus delivers it again
+        call(loop, extension, "on_upstream_message", message=message)
+    monkeypatch.setattr(LocalLake, "copy_pending", lambda self, path: False, raising=False)
+    call(loop, extension, "on_lake_event", event=event)  # the redelivery once the copy is done
+    assert len(extension.starts) == 1
+
+
 def test_the_app_has_no_blob_trigger_that_would_ship_whole_blobs_to_the_worker():
     """A func.InputStream blob trigger makes the host read the whole blob and send it over gRPC."""
     bindings = [b for f in app_functions().values() for b in f.get_bindings_dict()["bindings"]]

@@ -106,6 +106,22 @@ def test_ranges_and_sizes_read_part_of_a_blob(lake):
     assert lake.etag(path) != first and not first.startswith('"')  # a new version, without quotes
 
 
+def test_a_copy_into_a_blob_reports_whether_it_is_still_running(lake):
+    """Azurite finishes a server-side copy at once (status ``success``); in Azure a copy from another
+    account can stay ``pending`` while Event Grid already reported the blob."""
+    source = f"{_unique('raw')}/source.csv"
+    lake.write_bytes(source, b"store,item\n1,2\n")
+    target = f"{source.split('/')[0]}/copied.csv"
+    src_container, src_name = source.split("/", 1)
+    source_url = lake.service.get_blob_client(src_container, src_name).url
+    copied = lake.service.get_blob_client(src_container, "copied.csv")
+    copied.start_copy_from_url(source_url)
+    assert copied.get_blob_properties().copy.status == "success"
+    assert lake.copy_pending(target) is False and lake.copy_pending(source) is False
+    with pytest.raises(LakeError, match="no such file"):
+        lake.copy_pending(f"{src_container}/missing.csv")
+
+
 def test_parquet_round_trip_through_the_core_helpers(lake):
     frame = pd.DataFrame(
         {"store": ["S1", "S2"], "sales": [1.5, 2.0], "date": pd.to_datetime(["2024-01-07"] * 2)}

@@ -141,6 +141,16 @@ class BlobLake:
         except ResourceNotFoundError as exc:
             raise LakeError(f"no such file in the lake: {path}") from exc
 
+    def copy_pending(self, path: str) -> bool:
+        """Is a server-side copy into this blob still running? On a hierarchical-namespace account
+        Event Grid reports ``BlobCreated`` (api ``CopyBlob``) when a copy starts, not when it ends."""
+        container, name = self._split(path)
+        try:
+            copy = self.service.get_blob_client(container, name).get_blob_properties().copy
+        except ResourceNotFoundError as exc:
+            raise LakeError(f"no such file in the lake: {path}") from exc
+        return getattr(copy, "status", None) == "pending"
+
     def read_range(self, path: str, offset: int, length: int) -> bytes:
         """Part of a blob, so a trigger can check a file's header without downloading all of it."""
         container, name = self._split(path)
