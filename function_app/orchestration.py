@@ -53,22 +53,27 @@ def error_text(error: BaseException) -> str:
 
 
 def call_with_retry(
-    context: Any, name: str, payload: Any, options: dict[str, Any]
+    context: Any, name: str, payload: Any, options: dict[str, Any], spent: list[int] | None = None
 ) -> Generator[Any, Any, Any]:
     """Call an activity, retrying on durable timers; raises ActivityFailed after the last attempt.
 
     One task at a time: nothing else is scheduled while it is pending (see the module docstring).
+    ``spent[0]`` (when given) counts the tasks scheduled, retries and their timers included, so a
+    caller's history budget sees them.
     """
     attempts = max(1, int(options["retry_attempts"]))
     delay = timedelta(milliseconds=int(options["retry_first_ms"]))
+    tally = spent if spent is not None else [0]
     for attempt in range(1, attempts + 1):
         try:
+            tally[0] += 1
             return (yield context.call_activity(name, payload))
         except Exception as exc:  # the SDK raises the activity's failure into the generator
             if attempt == attempts:
                 raise ActivityFailed(
                     f"{name} failed after {attempts} attempt(s): {error_text(exc)}"
                 ) from exc
+            tally[0] += 1
             yield context.create_timer(context.current_utc_datetime + delay)
     raise AssertionError("unreachable")
 
@@ -86,12 +91,13 @@ def follow_job(
 
     One task at a time (a timer, then the status activity through :func:`call_with_retry`), so
     nothing is ever scheduled while another task is pending. ``finished`` is False once ``budget``
-    tasks were scheduled and the job is still live: the caller continues as new with the handle,
-    which keeps its history bounded however long the job runs. A job still live at ``deadline``
-    raises (it is not canceled).
+    tasks (status retries and their timers included) were scheduled and the job is still live: the
+    caller continues as new with the handle, which keeps its history bounded however long the job
+    runs (at most ``budget + 2 * retry_attempts`` tasks a generation). A job still live at
+    ``deadline`` raises (it is not canceled).
     """
     poll = timedelta(seconds=int(options["poll_seconds"]))
-    scheduled = 0
+    spent = [0]
     while handle["state"] not in TERMINAL_STATES:
         now = context.current_utc_datetime
         if now >= deadline:
@@ -99,13 +105,13 @@ def follow_job(
                 f"job {handle['job_id']} still {handle['state']} after "
                 f"{int(options['timeout_seconds'])} s; it was not canceled"
             )
-        if scheduled >= budget:
+        if spent[0] >= budget:
             return handle, False
+        spent[0] += 1
         yield context.create_timer(min(now + poll, deadline))
         handle = yield from call_with_retry(
-            context, status_activity, {**payload, "job_id": handle["job_id"]}, options
+            context, status_activity, {**payload, "job_id": handle["job_id"]}, options, spent
         )
-        scheduled += 2
     return handle, True
 
 

@@ -19,6 +19,10 @@
   SDK the extension numbers the tasks after a retry differently, and the instance can stay
   "Running" forever (azure-functions-durable-python issue 603, won't fix):
   :class:`RetryWhilePending`.
+* ``OrchestrationHarness(numbering="extension")`` numbers the tasks the way the extension does
+  instead (:class:`ExtensionView`, a model of the extension's out-of-proc shim on DurableTask.Core),
+  so that defect shows as what it is in production: an instance that never finishes
+  (:class:`ExtensionHang`).
 * :class:`FakeDurableExtension` serves the extension's HTTP API for the Durable client on
   127.0.0.1 (start, status), so client functions run with the real ``DurableOrchestrationClient``.
 """
@@ -141,16 +145,22 @@ class OrchestrationHarness:
     announces: 2 (V3, what the current extension sends, with its timer limits) or 1 (V2). The
     legacy V1 protocol (0) cannot express waiting on already-scheduled tasks together with a new
     one, which the monitor loop does, so the app needs the extension bundle v4 (V2 or later).
+    With ``numbering="extension"`` the extension's own view decides which tasks exist and their
+    event ids (see :class:`ExtensionView`); with the default the harness follows the SDK's.
     """
 
     functions: dict[str, Any] = field(default_factory=app_functions)
     activities: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
     schema: int = 2
     max_replays: int = 5000
+    numbering: str = "sdk"  # "sdk": event ids as the SDK numbers its tasks; "extension": as the extension does
+    history_limit: int | None = None  # fail as soon as one generation's history reaches it
 
     def __post_init__(self) -> None:
         if self.schema not in (1, 2):
             raise ValueError("the harness plays replay schema V2 (1) or V3 (2)")
+        if self.numbering not in ("sdk", "extension"):
+            raise ValueError("numbering is 'sdk' or 'extension'")
 
     def run(
         self,
@@ -177,6 +187,15 @@ class NonDeterminism(AssertionError):
 
 class RetryWhilePending(AssertionError):
     """New tasks were scheduled while a retrying task was pending (SDK issue 603: can hang forever)."""
+
+
+class HistoryTooLong(AssertionError):
+    """One generation's history reached the harness's ``history_limit``."""
+
+
+class ExtensionHang(AssertionError):
+    """The extension has no task left to complete but the orchestration is not finished: it stays
+    "Running" forever (what SDK issue 603 reports)."""
 
 
 class _Replay:
@@ -276,6 +295,17 @@ class _Replay:
                     f"before: {self.seen}\nnow:    {actions[: len(self.seen)]}"
                 )
             self.max_history = max(self.max_history, len(self.history))
+            limit = self.harness.history_limit
+            if limit is not None and len(self.history) >= limit:
+                raise HistoryTooLong(
+                    f"{self.name}: generation {self.generations} reached {len(self.history)} history events "
+                    f"(limit {limit}) at replay {self.replays}"
+                )
+            if self.harness.numbering == "extension":
+                outcome = self._extension_episode(state, error, actions)
+                if outcome is not None:
+                    return outcome
+                continue
             continued = [a for a in actions if a.get("actionType") == CONTINUE_AS_NEW]
             if error is None and state.get("isDone") and continued:
                 if self.pending:
@@ -301,6 +331,38 @@ class _Replay:
                 raise AssertionError(f"{self.name}: waiting, but nothing is scheduled")
             self._complete_next()
 
+    def _extension_episode(
+        self, state: dict[str, Any], error: str | None, actions: list[dict[str, Any]]
+    ) -> HarnessResult | None:
+        """One episode as the extension plays it: its shim replays the SDK's actions over the history,
+        and only the tasks *it* schedules, with *its* ids, are written and completed."""
+        view = ExtensionView(state.get("actions") or [], self.history)
+        view.play()
+        ended = error is not None or bool(state.get("isDone"))
+        if ended and view.shim_done and not view.open_ids():
+            continued = [a for a in actions if a.get("actionType") == CONTINUE_AS_NEW]
+            if error is None and continued:
+                self.input = continued[-1]["input"]
+                self.generations += 1
+                self._start_generation()
+                return None
+            return self._result("Failed" if error is not None else "Completed", state, error)
+        self.seen = actions
+        for task_id, issued in view.new():
+            self._schedule(issued.action, task_id, issued.attempt)
+        self._event(ORCHESTRATOR_COMPLETED)
+        if {p.event_id for p in self.pending} != view.open_ids() | {i for i, _ in view.new()}:
+            raise AssertionError(f"{self.name}: the harness and the extension view disagree on open tasks")
+        if not self.pending:
+            waiting = "the orchestrator is waiting" if not ended else "the shim is waiting"
+            raise ExtensionHang(
+                f"{self.name}: replay {self.replays}: {waiting}, but the extension has no task left to "
+                f"complete: the instance stays Running forever (SDK {len(actions)} actions, "
+                f"extension ids 0..{view.next_id - 1})"
+            )
+        self._complete_next()
+        return None
+
     def _replay(self) -> tuple[dict[str, Any], str | None]:
         try:
             return json.loads(self.handle(self._context())), None
@@ -310,13 +372,14 @@ class _Replay:
                 raise
             return json.loads(state), message.strip()
 
-    def _schedule(self, action: dict[str, Any]) -> None:
+    def _schedule(self, action: dict[str, Any], event_id: int | None = None, attempt: int = 1) -> None:
         kind = action["actionType"]
-        event_id = self.next_id
-        self.next_id += 1
+        if event_id is None:
+            event_id = self.next_id
+            self.next_id += 1
         if kind in (CALL_ACTIVITY, CALL_ACTIVITY_WITH_RETRY):
             self._event(TASK_SCHEDULED, event_id, Name=action["functionName"], Input=action.get("input"))
-            self.pending.append(_Pending("activity", event_id, self.clock, action))
+            self.pending.append(_Pending("activity", event_id, self.clock, action, attempt))
         elif kind == CREATE_TIMER:
             fire_at = _parse(action["fireAt"])
             self._event(TIMER_CREATED, event_id, FireAt=action["fireAt"])
@@ -329,7 +392,7 @@ class _Replay:
                 InstanceId=action.get("instanceId"),
                 Input=action.get("input"),
             )
-            self.pending.append(_Pending("sub", event_id, self.clock, action))
+            self.pending.append(_Pending("sub", event_id, self.clock, action, attempt))
         else:
             raise AssertionError(f"the harness does not play action type {kind}: {action}")
 
@@ -413,6 +476,198 @@ class _Replay:
             generations=self.generations,
             max_history=max(self.max_history, len(self.history)),
         )
+
+
+# -- the extension's view: its out-of-proc shim replaying the SDK's actions on DurableTask.Core -----------
+class _Future:
+    """A .NET task as DurableTask.Core runs it: continuations run inline when it settles."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.failed = False
+        self._callbacks: list[Callable[["_Future"], None]] = []
+
+    def settle(self, failed: bool = False) -> None:
+        if self.done:
+            return
+        self.done, self.failed = True, failed
+        for callback in self._callbacks:
+            callback(self)
+
+    def then(self, callback: Callable[["_Future"], None]) -> None:
+        if self.done:
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+
+def _run_async(steps: Any) -> _Future:
+    """Run an ``async`` method written as a generator that yields futures; its own future settles
+    when it returns (failed if it raises)."""
+    result = _Future()
+
+    def advance(previous: _Future | None) -> None:
+        try:
+            future = steps.send(previous)
+        except StopIteration:
+            result.settle()
+            return
+        except _TaskFailed:
+            result.settle(failed=True)
+            return
+        future.then(advance)
+
+    advance(None)
+    return result
+
+
+class _TaskFailed(Exception):
+    """A task of the extension's view failed (raised inside a retry interceptor)."""
+
+
+@dataclass
+class _Issued:
+    kind: str  # activity | timer | sub
+    action: dict[str, Any]
+    future: _Future
+    attempt: int = 1
+
+
+class ExtensionView:
+    """What the Durable extension schedules, and with which event ids, for one out-of-proc episode.
+
+    A model of the sources, not a guess (azure-functions-durable-extension
+    ``Listener/OutOfProcOrchestrationShim.cs``; DurableTask.Core ``TaskOrchestrationContext``,
+    ``TaskOrchestrationExecutor``, ``RetryInterceptor``):
+
+    * every task the extension schedules takes the next id of one counter at the moment it is
+      scheduled (``idCounter++``), activities, timers and sub-orchestrations alike;
+    * the shim replays the SDK's top-level actions (schema V2/V3) one after the other, awaiting
+      each before it issues the next; a ``WhenAny`` / ``WhenAll`` issues its compound actions
+      (the SDK leaves out the ones it scheduled before) and is awaited as a whole;
+    * ``CallActivityWithRetry`` / ``CallSubOrchestratorWithRetry`` run DurableTask.Core's retry
+      interceptor: on a failure it creates a timer (a zero-delay one after the last attempt) and
+      then schedules the task again, each taking the next id *when the extension gets there*;
+    * history events are played in order, continuations run inline (a synchronous scheduler), an
+      ``OrchestratorStarted`` event sets the clock, a completion for an id it does not hold is
+      dropped as a duplicate, and a scheduled event for an id it did not schedule is a
+      non-determinism failure.
+
+    The SDK numbers a retry's timer and rescheduled task when *it* sees the failure and the
+    timer; the shim, still awaiting an earlier action, may reach them before or after tasks the
+    SDK scheduled meanwhile, and then the two disagree on ids. Not modelled (the app uses none):
+    external events, entities, HTTP calls, canceled timers, timers longer than the extension's
+    short-timer limit, retry handlers, the V1 schema.
+    """
+
+    def __init__(self, actions: list[Any], history: list[dict[str, Any]]) -> None:
+        if len(actions) > 1 or (actions and not isinstance(actions[0], list)):
+            raise AssertionError("the extension view plays the V2 / V3 action schema only")
+        self.actions: list[dict[str, Any]] = actions[0] if actions else []
+        self.history = history
+        self.clock = START
+        self.next_id = 0
+        self.issued: dict[int, _Issued] = {}
+        self.recorded: set[int] = set()  # ids the history shows as scheduled
+        self.closed: set[int] = set()  # ids the history completed
+        self.shim_done = False
+
+    def play(self) -> None:
+        for event in self.history:
+            kind = event["EventType"]
+            if kind == ORCHESTRATOR_STARTED:
+                self.clock = _parse(event["Timestamp"])
+            elif kind == EXECUTION_STARTED:
+                _run_async(self._shim()).then(lambda _: setattr(self, "shim_done", True))
+            elif kind in (TASK_SCHEDULED, TIMER_CREATED, SUB_CREATED):
+                expected = {TASK_SCHEDULED: "activity", TIMER_CREATED: "timer", SUB_CREATED: "sub"}[kind]
+                issued = self.issued.get(event["EventId"])
+                if issued is None or issued.kind != expected or issued.action.get("functionName") != event.get("Name"):
+                    raise AssertionError(
+                        f"extension: non-deterministic orchestration: history event {event} was not scheduled "
+                        f"by this replay ({issued})"
+                    )
+                self.recorded.add(event["EventId"])
+            elif kind in (TASK_COMPLETED, TASK_FAILED, SUB_COMPLETED, SUB_FAILED, TIMER_FIRED):
+                task_id = event["TimerId"] if kind == TIMER_FIRED else event["TaskScheduledId"]
+                issued = self.issued.get(task_id)
+                if issued is None or task_id in self.closed:
+                    continue  # DurableTask.Core logs a duplicate event and drops it
+                self.closed.add(task_id)
+                issued.future.settle(failed=kind in (TASK_FAILED, SUB_FAILED))
+
+    def new(self) -> list[tuple[int, _Issued]]:
+        """The tasks this episode schedules, in id order (the extension's new orchestrator actions)."""
+        return sorted((i, t) for i, t in self.issued.items() if i not in self.recorded)
+
+    def open_ids(self) -> set[int]:
+        return {i for i in self.issued if i in self.recorded and i not in self.closed}
+
+    # -- the shim and DurableTask.Core's context --------------------------------------------------------
+    def _shim(self) -> Any:
+        for action in self.actions:
+            yield self._invoke(action)  # awaited; a failure is swallowed, as the shim does
+
+    def _invoke(self, action: dict[str, Any]) -> _Future:
+        kind = action["actionType"]
+        if kind == CALL_ACTIVITY:
+            return self._issue("activity", action)
+        if kind == CREATE_TIMER:
+            if action.get("isCanceled"):
+                raise AssertionError("the extension view does not play canceled timers")
+            if _parse(action["fireAt"]) - self.clock > timedelta(days=6):
+                raise AssertionError("the extension view plays timers up to the 6-day short-timer limit")
+            return self._issue("timer", action)
+        if kind == CALL_SUB:
+            return self._issue("sub", action)
+        if kind in (CALL_ACTIVITY_WITH_RETRY, CALL_SUB_WITH_RETRY):
+            return _run_async(self._retry_interceptor(action))
+        if kind == CONTINUE_AS_NEW:
+            done = _Future()
+            done.settle()
+            return done
+        if kind in (WHEN_ANY, WHEN_ALL):
+            children = [self._invoke(child) for child in action.get("compoundActions") or []]
+            if not children:
+                raise AssertionError("extension: Task.WhenAny / WhenAll of no tasks throws (an empty compound action)")
+            combined = _Future()
+            remaining = [len(children)]
+
+            def child_done(_: _Future) -> None:
+                remaining[0] -= 1
+                if kind == WHEN_ANY or remaining[0] == 0:
+                    combined.settle()
+
+            for child in children:
+                child.then(child_done)
+            return combined
+        raise AssertionError(f"the extension view does not play action type {kind}: {action}")
+
+    def _issue(self, kind: str, action: dict[str, Any], attempt: int = 1) -> _Future:
+        future = _Future()
+        self.issued[self.next_id] = _Issued(kind, action, future, attempt)
+        self.next_id += 1
+        return future
+
+    def _retry_interceptor(self, action: dict[str, Any]) -> Any:
+        """DurableTask.Core ``RetryInterceptor.Invoke`` (no retry timeout or handler: the SDK sends none)."""
+        retry = action["retryOptions"]
+        attempts = int(retry["maxNumberOfAttempts"])
+        first = timedelta(milliseconds=int(retry["firstRetryIntervalInMilliseconds"]))
+        backoff = float(retry.get("backoffCoefficient", 1.0))
+        plain = {**{k: v for k, v in action.items() if k != "retryOptions"},
+                 "actionType": CALL_ACTIVITY if action["actionType"] == CALL_ACTIVITY_WITH_RETRY else CALL_SUB}
+        kind = "activity" if plain["actionType"] == CALL_ACTIVITY else "sub"
+        for attempt in range(attempts):
+            call = yield self._issue(kind, plain, attempt + 1)
+            if not call.failed:
+                return
+            if attempt + 1 == attempts:  # "Dummy timer for back-compat": fires at once
+                yield self._issue("timer", {"actionType": CREATE_TIMER, "fireAt": _ts(self.clock)})
+                break
+            delay = first * (backoff**attempt)
+            yield self._issue("timer", {"actionType": CREATE_TIMER, "fireAt": _ts(self.clock + delay)})
+        raise _TaskFailed(action.get("functionName"))
 
 
 def _flatten(actions: list[Any]) -> list[dict[str, Any]]:

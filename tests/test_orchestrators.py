@@ -7,6 +7,7 @@ exercised end to end in tests/test_function_e2e.py.
 
 from __future__ import annotations
 
+import ast
 import json
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -14,11 +15,15 @@ from datetime import datetime, timedelta, timezone
 import azure.durable_functions as df
 import pytest
 
+from function_app.orchestration import HISTORY_TASKS
+
 from durable_harness import (
+    APP_ROOT,
     START,
     SUB_CREATED,
     TASK_SCHEDULED,
     TIMER_CREATED,
+    ExtensionHang,
     NonDeterminism,
     OrchestrationHarness,
     RetryWhilePending,
@@ -560,3 +565,191 @@ def test_a_long_monitor_continues_as_new_and_keeps_every_history_bounded():
     bound = 4 * (budget + groups) + 10
     assert child.max_history <= bound, child.max_history
     assert result.max_history <= 40  # the parent only holds its steps and one sub-orchestration per chunk
+
+
+# -- the extension's own numbering, and guards that keep the SDK's retrying calls out ------------------------
+def _old_monitor_app() -> dict:
+    """The monitor before the fix, in small: SDK-retried submits and status checks in a task_any, a
+    poll timer scheduled as each submit finishes, while the other retrying tasks are still pending."""
+    app = df.DFApp()
+
+    @app.orchestration_trigger(context_name="context")
+    def old_monitor_orchestrator(context: df.DurableOrchestrationContext):
+        retry = df.RetryOptions(first_retry_interval_in_milliseconds=1000, max_number_of_attempts=3)
+        entries = [(context.call_activity_with_retry("submit", retry, i), i, "submit") for i in range(2)]
+        results = {}
+        while entries:
+            done = yield context.task_any([task for task, _, _ in entries])
+            entry = next(e for e in entries if e[0] is done)
+            entries.remove(entry)
+            _, group, step = entry
+            if step == "submit":
+                timer = context.create_timer(context.current_utc_datetime + timedelta(seconds=60))
+                entries.append((timer, group, "timer"))
+            elif step == "timer":
+                entries.append((context.call_activity_with_retry("status", retry, group), group, "status"))
+            else:
+                results[str(group)] = done.result
+        return results
+
+    return {f.get_function_name(): f for f in app.get_functions()}
+
+
+def _flaky_status_once(group: int):
+    """Activities for the old monitor: submits succeed; ``group``'s first status check fails."""
+    calls: dict[int, int] = {}
+
+    def status(i: int) -> dict:
+        calls[i] = calls.get(i, 0) + 1
+        if i == group and calls[i] == 1:
+            raise RuntimeError("throttled")
+        return {"group": i, "state": "completed"}
+
+    return {"submit": lambda i: {"group": i, "state": "queued"}, "status": status}
+
+
+def test_under_the_extensions_numbering_a_retry_in_a_task_any_hands_results_to_the_wrong_tasks():
+    """SDK issue 603 as the extension plays it: after the retry the two sides disagree on task ids."""
+    expected = {"0": {"group": 0, "state": "completed"}, "1": {"group": 1, "state": "completed"}}
+    strict = OrchestrationHarness(functions=_old_monitor_app(), activities=_flaky_status_once(0))
+    with pytest.raises(RetryWhilePending):
+        strict.run("old_monitor_orchestrator", None)
+    # the extension's shim is still awaiting group 1's poll timer when group 0's status check fails,
+    # so its retry timer takes the id the SDK gave that poll timer: the ids disagree from there on
+    extension = OrchestrationHarness(
+        functions=_old_monitor_app(), activities=_flaky_status_once(0), numbering="extension"
+    )
+    try:
+        result = extension.run("old_monitor_orchestrator", None)
+    except ExtensionHang:
+        return  # the other way it goes wrong: the instance never finishes
+    assert result.status != "Completed" or result.output != expected, result.output
+
+
+def _losing_timer_app() -> dict:
+    """An orchestrator that returns while the timer that lost its task_any is still open."""
+    app = df.DFApp()
+
+    @app.orchestration_trigger(context_name="context")
+    def plain_orchestrator(context: df.DurableOrchestrationContext):
+        first = context.call_activity("work", 1)
+        yield context.task_any([first, context.create_timer(context.current_utc_datetime + timedelta(hours=1))])
+        return "done"
+
+    return {f.get_function_name(): f for f in app.get_functions()}
+
+
+def test_the_extension_view_finishes_only_when_its_shim_has_awaited_every_action():
+    """The harness's extension view waits like the shim: a losing timer of a task_any is still
+    awaited (the instance ends when it fires), and the SDK's own numbering ends at once."""
+    harness = OrchestrationHarness(functions=_losing_timer_app(), activities={"work": lambda p: p}, numbering="extension")
+    result = harness.run("plain_orchestrator", None)
+    assert result.status == "Completed" and result.output == "done"
+    assert result.clock == START + timedelta(hours=1)  # DurableTask.Core completes with no open task
+
+
+TRAIN_CASES = [
+    (["flaky-submit", "poll:2", "fail-submit", "done", "never"], {"max_groups": 2, "history_tasks": 6}),
+    (["done", "poll:3", "flaky-submit", "poll:2"], {}),
+    (["poll:2", "poll:3", "fail-submit", "done", "job-fails"], {"history_tasks": 8}),
+]
+
+
+@pytest.mark.parametrize("behaviour,options", TRAIN_CASES)
+def test_training_runs_the_same_when_the_extension_numbers_the_tasks(behaviour, options):
+    """The app's orchestrators give the same results whichever side numbers the tasks: with retries
+    by hand, one counter in the same order on both sides (the old monitor failed here)."""
+    results = {}
+    for numbering in ("extension", "sdk"):  # the extension first: its failure is the one to see
+        jobs = Jobs(behaviour)
+        harness = OrchestrationHarness(activities=jobs.activities(), numbering=numbering)
+        results[numbering] = harness.run(
+            "train_orchestrator",
+            {"dataset_id": "d0123456789abcdef", "partition_ids": None, "options": {**OPTIONS, **options}},
+            instance_id="train-abc",
+        )
+        assert results[numbering].status == "Completed", results[numbering].error
+        results[numbering].jobs = (jobs.submits, jobs.polls)
+    assert results["extension"].output == results["sdk"].output
+    assert results["extension"].jobs == results["sdk"].jobs
+
+
+def test_ingestion_and_scoring_run_the_same_when_the_extension_numbers_the_tasks():
+    seen = {}
+    for numbering in ("extension", "sdk"):  # the extension first: its failure is the one to see
+        job = IngestJob(["running"] * 5 + ["completed"], flaky_status=2)
+        harness = OrchestrationHarness(activities=job.activities(Jobs(["flaky-submit", "done"])), numbering=numbering)
+        result = harness.run(
+            "ingest_orchestrator", {**INGEST_INPUT, "options": {**OPTIONS, "history_tasks": 4}}, instance_id="ingest-abc"
+        )
+        assert result.status == "Completed", (numbering, result.error)
+        assert result.generations > 1 and result.output["training"]["groups_failed"] == 0
+        jobs = Jobs(["done", "flaky-submit"], kind="score")
+        scored = OrchestrationHarness(activities=jobs.activities(), numbering=numbering).run(
+            "score_orchestrator", {"data": None, "horizon": 8, "dataset_id": None, "options": OPTIONS}
+        )
+        assert scored.status == "Completed" and scored.output["groups_failed"] == 0, (numbering, scored.error)
+        seen[numbering] = (result.output, len(job.polls), result.generations, scored.output, jobs.submits)
+    assert seen["extension"] == seen["sdk"]
+
+
+RETRYING_CALLS = {"call_activity_with_retry", "call_sub_orchestrator_with_retry", "RetryOptions"}
+
+
+def test_no_code_of_the_functions_app_uses_the_sdks_retrying_calls():
+    """A guard for what no replay can be relied on to catch: every retry in function_app is by hand."""
+    found = []
+    for path in sorted((APP_ROOT / "function_app").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            if name in RETRYING_CALLS:
+                found.append(f"{path.relative_to(APP_ROOT)}:{node.lineno}: {name}")
+    assert not found, found
+
+
+def test_at_the_defaults_a_generation_of_a_long_monitor_stays_under_the_stated_900_events():
+    """16 groups polled for long (the old monitor: 240 polls x 16 groups, ~20,000 events in one
+    history): at the defaults (200 tasks, 16 groups) no generation of the chunk reaches the 900
+    events the orchestration module states. 30 polls make five generations, enough to fill some
+    to the budget; 240 would only make more of the same, at minutes of replay."""
+    groups, polls = 16, 30
+    jobs = Jobs([f"poll:{polls}"] * groups)
+    harness = OrchestrationHarness(activities=jobs.activities(), history_limit=900, max_replays=20_000)
+    options = {**OPTIONS, "timeout_seconds": 60 * (polls + 10)}
+    assert "history_tasks" not in options and options["max_groups"] == 16
+    result = harness.run(
+        "train_orchestrator", {"dataset_id": "d0123456789abcdef", "partition_ids": None, "options": options},
+        instance_id="train-abc",
+    )
+    assert result.status == "Completed", result.error
+    assert jobs.polls == {g: polls for g in range(groups)}
+    child = chunk(result)
+    assert child.generations >= (2 * groups * polls) // (HISTORY_TASKS + groups)
+    assert child.max_history > 600, child.max_history  # some generation filled its budget
+
+
+def test_a_long_ingestion_job_with_flaky_status_checks_keeps_each_generation_within_its_budget():
+    """Status retries and their timers count against the budget: a generation holds at most
+    budget + 2 x attempts tasks (counting only polls, every poll that needs three attempts made
+    six tasks of each two counted, and a generation three times its budget)."""
+    budget, polls = 20, 30
+    job = IngestJob(["running"] * (polls - 1) + ["completed"])
+    answer = job.status
+    tries = [0]
+
+    def status(payload: dict) -> dict:  # every poll fails twice, then answers
+        tries[0] += 1
+        if tries[0] % 3:
+            raise RuntimeError("Azure ML throttled the status check")
+        return answer(payload)
+
+    harness = OrchestrationHarness(activities={**job.activities(Jobs(["done"])), "get_ingest_job_status": status})
+    result = harness.run(
+        "ingest_orchestrator",
+        {**INGEST_INPUT, "options": {**OPTIONS, "history_tasks": budget, "timeout_seconds": 60 * 4 * polls}},
+        instance_id="ingest-abc",
+    )
+    assert result.status == "Completed", result.error
+    assert len(job.polls) == polls
+    tasks_per_generation = budget + 2 * OPTIONS["retry_attempts"]
+    assert result.max_history <= 4 * tasks_per_generation + 40, result.max_history  # + the training steps
