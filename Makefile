@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: demo test install test-deps infra-check azureml-check bench clean
+.PHONY: demo test install test-deps infra-check azureml-check worker-bundle-check bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ demo: install
 	$(VENV)/bin/manymodels demo --workdir $(DEMO)
 
 ## make test: install what the tests need (pip, npm, apt) and run the suite
-test: install test-deps infra-check azureml-check
+test: install test-deps infra-check azureml-check worker-bundle-check
 	$(PY) -m pytest
 
 test-deps:
@@ -34,6 +34,10 @@ infra-check:
 ## make azureml-check: Microsoft's mltable and azmlinfsrv (own venv) against our MLTable files and online scoring script
 azureml-check: install
 	bash scripts/validate-azureml.sh -q
+
+## make worker-bundle-check: the Functions tests on the azure-functions copy the Python worker bundles (own venv)
+worker-bundle-check: install
+	bash scripts/validate-worker-bundle.sh -q
 
 ## make bench: the performance benchmarks (figures recorded in docs/performance.md)
 bench: install

@@ -316,6 +316,10 @@ SETTINGS: tuple[SettingSpec, ...] = (
 HOST_SETTINGS: dict[str, str] = {
     "FUNCTIONS_WORKER_RUNTIME": "python",
     "PYTHON_SCRIPT_FILE_NAME": "main.py",  # the entry module (a function_app.py would clash with the package)
+    # Load the app's pinned azure-functions (the one the tests run) ahead of the copy the Python worker
+    # bundles; without it, Python <= 3.12 runs the worker's copy (the app works there too, but an older
+    # copy cannot decode CloudEvents: see scripts/validate-worker-bundle.sh).
+    "PYTHON_ISOLATE_WORKER_DEPENDENCIES": "1",
     f"{HOST_STORAGE_CONNECTION}__accountName": "<host storage account name>",
 }
 

@@ -80,6 +80,8 @@ var appSettings = {
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
   // The entry module: main.py registers the blueprints of the function_app/ package.
   PYTHON_SCRIPT_FILE_NAME: 'main.py'
+  // The app's pinned azure-functions (the version the tests run) ahead of the worker's bundled copy.
+  PYTHON_ISOLATE_WORKER_DEPENDENCIES: '1'
   // DefaultAzureCredential (Azure ML, our own SDK clients) picks the user-assigned identity.
   AZURE_CLIENT_ID: identityClientId
   // shared/settings.py SETTINGS, in its order.
