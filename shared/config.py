@@ -179,6 +179,11 @@ class ProjectConfig:
         return list(self.scoring.chain)
 
     @property
+    def scoring_reads_dev(self) -> bool:
+        """Does scoring open the development registry? Every source but ``production`` reads it."""
+        return any(source != "production" for source in self.scoring_chain)
+
+    @property
     def season_length(self) -> int:
         if self.forecast.season_length:
             return self.forecast.season_length

@@ -155,6 +155,13 @@ def test_scoring_job_downloads_its_groups_registry_slices_and_writes_predictions
     no_fallback = cfg.with_overrides({"promotion.fallback": "none"})
     plan = plan_score(aml, no_fallback, score_id, DATASET, 4, group_input(aml, lake, score_id, 4, paths))
     assert "dev_registry" not in plan.folders and "--dev-registry" not in plan.arguments
+    # nor when the chain is production alone; any other source (here baseline alone) reads it
+    production_only = cfg.with_overrides({"scoring.chain": ["production"]})
+    plan = plan_score(aml, production_only, score_id, DATASET, 4, group_input(aml, lake, score_id, 4, paths))
+    assert "dev_registry" not in plan.folders
+    baseline_only = cfg.with_overrides({"scoring.chain": ["baseline"]})
+    plan = plan_score(aml, baseline_only, score_id, DATASET, 4, group_input(aml, lake, score_id, 4, paths))
+    assert "dev_registry" in plan.folders
 
 
 def test_a_group_that_is_part_of_a_folder_reads_a_file_list_mltable_mounted_read_only(aml, code, lake):

@@ -71,7 +71,7 @@ def serving_environment_variables(aml: AzureMLSettings, storage_url: str, config
         "MM_SERVING_REFRESH_SECONDS": "30",
         "OMP_NUM_THREADS": "1",
     }
-    if config.scoring_chain != ["production"]:  # the chain's fallbacks read the development registry
+    if config.scoring_reads_dev:  # the chain's other sources read the development registry
         env["MM_SERVING_DEV_REGISTRY_PREFIX"] = DEV_PREFIX
     if aml.endpoint_identity_client_id:  # the endpoint's own user-assigned identity, never the caller's
         env["AZURE_CLIENT_ID"] = aml.endpoint_identity_client_id

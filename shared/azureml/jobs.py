@@ -249,7 +249,7 @@ def plan_score(aml: AzureMLSettings, cfg: Any, score_id: str, dataset_id: str, g
     folders = {"prod_registry": aml.lake_uri(registry_slice_path(score_id, group_index, "prod"), folder=True)}
     arguments = "--config ${{inputs.config}} --dataset-meta ${{inputs.dataset_meta}} " \
                 "--prod-registry ${{inputs.prod_registry}} "
-    if cfg.promotion.fallback == "baseline":
+    if cfg.scoring_reads_dev:  # the chain's other sources read the development registry
         folders["dev_registry"] = aml.lake_uri(registry_slice_path(score_id, group_index, "dev"), folder=True)
         arguments += "--dev-registry ${{inputs.dev_registry}} "
     arguments += f"--output-dir ${{{{outputs.predictions}}}} --score-id {score_id} " \
@@ -363,7 +363,7 @@ def write_scoring_slices(ws: Any, score_id: str, group_index: int, batch_paths: 
     if ws.lake.exists(f"{prod_slice}/{layout.REGISTRY_INDEX}"):  # the index is written last
         return False
     pids = group_partitions(ws.lake, batch_paths)
-    if cfg.promotion.fallback == "baseline":
+    if cfg.scoring_reads_dev:  # the chain's other sources read the development registry
         write_registry_slice(ws.lake, ws.dev, "dev", pids, registry_slice_path(score_id, group_index, "dev"))
     write_registry_slice(ws.lake, ws.prod, "prod", pids, prod_slice)
     return True
