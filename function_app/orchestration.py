@@ -1,4 +1,4 @@
-"""Orchestrator building blocks: fan out one compute job per group, monitor it, report progress.
+"""Orchestrator building blocks: fan out one compute job per group, follow each, report progress.
 
 These are generator helpers for ``yield from`` inside orchestrator functions, so they obey the
 orchestrator rules: time only from ``context.current_utc_datetime``, ids only from the input and
@@ -10,15 +10,32 @@ with the 1.x Python SDK a retrying task left pending in a ``task_any`` while new
 scheduled can leave the instance "Running" forever (the SDK and the extension number the tasks
 after a retry differently: azure-functions-durable-python issue 603, closed as won't fix).
 
-**Bounded histories.** The parent orchestration starts one sub-orchestration per chunk of at most
-``max_groups`` groups (always, even for one chunk) and waits for them: its history holds about
-three events per chunk. A chunk moves each group through submit -> (durable timer -> status)* ->
-done, all groups together (``task_any``, so a slow or failing job never holds up the others). After
-``history_tasks`` scheduled tasks (default :data:`HISTORY_TASKS`) it stops scheduling, lets the
-tasks in flight finish (at most one per group: a poll interval) and ``continue_as_new`` with its
-state: one generation's history holds at most ``history_tasks + max_groups`` tasks (at most four
-events each: under 900 events at the defaults of 200 and 16), whatever the job's duration —
-instead of 240 polls x 16 groups (~20,000 events) replayed at every step.
+**No task is scheduled while a task_any waits on earlier ones.** The extension's out-of-proc shim
+awaits the SDK's actions one after the other, so a task scheduled inside a ``task_any`` loop while
+other tasks are pending is only issued once the task scheduled before it has completed: one
+group's status check would wait for another group's poll timer. So every orchestrator here either
+follows one thing one task at a time, or schedules all the tasks of one wait in the same episode
+and then only waits on them:
+
+* the parent (``train_orchestrator`` / ``score_orchestrator``, :func:`fan_out`) starts one
+  ``group_chunk_orchestrator`` per chunk of at most ``max_groups`` groups, all at once, and waits;
+* a chunk (:func:`chunk_steps`) starts one ``group_orchestrator`` per group, all at once, and waits,
+  recording each group's result in its custom status as the group finishes (a sub-orchestration
+  that fails becomes a failed group with the reason);
+* a group (:func:`group_steps`) submits its job and follows it (:func:`follow_job`: durable timer,
+  then status activity, one task at a time) until it is terminal or its deadline passes (a job
+  still live then is a "timeout", not canceled). So a slow or failing job never holds up another.
+
+**Bounded histories.** A group orchestrator continues as new with its job's handle and deadline
+after ``history_tasks`` scheduled tasks (default :data:`HISTORY_TASKS`; submit and status retries
+and their timers included): one generation holds at most ``history_tasks + 2 * retry_attempts - 1``
+tasks, each four events (scheduled, completed, the episode's started / completed), so under 900
+events at the defaults (200 tasks, 3 attempts: at most 205 tasks, ~825 events), however long the
+job runs. A chunk never continues as new: its history holds at most four events per group (created,
+completed, and the episode around the completion; fewer when completions share an episode), under
+70 for 16 groups, plus its custom status (one small JSON value kept with the instance). The parent
+holds as many per chunk besides its own steps. (One history holding 16 groups' 240 polls would
+be ~20,000 events, replayed at every step.)
 """
 
 from __future__ import annotations
@@ -26,8 +43,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generator
-
-import azure.durable_functions as df
 
 from function_app.logging_context import RunLog
 
@@ -38,12 +53,27 @@ PROMOTE_ORCHESTRATOR = "promote_orchestrator"
 SUBMIT_ACTIVITY = "submit_group_job"
 STATUS_ACTIVITY = "get_job_status"
 CHUNK_ORCHESTRATOR = "group_chunk_orchestrator"
+GROUP_ORCHESTRATOR = "group_orchestrator"
 TERMINAL_STATES = ("completed", "failed", "canceled")
-HISTORY_TASKS = 200  # tasks one chunk generation schedules before it continues as new
+HISTORY_TASKS = 200  # tasks a generation following a job (group, ingestion) schedules, then continues as new
 
 
 class ActivityFailed(RuntimeError):
     """An activity failed on every attempt; the message names it and gives its last error."""
+
+    def __init__(self, name: str, attempts: int, reason: str) -> None:
+        super().__init__(f"{name} failed after {attempts} attempt(s): {reason}")
+        self.attempts, self.reason = attempts, reason
+
+
+class JobTimeout(RuntimeError):
+    """A job still live at its deadline; it is not canceled. Carries the job's last handle."""
+
+    def __init__(self, handle: dict[str, Any], seconds: int) -> None:
+        super().__init__(
+            f"job {handle['job_id']} still {handle['state']} after {seconds} s; it was not canceled"
+        )
+        self.handle = handle
 
 
 def error_text(error: BaseException) -> str:
@@ -70,9 +100,7 @@ def call_with_retry(
             return (yield context.call_activity(name, payload))
         except Exception as exc:  # the SDK raises the activity's failure into the generator
             if attempt == attempts:
-                raise ActivityFailed(
-                    f"{name} failed after {attempts} attempt(s): {error_text(exc)}"
-                ) from exc
+                raise ActivityFailed(name, attempts, error_text(exc)) from exc
             tally[0] += 1
             yield context.create_timer(context.current_utc_datetime + delay)
     raise AssertionError("unreachable")
@@ -93,18 +121,16 @@ def follow_job(
     nothing is ever scheduled while another task is pending. ``finished`` is False once ``budget``
     tasks (status retries and their timers included) were scheduled and the job is still live: the
     caller continues as new with the handle, which keeps its history bounded however long the job
-    runs (at most ``budget + 2 * retry_attempts`` tasks a generation). A job still live at
-    ``deadline`` raises (it is not canceled).
+    runs (at most ``budget + 2 * retry_attempts - 1`` tasks a generation). A job still live at
+    ``deadline`` raises :class:`JobTimeout` (it is not canceled); a status check failing on every
+    attempt raises :class:`ActivityFailed`.
     """
     poll = timedelta(seconds=int(options["poll_seconds"]))
     spent = [0]
     while handle["state"] not in TERMINAL_STATES:
         now = context.current_utc_datetime
         if now >= deadline:
-            raise RuntimeError(
-                f"job {handle['job_id']} still {handle['state']} after "
-                f"{int(options['timeout_seconds'])} s; it was not canceled"
-            )
+            raise JobTimeout(handle, int(options["timeout_seconds"]))
         if spent[0] >= budget:
             return handle, False
         spent[0] += 1
@@ -137,7 +163,6 @@ class Progress:
     models_failed: int = 0
     chunks_total: int = 0
     chunks_done: int = 0
-    generation: int = 0
     chunk_prefix: str = ""  # the chunks' instance ids are <prefix>0000, <prefix>0001...: live progress
 
     def record(self, result: dict[str, Any]) -> None:
@@ -167,118 +192,6 @@ def group_result(
     }
 
 
-def new_group_states(groups: list[list[str]], offset: int) -> list[dict[str, Any]]:
-    """The monitor's state of each group before anything ran: next step submit, no handle yet."""
-    return [
-        {"index": offset + i, "paths": list(paths), "next": "submit", "attempt": 0, "due": None,
-         "deadline": None, "handle": None}
-        for i, paths in enumerate(groups)
-    ]
-
-
-def monitor_groups(
-    context: Any,
-    kind: str,
-    run_id: str,
-    states: list[dict[str, Any]],
-    results: list[dict[str, Any]],
-    options: dict[str, Any],
-    progress: Progress,
-    log: RunLog,
-) -> Generator[Any, Any, bool]:
-    """Advance every unfinished group until done or the generation's task budget is spent.
-
-    ``states`` and ``results`` are updated in place and are JSON (they travel through
-    ``continue_as_new``). Returns True when every group is finished, False when the budget ran out
-    and no task is left in flight (the caller continues as new with the state).
-    """
-    attempts = max(1, int(options["retry_attempts"]))
-    retry_delay = timedelta(milliseconds=int(options["retry_first_ms"]))
-    poll = timedelta(seconds=int(options["poll_seconds"]))
-    timeout = timedelta(seconds=int(options["timeout_seconds"]))
-    budget = int(options.get("history_tasks") or HISTORY_TASKS)
-    config = options.get("config") or {}
-    by_index = {s["index"]: s for s in states}
-    entries: list[tuple[Any, int, str]] = []
-    scheduled = 0
-
-    def finish(state: dict[str, Any], result: dict[str, Any]) -> None:
-        state["next"] = "done"
-        results.append(result)
-        progress.record(result)
-        context.set_custom_status(progress.to_dict())
-        report = log.info if result["state"] == "completed" else log.warning
-        report(
-            f"group {result['state']}", group=result["group_index"], job_id=result["job_id"],
-            reason=result["reason"] or None,
-        )
-
-    def launch(state: dict[str, Any]) -> None:
-        nonlocal scheduled
-        if scheduled >= budget:
-            return  # parked: the next generation picks it up from its state
-        scheduled += 1
-        now = context.current_utc_datetime
-        if state["due"] is not None and datetime.fromisoformat(state["due"]) > now:
-            entries.append((context.create_timer(datetime.fromisoformat(state["due"])), state["index"], "timer"))
-            return
-        state["due"] = None
-        if state["next"] == "submit":
-            payload = {"kind": kind, "run_id": run_id, "group_index": state["index"],
-                       "batch_paths": state["paths"], "config": config}
-            entries.append((context.call_activity(SUBMIT_ACTIVITY, payload), state["index"], "submit"))
-        else:
-            payload = {"job_id": state["handle"]["job_id"], "run_id": run_id, "config": config}
-            entries.append((context.call_activity(STATUS_ACTIVITY, payload), state["index"], "status"))
-
-    for state in states:
-        if state["next"] != "done":
-            launch(state)
-    context.set_custom_status(progress.to_dict())
-
-    while entries:
-        done = yield context.task_any([task for task, _, _ in entries])
-        entry = next(e for e in entries if e[0] is done)
-        entries.remove(entry)
-        _, index, step = entry
-        state = by_index[index]
-        now = context.current_utc_datetime
-        if step == "timer":
-            state["due"] = None
-            launch(state)
-            continue
-        error = failure_of(done)
-        if error is not None:
-            state["attempt"] += 1
-            if state["attempt"] >= attempts:
-                what = "submission" if step == "submit" else "status check"
-                finish(state, group_result(index, "failed", state["handle"],
-                                           f"{what} failed after {attempts} attempt(s): {error}"))
-            else:
-                log.warning(f"{step} failed; retrying", group=index, attempt=state["attempt"], reason=error)
-                state["due"] = (now + retry_delay).isoformat()
-                launch(state)
-            continue
-        handle = done.result
-        state["attempt"] = 0
-        state["handle"] = handle
-        if step == "submit":
-            state["deadline"] = (now + timeout).isoformat()
-            state["next"] = "status"
-        if handle["state"] in TERMINAL_STATES:
-            finish(state, group_result(index, handle["state"], handle))
-        elif now >= datetime.fromisoformat(state["deadline"]):
-            finish(state, group_result(
-                index, "timeout", handle,
-                f"job {handle['job_id']} still {handle['state']} after "
-                f"{int(timeout.total_seconds())} s; it was not canceled",
-            ))
-        else:
-            state["due"] = (now + poll).isoformat()
-            launch(state)
-    return all(s["next"] == "done" for s in states)
-
-
 def fan_out(
     context: Any,
     kind: str,
@@ -288,7 +201,8 @@ def fan_out(
     progress: Progress,
     log: RunLog,
 ) -> Generator[Any, Any, list[dict]]:
-    """Run every group in sub-orchestrations of at most ``max_groups`` groups; one result per group."""
+    """Run every group in chunk sub-orchestrations of at most ``max_groups`` groups, all started in
+    one episode, then only waited on; one result per group, sorted by group index."""
     limit = max(1, int(options["max_groups"]))
     starts = list(range(0, len(groups), limit))
     progress.chunks_total = len(starts)
@@ -326,37 +240,100 @@ def fan_out(
     return sorted(results, key=lambda r: r["group_index"])
 
 
-def chunk_steps(context: Any, log: RunLog) -> Generator[Any, Any, list[dict] | None]:
-    """The body of the sub-orchestrator: one chunk of groups, continued as new when its budget is spent.
+def group_instance_id(chunk_instance_id: str, group_index: int) -> str:
+    """The group orchestrator's instance id: its chunk's id and its index in the run, so a replay
+    (or a second delivery of the chunk) addresses the same instance."""
+    return f"{chunk_instance_id}-g{group_index:05d}"
 
-    Returns the chunk's results, or None after scheduling ``continue_as_new`` (the orchestrator
-    returns and the extension restarts it with the carried state and an empty history).
+
+def chunk_steps(context: Any, log: RunLog) -> Generator[Any, Any, list[dict]]:
+    """The body of the chunk sub-orchestrator: one group orchestrator per group, all started in one
+    episode, then only waited on (no task is scheduled inside the wait); one result per group."""
+    payload = context.get_input()
+    kind, run_id, offset = payload["kind"], payload["run_id"], int(payload["offset"])
+    groups: list[list[str]] = payload["groups"]
+    progress = Progress(
+        stage="training" if kind == "train" else "scoring", run_id=run_id, groups_total=len(groups)
+    )
+    log = log.bind(run_id=run_id, parent=context.parent_instance_id)
+    entries = []
+    for i, paths in enumerate(groups):
+        index = offset + i
+        child = group_instance_id(context.instance_id, index)
+        child_input = {"kind": kind, "run_id": run_id, "group_index": index, "paths": list(paths),
+                       "options": payload["options"]}
+        entries.append((context.call_sub_orchestrator(GROUP_ORCHESTRATOR, child_input, child), index, child))
+    context.set_custom_status(progress.to_dict())
+    results: list[dict[str, Any]] = []
+    while entries:
+        done = yield context.task_any([task for task, _, _ in entries])
+        entry = next(e for e in entries if e[0] is done)
+        entries.remove(entry)
+        _, index, child = entry
+        error = failure_of(done)
+        if error is None:
+            result = done.result
+        else:
+            result = group_result(index, "failed", reason=f"sub-orchestration {child} failed: {error}")
+        results.append(result)
+        progress.record(result)
+        context.set_custom_status(progress.to_dict())
+        report = log.info if result["state"] == "completed" else log.warning
+        report(
+            f"group {result['state']}", group=index, job_id=result["job_id"], reason=result["reason"] or None,
+        )
+    return sorted(results, key=lambda r: r["group_index"])
+
+
+def group_steps(context: Any, log: RunLog) -> Generator[Any, Any, dict[str, Any] | None]:
+    """The body of the group orchestrator: submit one group's job and follow it to its result.
+
+    One task at a time (:func:`call_with_retry`, :func:`follow_job`). Returns the group's result
+    (:func:`group_result`): the job's terminal state, "timeout" for a job still live at its deadline,
+    "failed" with the reason when the submission or a status check failed on every attempt. Returns
+    None after scheduling ``continue_as_new`` with the job's handle, deadline and generation once
+    ``history_tasks`` tasks were scheduled, so each generation's history stays bounded.
     """
     payload = context.get_input()
-    kind, run_id = payload["kind"], payload["run_id"]
-    carried = payload.get("state")
+    kind, run_id, index = payload["kind"], payload["run_id"], int(payload["group_index"])
+    options = payload["options"]
+    config = options.get("config") or {}
+    budget = max(1, int(options.get("history_tasks") or HISTORY_TASKS))
+    carried = payload.get("job")
+    log = log.bind(run_id=run_id, group=index, parent=context.parent_instance_id)
+    spent = [0]
     if carried is None:
-        carried = {"groups": new_group_states(payload["groups"], int(payload["offset"])), "results": [],
-                   "generation": 0}
-    progress = Progress(
-        stage="training" if kind == "train" else "scoring", run_id=run_id,
-        groups_total=len(carried["groups"]), generation=int(carried["generation"]),
-    )
-    for result in carried["results"]:
-        progress.record(result)
-    log = log.bind(run_id=run_id, parent=context.parent_instance_id, generation=carried["generation"])
-    finished = yield from monitor_groups(
-        context, kind, run_id, carried["groups"], carried["results"], payload["options"], progress, log
-    )
+        generation = 0
+        submit = {"kind": kind, "run_id": run_id, "group_index": index, "batch_paths": payload["paths"],
+                  "config": config}
+        try:
+            handle = yield from call_with_retry(context, SUBMIT_ACTIVITY, submit, options, spent)
+        except ActivityFailed as exc:
+            return group_result(index, "failed", reason=f"submission failed after {exc.attempts} attempt(s): "
+                                                        f"{exc.reason}")
+        deadline = context.current_utc_datetime + timedelta(seconds=int(options["timeout_seconds"]))
+        log.info("job submitted", job_id=handle["job_id"], state=handle["state"])
+    else:
+        handle, deadline = carried["handle"], datetime.fromisoformat(carried["deadline"])
+        generation = int(carried["generation"])
+    context.set_custom_status({"stage": "training" if kind == "train" else "scoring", "run_id": run_id,
+                               "group_index": index, "job_id": handle["job_id"], "job_state": handle["state"],
+                               "generation": generation})
+    try:
+        final, finished = yield from follow_job(
+            context, handle, STATUS_ACTIVITY, {"run_id": run_id, "config": config}, deadline, options,
+            max(1, budget - spent[0]),
+        )
+    except JobTimeout as exc:
+        return group_result(index, "timeout", exc.handle, str(exc))
+    except ActivityFailed as exc:
+        return group_result(index, "failed", handle,
+                            f"status check failed after {exc.attempts} attempt(s): {exc.reason}")
     if finished:
-        return sorted(carried["results"], key=lambda r: r["group_index"])
-    log.info("history budget reached; continuing as new",
-             open_groups=sum(1 for s in carried["groups"] if s["next"] != "done"))
+        return group_result(index, final["state"], final)
+    log.info("history budget reached; continuing as new", job_id=final["job_id"], generation=generation)
     context.continue_as_new(
-        {
-            "kind": kind, "run_id": run_id, "offset": payload["offset"], "options": payload["options"],
-            "state": {**carried, "generation": int(carried["generation"]) + 1},
-        }
+        {**payload, "job": {"handle": final, "deadline": deadline.isoformat(), "generation": generation + 1}}
     )
     return None
 

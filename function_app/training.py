@@ -1,7 +1,8 @@
 """Training: the orchestrator that fans out one compute job per group, and its activities.
 
-plan (groups of mini-batch files) -> one job per group, monitored with durable timers (inline, or
-in sub-orchestrations for large fan-outs) -> register the run's models -> one promotion message.
+plan (groups of mini-batch files) -> one job per group, each followed on durable timers by its own
+``group_orchestrator``, started by ``group_chunk_orchestrator`` sub-orchestrations of at most
+``max_groups`` groups -> register the run's models -> one promotion message.
 Activities do one thing each and raise on failure, so Durable's retry options apply to them.
 """
 
@@ -16,10 +17,12 @@ from function_app.logging_context import RunLog, orchestration_log
 from function_app.messages import promotion_message
 from function_app.orchestration import (
     CHUNK_ORCHESTRATOR,
+    GROUP_ORCHESTRATOR,
     Progress,
-    chunk_steps,
     call_with_retry,
+    chunk_steps,
     fan_out,
+    group_steps,
     produced_output,
     summarize,
 )
@@ -114,8 +117,15 @@ def train_orchestrator(context: df.DurableOrchestrationContext):
 
 @bp.orchestration_trigger(context_name="context")
 def group_chunk_orchestrator(context: df.DurableOrchestrationContext):
-    """Sub-orchestrator of a fan-out: submits and monitors one chunk of groups (continues as new)."""
+    """Sub-orchestrator of a fan-out: starts one group orchestrator per group of its chunk, waits for them."""
     result = yield from chunk_steps(context, orchestration_log(context, orchestrator=CHUNK_ORCHESTRATOR))
+    return result
+
+
+@bp.orchestration_trigger(context_name="context")
+def group_orchestrator(context: df.DurableOrchestrationContext):
+    """Sub-orchestrator of a chunk: submits one group's job and follows it (continues as new)."""
+    result = yield from group_steps(context, orchestration_log(context, orchestrator=GROUP_ORCHESTRATOR))
     return result
 
 

@@ -8,7 +8,10 @@
   / ``TaskFailed``, ``TimerCreated`` / ``TimerFired``, ``SubOrchestrationInstanceCreated`` /
   ``Completed`` / ``Failed``) with event ids numbered as the SDK numbers its tasks, and replays
   until the orchestrator finishes. One completion per episode; the clock moves only when a timer
-  fires. Every replay must repeat the actions of the previous one exactly, which is the replay
+  fires (or an activity's ``latency`` has passed). A sub-orchestration runs from the moment it is
+  scheduled, on the same virtual clock, and its completion reaches the parent when it has finished,
+  so sibling sub-orchestrations run side by side in virtual time. Every replay must repeat the
+  actions of the previous one exactly, which is the replay
   determinism rule (no wall clock, no random ids): a violation fails the test.
   ``continue_as_new`` starts a new generation: a fresh history holding only ``ExecutionStarted``
   with the carried input (as the extension does); the result reports the generations and the
@@ -114,6 +117,7 @@ class _Pending:
     action: dict[str, Any]
     attempt: int = 1
     final: bool = False
+    child: "HarnessResult | None" = None  # a sub-orchestration, run when it was scheduled
 
 
 @dataclass
@@ -131,6 +135,8 @@ class HarnessResult:
     clock: datetime
     generations: int = 1
     max_history: int = 0
+    call_times: list[datetime] = field(default_factory=list)  # virtual time each activity call ran
+    status_times: list[datetime] = field(default_factory=list)  # virtual time of each custom status
 
     def events(self, event_type: int) -> list[dict[str, Any]]:
         return [e for e in self.history if e["EventType"] == event_type]
@@ -147,6 +153,8 @@ class OrchestrationHarness:
     one, which the monitor loop does, so the app needs the extension bundle v4 (V2 or later).
     With ``numbering="extension"`` the extension's own view decides which tasks exist and their
     event ids (see :class:`ExtensionView`); with the default the harness follows the SDK's.
+    ``latency(name, payload)`` (seconds) is how long an activity call takes on the virtual clock
+    (0 without it), so tasks complete out of the order they were scheduled in.
     """
 
     functions: dict[str, Any] = field(default_factory=app_functions)
@@ -155,6 +163,7 @@ class OrchestrationHarness:
     max_replays: int = 5000
     numbering: str = "sdk"  # "sdk": event ids as the SDK numbers its tasks; "extension": as the extension does
     history_limit: int | None = None  # fail as soon as one generation's history reaches it
+    latency: Callable[[str, Any], float] | None = None  # seconds an activity call takes (virtual time)
 
     def __post_init__(self) -> None:
         if self.schema not in (1, 2):
@@ -220,10 +229,11 @@ class _Replay:
         self.next_id = 0
         self.seen: list[dict[str, Any]] = []
         self.pending: list[_Pending] = []
-        self.calls: list[tuple[str, Any, int]] = []
+        self.calls: list[tuple[datetime, tuple[str, Any, int]]] = []
         self.outputs: list[dict[str, Any]] = []
         self.children: dict[str, HarnessResult] = {}
         self.statuses: list[Any] = []
+        self.status_times: list[datetime] = []
         self.replays = 0
         self.generations = 1
         self.max_history = 0
@@ -288,6 +298,7 @@ class _Replay:
                 raise AssertionError(f"{self.name}: more than {self.harness.max_replays} replays")
             state, error = self._replay()
             self.statuses.append(state.get("customStatus"))
+            self.status_times.append(self.clock)
             actions = _flatten(state.get("actions") or [])
             if actions[: len(self.seen)] != self.seen:
                 raise NonDeterminism(
@@ -379,7 +390,7 @@ class _Replay:
             self.next_id += 1
         if kind in (CALL_ACTIVITY, CALL_ACTIVITY_WITH_RETRY):
             self._event(TASK_SCHEDULED, event_id, Name=action["functionName"], Input=action.get("input"))
-            self.pending.append(_Pending("activity", event_id, self.clock, action, attempt))
+            self.pending.append(_Pending("activity", event_id, self._done_at(action), action, attempt))
         elif kind == CREATE_TIMER:
             fire_at = _parse(action["fireAt"])
             self._event(TIMER_CREATED, event_id, FireAt=action["fireAt"])
@@ -392,9 +403,17 @@ class _Replay:
                 InstanceId=action.get("instanceId"),
                 Input=action.get("input"),
             )
-            self.pending.append(_Pending("sub", event_id, self.clock, action, attempt))
+            child = self._start_sub(action, event_id)
+            self.pending.append(_Pending("sub", event_id, child.clock, action, attempt, child=child))
         else:
             raise AssertionError(f"the harness does not play action type {kind}: {action}")
+
+    def _done_at(self, action: dict[str, Any]) -> datetime:
+        """When an activity scheduled now completes: after its ``latency`` on the virtual clock."""
+        if self.harness.latency is None:
+            return self.clock
+        payload = json.loads(action["input"]) if action.get("input") is not None else None
+        return self.clock + timedelta(seconds=self.harness.latency(action["functionName"], payload))
 
     def _complete_next(self) -> None:
         item = min(self.pending, key=lambda p: (p.ready, p.event_id))
@@ -411,7 +430,9 @@ class _Replay:
                 self._event(
                     TASK_SCHEDULED, event_id, Name=item.action["functionName"], Input=item.action.get("input")
                 )
-                self.pending.append(_Pending("activity", event_id, self.clock, item.action, item.attempt + 1))
+                self.pending.append(
+                    _Pending("activity", event_id, self._done_at(item.action), item.action, item.attempt + 1)
+                )
         elif item.kind == "activity":
             self._run_activity(item)
         else:
@@ -420,7 +441,7 @@ class _Replay:
     def _run_activity(self, item: _Pending) -> None:
         name = item.action["functionName"]
         payload = json.loads(item.action["input"]) if item.action.get("input") is not None else None
-        self.calls.append((name, payload, item.attempt))
+        self.calls.append((self.clock, (name, payload, item.attempt)))
         try:
             result = self.harness.run_activity(name, payload, self.outputs)
         except Exception as exc:  # an activity failure becomes a TaskFailed event, as in the extension
@@ -444,23 +465,28 @@ class _Replay:
             return
         self._event(TASK_COMPLETED, TaskScheduledId=item.event_id, Result=json.dumps(result))
 
-    def _run_sub(self, item: _Pending) -> None:
-        child_id = item.action.get("instanceId") or f"{self.instance_id}:{item.event_id}"
-        payload = json.loads(item.action["input"]) if item.action.get("input") is not None else None
+    def _start_sub(self, action: dict[str, Any], event_id: int) -> HarnessResult:
+        """Run a sub-orchestration from now, on the virtual clock; its completion waits in ``pending``."""
+        child_id = action.get("instanceId") or f"{self.instance_id}:{event_id}"
+        payload = json.loads(action["input"]) if action.get("input") is not None else None
         child = _Replay(
-            self.harness, item.action["functionName"], payload, child_id, self.instance_id, self.clock
+            self.harness, action["functionName"], payload, child_id, self.instance_id, self.clock
         ).run()
         self.children[child_id] = child
-        self.calls.extend(child.activity_calls)
+        self.calls.extend(zip(child.call_times, child.activity_calls))
         self.outputs.extend(child.outputs)
-        self.clock = max(self.clock, child.clock)
-        self.history[-1]["Timestamp"] = _ts(self.clock)  # the episode starts when the child has finished
+        return child
+
+    def _run_sub(self, item: _Pending) -> None:
+        child = item.child
+        assert child is not None
         if child.status == "Completed":
             self._event(SUB_COMPLETED, TaskScheduledId=item.event_id, Result=json.dumps(child.output))
         else:
             self._event(SUB_FAILED, TaskScheduledId=item.event_id, Reason=child.error, Details="")
 
     def _result(self, status: str, state: dict[str, Any], error: str | None) -> HarnessResult:
+        calls = sorted(self.calls, key=lambda c: c[0])  # in virtual-time order (stable: ties as run)
         return HarnessResult(
             status=status,
             output=state.get("output"),
@@ -468,13 +494,15 @@ class _Replay:
             custom_status=state.get("customStatus"),
             custom_statuses=self.statuses,
             history=self.history,
-            activity_calls=self.calls,
+            activity_calls=[call for _, call in calls],
             outputs=self.outputs,
             children=self.children,
             replays=self.replays,
             clock=self.clock,
             generations=self.generations,
             max_history=max(self.max_history, len(self.history)),
+            call_times=[moment for moment, _ in calls],
+            status_times=self.status_times,
         )
 
 

@@ -38,6 +38,7 @@ ORCHESTRATORS = [
     "ingest_orchestrator",
     "train_orchestrator",
     "group_chunk_orchestrator",
+    "group_orchestrator",
     "promote_orchestrator",
     "score_orchestrator",
 ]

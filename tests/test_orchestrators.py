@@ -157,8 +157,37 @@ def _names(result) -> list[str]:
 
 
 def chunk(result, n: int = 0, parent: str = "train-abc", kind: str = "train"):
-    """The sub-orchestration that monitored the ``n``-th chunk of groups."""
+    """The sub-orchestration that started the ``n``-th chunk's group orchestrators."""
     return result.children[f"{parent}-{kind}-c{n:04d}"]
+
+
+def group(result, index: int, n: int = 0, parent: str = "train-abc", kind: str = "train"):
+    """The group orchestrator that followed group ``index`` (in chunk ``n``)."""
+    return chunk(result, n, parent, kind).children[f"{parent}-{kind}-c{n:04d}-g{index:05d}"]
+
+
+def every_orchestration(result) -> list:
+    """The run and all its sub-orchestrations, depth first."""
+    return [result, *(r for child in result.children.values() for r in every_orchestration(child))]
+
+
+def scheduled_while_pending(history: list[dict]) -> list[dict]:
+    """Tasks an orchestrator scheduled while an earlier task was still pending: the pattern the
+    extension's shim issues only after the task scheduled before it completes (one history: the
+    last generation's)."""
+    opened = {TASK_SCHEDULED, TIMER_CREATED, SUB_CREATED}
+    closed = {5: "TaskScheduledId", 6: "TaskScheduledId", 8: "TaskScheduledId", 9: "TaskScheduledId",
+              11: "TimerId"}
+    pending: dict[int, int] = {}  # task id -> the episode that scheduled it
+    found = []
+    for event in history:  # an episode: its completions first, then the tasks it schedules
+        if event["EventType"] in opened:
+            if any(episode < event["_episode"] for episode in pending.values()):
+                found.append(event)
+            pending[event["EventId"]] = event["_episode"]
+        elif event["EventType"] in closed:
+            pending.pop(event[closed[event["EventType"]]], None)
+    return found
 
 
 def test_fan_out_submits_every_group_then_fans_in_to_one_registration_and_one_promotion_message():
@@ -213,8 +242,9 @@ def test_a_transient_submit_failure_is_retried_and_the_run_succeeds():
     result = run_training(jobs)
     assert result.status == "Completed" and result.output["groups_failed"] == 0
     assert jobs.submits == {0: 2, 1: 1}
-    retry_timer = [e for e in chunk(result).events(TIMER_CREATED)]
+    retry_timer = [e for e in group(result, 0).events(TIMER_CREATED)]
     assert len(retry_timer) == 1  # the retry waited on a durable timer before the second attempt
+    assert not group(result, 1).events(TIMER_CREATED) and not chunk(result).events(TIMER_CREATED)
     assert retry_timer[0]["FireAt"] == "2024-01-01T00:00:01.000000Z"
 
 
@@ -238,8 +268,8 @@ def test_a_job_that_never_finishes_hits_the_monitor_timeout_on_durable_time():
     timed_out = result.output["failed_groups"][0]
     assert timed_out["state"] == "timeout" and "still running after 300 s" in timed_out["reason"]
     assert jobs.polls[0] == OPTIONS["timeout_seconds"] // OPTIONS["poll_seconds"]
-    # the monitor slept on durable timers, one poll interval apart, from the orchestration's own clock
-    fire_times = [e["FireAt"] for e in chunk(result).events(TIMER_CREATED)]
+    # the group's orchestrator slept on durable timers, one poll interval apart, on its own clock
+    fire_times = [e["FireAt"] for e in group(result, 0).events(TIMER_CREATED)]
     expected = [(START + timedelta(seconds=60 * k)).strftime("%Y-%m-%dT%H:%M:%S.%fZ") for k in range(1, 6)]
     assert fire_times == expected
     assert result.clock == START + timedelta(seconds=300)
@@ -264,17 +294,19 @@ def test_large_fan_outs_run_in_sub_orchestrations_that_keep_the_parent_history_s
     assert [e["InstanceId"] for e in created] == children
     parent_tasks = {e["Name"] for e in result.events(TASK_SCHEDULED)}
     assert "submit_group_job" not in parent_tasks and "get_job_status" not in parent_tasks
-    submitted = {
-        c: sorted(
-            {
-                json.loads(e["Input"])["group_index"]
-                for e in result.children[c].events(TASK_SCHEDULED)
-                if e["Name"] == "submit_group_job"
-            }
-        )
+    # each chunk starts one group orchestrator per group (ids: the chunk's id and the group index)
+    # and schedules nothing else: only the group orchestrators submit and poll
+    started = {
+        c: [(e["Name"], e["InstanceId"], json.loads(e["Input"])["group_index"])
+            for e in result.children[c].events(SUB_CREATED)]
         for c in children
     }
-    assert list(submitted.values()) == [[0, 1], [2, 3], [4]]
+    assert started == {
+        c: [("group_orchestrator", f"{c}-g{i:05d}", i) for i in indexes]
+        for c, indexes in zip(children, [[0, 1], [2, 3], [4]])
+    }
+    assert not [e for c in children for e in result.children[c].events(TASK_SCHEDULED)]
+    assert all(e["Name"] == "submit_group_job" for e in group(result, 3, n=1).events(TASK_SCHEDULED))
     out = result.output
     assert (
         out["groups_total"] == 5 and out["groups_failed"] == 1 and out["failed_groups"][0]["group_index"] == 3
@@ -287,8 +319,8 @@ def test_replays_are_deterministic_two_identical_runs_write_identical_histories(
     first = run_training(Jobs(["done", "poll:2", "never"]))
     second = run_training(Jobs(["done", "poll:2", "never"]))
     assert first.history == second.history
-    assert chunk(first).history == chunk(second).history
-    assert chunk(first).replays > 10  # the orchestrator was replayed many times, each replay checked by the harness
+    assert [r.history for r in every_orchestration(first)] == [r.history for r in every_orchestration(second)]
+    assert group(first, 2).replays > 10  # replayed many times, each replay checked by the harness
 
 
 def _careless_app() -> dict:
@@ -509,6 +541,7 @@ def test_every_orchestrator_of_the_app_is_a_generator_the_sdk_can_replay():
     ]
     assert sorted(orchestrators) == [
         "group_chunk_orchestrator",
+        "group_orchestrator",
         "ingest_orchestrator",
         "promote_orchestrator",
         "score_orchestrator",
@@ -544,27 +577,227 @@ def test_no_orchestrator_schedules_work_while_a_retrying_task_is_pending(behavio
     """Retries are by hand (call_activity + durable timer), so the whole app passes the strict harness."""
     result = run_training(Jobs(behaviour))
     assert result.status == "Completed", result.error
-    every = [result, *result.children.values()]
+    every = every_orchestration(result)
     assert all(e["EventType"] != TASK_SCHEDULED or e["Name"] for r in every for e in r.history)
-    retried = [e for e in chunk(result).events(TIMER_CREATED)]
+    retried = [e for r in chunk(result).children.values() for e in r.events(TIMER_CREATED)]
     assert retried  # the flaky / failing submissions waited on durable timers between attempts
 
 
-def test_a_long_monitor_continues_as_new_and_keeps_every_history_bounded():
-    """240 polls x 16 groups used to grow one history to ~20,000 events; now each generation is bounded."""
+def test_long_jobs_continue_as_new_in_their_group_orchestrators_and_every_history_stays_bounded():
+    """240 polls x 16 groups used to grow one history to ~20,000 events; now each group's
+    orchestrator continues as new after its budget, and the chunk and the parent hold only one
+    sub-orchestration per group / chunk."""
     groups, polls, budget = 4, 60, 30
+    attempts = OPTIONS["retry_attempts"]
     jobs = Jobs([f"poll:{polls}"] * groups)
     result = run_training(jobs, history_tasks=budget, timeout_seconds=10 * 60 * polls)
     assert result.status == "Completed", result.error
     assert result.output["groups_failed"] == 0 and result.output["groups_total"] == groups
     assert jobs.polls == {g: polls for g in range(groups)}  # every job was followed to its end
-    child = chunk(result)
-    assert child.generations >= (2 * groups * polls) // budget  # timers + status calls, budget per generation
-    # a generation holds at most budget + one in-flight task per group, each at most four events
-    # (scheduled, completed, and the orchestrator started / completed around them), plus its start
-    bound = 4 * (budget + groups) + 10
-    assert child.max_history <= bound, child.max_history
+    assert jobs.submits == {g: 1 for g in range(groups)}  # and submitted once, whatever the generation
+    for g in range(groups):
+        child = group(result, g)
+        assert child.generations == -(-2 * polls // budget)  # a timer and a status call per poll
+        # a generation holds at most budget + 2 x attempts - 1 tasks (the last poll's retries), each
+        # four events (scheduled, completed, the orchestrator started / completed around them)
+        assert child.max_history <= 4 * (budget + 2 * attempts - 1) + 4, child.max_history
+    assert chunk(result).generations == 1
+    assert chunk(result).max_history <= 4 * groups + 4, chunk(result).max_history
     assert result.max_history <= 40  # the parent only holds its steps and one sub-orchestration per chunk
+
+
+def _group_input(behaviour: str = "poll:1", **options) -> dict:
+    return {"kind": "train", "run_id": RUN_ID, "group_index": 0,
+            "paths": ["prepared/d1/batches/batch-00000.parquet"], "options": {**OPTIONS, **options}}
+
+
+def _throttled(jobs: Jobs, failures: int = 2) -> dict:
+    """Jobs' activities with every status check failing ``failures`` times before it answers."""
+    tries = [0]
+
+    def status(payload: dict) -> dict:
+        tries[0] += 1
+        if tries[0] % (failures + 1):
+            raise RuntimeError("Azure ML throttled the status check")
+        return jobs.status(payload)
+
+    return {**jobs.activities(), "get_job_status": status}
+
+
+@pytest.mark.parametrize("numbering", ["extension", "sdk"])
+@pytest.mark.parametrize("throttled", [False, True])
+def test_a_group_orchestrator_follows_a_job_far_longer_than_its_budget_in_bounded_generations(
+    numbering, throttled
+):
+    """One job polled 45 times with a budget of 10 tasks: nine generations or more (with throttled
+    status checks, whose retries and timers count against the budget), each within budget + 2 x
+    attempts - 1 tasks; submitted once, and the group's result as the chunk expects it."""
+    budget, polls = 10, 45
+    attempts = OPTIONS["retry_attempts"]
+    jobs = Jobs([f"poll:{polls}"])
+    activities = _throttled(jobs) if throttled else jobs.activities()
+    harness = OrchestrationHarness(activities=activities, numbering=numbering)
+    result = harness.run(
+        "group_orchestrator", _group_input(history_tasks=budget, timeout_seconds=4 * 60 * polls),
+        instance_id="train-abc-train-c0000-g00000", parent="train-abc-train-c0000",
+    )
+    assert result.status == "Completed", result.error
+    assert result.output == {"group_index": 0, "job_id": f"train-{RUN_ID}-g00000", "state": "completed",
+                             "reason": "", "partitions": 2, "statuses": {"trained": 2}}
+    assert jobs.submits == {0: 1} and jobs.polls == {0: polls}
+    tasks = 2 * polls * (attempts if throttled else 1)  # a timer and a status call per poll (+ retries)
+    assert result.generations >= tasks // (budget + 2 * attempts - 1)
+    assert result.generations >= 9
+    assert result.max_history <= 4 * (budget + 2 * attempts - 1) + 4, result.max_history
+    live = [s for s in result.custom_statuses if s]
+    assert live[-1]["job_id"] == f"train-{RUN_ID}-g00000" and live[-1]["generation"] == result.generations - 1
+
+
+def test_a_group_orchestrators_deadline_carries_over_its_generations():
+    """A job still running at its deadline is a timeout (not canceled), counted from its submit
+    across generations: 12 polls of 60 s with a budget of 6 tasks (three polls a generation)."""
+    jobs = Jobs(["never"])
+    harness = OrchestrationHarness(activities=jobs.activities())
+    result = harness.run("group_orchestrator", _group_input(history_tasks=6, timeout_seconds=720))
+    assert result.status == "Completed", result.error
+    assert result.output["state"] == "timeout" and result.generations == 4
+    assert result.output["reason"] == (
+        f"job train-{RUN_ID}-g00000 still running after 720 s; it was not canceled"
+    )
+    assert jobs.polls == {0: 12} and result.clock == START + timedelta(seconds=720)
+
+
+def test_a_group_whose_submission_or_status_checks_fail_every_attempt_is_a_failed_result_with_the_reason():
+    jobs = Jobs(["fail-submit"])
+    submitted = OrchestrationHarness(activities=jobs.activities()).run("group_orchestrator", _group_input())
+    assert submitted.status == "Completed" and submitted.output["state"] == "failed"
+    assert submitted.output["reason"] == (
+        "submission failed after 3 attempt(s): RuntimeError: compute quota exceeded for group 0"
+    )
+    jobs = Jobs(["poll:2"])
+    polled = OrchestrationHarness(activities=_throttled(jobs, failures=3)).run(
+        "group_orchestrator", _group_input()
+    )
+    assert polled.status == "Completed" and polled.output["state"] == "failed"
+    assert polled.output["job_id"] == f"train-{RUN_ID}-g00000"
+    assert polled.output["reason"] == (
+        "status check failed after 3 attempt(s): RuntimeError: Azure ML throttled the status check"
+    )
+
+
+def test_a_failed_group_orchestrator_is_a_failed_group_result_and_the_other_groups_complete():
+    """An orchestrator failure (here a status answer without a state) is the group's failure, with
+    the sub-orchestration's id and reason; the chunk and the run go on."""
+    jobs = Jobs(["poll:1", "poll:2", "done"])
+    answer = jobs.status
+
+    def status(payload: dict) -> dict:
+        handle = answer(payload)
+        return {k: v for k, v in handle.items() if k != "state"} if handle["group_index"] == 1 else handle
+
+    harness = OrchestrationHarness(activities={**jobs.activities(), "get_job_status": status})
+    result = harness.run(
+        "train_orchestrator",
+        {"dataset_id": "d0123456789abcdef", "partition_ids": None, "options": OPTIONS},
+        instance_id="train-abc",
+    )
+    assert result.status == "Completed", result.error
+    assert group(result, 1).status == "Failed"
+    [failed] = result.output["failed_groups"]
+    assert failed["group_index"] == 1 and failed["state"] == "failed" and failed["job_id"] is None
+    assert failed["reason"].startswith("sub-orchestration train-abc-train-c0000-g00001 failed: ")
+    assert "state" in failed["reason"]  # the KeyError the group orchestrator raised
+    assert result.output["groups_total"] == 3 and result.custom_status["groups_failed"] == 1
+    live = chunk(result).custom_status
+    assert live["groups_done"] == 3 and live["groups_failed"] == 1
+
+
+@pytest.mark.parametrize("numbering", ["extension", "sdk"])
+def test_a_slow_groups_polling_never_delays_another_groups_result(numbering):
+    """Group A's submission takes 50 s and its job runs for ten polls; group B's job is done at its
+    first status check. B's result is recorded one poll interval after its submit, whichever side
+    numbers the tasks: each group has its own orchestrator, so none of A's tasks is ever queued
+    ahead of B's. (The single chunk monitor this replaced scheduled B's status check inside its
+    task_any while A's poll timer was pending; the extension's shim, awaiting its actions in turn,
+    issued it only when A's timer fired: 110 s after B's submit.)"""
+    jobs = Jobs(["poll:10", "poll:1"])
+    harness = OrchestrationHarness(
+        activities=jobs.activities(), numbering=numbering,
+        latency=lambda name, payload: 50 if name == "submit_group_job" and payload["group_index"] == 0 else 0,
+    )
+    result = harness.run(
+        "train_orchestrator",
+        {"dataset_id": "d0123456789abcdef", "partition_ids": None,
+         "options": {**OPTIONS, "timeout_seconds": 3600}},
+        instance_id="train-abc",
+    )
+    assert result.status == "Completed", result.error
+    assert jobs.polls == {0: 10, 1: 1} and result.output["groups_failed"] == 0
+    poll = timedelta(seconds=OPTIONS["poll_seconds"])
+    calls = list(zip(result.call_times, result.activity_calls))
+    [b_submit] = [t for t, (name, p, _) in calls if name == "submit_group_job" and p["group_index"] == 1]
+    [b_status] = [
+        t for t, (name, p, _) in calls if name == "get_job_status" and p["job_id"].endswith("-g00001")
+    ]
+    live = chunk(result)
+    recorded, status = next(
+        (t, s) for t, s in zip(live.status_times, live.custom_statuses) if s and s["groups_done"] >= 1
+    )
+    assert status["groups_done"] == 1 and status["models_trained"] == 2  # B's result, A still running
+    assert recorded - b_submit <= poll, f"B's result was recorded {recorded - b_submit} after its submit"
+    assert b_status - b_submit == poll
+    assert result.clock >= START + timedelta(seconds=50 + 10 * 60)  # A ran its ten polls meanwhile
+
+
+@pytest.mark.parametrize("numbering", ["extension", "sdk"])
+def test_no_orchestrator_schedules_a_task_while_an_earlier_one_is_pending(numbering):
+    """The rule the design keeps for the extension's shim: an orchestrator schedules new tasks only
+    when none of its earlier tasks is pending (one at a time, or all of one wait in one episode)."""
+    jobs = Jobs(["flaky-submit", "poll:3", "fail-submit", "done", "never"])
+    harness = OrchestrationHarness(activities=jobs.activities(), numbering=numbering)
+    result = harness.run(
+        "train_orchestrator",
+        {"dataset_id": "d0123456789abcdef", "partition_ids": None, "options": {**OPTIONS, "max_groups": 3,
+                                                                              "history_tasks": 6}},
+        instance_id="train-abc",
+    )
+    assert result.status == "Completed", result.error
+    every = every_orchestration(result)
+    assert len(every) == 1 + 2 + 5
+    assert max(r.generations for r in every) > 1  # group orchestrators continued as new
+    assert {id(r): scheduled_while_pending(r.history) for r in every} == {id(r): [] for r in every}
+    ingest = IngestJob(["running"] * 5 + ["completed"], flaky_status=2)
+    activities = ingest.activities(Jobs(["done", "poll:2"]))
+    harness = OrchestrationHarness(activities=activities, numbering=numbering)
+    ingested = harness.run(
+        "ingest_orchestrator", {**INGEST_INPUT, "options": {**OPTIONS, "history_tasks": 4}},
+        instance_id="ingest-abc",
+    )
+    assert ingested.status == "Completed", ingested.error
+    assert all(scheduled_while_pending(r.history) == [] for r in every_orchestration(ingested))
+
+
+def _incremental_task_any_app() -> dict:
+    """The pattern the design avoids: a task scheduled inside a task_any while another is pending."""
+    app = df.DFApp()
+
+    @app.orchestration_trigger(context_name="context")
+    def incremental_orchestrator(context: df.DurableOrchestrationContext):
+        tasks = [context.call_activity("work", i) for i in range(2)]
+        first = yield context.task_any(tasks)
+        tasks.remove(first)
+        tasks.append(context.create_timer(context.current_utc_datetime + timedelta(seconds=60)))
+        yield context.task_all(tasks)
+        return "done"
+
+    return {f.get_function_name(): f for f in app.get_functions()}
+
+
+def test_the_pending_check_sees_a_task_scheduled_inside_a_task_any():
+    harness = OrchestrationHarness(functions=_incremental_task_any_app(), activities={"work": lambda p: p})
+    result = harness.run("incremental_orchestrator", None)
+    assert result.status == "Completed"
+    assert [e["EventType"] for e in scheduled_while_pending(result.history)] == [TIMER_CREATED]
 
 
 # -- the extension's own numbering, and guards that keep the SDK's retrying calls out ------------------------
@@ -707,25 +940,32 @@ def test_no_code_of_the_functions_app_uses_the_sdks_retrying_calls():
     assert not found, found
 
 
-def test_at_the_defaults_a_generation_of_a_long_monitor_stays_under_the_stated_900_events():
-    """16 groups polled for long (the old monitor: 240 polls x 16 groups, ~20,000 events in one
-    history): at the defaults (200 tasks, 16 groups) no generation of the chunk reaches the 900
-    events the orchestration module states. 30 polls make five generations, enough to fill some
-    to the budget; 240 would only make more of the same, at minutes of replay."""
-    groups, polls = 16, 30
-    jobs = Jobs([f"poll:{polls}"] * groups)
-    harness = OrchestrationHarness(activities=jobs.activities(), history_limit=900, max_replays=20_000)
-    options = {**OPTIONS, "timeout_seconds": 60 * (polls + 10)}
+def test_at_the_defaults_no_history_reaches_the_stated_900_events():
+    """A chunk of 16 groups at the defaults (200 tasks, 3 attempts, 16 groups): one job polled 80
+    times with every status check throttled twice (six tasks a poll, so a generation reaches the
+    most the module states: 205 tasks, ~825 events) and 15 jobs polled 30 times. No history of any
+    orchestration (parent, chunk, group) reaches 900 events."""
+    polls = [80] + [30] * 15
+    jobs = Jobs([f"poll:{n}" for n in polls])
+    throttled = _throttled(jobs)["get_job_status"]
+    status = lambda p: throttled(p) if p["job_id"].endswith("-g00000") else jobs.status(p)  # noqa: E731
+    harness = OrchestrationHarness(activities={**jobs.activities(), "get_job_status": status},
+                                   history_limit=900, max_replays=20_000)
+    options = {**OPTIONS, "timeout_seconds": 4 * 60 * max(polls)}
     assert "history_tasks" not in options and options["max_groups"] == 16
     result = harness.run(
         "train_orchestrator", {"dataset_id": "d0123456789abcdef", "partition_ids": None, "options": options},
         instance_id="train-abc",
     )
     assert result.status == "Completed", result.error
-    assert jobs.polls == {g: polls for g in range(groups)}
-    child = chunk(result)
-    assert child.generations >= (2 * groups * polls) // (HISTORY_TASKS + groups)
-    assert child.max_history > 600, child.max_history  # some generation filled its budget
+    assert jobs.polls == {g: n for g, n in enumerate(polls)}
+    slow = group(result, 0)
+    attempts = OPTIONS["retry_attempts"]
+    assert slow.generations == -(-6 * 80 // HISTORY_TASKS)  # 6 x 80 tasks, ~200 a generation
+    assert slow.max_history <= 4 * (HISTORY_TASKS + 2 * attempts - 1) + 4
+    assert slow.max_history > 800, slow.max_history  # a generation filled its budget
+    assert all(group(result, g).generations == 1 for g in range(1, 16))
+    assert chunk(result).max_history <= 4 * 16 + 4 and result.max_history <= 40
 
 
 def test_a_long_ingestion_job_with_flaky_status_checks_keeps_each_generation_within_its_budget():
