@@ -3,7 +3,8 @@
 plan (groups of mini-batch files) -> one job per group, each followed on durable timers by its own
 ``group_orchestrator``, started by ``group_chunk_orchestrator`` sub-orchestrations of at most
 ``max_groups`` groups -> register the run's models -> one promotion message.
-Activities do one thing each and raise on failure, so Durable's retry options apply to them.
+Activities do one thing each and raise on failure; orchestrators retry them by hand on durable
+timers (:func:`function_app.orchestration.call_with_retry`).
 """
 
 from __future__ import annotations
