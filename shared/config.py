@@ -10,7 +10,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import tomli_w
 
@@ -118,6 +118,11 @@ class PromotionRules:
 DEFAULT_CHAIN = ("production", "unpromoted", "global", "baseline")
 # "latest": the partition's latest trained model whatever its backtests (to judge a candidate alone)
 SCORING_SOURCES = (*DEFAULT_CHAIN, "latest")
+
+
+def chain_reads_dev(chain: Sequence[str]) -> bool:
+    """Does a scoring chain open the development registry? Every source but ``production`` reads it."""
+    return any(source != "production" for source in chain)
 # The prepared dataset's manifest columns (shared.partitioning) and the registry's standard tags
 # (shared.registry.STANDARD_TAGS) sit beside the key columns: a key may not take their names.
 MANIFEST_COLUMNS = ("n_rows", "n_observed", "first_period", "last_period", "last_time", "fingerprint", "batch")
@@ -180,8 +185,8 @@ class ProjectConfig:
 
     @property
     def scoring_reads_dev(self) -> bool:
-        """Does scoring open the development registry? Every source but ``production`` reads it."""
-        return any(source != "production" for source in self.scoring_chain)
+        """Does scoring open the development registry? (:func:`chain_reads_dev` of the chain.)"""
+        return chain_reads_dev(self.scoring_chain)
 
     @property
     def season_length(self) -> int:

@@ -57,7 +57,7 @@ from shared.cache_entries import (  # noqa: F401  (re-exported: callers import t
     ModelNotFoundError,
     object_size,
 )
-from shared.config import DEFAULT_CHAIN, SCORING_SOURCES
+from shared.config import DEFAULT_CHAIN, SCORING_SOURCES, chain_reads_dev
 from shared.scoring import GlobalModels, pick_source
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class ModelCache:
 
     @property
     def uses_dev(self) -> bool:
-        return self.fallback == "baseline" and self.dev is not None
+        return self.dev is not None and chain_reads_dev(self.chain)
 
     # -- public API ------------------------------------------------------------------------------
     def get(self, partition_id: str) -> CachedModel:
@@ -355,7 +355,7 @@ class ModelCache:
         """(record, registry, source, kind) of the first source of the chain that can answer."""
         champion = self.prod.latest(partition_id) if "production" in self.chain else None
         latest = None
-        if self.dev is not None and any(c != "production" for c in self.chain):
+        if self.uses_dev:
             latest = self.dev.latest(partition_id)
         for source in self.chain:
             pick = pick_source(source, champion, latest, self.prod, self.dev)

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from shared.config import ProjectConfig
+from shared.config import ProjectConfig, chain_reads_dev
 from shared.global_model import GLOBAL_ID
 from shared.keys import PARTITION_ID, canonical_value, partition_ids
 from shared.lake import Lake, check_path, write_parquet
@@ -300,7 +300,7 @@ def score_frame(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | N
     bounds = np.r_[starts, len(ids)]
     order = [str(ids[s]) for s in starts]
     champions = _latest_many(prod, order) if "production" in chain else {}
-    needs_dev = dev is not None and any(c != "production" for c in chain)
+    needs_dev = dev is not None and chain_reads_dev(chain)
     latest_dev = _latest_many(dev, order) if needs_dev else {}
     outputs: list[pd.DataFrame] = []
     statuses: list[dict[str, Any]] = []
