@@ -149,6 +149,15 @@ def failure_of(task: Any) -> str | None:
     return error_text(result)
 
 
+def next_finished(context: Any, entries: list[tuple]) -> Generator[Any, Any, tuple[tuple, str | None]]:
+    """Wait for the first task of ``entries`` (``(task, ...)`` tuples, all scheduled already: nothing
+    new is scheduled inside the wait) to finish; remove its entry and return it with its failure."""
+    done = yield context.task_any([entry[0] for entry in entries])
+    entry = next(e for e in entries if e[0] is done)
+    entries.remove(entry)
+    return entry, failure_of(done)
+
+
 @dataclass
 class Progress:
     """The custom status of a run: what the status endpoint shows while it is live."""
@@ -219,11 +228,7 @@ def fan_out(
     log.info("sub-orchestrations started", kind=kind, groups=len(groups), chunks=len(starts))
     results: list[dict[str, Any]] = []
     while entries:
-        done = yield context.task_any([task for task, *_ in entries])
-        entry = next(e for e in entries if e[0] is done)
-        entries.remove(entry)
-        _, start, size, child = entry
-        error = failure_of(done)
+        (done, start, size, child), error = yield from next_finished(context, entries)
         if error is None:
             chunk_results = done.result
         else:
@@ -266,11 +271,7 @@ def chunk_steps(context: Any, log: RunLog) -> Generator[Any, Any, list[dict]]:
     context.set_custom_status(progress.to_dict())
     results: list[dict[str, Any]] = []
     while entries:
-        done = yield context.task_any([task for task, _, _ in entries])
-        entry = next(e for e in entries if e[0] is done)
-        entries.remove(entry)
-        _, index, child = entry
-        error = failure_of(done)
+        (done, index, child), error = yield from next_finished(context, entries)
         if error is None:
             result = done.result
         else:
