@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import tomli_w
 
+from shared import bounds
 from shared.errors import ManyModelsError
 from shared.trust import DEFAULT_ESTIMATOR_PACKAGES, UntrustedCodeError, check_estimator_packages, check_estimator_path
 
@@ -235,7 +236,7 @@ class ProjectConfig:
         return ProjectConfig.from_dict(raw)
 
     def validate(self) -> None:
-        d, f, r, p = self.data, self.forecast, self.runner, self.promotion
+        d, f, p = self.data, self.forecast, self.promotion
         if not d.keys:
             raise ConfigError("data.keys: at least one partition key column is required")
         if len(set(d.keys)) != len(d.keys):
@@ -252,11 +253,7 @@ class ProjectConfig:
                               f"registry's standard tags; rename the key column(s) (reserved: "
                               f"{list(RESERVED_KEY_NAMES)})")
         check_freq(d.freq)
-        for name in ("horizon", "test_periods", "validation_periods"):
-            if int(getattr(f, name)) < 1:
-                raise ConfigError(f"forecast.{name} must be >= 1, got {getattr(f, name)}")
-        if f.season_length is not None and int(f.season_length) < 1:
-            raise ConfigError("forecast.season_length must be >= 1")
+        self._validate_bounds()
         _one_of("validation.null_keys", self.validation.null_keys, {"error", "drop"})
         _one_of("validation.null_target", self.validation.null_target, {"drop", "zero", "error"})
         _one_of("validation.negative_target", self.validation.negative_target, {"clip", "drop", "keep", "error"})
@@ -269,17 +266,6 @@ class ProjectConfig:
         if unknown:
             raise ConfigError(f"training.candidates: unknown candidate(s) {unknown}; known: {sorted(known)}")
         _one_of("training.selection_metric", self.training.selection_metric, {"wape", "mape", "rmse"})
-        if int(self.training.folds) < 1:
-            raise ConfigError(f"training.folds must be >= 1, got {self.training.folds}")
-        if not 0.0 <= float(self.training.selection_margin) <= 1.0:
-            raise ConfigError(f"training.selection_margin must be between 0 and 1, got "
-                              f"{self.training.selection_margin}")
-        if int(self.training.global_max_rows) < 1000:
-            raise ConfigError(f"training.global_max_rows must be >= 1000, got {self.training.global_max_rows}")
-        if not 0.0 < float(f.interval_level) < 1.0:
-            raise ConfigError(f"forecast.interval_level must be between 0 and 1, got {f.interval_level}")
-        if int(self.scoring.max_distance) < 1:
-            raise ConfigError(f"scoring.max_distance must be >= 1, got {self.scoring.max_distance}")
         if int(f.horizon) > int(self.scoring.max_distance):
             raise ConfigError(f"forecast.horizon {f.horizon} is beyond scoring.max_distance "
                               f"{self.scoring.max_distance} periods after the end of training; ask for "
@@ -288,14 +274,27 @@ class ProjectConfig:
         bad = [c for c in chain if c not in SCORING_SOURCES]
         if bad or not chain or len(set(chain)) != len(chain):
             raise ConfigError(f"scoring.chain: {chain!r} must be distinct sources out of {list(SCORING_SOURCES)}")
-        if r.workers < 0 or r.mini_batch_size < 1 or r.rows_per_file < 1 or r.retries < 0:
-            raise ConfigError("runner: workers >= 0, mini_batch_size >= 1, rows_per_file >= 1, retries >= 0")
         _one_of("promotion.metric", p.metric, {"accuracy", "mape_accuracy", "wape", "mape", "rmse"})
         _one_of("promotion.fallback", p.fallback, {"baseline", "none"})
         _one_of("store.backend", self.store.backend, {"sqlite", "odbc"})
         _one_of("store.dialect", self.store.dialect, {"sqlite", "postgresql", "mssql"})
-        if self.ingest.memory_mb < 64 or self.ingest.workers < 0:
-            raise ConfigError("ingest: memory_mb >= 64, workers >= 0")
+
+    def _validate_bounds(self) -> None:
+        """Every number of the config within its bound of :data:`shared.bounds.BOUNDS`, and finite:
+        a NaN threshold would pass every comparison's test for 'not worse' (``0.0 >= nan`` is False,
+        and so is ``0.0 < nan``), a million folds or workers would spin for minutes."""
+        for name in bounds.BOUNDS:
+            section, _, field_name = name.partition(".")
+            spec = getattr(self, section, None) if field_name else None
+            if spec is None or not hasattr(spec, field_name):
+                continue  # not a config setting (a message's group_size, a key's length...)
+            value = getattr(spec, field_name)
+            if value is None and name == "forecast.season_length":
+                continue  # derived from data.freq
+            try:
+                bounds.check(name, value)
+            except bounds.BoundsError as exc:
+                raise ConfigError(str(exc)) from exc
 
     def _validate_extra_candidates(self) -> None:
         """Names are plain words; estimators are public dotted paths under an allowed package
@@ -359,8 +358,10 @@ class OverrideRule:
                 else f"a list of distinct names out of {list(self.choices)}")
 
 
-def _int(low: int, high: int) -> OverrideRule:
-    return OverrideRule("int", low, high)
+def _bounded(name: str) -> OverrideRule:
+    """A number option with its range from the one table of bounds (:data:`shared.bounds.BOUNDS`)."""
+    bound = bounds.limit(name)
+    return OverrideRule("int" if bound.integer else "float", bound.low, bound.high)
 
 
 def _choice(*choices: str) -> OverrideRule:
@@ -368,31 +369,30 @@ def _choice(*choices: str) -> OverrideRule:
 
 
 _BOOL = OverrideRule("bool")
-MAX_MESSAGE_HORIZON = 1000
 # Messages and HTTP bodies carry data, never code: they may choose among the candidates the
 # operator configured and set numeric, boolean and fixed-choice options. Column names, frequency,
 # extra candidates, estimator packages, runner, store and ingest settings come only from the
 # project file (and the operator's CLI flags).
 MESSAGE_OVERRIDES: dict[str, OverrideRule] = {
-    "forecast.horizon": _int(1, MAX_MESSAGE_HORIZON),
-    "forecast.test_periods": _int(1, MAX_MESSAGE_HORIZON),
-    "forecast.validation_periods": _int(1, MAX_MESSAGE_HORIZON),
-    "forecast.season_length": _int(1, 1000),
-    "forecast.min_train_periods": _int(0, 100_000),
-    "forecast.min_periods": _int(1, 100_000),
-    "forecast.interval_level": OverrideRule("float", 0.01, 0.99),
+    "forecast.horizon": _bounded("forecast.horizon"),
+    "forecast.test_periods": _bounded("forecast.test_periods"),
+    "forecast.validation_periods": _bounded("forecast.validation_periods"),
+    "forecast.season_length": _bounded("forecast.season_length"),
+    "forecast.min_train_periods": _bounded("forecast.min_train_periods"),
+    "forecast.min_periods": _bounded("forecast.min_periods"),
+    "forecast.interval_level": _bounded("forecast.interval_level"),
     "training.candidates": OverrideRule("names"),
     "training.selection_metric": _choice("wape", "mape", "rmse"),
-    "training.seed": _int(0, 2**32 - 1),
-    "training.folds": _int(1, 10),
-    "training.selection_margin": OverrideRule("float", 0.0, 1.0),
+    "training.seed": _bounded("training.seed"),
+    "training.folds": _bounded("training.folds"),
+    "training.selection_margin": _bounded("training.selection_margin"),
     "training.ensemble": _BOOL,
-    "training.global_max_rows": _int(1000, 10_000_000),
+    "training.global_max_rows": _bounded("training.global_max_rows"),
     "promotion.metric": _choice("accuracy", "mape_accuracy", "wape", "mape", "rmse"),
-    "promotion.min_value": OverrideRule("float", -1e12, 1e12),
+    "promotion.min_value": _bounded("promotion.min_value"),
     "promotion.higher_is_better": _BOOL,
     "promotion.must_beat_champion": _BOOL,
-    "promotion.min_history": _int(0, 100_000),
+    "promotion.min_history": _bounded("promotion.min_history"),
     "promotion.fallback": _choice("baseline", "none"),
     "validation.null_keys": _choice("error", "drop"),
     "validation.null_target": _choice("drop", "zero", "error"),
@@ -423,6 +423,11 @@ def check_message_overrides(overrides: Any) -> dict[str, Any]:
         if value is None:
             continue
         if not _fits(rule, value):
+            if key in bounds.BOUNDS:  # a number: the table's own words (value, bound, what it counts)
+                try:
+                    bounds.check(key, value)
+                except bounds.BoundsError as exc:
+                    raise ConfigError(str(exc)) from exc
             raise ConfigError(f"{key}: must be {rule.describe()}, got {_short(value)}")
         out[key] = list(value) if isinstance(value, list) else value
     return out

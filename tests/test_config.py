@@ -58,3 +58,32 @@ def test_legacy_and_current_frequency_aliases_are_accepted():
     assert default_season_length("M") == 12 and default_season_length("int") == 1
     ProjectConfig().with_overrides({"data.freq": "M"})
     ProjectConfig().with_overrides({"data.freq": "int"})
+
+
+# -- issue 18: every number of the project file is bounded and finite (shared.bounds) -------------
+@pytest.mark.parametrize("section, line, field", [
+    ("promotion", "min_value = nan", "promotion.min_value"),
+    ("promotion", "min_value = inf", "promotion.min_value"),
+    ("promotion", "min_value = -inf", "promotion.min_value"),
+    ("training", "folds = 1000000", "training.folds"),
+    ("runner", "workers = 100000", "runner.workers"),
+    ("ingest", "workers = 100000", "ingest.workers"),
+    ("training", "selection_margin = nan", "training.selection_margin"),
+    ("forecast", "interval_level = nan", "forecast.interval_level"),
+    ("runner", "retries = 1000000", "runner.retries"),
+    ("scoring", "max_distance = 1000000000000", "scoring.max_distance"),
+])
+def test_a_project_file_number_out_of_bounds_or_not_finite_is_refused_naming_it(tmp_path, section, line, field):
+    path = tmp_path / "mm.toml"
+    path.write_text(f"[{section}]\n{line}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(f"{field}: ") and ("out of bounds" in message or "not a finite number" in message)
+    assert " to " in message  # the bound itself is named
+
+
+def test_a_nan_threshold_given_as_an_override_is_refused_too():
+    with pytest.raises(ConfigError, match=r"promotion\.min_value: nan is not a finite number"):
+        ProjectConfig().with_overrides({"promotion.min_value": float("nan")})
+    assert ProjectConfig().with_overrides({"promotion.min_value": 0.5}).promotion.min_value == 0.5

@@ -109,7 +109,7 @@ def test_an_http_start_naming_code_gets_400_and_runs_nothing(app_env, durable):
     ({"data.keys": ["store"]}, "not an option a message may set"),
     ({"store.sqlite_file": "/etc/cron.d/x"}, "not an option a message may set"),
     ({"runner.workers": 10_000}, "not an option a message may set"),
-    ({"forecast.horizon": 10**9}, "forecast.horizon: must be a whole number from 1 to 1000"),
+    ({"forecast.horizon": 10**9}, "forecast.horizon: 1000000000 is out of bounds: must be a whole number from 1 to"),
     ({"forecast.horizon": {"$gt": 1}}, "forecast.horizon"),
     ({"training.candidates": ["baseline", {"estimator": "os.system"}]}, "training.candidates"),
     ({"promotion.min_value": "1; DROP TABLE"}, "promotion.min_value"),
