@@ -16,6 +16,9 @@ from typing import Callable, Sequence
 
 from shared.cli_commands import (  # noqa: F401  (re-exported: the commands and their helpers)
     LEASES,
+    run_problems,
+    scoring_problems,
+    training_problems,
     ONE_OFF,
     PROJECT_COMMANDS,
     WRITERS,
@@ -51,6 +54,7 @@ from shared.errors import ManyModelsError
 
 EXIT_USAGE = 2  # a ManyModelsError (or a missing input file): the message says what to change
 EXIT_FAILED = 1  # anything else is unexpected: a bug or the environment; --debug shows the traceback
+EXIT_PARTIAL = 3  # the command finished but did not deliver everything: its summary says what and why
 # Errors meant for users: ours by type, plus a named input file that does not exist.
 USER_ERRORS: tuple[type[BaseException], ...] = (ManyModelsError, FileNotFoundError)
 
@@ -118,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--periods", type=int, default=156)
     p.add_argument("--freq", default="W")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--intermittent", type=float, default=None, metavar="SHARE",
+                   help="share of intermittent-demand series, mostly zeros (default 0.10)")
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
@@ -204,9 +210,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = " | ".join(t.strip() for t in text[:8])
         print(f"error: {message}" + ("" if known else " (run with --debug for the traceback)"), file=sys.stderr)
         return EXIT_USAGE if known else EXIT_FAILED
+    problems = list(result.get("problems") or []) if isinstance(result, dict) else []
+    code = EXIT_PARTIAL if problems else 0
+    if problems:
+        print(f"incomplete (exit {EXIT_PARTIAL}): {len(problems)} problem(s)", file=sys.stderr)
+        for line in problems[:10]:
+            print(f"  {line}", file=sys.stderr)
     if args.json:
-        print(json.dumps(result, default=str, sort_keys=True))
-    return 0
+        print(json.dumps({**result, "exit_code": code} if isinstance(result, dict) else result,
+                         default=str, sort_keys=True))
+    return code
 
 
 if __name__ == "__main__":

@@ -118,11 +118,13 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.synthetic import write_panel
+    from shared.synthetic import INTERMITTENT_SHARE, write_panel
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stats = write_panel(out, partitions=args.partitions, periods=args.periods, freq=args.freq, seed=args.seed)
+    share = INTERMITTENT_SHARE if getattr(args, "intermittent", None) is None else args.intermittent
+    stats = write_panel(out, partitions=args.partitions, periods=args.periods, freq=args.freq, seed=args.seed,
+                        intermittent_share=share)
     _say(args, f"wrote {stats.get('rows', '?')} rows for {args.partitions} partitions to {out}")
     return {"path": str(out), **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}}
 
@@ -157,7 +159,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     failed_batches = [f for g in groups for f in g.failed_batches]
     for batch in failed_batches[:5]:
         _say(args, f"  mini-batch failed after retries: {batch.get('files')} {str(batch.get('error'))[:200]}")
-    return {**reg.to_dict(), "partitions": plan.partitions, "failed_batches": len(failed_batches)}
+    problems = training_problems(reg.failed, reg.failures, len(failed_batches),
+                                 [str(b.get("error")) for b in failed_batches])
+    return {**reg.to_dict(), "partitions": plan.partitions, "failed_batches": len(failed_batches),
+            "problems": problems}
 
 
 def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,7 +187,8 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     _say(args, f"scoring {plan.score_id}: {loaded.rows} predictions for {loaded.partitions} partitions "
                f"({loaded.fallback_partitions} from a fallback source, {loaded.no_model} without a model, "
                f"{loaded.failed} failed) -> {ws.sql_location}")
-    return {**loaded.to_dict(), "sql": ws.sql_location}
+    return {**loaded.to_dict(), "sql": ws.sql_location,
+            "problems": scoring_problems(loaded.failed, loaded.degraded, loaded.problems)}
 
 
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
@@ -203,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
                       scoring_data=args.scoring_data, full=args.full)
     _remember(args, ws)
     _print_run_summary(args, summary)
-    return summary
+    return {**summary, "problems": run_problems(summary)}
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -229,7 +235,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     _say(args, f"query it:  python -c \"import sqlite3; print(sqlite3.connect('{summary['sql']}')"
                f".execute('select * from predictions limit 5').fetchall())\"")
     _say(args, f"open it:   {summary['report']}")
-    return summary
+    return {**summary, "problems": run_problems(summary)}
 
 
 def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
@@ -323,6 +329,40 @@ def _parse_tag(text: str) -> tuple[str, str]:
     if not sep or not name:
         raise _UsageError(f"--tag {text!r}: expected NAME=VALUE")
     return name, value
+
+
+# -- what a command did not deliver (cli.main exits EXIT_PARTIAL when there is any) ------------
+def training_problems(failed: int, failures: list[dict[str, Any]], failed_batches: int,
+                      batch_errors: list[str]) -> list[str]:
+    """One line per kind of shortfall of a training run: partitions that failed, mini-batches lost."""
+    out = []
+    if failed:
+        first = failures[0] if failures else {}
+        out.append(f"training: {failed} partition(s) failed, e.g. {first.get('partition_id', '?')}: "
+                   f"{str(first.get('reason', ''))[:300]}")
+    if failed_batches:
+        out.append(f"training: {failed_batches} mini-batch(es) failed after retries: "
+                   f"{(batch_errors or [''])[0][:300]}")
+    return out
+
+
+def scoring_problems(failed: int, degraded: int, examples: list[str]) -> list[str]:
+    """One line per kind of shortfall of a scoring run, then the first partitions and why."""
+    out = []
+    if failed:
+        out.append(f"scoring: {failed} partition(s) failed: no source of the scoring chain could answer")
+    if degraded:
+        out.append(f"scoring: {degraded} partition(s) answered by a fallback because an artifact they "
+                   "needed could not be used")
+    return out + examples if out else []
+
+
+def run_problems(summary: dict[str, Any]) -> list[str]:
+    """The shortfalls of a whole `run` / `demo`: its training's and its scoring's."""
+    return (training_problems(summary.get("failed", 0), summary.get("training_failures") or [],
+                              summary.get("failed_batches", 0), [])
+            + scoring_problems(summary.get("scoring_failed", 0), summary.get("degraded", 0),
+                               summary.get("scoring_problems") or []))
 
 
 # -- output -------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ from shared.cache_entries import (  # noqa: F401  (re-exported: callers import t
     object_size,
 )
 from shared.config import DEFAULT_CHAIN, SCORING_SOURCES, chain_reads_dev
+from shared.global_model import GlobalModelError
 from shared.scoring import GlobalModels, pick_source
 
 logger = logging.getLogger(__name__)
@@ -314,7 +315,12 @@ class ModelCache:
             if not callable(getattr(bundle, "predict", None)):
                 raise TypeError(f"the artifact holds a {type(bundle).__name__}, not a forecast bundle")
             size = self._size_of(bundle, registry, record)  # before binding: the global model is shared
-            bound = self._globals.bind(bundle) if hasattr(bundle, "global_run_id") else True
+            try:  # only a forecast that needs the global model depends on it (GlobalModels.bind)
+                bound = self._globals.bind(bundle, kind) if hasattr(bundle, "global_run_id") else True
+            except GlobalModelError:
+                if kind != "global":
+                    raise  # this partition's own model needs it: its reason names the artifact
+                bound = False
             if kind == "global" and (not bound or getattr(bundle, "global_view", None) is None):
                 if "baseline" not in self.chain:
                     raise LookupError("the global model of its run is not available")

@@ -58,6 +58,7 @@ TRAIN_ENTRY = "shared.entry.train"
 SCORE_ENTRY = "shared.entry.score"
 ENTRIES = {"train": TRAIN_ENTRY, "score": SCORE_ENTRY}
 LAKE_SOURCE_CONTAINERS = layout.SOURCE_CONTAINERS
+PROBLEM_EXAMPLES = 5  # failed or degraded partitions a summary names (the counts say how many)
 
 
 # -- ingest ------------------------------------------------------------------------------------
@@ -298,10 +299,17 @@ def load_predictions(ws: Workspace, score_id: str) -> LoadSummary:
         summary.partitions = int(predictions[PARTITION_ID].nunique())
         summary.fallback_partitions = int(predictions.loc[predictions["is_fallback"] == 1, PARTITION_ID].nunique())
     for row in result_rows(ws.lake, layout.run_results(score_id)):
-        if row.get("status") == "no_model":
+        status, reason = row.get("status"), str(row.get("reason") or "")
+        if status == "no_model":
             summary.no_model += 1
-        elif row.get("status") == "failed":
+        elif status == "failed":
             summary.failed += 1
+        elif status == "fallback" and reason:  # a source before the one that answered raised
+            summary.degraded += 1
+        else:
+            continue
+        if status != "no_model" and len(summary.problems) < PROBLEM_EXAMPLES:
+            summary.problems.append(f"partition {row.get(PARTITION_ID)} {status}: {reason[:400]}")
     return summary
 
 
@@ -374,6 +382,10 @@ def run_all(
         "predictions": loaded.rows,
         "scored_partitions": loaded.partitions,
         "fallback_partitions": loaded.fallback_partitions,
+        "scoring_failed": loaded.failed,
+        "degraded": loaded.degraded,
+        "scoring_problems": loaded.problems,
+        "training_failures": registered.failures[:PROBLEM_EXAMPLES],
         "model_wape": registered.model_wape,
         "baseline_wape": registered.baseline_wape,
         "validation": {k: v for k, v in ingested.report.items() if isinstance(v, (int, float))},

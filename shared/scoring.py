@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from shared.config import ProjectConfig, chain_reads_dev
-from shared.global_model import GLOBAL_ID
+from shared.global_model import GLOBAL_ID, GlobalModelError, needs_global
 from shared.keys import PARTITION_ID, canonical_value, partition_ids
 from shared.lake import Lake, check_path, write_parquet
 from shared.partitioning import pack_batches
+from shared.registry_records import RegistryError
 from shared.timegrid import PERIOD, to_periods
 from shared.validation import DataValidationError, example_rows, parse_numeric, parse_time
 
@@ -40,6 +42,9 @@ KNOWN = "_known"  # False: the partition is not in the dataset the models were t
 OUTPUT_META = ("prediction", "lower", "upper", "model", "model_version", "run_id", PARTITION_ID, "is_fallback",
                "source")
 STATUSES = ("scored", "fallback", "no_model", "failed")
+# What loading a stored artifact may raise when the file is damaged, missing or refused (the
+# registries' own errors: a digest mismatch, a missing file; or the unpickling of bytes without one).
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (RegistryError, OSError, pickle.UnpicklingError, EOFError)
 
 
 def scoring_root(score_id: str) -> str:
@@ -207,14 +212,23 @@ class GlobalModels:
 
     Looked up in the registry the bundle came from first, then in the other one (a production
     bundle's global model is copied to production with it; a development one stays in dev).
+
+    Blast radius: a global model that cannot be loaded (its artifact changed or corrupted since
+    registration, missing, unreadable) is remembered with its reason (:attr:`failures`) and
+    disables only the forecasts that need it: a bundle whose own model is the global model, or
+    an ensemble with it, and the ``global`` source. A bundle's own self-contained model and its
+    baseline never depend on it (:meth:`bind`).
     """
 
     def __init__(self, prod: Any, dev: Any | None) -> None:
         self.prod, self.dev = prod, dev
         self._loaded: dict[str, Any] = {}
         self._versions: dict[str, tuple[int, str]] = {}
+        self.failures: dict[str, str] = {}  # run id -> why its global model cannot be loaded
 
     def get(self, run_id: str) -> Any | None:
+        """The run's global model; None when no registry has it or it cannot be loaded (then
+        :attr:`failures` says why)."""
         if run_id in self._loaded:
             return self._loaded[run_id]
         model = None
@@ -223,7 +237,13 @@ class GlobalModels:
                 continue
             record = registry.by_run(run_id, GLOBAL_ID)
             if record is not None:
-                model = registry.load(record)
+                try:
+                    model = registry.load(record)
+                except _LOAD_ERRORS as exc:  # remembered and reported by every forecast that needs it
+                    self.failures[run_id] = (f"global model {GLOBAL_ID} v{record.version} of run {run_id} "
+                                             f"({getattr(registry, 'name', '?')} registry) cannot be loaded: "
+                                             f"{type(exc).__name__}: {exc}")[:600]
+                    break
                 self._versions[run_id] = (int(record.version), record.run_id)
                 break
         self._loaded[run_id] = model
@@ -232,16 +252,27 @@ class GlobalModels:
     def version(self, run_id: str) -> tuple[int, str] | None:
         return self._versions.get(run_id)
 
-    def bind(self, bundle: Any) -> bool:
-        """Attach the global model a bundle needs; False when it needs one that cannot be found."""
+    def bind(self, bundle: Any, kind: str = "model") -> bool:
+        """Attach the global model a bundle needs to forecast with ``kind`` (``model``,
+        ``global`` or ``baseline``); False when it needs one that is not in any registry.
+
+        Raises :class:`~shared.global_model.GlobalModelError` naming the artifact and the reason
+        when the forecast needs a global model that exists but cannot be loaded; a forecast that
+        does not need it (the baseline, a self-contained model) goes on without it.
+        """
         run_id = getattr(bundle, "global_run_id", None)
         if not run_id:
             return True
         model = self.get(run_id)
-        if model is None:
-            return False
-        bundle.bind_global(model)
-        return True
+        if model is not None:
+            bundle.bind_global(model)
+            return True
+        needed = kind == "global" or (kind == "model" and needs_global(getattr(bundle, "estimator", None)))
+        if not needed:
+            return True
+        if run_id in self.failures:
+            raise GlobalModelError(self.failures[run_id])
+        return False
 
 
 def _wape_pair(metrics: Mapping[str, Any], mine_key: str, base_key: str) -> tuple[float, float] | None:
@@ -323,7 +354,7 @@ def score_frame(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | N
                 if key not in loaded:
                     loaded[key] = registry.load(record)
                 bundle = loaded[key]
-                if not models.bind(bundle) or (kind == "global" and getattr(bundle, "global_view", None) is None):
+                if not models.bind(bundle, kind) or (kind == "global" and getattr(bundle, "global_view", None) is None):
                     continue  # no global model for this bundle: the next source answers
                 predicted = _predict(bundle, rows, cfg, kind)
             except Exception as exc:  # one partition's failure is reported; the mini-batch goes on

@@ -103,3 +103,5 @@ class LoadSummary(_Payload):
     fallback_partitions: int = 0
     no_model: int = 0
     failed: int = 0
+    degraded: int = 0  # answered by a fallback because an artifact they needed could not be used
+    problems: list[str] = field(default_factory=list)  # the first failed / degraded partitions and why

@@ -221,3 +221,72 @@ def test_models_seal_and_verify(work, capsys):
     assert code == 0 and "match their recorded SHA-256" in out
     code, out, _ = _run(capsys, "models", "seal", "--workdir", str(work))
     assert code == 0 and "sealed 0 model(s)" in out
+
+
+# -- issue 18: blast radius of one bad file, exit status tells the truth ---------------------------
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def promoted(work, capsys) -> Path:
+    """The copied workdir with every model promoted (nothing scored yet)."""
+    assert _run(capsys, "promote", "--workdir", str(work), "--min-accuracy", "0")[0] == 0
+    return work
+
+
+def _needs_global(prod: Path) -> set[str]:
+    """Partitions whose production model itself forecasts with the global model."""
+    import pickle
+
+    from shared.global_model import needs_global
+
+    out = set()
+    for path in (prod / "artifacts").glob("p*/v*.pkl"):
+        if needs_global(pickle.loads(path.read_bytes()).estimator):
+            out.add(path.parent.name)
+    return out
+
+
+def test_a_corrupted_global_model_fails_only_what_needs_it_and_score_exits_3(promoted, capsys):
+    import json
+
+    prod = promoted / "registry" / "prod"
+    dependent = _needs_global(prod)
+    assert 0 < len(dependent) < 6  # the panel has both kinds
+    _flip_byte(prod / "artifacts" / "_global" / "v1.pkl")
+    code, out, err = _run(capsys, "score", "--workdir", str(promoted), "--no-progress", "--json")
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert code == 3, (out, err)
+    assert summary["exit_code"] == 3 and summary["partitions"] == 6 and summary["failed"] == 0
+    assert summary["rows"] == 6 * 6  # every partition has its forecast
+    assert summary["degraded"] == len(dependent)  # a fallback stood in only where the global model was needed
+    assert any("_global" in p and "SHA-256" in p for p in summary["problems"]), summary["problems"]
+    assert "incomplete" in err and "SHA-256" in err
+    rows = sqlite3.connect(promoted / "results.sqlite").execute(
+        "SELECT partition_id, MAX(source), MAX(is_fallback) FROM predictions GROUP BY partition_id").fetchall()
+    assert len(rows) == 6
+    for pid, source, fallback in rows:  # production models that do not need it answer as before
+        assert (source, fallback) == (("baseline", 1) if pid in dependent else ("production", 0)), (pid, source)
+
+
+def test_a_corrupted_global_model_leaves_serving_of_the_other_partitions_alone(promoted):
+    from shared.serving import ServingOptions
+    from shared.serving.predictor import open_predictor
+    from shared.workspace import Workspace
+
+    prod = promoted / "registry" / "prod"
+    dependent = _needs_global(prod)
+    _flip_byte(prod / "artifacts" / "_global" / "v1.pkl")
+    predictor = open_predictor(Workspace.open(promoted), ServingOptions(check_interval_ms=0))
+    try:
+        for path in sorted((prod / "artifacts").glob("p*")):
+            answer = predictor.handle({"partition_id": path.name, "horizon": 3})
+            if path.name in dependent:  # its own model is the global model's: refused, naming why
+                assert answer.status == 503 and "_global" in str(answer.body), answer.body
+            else:
+                assert answer.status == 200 and len(answer.body["predictions"]) == 3, answer.body
+    finally:
+        predictor.close()
