@@ -59,6 +59,24 @@ EXIT_PARTIAL = 3  # the command finished but did not deliver everything: its sum
 USER_ERRORS: tuple[type[BaseException], ...] = (ManyModelsError, FileNotFoundError)
 
 
+def _bounded(name: str, kind: type = float) -> Callable[[str], int | float]:
+    """An argparse type: the flag's value parsed, then checked against the one table of bounds
+    (:data:`shared.bounds.BOUNDS`), so ``--min-accuracy nan`` is refused like ``min_value = nan``."""
+    from shared import bounds
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from exc
+        try:
+            return bounds.check(name, value)
+        except bounds.BoundsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return parse
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=os.environ.get("MM_WORKDIR", "./mm"),
                         help="workspace folder (lake, registries, SQL file, report); default ./mm or $MM_WORKDIR")
@@ -118,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = sub.add_parser("generate", help="write a synthetic retail panel (CSV or Parquet by suffix)")
-    p.add_argument("--partitions", type=int, default=500)
-    p.add_argument("--periods", type=int, default=156)
+    p.add_argument("--partitions", type=_bounded("generate.partitions", int), default=500)
+    p.add_argument("--periods", type=_bounded("generate.periods", int), default=156)
     p.add_argument("--freq", default="W")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--intermittent", type=float, default=None, metavar="SHARE",
@@ -142,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("promote", cmd_promote, "apply promotion rules and copy eligible models to production")
     p.add_argument("--run-id", help="training run (default: the latest)")
-    p.add_argument("--min-accuracy", type=float, help="accuracy threshold (default from config, 0.80)")
+    p.add_argument("--min-accuracy", type=_bounded("min_accuracy"), help="accuracy threshold (default from config, 0.80)")
 
     p = add("score", cmd_score, "batch-score with production models and load predictions into SQL")
     p.add_argument("--data", help="scoring file: key, time and covariate columns (default: next --horizon periods)")
@@ -153,15 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_run, "the whole pipeline: ingest, train, promote, score, report")
     p.add_argument("--data", required=True, help="CSV or Parquet file/folder, or odbc:<connection string>")
     p.add_argument("--scoring-data", help="scoring file (default: the next --horizon periods)")
-    p.add_argument("--min-accuracy", type=float, help="promotion accuracy threshold (default 0.80)")
+    p.add_argument("--min-accuracy", type=_bounded("min_accuracy"), help="promotion accuracy threshold (default 0.80)")
     p.add_argument("--full", action="store_true",
                    help="retrain every partition (default: only those whose data or training config changed)")
     _reset_flag(p)
 
     p = add("demo", cmd_demo, "generate a demo panel and run the whole pipeline on it")
-    p.add_argument("--partitions", type=int, default=500)
-    p.add_argument("--periods", type=int, default=156)
-    p.add_argument("--min-accuracy", type=float)
+    p.add_argument("--partitions", type=_bounded("generate.partitions", int), default=500)
+    p.add_argument("--periods", type=_bounded("generate.periods", int), default=156)
+    p.add_argument("--min-accuracy", type=_bounded("min_accuracy"))
     _reset_flag(p)
     p.set_defaults(seed=0)
 

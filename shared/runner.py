@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from shared import faults
+from shared import bounds, faults
 from shared.config import RunnerSpec
 from shared.errors import ManyModelsError
 from shared.lake import atomic_write
@@ -153,7 +153,7 @@ def run_parallel(
             if in_process:
                 _run_in_process(entry, list(args), pending, finished)
             else:
-                workers = spec.workers or os.cpu_count() or 1
+                workers = bounds.worker_count(spec.workers)  # at most WORKERS_PER_CPU per CPU
                 _Pool(entry, list(args), min(workers, len(pending))).run(pending, finished)
 
     return RunnerOutcome(

@@ -53,6 +53,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
+from shared import bounds
 from shared.config import ProjectConfig
 from shared.ingest import (
     ODBC_PREFIX,
@@ -145,7 +146,7 @@ def memory_settings(cfg: ProjectConfig) -> tuple[int, int]:
     """``(memory_mb, workers)`` from ``[ingest]`` (defaults when the config predates the section)."""
     spec = getattr(cfg, "ingest", None)
     memory_mb = int(getattr(spec, "memory_mb", 2048))
-    workers = int(getattr(spec, "workers", 0)) or os.cpu_count() or 1
+    workers = bounds.worker_count(int(getattr(spec, "workers", 0)))  # at most WORKERS_PER_CPU per CPU
     return memory_mb, workers
 
 
