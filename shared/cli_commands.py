@@ -138,6 +138,8 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
     _remember(args, ws)
     _say(args, f"dataset {summary.dataset_id}: {summary.partitions} partitions, {summary.rows} rows"
                + (" (already ingested)" if summary.reused else ""))
+    if summary.rewrote:
+        _say(args, f"  {summary.rewrote}")
     for line in _report_lines(summary.report):
         _say(args, f"  {line}")
     for line in _repair_lines(summary.report, ws.config.data.freq):

@@ -117,11 +117,22 @@ def write_parquet(lake: Lake, path: str, frame: pd.DataFrame) -> None:
 
 def read_parquet(lake: Lake, path: str, columns: list[str] | None = None) -> pd.DataFrame:
     local = lake.local_path(path)
-    if local is not None:
-        if not local.is_file():
-            raise LakeError(f"no such file in the lake: {path}")
-        return pq.read_table(local, columns=columns).to_pandas()
-    return pq.read_table(io.BytesIO(lake.read_bytes(path)), columns=columns).to_pandas()
+    if local is not None and not local.is_file():
+        raise LakeError(f"no such file in the lake: {path}")
+    try:
+        source = local if local is not None else io.BytesIO(lake.read_bytes(path))
+        table = pq.read_table(source, columns=columns)
+    except pa.ArrowInvalid as exc:  # a truncated or overwritten file: name it and how to rewrite it
+        raise LakeError(damaged_file_message(path, exc)) from exc
+    return table.to_pandas()
+
+
+def damaged_file_message(path: str, exc: BaseException) -> str:
+    """What a lake file that cannot be read as Parquet means, and how to get it written again."""
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    fix = ("rerun `manymodels ingest` with the same data: it detects the broken dataset and rewrites it"
+           if path.startswith("prepared/") else "rerun the command that wrote it")
+    return f"the lake file {path} is damaged (truncated or overwritten?): {first}; {fix}"
 
 
 def iter_lines(lake: Lake, path: str) -> Iterator[str]:

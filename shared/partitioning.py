@@ -49,6 +49,7 @@ class PreparedDataset:
     created_at: str = ""
     n_rows: int = 0
     reused: bool = False
+    rewrote: str = ""  # why an earlier copy of this dataset was found broken and written again
 
     @property
     def root(self) -> str:
@@ -127,9 +128,8 @@ def prepare_dataset(
 
     prints = fingerprint(frame, cfg)
     dataset_id = dataset_id_for(cfg, prints)
-    if lake.exists(f"{dataset_root(dataset_id)}/dataset.json"):
-        found = load_dataset(lake, dataset_id)
-        found.reused = True
+    found, broken = stored_dataset(lake, dataset_id)
+    if found is not None:
         return found
 
     starts = _starts(ids)
@@ -150,7 +150,44 @@ def prepare_dataset(
     if anchor is None and spec.freq != "int":
         observed = frame[spec.time] if FILLED not in frame else frame.loc[~frame[FILLED], spec.time]
         anchor = anchor_offset(observed, spec.freq)
-    return finish_dataset(lake, cfg, dataset_id, manifest, names, report, anchor)
+    done = finish_dataset(lake, cfg, dataset_id, manifest, names, report, anchor)
+    done.rewrote = broken
+    return done
+
+
+def stored_dataset(lake: Lake, dataset_id: str) -> tuple[PreparedDataset | None, str]:
+    """The complete, intact stored copy of a dataset (``reused``), or None and why it cannot be
+    reused: ``""`` when there is none, else what is broken, having removed its ``dataset.json`` so
+    nothing reads it while it is written again.
+
+    Cheap: the manifest, then each mini-batch file's Parquet footer (a truncated or half-written
+    file has none) and its row count against the manifest's; no data page is read.
+    """
+    meta_path = f"{dataset_root(dataset_id)}/dataset.json"
+    if not lake.exists(meta_path):
+        return None, ""
+    problem, current = "", "manifest.parquet"
+    try:
+        found = load_dataset(lake, dataset_id)
+        expected = found.manifest.groupby("batch")["n_rows"].sum() if "batch" in found.manifest else {}
+        for path in found.batch_paths:
+            current = path.rsplit("/", 1)[-1]
+            if not lake.exists(path):
+                problem = f"{current} is missing"
+                break
+            local = lake.local_path(path)
+            rows = pq.read_metadata(local if local is not None else io.BytesIO(lake.read_bytes(path))).num_rows
+            if current in expected and int(expected[current]) != rows:
+                problem = f"{current} holds {rows} rows, its manifest says {int(expected[current])}"
+                break
+    except (OSError, pa.ArrowException, ValueError, KeyError, LakeError) as exc:
+        text = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        problem = f"{current} cannot be read: {text}"
+    if not problem:
+        found.reused = True
+        return found, ""
+    lake.delete(meta_path)
+    return None, f"the stored dataset {dataset_id} was broken ({problem}): rewrote it"
 
 
 def batch_names(batch_of_part: np.ndarray) -> list[str]:

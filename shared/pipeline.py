@@ -78,6 +78,7 @@ def ingest(ws: Workspace, source: str | Path, query: str | None = None) -> Inges
         rows=int(dataset.manifest["n_rows"].sum()),
         report=report.to_dict(),
         reused=bool(getattr(dataset, "reused", False)),
+        rewrote=str(getattr(dataset, "rewrote", "") or ""),
     )
 
 
@@ -188,6 +189,10 @@ def train(
         train_global(ws, plan.run_id)
     faults.point("train.start")
     groups = [train_group(ws, plan.run_id, g, i, progress=progress) for i, g in enumerate(plan.groups)]
+    lost = [f for g in groups for f in g.failed_batches]
+    if lost and not any(g.partitions for g in groups) and not plan.carried:
+        raise PipelineError(f"run {plan.run_id}: every mini-batch failed ({len(lost)}), nothing was trained: "
+                            f"{str(lost[0].get('error', ''))[:400]}")
     registered = register_run(ws, plan.run_id)
     _record_stage(ws, plan.run_id, "train", started, registered.to_dict())
     return plan, groups, registered

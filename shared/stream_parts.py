@@ -34,9 +34,9 @@ from shared.partitioning import (
     file_rows,
     finish_dataset,
     fingerprint,
-    load_dataset,
     manifest_rows,
     pack_batches,
+    stored_dataset,
     write_batch,
 )
 from shared.validation import (
@@ -185,9 +185,8 @@ def write_parts(
     manifest = pd.concat([r["manifest"] for r in done], ignore_index=True)
     prints = pd.concat([r["prints"] for r in done])
     dataset_id = dataset_id_for(cfg, prints)
-    if lake.exists(layout.dataset_meta(dataset_id)):
-        found = load_dataset(lake, dataset_id)
-        found.reused = True
+    found, broken = stored_dataset(lake, dataset_id)
+    if found is not None:
         return found, report
     sizes = manifest["n_rows"].to_numpy()
     batch_of_part = pack_batches(sizes, file_rows(int(sizes.sum()), cfg))
@@ -218,7 +217,9 @@ def write_parts(
     list(pool.map(_write_batches, jobs))
     for name in names:
         _move_into(lake, staging / name, layout.batch(dataset_id, name))
-    return finish_dataset(lake, cfg, dataset_id, manifest, names, report, anchor), report
+    finished = finish_dataset(lake, cfg, dataset_id, manifest, names, report, anchor)
+    finished.rewrote = broken
+    return finished, report
 
 
 # -- worker functions (module level: they run in the pool's processes) --------------------------

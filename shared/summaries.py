@@ -30,6 +30,7 @@ class IngestSummary(_Payload):
     rows: int
     report: dict[str, Any] = field(default_factory=dict)
     reused: bool = False
+    rewrote: str = ""  # an earlier copy of this dataset was broken: what, and that it was written again
 
 
 @dataclass

@@ -171,3 +171,27 @@ def test_odbc_source_without_a_query_or_with_an_unknown_driver_is_an_ingest_erro
         read_source(f"odbc:Driver=SQLite3;Database={sales_db}", CFG)
     with pytest.raises(IngestError, match="cannot connect"):
         read_source("odbc:Driver=NoSuchDriver;Database=x", CFG, query="select 1")
+
+
+# -- issue 18: a broken prepared dataset is detected and rewritten by the next ingest ---------------
+@pytest.mark.parametrize("damage", ["truncate", "delete_manifest_tail"])
+def test_reingesting_rewrites_a_truncated_prepared_file(tmp_path, capsys, damage):
+    from pathlib import Path
+
+    from shared.cli import main
+
+    write_panel(tmp_path / "sales.csv", partitions=6, periods=60, seed=4)
+    work = tmp_path / "w"
+    flags = ["--workdir", str(work), "--no-progress", "--workers", "1", "--rows-per-file", "100"]
+    assert main(["ingest", "--data", str(tmp_path / "sales.csv"), *flags]) == 0
+    dataset = (work / "lake" / "prepared" / "LATEST").read_text().strip()
+    root = work / "lake" / "prepared" / dataset
+    victim = sorted((root / "batches").glob("*.parquet"))[0] if damage == "truncate" else root / "manifest.parquet"
+    original = victim.read_bytes()
+    victim.write_bytes(original[: len(original) // 2])  # a real truncated write
+    capsys.readouterr()
+    assert main(["ingest", "--data", str(tmp_path / "sales.csv"), *flags]) == 0
+    out = capsys.readouterr().out
+    assert "already ingested" not in out and "rewrote" in out and Path(victim).name in out, out
+    assert victim.read_bytes() == original  # the same content as the first ingest wrote
+    assert main(["train", "--workdir", str(work), "--no-progress", "--workers", "1"]) == 0

@@ -290,3 +290,26 @@ def test_a_corrupted_global_model_leaves_serving_of_the_other_partitions_alone(p
                 assert answer.status == 200 and len(answer.body["predictions"]) == 3, answer.body
     finally:
         predictor.close()
+
+
+def test_a_training_run_that_lost_partitions_exits_3_saying_what(panel, tmp_path, capsys, monkeypatch):
+    import json
+
+    work = tmp_path / "w"
+    project = tmp_path / "project.toml"  # no global model: each mini-batch trains on its own
+    project.write_text('[training]\ncandidates = ["baseline", "loglinear"]\n[scoring]\n'
+                       'chain = ["production", "unpromoted", "baseline"]\n')
+    flags = ["--workdir", str(work), "--no-progress", "--workers", "1"]
+    assert main(["ingest", "--data", str(panel), "--rows-per-file", "100", "--config", str(project), *flags]) == 0
+    dataset = (work / "lake" / "prepared" / "LATEST").read_text().strip()
+    victim = sorted((work / "lake" / "prepared" / dataset / "batches").glob("*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # one truncated mini-batch file: its partitions fail
+    capsys.readouterr()
+    code, out, err = _run(capsys, "train", *flags, "--json")
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert code == 3 and summary["exit_code"] == 3, (out, err)
+    assert 0 < summary["registered"] < 6 and summary["failed_batches"] == 1
+    assert "incomplete (exit 3)" in err and victim.name in err, err
+    monkeypatch.setenv("MM_FAULT", "worker.train:fail")  # now every mini-batch fails: an error, not "train it first"
+    code, out, err = _run(capsys, "train", *flags, "--full", "--run-id", "rlost")
+    assert code != 0 and "every mini-batch" in err and "fault injected at worker.train" in err, err
