@@ -34,6 +34,9 @@ class DataSpec:
     target: str = "sales"
     covariates: list[str] = field(default_factory=lambda: ["price", "promo"])
     freq: str = "W"  # a pandas offset alias (D, W, MS, M, Q, H ...) or "int" for integer periods
+    # an IANA zone (e.g. "Europe/Berlin") that daily and coarser times with a UTC offset are converted
+    # to; None: the local date as written (docs/configuration.md, "Time zones")
+    timezone: str | None = None
 
 
 @dataclass
@@ -257,6 +260,7 @@ class ProjectConfig:
         _one_of("validation.null_keys", self.validation.null_keys, {"error", "drop"})
         _one_of("validation.null_target", self.validation.null_target, {"drop", "zero", "error"})
         _one_of("validation.negative_target", self.validation.negative_target, {"clip", "drop", "keep", "error"})
+        check_timezone(d.timezone)
         _one_of("validation.duplicates", self.validation.duplicates, {"sum", "last", "error"})
         _one_of("validation.gaps", self.validation.gaps, {"zero", "interpolate", "keep"})
         _one_of("validation.null_covariates", self.validation.null_covariates, {"ffill", "zero", "error"})
@@ -497,6 +501,20 @@ def default_season_length(freq: str) -> int:
     if freq == "int":
         return 1
     base = freq.split("-")[0]
+def check_timezone(zone: str | None) -> None:
+    import pandas as pd
+
+    if zone is None:
+        return
+    if not isinstance(zone, str) or not zone.strip():
+        raise ConfigError(f"data.timezone must be a time zone name, got {zone!r}")
+    try:
+        pd.Timestamp("2000-01-01", tz=zone)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"data.timezone: {zone!r} is not a time zone; use an IANA name such as "
+                          "'Europe/Berlin' or 'UTC'") from exc
+
+
     base = base.lstrip("0123456789") or base
     return SEASON_BY_FREQ.get(base, 1)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from shared.config import DataSpec
-from shared.timegrid import PERIOD, from_periods
+from shared.timegrid import PERIOD, from_periods, period_freq
 from shared.validation_report import (
     MAX_EXAMPLES,
     DataValidationError,
@@ -106,9 +106,43 @@ def _duplicates(
         )
     if policy == "sum":
         run_starts = np.flatnonzero(~has_prev)
-        target[~has_next] = np.add.reduceat(target, run_starts)
+        with np.errstate(over="ignore"):
+            sums = np.add.reduceat(target, run_starts)
+        _refuse_infinite_sums(sums, run_starts, has_prev, periods, rows, source, spec)
+        target[~has_next] = sums
     report.add("merged_duplicates", merged, examples)
     return ~has_next, has_prev & ~has_next
+
+
+def _refuse_infinite_sums(
+    sums: np.ndarray,
+    run_starts: np.ndarray,
+    has_prev: np.ndarray,
+    periods: np.ndarray,
+    rows: np.ndarray,
+    source: pd.DataFrame,
+    spec: DataSpec,
+) -> None:
+    """Finite targets that sum past the float range are refused, naming the partition and the
+    period: the infinity check ran before the repair, and an infinite target would fail the
+    partition later, in training, with no forecast."""
+    infinite = np.flatnonzero(np.isinf(sums))
+    if not len(infinite):
+        return
+    first = int(run_starts[infinite[0]])
+    run_of_row = np.cumsum(~has_prev) - 1
+    involved = np.isin(run_of_row, infinite)
+    where = ", ".join(f"{k}={source.at[rows[first], k]}" for k in spec.keys)
+    ordinal = int(periods[first])
+    when = str(ordinal if spec.freq == "int" else pd.Period(ordinal=ordinal, freq=period_freq(spec.freq)))
+    raise DataValidationError(
+        spec.target,
+        f"target is infinite after summing duplicate rows (validation.duplicates=sum): partition "
+        f"{where}, period {when} (freq={spec.freq!r}){' and others' if len(infinite) > 1 else ''}; "
+        "the values are too large to add: fix them, or set validation.duplicates to 'last' or 'error'",
+        example_rows(source, rows[involved]),
+        int(involved.sum()),
+    )
 
 
 def _null_covariate(

@@ -41,6 +41,7 @@ from shared.partitioning import (
 )
 from shared.validation import (
     MAX_EXAMPLES,
+    MIXED_OFFSETS,
     REASONS,
     UNSET,
     DataValidationError,
@@ -86,7 +87,6 @@ def validate_parts(
         "anchor": scan.anchor,
         "first_time": scan.first_time,
         "time_format": scan.time_format,
-        "time_utc": None,
         "covariate_medians": {},
     }
     freq = cfg.data.freq
@@ -97,21 +97,18 @@ def validate_parts(
     results = _run_parts(pool, cfg, work, task, range(len(task)), ctx, dtypes)
     for _round in range(4):
         _raise_first_error(results)
+        if {"naive", "offset"} <= set().union(*(r["tz_kinds"] for r in results)):
+            raise DataValidationError(cfg.data.time, MIXED_OFFSETS)  # each part had one kind only
         redo: set[int] = set()
-        kinds = set().union(*(r["tz_kinds"] for r in results))
-        if ctx["time_utc"] is None and ("utc" in kinds or len(kinds) > 1):
-            ctx["time_utc"] = True  # validate would have parsed the whole column in UTC
-            redo = set(range(len(task)))
-        else:
-            anchor = _merged_anchor(results, freq)
-            if ctx["anchor"] is UNSET or ctx["anchor"] != anchor:
-                ctx["anchor"] = anchor
-                redo |= {i for i, r in enumerate(results) if r["used_anchor"] and r["anchor"] != anchor}
-            needs = set().union(*(r["needs_median"] for r in results)) - set(ctx["covariate_medians"])
-            if needs:
-                _check_all_null(cfg, results)
-                ctx["covariate_medians"].update(_medians(pool, cfg, work, task, ctx, dtypes, sorted(needs)))
-                redo |= {i for i, r in enumerate(results) if r["needs_median"]}
+        anchor = _merged_anchor(results, freq)
+        if ctx["anchor"] is UNSET or ctx["anchor"] != anchor:
+            ctx["anchor"] = anchor
+            redo |= {i for i, r in enumerate(results) if r["used_anchor"] and r["anchor"] != anchor}
+        needs = set().union(*(r["needs_median"] for r in results)) - set(ctx["covariate_medians"])
+        if needs:
+            _check_all_null(cfg, results)
+            ctx["covariate_medians"].update(_medians(pool, cfg, work, task, ctx, dtypes, sorted(needs)))
+            redo |= {i for i, r in enumerate(results) if r["needs_median"]}
         if not redo:
             break
         redone = _run_parts(pool, cfg, work, task, sorted(redo), ctx, dtypes)
@@ -241,7 +238,6 @@ def _validate_part(job) -> dict[str, Any]:
         anchor=ctx["anchor"],
         first_time=ctx["first_time"],
         time_format=ctx["time_format"],
-        time_utc=ctx["time_utc"],
         covariate_medians=dict(ctx["covariate_medians"]),
         collect_covariates=bool(collect),
     )

@@ -54,3 +54,12 @@ def from_periods(periods: np.ndarray, freq: str, anchor: str | None) -> pd.Serie
     if kind == "end":
         return pd.Series(index.end_time.normalize() - pd.Timedelta(seconds=int(seconds or 0)))
     return pd.Series(index.start_time + pd.Timedelta(seconds=int(seconds or 0)))
+
+
+def sub_daily(freq: str) -> bool:
+    """Whether periods are shorter than a day (hours, minutes...): such data lives on the UTC clock
+    when its times carry offsets (see :func:`shared.validation.parse_time`)."""
+    if freq == "int":
+        return False
+    period = pd.Period("2000-01-03", freq=period_freq(freq))
+    return (period + 1).start_time - period.start_time < pd.Timedelta(days=1)

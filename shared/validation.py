@@ -17,6 +17,8 @@ duplicates, covariates, gaps) in :mod:`shared.repairs`; this module parses and c
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -34,7 +36,7 @@ from shared.repairs import (  # noqa: F401  (GRID_FACTOR, GRID_SLACK: re-exporte
     _null_covariate,
     _target_policies,
 )
-from shared.timegrid import PERIOD, anchor_offset, from_periods, period_freq, to_periods
+from shared.timegrid import PERIOD, anchor_offset, from_periods, period_freq, sub_daily, to_periods
 from shared.validation_report import (  # noqa: F401  (re-exported: the names callers import from here)
     MAX_EXAMPLES,
     MERGED_WARNING_SHARE,
@@ -265,7 +267,10 @@ def _null_keys(
 def parse_time(
     col: pd.Series, source: pd.DataFrame, spec: DataSpec, part: PartContext | None = None
 ) -> pd.Series:
-    """Dates as datetime64 (time zones dropped, wall time kept), or int64 periods for freq 'int'."""
+    """Dates as naive datetime64, or int64 periods for freq 'int'.
+
+    Times with a UTC offset follow one rule in every format (:func:`_one_clock`): sub-daily data
+    in UTC, daily and coarser data at its local date (or in ``data.timezone``)."""
     name = spec.time
     missing = col.isna().to_numpy()
     if missing.any():
@@ -290,7 +295,7 @@ def parse_time(
                 example_rows(source, col.index[far]), int(far.sum()))
         return pd.Series(num.astype("int64"), index=col.index)
     if ptypes.is_datetime64_any_dtype(col):
-        parsed = col
+        parsed = _one_clock(col, source, spec, part)
     elif ptypes.is_numeric_dtype(col) or ptypes.is_bool_dtype(col):
         raise DataValidationError(
             name,
@@ -299,18 +304,18 @@ def parse_time(
         )
     else:
         fmt = part.time_format if part is not None else None
-        try:
-            if part is not None and part.time_utc:
-                raise ValueError("the whole input mixes UTC offsets")
-            parsed = pd.to_datetime(col, errors="coerce", format=fmt)
-        except (ValueError, TypeError):  # mixed UTC offsets: compare them in UTC
-            parsed = pd.to_datetime(col, errors="coerce", utc=True, format=fmt)
-            if part is not None:
-                part.tz_kinds.add("utc")
-        else:
-            if part is not None:
-                part.tz_kinds.add(str(getattr(parsed.dt, "tz", None)))
-        bad = parsed.isna().to_numpy()
+        with warnings.catch_warnings():
+            # mixed offsets: object values on pandas 2 (with this warning), an error on pandas 3
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                parsed = pd.to_datetime(col, errors="coerce", format=fmt)
+            except (ValueError, TypeError):
+                parsed = None
+        if parsed is None or not ptypes.is_datetime64_any_dtype(parsed):
+            parsed = _mixed_offsets(col, fmt)
+        bad = (parsed.isna() if isinstance(parsed, pd.Series) else parsed[0].isna()).to_numpy()
+        if bad.any() and _other_kind(parsed, col[bad]):
+            raise DataValidationError(name, MIXED_OFFSETS, example_rows(source, col.index[bad]), int(bad.sum()))
         if bad.any():
             first = col.iloc[0] if part is None or part.first_time is UNSET else part.first_time
             raise DataValidationError(
@@ -319,8 +324,7 @@ def parse_time(
                 example_rows(source, col.index[bad]),
                 int(bad.sum()),
             )
-    if getattr(parsed.dt, "tz", None) is not None:
-        parsed = parsed.dt.tz_localize(None)
+        parsed = _one_clock(parsed, source, spec, part)
     outside = ((parsed < DATE_MIN) | (parsed > DATE_MAX)).to_numpy(dtype=bool)
     if outside.any():
         raise DataValidationError(
@@ -331,6 +335,110 @@ def parse_time(
             int(outside.sum()),
         )
     return parsed
+
+
+# Offsets as text ends them ("Z", "+01:00", "-0500"): values are parsed in groups of one offset each
+_OFFSET_END = r"(Z|[+-]\d\d:?\d\d)$"
+
+
+def _mixed_offsets(col: pd.Series, fmt: str | None) -> tuple[pd.Series, pd.Series, np.ndarray]:
+    """A time column whose values carry different UTC offsets (a daylight-saving change, say):
+    (wall-clock times as written, the instants in UTC, whether each value has an offset), NaT where
+    a value is not a date. Distinct values are parsed once, in groups that share an offset."""
+    codes, uniques = pd.factorize(col)
+    values = pd.Series(np.asarray(uniques, dtype=object))
+    texts = values.map(lambda v: v.strip() if isinstance(v, str) else v)
+    group = texts.map(lambda v: str(v.utcoffset()) if isinstance(v, datetime.datetime) and v.tzinfo else "")
+    is_text = texts.map(lambda v: isinstance(v, str)).to_numpy(dtype=bool)
+    if is_text.any():
+        ends = texts[is_text].astype(str).str.extract(_OFFSET_END, expand=False).fillna("")
+        group[is_text] = ends.to_numpy(dtype=object)
+    wall = np.full(len(values), np.datetime64("NaT", "ns"))
+    utc = wall.copy()
+    aware = np.zeros(len(values), dtype=bool)
+    for key in pd.unique(group):
+        at = np.flatnonzero((group == key).to_numpy())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                one = pd.to_datetime(texts.iloc[at], errors="coerce", format=fmt if is_text[at].all() else None)
+            except (ValueError, TypeError):
+                one = None
+        if one is None or not ptypes.is_datetime64_any_dtype(one):  # offsets written otherwise: one by one
+            stamps = [_one_stamp(v) for v in texts.iloc[at]]
+            aware[at] = [t is not pd.NaT and t.tzinfo is not None for t in stamps]
+            wall[at] = pd.DatetimeIndex([t if t is pd.NaT else t.tz_localize(None) for t in stamps]).to_numpy()
+            utc[at] = pd.DatetimeIndex([t if t is pd.NaT or t.tzinfo is None else t.tz_convert("UTC").tz_localize(None)
+                                        for t in stamps]).to_numpy()
+            continue
+        if one.dt.tz is None:
+            wall[at] = utc[at] = one.to_numpy(dtype="datetime64[ns]")
+        else:
+            aware[at] = True
+            wall[at] = one.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
+            utc[at] = one.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
+    return (pd.Series(wall[codes], index=col.index), pd.Series(utc[codes], index=col.index),
+            aware[codes] & (codes >= 0))
+
+
+def _other_kind(parsed, rejected: pd.Series) -> bool:
+    """Whether values that did not parse in the column's format are dates of the other kind (with an
+    offset where the column has none, or the reverse): a mixed column, not a bad date."""
+    if not isinstance(parsed, pd.Series) or parsed.notna().sum() == 0:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            again = pd.to_datetime(rejected, errors="coerce")
+        except (ValueError, TypeError):
+            return False
+    if not ptypes.is_datetime64_any_dtype(again) or again.isna().any():
+        return False
+    return (again.dt.tz is None) != (parsed.dt.tz is None)
+
+
+def _one_stamp(value) -> pd.Timestamp:
+    try:
+        return pd.Timestamp(value).as_unit("ns")
+    except (ValueError, TypeError, OverflowError):  # OutOfBoundsDatetime is a ValueError
+        return pd.NaT
+
+
+def _one_clock(parsed, source: pd.DataFrame, spec: DataSpec, part: PartContext | None) -> pd.Series:
+    """The one rule for UTC offsets, whatever the format (docs/configuration.md, "Time zones").
+
+    Times without an offset are used as written. Times with one (text such as
+    ``2024-03-10T00:00:00-05:00``, tz-aware Parquet or SQL timestamps) are instants: sub-daily
+    data is put on the UTC clock, so a daylight-saving change neither invents an hour nor merges
+    two; daily and coarser data keeps the local date as written (its own offset), or the date in
+    ``data.timezone`` when one is named. A column mixing both kinds is refused. ``parsed`` is a
+    datetime Series (naive or tz-aware) or the (wall, utc, has offset) of :func:`_mixed_offsets`.
+    """
+    if isinstance(parsed, tuple):
+        wall, utc, aware = parsed
+    elif getattr(parsed.dt, "tz", None) is None:
+        wall = utc = parsed
+        aware = np.zeros(len(parsed), dtype=bool)
+    else:
+        wall, aware = parsed.dt.tz_localize(None), np.ones(len(parsed), dtype=bool)
+        utc = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
+    if part is not None and len(aware):
+        part.tz_kinds.update({"offset"} if aware.all() else {"naive"} if not aware.any() else {"offset", "naive"})
+    if not aware.any():
+        return wall
+    if not aware.all():
+        plain = ~aware
+        raise DataValidationError(spec.time, MIXED_OFFSETS, example_rows(source, wall.index[plain]),
+                                  int(plain.sum()))
+    if sub_daily(spec.freq):
+        return utc
+    if spec.timezone:
+        return utc.dt.tz_localize("UTC").dt.tz_convert(spec.timezone).dt.tz_localize(None)
+    return wall
+
+
+MIXED_OFFSETS = ("time values mix times with a UTC offset and times without one: write every time "
+                 "with its offset (e.g. 2024-03-10T00:00:00-05:00) or none")
 
 
 def parse_numeric(col: pd.Series, source: pd.DataFrame, name: str, role: str) -> np.ndarray:

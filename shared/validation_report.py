@@ -65,7 +65,6 @@ class PartContext:
     anchor: Any = UNSET
     first_time: Any = UNSET  # the input's first time value, quoted by "not a date"
     time_format: str | None = None  # strptime format guessed from the input's first time value
-    time_utc: bool | None = None  # None: as validate (UTC only if offsets are mixed)
     covariate_medians: dict[str, float] = field(default_factory=dict)
     collect_covariates: bool = False
     # observations
@@ -73,7 +72,7 @@ class PartContext:
     reason_stage: dict[str, tuple] = field(default_factory=dict)
     anchor_counts: Any = None
     used_anchor: bool = False
-    tz_kinds: set = field(default_factory=set)
+    tz_kinds: set = field(default_factory=set)  # "offset" / "naive": times with and without an offset
     needs_median: set = field(default_factory=set)
     non_null: dict[str, int] = field(default_factory=dict)
     all_null: dict[str, Any] = field(default_factory=dict)  # covariate -> (null rows, examples)

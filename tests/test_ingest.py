@@ -173,6 +173,100 @@ def test_odbc_source_without_a_query_or_with_an_unknown_driver_is_an_ingest_erro
         read_source("odbc:Driver=NoSuchDriver;Database=x", CFG, query="select 1")
 
 
+# -- time zones: one rule for offsets in every format (issue 18) ------------------------------------
+# Daily (and coarser) data keeps the local calendar date as written with its offset, whatever the
+# format; ``data.timezone`` names a zone to convert to instead. Berlin moved to summer time on
+# 2024-03-31 at 02:00: midnight that day is still +01:00, the next is +02:00.
+
+BERLIN_DAYS = pd.Series(pd.date_range("2024-03-28", "2024-04-03", freq="D", tz="Europe/Berlin"))
+DAILY = ProjectConfig().with_overrides({"data.freq": "D", "data.covariates": [], "validation.gaps": "keep"})
+
+
+def _zoned_frame(times: pd.Series) -> pd.DataFrame:
+    return pd.DataFrame({"store": "S1", "item": "I1", "date": times,
+                         "sales": np.arange(1.0, len(times) + 1.0)})
+
+
+def _write(tmp_path, frame: pd.DataFrame, fmt: str):
+    """The same rows as a CSV (offsets in the text, as pandas writes them) or a Parquet file
+    (a tz-aware timestamp column, as pyarrow stores it)."""
+    path = tmp_path / f"zoned.{fmt}"
+    if fmt == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False)
+    return path
+
+
+def _ingested(tmp_path, path, cfg: ProjectConfig, stream: bool) -> tuple[pd.DataFrame, dict]:
+    from shared.lake import LocalLake
+    from shared.streaming import StreamPlan, ingest_source
+
+    root = tmp_path / f"lake-{path.suffix[1:]}-{stream}"
+    plan = StreamPlan(batch_rows=3, buckets=4, part_rows=2, workers=1, worker_mb=64) if stream else None
+    _, report = ingest_source(LocalLake(root), path, cfg, stream=stream, plan=plan, tmp_root=tmp_path)
+    out = pd.concat(pd.read_parquet(p) for p in sorted(root.rglob("batch-*.parquet")))
+    return out.sort_values(cfg.data.time).reset_index(drop=True), report.counts
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_daily_times_with_offsets_keep_their_local_dates_in_csv_and_parquet(tmp_path, fmt, stream):
+    frame = _zoned_frame(BERLIN_DAYS)
+    assert frame["date"].dt.strftime("%z").nunique() == 2  # the offsets change inside the data
+    out, counts = _ingested(tmp_path, _write(tmp_path, frame, fmt), DAILY, stream)
+    assert [d.date().isoformat() for d in out["date"]] == [f"2024-{d}" for d in (
+        "03-28", "03-29", "03-30", "03-31", "04-01", "04-02", "04-03")]
+    assert out["sales"].tolist() == frame["sales"].tolist()  # nothing merged, nothing invented
+    assert counts == {}
+    assert not isinstance(out["date"].dtype, pd.DatetimeTZDtype)  # plain dates, as before
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_named_timezone_converts_daily_times_with_offsets_in_every_format(tmp_path, fmt):
+    cfg = DAILY.with_overrides({"data.timezone": "America/New_York"})
+    frame = _zoned_frame(BERLIN_DAYS)
+    out, counts = _ingested(tmp_path, _write(tmp_path, frame, fmt), cfg, stream=False)
+    # Berlin midnight is the evening before in New York
+    assert out["date"].dt.date.astype(str).tolist()[:2] == ["2024-03-27", "2024-03-28"]
+    assert out["sales"].tolist() == frame["sales"].tolist() and counts == {}
+
+
+def test_a_time_column_mixing_offsets_and_plain_times_is_refused_naming_rows(tmp_path):
+    path = tmp_path / "mixed.csv"
+    path.write_text("store,item,date,sales\nS1,I1,2024-03-28T00:00:00+01:00,1\nS1,I1,2024-03-29T00:00:00,2\n",
+                    encoding="utf-8")
+    from shared.validation import DataValidationError
+
+    with pytest.raises(DataValidationError, match="offset") as caught:
+        validate(read_source(path, DAILY), DAILY)
+    assert caught.value.column == "date" and list(caught.value.examples.index) == [1]
+
+
+def test_the_timezone_is_an_iana_name_and_an_unknown_one_is_a_config_error():
+    from shared.config import ConfigError
+
+    assert DAILY.with_overrides({"data.timezone": "Europe/Berlin"}).data.timezone == "Europe/Berlin"
+    with pytest.raises(ConfigError, match="data.timezone: 'Mars/Olympus' is not a time zone"):
+        DAILY.with_overrides({"data.timezone": "Mars/Olympus"})
+
+
+@pytest.mark.odbc
+def test_odbc_times_with_offsets_follow_the_same_rule_as_files(tmp_path):
+    _require_sqlite_odbc()
+    path = tmp_path / "zoned.sqlite"
+    frame = _zoned_frame(BERLIN_DAYS)
+    with sqlite3.connect(path) as conn:
+        conn.execute("create table sales (store text, item text, date text, sales real)")
+        conn.executemany("insert into sales values (?, ?, ?, ?)",
+                         list(frame.assign(date=frame["date"].map(pd.Timestamp.isoformat)).itertuples(
+                             index=False, name=None)))
+    read = read_source(f"odbc:Driver=SQLite3;Database={path}", DAILY, query="select * from sales")
+    out, report = validate(read, DAILY)
+    assert out["date"].dt.date.astype(str).tolist()[2:5] == ["2024-03-30", "2024-03-31", "2024-04-01"]
+    assert out["sales"].tolist() == frame["sales"].tolist() and report.counts == {}
+
+
 # -- issue 18: a broken prepared dataset is detected and rewritten by the next ingest ---------------
 @pytest.mark.parametrize("damage", ["truncate", "delete_manifest_tail"])
 def test_reingesting_rewrites_a_truncated_prepared_file(tmp_path, capsys, damage):

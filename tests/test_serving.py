@@ -590,3 +590,35 @@ def test_a_slow_request_never_blocks_health_and_sigterm_stops_serve_mid_request(
             proc.kill()
         output = proc.communicate(timeout=10)[0]
     assert proc.returncode in (0, -15), output
+
+
+# -- request rows with UTC offsets follow the ingest rule (issue 18) -------------------------------
+
+
+@pytest.mark.parametrize("freq, times, answered", [
+    # daily: the local date as written, across Berlin's change to summer time
+    ("D", ["2024-03-30T00:00:00+01:00", "2024-03-31T00:00:00+01:00", "2024-04-01T00:00:00+02:00"],
+     ["2024-03-30", "2024-03-31", "2024-04-01"]),
+    # hourly: the instants in UTC, so New York's repeated autumn hour is two hours, not one
+    ("h", ["2024-11-03T01:00:00-04:00", "2024-11-03T01:00:00-05:00", "2024-11-03T02:00:00-05:00"],
+     ["2024-11-03T05:00:00", "2024-11-03T06:00:00", "2024-11-03T07:00:00"]),
+    ("h", ["2024-03-10T03:00:00-04:00"], ["2024-03-10T07:00:00"]),
+], ids=["daily-berlin", "hourly-autumn", "hourly-one-offset"])
+def test_request_rows_with_offsets_mean_what_the_same_rows_mean_in_a_csv(tmp_path, freq, times, answered):
+    from shared.config import ProjectConfig
+    from shared.ingest import read_source
+    from shared.serving.request import RequestParser
+    from shared.timegrid import PERIOD
+    from shared.validation import validate
+
+    cfg = ProjectConfig().with_overrides({"data.freq": freq, "data.covariates": []})
+    parsed = RequestParser(cfg).parse({"keys": {"store": "S1", "item": "I1"},
+                                       "rows": [{"date": t} for t in times]})
+    assert parsed.rows.times == answered
+    frame = pd.DataFrame({"store": "S1", "item": "I1", "date": times, "sales": 1.0})
+    frame.to_csv(tmp_path / "rows.csv", index=False)
+    ingested, _ = validate(read_source(tmp_path / "rows.csv", cfg), cfg)
+    assert parsed.rows.periods.tolist() == ingested[PERIOD].tolist()
+    scored = scoring_requests(frame.drop(columns="sales"), cfg)  # the rows of `score --data`
+    assert scored[PERIOD].tolist() == ingested[PERIOD].tolist()
+

@@ -30,3 +30,38 @@ def test_integer_periods_are_used_as_they_are():
     assert list(periods) == [3, 4, 10]
     assert anchor_offset(pd.Series([1, 2]), "int") is None
     assert list(from_periods(np.array([11, 12]), "int", None)) == [11, 12]
+
+
+# -- the hours of a daylight-saving change (issue 18) ----------------------------------------------
+# Sub-daily data with offsets lives on a UTC grid: the spring hour that does not exist on the wall
+# clock is not invented (a gap filled with 0), and the autumn hour that the wall clock shows twice is
+# two periods, not one summed duplicate. The same rule for CSV text and Parquet tz-aware timestamps.
+
+NEW_YORK_SPRING = pd.date_range("2024-03-10 00:00", "2024-03-10 05:00", freq="h", tz="America/New_York")
+NEW_YORK_AUTUMN = pd.date_range("2024-11-03 04:00", "2024-11-03 08:00", freq="h", tz="UTC").tz_convert(
+    "America/New_York")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("hours", [NEW_YORK_SPRING, NEW_YORK_AUTUMN], ids=["spring", "autumn"])
+def test_hourly_data_with_offsets_keeps_every_real_hour_across_a_dst_change(tmp_path, fmt, stream, hours):
+    from shared.config import ProjectConfig
+    from shared.lake import LocalLake
+    from shared.streaming import StreamPlan, ingest_source
+
+    frame = pd.DataFrame({"store": "S1", "item": "I1", "date": pd.Series(hours),
+                          "sales": np.arange(1.0, len(hours) + 1.0)})
+    assert frame["date"].dt.strftime("%z").nunique() == 2
+    path = tmp_path / f"hourly.{fmt}"
+    frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path, index=False)
+    cfg = ProjectConfig().with_overrides({"data.freq": "h", "data.covariates": []})
+    plan = StreamPlan(batch_rows=2, buckets=4, part_rows=2, workers=1, worker_mb=64) if stream else None
+    lake = tmp_path / "lake"
+    _, report = ingest_source(LocalLake(lake), path, cfg, stream=stream, plan=plan, tmp_root=tmp_path)
+    out = pd.concat(pd.read_parquet(p) for p in lake.rglob("batch-*.parquet")).sort_values("date")
+    assert report.counts == {}  # no filled gap, no merged duplicate
+    assert out["sales"].tolist() == frame["sales"].tolist()
+    utc = pd.Series(hours).dt.tz_convert("UTC").dt.tz_localize(None)
+    assert out["date"].tolist() == utc.tolist()  # the instants, on the UTC clock
+    assert np.all(np.diff(out["_period"].to_numpy()) == 1)

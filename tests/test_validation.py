@@ -360,3 +360,45 @@ def test_odd_key_values_and_time_zones_are_handled(raw):
     assert out["partition_id"].str.fullmatch(r"p[0-9a-f]{20}").all()
     assert set(out["store"]) == {"a/b", "x'; DROP TABLE sales;--", "Café ☕"}
     assert (out["date"].dt.day_name() == "Sunday").all()  # wall time kept when the zone is dropped
+
+
+# -- a repair must not create a value the checks refuse (issue 18) ---------------------------------
+
+
+def test_summing_duplicates_to_infinity_is_refused_naming_the_partition_and_period(tmp_path):
+    """Two finite rows of 1.5e308 sum to inf after the infinity check: refused through the CLI (exit 2)
+    with the partition and the period named, never a partition that fails later in training."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    frame = pd.DataFrame({"store": ["S1"] * 3 + ["S2"] * 2, "item": "I1",
+                          "date": ["2024-01-01", "2024-01-02", "2024-01-02", "2024-01-01", "2024-01-02"],
+                          "sales": [1.0, 1.5e308, 1.5e308, 2.0, 3.0]})
+    path = tmp_path / "huge.csv"
+    frame.to_csv(path, index=False)
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "ingest", "--workdir", str(tmp_path / "w"), "--data", str(path),
+         "--freq", "D", "--covariates", "", "--no-progress"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(repo), "PATH": ""})
+    assert done.returncode == 2, done.stdout + done.stderr
+    message = done.stdout + done.stderr
+    assert "store=S1" in message and "item=I1" in message and "2024-01-02" in message
+    assert "infinite" in message and "validation.duplicates" in message
+    assert not list((tmp_path / "w").rglob("batch-*.parquet"))  # nothing reached the lake
+
+
+def test_summing_duplicates_to_infinity_is_refused_in_streamed_parts_too(tmp_path):
+    from shared.lake import LocalLake
+    from shared.streaming import StreamPlan, ingest_source
+
+    frame = pd.DataFrame({"store": "S1", "item": "I1", "date": ["2024-01-01", "2024-01-01"],
+                          "sales": [-1.5e308, -1.5e308]})
+    path = tmp_path / "huge.parquet"
+    frame.to_parquet(path, index=False)
+    cfg = CFG.with_overrides({"data.freq": "D", "data.covariates": [], "validation.negative_target": "keep"})
+    plan = StreamPlan(batch_rows=1, buckets=2, part_rows=1, workers=1, worker_mb=64)
+    with pytest.raises(DataValidationError, match="infinite") as caught:
+        ingest_source(LocalLake(tmp_path / "lake"), path, cfg, stream=True, plan=plan, tmp_root=tmp_path)
+    assert caught.value.column == "sales" and len(caught.value.examples) == 2
