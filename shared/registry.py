@@ -99,6 +99,7 @@ class ModelRegistry:
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
+        self._check_index_present()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.root / "index.sqlite", timeout=60.0, isolation_level=None,
@@ -107,6 +108,12 @@ class ModelRegistry:
         except (OSError, sqlite3.OperationalError) as exc:
             raise RegistryError(f"the {self.name} registry at {self.root} cannot be opened: {exc}; "
                                 "check that the folder exists and is writable (a read-only workdir?)") from exc
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "disk image is malformed"
+            raise RegistryError(
+                f"the {self.name} registry's index {self.root / 'index.sqlite'} is damaged ({exc}): restore it "
+                f"from a backup, or move the folder aside (mv {self.root} {self.root}.damaged) and register "
+                "the models again (" + ("`manymodels promote --run-id RUN`" if self.name == "prod"
+                                        else "`manymodels train --full`") + ")") from exc
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: never corrupt, fast commits
         conn.execute("PRAGMA foreign_keys=OFF")
         try:
@@ -130,11 +137,26 @@ class ModelRegistry:
             self._legacy_before = row[0] if row else None
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             conn.close()
             raise
         self._conn, self._pid = conn, os.getpid()
         return conn
+
+    def _check_index_present(self) -> None:
+        """Refuse to create an empty index over a registry that holds models: a lost
+        ``index.sqlite`` recreated silently would leave every partition to the fallbacks (and its
+        artifacts' digests are gone with it, so they cannot be trusted back without a new copy)."""
+        index, artifacts = self.root / "index.sqlite", self.root / "artifacts"
+        if index.exists() or not artifacts.is_dir() or next(artifacts.iterdir(), None) is None:
+            return
+        again = ("`manymodels promote --run-id RUN` for the runs to serve" if self.name == "prod"
+                 else "`manymodels train --full`")
+        raise RegistryError(
+            f"the {self.name} registry's index {index} is missing although {artifacts} holds models: "
+            f"it is not recreated empty (every partition would silently lose its model). Restore "
+            f"index.sqlite from a backup, or move the folder aside (mv {self.root} {self.root}.lost) "
+            f"and register the models again: {again}")
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Schema 1 -> 2: add the digest column; records made until now may lack one (legacy)."""
@@ -250,7 +272,7 @@ class ModelRegistry:
                     conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'changes'")
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 for path in written:  # no index row points at them; remove rather than leave orphans
                     path.unlink(missing_ok=True)
                 raise
@@ -392,7 +414,7 @@ class ModelRegistry:
                     conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'changes'")
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    _rollback(conn)
                     raise
         return len(sealed)
 
@@ -414,6 +436,13 @@ class ModelRegistry:
     def index_version(self) -> int:
         """A counter bumped by every write transaction: a cache polls it to notice new versions."""
         return int(self._query("SELECT value FROM meta WHERE key = 'changes'")[0][0])
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not already (it does on a full disk: a second
+    ROLLBACK would then raise "cannot rollback - no transaction is active" over the real error)."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def _place_artifact(artifact: Path | str | bytes, target: Path, expected: str = "", what: str = "") -> str:

@@ -234,3 +234,24 @@ def test_artifacts_written_with_joblib_still_load(tmp_path):
     [record] = dev.register_many([({"partition_id": "pJ", "run_id": "r1", "model_name": "gbm",
                                     "keys": {"store": "1"}}, source)])
     assert list(dev.load(record)["coef"]) == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+# -- issue 18: a lost index is never recreated empty over the models it indexed ------------------
+def test_a_deleted_production_index_stops_the_command_naming_the_fix(tmp_path, capsys):
+    from shared.cli import main
+    from shared.synthetic import write_panel
+
+    write_panel(tmp_path / "sales.csv", partitions=4, periods=60, seed=5)
+    work = tmp_path / "w"
+    flags = ["--workdir", str(work), "--no-progress", "--workers", "1", "--horizon", "4", "--test-periods", "4"]
+    assert main(["run", "--data", str(tmp_path / "sales.csv"), "--min-accuracy", "0", *flags]) == 0
+    index = work / "registry" / "prod" / "index.sqlite"
+    for path in index.parent.glob("index.sqlite*"):
+        path.unlink()  # the index (and its WAL) lost; the artifacts are still there
+    capsys.readouterr()
+    code = main(["score", "--workdir", str(work), "--no-progress", "--horizon", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "index.sqlite" in err and "missing" in err and "promote" in err, err
+    assert not index.exists()  # not recreated empty: every partition would be served by fallbacks
+    code = main(["models", "list", "--registry", "prod", "--workdir", str(work)])
+    assert code == 2 and "index.sqlite" in capsys.readouterr().err
