@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "serve real-time predictions over HTTP on 127.0.0.1", data=False)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--cache-mb", type=int, default=512)
+    p.add_argument("--cache-mb", type=float, default=None,
+                   help="model cache size in MB (default: MM_SERVING_CACHE_MB, else 512)")
     return parser
 
 

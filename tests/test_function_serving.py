@@ -157,3 +157,16 @@ def test_a_row_far_beyond_the_end_of_training_is_400_naming_the_row(workdir, mon
     monkeypatch.setenv("MM_SERVING_MAX_DISTANCE", "100000")
     worker_predictor.reset()
     assert predict({"keys": keys, "rows": [{"date": "2200-01-05", "price": 1.0, "promo": 0}]}).status_code == 200
+
+
+def test_invalid_strings_and_huge_covariates_are_400_naming_the_field(workdir):
+    """The Functions route checks requests with the server's parser (issue 18): a lone surrogate in
+    a key, or a covariate beyond the magnitude bound, is a 400 naming the field, never a 500 or a 200."""
+    ws, _ = workdir
+    record = ws.prod.find(latest_only=True)[0]
+    surrogate = predict(b'{"keys": {"store": "\\ud800", "item": "I0001"}, "horizon": 2}')
+    assert surrogate.status_code == 400 and json.loads(surrogate.get_body())["field"] == "keys.store"
+    nxt = predict({"keys": record.keys, "horizon": 1})
+    date = json.loads(nxt.get_body())["predictions"][0]["date"]
+    huge = predict({"keys": record.keys, "rows": [{"date": date, "price": 1e308, "promo": 0}]})
+    assert huge.status_code == 400 and json.loads(huge.get_body())["field"] == "rows[0].price"

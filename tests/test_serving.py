@@ -622,3 +622,251 @@ def test_request_rows_with_offsets_mean_what_the_same_rows_mean_in_a_csv(tmp_pat
     scored = scoring_requests(frame.drop(columns="sales"), cfg)  # the rows of `score --data`
     assert scored[PERIOD].tolist() == ingested[PERIOD].tolist()
 
+
+# -- issue 18: the server's own limits, a read-only workdir, its settings, its log, invalid strings ---
+CAPS_THAT_BYPASS_PERMISSIONS = (1, 2, 3)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+LIMITS = {"MM_SERVING_MAX_CONNECTIONS": "40", "MM_SERVING_READ_SECONDS": "2",
+          "MM_SERVING_KEEP_ALIVE_SECONDS": "1", "MM_SERVING_CACHE_MB": "48"}
+
+
+def _drop_permission_caps() -> None:
+    """preexec_fn: the child (still root) loses the capabilities that ignore permission bits, so a
+    folder without write permission is read-only to it, as it is to an unprivileged server account."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in CAPS_THAT_BYPASS_PERMISSIONS:
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone from the child after exec
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def _serve_logged(workdir: Path, env: dict, log: Path, preexec_fn=None) -> tuple[subprocess.Popen, str]:
+    """`manymodels serve` with its output in a file (read by the tests); returns once /health answers."""
+    import os
+
+    port = _free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "serve", "--workdir", str(workdir), "--port", str(port)],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, preexec_fn=preexec_fn,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "manymodels serve did not come up: " + log.read_text()
+        time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def limited(workspace, tmp_path_factory):
+    """A real `manymodels serve` with small connection limits, its settings from the environment."""
+    ws, _ = workspace
+    log = tmp_path_factory.mktemp("limited") / "serve.log"
+    proc, url = _serve_logged(ws.root, LIMITS, log)
+    try:
+        yield proc, url, log
+    finally:
+        _stop(proc)
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server has closed (or answered and closed) this connection, without waiting."""
+    sock.setblocking(False)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+def test_slow_connections_beyond_the_cap_are_closed_and_health_still_answers(limited):
+    """The trickling-connections attack (issue 18, item 9) at a bounded scale: three times
+    MM_SERVING_MAX_CONNECTIONS connections that never finish their headers. The server holds at most
+    the cap (the oldest idle ones are closed as new ones arrive), /health still answers at once, and
+    every trickler is gone after MM_SERVING_READ_SECONDS although it keeps sending bytes."""
+    _, url, _ = limited
+    port = int(url.rsplit(":", 1)[1])
+    cap, count = int(LIMITS["MM_SERVING_MAX_CONNECTIONS"]), 3 * int(LIMITS["MM_SERVING_MAX_CONNECTIONS"])
+    socks: list[socket.socket] = []
+    try:
+        opened = time.monotonic()
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: attacker\r\n")  # the headers never end
+            socks.append(sock)
+        started = time.monotonic()
+        health = httpx.get(f"{url}/health", timeout=5)
+        assert health.status_code == 200 and time.monotonic() - started < 1.0
+        time.sleep(0.3)
+        assert sum(_closed_by_server(s) for s in socks) >= count - cap
+        time.sleep(0.5)
+        for sock in socks:  # trickle: one more header line each, which must not buy more time
+            try:
+                sock.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                continue
+        deadline = opened + float(LIMITS["MM_SERVING_READ_SECONDS"]) + 3.0
+        while not all(_closed_by_server(s) for s in socks):
+            assert time.monotonic() < deadline, "slow connections outlived MM_SERVING_READ_SECONDS"
+            time.sleep(0.1)
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_idle_and_silent_connections_are_closed_after_their_configured_times(limited):
+    _, url, _ = limited
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: client\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        idle = time.monotonic()
+        assert sock.recv(65536) == b""  # closed by the server: the keep-alive ran out
+        waited = time.monotonic() - idle
+    assert 0.5 < waited < float(LIMITS["MM_SERVING_KEEP_ALIVE_SECONDS"]) + 1.5, waited
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # never sends a byte
+        opened = time.monotonic()
+        assert sock.recv(65536) == b""
+        waited = time.monotonic() - opened
+    assert waited < float(LIMITS["MM_SERVING_READ_SECONDS"]) + 1.5, waited
+
+
+def test_serve_takes_the_cache_size_from_the_environment_unless_the_flag_is_given(limited):
+    _, url, _ = limited
+    assert httpx.get(f"{url}/stats").json()["cache"]["max_bytes"] == 48 * 2**20  # MM_SERVING_CACHE_MB
+    # (the flag given wins over the variable: test_the_serve_command_answers_over_http passes --cache-mb 32)
+
+
+def test_a_client_that_disconnects_mid_body_costs_one_log_line(limited):
+    _, url, log = limited
+    port = int(url.rsplit(":", 1)[1])
+    before = log.read_text()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: c\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 5000\r\n\r\n" + b'{"keys": ' * 10)
+            time.sleep(0.2)
+    time.sleep(0.5)
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    added = log.read_text()[len(before):].splitlines()
+    assert "Traceback" not in "\n".join(added), "\n".join(added)
+    assert len([line for line in added if "disconnected" in line]) == 3, added
+    assert len([line for line in added if "connections:" not in line]) == 3, added  # (the limits' summary)
+
+
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_serve_runs_on_a_read_only_workdir_and_picks_up_new_versions(workspace, partitions, tmp_path):
+    """The recommended server setup: the workdir readable, not writable, by the server's account.
+    Root ignores permission bits, so the server runs without the capabilities that let it."""
+    import shutil
+    import sqlite3
+
+    ws, _ = workspace
+    copy = tmp_path / "ro-work"
+    shutil.copytree(ws.root, copy, ignore=shutil.ignore_patterns(".manymodels.lock"))
+    for name in ("dev", "prod"):  # a finished pipeline: the WAL checkpointed, no -wal / -shm beside
+        conn = sqlite3.connect(copy / "registry" / name / "index.sqlite")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+    assert not list(copy.rglob("*.sqlite-shm")) and not list(copy.rglob("*.sqlite-wal"))
+    subprocess.run(["chmod", "-R", "a-w", str(copy)], check=True)
+    try:
+        probe = subprocess.run([sys.executable, "-c", f"open({str(copy / 'probe')!r}, 'w')"],
+                               preexec_fn=_drop_permission_caps, capture_output=True, text=True)
+        assert probe.returncode != 0 and "Permission denied" in probe.stderr  # the workdir is read-only to it
+        before = _files(copy)
+        proc, url = _serve_logged(copy, {"MM_SERVING_CHECK_MS": "50"}, tmp_path / "serve.log",
+                                  preexec_fn=_drop_permission_caps)
+        try:
+            pid, keys = partitions["prod"][10]
+            first = httpx.post(f"{url}/predict", json={"keys": keys, "horizon": 2}, timeout=30)
+            assert first.status_code == 200, first.text
+            fallback = httpx.post(f"{url}/predict", json={"keys": partitions["fallback"][0][1], "horizon": 2},
+                                  timeout=30)  # the dev registry too (the scoring chain)
+            assert fallback.status_code == 200, fallback.text
+            assert httpx.get(f"{url}/stats", timeout=5).status_code == 200
+            assert _files(copy) == before  # nothing written, nothing created
+            # the pipeline's account (here: full root) promotes a new version; the server notices it
+            prod = ModelRegistry(copy / "registry" / "prod", "prod")
+            record = ws.dev.latest(pid)
+            prod.register_many([({"partition_id": pid, "run_id": "r-readonly", "model_name": record.model_type,
+                                  "keys": keys}, ws.dev.artifact_path(record))])
+            prod.close()
+            deadline = time.monotonic() + 15
+            while True:
+                after = httpx.post(f"{url}/predict", json={"keys": keys, "horizon": 2}, timeout=30)
+                assert after.status_code == 200, after.text
+                if after.json()["run_id"] == "r-readonly":
+                    break
+                assert time.monotonic() < deadline, "the read-only server never saw the new version"
+                time.sleep(0.1)
+            assert after.json()["model_version"] == first.json()["model_version"] + 1
+        finally:
+            _stop(proc)
+        output = (tmp_path / "serve.log").read_text()
+        assert "Traceback" not in output, output
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(copy)], check=True)
+
+
+@pytest.mark.parametrize("raw, field", [
+    (b'{"keys": {"store": "\\ud800", "item": "I0001"}, "horizon": 2}', "keys.store"),
+    (b'{"keys": {"store": "S001", "item": "I0001\\udfff"}}', "keys.item"),
+    (b'{"keys": {"store": "S001", "item": "I0001", "\\ud800": 1}}', "keys"),
+    (b'{"keys": {"store": "S001", "item": "I0001"}, "rows": [{"date": "\\ud800", "price": 1}]}',
+     "rows[0].date"),
+    (b'{"keys": {"store": "S001", "item": "I0001"}, "rows": [{"date": "2030-01-06", "price": "\\ud83d"}]}',
+     "rows[0].price"),
+    (b'{"partition_id": "p\\udc00"}', "partition_id"),
+])
+def test_a_lone_surrogate_in_any_string_is_400_naming_the_field(server, raw, field):
+    response = _post(server, raw)
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] == field and "surrogate" in response.json()["error"]
+
+
+def test_a_valid_surrogate_pair_is_just_a_character(server):
+    response = _post(server, b'{"keys": {"store": "S\\ud83d\\ude00", "item": "I0001"}, "horizon": 2}')
+    assert response.status_code == 404 and "S\U0001F600" in response.json()["error"]
+
+
+@pytest.mark.parametrize("covariate, value", [("price", 1e308), ("price", -1e300), ("promo", 1e308),
+                                              ("price", "1e300")])
+def test_a_covariate_beyond_the_magnitude_bound_is_400_naming_the_field(server, workspace, partitions,
+                                                                        covariate, value):
+    ws, _ = workspace
+    pid, keys = partitions["prod"][11]
+    rows = _future_rows(ws, pid, 2, seed=11)
+    rows[1][covariate] = value
+    response = _post(server, {"keys": keys, "rows": rows})
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] == f"rows[1].{covariate}" and "magnitude" in response.json()["error"]
+    rows[1][covariate] = 1
+    assert _post(server, {"keys": keys, "rows": rows}).status_code == 200

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.serving.cache import ServingOptions
+from shared.serving.connections import ConnectionStats, ensure_descriptors, uvicorn_settings
 from shared.serving.errors import BadRequest, PayloadTooLarge, ServingError
 from shared.serving.predictor import Predictor, open_predictor
 from shared.serving.request import ServingResponse
@@ -79,12 +80,22 @@ class GcKeeper:
         }
 
 
-def create_app(predictor: Predictor, gc_keeper: GcKeeper | None = None) -> Any:
-    """A Starlette app over ``predictor``: POST /predict, GET /health, GET /stats (also under /api/)."""
+class RequestTimedOut(ServingError):
+    """The body did not arrive within ``read_seconds`` (408; the connection is closed)."""
+
+    status = 408
+
+
+def create_app(predictor: Predictor, gc_keeper: GcKeeper | None = None,
+               connections: ConnectionStats | None = None) -> Any:
+    """A Starlette app over ``predictor``: POST /predict, GET /health, GET /stats (also under /api/).
+
+    A body must arrive within ``options.read_seconds`` (else 408, connection closed); a client that
+    disconnects before sending its whole body costs one log line."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import Response
     from starlette.routing import Route
 
@@ -97,8 +108,18 @@ def create_app(predictor: Predictor, gc_keeper: GcKeeper | None = None) -> Any:
         )
 
     async def predict(request: Request) -> Response:
+        options = predictor.options
         try:
-            body = await _read_body(request, predictor.options.max_body_bytes)
+            body = await asyncio.wait_for(_read_body(request, options.max_body_bytes), options.read_seconds)
+        except ClientDisconnect:  # nobody to answer: one line, not uvicorn's 45-line traceback
+            logger.info("predict: the client %s disconnected before sending its whole body (%s bytes declared)",
+                        _client(request), request.headers.get("content-length", "?"))
+            return Response(status_code=400)
+        except (asyncio.TimeoutError, TimeoutError):
+            slow = RequestTimedOut(
+                f"the body did not arrive within {options.read_seconds:g} s (MM_SERVING_READ_SECONDS)",
+                "body", headers={"Connection": "close"})
+            return respond(predictor._counted(predictor.error(slow)))
         except ServingError as exc:
             return respond(predictor._counted(predictor.error(exc)))
         return respond(await predictor.ahandle(body))
@@ -110,6 +131,8 @@ def create_app(predictor: Predictor, gc_keeper: GcKeeper | None = None) -> Any:
         body = predictor.stats()
         if gc_keeper is not None:
             body["gc"] = gc_keeper.stats()
+        if connections is not None:
+            body["connections"] = connections.snapshot()
         return respond(ServingResponse(200, body))
 
     @asynccontextmanager
@@ -132,6 +155,11 @@ def create_app(predictor: Predictor, gc_keeper: GcKeeper | None = None) -> Any:
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.predictor = predictor
     return app
+
+
+def _client(request: Any) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else "?"
 
 
 async def _read_body(request: Any, limit: int) -> bytes:
@@ -162,29 +190,50 @@ def serve(
     options: ServingOptions | None = None,
     log_level: str = "info",
 ) -> None:
-    """Serve a workdir's production models over HTTP with uvicorn until interrupted."""
+    """Serve a workdir's production models over HTTP with uvicorn until interrupted.
+
+    Nothing is written to the workdir: local registries are opened read-only
+    (:mod:`shared.serving.readonly`), so the server's account needs only read access. Settings come
+    from the ``MM_SERVING_*`` variables; ``cache_mb`` (the ``--cache-mb`` flag) wins when given.
+    Connections are bounded (:mod:`shared.serving.connections`)."""
     import uvicorn
 
-    from shared.backends import registry_exists
+    from shared.backends import LOCAL, registry_backend, registry_exists
+    from shared.config import ConfigError
     from shared.pipeline import PipelineError
     from shared.workspace import Workspace
 
+    try:
+        options = options or ServingOptions.from_env(cache_mb=cache_mb)
+        ensure_descriptors(options)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     workspace = Workspace.open(workdir, remember=False)
     if not registry_exists(workspace, "prod"):
         raise PipelineError(
             f"no production registry in {workspace.root}: run 'manymodels run' (or train and promote) first"
         )
     root = workspace.root
-    options = options or ServingOptions.from_env(cache_mb=cache_mb)
-    predictor = open_predictor(workspace, options)
+    if registry_backend(workspace.settings) == LOCAL:
+        from shared.config import chain_reads_dev
+        from shared.serving.readonly import read_only_registries
+
+        chain = workspace.config.scoring_chain
+        prod, dev = read_only_registries(workspace, chain_reads_dev(chain))
+        predictor = Predictor(workspace.config, options.make_cache(prod, dev, chain), options)
+    else:
+        predictor = open_predictor(workspace, options)
+    _log_like_uvicorn(log_level)
     predictor.warm_up()
     gc.collect()
     gc.freeze()  # the libraries' objects: never worth scanning again
     # the event loop answers hits while loader threads unpickle: hand the GIL over sooner (default 5 ms)
     sys.setswitchinterval(0.001)
-    logger.info("serving %s with a %s MB model cache", root, options.cache_mb)
+    logger.info("serving %s with a %s MB model cache, at most %d connections", root, options.cache_mb,
+                options.max_connections)
+    connections = ConnectionStats(options)
     config = uvicorn.Config(
-        create_app(predictor, GcKeeper(predictor)),
+        create_app(predictor, GcKeeper(predictor), connections),
         host=host,
         port=int(port),
         log_level=log_level,
@@ -192,5 +241,20 @@ def serve(
         # SIGTERM stops the server within seconds: in-flight requests get this long to finish, and
         # forecasts run on daemon threads that never hold the process (Predictor.pool)
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        **uvicorn_settings(options, connections),
     )
     uvicorn.Server(config).run()
+
+
+def _log_like_uvicorn(log_level: str) -> None:
+    """The library's log lines (``shared.*``: a disconnect, a failed request, the connection summary)
+    beside uvicorn's, at its level and in its format, unless the embedding program set logging up."""
+    from uvicorn.logging import DefaultFormatter
+
+    log = logging.getLogger("shared")
+    if log.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(log_level.upper())

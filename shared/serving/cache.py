@@ -30,6 +30,12 @@ class ServingOptions:
     max_distance: int = 0
     request_seconds: float = 10.0
     forecast_workers: int = 4
+    # connections (``manymodels serve``; the Functions host has its own): open at most this many,
+    # closing the oldest idle one to make room; a request's headers, and then its body, must
+    # arrive within read_seconds; an idle keep-alive connection is closed after keep_alive_seconds
+    max_connections: int = 2000
+    read_seconds: float = 10.0
+    keep_alive_seconds: float = 5.0
 
     ENV = {
         "cache_mb": "MM_SERVING_CACHE_MB",
@@ -43,6 +49,9 @@ class ServingOptions:
         "max_distance": "MM_SERVING_MAX_DISTANCE",
         "request_seconds": "MM_SERVING_REQUEST_SECONDS",
         "forecast_workers": "MM_SERVING_FORECAST_WORKERS",
+        "max_connections": "MM_SERVING_MAX_CONNECTIONS",
+        "read_seconds": "MM_SERVING_READ_SECONDS",
+        "keep_alive_seconds": "MM_SERVING_KEEP_ALIVE_SECONDS",
     }
 
     @property
@@ -65,11 +74,15 @@ class ServingOptions:
                 raise ValueError(f"{var}={raw!r} is not a valid {kind.__name__}") from exc
         values.update({k: v for k, v in overrides.items() if v is not None})
         out = cls(**values)
-        for name in ("max_body_bytes", "max_rows", "max_horizon", "forecast_workers", "load_workers"):
+        for name in ("max_body_bytes", "max_rows", "max_horizon", "forecast_workers", "load_workers",
+                     "max_connections"):
             if int(getattr(out, name)) < 1:
                 raise ValueError(f"{cls.ENV[name]} must be >= 1, got {getattr(out, name)}")
-        if not 0 < float(out.request_seconds) <= 3600:
-            raise ValueError(f"MM_SERVING_REQUEST_SECONDS must be in (0, 3600], got {out.request_seconds}")
+        for name in ("request_seconds", "read_seconds", "keep_alive_seconds"):
+            if not 0 < float(getattr(out, name)) <= 3600:  # also refuses nan
+                raise ValueError(f"{cls.ENV[name]} must be in (0, 3600], got {getattr(out, name)}")
+        if not 0 <= float(out.cache_mb) <= 1 << 30:
+            raise ValueError(f"MM_SERVING_CACHE_MB must be in [0, {1 << 30}], got {out.cache_mb}")
         return out
 
     def make_cache(self, prod: Any, dev: Any | None, fallback: str | list[str]) -> ModelCache:

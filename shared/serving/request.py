@@ -15,6 +15,7 @@ one check every front end uses.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -22,6 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from shared.bounds import limit
 from shared.config import ProjectConfig
 from shared.keys import PARTITION_ID, PartitionKeyError, is_partition_id, partition_of
 from shared.serving.cache import ServingOptions
@@ -31,6 +33,11 @@ from shared.validation import DataValidationError, parse_numeric, parse_time
 
 REQUEST_FIELDS = ("keys", PARTITION_ID, "rows", "horizon")
 TIME_MEMO_SIZE = 4096  # parsed time columns kept (requests keep asking for the same next weeks)
+# |covariate| above this is refused (400 naming the row): the shared bounds table's entry. Beyond it
+# float64 arithmetic in a model's features overflows or cancels (1e308 once answered 0.0).
+COVARIATE_MAX_ABS = float(limit("covariate_magnitude").high)
+# a JSON escape of a UTF-16 surrogate: only a body holding one can decode to a lone surrogate
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,8 @@ class RequestParser:
     def parse(self, body: bytes | str | Mapping[str, Any]) -> PredictRequest:
         """Check a request body; raises BadRequest naming the field, or PayloadTooLarge."""
         data = self._load_json(body) if not isinstance(body, Mapping) else dict(body)
+        if isinstance(body, Mapping):
+            _check_strings(data)
         unknown = [k for k in data if k not in REQUEST_FIELDS]
         if unknown:
             raise BadRequest(
@@ -118,6 +127,10 @@ class RequestParser:
             raise BadRequest("the body is nested too deeply", "body") from exc
         if not isinstance(data, dict):
             raise BadRequest(f"the body must be a JSON object, got {type(data).__name__}", "body")
+        raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+        utf8 = b"\x00" not in raw[:4]  # else UTF-16 or -32 (json.loads detects them): always walk
+        if not utf8 or _SURROGATE_ESCAPE.search(raw) or (isinstance(body, str) and _has_surrogate(body)):
+            _check_strings(data)  # only then: the usual body pays one regex scan
         return data
 
     def _partition(self, data: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
@@ -225,6 +238,14 @@ class RequestParser:
         infinite = np.flatnonzero(np.isinf(out))
         if len(infinite):
             raise BadRequest("covariate is infinite", f"rows[{int(infinite[0])}].{name}")
+        with np.errstate(invalid="ignore"):
+            huge = np.flatnonzero(np.abs(out) > COVARIATE_MAX_ABS)
+        if len(huge):
+            i = int(huge[0])
+            raise BadRequest(
+                f"covariate {name!r} is {out[i]:g}: its magnitude must be at most {COVARIATE_MAX_ABS:g}",
+                f"rows[{i}].{name}",
+            )
         nulls = np.flatnonzero(np.isnan(out))
         policy = self.config.validation.null_covariates
         if len(nulls) and policy == "error":
@@ -244,6 +265,41 @@ def format_times(times: pd.Series | np.ndarray, freq: str) -> list[Any]:
     if (stamps == stamps.normalize()).all():
         return stamps.strftime("%Y-%m-%d").tolist()
     return [t.isoformat() for t in stamps]
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _check_strings(data: Mapping[str, Any]) -> None:
+    try:
+        _refuse_lone_surrogates(data)
+    except RecursionError as exc:
+        raise BadRequest("the body is nested too deeply", "body") from exc
+
+
+def _refuse_lone_surrogates(value: Any, where: str = "body") -> None:
+    """BadRequest naming the first string (or object key) holding a lone UTF-16 surrogate: JSON lets
+    ``"\\ud800"`` through, but no key, date or number can be made of it (UTF-8 cannot encode it)."""
+    if isinstance(value, str):
+        if _has_surrogate(value):
+            raise BadRequest(
+                f"{where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape): "
+                "not a valid character", where)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(key, str) and _has_surrogate(key):
+                raise BadRequest(
+                    f"a field name in {where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                    "escape): not a valid character", where)
+            _refuse_lone_surrogates(item, key if where == "body" else f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_lone_surrogates(item, f"{where}[{i}]")
 
 
 def _reject_constant(name: str) -> Any:
