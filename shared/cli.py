@@ -50,6 +50,7 @@ from shared.cli_commands import (  # noqa: F401  (re-exported: the commands and 
     cmd_serve,
     cmd_train,
 )
+from shared import failures
 from shared.errors import ManyModelsError
 
 EXIT_USAGE = 2  # a ManyModelsError (or a missing input file): the message says what to change
@@ -211,8 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         lock = _writer_lock(args)
-        with lock if lock is not None else contextlib.nullcontext(), LEASES:
+        # serve stops on SIGTERM by itself (the server's own handler); every other command unwinds
+        terminate = failures.sigterm_raises() if args.command != "serve" else contextlib.nullcontext()
+        with terminate, lock if lock is not None else contextlib.nullcontext(), LEASES:
             result = args.func(args)
+    except failures.Terminated:
+        print("terminated by SIGTERM: stopped; rerun the same command to resume where it stopped",
+              file=sys.stderr)
+        return failures.EXIT_TERMINATED
     except KeyboardInterrupt:
         if args.command == "serve":
             print("server stopped", file=sys.stderr)
@@ -222,6 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI boundary turns every error into one line
         if args.debug:
             raise
+        cause = failures.explain(exc, getattr(args, "workdir", None))
+        if cause is not None:  # the environment (a full disk, a memory limit), named with the fix
+            print(f"error: {cause}", file=sys.stderr)
+            return EXIT_FAILED
         known = isinstance(exc, USER_ERRORS)
         text = str(exc).strip().splitlines()
         message = text[0] if known and text else f"{type(exc).__name__}: {' '.join(text)[:500]}"

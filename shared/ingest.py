@@ -128,6 +128,16 @@ def table_to_pandas(table: pa.Table) -> pd.DataFrame:
 
 
 def _csv_key_types(path: Path, cfg: ProjectConfig) -> dict[str, type]:
+    """The key columns' types for pandas; refuses a header that names a column twice (pandas would
+    rename the second ``price`` to ``price.1`` and one of the two would be dropped unseen)."""
+    names = [str(v) for v in pd.read_csv(path, nrows=1, header=None, dtype=str).iloc[0].tolist()] \
+        if path.stat().st_size else []
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise IngestError(f"source {path.name}: the header names the column {name!r} more than once "
+                              f"(columns: {names}); rename or remove one of them")
+        seen.add(name)
     header = pd.read_csv(path, nrows=0).columns
     return {k: str for k in cfg.data.keys if k in header}
 

@@ -458,7 +458,16 @@ class SQLiteStore(ResultStore):
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=60)  # explicit BEGIN/COMMIT
-        conn.execute("PRAGMA journal_mode=WAL")
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as exc:  # "file is not a database": name the file and the fix
+            conn.close()
+            if isinstance(exc, sqlite3.OperationalError):
+                raise
+            raise StoreError(
+                f"the SQL store {self.path} is damaged ({exc}): restore it from a backup, or move it aside "
+                f"(mv {self.path} {self.path}.damaged) and rerun `manymodels promote` and `manymodels score`, "
+                "which record the promotions and load the predictions again") from exc
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 

@@ -59,10 +59,16 @@ def plan_training(
     carried = {} if full else carried_forward(ws.dev, manifest, digest)
     to_train = manifest[~manifest[PARTITION_ID].astype(str).isin(set(carried))]
     subset = bool(partition_ids) or bool(carried)
-    run_id = run_id or _digest(
-        dataset_id, asdict(cfg.forecast), asdict(cfg.training), sorted(partition_ids or []),
-        ["carried", sorted(to_train[PARTITION_ID].astype(str))] if carried else [], prefix="r"
-    )
+    if full and run_id is not None and ws.lake.exists(layout.run_meta(run_id)):
+        raise PipelineError(f"run {run_id} already exists: --full retrains under a new run id; "
+                            "leave out --run-id (or give one not used before)")
+    if run_id is None:
+        parts = [dataset_id, asdict(cfg.forecast), asdict(cfg.training), sorted(partition_ids or []),
+                 ["carried", sorted(to_train[PARTITION_ID].astype(str))] if carried else []]
+        run_id = _digest(*parts, prefix="r")
+        if full and ws.lake.exists(layout.run_meta(run_id)):
+            # --full asks to retrain: a new run even when this data and config were trained before
+            run_id = _digest(*parts, ["full", _now()], prefix="r")
     batches = sorted(to_train["batch"].unique())
     paths = [layout.batch(dataset_id, b) for b in batches]
     size = group_size or max(1, len(paths))

@@ -155,3 +155,115 @@ def test_a_real_registry_error_exits_2(tmp_path, capsys):
     code, _, err = _run(capsys, "models", "list", "--workdir", str(work), "--registry", "prod")
     assert code == 2
     assert err.startswith("error: ") and "'dev', not 'prod'" in err and len(err.strip().splitlines()) == 1
+
+
+# -- issue 18 (11): errors name their cause ----------------------------------------------------------
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import sqlite3  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--no-progress", "--workers", "1", "--horizon", "4", "--test-periods", "4"]
+
+
+def _cli(*argv: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "shared.cli", *argv], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory, small_csv) -> Path:
+    """A workdir after a whole run (every model promoted), copied by the tests that change it."""
+    work = tmp_path_factory.mktemp("cli-ran") / "w"
+    assert main(["run", "--data", str(small_csv), "--workdir", str(work), "--min-accuracy", "0", *FAST]) == 0
+    return work
+
+
+@pytest.fixture
+def copy(ran, tmp_path) -> Path:
+    shutil.copytree(ran, tmp_path / "w")
+    return tmp_path / "w"
+
+
+def test_sigterm_stops_a_command_with_a_message_and_exit_143(copy, tmp_path):
+    marker = tmp_path / "paused"
+    proc = _cli("train", "--workdir", str(copy), "--no-progress", "--full",
+                env={"MM_FAULT": "train.start:pause", "MM_FAULT_MARKER": str(marker)})
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and "SIGTERM" in err and "rerun" in err, (proc.returncode, err)
+
+
+@pytest.mark.parametrize("name", ["results.sqlite", "registry/prod/index.sqlite", "registry/dev/index.sqlite"])
+def test_a_damaged_sqlite_file_is_named_with_the_fix(copy, capsys, name):
+    target = copy / name
+    for extra in target.parent.glob(target.name + "-*"):
+        extra.unlink()  # the WAL and shared memory: what is left is the damaged file alone
+    data = bytearray(target.read_bytes())
+    data[:16] = b"not a database!!"  # the header a real SQLite file starts with, overwritten
+    target.write_bytes(bytes(data))
+    code, _, err = _run(capsys, "score", "--workdir", str(copy), "--horizon", "3", "--no-progress")
+    assert code == 2 and str(target) in err and "damaged" in err and "mv " in err, err
+    assert "--debug" not in err
+
+
+def test_train_full_retrains_even_when_the_run_exists(copy, capsys):
+    code, out, _ = _run(capsys, "train", "--workdir", str(copy), "--full", "--no-progress", "--json")
+    first = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and first["trained"] + first["baseline_only"] == 6 and first["registered"] == 6, first
+    dev = sqlite3.connect(copy / "registry" / "dev" / "index.sqlite")
+    assert dev.execute("SELECT COUNT(DISTINCT run_id) FROM models WHERE partition_id <> '_global'").fetchone()[0] == 2
+    code, _, err = _run(capsys, "train", "--workdir", str(copy), "--full", "--run-id", first["run_id"])
+    assert code == 2 and first["run_id"] in err and "--full" in err, err
+
+
+def test_duplicate_column_names_in_a_csv_are_refused_naming_the_column(tmp_path, small_csv, capsys):
+    text = small_csv.read_text().splitlines()
+    header = [name.strip('"') for name in text[0].split(",")]
+    assert "price" in header
+    doubled = tmp_path / "doubled.csv"
+    doubled.write_text("\n".join([",".join(header + ["price"])] + [line + ",1.5" for line in text[1:]]) + "\n")
+    code, _, err = _run(capsys, "ingest", "--data", str(doubled), "--workdir", str(tmp_path / "w"), "--no-progress")
+    assert code == 2 and "'price'" in err and "more than once" in err, err
+
+
+def test_a_memory_limit_is_named_as_one(copy):
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (700 * 2**20, resource.RLIM_INFINITY))
+
+    proc = _cli("train", "--workdir", str(copy), "--full", "--no-progress", "--workers", "1", preexec_fn=limit)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "out of memory" in err and "ulimit -v" in err, (proc.returncode, err)
+    assert "SystemError" not in err.split("(")[0]
+
+
+def test_a_full_disk_is_named_with_the_path(ran, tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    used = sum(p.stat().st_size for p in ran.rglob("*") if p.is_file())
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={used // 1024 + 1024}k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.decode()[:200]}")
+    try:
+        work = mount / "w"
+        shutil.copytree(ran, work)
+        free = os.statvfs(mount)
+        (mount / "filler").write_bytes(b"\0" * max(0, free.f_bavail * free.f_frsize - 4096))  # one page left
+        proc = _cli("train", "--workdir", str(work), "--full", *FAST)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1 and "disk full" in err and str(mount) in err, err
+        assert "cannot rollback" not in err
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
