@@ -316,6 +316,8 @@ def parse_time(
         bad = (parsed.isna() if isinstance(parsed, pd.Series) else parsed[0].isna()).to_numpy()
         if bad.any() and _other_kind(parsed, col[bad]):
             raise DataValidationError(name, MIXED_OFFSETS, example_rows(source, col.index[bad]), int(bad.sum()))
+        if bad.any() and _beyond_nanoseconds(col[bad]):
+            raise DataValidationError(name, OUTSIDE_DATES, example_rows(source, col.index[bad]), int(bad.sum()))
         if bad.any():
             first = col.iloc[0] if part is None or part.first_time is UNSET else part.first_time
             raise DataValidationError(
@@ -329,8 +331,7 @@ def parse_time(
     if outside.any():
         raise DataValidationError(
             name,
-            f"date outside the supported range {DATE_MIN.date()} .. {DATE_MAX.date()} (what pandas "
-            "handles at nanosecond precision, with room for a forecast horizon)",
+            OUTSIDE_DATES,
             example_rows(source, col.index[outside]),
             int(outside.sum()),
         )
@@ -397,6 +398,19 @@ def _other_kind(parsed, rejected: pd.Series) -> bool:
     return (again.dt.tz is None) != (parsed.dt.tz is None)
 
 
+def _beyond_nanoseconds(rejected: pd.Series) -> bool:
+    """Whether values that did not parse are all real dates beyond pandas' nanosecond range (the
+    parser makes them NaT like text that is no date): then the range is what the user must hear."""
+    def far(value) -> bool:
+        try:
+            stamp = pd.Timestamp(value)
+        except (ValueError, TypeError, OverflowError):
+            return False
+        return stamp is not pd.NaT and not (DATE_MIN <= stamp.tz_localize(None) <= DATE_MAX)
+
+    return all(far(v) for v in pd.unique(rejected)[:1000])
+
+
 def _one_stamp(value) -> pd.Timestamp:
     try:
         return pd.Timestamp(value).as_unit("ns")
@@ -437,6 +451,8 @@ def _one_clock(parsed, source: pd.DataFrame, spec: DataSpec, part: PartContext |
     return wall
 
 
+OUTSIDE_DATES = (f"date outside the supported range {DATE_MIN.date()} .. {DATE_MAX.date()} (what pandas "
+                 "handles at nanosecond precision, with room for a forecast horizon)")
 MIXED_OFFSETS = ("time values mix times with a UTC offset and times without one: write every time "
                  "with its offset (e.g. 2024-03-10T00:00:00-05:00) or none")
 
