@@ -755,6 +755,26 @@ def test_idle_and_silent_connections_are_closed_after_their_configured_times(lim
     assert waited < float(LIMITS["MM_SERVING_READ_SECONDS"]) + 1.5, waited
 
 
+def test_a_body_that_trickles_past_the_read_time_is_408_and_the_connection_closed(limited):
+    _, url, _ = limited
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: c\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 500\r\n\r\n{")
+        started, answer = time.monotonic(), b""
+        for _ in range(6):  # a byte every 0.5 s: never the whole body
+            time.sleep(0.5)
+            try:
+                sock.sendall(b" ")
+            except OSError:
+                break
+        while chunk := sock.recv(65536):
+            answer += chunk
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"MM_SERVING_READ_SECONDS" in answer and waited < float(LIMITS["MM_SERVING_READ_SECONDS"]) + 2.5
+
+
 def test_serve_takes_the_cache_size_from_the_environment_unless_the_flag_is_given(limited):
     _, url, _ = limited
     assert httpx.get(f"{url}/stats").json()["cache"]["max_bytes"] == 48 * 2**20  # MM_SERVING_CACHE_MB
