@@ -35,6 +35,7 @@ and ship it over gRPC before the function runs, which the Event Grid trigger nev
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -52,7 +53,7 @@ from function_app.orchestration import (
 )
 from function_app.raw_files import NotReady, Rejected
 from function_app.runtime import StartOutcome, lake_writer, open_workspace
-from function_app.starts import start_raw_file
+from function_app.starts import check_own_account, start_raw_file
 from function_app.training import training_steps
 from shared import backends
 
@@ -72,6 +73,7 @@ async def on_lake_event(event: func.EventGridEvent, client: df.DurableOrchestrat
         received = lake_event(event)
         log = log.bind(schema=received.schema)
         raw = parse_lake_file_event(received.type, received.subject, received.data)
+        await asyncio.to_thread(check_own_account, raw)
     except Ignored as why:
         log.info("event ignored", reason=str(why))
         return

@@ -35,6 +35,7 @@ from pathlib import PurePosixPath
 from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit
 
+from shared import bounds
 from shared.config import ConfigError, check_message_overrides
 from shared.lake import LakeError, check_path
 
@@ -189,7 +190,37 @@ def load_json_object(body: bytes | str, field_name: str = "body") -> dict[str, A
         raise MessageError(field_name, "JSON nested too deeply") from exc
     if not isinstance(value, dict):
         raise MessageError(field_name, "must be a JSON object")
+    where = _unencodable(value, "")
+    if where is not None:  # JSON's \ud800 escapes decode to text no UTF-8 encoder (hash, log, lake) takes
+        raise MessageError(where or field_name, "not valid unicode: a lone surrogate (such as \\ud800); "
+                                                "text must be encodable as UTF-8")
     return value
+
+
+def _unencodable(value: Any, where: str) -> str | None:
+    """The field (dotted, with indexes) of the first string or name that is not valid unicode, else None.
+
+    A name that is not valid unicode is reported by the object holding it (it cannot be shown).
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _unencodable(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _unencodable(key, where) is not None:
+                return where
+            found = _unencodable(item, f"{where}.{key}" if where else key)
+            if found is not None:
+                return found
+    return None
 
 
 def parse_train_request(body: Mapping[str, Any]) -> TrainRequest:
@@ -225,7 +256,7 @@ def parse_score_request(body: Mapping[str, Any], path_field: str = "data") -> Sc
     _only(body, (path_field, "horizon", "dataset_id", "options", "request_id", "type"))
     horizon = body.get("horizon")
     if horizon is not None:
-        horizon = _positive_int(horizon, "horizon")
+        horizon = _bounded_int(horizon, "forecast.horizon", "horizon")
     return ScoreRequest(
         data=_optional_lake_file(body, path_field, SCORING_CONTAINERS),
         horizon=horizon,
@@ -443,6 +474,21 @@ def storage_location(url: str) -> str:
     return f"{account}/{'/'.join(segments)}"
 
 
+def check_lake_account(url: str, lake_uri: str) -> None:
+    """Ignored unless ``url`` names a blob of the lake's own storage account (either endpoint).
+
+    An event is JSON that names an account: one naming another account's blob must neither make the
+    app ingest the lake's file of the same name nor start a run under another account's identity. A
+    local lake (``file://``) has no account to compare: its events come from tests and tools.
+    """
+    if urlsplit(lake_uri).scheme.lower() == "file":
+        return
+    own = storage_location(lake_uri.rstrip("/") + "/").split("/", 1)[0]
+    named = storage_location(url).split("/", 1)[0]
+    if named != own:
+        raise Ignored(f"{named!r} is not the lake's storage account {own!r}: only the lake's own events start runs")
+
+
 def _path_style(host: str) -> bool:
     if host == "localhost" or "." not in host:
         return True
@@ -513,18 +559,32 @@ def _optional_lake_file(body: Mapping[str, Any], name: str, containers: tuple[st
     return path
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MessageError(name, f"must be a whole number >= 1, got {value!r}")
-    return value
+def _bounded_int(value: Any, bound: str, name: str) -> int:
+    """A JSON integer within its bound of the one table (:data:`shared.bounds.BOUNDS`), as the CLI's."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MessageError(name, f"must be {bounds.limit(bound).describe()}, got {bounds.shorten(value)}")
+    return _in_bounds(value, bound, name)
+
+
+def _in_bounds(value: Any, bound: str, name: str) -> Any:
+    try:
+        return bounds.check(bound, value, name)
+    except bounds.BoundsError as exc:
+        raise MessageError(name, exc.reason) from exc
 
 
 def _fraction(value: Any, name: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise MessageError(name, f"must be a number between 0 and 1, got {value!r}")
-    return float(value)
+    return float(_in_bounds(value, "min_accuracy", name))
+
+
+def _key_text(text: str, where: str) -> str:
+    """A key column's name or value no longer than a partition key value may be at ingestion."""
+    try:
+        return bounds.check_length("key_length", text, where)
+    except bounds.BoundsError as exc:
+        raise MessageError(where, exc.reason) from exc
 
 
 def _partitions(body: Mapping[str, Any]) -> tuple[Any, ...] | None:
@@ -542,8 +602,11 @@ def _partitions(body: Mapping[str, Any]) -> tuple[Any, ...] | None:
             out.append(item)
         elif isinstance(item, dict) and item:
             for key, val in item.items():
+                _key_text(key, f"{where}.{key[:40]}")
                 if not isinstance(val, (str, int)) or isinstance(val, bool):
                     raise MessageError(f"{where}.{key}", "a key value must be a string or an integer")
+                if isinstance(val, str):
+                    _key_text(val, f"{where}.{key}")
             out.append(dict(sorted(item.items())))
         else:
             raise MessageError(where, "must be a partition id or an object of key values")
@@ -561,7 +624,7 @@ def _options(body: Mapping[str, Any]) -> RunOptions:
         raise MessageError(f"options.{unknown[0]}", f"unknown option; allowed: {list(OPTION_NAMES)}")
     group_size = raw.get("group_size")
     if group_size is not None:
-        group_size = _positive_int(group_size, "options.group_size")
+        group_size = _bounded_int(group_size, "group_size", "options.group_size")
     try:  # data only: allow-listed options with typed, bounded values (never estimators or paths)
         config = check_message_overrides(raw.get("config") or {})
     except ConfigError as exc:

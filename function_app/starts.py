@@ -27,6 +27,7 @@ from function_app.messages import (
     RunOptions,
     ScoreRequest,
     TrainRequest,
+    check_lake_account,
     instance_id,
     normalise_etag,
     normalise_url,
@@ -48,7 +49,7 @@ from function_app.runtime import (
     resolve_partitions,
     start_once,
 )
-from shared import layout, pipeline
+from shared import backends, layout, pipeline
 from shared.keys import PARTITION_ID
 from shared.partitioning import load_dataset
 
@@ -91,6 +92,11 @@ def with_current_version(raw: RawFile) -> RawFile:
     """Blocking: the raw file with the lake's current version of it (Rejected if it is gone)."""
     ws = open_workspace(settings=load_settings())
     return replace(raw, etag=normalise_etag(file_version(ws.lake, raw.path)))
+
+
+def check_own_account(raw: RawFile) -> None:
+    """Blocking: Ignored unless the event's file is in the lake's own storage account."""
+    check_lake_account(raw.url, backends.open_lake(load_settings()).uri)
 
 
 def prepare_raw_file(
@@ -184,6 +190,10 @@ def prepare_scoring(request: ScoreRequest, dedupe: str | None, path_field: str) 
     check_config(ws, request.options.config)
     if request.data is not None and not ws.lake.exists(request.data):
         raise MessageError(path_field, f"no such file in the lake: {request.data}")
+    if request.horizon is not None and request.horizon > ws.config.scoring.max_distance:
+        raise MessageError("horizon", f"{request.horizon} periods is beyond scoring.max_distance "
+                                      f"{ws.config.scoring.max_distance} after the end of training (as the "
+                                      "CLI refuses it); ask for fewer, or raise it in the project file")
     dataset_id = request.dataset_id or _latest(pipeline.latest_dataset_id, ws, "dataset_id")
     payload = {
         "data": request.data,

@@ -88,13 +88,13 @@ def check(name: str, value: Any, where: str | None = None) -> Any:
     bound = BOUNDS[name]
     where = where or name
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BoundsError(where, f"must be {bound.describe()}, got {_short(value)}")
+        raise BoundsError(where, f"must be {bound.describe()}, got {shorten(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise BoundsError(where, f"{value!r} is not a finite number; must be {bound.describe()}")
     if bound.integer and isinstance(value, float) and not value.is_integer():
         raise BoundsError(where, f"must be {bound.describe()}, got {value!r}")
     if not bound.low <= value <= bound.high:
-        raise BoundsError(where, f"{_short(value)} is out of bounds: must be {bound.describe()}")
+        raise BoundsError(where, f"{shorten(value)} is out of bounds: must be {bound.describe()}")
     return value
 
 
@@ -102,7 +102,7 @@ def check_length(name: str, text: str, where: str) -> str:
     """``text`` if its length is within the bound of ``name``; the error quotes only its start."""
     bound = BOUNDS[name]
     if not bound.low <= len(text) <= bound.high:
-        raise BoundsError(where, f"{len(text):,} characters ({_short(text)}); must be "
+        raise BoundsError(where, f"{len(text):,} characters ({shorten(text)}); must be "
                                  f"{_num(bound.low)} to {_num(bound.high)} {bound.what}")
     return text
 
@@ -120,6 +120,6 @@ def _num(value: float) -> str:
     return f"{value:g}"
 
 
-def _short(value: Any) -> str:
+def shorten(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shared import bounds
 from shared.errors import ManyModelsError
 
 CONTAINERS = ("raw", "prepared", "runs", "scoring", "predictions")
@@ -28,7 +29,15 @@ class LakeError(ManyModelsError, ValueError):
 
 
 def check_path(path: str) -> str:
-    """Reject absolute paths, '..' and odd characters: lake paths are built by us, never raw input."""
+    """Reject absolute paths, '..', odd characters and lengths no store takes (a 5,000-character name
+    reached the file system as an OSError): lake paths are built by us, never raw input."""
+    try:
+        bounds.check_length("lake_path_length", path, "lake path")
+        for part in path.split("/"):
+            if part:
+                bounds.check_length("lake_segment_length", part, "lake path segment")
+    except bounds.BoundsError as exc:
+        raise LakeError(str(exc)) from exc
     p = PurePosixPath(path)
     if p.is_absolute() or not p.parts or any(part in ("", ".", "..") for part in p.parts):
         raise LakeError(f"invalid lake path {path!r}")

@@ -189,8 +189,8 @@ def test_training_from_a_raw_file_starts_the_ingestion_orchestration(loop, exten
         ({"partitions": ["p123", "x"]}, "partitions[0]", "not a partition id"),
         ({"partitions": [{"store": "S1"}]}, "partitions[0]", "missing key column(s) ['item']"),
         ({"partitions": ["p" + "0" * 20]}, "partitions", "not in dataset"),
-        ({"options": {"group_size": 0}}, "options.group_size", ">= 1"),
-        ({"options": {"min_accuracy": 1.5}}, "options.min_accuracy", "between 0 and 1"),
+        ({"options": {"group_size": 0}}, "options.group_size", "out of bounds"),
+        ({"options": {"min_accuracy": 1.5}}, "options.min_accuracy", "from 0 to 1"),
         ({"options": {"turbo": True}}, "options.turbo", "unknown option"),
         ({"options": {"config": {"forecast.horizon": "soon"}}}, "options.config", "forecast.horizon"),
     ],
@@ -1087,3 +1087,95 @@ def test_the_ingestion_activities_submit_and_poll_an_azure_ml_job_without_readin
     workdir["lake"].write_bytes(ingest_job.result_path(handle["run_id"], handle["job_id"]), json.dumps(result).encode())
     done = call_activity(functions["get_ingest_job_status"], status, [])
     assert done["state"] == "completed" and done["summary"] == result
+
+
+# -- issue 18: every number and string of a message is bounded; only the lake's own account -------
+LONG_PATH = "raw/" + "a" * 5000 + ".csv"
+
+
+@pytest.mark.parametrize(
+    "body, field, words",
+    [
+        ({"type": "dataset-ready", "path": LONG_PATH}, "path", "5,008 characters"),
+        ({"type": "dataset-ready", "path": "raw/" + "b" * 300 + ".csv"}, "path", "one folder or file name"),
+        ({"type": "score", "path": LONG_PATH}, "path", "5,008 characters"),
+        ({"type": "score", "horizon": 10**12}, "horizon", "out of bounds"),
+        ({"type": "score", "horizon": 600}, "horizon", "beyond scoring.max_distance 520"),
+        ({"type": "retrain", "partitions": "all", "options": {"group_size": 10**30}}, "options.group_size",
+         "out of bounds"),
+        ({"type": "retrain", "partitions": [{"store": "\ud800", "item": "I1"}]}, "partitions[0].store",
+         "not valid unicode"),
+        ({"type": "score", "horizon": 2, "options": {"config": {"\ud800": 1}}}, "options.config",
+         "not valid unicode"),
+        ({"type": "retrain", "partitions": [{"store": "S" * 2000, "item": "I1"}]}, "partitions[0].store",
+         "1,024"),
+    ],
+)
+def test_oversized_and_unencodable_upstream_messages_are_message_errors_not_crashes(
+    loop, extension, body, field, words, caplog
+):
+    """A 5,000-character path used to reach the file system (OSError, retried with a server path);
+    a horizon of 10**12 and a group size of 10**30 used to start runs the CLI refuses; a lone
+    surrogate used to raise UnicodeEncodeError while hashing the key."""
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"), pytest.raises(MessageError) as caught:
+        call(loop, extension, "on_upstream_message", message=sb(body))
+    assert caught.value.field == field and words in caught.value.reason
+    assert "upstream message rejected" in caplog.text and extension.starts == []
+    assert "/tmp" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "route, name, body, field, words",
+    [
+        ("train", "start_training_run", {"dataset": LONG_PATH}, "dataset", "5,008 characters"),
+        ("score", "start_scoring_run", {"data": LONG_PATH}, "data", "5,008 characters"),
+        ("score", "start_scoring_run", {"horizon": 10**12}, "horizon", "out of bounds"),
+        ("train", "start_training_run", {"options": {"group_size": 10**30}}, "options.group_size", "out of bounds"),
+        ("train", "start_training_run", {"partitions": [{"store": "\ud800", "item": "I1"}]},
+         "partitions[0].store", "not valid unicode"),
+        ("score", "start_scoring_run", {"request_id": "\udfff"}, "request_id", "not valid unicode"),
+        ("promote", "start_promotion_run", {"min_accuracy": 0.5, "request_id": "x\ud800"}, "request_id",
+         "not valid unicode"),
+    ],
+)
+def test_oversized_and_unencodable_http_starts_get_400_naming_the_field(
+    loop, extension, route, name, body, field, words
+):
+    response = call(loop, extension, name, req=http("POST", route, body))
+    assert response.status_code == 400
+    out = reply(response)
+    assert out["field"] == field and words in out["error"]
+    assert extension.starts == []
+
+
+BLOB_LAKE_KEY = "a2V5LW9mLXRoZS1sYWtlLW5vdC1hLXNlY3JldA=="  # base64 of a placeholder, no real account
+
+
+@pytest.mark.parametrize("host", ["https://otheracct.blob.core.windows.net", "https://otheracct.dfs.core.windows.net"])
+def test_an_event_naming_another_storage_account_is_ignored_with_the_reason(
+    loop, extension, monkeypatch, host, caplog
+):
+    """The subscription is the lake's, but an event is only JSON: one naming another account's blob
+    must not make the app ingest the lake's file of the same name (or read another account)."""
+    monkeypatch.setenv("MM_LAKE_BACKEND", "blob")
+    monkeypatch.setenv(
+        "LakeStorage",
+        f"DefaultEndpointsProtocol=https;AccountName=mmlake;AccountKey={BLOB_LAKE_KEY};"
+        "EndpointSuffix=core.windows.net",
+    )
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        result = call(loop, extension, "on_lake_event", event=blob_created("raw/sales.csv", host=host))
+    assert result is None and extension.starts == []
+    assert "event ignored" in caplog.text and "'otheracct'" in caplog.text and "'mmlake'" in caplog.text
+
+
+def test_events_of_the_lakes_own_account_pass_the_account_check_on_either_endpoint():
+    from function_app.messages import Ignored, check_lake_account
+
+    for url in (f"{LAKE_HOST}/raw/sales.csv", f"{LAKE_DFS}/raw/sales.csv"):
+        check_lake_account(url, "https://mmlake.blob.core.windows.net")
+    check_lake_account("http://127.0.0.1:10000/devstoreaccount1/raw/a.csv", "http://127.0.0.1:10000/devstoreaccount1")
+    check_lake_account(f"{LAKE_HOST}/raw/sales.csv", "file:///srv/mm/lake")  # a local lake has no account
+    with pytest.raises(Ignored, match="'devstoreaccount2'"):
+        check_lake_account("http://127.0.0.1:10000/devstoreaccount2/raw/a.csv",
+                           "http://127.0.0.1:10000/devstoreaccount1")
