@@ -256,11 +256,11 @@ class ProjectConfig:
                               f"registry's standard tags; rename the key column(s) (reserved: "
                               f"{list(RESERVED_KEY_NAMES)})")
         check_freq(d.freq)
+        check_timezone(d.timezone)
         self._validate_bounds()
         _one_of("validation.null_keys", self.validation.null_keys, {"error", "drop"})
         _one_of("validation.null_target", self.validation.null_target, {"drop", "zero", "error"})
         _one_of("validation.negative_target", self.validation.negative_target, {"clip", "drop", "keep", "error"})
-        check_timezone(d.timezone)
         _one_of("validation.duplicates", self.validation.duplicates, {"sum", "last", "error"})
         _one_of("validation.gaps", self.validation.gaps, {"zero", "interpolate", "keep"})
         _one_of("validation.null_covariates", self.validation.null_covariates, {"ffill", "zero", "error"})
@@ -497,10 +497,6 @@ def check_freq(freq: str) -> None:
         raise ConfigError(f"data.freq: {freq!r} is not a pandas offset alias (D, W, MS, M, Q...) or 'int'") from exc
 
 
-def default_season_length(freq: str) -> int:
-    if freq == "int":
-        return 1
-    base = freq.split("-")[0]
 def check_timezone(zone: str | None) -> None:
     import pandas as pd
 
@@ -515,6 +511,10 @@ def check_timezone(zone: str | None) -> None:
                           "'Europe/Berlin' or 'UTC'") from exc
 
 
+def default_season_length(freq: str) -> int:
+    if freq == "int":
+        return 1
+    base = freq.split("-")[0]
     base = base.lstrip("0123456789") or base
     return SEASON_BY_FREQ.get(base, 1)
 
