@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared import bounds
+from shared import layout
 from shared.errors import ManyModelsError
 
 CONTAINERS = ("raw", "prepared", "runs", "scoring", "predictions")
@@ -140,7 +141,7 @@ def damaged_file_message(path: str, exc: BaseException) -> str:
     """What a lake file that cannot be read as Parquet means, and how to get it written again."""
     first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
     fix = ("rerun `manymodels ingest` with the same data: it detects the broken dataset and rewrites it"
-           if path.startswith("prepared/") else "rerun the command that wrote it")
+           if path.startswith(f"{layout.PREPARED}/") else "rerun the command that wrote it")
     return f"the lake file {path} is damaged (truncated or overwritten?): {first}; {fix}"
 
 

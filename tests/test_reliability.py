@@ -250,9 +250,19 @@ def _needs_global(prod: Path) -> set[str]:
     return out
 
 
-def test_a_corrupted_global_model_fails_only_what_needs_it_and_score_exits_3(promoted, capsys):
+def _sources(work: Path) -> dict[str, tuple[str, int]]:
+    rows = sqlite3.connect(work / "results.sqlite").execute(
+        "SELECT partition_id, MAX(source), MAX(is_fallback) FROM predictions GROUP BY partition_id").fetchall()
+    return {pid: (source, fallback) for pid, source, fallback in rows}
+
+
+def test_a_corrupted_global_model_fails_only_what_needs_it_and_score_exits_3(promoted, tmp_path, capsys):
     import json
 
+    intact = tmp_path / "intact"
+    shutil.copytree(promoted, intact)
+    assert _run(capsys, "score", "--workdir", str(intact), "--no-progress")[0] == 0
+    before = _sources(intact)  # what answers each partition when nothing is broken
     prod = promoted / "registry" / "prod"
     dependent = _needs_global(prod)
     assert 0 < len(dependent) < 6  # the panel has both kinds
@@ -265,11 +275,13 @@ def test_a_corrupted_global_model_fails_only_what_needs_it_and_score_exits_3(pro
     assert summary["degraded"] == len(dependent)  # a fallback stood in only where the global model was needed
     assert any("_global" in p and "SHA-256" in p for p in summary["problems"]), summary["problems"]
     assert "incomplete" in err and "SHA-256" in err
-    rows = sqlite3.connect(promoted / "results.sqlite").execute(
-        "SELECT partition_id, MAX(source), MAX(is_fallback) FROM predictions GROUP BY partition_id").fetchall()
-    assert len(rows) == 6
-    for pid, source, fallback in rows:  # production models that do not need it answer as before
-        assert (source, fallback) == (("baseline", 1) if pid in dependent else ("production", 0)), (pid, source)
+    after = _sources(promoted)
+    assert set(after) == set(before)
+    for pid in after:  # what does not need the global model answers exactly as before
+        if pid in dependent:
+            assert after[pid] == ("baseline", 1) and before[pid][0] != "baseline", (pid, before[pid])
+        else:
+            assert after[pid] == before[pid], (pid, before[pid], after[pid])
 
 
 def test_a_corrupted_global_model_leaves_serving_of_the_other_partitions_alone(promoted):
