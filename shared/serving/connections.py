@@ -34,6 +34,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import h11
@@ -101,18 +102,24 @@ class BoundedH11Protocol(H11Protocol):
     max_connections = 2000
     read_seconds = 10.0
     stats: ConnectionStats | None = None
+    # connections by the time they last became idle, oldest first (one per server: see
+    # bounded_protocol); a connection whose request is in flight is skipped and dropped when met,
+    # and comes back when answered, so making room costs O(1) amortised, not a scan of them all
+    idle_order: "OrderedDict[BoundedH11Protocol, None]" = OrderedDict()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.last_active = self.loop.time()
         self._deadline: asyncio.TimerHandle | None = None
         self._arm(None)
         if len(self.connections) > self.max_connections:
             self._make_room()
+        if not self.transport.is_closing():
+            self.idle_order[self] = None
         self._note_open()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self.idle_order.pop(self, None)
         super().connection_lost(exc)
         self._note_open()
 
@@ -120,7 +127,8 @@ class BoundedH11Protocol(H11Protocol):
         answered = self.scope
         super().on_response_complete()  # may start a pipelined request at once
         if not self.transport.is_closing():
-            self.last_active = self.loop.time()
+            self.idle_order.pop(self, None)
+            self.idle_order[self] = None  # idle since now: the newest
             self._arm(answered)
 
     # -- the cap -------------------------------------------------------------------------------
@@ -129,12 +137,11 @@ class BoundedH11Protocol(H11Protocol):
         return self.cycle is None or self.cycle.response_complete
 
     def _make_room(self) -> None:
-        idle = [c for c in self.connections
-                if c is not self and isinstance(c, BoundedH11Protocol) and c.idle()
-                and not c.transport.is_closing()]
-        if idle:
-            min(idle, key=lambda c: c.last_active)._close("made_room")
-            return
+        while self.idle_order:
+            oldest, _ = self.idle_order.popitem(last=False)
+            if oldest is not self and oldest.idle() and not oldest.transport.is_closing():
+                oldest._close("made_room")
+                return
         self.connections.discard(self)
         self.transport.write(_REFUSED)
         self.transport.close()
@@ -166,6 +173,7 @@ class BoundedH11Protocol(H11Protocol):
         except h11.LocalProtocolError:  # h11 refuses the event in some states: the socket closes anyway
             logger.debug("closing a connection h11 considers mid-message")
         self.connections.discard(self)
+        self.idle_order.pop(self, None)
         self.transport.close()
         self._count(why)
 
@@ -184,6 +192,7 @@ def bounded_protocol(options: ServingOptions, stats: ConnectionStats | None = No
         "max_connections": int(options.max_connections),
         "read_seconds": float(options.read_seconds),
         "stats": stats,
+        "idle_order": OrderedDict(),
     })
 
 
