@@ -23,6 +23,8 @@ Modules, in the order a request meets them:
 - :mod:`~shared.serving.cache` — the limits and the bounded model cache over the registries;
 - :mod:`~shared.serving.predictor` — :class:`Predictor`: parse, look up, predict, answer;
 - :mod:`~shared.serving.app` — the Starlette app and :func:`serve` (``manymodels serve``);
+- :mod:`~shared.serving.connections` — ``serve``'s connection limits (cap, read deadline, keep-alive);
+- :mod:`~shared.serving.readonly` — registries read without writing (``serve`` on a read-only workdir);
 - :mod:`~shared.serving.errors` — the errors and their statuses.
 
 The Functions route (``function_app/serving.py``) and the Azure ML scoring script
