@@ -51,8 +51,13 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the references module sits beside it
+    sys.path.insert(0, str(REPO))
 SHARED_DATA = REPO.parent / "shared" / "data"
 HOLDOUT = 12
+RATIO_TARGET = 1.00  # delivered / best reference, on every set (issue 17)
+GEOMEAN_TARGET = 0.97  # geometric mean of that ratio over all sets
+COVERAGE_TARGET = (0.78, 0.85)  # of the 80 % intervals, on every set
 CANDIDATE_SLACK = 0.02  # the delivered WAPE may exceed the best candidate scored alone by 2 % at most
 GBM_THREADS = 1  # OpenMP threads spin badly when the 2 shared cores are busy; one is steadier
 
@@ -80,6 +85,9 @@ class DatasetSpec:
     cols: Columns
     path: Path | None = None
     generate: tuple[int, int] | None = None  # (partitions, periods), freq from cols
+    horizon: int | None = None  # held-out rows per series (None: --holdout)
+    constant_key: str | None = None  # a one-series file: this key column is added with one value
+    intermittent: float | None = None  # generated: share of intermittent-demand series
 
 
 def default_season_length(freq: str) -> int:
@@ -92,29 +100,46 @@ def default_season_length(freq: str) -> int:
 
 
 def builtin_specs(args: argparse.Namespace) -> dict[str, DatasetSpec]:
-    """The four default data sets, with the panel sizes the options ask for."""
+    """Every real set of ../shared/data (M4 with the M4 protocol's horizons) and three generated
+    panels (weekly, daily, and an intermittent monthly one: mostly zeros, short series)."""
     weekly = (args.weekly_partitions, args.weekly_periods)
     daily = (args.daily_partitions, args.daily_periods)
+    sparse = (args.intermittent_partitions, 36)
     if args.quick:
         weekly = (min(weekly[0], 60), min(weekly[1], 130))
         daily = (min(daily[0], 30), min(daily[1], 400))
+        sparse = (min(sparse[0], 60), 36)
     gen_cols: dict[str, Any] = {
         "keys": ("store", "item"), "time": "date", "target": "sales", "covariates": ("price", "promo"),
     }
-    return {
+    data = Path(args.data_dir)
+    m4 = {"hourly": ("h", 24, 48), "daily": ("D", 7, 14), "weekly": ("W", 52, 13), "monthly": ("MS", 12, 18)}
+    specs = {
         "cheese": DatasetSpec(
             "cheese",
             Columns(("retailer",), "week", "volume", ("price", "disp"), "int", 52),
-            path=Path(args.cheese),
+            path=data / "cheese_scanner_weekly.csv", horizon=12,
         ),
         "walmart": DatasetSpec(
             "walmart",
             Columns(("Store", "Dept"), "Date", "Weekly_Sales", ("IsHoliday",), "W-FRI", 52),
-            path=Path(args.walmart),
+            path=data / "walmart_dept_weekly.csv", horizon=12,
         ),
-        "weekly": DatasetSpec("weekly", Columns(**gen_cols, freq="W", season_length=52), generate=weekly),
-        "daily": DatasetSpec("daily", Columns(**gen_cols, freq="D", season_length=7), generate=daily),
     }
+    for kind, (freq, season, horizon) in m4.items():
+        specs[f"m4_{kind}"] = DatasetSpec(f"m4_{kind}", Columns(("id",), "date", "value", (), freq, season),
+                                          path=data / f"m4_{kind}.csv", horizon=horizon)
+    specs["wikipedia"] = DatasetSpec("wikipedia", Columns(("Page",), "date", "value", (), "D", 7),
+                                     path=data / "wikipedia_traffic_daily.csv", horizon=14)
+    specs["bike"] = DatasetSpec("bike", Columns(("series",), "dteday", "cnt", ("holiday", "workingday"), "D", 7),
+                                path=data / "bike_sharing_daily.csv", horizon=14, constant_key="series")
+    specs["weekly"] = DatasetSpec("weekly", Columns(**gen_cols, freq="W", season_length=52), generate=weekly,
+                                  horizon=12)
+    specs["daily"] = DatasetSpec("daily", Columns(**gen_cols, freq="D", season_length=7), generate=daily,
+                                 horizon=14)
+    specs["intermittent"] = DatasetSpec("intermittent", Columns(**gen_cols, freq="MS", season_length=12),
+                                        generate=sparse, horizon=6, intermittent=0.8)
+    return specs
 
 
 _DATASET_RE = re.compile(
@@ -213,23 +238,6 @@ def series_ids(frame: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
     return out
 
 
-def period_index(times: pd.Series, freq: str) -> np.ndarray:
-    """Integer period numbers (consecutive periods differ by 1): lags and season positions use them."""
-    if freq == "int":
-        return pd.to_numeric(times).to_numpy(dtype=np.int64)
-    ts = pd.DatetimeIndex(pd.to_datetime(times))
-    alias = freq
-    base = freq.split("-")[0]
-    if base.upper() in {"MS", "QS", "YS", "AS", "BMS", "BQS", "ME", "QE", "YE"}:
-        alias = base.upper().rstrip("SE") or base
-    try:
-        return pd.PeriodIndex(ts, freq=alias).asi8.astype(np.int64)
-    except (ValueError, TypeError):
-        steps = np.diff(np.unique(ts.asi8))
-        step = int(np.median(steps)) if len(steps) else 1
-        return ((ts.asi8 - ts.asi8.min()) // max(step, 1)).astype(np.int64)
-
-
 def numeric(values: pd.Series) -> pd.Series:
     """A covariate as floats (flags such as True/False become 1/0) for the references' features."""
     try:
@@ -252,247 +260,48 @@ def wape(actual: np.ndarray, prediction: np.ndarray) -> float:
 # --------------------------------------------------------------------------- references
 
 
-def _last_values(train: pd.DataFrame, future: pd.DataFrame, cols: Columns, n: int) -> np.ndarray:
-    """Mean of each series' last n training targets, mapped onto the future rows."""
+def is_intermittent(train: pd.DataFrame, cols: Columns) -> bool:
+    """A quarter or more of the training targets are zero: the intermittent-demand references run."""
+    y = pd.to_numeric(train[cols.target], errors="coerce")
+    return bool((y == 0).mean() >= 0.25)
+
+
+def mase_scales(train: pd.DataFrame, cols: Columns) -> pd.Series:
+    """Per series, the in-sample mean absolute seasonal difference (lag 1 when the series is shorter
+    than two seasons): the denominator of MASE."""
     ids = series_ids(train, cols.keys)
-    level = train[cols.target].groupby(ids, sort=False).tail(n).groupby(ids, sort=False).mean()
-    return np.array(series_ids(future, cols.keys).map(level), dtype=float)  # a writable copy
+    y = pd.to_numeric(train[cols.target], errors="coerce").astype(float)
+
+    def scale(values: pd.Series) -> float:
+        v = values.to_numpy()
+        lag = cols.season_length if len(v) > 2 * cols.season_length else 1
+        d = np.abs(v[lag:] - v[:-lag])
+        d = d[np.isfinite(d)]
+        return float(d.mean()) if d.size and d.mean() > 0 else float("nan")
+
+    return y.groupby(ids, sort=False).apply(scale)
 
 
-def naive_reference(train: pd.DataFrame, future: pd.DataFrame, cols: Columns) -> np.ndarray:
-    """Last observed value: the floor any forecaster has to beat."""
-    return _last_values(train, future, cols, 1)
+def mase(split: Split, cols: Columns, prediction: np.ndarray, scales: pd.Series) -> float:
+    """Mean over series of (mean |error| / the series' MASE scale); series without a scale left out."""
+    ids = series_ids(split.actual, cols.keys)
+    err = pd.Series(np.abs(split.actual[cols.target].to_numpy(dtype=float)
+                           - np.nan_to_num(np.asarray(prediction, dtype=float), nan=0.0)))
+    per_series = err.groupby(ids.to_numpy(), sort=False).mean() / scales.reindex(ids.unique()).to_numpy()
+    per_series = per_series[np.isfinite(per_series)]
+    return float(per_series.mean()) if len(per_series) else float("nan")
 
 
-def mean4_reference(train: pd.DataFrame, future: pd.DataFrame, cols: Columns) -> np.ndarray:
-    """Mean of the last 4 observations: the product's own baseline, computed independently."""
-    return _last_values(train, future, cols, 4)
+def run_references(split: Split, cols: Columns, holdout: int, seed: int) -> dict[str, dict[str, float]]:
+    """The field's libraries on the same hold-out (benchmarks/field_references.py), each timed."""
+    from benchmarks.field_references import field_references
 
-
-def covariate_transforms(train: pd.DataFrame, cols: Columns) -> dict[str, str]:
-    """Per covariate, 'raw' for flags (only 0/1) or signed values, 'log' for strictly positive ones."""
-    out: dict[str, str] = {}
-    for cov in cols.covariates:
-        values = numeric(train[cov]).dropna()
-        binary = bool(len(values)) and set(np.unique(values)) <= {0.0, 1.0}
-        out[cov] = "log" if (not binary and len(values) and (values > 0).all()) else "raw"
-    return out
-
-
-@dataclass
-class LogLogFit:
-    """A per-series least-squares fit: feature names, coefficients and how to rebuild the features."""
-
-    names: list[str]
-    beta: np.ndarray
-    origin: int
-    span: float
-    fourier: int
-    yearly: int = 0
-
-    def coef(self, name: str) -> float:
-        """Coefficient by feature name, e.g. 'log(price)' (the price elasticity)."""
-        return float(self.beta[self.names.index(name)])
-
-
-def _loglog_design(
-    part: pd.DataFrame, periods: np.ndarray, cols: Columns, transforms: Mapping[str, str], origin: int,
-    span: float, fourier: int, yearly: int = 0,
-) -> tuple[np.ndarray, list[str]]:
-    """Intercept, trend, transformed covariates and Fourier terms for some rows of one series."""
-    columns = [np.ones(len(part)), (periods - origin) / span]
-    names = ["intercept", "trend"]
-    for cov in cols.covariates:
-        x = numeric(part[cov]).fillna(0.0).to_numpy(dtype=float)
-        if transforms.get(cov) == "log":
-            columns.append(np.log(np.clip(x, 1e-9, None)))
-            names.append(f"log({cov})")
-        else:
-            columns.append(x)
-            names.append(cov)
-    for k in range(1, fourier + 1):
-        angle = 2 * np.pi * k * (periods % cols.season_length) / cols.season_length
-        columns += [np.sin(angle), np.cos(angle)]
-        names += [f"sin{k}", f"cos{k}"]
-    if yearly:
-        year_pos = (pd.DatetimeIndex(pd.to_datetime(part[cols.time])).day_of_year.to_numpy() - 1) / 365.25
-        for k in range(1, yearly + 1):
-            columns += [np.sin(2 * np.pi * k * year_pos), np.cos(2 * np.pi * k * year_pos)]
-            names += [f"year_sin{k}", f"year_cos{k}"]
-    return np.column_stack(columns), names
-
-
-def has_sub_weekly_year(part: pd.DataFrame, cols: Columns) -> bool:
-    """Dated periods shorter than a week over at least a year: a yearly cycle beside the short season."""
-    if cols.freq == "int":
-        return False
-    stamps = np.unique(pd.DatetimeIndex(pd.to_datetime(part[cols.time])).asi8)
-    if len(stamps) < 3 or stamps[-1] - stamps[0] < pd.Timedelta(days=365).value:
-        return False
-    return float(np.median(np.diff(stamps))) < pd.Timedelta(days=7).value
-
-
-def fit_loglog(part: pd.DataFrame, cols: Columns, transforms: Mapping[str, str]) -> LogLogFit | None:
-    """Least squares on one series' training rows; None when there are too few rows for the features."""
-    periods = period_index(part[cols.time], cols.freq)
-    origin = int(periods.min())
-    span = float(max(periods.max() - origin, 1))
-    covers_season = cols.season_length > 1 and span + 1 >= cols.season_length
-    fourier = min(3, cols.season_length // 2) if covers_season else 0
-    yearly = 2 if has_sub_weekly_year(part, cols) else 0
-    x, names = _loglog_design(part, periods, cols, transforms, origin, span, fourier, yearly)
-    y = np.log1p(np.clip(part[cols.target].to_numpy(dtype=float), 0.0, None))
-    ok = np.isfinite(y)
-    x, y = x[ok], y[ok]
-    varying = np.r_[True, x[:, 1:].std(axis=0) > 1e-12]  # a constant covariate would alias the intercept
-    if len(y) < varying.sum() + 2:
-        return None
-    beta = np.zeros(x.shape[1])
-    beta[varying] = np.linalg.lstsq(x[:, varying], y, rcond=None)[0]
-    return LogLogFit(names, beta, origin, span, fourier, yearly)
-
-
-def predict_loglog(
-    fit: LogLogFit, part: pd.DataFrame, cols: Columns, transforms: Mapping[str, str]
-) -> np.ndarray:
-    """Back-transformed prediction for some future rows of the fitted series (never negative)."""
-    periods = period_index(part[cols.time], cols.freq)
-    x, _ = _loglog_design(part, periods, cols, transforms, fit.origin, fit.span, fit.fourier, fit.yearly)
-    log_pred = np.clip(x @ fit.beta, -50.0, 50.0)
-    return np.clip(np.expm1(log_pred), 0.0, None)
-
-
-def loglog_reference(train: pd.DataFrame, future: pd.DataFrame, cols: Columns) -> np.ndarray:
-    """Per-series log-log least squares (the classic price-elasticity model); mean-of-4 if too short."""
-    transforms = covariate_transforms(train, cols)
-    out = mean4_reference(train, future, cols)
-    train_ids = series_ids(train, cols.keys)
-    future_ids = series_ids(future, cols.keys)
-    groups = {sid: idx for sid, idx in train.groupby(train_ids, sort=False).indices.items()}
-    for sid, fidx in future.groupby(future_ids, sort=False).indices.items():
-        if sid not in groups:
-            continue
-        fit = fit_loglog(train.iloc[groups[sid]], cols, transforms)
-        if fit is not None:
-            out[fidx] = predict_loglog(fit, future.iloc[fidx], cols, transforms)
-    return out
-
-
-def _gbm_lags(horizon: int, season: int, yearly: bool = False) -> list[int]:
-    """Direct-forecast lags: horizon..horizon+3, the first multiple of the season >= horizon, and
-    for daily-like data a year back in whole seasons (364 days: same weekday)."""
-    lags = list(range(horizon, horizon + 4))
-    if season > 1:
-        seasonal = season * math.ceil(horizon / season)
-        if seasonal not in lags:
-            lags.append(seasonal)
-        if yearly:
-            lags.append(season * max(1, round(365.25 / season)) if season < 365 else season)
-    return sorted(set(lags))
-
-
-def gbm_features(train: pd.DataFrame, future: pd.DataFrame, cols: Columns, horizon: int) -> pd.DataFrame:
-    """One dense (series x period) frame with scaled target, lags, rolling means, covariates, calendar."""
-    both = pd.concat(
-        [train.assign(_future=False, _row=-1), future.assign(_future=True, _row=np.arange(len(future)))],
-        ignore_index=True,
-    )
-    both["_sid"] = pd.factorize(series_ids(both, cols.keys))[0]
-    both["_p"] = period_index(both[cols.time], cols.freq)
-    both = both.drop_duplicates(["_sid", "_p"], keep="last")
-    bounds = both.groupby("_sid")["_p"].agg(["min", "max"])
-    lengths = (bounds["max"] - bounds["min"] + 1).to_numpy()
-    spans = [np.arange(lo, hi + 1) for lo, hi in zip(bounds["min"], bounds["max"], strict=True)]
-    grid = pd.DataFrame({"_sid": np.repeat(bounds.index.to_numpy(), lengths), "_p": np.concatenate(spans)})
-    dense = grid.merge(both, on=["_sid", "_p"], how="left")
-    dense["_future"] = dense["_future"].fillna(False).astype(bool)
-    observed = dense[cols.target].where(~dense["_future"])
-    scale = observed.groupby(dense["_sid"]).transform("mean").abs()
-    dense["_scale"] = scale.where(scale > 0, 1.0).fillna(1.0)
-    dense["_y"] = observed / dense["_scale"]
-    by_series = dense.groupby("_sid")["_y"]
-    for lag in _gbm_lags(horizon, cols.season_length, has_sub_weekly_year(train, cols)):
-        dense[f"lag{lag}"] = by_series.shift(lag)
-    shifted = by_series.shift(horizon)
-    for window in sorted({4, 12, max(cols.season_length, 4)}):
-        dense[f"mean{window}_lag{horizon}"] = shifted.groupby(dense["_sid"]).transform(
-            lambda s, w=window: s.rolling(w, min_periods=1).mean()
-        )
-    transforms = covariate_transforms(train, cols)
-    for cov in cols.covariates:
-        dense[cov] = numeric(dense[cov])
-        if transforms[cov] == "log":
-            dense[f"rel_{cov}"] = dense[cov] / dense.groupby("_sid")[cov].transform("mean")
-    dense["season_pos"] = dense["_p"] % max(cols.season_length, 1)
-    if cols.freq != "int":
-        stamps = pd.to_datetime(dense[cols.time])
-        dense["month"] = stamps.dt.month
-        dense["day_of_year"] = stamps.dt.day_of_year
-        if cols.freq.upper().startswith(("D", "B")):
-            dense["day_of_week"] = stamps.dt.day_of_week
-    return dense
-
-
-def _feature_columns(dense: pd.DataFrame, cols: Columns) -> list[str]:
-    """Everything gbm_features built, minus bookkeeping and the raw target/time/keys."""
-    skip = {*cols.keys, cols.time, cols.target, "_future", "_row", "_p", "_scale", "_y"}
-    return [c for c in dense.columns if c not in skip]
-
-
-def _gbm_model(seed: int) -> tuple[Any, str]:
-    """LightGBM if installed (the public go-to), else scikit-learn's histogram gradient boosting."""
-    try:
-        import lightgbm
-
-        model = lightgbm.LGBMRegressor(
-            n_estimators=400, learning_rate=0.05, num_leaves=31, min_child_samples=20, subsample=0.8,
-            subsample_freq=1, colsample_bytree=0.8, random_state=seed, n_jobs=GBM_THREADS, verbose=-1,
-        )
-        return model, "lightgbm"
-    except ImportError:
-        from sklearn.ensemble import HistGradientBoostingRegressor
-
-        model = HistGradientBoostingRegressor(max_iter=400, learning_rate=0.05, random_state=seed)
-        return model, "sklearn-hgb"
-
-
-def global_gbm_reference(
-    train: pd.DataFrame, future: pd.DataFrame, cols: Columns, horizon: int = HOLDOUT, seed: int = 0
-) -> np.ndarray:
-    """One boosted model over all series, direct (lags >= horizon), on the series mean-scaled target."""
-    dense = gbm_features(train, future, cols, horizon)
-    features = _feature_columns(dense, cols)
-    fit_rows = dense[~dense["_future"] & dense["_y"].notna()]
-    pred_rows = dense[dense["_future"]]
-    model, kind = _gbm_model(seed)
-    x_fit, x_pred = fit_rows[features], pred_rows[features]
-    if kind == "lightgbm":
-        x_fit = x_fit.astype({"_sid": "category"})
-        x_pred = x_pred.astype({"_sid": pd.CategoricalDtype(x_fit["_sid"].cat.categories)})
-    model.fit(x_fit, fit_rows["_y"])
-    scaled = model.predict(x_pred)
-    out = np.full(len(future), np.nan)
-    out[pred_rows["_row"].to_numpy(dtype=int)] = np.clip(scaled * pred_rows["_scale"].to_numpy(), 0.0, None)
-    return out
-
-
-Reference = Callable[[pd.DataFrame, pd.DataFrame, Columns], np.ndarray]
-REFERENCES: dict[str, Reference] = {
-    "naive last value": naive_reference,
-    "mean of last 4": mean4_reference,
-    "log-log least squares": loglog_reference,
-    "global GBM": global_gbm_reference,
-}
-
-
-def gbm_label() -> str:
-    """Which library the global GBM reference uses here."""
-    try:
-        import lightgbm  # noqa: F401
-
-        return "global LightGBM"
-    except ImportError:
-        return "global HistGradientBoosting"
+    actual = split.actual[cols.target].to_numpy()
+    scales = mase_scales(split.train, cols)
+    found = field_references(split.train, split.future, cols.keys, cols.time, cols.target, cols.covariates,
+                             cols.freq, cols.season_length, seed, is_intermittent(split.train, cols))
+    return {name: {"wape": wape(actual, pred), "mase": mase(split, cols, pred, scales), "seconds": seconds}
+            for name, (pred, seconds) in found.items()}
 
 
 # --------------------------------------------------------------------------- the CLI, as a user runs it
@@ -525,9 +334,10 @@ def run_cli(args: Sequence[str], timeout: float) -> tuple[dict[str, Any], float]
 def generate_panel(spec: DatasetSpec, out: Path, seed: int, timeout: float) -> float:
     """`manymodels generate` the synthetic panel of a generated data set; returns its wall time."""
     partitions, periods = spec.generate or (0, 0)
+    extra = ["--intermittent", str(spec.intermittent)] if spec.intermittent is not None else []
     _, seconds = run_cli(
         ["generate", "--partitions", str(partitions), "--periods", str(periods), "--freq", spec.cols.freq,
-         "--seed", str(seed), "--out", str(out), "--json"],
+         "--seed", str(seed), "--out", str(out), "--json", *extra],
         timeout,
     )
     return seconds
@@ -668,6 +478,8 @@ class OursResult:
     score_json: dict[str, Any]
     note: str = ""
     candidates: Mapping[str, float] | None = None
+    predictions: np.ndarray | None = None  # delivered, aligned with the held-out rows (NaN: missing)
+    mase: float | None = None
 
 
 def run_ours(
@@ -700,6 +512,7 @@ def run_ours(
         run_json=run_json,
         score_json=score_json,
         note=note,
+        predictions=joined["prediction"].to_numpy(dtype=float),
     )
 
 
@@ -716,6 +529,7 @@ class DatasetResult:
     train_rows: int = 0
     holdout_rows: int = 0
     dropped_series: int = 0
+    horizon: int = HOLDOUT
     generate_seconds: float | None = None
     ours: OursResult | None = None
     references: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -726,11 +540,19 @@ class DatasetResult:
         scored = [(n, r["wape"]) for n, r in self.references.items() if math.isfinite(r["wape"])]
         return min(scored, key=lambda item: item[1]) if scored else None
 
-    def passed(self) -> bool | None:
-        """Ours strictly below every reference (None when something is missing)."""
-        if self.ours is None or not self.references:
+    def ratio(self) -> float | None:
+        """Delivered WAPE / the best reference's (None when something is missing)."""
+        best = self.best_reference()
+        if self.ours is None or best is None or not best[1] > 0:
             return None
-        return all(self.ours.wape < r["wape"] for r in self.references.values())
+        return self.ours.wape / best[1]
+
+    def passed(self) -> bool | None:
+        """Delivered / best reference <= RATIO_TARGET and coverage within COVERAGE_TARGET."""
+        ratio = self.ratio()
+        if ratio is None:
+            return None
+        return ratio <= RATIO_TARGET and covered(self.ours.coverage if self.ours else None)
 
     def near_best_candidate(self) -> bool | None:
         """Ours within CANDIDATE_SLACK of the best candidate scored alone (None when not measured)."""
@@ -739,25 +561,11 @@ class DatasetResult:
         return self.ours.wape <= (1 + CANDIDATE_SLACK) * min(self.ours.candidates.values())
 
 
-def run_references(split: Split, cols: Columns, holdout: int, seed: int) -> dict[str, dict[str, float]]:
-    """Every reference on the same hold-out, each timed (wall)."""
-    out: dict[str, dict[str, float]] = {}
-    actual = split.actual[cols.target].to_numpy()
-    gbm_name = gbm_label()  # imports LightGBM outside the timed section
-    for name, fn in REFERENCES.items():
-        start = time.perf_counter()
-        if fn is global_gbm_reference:
-            pred = global_gbm_reference(split.train, split.future, cols, horizon=holdout, seed=seed)
-            name = gbm_name
-        else:
-            pred = fn(split.train, split.future, cols)
-        out[name] = {"wape": wape(actual, pred), "seconds": time.perf_counter() - start}
-    return out
-
-
 def benchmark_dataset(spec: DatasetSpec, folder: Path, args: argparse.Namespace) -> DatasetResult:
     """Load or generate, hold out, run ours and the references; errors are recorded, not raised."""
     result = DatasetResult(spec.name, asdict(spec.cols))
+    holdout = int(spec.horizon or args.holdout)
+    result.horizon = holdout
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if spec.generate:
@@ -766,26 +574,39 @@ def benchmark_dataset(spec: DatasetSpec, folder: Path, args: argparse.Namespace)
         else:
             assert spec.path is not None
             source = spec.path
-        frame = prepare_frame(read_table(source), spec.cols)
-        split = holdout_split(frame, spec.cols, args.holdout)
+        raw = read_table(source)
+        if spec.constant_key:
+            raw[spec.constant_key] = spec.name
+        frame = prepare_frame(raw, spec.cols)
+        split = holdout_split(frame, spec.cols, holdout)
         result.series = int(series_ids(split.actual, spec.cols.keys).nunique())
         result.train_rows, result.holdout_rows = len(split.train), len(split.actual)
         result.dropped_series = split.dropped_series
         suffix = ".parquet" if spec.generate or source.suffix.lower() in {".parquet", ".pq"} else ".csv"
         try:
-            result.ours = run_ours(split, spec.cols, folder, suffix, args.holdout, args.workers, args.timeout)
+            result.ours = run_ours(split, spec.cols, folder, suffix, holdout, args.workers, args.timeout)
+            result.ours.mase = mase(split, spec.cols, result.ours.predictions, mase_scales(split.train, spec.cols))
             if args.alone:
-                result.ours.candidates = candidates_alone(split, spec.cols, folder, suffix, args.holdout,
+                result.ours.candidates = candidates_alone(split, spec.cols, folder, suffix, holdout,
                                                           args.workers, args.timeout, args.alone)
         except Exception as exc:  # noqa: BLE001 - the references' figures are still worth printing
             result.error = f"manymodels: {type(exc).__name__}: {exc}"
-        result.references = run_references(split, spec.cols, args.holdout, args.seed)
+        result.references = run_references(split, spec.cols, holdout, args.seed)
     except Exception as exc:  # noqa: BLE001 - one broken data set must not hide the others' figures
         result.error = (result.error + "; " if result.error else "") + f"{type(exc).__name__}: {exc}"
     return result
 
 
 # --------------------------------------------------------------------------- printing
+
+
+def covered(coverage: float | None) -> bool:
+    return coverage is not None and COVERAGE_TARGET[0] <= coverage <= COVERAGE_TARGET[1]
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    return float(math.exp(sum(math.log(v) for v in values) / len(values))) if values else float("nan")
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -839,14 +660,14 @@ def format_table(res: DatasetResult) -> str:
     lines = [_header(res)]
     if res.generate_seconds is not None:
         lines.append(f"   generated with `manymodels generate` in {res.generate_seconds:.1f} s")
-    lines.append(f"   {'method':<34}{'WAPE':>8}{'wall s':>9}")
+    lines.append(f"   {'method':<34}{'WAPE':>8}{'MASE':>8}{'wall s':>9}")
     ours = res.ours
     if ours is not None:
         detail = f"(run {ours.seconds['run']:.1f} + score {ours.seconds['score']:.1f})"
-        lines.append(f"   {'manymodels run + score (delivered)':<34}{_fmt(ours.wape):>8}"
+        lines.append(f"   {'manymodels run + score (delivered)':<34}{_fmt(ours.wape):>8}{_fmt(ours.mase):>8}"
                      f"{ours.seconds['total']:>9.1f}  {detail}")
     for name, ref in res.references.items():
-        lines.append(f"   {name:<34}{_fmt(ref['wape']):>8}{ref['seconds']:>9.2f}")
+        lines.append(f"   {name:<34}{_fmt(ref['wape']):>8}{_fmt(ref.get('mase')):>8}{ref['seconds']:>9.2f}")
     if ours is not None:
         lines += _ours_details(ours)
     if res.error:
@@ -855,27 +676,44 @@ def format_table(res: DatasetResult) -> str:
 
 
 def summary_line(res: DatasetResult) -> str:
-    """ours vs best reference (ratio) and PASS/FAIL for 'ours < every reference'."""
+    """One row of the summary table: delivered, best reference, ratio, MASE, coverage, sources, wall."""
     best = res.best_reference()
     if res.ours is None or best is None:
-        return f"{res.name:<10} incomplete ({res.error or 'no figures'})"
-    ratio = res.ours.wape / best[1] if best[1] > 0 else float("nan")
+        return f"| {res.name} | incomplete: {res.error or 'no figures'} |||||||"
+    ours = res.ours
+    ref = res.references[best[0]]
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in sorted(ours.sources.items(), key=lambda kv: -kv[1]))
     verdict = "PASS" if res.passed() else "FAIL"
-    text = (f"{res.name:<10} ours {_fmt(res.ours.wape)} vs best reference {_fmt(best[1])} ({best[0]}): "
-            f"ratio {_fmt(ratio, 2)}  {verdict} (ours < every reference)")
-    near = res.near_best_candidate()
-    if near is not None:
-        name, value = min(res.ours.candidates.items(), key=lambda kv: kv[1])
-        text += (f"; vs best candidate alone {_fmt(value)} ({name}): ratio {_fmt(res.ours.wape / value, 3)}  "
-                 f"{'PASS' if near else 'FAIL'} (<= {1 + CANDIDATE_SLACK:.2f})")
-    return text
+    return (f"| {res.name} | {_fmt(ours.wape)} | {_fmt(best[1])} ({best[0]}) | {_fmt(res.ratio(), 3)} | "
+            f"{_fmt(ours.mase, 2)} / {_fmt(ref.get('mase'), 2)} | {_fmt(ours.coverage, 3)} | {shares} | "
+            f"{ours.seconds['total']:.1f} | {verdict} |")
+
+
+def summary_table(results: Sequence[DatasetResult]) -> list[str]:
+    """The one table of the run, and its verdicts."""
+    lines = ["| data set | delivered WAPE | best reference | delivered / best | MASE ours / best | "
+             "80 % coverage | sources | wall s (run + score) | verdict |",
+             "|---|---:|---|---:|---:|---:|---|---:|---|"]
+    lines += [summary_line(res) for res in results]
+    ratios = [res.ratio() for res in results]
+    gm = geometric_mean([r for r in ratios if r is not None])
+    worst = max((r for r in ratios if r is not None), default=float("nan"))
+    coverages = [res.ours.coverage for res in results if res.ours is not None]
+    lines.append(f"geometric mean of delivered / best: {_fmt(gm, 3)} (target <= {GEOMEAN_TARGET:.2f}); "
+                 f"worst set {_fmt(worst, 3)} (target <= {RATIO_TARGET:.2f}); coverage "
+                 f"{_fmt(min((c for c in coverages if c is not None), default=None), 3)}-"
+                 f"{_fmt(max((c for c in coverages if c is not None), default=None), 3)} "
+                 f"(target {COVERAGE_TARGET[0]:.2f}-{COVERAGE_TARGET[1]:.2f})")
+    return lines
 
 
 def to_json(results: Sequence[DatasetResult], args: argparse.Namespace) -> dict[str, Any]:
     """Every figure, for --json."""
-    out: dict[str, Any] = {"holdout": args.holdout, "quick": args.quick, "datasets": {}}
+    out: dict[str, Any] = {"quick": args.quick, "datasets": {}}
     for res in results:
         item = asdict(res)
+        if item.get("ours"):
+            item["ours"].pop("predictions", None)
         best = res.best_reference()
         item["best_reference"] = None if best is None else {"name": best[0], "wape": best[1]}
         item["ratio_to_best_reference"] = (
@@ -895,8 +733,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--datasets", help="comma-separated subset (default: cheese,walmart,weekly,daily"
                         " and every --dataset)")
-    parser.add_argument("--cheese", default=str(SHARED_DATA / "cheese_scanner_weekly.csv"))
-    parser.add_argument("--walmart", default=str(SHARED_DATA / "walmart_dept_weekly.csv"))
+    parser.add_argument("--data-dir", default=str(SHARED_DATA),
+                        help="folder of the real data sets (default: ../shared/data beside the repo)")
     parser.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH:keys=..;time=..;...",
                         help="an extra data set: NAME=PATH:keys=a,b;time=t;target=y;covariates=c1,c2;freq=F"
                         "[;season=S] (repeatable)")
@@ -905,18 +743,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weekly-periods", type=int, default=156)
     parser.add_argument("--daily-partitions", type=int, default=200)
     parser.add_argument("--daily-periods", type=int, default=730)
-    parser.add_argument("--holdout", type=int, default=HOLDOUT, help="held-out rows per series (= horizon)")
+    parser.add_argument("--intermittent-partitions", type=int, default=300)
+    parser.add_argument("--holdout", type=int, default=HOLDOUT,
+                        help="held-out rows per series (= horizon) of --dataset sets (the built-in ones have theirs)")
     parser.add_argument("--workers", type=int, help="--workers for `manymodels run` (default: the CLI's)")
     parser.add_argument("--seed", type=int, default=0, help="generator and GBM seed")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per CLI call")
     parser.add_argument("--workdir-root", help="folder for the data sets' files and workdirs (default: temp)")
     parser.add_argument("--keep", action="store_true", help="keep the files and workdirs")
     parser.add_argument("--json", dest="json_out", metavar="OUT.json", help="write all figures here")
-    parser.add_argument("--alone", default=None,
-                        help="candidates to train and score alone, comma-separated (default: the default "
-                        "candidate set; '' to skip)")
+    parser.add_argument("--alone", default="",
+                        help="candidates to train and score alone, comma-separated ('default': the default "
+                        "candidate set; default: none)")
     args = parser.parse_args(argv)
-    args.alone = (default_candidates() if args.alone is None
+    args.alone = (default_candidates() if args.alone == "default"
                   else [n.strip() for n in args.alone.split(",") if n.strip()])
     return args
 
@@ -939,6 +779,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     specs = select_specs(args)
     if not cli_path().exists():
         raise SystemExit(f"{cli_path()} not found: run this with the project's venv python")
+    load_before = f"{os.getloadavg()[0]:.2f}"
     temp_root = args.workdir_root is None
     root = Path(tempfile.mkdtemp(prefix="mm-accuracy-")) if temp_root else Path(args.workdir_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -960,9 +801,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             shutil.rmtree(root, ignore_errors=True)
         elif args.keep:
             print(f"files and workdirs kept in {root}")
-    print(f"summary (WAPE on the held-out last {args.holdout} rows of every series)")
-    for res in results:
-        print("  " + summary_line(res))
+    print(f"summary (WAPE on each series' held-out last h rows; load average before: {load_before}, "
+          f"after: {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs)")
+    for line in summary_table(results):
+        print(line)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(to_json(results, args), indent=2, default=str) + "\n")
         print(f"figures written to {args.json_out}")

@@ -20,13 +20,18 @@ import pandas as pd
 from shared.candidates import MovingAverageBaseline
 from shared.features import FeatureSpec, series_features
 from shared.global_model import bind_global, needs_global
+from shared.selection import widening
 from shared.timegrid import PERIOD, from_periods, to_periods
 
 
 def recursive_forecast(estimator: Any, spec: FeatureSpec, trend_origin: int, log_covariates: Iterable[bool],
                        hist_periods: np.ndarray, hist_target: np.ndarray, hist_covariates: np.ndarray,
-                       origin: int, periods: np.ndarray, covariates: np.ndarray) -> np.ndarray:
+                       origin: int, periods: np.ndarray, covariates: np.ndarray,
+                       ceiling: float = np.inf) -> np.ndarray:
     """Forecasts for ``periods`` (sorted, all > ``origin``) from the history up to ``origin``.
+
+    ``ceiling``: no forecast exceeds it, block by block (a later block's lags read the bounded
+    values, so one wild forecast cannot compound).
 
     Works in blocks of ``horizon`` periods on the complete grid ``origin+1 .. max(periods)``: the
     first block's lags read only history; each later block reads the previous blocks' forecasts
@@ -49,7 +54,7 @@ def recursive_forecast(estimator: Any, spec: FeatureSpec, trend_origin: int, log
     for start in range(0, len(grid), step):
         X = series_features(spec, all_periods, target, cov, trend_origin, list(log_covariates))
         block = slice(n_hist + start, n_hist + min(start + step, len(grid)))
-        target[block] = np.maximum(estimator.predict(X[block]), 0.0)
+        target[block] = np.clip(estimator.predict(X[block]), 0.0, ceiling)
     return target[n_hist + (periods - origin - 1)]
 
 
@@ -92,13 +97,19 @@ class ForecastBundle:
     # interval offsets in log1p space per source kind ("model", "baseline", "global"): (lower, upper)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     interval_level: float = 0.80
+    # how the offsets grow with the step (shared.selection.step_profile); None: the older rule
+    interval_profile: Any = None
     global_view: Any = None  # the partition's GlobalView (scale, centres) for the global fallback
+    # no forecast of any source exceeds it (shared.metrics.forecast_ceiling of the history)
+    ceiling: float = float("inf")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Bundles pickled by earlier releases lack the newer fields: they get the defaults."""
         state.setdefault("intervals", {})
         state.setdefault("interval_level", 0.80)
         state.setdefault("global_view", None)
+        state.setdefault("ceiling", float("inf"))
+        state.setdefault("interval_profile", None)
         self.__dict__.update(state)
 
     @property
@@ -123,9 +134,9 @@ class ForecastBundle:
                kind: str = "model") -> tuple[np.ndarray, np.ndarray]:
         """Lower and upper bounds of the ``interval_level`` interval around point forecasts.
 
-        From the partition's own backtest residuals (log1p space, conformal quantiles): a kind
-        the bundle has no residuals for gets NaN bounds. Steps beyond the horizon widen with
-        the square root of the distance.
+        From the partition's own backtest residuals (log1p space, conformal quantiles calibrated on
+        the batch's test windows, :func:`shared.selection.calibrated_intervals`), widened with the
+        step by the batch's profile: a kind the bundle has no residuals for gets NaN bounds.
         """
         pred = np.asarray(prediction, dtype=np.float64)
         lo_hi = self.intervals.get(kind)
@@ -134,8 +145,11 @@ class ForecastBundle:
             return nan, nan.copy()
         lo, hi = lo_hi
         steps = np.asarray(periods, dtype=np.int64) - int(self.last_period)
-        widen = np.sqrt(np.maximum(steps, 1) / max(self.horizon, 1))
-        widen = np.where(steps > self.horizon, widen, 1.0)
+        if self.interval_profile is not None:
+            widen = widening(self.interval_profile, steps)
+        else:  # bundles of earlier releases: flat up to the horizon, then the square root
+            widen = np.sqrt(np.maximum(steps, 1) / max(self.horizon, 1))
+            widen = np.where(steps > self.horizon, widen, 1.0)
         base = np.log1p(np.maximum(pred, 0.0))
         lower = np.maximum(np.expm1(base + lo * widen), 0.0)
         upper = np.maximum(np.expm1(base + hi * widen), lower)
@@ -265,8 +279,8 @@ class ForecastBundle:
         else:
             pred = recursive_forecast(estimator, self.spec, self.trend_origin, self.log_covariates,
                                       self.history_periods, self.history_target, self.history_covariates,
-                                      self.last_period, periods, cov)
-        return periods, np.maximum(np.asarray(pred, dtype=np.float64), 0.0)
+                                      self.last_period, periods, cov, ceiling=self.ceiling)
+        return periods, np.clip(np.asarray(pred, dtype=np.float64), 0.0, self.ceiling)
 
     def period_times(self, periods: np.ndarray) -> np.ndarray:
         """The time stamps (or integer periods) of period ordinals, as :func:`from_periods` gives them."""

@@ -13,6 +13,9 @@ lag does not reach) and a target vector; ``fit`` ignores rows whose target is Na
 * ``loglm`` — :class:`LogLinearCovariates`: the same log-log ridge on covariates, Fourier terms and
   trend only, no lags: the classic per-series price/promotion regression. On promotion-driven
   scanner data, lags mostly echo last quarter's deals; this candidate does not.
+* ``naive`` — the last observed value (a :class:`MovingAverageBaseline` of window 1);
+  ``snaive`` — :class:`~shared.local_models.SeasonalNaive`; ``theta``, ``ets``, ``croston``,
+  ``tsb`` — statsforecast's per-series models (:class:`~shared.local_models.StatsForecaster`).
 * ``global`` — one gradient-boosted model over all partitions (:mod:`shared.global_model`), seen
   by a partition through a :class:`~shared.global_model.GlobalView` (its scale, no copy of the model).
 * ``ensemble`` — :class:`AverageForecaster`: the mean of the two best candidates on validation,
@@ -34,11 +37,13 @@ from sklearn.base import BaseEstimator, RegressorMixin, is_regressor
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import Ridge
 
+from shared.config import BUILTIN_CANDIDATES
 from shared.errors import ManyModelsError
 from shared.features import FeatureSpec
+from shared.local_models import STAT_KINDS, SeasonalNaive, StatsForecaster
 from shared.trust import DEFAULT_ESTIMATOR_PACKAGES, UntrustedCodeError, estimator_class
 
-BUILTIN = ("baseline", "loglinear", "loglm", "gbm", "global")
+BUILTIN = BUILTIN_CANDIDATES  # one list of names, checked by the config without importing the models
 LOG_CAP_MARGIN = 1.0  # log-linear forecasts stop at exp(1) = 2.7 times the largest training target
 
 
@@ -303,6 +308,12 @@ def make_candidate(name: str, cfg: Any, spec: FeatureSpec) -> BaseEstimator:
     seed = int(cfg.training.seed)
     if name == "baseline":
         return MovingAverageBaseline()
+    if name == "naive":
+        return MovingAverageBaseline(window=1)
+    if name == "snaive":
+        return SeasonalNaive(spec)
+    if name in STAT_KINDS:
+        return StatsForecaster(spec, kind=name)
     if name == "loglinear":
         return LogLinearForecaster(spec)
     if name == "loglm":

@@ -75,7 +75,11 @@ class CandidateSpec:
     log_target: bool = False
 
 
-DEFAULT_CANDIDATES = ("baseline", "loglinear", "loglm", "global")
+DEFAULT_CANDIDATES = ("baseline", "naive", "snaive", "theta", "loglinear", "loglm", "global")
+# every built-in candidate name (shared.candidates.BUILTIN says what each is; kept here so that the
+# config can be checked without importing the models)
+BUILTIN_CANDIDATES = ("baseline", "naive", "snaive", "loglinear", "loglm", "gbm", "global", "theta", "ets",
+                      "croston", "tsb")
 
 
 @dataclass
@@ -265,7 +269,7 @@ class ProjectConfig:
         _one_of("validation.gaps", self.validation.gaps, {"zero", "interpolate", "keep"})
         _one_of("validation.null_covariates", self.validation.null_covariates, {"ffill", "zero", "error"})
         self._validate_extra_candidates()
-        known = {"baseline", "loglinear", "loglm", "gbm", "global"} | {c.name for c in self.training.extra_candidates}
+        known = set(BUILTIN_CANDIDATES) | {c.name for c in self.training.extra_candidates}
         unknown = [c for c in self.training.candidates if c not in known]
         if unknown:
             raise ConfigError(f"training.candidates: unknown candidate(s) {unknown}; known: {sorted(known)}")

@@ -48,6 +48,60 @@ def evaluate(actual: Sequence[float] | np.ndarray,
             "mape_accuracy": accuracy_from_error(mape)}
 
 
+OUTLIER_SCALE = 10.0  # a point beyond this many times the series' typical level counts as an outlier
+
+
+def typical_level(values: np.ndarray) -> float:
+    """A scale of a series that one wild value cannot move: the median of its non-zero |values|
+    (1.0 for a series of zeros)."""
+    v = np.abs(np.asarray(values, dtype=np.float64))
+    v = v[np.isfinite(v) & (v > 0)]
+    return float(np.median(v)) if v.size else 1.0
+
+
+def robust_wape(actual: Sequence[float] | np.ndarray, predicted: Sequence[float] | np.ndarray,
+                level: float | None = None) -> float:
+    """WAPE with every point's |actual| and |error| capped at ``OUTLIER_SCALE`` x the typical level.
+
+    Why: one recorded 1e15 in a series of level 60 makes the plain WAPE of every forecast equal
+    (the outlier's error swamps the sum), so "beats its baseline" and the choice between candidates
+    became coin flips decided by the outlier; and a forecast of 1e11 costs no more than the cap per
+    point, so it loses plainly to one that stays near the data. On data without outliers the caps do
+    not bind and this is the WAPE. ``level``: the typical level to cap at (default: of ``actual``).
+    """
+    a = np.asarray(actual, dtype=np.float64)
+    p = np.asarray(predicted, dtype=np.float64)
+    ok = ~(np.isnan(a) | np.isnan(p))
+    a, p = a[ok], p[ok]
+    if a.size == 0:
+        return float("nan")
+    cap = OUTLIER_SCALE * (typical_level(a) if level is None else float(level))
+    total = np.minimum(np.abs(a), cap).sum()
+    if total <= 0:
+        return float("nan")
+    return float(np.minimum(np.abs(a - p), cap).sum() / total)
+
+
+CEILING_FACTOR = float(np.e)  # forecasts stop at e times the largest plausible value of the history
+RECENT = 13  # the recent level is read over this many last observations
+
+
+def forecast_ceiling(history: np.ndarray) -> float:
+    """The largest forecast a history makes plausible: e x its largest value that is not an outlier.
+
+    An outlier is a value beyond ``OUTLIER_SCALE`` x the typical level, the larger of the whole
+    history's and the last ``RECENT`` observations' (so a series that grew tenfold keeps its
+    growth). Inf for a history with nothing observed (nothing to bound by)."""
+    h = np.asarray(history, dtype=np.float64)
+    h = h[np.isfinite(h)]
+    if h.size == 0:
+        return float("inf")
+    level = max(typical_level(h), typical_level(h[-RECENT:]))
+    plausible = h[np.abs(h) <= OUTLIER_SCALE * level]
+    top = float(plausible.max()) if plausible.size else level
+    return CEILING_FACTOR * max(top, level)
+
+
 def accuracy_from_error(error: float) -> float:
     """1 - a relative error, clipped to [0, 1]; NaN stays NaN."""
     return float("nan") if np.isnan(error) else float(min(1.0, max(0.0, 1.0 - error)))

@@ -285,22 +285,41 @@ def _wape_pair(metrics: Mapping[str, Any], mine_key: str, base_key: str) -> tupl
     return None if math.isnan(mine) or math.isnan(base) else (mine, base)
 
 
+# the evidence "did the model beat its baseline" is read from, most robust first: backtests with
+# errors capped at the series' outlier scale (one wild value cannot decide it), every backtest
+# window plainly (older records), the test window alone (oldest records)
+BASELINE_EVIDENCE = (("robust_backtest_wape", "baseline_robust_backtest_wape"),
+                     ("backtest_wape", "baseline_backtest_wape"), ("wape", "baseline_wape"))
+
+
+def _versus_baseline(metrics: Mapping[str, Any],
+                     evidence: Sequence[tuple[str, str]] = BASELINE_EVIDENCE) -> tuple[float, float] | None:
+    """The first (model, baseline) WAPE pair a record has, most robust first; None without one."""
+    for model_key, base_key in evidence:
+        if metrics.get(model_key) is not None and metrics.get(base_key) is not None:
+            return _wape_pair(metrics, model_key, base_key)
+    return None
+
+
 def beats_baseline(record: Any) -> bool:
     """Did a trained model beat its own moving-average baseline on its backtests?
 
-    Over every backtest window (the validation folds and the test window) when the record has
-    them: 36 points say more than the 12 of the test window alone, which a few promotions can
-    swing either way; older records fall back to the test window.
+    Over every backtest window (the validation folds and the test window), errors capped at the
+    series' outlier scale (:func:`shared.metrics.robust_wape`); older records fall back to the
+    plain backtest WAPE, then to the test window.
     """
     if record is None or record.status != "trained":
         return False
-    m = record.metrics
-    for model_key, base_key in (("backtest_wape", "baseline_backtest_wape"), ("wape", "baseline_wape")):
-        if m.get(model_key) is None or m.get(base_key) is None:
-            continue
-        pair = _wape_pair(m, model_key, base_key)
-        return pair is not None and pair[0] < pair[1]
-    return False
+    pair = _versus_baseline(record.metrics)
+    return pair is not None and pair[0] < pair[1]
+
+
+def lost_to_baseline(record: Any) -> bool:
+    """Did a model's own backtests show it worse than its baseline? (Then the chain passes it by.)"""
+    if record is None or record.status != "trained":
+        return False
+    pair = _versus_baseline(record.metrics)
+    return pair is not None and pair[0] > pair[1]
 
 
 def score_frame(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | None,
@@ -390,15 +409,16 @@ def global_may_answer(record: Any) -> bool:
     """May the run's global model answer for this partition? Unless its backtests (the validation
     folds and the test window) showed it worse than the partition's own moving average: then the
     baseline is the better forecast. Records without that evidence (older ones, new series) let it."""
-    pair = _wape_pair(record.metrics if record is not None else {}, "global_backtest_wape",
-                      "baseline_backtest_wape")
+    pair = _versus_baseline(record.metrics if record is not None else {},
+                            (("global_robust_backtest_wape", "baseline_robust_backtest_wape"),
+                             ("global_backtest_wape", "baseline_backtest_wape")))
     return pair is None or pair[0] < pair[1]
 
 
 def pick_source(source: str, champion: Any, latest: Any, prod: Any, dev: Any) -> tuple[Any, Any, str] | None:
     """The (record, registry, forecast kind) a source would answer with, or None."""
     if source == "production":
-        return (champion, prod, "model") if champion is not None else None
+        return (champion, prod, "model") if champion is not None and not lost_to_baseline(champion) else None
     if latest is None or latest.partition_id == GLOBAL_ID:
         return None
     if source == "unpromoted":

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from shared.features import FeatureFrame
-from shared.metrics import selection_key
+from shared.metrics import OUTLIER_SCALE, selection_key, typical_level
 
 
 @dataclass
@@ -99,26 +99,126 @@ def pooled_prior(fold_errors: list[dict[str, tuple[float, float]]]) -> str | Non
 
 
 def _fold_error(actual: np.ndarray, pred: np.ndarray, filled: np.ndarray) -> tuple[float, float]:
-    """Absolute error and absolute actual summed over observed fold rows (for the pooled prior)."""
+    """Absolute error and absolute actual summed over observed fold rows (for the pooled prior),
+    each point capped at the series' outlier scale (as :func:`shared.metrics.robust_wape`), so
+    that one series' wild value cannot decide the batch's favourite."""
     keep = ~filled & ~np.isnan(actual) & ~np.isnan(pred)
-    return float(np.abs(actual[keep] - pred[keep]).sum()), float(np.abs(actual[keep]).sum())
+    a, p = actual[keep], pred[keep]
+    cap = OUTLIER_SCALE * typical_level(a)
+    return float(np.minimum(np.abs(a - p), cap).sum()), float(np.minimum(np.abs(a), cap).sum())
 
 
 class _Residuals:
-    """Backtest residuals in log1p space per source kind, for the prediction intervals."""
+    """Backtest residuals in log1p space per source kind, with each residual's forecast step (periods
+    after its window's origin) and whether it came from a validation fold or the test window."""
 
     def __init__(self) -> None:
-        self.values: dict[str, list[np.ndarray]] = {}
+        self.values: dict[str, list[tuple[np.ndarray, np.ndarray, bool]]] = {}
 
-    def add(self, kind: str, actual: np.ndarray, pred: np.ndarray, filled: np.ndarray) -> None:
+    def add(self, kind: str, actual: np.ndarray, pred: np.ndarray, filled: np.ndarray,
+            steps: np.ndarray | None = None, test: bool = False) -> None:
         keep = ~filled & ~np.isnan(actual) & ~np.isnan(pred)
         if keep.any():
             r = np.log1p(np.maximum(actual[keep], 0.0)) - np.log1p(np.maximum(pred[keep], 0.0))
-            self.values.setdefault(kind, []).append(r)
+            k = (np.ones(len(actual), dtype=np.int64) if steps is None
+                 else np.maximum(np.asarray(steps, dtype=np.int64), 1))[keep]
+            self.values.setdefault(kind, []).append((r, k, bool(test)))
+
+    def parts(self, kind: str, test: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(residuals, steps) of a kind: the folds' (test=False), the test window's (True) or all."""
+        found = [(r, k) for r, k, t in self.values.get(kind, ()) if test is None or t == test]
+        if not found:
+            return np.empty(0), np.empty(0, dtype=np.int64)
+        return np.concatenate([r for r, _ in found]), np.concatenate([k for _, k in found])
 
     def intervals(self, level: float) -> dict[str, tuple[float, float]]:
-        return {kind: conformal_offsets(np.concatenate(parts), level)
-                for kind, parts in self.values.items() if parts}
+        """Offsets per kind from every residual, step-blind (the form of releases before profiles)."""
+        return {kind: conformal_offsets(self.parts(kind)[0], level) for kind in self.values}
+
+
+def step_profile(residuals: list[_Residuals], horizon: int, kind: str = "model") -> np.ndarray:
+    """How forecast errors grow with the step, pooled over a batch: ``w[k-1]`` for steps 1..K is the
+    mean |log residual| at step k over every partition's backtests, made non-decreasing, smoothed
+    and scaled to mean 1 over the first ``horizon`` steps. Flat (ones) without residuals."""
+    steps_max = max(int(horizon), 1)
+    pairs = [res.parts(kind) for res in residuals]
+    r = np.concatenate([p[0] for p in pairs]) if pairs else np.empty(0)
+    k = np.concatenate([p[1] for p in pairs]) if pairs else np.empty(0, dtype=np.int64)
+    if r.size == 0:
+        return np.ones(steps_max)
+    steps_max = max(steps_max, int(k.max()))
+    total = np.bincount(k - 1, weights=np.abs(r), minlength=steps_max)[:steps_max]
+    count = np.bincount(k - 1, minlength=steps_max)[:steps_max].astype(np.float64)
+    overall = float(np.abs(r).mean()) or 1.0
+    # few residuals at a step say little: shrink each step's mean towards the overall mean
+    mean = (total + 8.0 * overall) / (count + 8.0)
+    profile = np.maximum.accumulate(mean)
+    profile = profile / max(float(profile[:max(int(horizon), 1)].mean()), 1e-12)
+    return np.maximum(profile, 1e-6)
+
+
+def widening(profile: np.ndarray | None, steps: np.ndarray) -> np.ndarray:
+    """The factor an interval offset is multiplied by at each step (profile; beyond its last step it
+    grows with the square root of the distance)."""
+    steps = np.maximum(np.asarray(steps, dtype=np.int64), 1)
+    if profile is None or len(profile) == 0:
+        return np.ones(len(steps))
+    n = len(profile)
+    at = np.asarray(profile, dtype=np.float64)[np.minimum(steps, n) - 1]
+    return np.where(steps > n, at * np.sqrt(steps / n), at)
+
+
+def calibrated_intervals(residuals: list[_Residuals], level: float,
+                         profile: np.ndarray) -> list[dict[str, tuple[float, float]]]:
+    """Per partition and source kind, interval offsets (log1p space, at profile 1) that cover.
+
+    Split conformal with a partition's own scale: each partition's offsets come from its validation
+    folds' residuals divided by the step profile (conformal ranks); then one factor per kind, the
+    conformal quantile over the batch's *test windows* of how far each test residual reaches in
+    units of its partition's offset, scales them all. The test windows were not used to choose the
+    models, so the factor corrects what selection on the folds made look too good. A partition with
+    no fold residuals (a short series) takes the batch's pooled offsets of its kind.
+    """
+    kinds = sorted({kind for res in residuals for kind in res.values})
+    out: list[dict[str, tuple[float, float]]] = [{} for _ in residuals]
+    for kind in kinds:
+        own: list[tuple[float, float] | None] = []
+        for res in residuals:
+            r, k = res.parts(kind, test=False)
+            own.append(conformal_offsets(r / widening(profile, k), level) if r.size >= 8 else None)
+        pooled_r = [res.parts(kind)[0] / widening(profile, res.parts(kind)[1]) for res in residuals]
+        pooled_r = [r for r in pooled_r if r.size]
+        if not pooled_r:
+            continue
+        pooled = conformal_offsets(np.concatenate(pooled_r), level)
+        reach: list[np.ndarray] = []
+        for res, offsets in zip(residuals, own):
+            lo, hi = _spans(offsets or pooled)
+            r, k = res.parts(kind, test=True)
+            if not r.size:
+                continue
+            w = widening(profile, k)
+            reach.append(np.where(r >= 0, r / (hi * w), r / (lo * w)))
+        factor = 1.0
+        if reach:
+            z = np.sort(np.concatenate(reach))
+            rank = int(math.ceil((len(z) + 1) * float(level)))
+            factor = float(z[min(rank, len(z)) - 1])
+            factor = min(max(factor, 0.5), 4.0)  # a handful of test points cannot shrink or blow up all
+        for i, offsets in enumerate(own):
+            res = residuals[i]
+            if kind not in res.values and offsets is None:
+                continue
+            lo, hi = _spans(offsets or pooled)
+            out[i][kind] = (factor * lo, factor * hi)
+    return out
+
+
+def _spans(offsets: tuple[float, float]) -> tuple[float, float]:
+    """Offsets with each side at least a quarter of the other (a fold sample that erred one way only
+    says little about the other side) and never exactly zero."""
+    lo, hi = offsets
+    return min(lo, -0.25 * hi, -1e-3), max(hi, -0.25 * lo, 1e-3)
 
 
 def conformal_offsets(residuals: np.ndarray, level: float) -> tuple[float, float]:

@@ -131,6 +131,7 @@ def _chunk(
     seed: int,
     axis: tuple[np.ndarray, np.ndarray, np.ndarray],
     layout: tuple[int, int],
+    intermittent_share: float = INTERMITTENT_SHARE,
 ) -> pd.DataFrame:
     """Rows of partitions p0..p1-1, all periods, minus the missing ones; vectorised over rows."""
     times, year_pos, elapsed = axis
@@ -159,7 +160,7 @@ def _chunk(
     promo_rate = 0.05 + 0.15 * _uniform(seed, _S_PROMO_RATE, part)
     discount = 0.10 + 0.20 * _uniform(seed, _S_DISCOUNT, part)
     lift = 0.10 + 0.30 * _uniform(seed, _S_LIFT, part)
-    intermittent = _uniform(seed, _S_INTERMITTENT, part) < INTERMITTENT_SHARE
+    intermittent = _uniform(seed, _S_INTERMITTENT, part) < intermittent_share
     occur_rate = 0.15 + 0.35 * _uniform(seed, _S_OCCUR_RATE, part)
     short = (_uniform(seed, _S_SHORT, part) < SHORT_SHARE) & ~intermittent
     short_len = 2 + np.floor(_uniform(seed, _S_SHORT_LEN, part) * max(1, periods // 3 - 1)).astype(np.int64)
@@ -222,21 +223,25 @@ def generate_panel(
     seed: int = 0,
     start: str = "2022-01-02",
     chunk_partitions: int = 2000,
+    intermittent_share: float = INTERMITTENT_SHARE,
 ) -> Iterator[pd.DataFrame]:
     """Yield the panel in chunks of whole partitions, sorted by store, item, date.
 
     A chunk holds ``chunk_partitions`` partitions, fewer if that would exceed ``MAX_CHUNK_ROWS``.
 
     ``freq="int"`` gives integer periods 1..T in the ``date`` column. The same seed gives the same
-    rows whatever ``chunk_partitions`` is.
+    rows whatever ``chunk_partitions`` is. ``intermittent_share``: the share of intermittent-demand
+    series (mostly zeros; 0.10 by default, 0.8 for a count panel such as slow movers).
     """
     if partitions < 1 or periods < 1 or chunk_partitions < 1:
         raise ValueError("partitions, periods and chunk_partitions must be >= 1")
+    if not 0.0 <= float(intermittent_share) <= 1.0:
+        raise ValueError(f"intermittent_share must lie in [0, 1], got {intermittent_share!r}")
     axis = time_axis(periods, freq, start)
     layout = _layout(partitions)
     step = max(1, min(chunk_partitions, MAX_CHUNK_ROWS // periods))
     for p0 in range(0, partitions, step):
-        yield _chunk(p0, min(partitions, p0 + step), periods, seed, axis, layout)
+        yield _chunk(p0, min(partitions, p0 + step), periods, seed, axis, layout, float(intermittent_share))
 
 
 def write_panel(
@@ -247,6 +252,7 @@ def write_panel(
     seed: int = 0,
     start: str = "2022-01-02",
     chunk_partitions: int = 2000,
+    intermittent_share: float = INTERMITTENT_SHARE,
 ) -> dict[str, Any]:
     """Stream a generated panel to Parquet (one row group per chunk) or CSV, chosen by suffix.
 
@@ -264,7 +270,7 @@ def write_panel(
     os.close(fd)
     writer: pq.ParquetWriter | pacsv.CSVWriter | None = None
     try:
-        for frame in generate_panel(partitions, periods, freq, seed, start, chunk_partitions):
+        for frame in generate_panel(partitions, periods, freq, seed, start, chunk_partitions, intermittent_share):
             table = pa.Table.from_pandas(frame, preserve_index=False)
             if suffix == ".csv" and freq != "int" and _all_midnight(frame["date"]):
                 table = table.set_column(2, "date", table.column("date").cast(pa.date32()))

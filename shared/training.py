@@ -48,9 +48,9 @@ from shared.bundle import ForecastBundle, period_times, recursive_forecast  # no
 from shared.features import FeatureFrame, build_features
 from shared.global_model import GlobalModelSet, partition_stats
 from shared.keys import PARTITION_ID, key_dict
-from shared.metrics import evaluate, selection_key
-from shared.selection import (Windows, _fold_error, _Residuals, beats, choose, conformal_offsets,  # noqa: F401
-                              global_cuts, partition_windows, pooled_prior)
+from shared.metrics import evaluate, forecast_ceiling, robust_wape, selection_key
+from shared.selection import (Windows, _fold_error, _Residuals, beats, calibrated_intervals, choose,  # noqa: F401
+                              conformal_offsets, global_cuts, partition_windows, pooled_prior, step_profile)
 from shared.timegrid import PERIOD, anchor_offset
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class TrainResult:
     fit_seconds: float = 0.0
     bundle: ForecastBundle | None = None
     timings: dict[str, float] = field(default_factory=dict)  # features / estimators / overhead seconds
+    residuals: Any = None  # backtest residuals until the batch calibrates the intervals (not stored)
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -143,6 +144,7 @@ class _Batch:
     keys: list[dict[str, str]]
     anchor: str | None
     global_models: GlobalModelSet | None = None
+    ceilings: dict[tuple[int, int], float] = field(default_factory=dict)
 
 
 def train_batch(frame: pd.DataFrame, cfg: Any, dataset_meta: Mapping[str, Any] | None = None,
@@ -179,7 +181,9 @@ def train_batch(frame: pd.DataFrame, cfg: Any, dataset_meta: Mapping[str, Any] |
     prior = pooled_prior([job.fold_errors for job in jobs if job.fold_errors])
     for job, share in zip(jobs, shares):
         job.step(prior)
-    return [job.finish(share) for job, share in zip(jobs, shares)]
+    results = [job.finish(share) for job, share in zip(jobs, shares)]
+    _set_intervals(results, cfg)
+    return results
 
 
 def _is_sorted(frame: pd.DataFrame) -> bool:
@@ -282,19 +286,21 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
 
     i_test = win.i_test
     test_y, test_filled = y[i_test:], filled[i_test:]
+    test_steps = periods[i_test:] - (win.test_start - 1)
+    fold_steps = [periods[lo:hi] - origin for lo, hi, origin in win.folds]
     # the global model's honest test-window forecast: for its metrics and its interval
     g_test = global_view("test")
     g_pred = None
     if g_test is not None and i_test < len(y):
         g_pred = _window_forecast(batch, g, g_test, clock, i_test, len(y), win.test_start - 1)
         result.global_metrics = _score(test_y, g_pred, test_filled)
-        residuals.add("global", test_y, g_pred, test_filled)
+        residuals.add("global", test_y, g_pred, test_filled, test_steps, test=True)
     g_val = global_view("validation")
     global_folds = None  # the global model's forecasts of the folds: its residuals and its candidate score
     if g_val is not None:
         global_folds = [_window_forecast(batch, g, g_val, clock, lo, hi, origin) for lo, hi, origin in win.folds]
-        for (lo, hi, _), pred in zip(win.folds, global_folds):
-            residuals.add("global", y[lo:hi], pred, filled[lo:hi])
+        for (lo, hi, _), pred, steps in zip(win.folds, global_folds, fold_steps):
+            residuals.add("global", y[lo:hi], pred, filled[lo:hi], steps)
 
     if win.short or too_few:
         reason = (f"{int((~filled[:i_test]).sum())} observed periods before the test window: too few for "
@@ -318,24 +324,27 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
             parts = [_window_forecast(batch, g, clock.fit(make_candidate(name, cfg, ff.spec), X[:lo], y_obs[:lo]),
                                       clock, lo, hi, origin) for lo, hi, origin in win.folds]
         fold_preds[name] = np.concatenate(parts) if parts else np.empty(0)
-    scores = {n: _score(fold_actual, fold_preds[n], fold_filled)[metric] for n in names}
+    key = _selection_key(metric)
+    scores = {n: _score(fold_actual, fold_preds[n], fold_filled)[key] for n in names}
     prior = yield {n: _fold_error(fold_actual, fold_preds[n], fold_filled) for n in names}
     best, members = choose(scores, names, metric, prior, float(cfg.training.selection_margin))
     if cfg.training.ensemble:
-        ranked = sorted(names, key=lambda n: (selection_key(scores[n], metric), names.index(n)))
-        if len(ranked) >= 2 and np.isfinite(selection_key(scores[ranked[1]], metric)):
-            pair = (ranked[0], ranked[1])
+        # the mean of the two best, and of the best local model with the global one, compete too:
+        # a combination is adopted when its folds say it is better than the choice at all
+        for pair in _ensemble_pairs(scores, names, metric):
             mean = (fold_preds[pair[0]] + fold_preds[pair[1]]) / 2.0
-            scores["ensemble"] = _score(fold_actual, mean, fold_filled)[metric]
-            if beats(scores["ensemble"], scores[best], metric, float(cfg.training.selection_margin)):
+            score = _score(fold_actual, mean, fold_filled)[key]
+            if beats(score, scores[best], metric, 0.0):
+                scores["ensemble"] = score
                 best, members = "ensemble", pair
                 fold_preds["ensemble"] = mean
     base_folds = fold_preds.get("baseline")
     if base_folds is None:
         base_folds = np.concatenate([_window_forecast(batch, g, MovingAverageBaseline().fit(None, y_obs[:lo]), clock,
                                                       lo, hi, origin) for lo, hi, origin in win.folds])
-    residuals.add("model", fold_actual, fold_preds[best], fold_filled)
-    residuals.add("baseline", fold_actual, base_folds, fold_filled)
+    all_fold_steps = np.concatenate(fold_steps)
+    residuals.add("model", fold_actual, fold_preds[best], fold_filled, all_fold_steps)
+    residuals.add("baseline", fold_actual, base_folds, fold_filled, all_fold_steps)
 
     model = _fit_members(batch, members, X[:i_test], y_obs[:i_test], clock, global_view("test"))
     base = clock.fit(MovingAverageBaseline(), None, y_obs[:i_test])
@@ -344,25 +353,29 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
     result.metrics = _score(test_y, pred, test_filled)
     result.baseline_metrics = _score(test_y, base_pred, test_filled)
     result.candidate_scores = scores
-    residuals.add("model", test_y, pred, test_filled)
-    residuals.add("baseline", test_y, base_pred, test_filled)
+    residuals.add("model", test_y, pred, test_filled, test_steps, test=True)
+    residuals.add("baseline", test_y, base_pred, test_filled, test_steps, test=True)
     # every backtest window at once (folds and test): the steadier evidence the scoring chain's
     # "unpromoted" step reads (does the model beat its own baseline?)
     all_actual = np.concatenate((fold_actual, test_y))
     all_filled = np.concatenate((fold_filled, test_filled))
-    result.metrics["backtest_wape"] = _score(all_actual, np.concatenate((fold_preds[best], pred)), all_filled)["wape"]
-    result.metrics["baseline_backtest_wape"] = _score(all_actual, np.concatenate((base_folds, base_pred)),
-                                                      all_filled)["wape"]
-    if global_folds is not None and g_pred is not None:
-        result.metrics["global_backtest_wape"] = _score(
-            all_actual, np.concatenate((*global_folds, g_pred)), all_filled)["wape"]
+    # and robustly (errors capped at the series' outlier scale): the scoring chain's comparisons
+    for prefix, preds in (("", np.concatenate((fold_preds[best], pred))),
+                          ("baseline_", np.concatenate((base_folds, base_pred))),
+                          ("global_", np.concatenate((*global_folds, g_pred))
+                           if global_folds is not None and g_pred is not None else None)):
+        if preds is None:
+            continue
+        scored = _score(all_actual, preds, all_filled)
+        result.metrics[f"{prefix}backtest_wape"] = scored["wape"]
+        result.metrics[f"{prefix}robust_backtest_wape"] = scored["robust_wape"]
 
     final = _fit_members(batch, members, X, y_obs, clock, global_view("final"))
     final_base = clock.fit(MovingAverageBaseline(), None, y_obs)
     result.status, result.model_name = "trained", best
     result.bundle = _bundle(batch, g, best, final, final_base, result.metrics,
                             periods[i_test:], y[i_test:], pred, base_pred, g_pred)
-    _finish_bundle(result.bundle, residuals, cfg, global_view("final"))
+    _finish_bundle(result, residuals, global_view("final"))
 
 
 def _fit_members(batch: _Batch, members: tuple[str, ...], X: np.ndarray, y_obs: np.ndarray, clock: _Clock,
@@ -381,12 +394,28 @@ def _fit_members(batch: _Batch, members: tuple[str, ...], X: np.ndarray, y_obs: 
     return ensemble
 
 
-def _finish_bundle(bundle: "ForecastBundle", residuals: _Residuals, cfg: Any, view: Any) -> None:
-    level = float(cfg.forecast.interval_level)
-    bundle.interval_level = level
-    bundle.intervals = residuals.intervals(level)
+def _finish_bundle(result: TrainResult, residuals: _Residuals, view: Any) -> None:
+    """Attach the global view; keep the backtest residuals for the batch's interval calibration
+    (:func:`_set_intervals`, once every partition of the batch has its model)."""
+    result.residuals = residuals
     if view is not None:
-        bundle.global_view = view  # pickles without the model itself (see GlobalView)
+        result.bundle.global_view = view  # pickles without the model itself (see GlobalView)
+
+
+def _set_intervals(results: list[TrainResult], cfg: Any) -> None:
+    """Every bundle's interval offsets and step profile, calibrated over the batch
+    (:func:`shared.selection.calibrated_intervals`)."""
+    level = float(cfg.forecast.interval_level)
+    done = [r for r in results if r.bundle is not None and r.residuals is not None]
+    if not done:
+        return
+    residuals = [r.residuals for r in done]
+    profile = step_profile(residuals, int(cfg.forecast.horizon))
+    for result, offsets in zip(done, calibrated_intervals(residuals, level, profile)):
+        result.bundle.interval_level = level
+        result.bundle.intervals = offsets
+        result.bundle.interval_profile = profile
+        result.residuals = None
 
 
 def _baseline_only(batch: _Batch, g: int, result: TrainResult, clock: _Clock, y_obs: np.ndarray,
@@ -401,52 +430,83 @@ def _baseline_only(batch: _Batch, g: int, result: TrainResult, clock: _Clock, y_
     pred = clock.predict(base, len(y) - i_test)
     result.metrics = _score(y[i_test:], pred, filled[i_test:])
     result.baseline_metrics = dict(result.metrics)
-    residuals.add("baseline", y[i_test:], pred, filled[i_test:])
+    test_steps = periods[i_test:] - (win.test_start - 1)
+    residuals.add("baseline", y[i_test:], pred, filled[i_test:], test_steps, test=True)
     final = clock.fit(MovingAverageBaseline(), None, y_obs)
     if (view is not None and g_pred is not None and len(g_pred) == len(y) - i_test
             and "global" in batch.cfg.training.candidates):
         # too short for models of its own, not for the global model (pooled over every partition):
         # that is its model, scored on the same window, and promoted or not by the same rule
         result.metrics = _score(y[i_test:], g_pred, filled[i_test:])
-        residuals.add("model", y[i_test:], g_pred, filled[i_test:])
+        residuals.add("model", y[i_test:], g_pred, filled[i_test:], test_steps, test=True)
         result.status, result.model_name = "trained", "global"
         result.reason = reason.replace("baseline only", "the global model is its model")
         result.bundle = _bundle(batch, g, "global", view, final, result.metrics,
                                 periods[i_test:], y[i_test:], g_pred, pred, g_pred)
     else:
-        residuals.add("model", y[i_test:], pred, filled[i_test:])
+        residuals.add("model", y[i_test:], pred, filled[i_test:], test_steps, test=True)
         result.status, result.reason, result.model_name = "baseline_only", reason, "baseline"
         result.bundle = _bundle(batch, g, "baseline", final, final, result.metrics,
                                 periods[i_test:], y[i_test:], pred, pred, g_pred)
-    _finish_bundle(result.bundle, residuals, batch.cfg, view)
+    _finish_bundle(result, residuals, view)
 
 
 def _window_forecast(batch: _Batch, g: int, est: Any, clock: _Clock, lo: int, hi: int,
                      origin: int) -> np.ndarray:
-    """Forecast rows lo:hi of partition g from ``origin`` (the period before the window)."""
+    """Forecast rows lo:hi of partition g from ``origin`` (the period before the window), bounded
+    as served forecasts are (:func:`shared.metrics.forecast_ceiling` of the history before it)."""
     if hi <= lo:
         return np.empty(0)
-    if isinstance(est, MovingAverageBaseline):
-        return clock.predict(est, hi - lo)
     ff = batch.ff
     rows = ff.rows(g)
+    ceiling = _ceiling(batch, g, lo)
+    if isinstance(est, MovingAverageBaseline):
+        return np.minimum(clock.predict(est, hi - lo), ceiling)
     periods = ff.periods[rows]
     if periods[hi - 1] - origin <= ff.spec.horizon:  # every lag reads history: the batch features hold
-        return clock.predict(est, ff.X[rows][lo:hi])
+        return np.minimum(clock.predict(est, ff.X[rows][lo:hi]), ceiling)
     t = perf_counter()
     out = recursive_forecast(est, ff.spec, int(ff.trend_origin[g]), ff.log_covariates[g],
                              periods[:lo], ff.y[rows][:lo], batch.cov[rows][:lo],
-                             origin, periods[lo:hi], batch.cov[rows][lo:hi])
+                             origin, periods[lo:hi], batch.cov[rows][lo:hi], ceiling=ceiling)
     clock.seconds += perf_counter() - t
     return out
 
 
+def _ceiling(batch: _Batch, g: int, lo: int) -> float:
+    """The forecast ceiling of partition g's observed history before row lo (memoised per batch)."""
+    key = (g, lo)
+    if key not in batch.ceilings:
+        rows = batch.ff.rows(g)
+        y, filled = batch.ff.y[rows][:lo], batch.ff.filled[rows][:lo]
+        batch.ceilings[key] = forecast_ceiling(y[~filled])
+    return batch.ceilings[key]
+
+
 def _score(actual: np.ndarray, pred: np.ndarray, filled: np.ndarray) -> dict[str, float]:
-    """Metrics over observed rows (all rows if the window holds only filled ones)."""
+    """Metrics over observed rows (all rows if the window holds only filled ones), with the
+    outlier-robust WAPE beside them."""
     mask = ~filled
-    if not mask.any():
-        return evaluate(actual, pred)
-    return evaluate(actual[mask], pred[mask])
+    if mask.any():
+        actual, pred = actual[mask], pred[mask]
+    return {**evaluate(actual, pred), "robust_wape": robust_wape(actual, pred)}
+
+
+def _selection_key(metric: str) -> str:
+    """The score candidates compete on: WAPE is read robustly (one outlier in a fold must not pick
+    the model); MAPE and RMSE as they are."""
+    return "robust_wape" if metric == "wape" else metric
+
+
+def _ensemble_pairs(scores: Mapping[str, float], names: list[str], metric: str) -> list[tuple[str, str]]:
+    """The combinations worth a try: the two best candidates, and the best local one with the global."""
+    ranked = [n for n in sorted(names, key=lambda n: (selection_key(scores[n], metric), names.index(n)))
+              if np.isfinite(selection_key(scores[n], metric))]
+    pairs = [(ranked[0], ranked[1])] if len(ranked) >= 2 else []
+    local = [n for n in ranked if n != "global"]
+    if "global" in ranked and local and {local[0], "global"} != set(pairs[0] if pairs else ()):
+        pairs.append((local[0], "global"))
+    return pairs
 
 
 def _bundle(batch: _Batch, g: int, name: str, estimator: Any, baseline: MovingAverageBaseline,
@@ -470,7 +530,7 @@ def _bundle(batch: _Batch, g: int, name: str, estimator: Any, baseline: MovingAv
         history_periods=periods[tail].copy(), history_target=ff.y[rows][tail].copy(),
         history_covariates=batch.cov[rows][tail].copy(), last_period=last, freq=cfg.data.freq,
         anchor=batch.anchor, time_column=cfg.data.time, metrics=dict(metrics),
-        backtest_arrays=backtest,
+        backtest_arrays=backtest, ceiling=_ceiling(batch, g, len(periods)),
     )
 
 

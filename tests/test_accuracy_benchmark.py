@@ -23,13 +23,38 @@ def _panel(values: dict[str, np.ndarray], price: dict[str, np.ndarray] | None = 
     return pd.concat(parts, ignore_index=True)
 
 
-def test_naive_and_mean4_are_exact_on_constant_series():
-    frame = bench.prepare_frame(_panel({"A": np.full(30, 7.0), "B": np.full(30, 3.0)}), COLS)
-    split = bench.holdout_split(frame, COLS, 12)
-    assert len(split.train) == 36 and len(split.future) == 24 and COLS.target not in split.future
-    for ref in (bench.naive_reference, bench.mean4_reference):
-        pred = ref(split.train, split.future, COLS)
-        assert bench.wape(split.actual["sales"].to_numpy(), pred) == pytest.approx(0.0)
+def test_the_field_references_are_exact_where_the_answer_is_known():
+    """statsforecast's naive / mean of 4 / seasonal naive on constant and purely seasonal series,
+    and every reference predicting every held-out row, in the held-out rows' order."""
+    season = np.tile([5.0, 9.0, 2.0, 7.0], 10)
+    frame = bench.prepare_frame(_panel({"A": np.full(40, 7.0), "B": season}), COLS)
+    cols = bench.Columns(COLS.keys, COLS.time, COLS.target, COLS.covariates, "int", 4)
+    split = bench.holdout_split(frame, cols, 8)
+    shuffled = split.future.sample(frac=1.0, random_state=1)
+    refs = bench.run_references(bench.Split(split.train, split.future, split.actual), cols, 8, 0)
+    assert {"naive", "mean of last 4", "seasonal naive", "AutoETS", "mlforecast LightGBM"} <= set(refs)
+    assert any(name.startswith("AutoARIMA") for name in refs)
+    assert refs["seasonal naive"]["wape"] == pytest.approx(0.0)
+    from benchmarks.field_references import field_references
+    found = field_references(split.train, shuffled, cols.keys, cols.time, cols.target, cols.covariates,
+                             cols.freq, cols.season_length)
+    actual = split.actual.set_index(["store", "week"]).loc[list(zip(shuffled["store"], shuffled["week"])), "sales"]
+    assert bench.wape(actual.to_numpy(), found["seasonal naive"][0]) == pytest.approx(0.0)
+    constant = (shuffled["store"] == "A").to_numpy()
+    for name in ("naive", "mean of last 4"):
+        assert np.allclose(found[name][0][constant], 7.0)
+    for name, (pred, _) in found.items():
+        assert len(pred) == len(shuffled) and np.isfinite(pred).all(), name
+
+
+def test_intermittent_references_run_on_mostly_zero_series():
+    rng = np.random.default_rng(0)
+    y = np.where(rng.uniform(size=48) < 0.3, rng.integers(1, 5, 48), 0).astype(float)
+    frame = bench.prepare_frame(_panel({"A": y, "B": np.roll(y, 3)}), COLS)
+    split = bench.holdout_split(frame, COLS, 6)
+    assert bench.is_intermittent(split.train, COLS)
+    refs = bench.run_references(split, COLS, 6, 0)
+    assert {"CrostonOptimized", "TSB"} <= set(refs)
 
 
 def test_holdout_drops_series_too_short_to_train():
@@ -38,40 +63,12 @@ def test_holdout_drops_series_too_short_to_train():
     assert split.dropped_series == 1 and set(split.actual["store"]) == {"A"}
 
 
-def test_loglog_recovers_a_known_price_elasticity():
-    rng = np.random.default_rng(3)
-    n = 120
-    price = np.exp(rng.normal(1.0, 0.25, n))
-    promo = (np.arange(n) % 5 == 0).astype(float)
-    y = np.exp(6.0 - 2.0 * np.log(price) + 0.3 * promo + rng.normal(0, 0.02, n))
-    frame = bench.prepare_frame(_panel({"A": y}, price={"A": price}), COLS)
-    transforms = bench.covariate_transforms(frame, COLS)
-    assert transforms == {"price": "log", "promo": "raw"}
-    fit = bench.fit_loglog(frame, COLS, transforms)
-    assert fit is not None
-    assert fit.coef("log(price)") == pytest.approx(-2.0, abs=0.1)
-    assert fit.coef("promo") == pytest.approx(0.3, abs=0.05)
-    split = bench.holdout_split(frame, COLS, 12)
-    pred = bench.loglog_reference(split.train, split.future, COLS)
-    assert bench.wape(split.actual["sales"].to_numpy(), pred) < 0.05
-
-
-def test_global_gbm_predicts_every_held_out_row():
-    rng = np.random.default_rng(0)
-    values = {f"S{i}": 50 + 10 * i + rng.normal(0, 1, 40) for i in range(3)}
-    frame = bench.prepare_frame(_panel(values), COLS)
-    split = bench.holdout_split(frame, COLS, 12)
-    pred = bench.global_gbm_reference(split.train, split.future, COLS, horizon=12)
-    assert np.isfinite(pred).all() and len(pred) == 36
-    assert bench.wape(split.actual["sales"].to_numpy(), pred) < 0.2
-
-
-def test_dataset_option_and_period_index():
+def test_dataset_option_and_the_summary_verdicts():
     spec = bench.parse_dataset_option("mine=/d/x.csv:keys=a,b;time=t;target=y;covariates=p;freq=W-FRI")
     assert spec.path is not None and str(spec.path) == "/d/x.csv"
     assert spec.cols.keys == ("a", "b") and spec.cols.covariates == ("p",) and spec.cols.season_length == 52
-    weeks = pd.Series(pd.to_datetime(["2012-01-06", "2012-01-13", "2012-01-27"]))
-    assert np.diff(bench.period_index(weeks, "W-FRI")).tolist() == [1, 2]
+    assert bench.geometric_mean([0.5, 2.0]) == pytest.approx(1.0)
+    assert bench.covered(0.80) and not bench.covered(0.70) and not bench.covered(None)
 
 
 def test_delivered_rows_join_sources_and_intervals():

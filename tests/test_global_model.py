@@ -66,7 +66,7 @@ def test_a_view_pickles_without_the_model_and_predicts_once_bound(trained):
 def test_candidates_compete_over_folds_and_every_bundle_carries_intervals(trained):
     _, results = trained
     chosen = {r.model_name for r in results.values() if r.status == "trained"}
-    assert chosen <= {"baseline", "loglinear", "loglm", "global", "ensemble"}
+    assert chosen <= {"baseline", "naive", "snaive", "theta", "loglinear", "loglm", "global", "ensemble"}
     for r in results.values():
         if r.status == "trained":
             assert {"baseline", "loglinear", "loglm", "global"} <= set(r.candidate_scores)
@@ -172,7 +172,8 @@ def test_a_latest_chain_scores_every_trained_model_alone_whatever_its_backtests(
     frame, _ = split
     loser = next(pid for pid, r in results.items() if r.status == "trained")
     worse = {**results[loser].to_row(), "run_id": "rg2"}
-    worse["metrics"] = {**worse["metrics"], "backtest_wape": 9.0, "baseline_backtest_wape": 1.0}
+    worse["metrics"] = {**worse["metrics"], "backtest_wape": 9.0, "baseline_backtest_wape": 1.0,
+                        "robust_backtest_wape": 9.0, "baseline_robust_backtest_wape": 1.0}
     dev.register_many([(worse, pickle.dumps(results[loser].bundle))])
     manifest = frame.groupby(PARTITION_ID).agg(**{k: (k, "first") for k in cfg.data.keys},
                                                 last_period=(PERIOD, "max")).reset_index()
@@ -239,13 +240,15 @@ def test_the_global_model_does_not_answer_where_its_backtests_lost_to_the_baseli
     pid = next(p for p, r in results.items() if r.status == "trained")
     worse = {**results[pid].to_row(), "run_id": "rg3"}
     worse["metrics"] = {**worse["metrics"], "backtest_wape": 9.0, "baseline_backtest_wape": 1.0,
-                        "global_backtest_wape": 5.0}
+                        "global_backtest_wape": 5.0, "robust_backtest_wape": 9.0,
+                        "baseline_robust_backtest_wape": 1.0, "global_robust_backtest_wape": 5.0}
     dev.register_many([(worse, pickle.dumps(results[pid].bundle))])
     manifest = frame.groupby(PARTITION_ID).agg(**{k: (k, "first") for k in cfg.data.keys},
                                                 last_period=(PERIOD, "max")).reset_index()
     predictions, _ = score_frame(horizon_requests(manifest, cfg), cfg, prod, dev)
     assert set(predictions.loc[predictions[PARTITION_ID] == pid, "source"]) == {"baseline"}
-    better = {**worse, "run_id": "rg4", "metrics": {**worse["metrics"], "global_backtest_wape": 0.5}}
+    better = {**worse, "run_id": "rg4", "metrics": {**worse["metrics"], "global_backtest_wape": 0.5,
+                                                    "global_robust_backtest_wape": 0.5}}
     dev.register_many([(better, pickle.dumps(results[pid].bundle))])
     predictions, _ = score_frame(horizon_requests(manifest, cfg), cfg, prod, dev)
     assert set(predictions.loc[predictions[PARTITION_ID] == pid, "source"]) == {"global"}

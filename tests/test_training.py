@@ -116,8 +116,10 @@ def test_the_winner_has_the_best_validation_score(trained):
             assert set(r.candidate_scores) == {"baseline", "loglinear", "gbm"}
             finite = {k: v for k, v in r.candidate_scores.items() if not math.isnan(v)}
             assert r.candidate_scores[r.model_name] == min(finite.values())
-            assert set(r.baseline_metrics) == {"wape", "mape", "rmse", "accuracy", "mape_accuracy"}
-            assert set(r.metrics) == set(r.baseline_metrics) | {"backtest_wape", "baseline_backtest_wape"}
+            assert set(r.baseline_metrics) == {"wape", "robust_wape", "mape", "rmse", "accuracy", "mape_accuracy"}
+            assert set(r.metrics) == set(r.baseline_metrics) | {"backtest_wape", "baseline_backtest_wape",
+                                                                    "robust_backtest_wape",
+                                                                    "baseline_robust_backtest_wape"}
 
 
 def test_with_a_margin_the_winner_is_its_best_unless_that_barely_beats_the_batch_favourite(panel, cfg):
@@ -331,16 +333,18 @@ class LibraryPredict:
 
 def reference_predict(bundle: ForecastBundle, periods: np.ndarray, cov: np.ndarray,
                       use_baseline: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """What ``ForecastBundle.predict`` computed before its fast path: sort, library predict, clip."""
+    """What ``ForecastBundle.predict`` computed before its fast path: sort, library predict, clip to
+    [0, the bundle's ceiling]."""
     order = np.argsort(periods, kind="stable")
     periods, cov = periods[order], cov[order]
     if use_baseline or isinstance(bundle.estimator, MovingAverageBaseline):
         model = bundle.baseline if use_baseline else bundle.estimator
-        return periods, np.maximum(model.predict(len(periods)), 0.0)
+        return periods, np.clip(model.predict(len(periods)), 0.0, bundle.ceiling)
     pred = recursive_forecast(LibraryPredict(bundle.estimator), bundle.spec, bundle.trend_origin,
                               bundle.log_covariates, bundle.history_periods, bundle.history_target,
-                              bundle.history_covariates, bundle.last_period, periods, cov)
-    return periods, np.maximum(pred, 0.0)
+                              bundle.history_covariates, bundle.last_period, periods, cov,
+                              ceiling=bundle.ceiling)
+    return periods, np.clip(pred, 0.0, bundle.ceiling)
 
 
 def test_predict_arrays_gives_exactly_predict_and_the_library_numbers_for_every_bundle(trained):

@@ -43,8 +43,13 @@ from shared.config import ProjectConfig, load_config
 from shared.incremental import read_partition_list
 from shared.keys import PARTITION_ID
 from shared.lake import atomic_write
+from shared.local_models import preload
 from shared.trust import check_digest, digest_path, sha256_bytes
 from shared.training import train_batch
+
+# statsforecast's models (~2 s to import): once here, in the process that forks the workers (or
+# once per Azure ML worker), never on a partition's path
+preload()
 
 CHUNK_PARTITIONS = 16
 
