@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 from pandas.api import types as ptypes
 
+from shared import bounds
 from shared.config import DataSpec, ProjectConfig
 from shared.keys import PARTITION_ID, partition_ids
 from shared.repairs import (  # noqa: F401  (GRID_FACTOR, GRID_SLACK: re-exported)
@@ -77,6 +78,7 @@ def validate(
 
     _enter(part, (0,), report)
     work = _null_keys(work, source, spec, policy.null_keys, report)
+    _check_key_lengths(work, spec)
     _enter(part, (1, 0), report)
     times = parse_time(work[spec.time], source, spec, part=part)
     _enter(part, (1, 1), report)
@@ -481,7 +483,32 @@ def parse_numeric(col: pd.Series, source: pd.DataFrame, name: str, role: str) ->
         raise DataValidationError(
             name, f"{role} is infinite", example_rows(source, col.index[infinite]), int(infinite.sum())
         )
+    if role == "covariate":  # a 1e300 price overflows every feature built from it
+        huge = np.abs(values) > bounds.limit("covariate_magnitude").high
+        if huge.any():
+            rule = f"covariate too large: must be {bounds.limit('covariate_magnitude').describe()}"
+            raise DataValidationError(name, rule, example_rows(source, col.index[huge]), int(huge.sum()))
     return values
+
+
+def _check_key_lengths(work: pd.DataFrame, spec: DataSpec) -> None:
+    """Key values of at most ``bounds.MAX_KEY_LENGTH`` characters: every model, file name, report row
+    and SQL row carries them (a 50 MB value held the workdir for minutes at 11 GB). The examples
+    quote each value by its start only."""
+    for name in spec.keys:
+        col = work[name]
+        if ptypes.is_numeric_dtype(col) or ptypes.is_bool_dtype(col) or ptypes.is_datetime64_any_dtype(col):
+            continue
+        lengths = col.astype("str").str.len()
+        too_long = (lengths > bounds.MAX_KEY_LENGTH).to_numpy()
+        if too_long.any():
+            first = str(col[too_long].iloc[0])
+            rule = (f"partition key value too long: {len(first):,} characters ({bounds.shorten(first)}); "
+                    f"at most {bounds.MAX_KEY_LENGTH:,} characters")
+            shown = pd.DataFrame({name: col[too_long].astype("str").str.slice(0, 40) + "...",
+                                  "characters": lengths[too_long]}).head(5)
+            shown.index.name = "row"
+            raise DataValidationError(name, rule, shown, int(too_long.sum()))
 
 
 

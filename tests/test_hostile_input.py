@@ -458,3 +458,37 @@ def test_a_model_file_changed_between_the_worker_and_registration_is_refused(tmp
 
         global_record(ws.lake, plan.run_id, rows)
     assert not marker.exists() and ws.dev.count() == 0
+
+
+# -- issue 18: a key value or a covariate no store or model can use is refused at ingestion -------
+@pytest.mark.parametrize("kind, fmt", [("long-key", "csv"), ("long-key", "parquet"), ("huge-covariate", "csv")])
+def test_a_key_too_long_or_a_covariate_too_large_is_exit_2_naming_the_column_and_the_bound(tmp_path, kind, fmt):
+    """A 50 MB key value used to hold the workdir lock for minutes at 11 GB (the report's charts); a
+    covariate of 1e300 overflows every feature built from it."""
+    frame = small_panel()
+    if kind == "long-key":
+        frame["store"] = frame["store"].astype(object)
+        frame.loc[5:, "store"] = "S" * 5000
+        column, words = "store", ["5,000 characters", "1,024"]
+    else:
+        frame.loc[4, "price"] = 1e300
+        column, words = "price", ["1e+15", "absolute value"]
+    data = tmp_path / f"in.{fmt}"
+    frame.to_csv(data, index=False) if fmt == "csv" else frame.to_parquet(data, index=False)
+    out = cli("ingest", "--data", str(data), "--workdir", str(tmp_path / "ws"), "--freq", "D", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert f"column '{column}'" in out.stderr and all(w in out.stderr for w in words), out.stderr
+    assert "S" * 200 not in out.stderr and "Traceback" not in out.stderr  # the value is quoted by its start only
+    assert not list((tmp_path / "ws" / "lake").glob("prepared/*/dataset.json"))
+
+
+def test_a_key_too_long_is_refused_on_the_streaming_path_too(tmp_path):
+    from shared.lake import LocalLake
+    from shared.streaming import StreamPlan, ingest_source
+
+    frame = small_panel()
+    frame["store"] = "S" * 2000
+    frame.to_parquet(data := tmp_path / "in.parquet", index=False)
+    plan = StreamPlan(batch_rows=8, buckets=16, part_rows=10, workers=1, worker_mb=64)
+    with pytest.raises(DataValidationError, match="column 'store': partition key value too long: 2,000 characters"):
+        ingest_source(LocalLake(tmp_path / "lake"), data, ProjectConfig(), stream=True, plan=plan)
