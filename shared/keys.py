@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from shared.bounds import MAX_KEY_LENGTH
 from shared.errors import ManyModelsError
 
 PARTITION_ID = "partition_id"
@@ -67,6 +68,14 @@ def describe(keys: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in keys.items())
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_partition_id(value: Any) -> bool:
     """``p`` + 20 hex digits: the only form a partition id has (safe in paths, URLs and SQL)."""
     return isinstance(value, str) and PARTITION_ID_PATTERN.match(value) is not None
@@ -90,6 +99,11 @@ def partition_of(names: Sequence[str], keys: Any) -> tuple[str, dict[str, str]]:
         if value is None or isinstance(value, (dict, list, tuple, set)) or (
                 isinstance(value, float) and not math.isfinite(value)):
             raise PartitionKeyError(f"partition key {name!r} must be a string or a number, got {value!r}", name)
+        if isinstance(value, str) and len(value) > MAX_KEY_LENGTH:  # as ingestion refuses it
+            raise PartitionKeyError(f"partition key {name!r}: {len(value):,} characters; at most "
+                                    f"{MAX_KEY_LENGTH:,} characters", name)
+        if isinstance(value, str) and not _encodable(value):
+            raise PartitionKeyError(f"partition key {name!r} is not valid unicode (a lone surrogate)", name)
     extra = [k for k in keys if k not in names]
     if extra:
         raise PartitionKeyError(f"unknown key column(s) {extra}; the partition keys are {names}", str(extra[0]))

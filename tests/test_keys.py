@@ -47,6 +47,8 @@ def test_partition_of_gives_the_id_and_canonical_values_of_a_key_object() -> Non
     ({"store": ["S1"], "item": "I1"}, "store", "must be a string or a number"),
     ({"store": "S1", "item": "I1", "colour": "red"}, "colour", "unknown key column(s) ['colour']"),
     (["S1", "I1"], None, "must be an object"),
+    ({"store": "S" * 1025, "item": "I1"}, "store", "1,025 characters; at most 1,024"),  # issue 18: as ingestion
+    ({"store": "S1", "item": "\ud800"}, "item", "not valid unicode"),  # a JSON "\ud800" escape
 ])
 def test_partition_of_names_the_key_column_at_fault(keys, field, text) -> None:
     from shared.keys import PartitionKeyError, partition_of
