@@ -126,3 +126,10 @@ def test_cli_flags_out_of_bounds_are_refused_naming_them(tmp_path, capsys, panel
     assert code == 2 and words in err and "Traceback" not in err
     assert "out of bounds" in err or "not a finite number" in err
     assert not (tmp_path / "ws" / "lake").exists()
+
+
+def test_the_documented_table_is_the_table():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text(encoding="utf-8")
+    for name, bound in BOUNDS.items():
+        row = f"| `{name}` | {bounds._num(bound.low)} | {bounds._num(bound.high)} |"
+        assert row in text, f"docs/configuration.md lacks or misstates the bound of {name}: {row}"
