@@ -41,6 +41,9 @@ def record_for(row: dict[str, Any], run_id: str, manifest: pd.DataFrame, keys: l
     key_values = row.get("keys") or keys_of(manifest, pid, keys)
     n_observed = int(manifest.loc[pid, "n_observed"]) if pid in manifest.index else row.get("n_observed", 0)
     fingerprint = str(manifest.loc[pid, "fingerprint"]) if pid in manifest.index else ""
+    # the last period the model saw: a champion older than the newest data is stale (scoring.stale)
+    seen = ({"last_period": int(manifest.loc[pid, "last_period"])}
+            if pid in manifest.index and "last_period" in manifest.columns else {})
     return {
         PARTITION_ID: pid,
         "keys": {k: str(v) for k, v in key_values.items()},
@@ -48,7 +51,7 @@ def record_for(row: dict[str, Any], run_id: str, manifest: pd.DataFrame, keys: l
         "run_id": run_id,
         "fingerprint": fingerprint,
         "metrics": {**(row.get("metrics") or {}), "n_observed": n_observed,
-                    "baseline_wape": (row.get("baseline_metrics") or {}).get("wape")},
+                    "baseline_wape": (row.get("baseline_metrics") or {}).get("wape"), **seen},
         "tags": {
             **{k: str(v) for k, v in key_values.items()},
             "partition_id": pid,

@@ -415,10 +415,23 @@ def global_may_answer(record: Any) -> bool:
     return pair is None or pair[0] < pair[1]
 
 
+def stale(champion: Any, latest: Any) -> bool:
+    """Was the production model trained on older data than the partition's latest development model?
+    Then it would forecast from the end of old data ("the next 12 weeks" dated in the past): the
+    chain passes it by, and the model trained on the newest data (or a fallback) answers."""
+    if champion is None or latest is None:
+        return False
+    try:
+        return int(latest.metrics["last_period"]) > int(champion.metrics["last_period"])
+    except (KeyError, TypeError, ValueError):  # records of releases that did not record it
+        return False
+
+
 def pick_source(source: str, champion: Any, latest: Any, prod: Any, dev: Any) -> tuple[Any, Any, str] | None:
     """The (record, registry, forecast kind) a source would answer with, or None."""
     if source == "production":
-        return (champion, prod, "model") if champion is not None and not lost_to_baseline(champion) else None
+        usable = champion is not None and not lost_to_baseline(champion) and not stale(champion, latest)
+        return (champion, prod, "model") if usable else None
     if latest is None or latest.partition_id == GLOBAL_ID:
         return None
     if source == "unpromoted":
@@ -475,6 +488,10 @@ def _predict(bundle: Any, rows: pd.DataFrame, cfg: ProjectConfig, kind: str) -> 
     spec = cfg.data
     horizon = int(rows[HORIZON].iloc[0]) if HORIZON in rows.columns else 0
     if horizon > 0:
+        start = int(rows[PERIOD].iloc[0]) if PERIOD in rows.columns else bundle.last_period + 1
+        if start != bundle.last_period + 1:
+            raise ValueError(f"the model was trained on data up to period {bundle.last_period}, but the data now "
+                             f"reach period {start - 1}: its next periods would not be the next ones")
         out = bundle.predict(horizon=horizon, source=kind)
         return pd.DataFrame({spec.time: out[spec.time].to_numpy(),
                              "prediction": out["prediction"].to_numpy(dtype="float64"),
