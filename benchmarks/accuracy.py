@@ -380,7 +380,10 @@ def join_delivered(actual: pd.DataFrame, delivered: pd.DataFrame, cols: Columns)
         if cols.freq == "int":
             frame[cols.time] = pd.to_numeric(frame[cols.time]).astype("int64")
         else:
-            frame[cols.time] = pd.to_datetime(frame[cols.time]).astype("datetime64[ns]")
+            stamps = pd.to_datetime(frame[cols.time])
+            if isinstance(stamps.dtype, pd.DatetimeTZDtype):  # instants (hourly with offsets): on UTC,
+                stamps = stamps.dt.tz_convert("UTC").dt.tz_localize(None)  # as the store gives them
+            frame[cols.time] = stamps.astype("datetime64[ns]")
     right = right.drop(columns=[c for c in right.columns if c in cols.covariates or c == cols.target])
     return left.merge(right, on=[*cols.keys, cols.time], how="left", validate="one_to_one")
 

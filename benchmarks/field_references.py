@@ -147,7 +147,10 @@ def statsforecast_references(train: pd.DataFrame, future: pd.DataFrame, keys: Se
         began = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fc = StatsForecast(models=[model], freq=sf_freq(freq), n_jobs=1).forecast(df=plain, h=h)
+            # a series too short for a model (AutoETS refuses "tiny datasets") gets the naive forecast,
+            # as statsforecast's own fallback_model does it
+            fc = StatsForecast(models=[model], freq=sf_freq(freq), n_jobs=1,
+                               fallback_model=Naive()).forecast(df=plain, h=h)
         column = [c for c in fc.columns if c not in (UID, DS)][0]
         out[name] = (_by_step(fc.reset_index() if UID not in fc.columns else fc, column, ids, steps),
                      time.perf_counter() - began)
@@ -157,7 +160,7 @@ def statsforecast_references(train: pd.DataFrame, future: pd.DataFrame, keys: Se
     label = "AutoARIMA + covariates" if xs else "AutoARIMA"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sf = StatsForecast(models=[arima], freq=sf_freq(freq), n_jobs=1)
+        sf = StatsForecast(models=[arima], freq=sf_freq(freq), n_jobs=1, fallback_model=Naive())
         try:
             fc = (sf.forecast(df=tr[[UID, DS, Y, *xs]], h=h, X_df=fx[[UID, DS, *xs]]) if xs
                   else sf.forecast(df=plain, h=h))

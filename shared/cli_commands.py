@@ -5,6 +5,8 @@ The parser and the error boundary are in :mod:`shared.cli`, which re-exports eve
 """
 from __future__ import annotations
 
+import math
+
 import argparse
 import contextlib
 import json
@@ -374,9 +376,20 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 def _say_wape(args: argparse.Namespace, model: float | None, baseline: float | None) -> None:
     if model is not None and baseline is not None:
-        gain = (1 - model / baseline) * 100 if baseline else 0.0
         _say(args, f"test-window WAPE: chosen models {model:.3f} vs moving-average baseline {baseline:.3f} "
-                   f"({gain:.0f} % lower error)")
+                   f"({versus_baseline(model, baseline)})")
+
+
+def versus_baseline(model: float, baseline: float) -> str:
+    """How the chosen models compare with the baseline, in words that stay sensible at any ratio:
+    a share of lower error when they did better, a multiple of the baseline's error when worse (a
+    percentage of 'lower error' below -100 % says nothing: -72555972662 % once did)."""
+    if not (math.isfinite(model) and math.isfinite(baseline)) or baseline <= 0:
+        return "no comparison: a WAPE is undefined"
+    if model <= baseline:
+        return f"{(1 - model / baseline) * 100:.0f} % lower error"
+    ratio = model / baseline
+    return f"{ratio:.3g} times the baseline's error" if ratio < 1e6 else "over a million times the baseline's error"
 
 
 def _report_lines(report: dict[str, Any]) -> list[str]:

@@ -73,11 +73,14 @@ class ModelRegistry:
     child opens its own.
     """
 
-    def __init__(self, root: Path | str, name: str) -> None:
+    def __init__(self, root: Path | str, name: str, working_copy: bool = False) -> None:
         if name not in REGISTRY_NAMES:
             raise RegistryError(f"registry name must be one of {REGISTRY_NAMES}, got {name!r}")
         self.root = Path(root).resolve()
         self.name = name
+        # a working copy (the Azure ML registry's local cache) is rebuilt from the lake, which holds
+        # the records: a lost index there is expected, not a loss to refuse
+        self.working_copy = working_copy
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -87,10 +90,10 @@ class ModelRegistry:
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (to hand to worker processes): only the root and name travel."""
-        return {"root": self.root, "name": self.name}
+        return {"root": self.root, "name": self.name, "working_copy": self.working_copy}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["root"], state["name"])
+        self.__init__(state["root"], state["name"], bool(state.get("working_copy", False)))
 
     def __repr__(self) -> str:
         return f"ModelRegistry({str(self.root)!r}, {self.name!r})"
@@ -148,7 +151,7 @@ class ModelRegistry:
         ``index.sqlite`` recreated silently would leave every partition to the fallbacks (and its
         artifacts' digests are gone with it, so they cannot be trusted back without a new copy)."""
         index, artifacts = self.root / "index.sqlite", self.root / "artifacts"
-        if index.exists() or not artifacts.is_dir() or next(artifacts.iterdir(), None) is None:
+        if getattr(self, "working_copy", False) or index.exists() or not artifacts.is_dir() or next(artifacts.iterdir(), None) is None:
             return
         again = ("`manymodels promote --run-id RUN` for the runs to serve" if self.name == "prod"
                  else "`manymodels train --full`")

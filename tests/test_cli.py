@@ -267,3 +267,14 @@ def test_a_full_disk_is_named_with_the_path(ran, tmp_path):
         assert "cannot rollback" not in err
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_the_run_summary_compares_with_the_baseline_in_sensible_words():
+    """Issue 18 item 1: one outlier made the summary print '(-72555972662 % lower error)'."""
+    from shared.cli_commands import versus_baseline
+
+    assert versus_baseline(0.118, 0.318) == "63 % lower error"
+    worse = versus_baseline(9.2e8, 0.30)
+    assert "-" not in worse and worse == "over a million times the baseline's error"
+    assert versus_baseline(0.45, 0.30) == "1.5 times the baseline's error"
+    assert versus_baseline(float("nan"), 0.3).startswith("no comparison")

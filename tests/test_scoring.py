@@ -252,3 +252,24 @@ def test_null_covariates_follow_the_ingestion_policy(world, panel):
     assert pd.concat([read_parquet(world["lake"], p) for p in zero])["price"].eq(0.0).sum() == 6
     with pytest.raises(DataValidationError, match="'price': covariate is null"):
         prepare_scoring(world["lake"], config(**{"validation.null_covariates": "error"}), world["ds"], future, "e")
+
+
+def test_beating_the_baseline_is_judged_on_errors_one_outlier_cannot_swamp():
+    """Issue 18 item 1: with a 1e15 week in its backtests, a model whose forecasts ran to 1e11 had a
+    pooled backtest WAPE a hair below its baseline's (both swamped by the outlier) and was served."""
+    from types import SimpleNamespace
+
+    from shared.metrics import robust_wape
+    from shared.scoring import beats_baseline, lost_to_baseline
+
+    actual = np.r_[np.full(35, 60.0), 1e15]
+    model = np.r_[np.full(35, 3.4e10), 5e14]  # its lags read the outlier: it half-follows it
+    baseline = np.r_[np.full(35, 62.0), 60.0]
+    plain = {"backtest_wape": float(np.abs(actual - model).sum() / actual.sum()),
+             "baseline_backtest_wape": float(np.abs(actual - baseline).sum() / actual.sum())}
+    assert plain["backtest_wape"] < plain["baseline_backtest_wape"]  # the trap: plainly it "wins"
+    metrics = {**plain, "robust_backtest_wape": robust_wape(actual, model),
+               "baseline_robust_backtest_wape": robust_wape(actual, baseline)}
+    record = SimpleNamespace(status="trained", metrics=metrics)
+    assert not beats_baseline(record) and lost_to_baseline(record)
+    assert robust_wape(actual[:35], baseline[:35]) == pytest.approx(2 / 60)

@@ -136,7 +136,7 @@ class AzureMLRegistry:
         self._clock = clock
         self._lock = threading.RLock()
         self._checked_at: float | None = None
-        self.local = ModelRegistry(Path(cache_dir) / _safe(self.prefix), name)
+        self.local = ModelRegistry(Path(cache_dir) / _safe(self.prefix), name, working_copy=True)
         self.published: list[str] = []  # asset ids made or confirmed by this object's writes
 
     def __repr__(self) -> str:
