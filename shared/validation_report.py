@@ -180,5 +180,7 @@ class ValidationReport:
 def example_rows(source: pd.DataFrame, positions: np.ndarray) -> pd.DataFrame:
     """Up to five rows of ``source`` by index label (its row position in the input)."""
     shown = source.loc[np.asarray(positions)[:MAX_EXAMPLES]]
+    # a missing value reads the same whatever the column's type in this batch (NaN, None, <NA>)
+    shown = shown.astype(object).where(shown.notna(), None)
     shown.index.name = "row"
     return shown

@@ -20,9 +20,10 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from shared.layout import REGISTRY_INDEX
 from shared.registry import ModelRegistry, RegistryError
 
-INDEX = "index.sqlite"
+INDEX = REGISTRY_INDEX
 OPEN_ATTEMPTS = 3  # an immutable open that raced a checkpoint is made again
 
 
