@@ -72,7 +72,7 @@ BOUNDS: dict[str, Bound] = {
     "key_length": Bound(0, MAX_KEY_LENGTH, "characters of a partition key value"),
     "lake_path_length": Bound(1, 1024, "characters of a lake path (Azure's blob name limit)"),
     "lake_segment_length": Bound(1, 255, "characters of one folder or file name of a lake path"),
-    "covariate_magnitude": Bound(0.0, 1e15, "absolute value of a covariate", integer=False),
+    "covariate_magnitude": Bound(0.0, 1e15, "magnitude (absolute value) of a covariate", integer=False),
 }
 
 
