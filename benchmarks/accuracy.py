@@ -59,6 +59,7 @@ RATIO_TARGET = 1.00  # delivered / best reference, on every set (issue 17)
 GEOMEAN_TARGET = 0.97  # geometric mean of that ratio over all sets
 COVERAGE_TARGET = (0.78, 0.85)  # of the 80 % intervals, on every set
 CANDIDATE_SLACK = 0.02  # the delivered WAPE may exceed the best candidate scored alone by 2 % at most
+PROJECT_CONFIG = ""  # --config: a project file every `run` of ours gets (to try settings)
 GBM_THREADS = 1  # OpenMP threads spin badly when the 2 shared cores are busy; one is steadier
 
 
@@ -353,6 +354,8 @@ def run_args(cols: Columns, train_file: Path, workdir: Path, holdout: int, worke
     ]
     if workers is not None:
         args += ["--workers", str(workers)]
+    if PROJECT_CONFIG:
+        args += ["--config", PROJECT_CONFIG]
     return args
 
 
@@ -594,7 +597,8 @@ def benchmark_dataset(spec: DatasetSpec, folder: Path, args: argparse.Namespace)
                                                           args.workers, args.timeout, args.alone)
         except Exception as exc:  # noqa: BLE001 - the references' figures are still worth printing
             result.error = f"manymodels: {type(exc).__name__}: {exc}"
-        result.references = run_references(split, spec.cols, holdout, args.seed)
+        if not args.no_references:
+            result.references = run_references(split, spec.cols, holdout, args.seed)
     except Exception as exc:  # noqa: BLE001 - one broken data set must not hide the others' figures
         result.error = (result.error + "; " if result.error else "") + f"{type(exc).__name__}: {exc}"
     return result
@@ -755,6 +759,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir-root", help="folder for the data sets' files and workdirs (default: temp)")
     parser.add_argument("--keep", action="store_true", help="keep the files and workdirs")
     parser.add_argument("--json", dest="json_out", metavar="OUT.json", help="write all figures here")
+    parser.add_argument("--config", default="", help="a project TOML passed to every `run` of ours")
+    parser.add_argument("--no-references", action="store_true",
+                        help="ours only (the references take minutes: AutoARIMA on long seasonal series)")
     parser.add_argument("--alone", default="",
                         help="candidates to train and score alone, comma-separated ('default': the default "
                         "candidate set; default: none)")
@@ -779,6 +786,8 @@ def select_specs(args: argparse.Namespace) -> list[DatasetSpec]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    global PROJECT_CONFIG
+    PROJECT_CONFIG = str(Path(args.config).resolve()) if args.config else ""
     specs = select_specs(args)
     if not cli_path().exists():
         raise SystemExit(f"{cli_path()} not found: run this with the project's venv python")

@@ -47,7 +47,8 @@ class ValidationPolicy:
     null_target: str = "drop"  # drop | zero | error
     negative_target: str = "clip"  # clip | drop | keep | error
     duplicates: str = "sum"  # sum | last | error  (rows sharing partition and period)
-    gaps: str = "zero"  # zero | interpolate | keep  (missing periods inside a series)
+    gaps: str = "auto"  # auto | zero | interpolate | keep  (missing periods inside a series; auto: zeros only
+    # in a series that records zeros itself, and never where a null target was dropped)
     null_covariates: str = "ffill"  # ffill | zero | error
 
 
@@ -266,7 +267,7 @@ class ProjectConfig:
         _one_of("validation.null_target", self.validation.null_target, {"drop", "zero", "error"})
         _one_of("validation.negative_target", self.validation.negative_target, {"clip", "drop", "keep", "error"})
         _one_of("validation.duplicates", self.validation.duplicates, {"sum", "last", "error"})
-        _one_of("validation.gaps", self.validation.gaps, {"zero", "interpolate", "keep"})
+        _one_of("validation.gaps", self.validation.gaps, {"auto", "zero", "interpolate", "keep"})
         _one_of("validation.null_covariates", self.validation.null_covariates, {"ffill", "zero", "error"})
         self._validate_extra_candidates()
         known = set(BUILTIN_CANDIDATES) | {c.name for c in self.training.extra_candidates}
@@ -406,7 +407,7 @@ MESSAGE_OVERRIDES: dict[str, OverrideRule] = {
     "validation.null_target": _choice("drop", "zero", "error"),
     "validation.negative_target": _choice("clip", "drop", "keep", "error"),
     "validation.duplicates": _choice("sum", "last", "error"),
-    "validation.gaps": _choice("zero", "interpolate", "keep"),
+    "validation.gaps": _choice("auto", "zero", "interpolate", "keep"),
     "validation.null_covariates": _choice("ffill", "zero", "error"),
     "scoring.chain": OverrideRule("names", choices=SCORING_SOURCES),
 }

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from shared.config import DataSpec
+from shared.keys import PARTITION_ID
 from shared.timegrid import PERIOD, from_periods, period_freq
 from shared.validation_report import (
     MAX_EXAMPLES,
@@ -200,6 +201,66 @@ def _null_covariate(
     return filled
 
 
+def _check_grid(out: pd.DataFrame, starts: np.ndarray, spec: DataSpec) -> None:
+    """Refuse a grid far larger than the rows (sparse periods: a wrong freq or a garbled time)."""
+    n = len(out)
+    periods = out[PERIOD].to_numpy()
+    counts = np.diff(np.r_[starts, n])
+    ends = np.r_[starts[1:], n] - 1
+    first, last = periods[starts], periods[ends]
+    span = last - first + 1
+    grid_rows = float(span.astype("float64").sum())
+    if grid_rows > max(GRID_FACTOR * n, n + GRID_SLACK):
+        widest = int(np.argmax(span))
+        shown = out.iloc[[starts[widest]]][[*spec.keys]].assign(
+            first_period=int(first[widest]), last_period=int(last[widest]), observed_rows=int(counts[widest]))
+        raise DataValidationError(
+            spec.time,
+            f"the periods are too sparse to fill the gaps: a complete grid would hold {grid_rows:.0f} rows "
+            f"for {n} observed ({grid_rows / max(n, 1):.0f}x, freq={spec.freq!r}); check the time column and "
+            "data.freq, or set validation.gaps = 'keep'",
+            shown,
+        )
+
+
+def _fill_auto(
+    out: pd.DataFrame,
+    starts: np.ndarray,
+    spec: DataSpec,
+    anchor: str | None,
+    report: ValidationReport,
+    part: PartContext | None,
+    lost_nulls: set[str] | frozenset[str],
+) -> pd.DataFrame:
+    """The ``auto`` gap policy (see :func:`_fill_gaps`): zeros where a series records zeros."""
+    n = len(out)
+    if n == 0:
+        return out
+    _check_grid(out, starts, spec)
+    counts = np.diff(np.r_[starts, n])
+    zeros = np.add.reduceat((out[spec.target].to_numpy() == 0).astype(np.int64), starts) > 0
+    if lost_nulls:
+        first_ids = out[PARTITION_ID].to_numpy()[starts]
+        zeros &= ~np.isin(first_ids, list(lost_nulls))
+    if zeros.all():
+        return _fill_gaps(out, starts, spec, "zero", anchor, report, part)
+    if not zeros.any():
+        return _fill_gaps(out, starts, spec, "keep", anchor, report, part)
+    group = np.repeat(np.arange(len(starts)), counts)
+    to_fill = zeros[group]
+    filled_part = out[to_fill].reset_index(drop=True)
+    filled = _fill_gaps(filled_part, np.r_[0, np.cumsum(counts[zeros])[:-1]], spec, "zero", anchor, report, part)
+    kept_part = out[~to_fill].reset_index(drop=True)
+    _fill_gaps(kept_part, np.r_[0, np.cumsum(counts[~zeros])[:-1]], spec, "keep", anchor, report, part)
+    # back into partition order: each series' rows stay together, its group number says where
+    filled_groups = np.flatnonzero(zeros)[np.cumsum(np.r_[True, filled[PARTITION_ID].to_numpy()[1:]
+                                                       != filled[PARTITION_ID].to_numpy()[:-1]]) - 1]
+    merged = pd.concat([filled, kept_part], ignore_index=True)
+    groups = np.r_[filled_groups, group[~to_fill]]
+    order = np.lexsort((merged[PERIOD].to_numpy(), groups))
+    return merged.iloc[order].reset_index(drop=True)
+
+
 def _fill_gaps(
     out: pd.DataFrame,
     starts: np.ndarray,
@@ -208,12 +269,20 @@ def _fill_gaps(
     anchor: str | None,
     report: ValidationReport,
     part: PartContext | None = None,
+    lost_nulls: set[str] | frozenset[str] = frozenset(),
 ) -> pd.DataFrame:
     """Put every series on a complete grid from its first to its last period (``zero``/``interpolate``).
 
     The grid is built with ``np.repeat``/``arange``; each grid slot takes its row from the last
     observed row at or before it, so keys and covariates of filled rows are forward-filled.
+
+    ``auto`` (the default): a series that records zeros itself (a zero target observed) has its
+    missing periods filled with zeros, as ``zero`` does (its source writes no row for a period
+    without sales); any other series, and one that lost rows with a null target (``lost_nulls``,
+    partition ids), keeps its gaps, as ``keep`` does: an absent row there is unknown, not a zero.
     """
+    if policy == "auto":
+        return _fill_auto(out, starts, spec, anchor, report, part, lost_nulls)
     n = len(out)
     periods = out[PERIOD].to_numpy()
     counts = np.diff(np.r_[starts, n])
@@ -231,18 +300,7 @@ def _fill_gaps(
     if policy == "keep":
         report.add("kept_gaps", total_missing, examples)
         return out
-    grid_rows = float(span.astype("float64").sum())
-    if grid_rows > max(GRID_FACTOR * n, n + GRID_SLACK):
-        widest = int(np.argmax(span))
-        shown = out.iloc[[starts[widest]]][[*spec.keys]].assign(
-            first_period=int(first[widest]), last_period=int(last[widest]), observed_rows=int(counts[widest]))
-        raise DataValidationError(
-            spec.time,
-            f"the periods are too sparse to fill the gaps: a complete grid would hold {grid_rows:.0f} rows "
-            f"for {n} observed ({grid_rows / max(n, 1):.0f}x, freq={spec.freq!r}); check the time column and "
-            "data.freq, or set validation.gaps = 'keep'",
-            shown,
-        )
+    _check_grid(out, starts, spec)
     if part is not None:
         part.used_anchor = True
     total = int(span.sum())

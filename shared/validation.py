@@ -89,6 +89,10 @@ def validate(
         covs[c] = parse_numeric(work[c], source, c, "covariate")
     _enter(part, (1, 3), report)
     target, keep = _target_policies(target, work.index.to_numpy(), source, spec.target, policy, report)
+    # partitions that lost rows with a null target: their gaps are never filled with zeros by the
+    # "auto" gap policy (a missing target is not a zero sale)
+    lost_nulls = (set(partition_ids(work[~keep], spec.keys).tolist())
+                  if keep is not None and policy.gaps == "auto" else set())
     if keep is not None:
         work, times, target = work[keep], times[keep], target[keep]
         covs = {c: v[keep] for c, v in covs.items()}
@@ -158,7 +162,7 @@ def validate(
         }
     )
     _enter(part, (4,), report)
-    out = _fill_gaps(out, starts, spec, policy.gaps, anchor, report, part)
+    out = _fill_gaps(out, starts, spec, policy.gaps, anchor, report, part, lost_nulls)
     _enter(part, (9,), report)
 
     report.output_rows = len(out)

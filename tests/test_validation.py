@@ -151,7 +151,10 @@ def test_null_keys_can_be_dropped_and_are_counted(raw):
     out, report = validate(bad, policy(null_keys="drop"))
     assert report.counts["dropped_null_keys"] == 2
     assert report.examples["dropped_null_keys"][0]["row"] == 6
-    # the two dropped rows leave gaps, filled by the default gap policy and counted too
+    # the two dropped rows leave gaps, counted too: kept by the default gap policy (the generated
+    # series record no zeros, so an absent row there is unknown, not a zero sale), filled with "zero"
+    assert report.counts["kept_gaps"] == 2 and not out["_filled"].any()
+    out, report = validate(bad, policy(null_keys="drop", gaps="zero"))
     assert report.counts["filled_gaps"] == 2 and out["_filled"].sum() == 2
 
 
@@ -260,7 +263,7 @@ def test_null_covariates_zeroed_or_refused_by_policy(raw, tmp_path):
 
 def test_gaps_are_filled_with_zero_marked_and_get_forward_filled_covariates(raw):
     gappy = raw.drop(index=[22, 23]).reset_index(drop=True)
-    out, report = validate(gappy, CFG)
+    out, report = validate(gappy, policy(gaps="zero"))
     assert report.counts["filled_gaps"] == 2 and len(out) == len(raw)
     filled = out[out["_filled"]]
     assert list(filled["date"]) == [raw.loc[22, "date"], raw.loc[23, "date"]]  # Sundays, as the input's
@@ -277,11 +280,34 @@ def test_gaps_can_be_interpolated_or_kept(raw):
     assert report.counts["kept_gaps"] == 1 and len(out) == len(raw) - 1 and not out["_filled"].any()
 
 
+def test_the_default_fills_zeros_only_where_a_series_records_zeros_and_never_for_a_null_target(raw):
+    """Issue 17 item 6: an absent row is a zero sale only for a series whose source writes zeros."""
+    zeros = raw.copy()
+    first = zeros.groupby(["store", "item"]).ngroup()
+    zeros.loc[(first == 0) & (zeros.index % 3 == 0), "sales"] = 0.0  # series 0 records zeros
+    series0 = zeros.index[first == 0]
+    series1 = zeros.index[first == 1]
+    gappy = zeros.drop(index=[series0[7], series1[7]]).reset_index(drop=True)
+    out, report = validate(gappy, CFG)
+    assert report.counts == {"filled_gaps": 1, "kept_gaps": 1}
+    filled = out[out["_filled"]]
+    assert len(filled) == 1 and (filled["sales"] == 0).all()
+    assert filled[["store", "item"]].iloc[0].tolist() == zeros.loc[series0[0], ["store", "item"]].tolist()
+    assert out[["partition_id", "_period"]].equals(
+        out[["partition_id", "_period"]].sort_values(["partition_id", "_period"], ignore_index=True))
+    # a null target in the zero-recording series leaves its gap unknown, never a zero
+    nulls = zeros.copy()
+    nulls.loc[series0[9], "sales"] = np.nan
+    out, report = validate(nulls, CFG)
+    assert report.counts["dropped_null_target"] == 1 and "filled_gaps" not in report.counts
+    assert report.counts["kept_gaps"] == 1 and not out["_filled"].any()
+
+
 def test_gap_filling_works_for_integer_periods(raw):
     ints = (
         raw.assign(date=raw.groupby(["store", "item"]).cumcount() + 1).drop(index=[5]).reset_index(drop=True)
     )
-    out, report = validate(ints, CFG.with_overrides({"data.freq": "int"}))
+    out, report = validate(ints, CFG.with_overrides({"data.freq": "int", "validation.gaps": "zero"}))
     assert report.counts["filled_gaps"] == 1
     assert out.loc[out["_filled"], "date"].item() == 6 and out.loc[out["_filled"], "_period"].item() == 6
 
@@ -320,7 +346,7 @@ def test_report_accounts_for_every_row_and_serialises(raw):
     bad.loc[[2, 3], "sales"] = np.nan  # dropped, then refilled as gaps
     bad.loc[50, "sales"] = -1.0  # clipped
     bad = with_same_week_duplicate(bad)  # merged
-    out, report = validate(bad, CFG)
+    out, report = validate(bad, policy(gaps="zero"))
     c = report.counts
     assert c == {
         "dropped_null_target": 2,
