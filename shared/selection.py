@@ -175,8 +175,9 @@ def calibrated_intervals(residuals: list[_Residuals], level: float,
     Split conformal with a partition's own scale: each partition's offsets come from its validation
     folds' residuals divided by the step profile (conformal ranks); then one factor per kind, the
     conformal quantile over the batch's *test windows* of how far each test residual reaches in
-    units of its partition's offset, scales them all. The test windows were not used to choose the
-    models, so the factor corrects what selection on the folds made look too good. A partition with
+    units of its partition's offset, widens them all (never narrows: with
+    ``training.select_on_test`` the test windows helped choose the models, and measured on the real
+    sets a factor allowed below 1 under-covered: M4 daily 0.36 against 0.50, hourly 0.69 against 0.73). A partition with
     no fold residuals (a short series) takes the batch's pooled offsets of its kind.
     """
     kinds = sorted({kind for res in residuals for kind in res.values})
@@ -204,7 +205,9 @@ def calibrated_intervals(residuals: list[_Residuals], level: float,
             z = np.sort(np.concatenate(reach))
             rank = int(math.ceil((len(z) + 1) * float(level)))
             factor = float(z[min(rank, len(z)) - 1])
-            factor = min(max(factor, 0.5), 4.0)  # a handful of test points cannot shrink or blow up all
+            # never below 1: the test windows are part of the choice's evidence (training.select_on_test),
+            # so they look better than the next window will; a handful of points cannot blow up all
+            factor = min(max(factor, 1.0), 4.0)
         for i, offsets in enumerate(own):
             res = residuals[i]
             if kind not in res.values and offsets is None:
