@@ -348,7 +348,7 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
     if cfg.training.ensemble:
         # the mean of the two best, or of the best local model with the global one (whichever the
         # evidence prefers), answers: on data we had not tuned on, the mean of the two best beat the
-        # single best on 6 of 7 real sets (docs/performance.md), where a winner picked on 36-50
+        # single best on 5 of 7 real sets (docs/performance.md), where a winner picked on 36-50
         # points is often the luckiest rather than the best
         pairs = [(_score(ev_actual, (evidence(a) + evidence(b)) / 2.0, ev_filled)[key], (a, b))
                  for a, b in _ensemble_pairs(scores, names, metric)]
