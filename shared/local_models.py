@@ -121,6 +121,8 @@ class StatsForecaster(_PathForecaster):
         raise ValueError(f"unknown statistical model kind {self.kind!r}; known: {STAT_KINDS}")
 
     def fit(self, X: np.ndarray | None, y: np.ndarray) -> "StatsForecaster":
+        if self.kind not in STAT_KINDS:
+            raise ValueError(f"unknown statistical model kind {self.kind!r}; known: {STAT_KINDS}")
         pos, values = _observed(X, y, self.spec)
         s = max(int(self.spec.season_length), 1)
         tail = int(min(max(TAIL_SEASONS * s, TAIL_MIN), TAIL_MAX))
@@ -132,10 +134,11 @@ class StatsForecaster(_PathForecaster):
         if len(series) < 3 or np.ptp(series) == 0:
             self._set_path(last, np.full(PATH_STEPS, series[-1] if len(series) else 0.0))
             return self
+        model = self._model(len(series))  # an unknown kind is a configuration error, not a fallback
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
             try:
-                path = self._model(len(series)).forecast(y=series.astype(np.float64), h=PATH_STEPS)["mean"]
+                path = model.forecast(y=series.astype(np.float64), h=PATH_STEPS)["mean"]
             except (ValueError, ZeroDivisionError, FloatingPointError, np.linalg.LinAlgError):
                 path = np.full(PATH_STEPS, float(series[-max(1, min(4, len(series))):].mean()))
         path = np.asarray(path, dtype=np.float64)

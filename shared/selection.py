@@ -131,10 +131,6 @@ class _Residuals:
             return np.empty(0), np.empty(0, dtype=np.int64)
         return np.concatenate([r for r, _ in found]), np.concatenate([k for _, k in found])
 
-    def intervals(self, level: float) -> dict[str, tuple[float, float]]:
-        """Offsets per kind from every residual, step-blind (the form of releases before profiles)."""
-        return {kind: conformal_offsets(self.parts(kind)[0], level) for kind in self.values}
-
 
 def step_profile(residuals: list[_Residuals], horizon: int, kind: str = "model") -> np.ndarray:
     """How forecast errors grow with the step, pooled over a batch: ``w[k-1]`` for steps 1..K is the

@@ -63,3 +63,26 @@ def test_grouped_metrics_equal_one_evaluate_per_group():
 def test_selection_key_orders_lower_is_better_and_puts_nan_last():
     assert selection_key(0.1, "wape") < selection_key(0.2, "wape") < selection_key(float("nan"), "wape")
     assert selection_key(0.9, "accuracy") < selection_key(0.8, "accuracy")
+
+
+def test_the_robust_wape_is_the_wape_without_outliers_and_caps_them_with_them():
+    from shared.metrics import OUTLIER_SCALE, robust_wape, typical_level
+
+    a, p = np.array([10.0, 12.0, 8.0]), np.array([11.0, 12.0, 6.0])
+    assert robust_wape(a, p) == pytest.approx(evaluate(a, p)["wape"])
+    wild = np.array([10.0, 12.0, 1e15])
+    assert typical_level(wild) == 12.0
+    # the outlier's actual and its error each count at most OUTLIER_SCALE x the typical level
+    assert robust_wape(wild, np.array([10.0, 12.0, 10.0])) == pytest.approx(
+        OUTLIER_SCALE * 12 / (22 + OUTLIER_SCALE * 12))
+    assert np.isnan(robust_wape(np.zeros(3), np.ones(3)))
+
+
+def test_the_forecast_ceiling_ignores_one_wild_value_and_follows_growth():
+    from shared.metrics import CEILING_FACTOR, forecast_ceiling
+
+    history = np.r_[np.full(50, 60.0), 1e15, np.full(10, 62.0)]
+    assert forecast_ceiling(history) == pytest.approx(CEILING_FACTOR * 62.0)
+    growing = np.linspace(10, 500, 100)  # grew 50-fold: its recent level keeps the growth plausible
+    assert forecast_ceiling(growing) == pytest.approx(CEILING_FACTOR * 500.0)
+    assert forecast_ceiling(np.array([np.nan])) == np.inf
