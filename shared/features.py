@@ -19,9 +19,10 @@ Features (all NaN where the history does not reach):
   (missing cells ignored; NaN when the window holds no value);
 * ``sin_<j>`` / ``cos_<j>`` — Fourier terms of the position in the season (``_period mod s``;
   period ordinals are one grid for all partitions, so positions agree across partitions);
-* ``ysin_<j>`` / ``ycos_<j>`` and ``lag_<y>`` — for daily and business-day data only, whose short
-  season (the week) leaves the year out: Fourier terms of the position in the year and the
-  target one year back in whole seasons (364 days: the same weekday);
+* ``ysin_<j>`` / ``ycos_<j>`` and ``lag_<y>`` — the longer cycle a short season leaves out: for
+  daily and business-day data (season: the week) the year, for hourly data (season: the day) the
+  week: Fourier terms of the position in that cycle and the target one cycle back in whole
+  seasons (364 days: the same weekday; 168 hours: the same hour of the same weekday);
 * ``cov_<name>`` — each covariate, as ``log(x)`` when it is strictly positive and not a 0/1 flag
   in that partition (prices: the log-log, price-elasticity form), otherwise as it is;
 * ``trend`` — periods since the partition's first period.
@@ -46,12 +47,15 @@ FILLED = "_filled"
 N_LAGS = 4
 FOURIER_TERMS = 3
 YEARLY_TERMS = 2
-# periods per year of the frequencies whose season is far shorter than a year (daily: the week)
-PERIODS_PER_YEAR = {"D": 365.2425, "B": 260.8929}
+# the longer cycle of the frequencies whose season is far shorter: the year (in periods) for daily
+# data, whose season is the week; the week (168 hours) for hourly data, whose season is the day
+# (M4 hourly: 0.032 -> 0.025 WAPE with it, docs/performance.md)
+PERIODS_PER_YEAR = {"D": 365.2425, "B": 260.8929, "H": 168.0}
 
 
 def periods_per_year(freq: str) -> float:
-    """How many periods a year holds, for frequencies that get yearly terms (else 0)."""
+    """The longer cycle in periods (a year of days; a week of hours), for frequencies that get
+    its terms (else 0)."""
     return PERIODS_PER_YEAR.get(str(freq).upper(), 0.0)
 
 

@@ -137,3 +137,13 @@ def test_daily_batch_features_equal_the_naive_computation_yearly_terms_included(
     year_back = ff.to_frame()["lag_364"].to_numpy()
     first_year = ff.X[:, ff.names.index("trend")] < 364
     assert np.isnan(year_back[first_year]).all() and not np.isnan(year_back[~first_year]).all()
+
+
+def test_hourly_data_gets_the_week_as_its_longer_cycle():
+    """Issue 17: on M4 hourly the day alone (season 24) left the weekly cycle out (0.032 -> 0.025)."""
+    cfg = ProjectConfig().with_overrides({"data.freq": "h", "forecast.horizon": 48})
+    spec = FeatureSpec.from_config(cfg)
+    assert spec.season_length == 24 and spec.year_length == 168.0 and spec.yearly_terms > 0
+    assert 168 in spec.lags and {"ysin_1", "ycos_1"} <= set(spec.names)
+    weekly = FeatureSpec.from_config(ProjectConfig().with_overrides({"data.freq": "W"}))
+    assert weekly.year_length == 0.0 and not weekly.yearly_terms
