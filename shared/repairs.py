@@ -201,14 +201,20 @@ def _null_covariate(
     return filled
 
 
-def _check_grid(out: pd.DataFrame, starts: np.ndarray, spec: DataSpec) -> None:
-    """Refuse a grid far larger than the rows (sparse periods: a wrong freq or a garbled time)."""
+def _series_spans(out: pd.DataFrame, starts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per series (rows from each start): its row count, first and last period, and grid span."""
     n = len(out)
     periods = out[PERIOD].to_numpy()
     counts = np.diff(np.r_[starts, n])
     ends = np.r_[starts[1:], n] - 1
     first, last = periods[starts], periods[ends]
-    span = last - first + 1
+    return counts, first, last, last - first + 1
+
+
+def _check_grid(out: pd.DataFrame, starts: np.ndarray, spec: DataSpec) -> None:
+    """Refuse a grid far larger than the rows (sparse periods: a wrong freq or a garbled time)."""
+    n = len(out)
+    counts, first, last, span = _series_spans(out, starts)
     grid_rows = float(span.astype("float64").sum())
     if grid_rows > max(GRID_FACTOR * n, n + GRID_SLACK):
         widest = int(np.argmax(span))
@@ -285,10 +291,7 @@ def _fill_gaps(
         return _fill_auto(out, starts, spec, anchor, report, part, lost_nulls)
     n = len(out)
     periods = out[PERIOD].to_numpy()
-    counts = np.diff(np.r_[starts, n])
-    ends = np.r_[starts[1:], n] - 1
-    first, last = periods[starts], periods[ends]
-    span = last - first + 1
+    counts, first, _, span = _series_spans(out, starts)
     missing = span - counts
     total_missing = int(missing.sum())
     if total_missing == 0:
