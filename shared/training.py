@@ -328,6 +328,8 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
     # the most recent window says most about the next one, and 2 folds alone picked by chance
     on_test = bool(getattr(cfg.training, "select_on_test", True)) and i_test < len(y)
     test_preds: dict[str, np.ndarray] = {}
+    if on_test and g_pred is None:  # no test-window forecast of the global model: it cannot compete
+        names = [n for n in names if n != "global"]
     if on_test:
         for name in names:
             if name == "global":
