@@ -68,7 +68,8 @@ def describe(keys: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in keys.items())
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
+    """Is the text valid UTF-8 once encoded (no lone surrogate such as a JSON "\\ud800")?"""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -102,7 +103,7 @@ def partition_of(names: Sequence[str], keys: Any) -> tuple[str, dict[str, str]]:
         if isinstance(value, str) and len(value) > MAX_KEY_LENGTH:  # as ingestion refuses it
             raise PartitionKeyError(f"partition key {name!r}: {len(value):,} characters; at most "
                                     f"{MAX_KEY_LENGTH:,} characters", name)
-        if isinstance(value, str) and not _encodable(value):
+        if isinstance(value, str) and not encodable(value):
             raise PartitionKeyError(f"partition key {name!r} is not valid unicode (a lone surrogate)", name)
     extra = [k for k in keys if k not in names]
     if extra:

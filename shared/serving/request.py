@@ -25,7 +25,7 @@ import pandas as pd
 
 from shared.bounds import limit
 from shared.config import ProjectConfig
-from shared.keys import PARTITION_ID, PartitionKeyError, is_partition_id, partition_of
+from shared.keys import PARTITION_ID, PartitionKeyError, encodable, is_partition_id, partition_of
 from shared.serving.cache import ServingOptions
 from shared.serving.errors import BadRequest, PayloadTooLarge
 from shared.timegrid import to_periods
@@ -129,7 +129,7 @@ class RequestParser:
             raise BadRequest(f"the body must be a JSON object, got {type(data).__name__}", "body")
         raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
         utf8 = b"\x00" not in raw[:4]  # else UTF-16 or -32 (json.loads detects them): always walk
-        if not utf8 or _SURROGATE_ESCAPE.search(raw) or (isinstance(body, str) and _has_surrogate(body)):
+        if not utf8 or _SURROGATE_ESCAPE.search(raw) or (isinstance(body, str) and not encodable(body)):
             _check_strings(data)  # only then: the usual body pays one regex scan
         return data
 
@@ -267,14 +267,6 @@ def format_times(times: pd.Series | np.ndarray, freq: str) -> list[Any]:
     return [t.isoformat() for t in stamps]
 
 
-def _has_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
 def _check_strings(data: Mapping[str, Any]) -> None:
     try:
         _refuse_lone_surrogates(data)
@@ -286,13 +278,13 @@ def _refuse_lone_surrogates(value: Any, where: str = "body") -> None:
     """BadRequest naming the first string (or object key) holding a lone UTF-16 surrogate: JSON lets
     ``"\\ud800"`` through, but no key, date or number can be made of it (UTF-8 cannot encode it)."""
     if isinstance(value, str):
-        if _has_surrogate(value):
+        if not encodable(value):
             raise BadRequest(
                 f"{where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape): "
                 "not a valid character", where)
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            if isinstance(key, str) and _has_surrogate(key):
+            if isinstance(key, str) and not encodable(key):
                 raise BadRequest(
                     f"a field name in {where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
                     "escape): not a valid character", where)
