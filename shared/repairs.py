@@ -229,44 +229,6 @@ def _check_grid(out: pd.DataFrame, starts: np.ndarray, spec: DataSpec) -> None:
         )
 
 
-def _fill_auto(
-    out: pd.DataFrame,
-    starts: np.ndarray,
-    spec: DataSpec,
-    anchor: str | None,
-    report: ValidationReport,
-    part: PartContext | None,
-    lost_nulls: set[str] | frozenset[str],
-) -> pd.DataFrame:
-    """The ``auto`` gap policy (see :func:`_fill_gaps`): zeros where a series records zeros."""
-    n = len(out)
-    if n == 0:
-        return out
-    _check_grid(out, starts, spec)
-    counts = np.diff(np.r_[starts, n])
-    zeros = np.add.reduceat((out[spec.target].to_numpy() == 0).astype(np.int64), starts) > 0
-    if lost_nulls:
-        first_ids = out[PARTITION_ID].to_numpy()[starts]
-        zeros &= ~np.isin(first_ids, list(lost_nulls))
-    if zeros.all():
-        return _fill_gaps(out, starts, spec, "zero", anchor, report, part)
-    if not zeros.any():
-        return _fill_gaps(out, starts, spec, "keep", anchor, report, part)
-    group = np.repeat(np.arange(len(starts)), counts)
-    to_fill = zeros[group]
-    filled_part = out[to_fill].reset_index(drop=True)
-    filled = _fill_gaps(filled_part, np.r_[0, np.cumsum(counts[zeros])[:-1]], spec, "zero", anchor, report, part)
-    kept_part = out[~to_fill].reset_index(drop=True)
-    _fill_gaps(kept_part, np.r_[0, np.cumsum(counts[~zeros])[:-1]], spec, "keep", anchor, report, part)
-    # back into partition order: each series' rows stay together, its group number says where
-    filled_groups = np.flatnonzero(zeros)[np.cumsum(np.r_[True, filled[PARTITION_ID].to_numpy()[1:]
-                                                       != filled[PARTITION_ID].to_numpy()[:-1]]) - 1]
-    merged = pd.concat([filled, kept_part], ignore_index=True)
-    groups = np.r_[filled_groups, group[~to_fill]]
-    order = np.lexsort((merged[PERIOD].to_numpy(), groups))
-    return merged.iloc[order].reset_index(drop=True)
-
-
 def _fill_gaps(
     out: pd.DataFrame,
     starts: np.ndarray,
@@ -287,31 +249,40 @@ def _fill_gaps(
     without sales); any other series, and one that lost rows with a null target (``lost_nulls``,
     partition ids), keeps its gaps, as ``keep`` does: an absent row there is unknown, not a zero.
     """
-    if policy == "auto":
-        return _fill_auto(out, starts, spec, anchor, report, part, lost_nulls)
     n = len(out)
+    if n == 0:
+        return out
     periods = out[PERIOD].to_numpy()
     counts, first, _, span = _series_spans(out, starts)
     missing = span - counts
-    total_missing = int(missing.sum())
-    if total_missing == 0:
-        return out
-    gap_parts = np.flatnonzero(missing > 0)
-    examples = out.iloc[starts[gap_parts[:MAX_EXAMPLES]]][[*spec.keys]].assign(
-        missing_periods=missing[gap_parts[:MAX_EXAMPLES]]
-    )
-    if policy == "keep":
-        report.add("kept_gaps", total_missing, examples)
+    if policy == "auto":  # zeros only in a series that records zeros and lost no null target
+        _check_grid(out, starts, spec)  # a sparse grid is a wrong freq or time, filled or not
+        fill = np.add.reduceat((out[spec.target].to_numpy() == 0).astype(np.int64), starts) > 0
+        if lost_nulls:
+            fill &= ~np.isin(out[PARTITION_ID].to_numpy()[starts], list(lost_nulls))
+        policy = "zero"
+    else:
+        fill = np.full(len(starts), policy != "keep")
+    kept = np.flatnonzero(~fill & (missing > 0))
+    if len(kept):
+        report.add("kept_gaps", int(missing[kept].sum()), out.iloc[starts[kept[:MAX_EXAMPLES]]][[*spec.keys]].assign(
+            missing_periods=missing[kept[:MAX_EXAMPLES]]))
+    if not (fill & (missing > 0)).any():
         return out
     _check_grid(out, starts, spec)
     if part is not None:
         part.used_anchor = True
-    total = int(span.sum())
-    grid_start = np.r_[0, np.cumsum(span)[:-1]]
-    group_of_slot = np.repeat(np.arange(len(starts)), span)
-    slot_period = first[group_of_slot] + (np.arange(total) - grid_start[group_of_slot])
+    # a series that keeps its gaps keeps exactly its rows: its grid is its own periods
+    slots = np.where(fill, span, counts)
+    total = int(slots.sum())
+    grid_start = np.r_[0, np.cumsum(slots)[:-1]]
+    group_of_slot = np.repeat(np.arange(len(starts)), slots)
+    offset = np.arange(total) - grid_start[group_of_slot]
+    own = periods[np.minimum(starts[group_of_slot] + offset, n - 1)]
+    slot_period = np.where(fill[group_of_slot], first[group_of_slot] + offset, own)
     group_of_row = np.repeat(np.arange(len(starts)), counts)
-    slot_of_row = grid_start[group_of_row] + (periods - first[group_of_row])
+    slot_of_row = grid_start[group_of_row] + np.where(fill[group_of_row], periods - first[group_of_row],
+                                                      np.arange(n) - starts[group_of_row])
     row_of_slot = np.full(total, -1, dtype=np.int64)
     row_of_slot[slot_of_row] = np.arange(n)
     observed = row_of_slot >= 0

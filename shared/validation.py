@@ -503,6 +503,12 @@ def _check_key_lengths(work: pd.DataFrame, spec: DataSpec) -> None:
         col = work[name]
         if ptypes.is_numeric_dtype(col) or ptypes.is_bool_dtype(col) or ptypes.is_datetime64_any_dtype(col):
             continue
+        # a key repeats on every row of its series: measure each distinct value once
+        codes, uniques = pd.factorize(col, use_na_sentinel=False)
+        long_values = np.fromiter((len(str(v)) > bounds.MAX_KEY_LENGTH for v in uniques), dtype=bool,
+                                  count=len(uniques))
+        if not long_values.any():
+            continue
         lengths = col.astype("str").str.len()
         too_long = (lengths > bounds.MAX_KEY_LENGTH).to_numpy()
         if too_long.any():
