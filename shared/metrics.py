@@ -72,14 +72,19 @@ def robust_wape(actual: Sequence[float] | np.ndarray, predicted: Sequence[float]
     a = np.asarray(actual, dtype=np.float64)
     p = np.asarray(predicted, dtype=np.float64)
     ok = ~(np.isnan(a) | np.isnan(p))
-    a, p = a[ok], p[ok]
-    if a.size == 0:
+    if not ok.any():
         return float("nan")
-    cap = OUTLIER_SCALE * (typical_level(a) if level is None else float(level))
-    total = np.minimum(np.abs(a), cap).sum()
-    if total <= 0:
-        return float("nan")
-    return float(np.minimum(np.abs(a - p), cap).sum() / total)
+    error, total = capped_sums(a[ok], p[ok], level)
+    return error / total if total > 0 else float("nan")
+
+
+def capped_sums(actual: np.ndarray, predicted: np.ndarray, level: float | None = None) -> tuple[float, float]:
+    """Sum of |error| and sum of |actual|, each point capped at ``OUTLIER_SCALE`` x the typical
+    level (of ``actual`` unless given): the two halves of :func:`robust_wape`, which the batch's
+    pooled comparison adds up over partitions."""
+    cap = OUTLIER_SCALE * (typical_level(actual) if level is None else float(level))
+    return (float(np.minimum(np.abs(actual - predicted), cap).sum()),
+            float(np.minimum(np.abs(actual), cap).sum()))
 
 
 CEILING_FACTOR = float(np.e)  # forecasts stop at e times the largest plausible value of the history

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from shared.features import FeatureFrame
-from shared.metrics import OUTLIER_SCALE, selection_key, typical_level
+from shared.metrics import capped_sums, selection_key
 
 
 @dataclass
@@ -103,9 +103,7 @@ def _fold_error(actual: np.ndarray, pred: np.ndarray, filled: np.ndarray) -> tup
     each point capped at the series' outlier scale (as :func:`shared.metrics.robust_wape`), so
     that one series' wild value cannot decide the batch's favourite."""
     keep = ~filled & ~np.isnan(actual) & ~np.isnan(pred)
-    a, p = actual[keep], pred[keep]
-    cap = OUTLIER_SCALE * typical_level(a)
-    return float(np.minimum(np.abs(a - p), cap).sum()), float(np.minimum(np.abs(a), cap).sum())
+    return capped_sums(actual[keep], pred[keep])
 
 
 class _Residuals:
