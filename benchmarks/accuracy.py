@@ -305,6 +305,21 @@ def run_references(split: Split, cols: Columns, holdout: int, seed: int) -> dict
             for name, (pred, seconds) in found.items()}
 
 
+def load_earlier_references(path: str) -> dict[str, dict[str, Any]]:
+    """Per data set, what an earlier ``--json`` run recorded: its references and its hold-out shape."""
+    saved = json.loads(Path(path).read_text())
+    return {name: item for name, item in saved.get("datasets", {}).items() if item.get("references")}
+
+
+def reused_references(earlier: Mapping[str, Any], result: "DatasetResult", name: str) -> dict[str, dict[str, float]]:
+    """An earlier run's reference figures for this data set, refused unless its hold-out was the
+    same (series, training rows, held-out rows): the references are deterministic and take minutes."""
+    same = all(earlier.get(k) == getattr(result, k) for k in ("series", "train_rows", "holdout_rows", "horizon"))
+    if not same:
+        raise ValueError(f"--references-from: data set {name} was held out differently in that run")
+    return {ref: dict(figures) for ref, figures in earlier["references"].items()}
+
+
 # --------------------------------------------------------------------------- the CLI, as a user runs it
 
 
@@ -597,7 +612,10 @@ def benchmark_dataset(spec: DatasetSpec, folder: Path, args: argparse.Namespace)
                                                           args.workers, args.timeout, args.alone)
         except Exception as exc:  # noqa: BLE001 - the references' figures are still worth printing
             result.error = f"manymodels: {type(exc).__name__}: {exc}"
-        if not args.no_references:
+        earlier = (args.earlier_references or {}).get(spec.name)
+        if earlier is not None:
+            result.references = reused_references(earlier, result, spec.name)
+        elif not args.no_references:
             result.references = run_references(split, spec.cols, holdout, args.seed)
     except Exception as exc:  # noqa: BLE001 - one broken data set must not hide the others' figures
         result.error = (result.error + "; " if result.error else "") + f"{type(exc).__name__}: {exc}"
@@ -762,10 +780,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default="", help="a project TOML passed to every `run` of ours")
     parser.add_argument("--no-references", action="store_true",
                         help="ours only (the references take minutes: AutoARIMA on long seasonal series)")
+    parser.add_argument("--references-from", metavar="EARLIER.json",
+                        help="reuse the references' figures of an earlier --json run on the same hold-outs "
+                        "(checked: same series and row counts); the table says so")
     parser.add_argument("--alone", default="",
                         help="candidates to train and score alone, comma-separated ('default': the default "
                         "candidate set; default: none)")
     args = parser.parse_args(argv)
+    args.earlier_references = load_earlier_references(args.references_from) if args.references_from else {}
     args.alone = (default_candidates() if args.alone == "default"
                   else [n.strip() for n in args.alone.split(",") if n.strip()])
     return args
@@ -817,6 +839,9 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"after: {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs)")
     for line in summary_table(results):
         print(line)
+    if args.references_from:
+        print(f"references' figures reused from {args.references_from} (an earlier run of this script on the "
+              f"same hold-outs), not run again")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(to_json(results, args), indent=2, default=str) + "\n")
         print(f"figures written to {args.json_out}")

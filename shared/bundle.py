@@ -19,7 +19,7 @@ import pandas as pd
 
 from shared.candidates import MovingAverageBaseline
 from shared.features import FeatureSpec, series_features
-from shared.global_model import bind_global, needs_global
+from shared.global_model import bind_global, needs_global, uses_history
 from shared.selection import widening
 from shared.timegrid import PERIOD, from_periods, to_periods
 
@@ -41,6 +41,9 @@ def recursive_forecast(estimator: Any, spec: FeatureSpec, trend_origin: int, log
     periods = np.asarray(periods, dtype=np.int64)
     n_cov = len(spec.covariates)
     covariates = np.asarray(covariates, dtype=np.float64).reshape(len(periods), n_cov)
+    if uses_history(estimator):  # a model that reads the history itself (step by step: global_ar)
+        return _from_history(estimator, spec, trend_origin, log_covariates, hist_periods, hist_target,
+                             hist_covariates, origin, periods, covariates, ceiling)
     keep = (hist_periods <= origin) & (hist_periods > origin - spec.lookback)
     h_periods, h_target = hist_periods[keep], hist_target[keep]
     h_cov = np.asarray(hist_covariates, dtype=np.float64).reshape(len(hist_periods), n_cov)[keep]
@@ -56,6 +59,23 @@ def recursive_forecast(estimator: Any, spec: FeatureSpec, trend_origin: int, log
         block = slice(n_hist + start, n_hist + min(start + step, len(grid)))
         target[block] = np.clip(estimator.predict(X[block]), 0.0, ceiling)
     return target[n_hist + (periods - origin - 1)]
+
+
+def _from_history(estimator: Any, spec: FeatureSpec, trend_origin: int, log_covariates: Iterable[bool],
+                  hist_periods: np.ndarray, hist_target: np.ndarray, hist_covariates: np.ndarray,
+                  origin: int, periods: np.ndarray, covariates: np.ndarray, ceiling: float) -> np.ndarray:
+    """:func:`recursive_forecast` of an estimator that reads the history: itself, or the mean of an
+    ensemble's members, each forecast on its own terms."""
+    flags = tuple(log_covariates)
+    if getattr(estimator, "uses_history", False):
+        out = estimator.forecast_history(trend_origin, flags, hist_periods, hist_target, hist_covariates,
+                                         origin, periods, covariates, ceiling=ceiling)
+    else:
+        members = getattr(estimator, "members_", None) or estimator.members
+        out = np.mean([recursive_forecast(m, spec, trend_origin, flags, hist_periods, hist_target,
+                                          hist_covariates, origin, periods, covariates, ceiling=ceiling)
+                       for m in members], axis=0)
+    return np.clip(np.asarray(out, dtype=np.float64), 0.0, ceiling)
 
 
 def _ffill(a: np.ndarray) -> np.ndarray:

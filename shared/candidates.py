@@ -18,6 +18,9 @@ lag does not reach) and a target vector; ``fit`` ignores rows whose target is Na
   ``tsb`` — statsforecast's per-series models (:class:`~shared.local_models.StatsForecaster`).
 * ``global`` — one gradient-boosted model over all partitions (:mod:`shared.global_model`), seen
   by a partition through a :class:`~shared.global_model.GlobalView` (its scale, no copy of the model).
+* ``global_ar`` — the run's autoregressive global model (:mod:`shared.global_ar`): lags from 1,
+  forecast step by step from the partition's history, seen through a
+  :class:`~shared.global_model.GlobalARView`.
 * ``ensemble`` — :class:`AverageForecaster`: the mean of the two best candidates on validation,
   kept when it beats both (training adds it; it is not configured).
 * ``gbm`` — :class:`BoostedTreesForecaster`: scikit-learn's histogram gradient boosting on
@@ -218,23 +221,24 @@ class BoostedTreesForecaster(BaseEstimator, RegressorMixin):
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)[:, self.columns_]
-        raw = _small_hgb_predict(self.model_, X) if len(X) <= SMALL_ROWS else self.model_.predict(X)
+        raw = small_hgb_predict(self.model_, X) if len(X) <= SMALL_ROWS else self.model_.predict(X)
         return np.maximum(np.expm1(raw), 0.0)
 
 
 SMALL_ROWS = 256  # up to this many rows, trees are walked on one thread without sklearn's checks
 
 
-def _small_hgb_predict(model: HistGradientBoostingRegressor, X: np.ndarray) -> np.ndarray:
+def small_hgb_predict(model: HistGradientBoostingRegressor, X: np.ndarray) -> np.ndarray:
     """``model.predict(X)`` for a few float64 rows: the same tree walks, summed in the same order.
 
     scikit-learn's own ``_raw_predict`` loop minus what dominates a single request: input
-    validation and an OpenMP thread team per tree (50 trees, 4 rows). Models it does not cover
-    (several trees per iteration, a non-identity link) go through ``model.predict``.
+    validation and an OpenMP thread team per tree (50 trees, 4 rows); the link's inverse applied
+    as ``predict`` does (identity, or exp for the Poisson loss). Models it does not cover (several
+    trees per iteration) go through ``model.predict``.
     """
     predictors = getattr(model, "_predictors", None)
     link = getattr(getattr(model, "_loss", None), "link", None)
-    if (predictors is None or type(link).__name__ != "IdentityLink" or model.n_trees_per_iteration_ != 1
+    if (predictors is None or link is None or model.n_trees_per_iteration_ != 1
             or X.ndim != 2 or X.shape[1] != model.n_features_in_):
         return model.predict(X)
     raw = np.zeros((len(X), 1), dtype=model._baseline_prediction.dtype, order="F")

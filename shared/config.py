@@ -76,11 +76,12 @@ class CandidateSpec:
     log_target: bool = False
 
 
-DEFAULT_CANDIDATES = ("baseline", "naive", "snaive", "theta", "loglinear", "loglm", "global")
+DEFAULT_CANDIDATES = ("baseline", "naive", "snaive", "theta", "loglinear", "loglm", "global", "global_ar")
 # every built-in candidate name (shared.candidates.BUILTIN says what each is; kept here so that the
 # config can be checked without importing the models)
-BUILTIN_CANDIDATES = ("baseline", "naive", "snaive", "loglinear", "loglm", "gbm", "global", "theta", "ets",
-                      "croston", "tsb")
+BUILTIN_CANDIDATES = ("baseline", "naive", "snaive", "loglinear", "loglm", "gbm", "global", "global_ar", "theta",
+                      "ets", "croston", "tsb")
+POOLED_CANDIDATES = ("global", "global_ar")  # fitted once per run over every partition, not per partition
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import pandas as pd
 
 from shared import faults, layout
-from shared.config import ProjectConfig
+from shared.config import POOLED_CANDIDATES, ProjectConfig
 from shared.features import build_features
 from shared.global_model import GLOBAL_ID, fit_global, global_sample
 from shared.incremental import (CONFIG_TAG, carried_forward, carried_meta, carried_rows,
@@ -120,7 +120,7 @@ def global_model_path(run_id: str) -> str:
 
 def wants_global(cfg: ProjectConfig) -> bool:
     """The global model is fitted when it is a candidate or a source of the scoring chain."""
-    return "global" in cfg.training.candidates or "global" in cfg.scoring_chain
+    return bool(set(POOLED_CANDIDATES) & set(cfg.training.candidates)) or "global" in cfg.scoring_chain
 
 
 def train_global(ws: Workspace, run_id: str) -> dict[str, Any]:
@@ -160,7 +160,7 @@ def train_global(ws: Workspace, run_id: str) -> dict[str, Any]:
             yield ff, global_cuts(ff, cfg)
 
     models = fit_global(batches(), None, run_id, cfg.training.global_max_rows, seed=int(cfg.training.seed),
-                        keep_share=keep_share)
+                        keep_share=keep_share, autoregressive="global_ar" in cfg.training.candidates)
     dump_lake_pickle(ws.lake, path, models)  # the pickle, then the writer's digest beside it
     return {"run_id": run_id, "rows": models.rows, "seconds": round(models.seconds, 3)}
 

@@ -43,10 +43,12 @@ from typing import Any, Generator, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from shared.config import POOLED_CANDIDATES
 from shared.candidates import AverageForecaster, MovingAverageBaseline, check_candidates, make_candidate
 from shared.bundle import ForecastBundle, period_times, recursive_forecast  # noqa: F401 (pickles name it here)
 from shared.features import FeatureFrame, build_features
-from shared.global_model import GlobalModelSet, partition_stats
+from shared.global_ar import forecast_windows
+from shared.global_model import GlobalModelSet, partition_stats, uses_history
 from shared.keys import PARTITION_ID, key_dict
 from shared.metrics import evaluate, forecast_ceiling, robust_wape, selection_key
 from shared.selection import (Windows, _fold_error, _Residuals, beats, calibrated_intervals, choose,  # noqa: F401
@@ -145,6 +147,8 @@ class _Batch:
     anchor: str | None
     global_models: GlobalModelSet | None = None
     ceilings: dict[tuple[int, int], float] = field(default_factory=dict)
+    # per partition: the autoregressive global model's forecasts of its folds and of its test window
+    autoregressive: dict[int, tuple[list[np.ndarray], np.ndarray | None]] = field(default_factory=dict)
 
 
 def train_batch(frame: pd.DataFrame, cfg: Any, dataset_meta: Mapping[str, Any] | None = None,
@@ -170,6 +174,8 @@ def train_batch(frame: pd.DataFrame, cfg: Any, dataset_meta: Mapping[str, Any] |
     keys = [key_dict(key_cols, values) for values in firsts]
     anchor = meta["anchor"] if "anchor" in meta else _anchor(frame, cfg)
     batch = _Batch(cfg=cfg, ff=ff, cov=cov, keys=keys, anchor=anchor, global_models=global_models)
+    if wants_autoregressive(cfg, global_models):
+        batch.autoregressive = _autoregressive_backtests(batch)
     shared_seconds = perf_counter() - began  # features and set-up, shared out by rows
     n_rows = max(len(frame), 1)
     shares = [shared_seconds * (ff.bounds[g + 1] - ff.bounds[g]) / n_rows for g in range(ff.n_partitions)]
@@ -184,6 +190,48 @@ def train_batch(frame: pd.DataFrame, cfg: Any, dataset_meta: Mapping[str, Any] |
     results = [job.finish(share) for job, share in zip(jobs, shares)]
     _set_intervals(results, cfg)
     return results
+
+
+def wants_autoregressive(cfg: Any, global_models: GlobalModelSet | None) -> bool:
+    """Is ``global_ar`` a candidate, with its fits at hand?"""
+    return (global_models is not None and "global_ar" in cfg.training.candidates
+            and all(global_models.has_autoregressive(fit) for fit in ("validation", "test", "final")))
+
+
+def _autoregressive_backtests(batch: _Batch) -> dict[int, tuple[list[np.ndarray], np.ndarray | None]]:
+    """The autoregressive global model's forecasts of every partition's folds (its validation fit)
+    and test window (its test fit), each fit's windows of the whole batch forecast together
+    (:func:`shared.global_ar.forecast_windows`: one model call per step)."""
+    ff, cfg, gm = batch.ff, batch.cfg, batch.global_models
+    wins = {}
+    for g in range(ff.n_partitions):
+        rows = ff.rows(g)
+        if (~ff.filled[rows]).sum() >= 1:
+            wins[g] = partition_windows(ff.periods[rows], ff.filled[rows], cfg)
+    out: dict[int, tuple[list[np.ndarray], np.ndarray | None]] = {}
+    for fit in ("validation", "test"):
+        items, scales, centres, ceilings = [], [], [], []
+        for g, win in wins.items():
+            n = int(ff.bounds[g + 1] - ff.bounds[g])
+            cutoff = win.validation_start if fit == "validation" else win.test_start
+            chosen = ([(lo, hi, origin) for lo, hi, origin in win.folds] if fit == "validation"
+                      else ([(win.i_test, n, win.test_start - 1)] if win.i_test < n else []))
+            scale, centre = partition_stats(ff, g, int(cutoff))
+            for lo, hi, origin in chosen:
+                items.append((g, lo, hi, origin))
+                scales.append(scale)
+                centres.append(centre)
+                ceilings.append(_ceiling(batch, g, lo))
+        preds = forecast_windows(gm.fits[fit].autoregressive, ff, items, np.asarray(scales),
+                                 np.asarray(centres, dtype=np.float64).reshape(len(items), len(ff.spec.covariates)),
+                                 np.asarray(ceilings))
+        for (g, lo, hi, origin), pred in zip(items, preds):
+            folds, test = out.setdefault(g, ([], None))
+            if fit == "validation":
+                folds.append(pred)
+            else:
+                out[g] = (folds, pred)
+    return out
 
 
 def _is_sorted(frame: pd.DataFrame) -> bool:
@@ -272,17 +320,21 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
     residuals = _Residuals()
     cutoffs = {"validation": win.validation_start, "test": win.test_start, "final": np.iinfo(np.int64).max}
 
-    views: dict[str, Any] = {}
+    views: dict[tuple[str, bool], Any] = {}
 
-    def global_view(fit: str) -> Any:
+    def global_view(fit: str, autoregressive: bool = False) -> Any:
         """The partition's view of one global fit: its statistics before that fit's cut-off
         (made once per fit: the test view forecasts the test window and joins the test-fit
         ensemble; the final view is the model's member and the bundle's fallback)."""
-        if gm is None or fit not in gm.fits:
+        if gm is None or fit not in gm.fits or (autoregressive and not gm.has_autoregressive(fit)):
             return None
-        if fit not in views:
-            views[fit] = gm.view(fit, *partition_stats(ff, g, int(cutoffs[fit])))
-        return views[fit]
+        if (fit, autoregressive) not in views:
+            views[fit, autoregressive] = gm.view(fit, *partition_stats(ff, g, int(cutoffs[fit])),
+                                                 autoregressive=autoregressive)
+        return views[fit, autoregressive]
+
+    def pooled_views(fit: str) -> dict[str, Any]:
+        return {"global": global_view(fit), "global_ar": global_view(fit, autoregressive=True)}
 
     i_test = win.i_test
     test_y, test_filled = y[i_test:], filled[i_test:]
@@ -312,14 +364,20 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
         _baseline_only(batch, g, result, clock, y_obs, reason, win, residuals, g_pred, global_view("final"))
         return
 
+    # the autoregressive global model's forecasts of the same windows (made for the whole batch)
+    ar_folds, ar_test = batch.autoregressive.get(g, (None, None))
+    if ar_folds is not None and len(ar_folds) != len(win.folds):
+        ar_folds = None
+    pooled = {"global": (global_folds, g_pred), "global_ar": (ar_folds, ar_test)}
+
     metric = cfg.training.selection_metric
-    names = [n for n in cfg.training.candidates if n != "global" or global_folds is not None]
+    names = [n for n in cfg.training.candidates if n not in pooled or pooled[n][0] is not None]
     fold_actual = np.concatenate([y[lo:hi] for lo, hi, _ in win.folds])
     fold_filled = np.concatenate([filled[lo:hi] for lo, hi, _ in win.folds])
     fold_preds: dict[str, np.ndarray] = {}
     for name in names:
-        if name == "global":
-            parts = global_folds
+        if name in pooled:
+            parts = pooled[name][0]
         else:
             parts = [_window_forecast(batch, g, clock.fit(make_candidate(name, cfg, ff.spec), X[:lo], y_obs[:lo]),
                                       clock, lo, hi, origin) for lo, hi, origin in win.folds]
@@ -328,12 +386,11 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
     # the most recent window says most about the next one, and 2 folds alone picked by chance
     on_test = bool(getattr(cfg.training, "select_on_test", True)) and i_test < len(y)
     test_preds: dict[str, np.ndarray] = {}
-    if on_test and g_pred is None:  # no test-window forecast of the global model: it cannot compete
-        names = [n for n in names if n != "global"]
-    if on_test:
+    if on_test:  # a pooled model without a test-window forecast cannot compete
+        names = [n for n in names if n not in pooled or pooled[n][1] is not None]
         for name in names:
-            if name == "global":
-                test_preds[name] = g_pred
+            if name in pooled:
+                test_preds[name] = pooled[name][1]
             else:
                 fitted = clock.fit(make_candidate(name, cfg, ff.spec), X[:i_test], y_obs[:i_test])
                 test_preds[name] = _window_forecast(batch, g, fitted, clock, i_test, len(y), win.test_start - 1)
@@ -346,22 +403,14 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
     key = _selection_key(metric)
     scores = {n: _score(ev_actual, evidence(n), ev_filled)[key] for n in names}
     prior = yield {n: _fold_error(ev_actual, evidence(n), ev_filled) for n in names}
-    best, members = choose(scores, names, metric, prior, float(cfg.training.selection_margin))
-    if cfg.training.ensemble:
-        # the mean of the two best, or of the best local model with the global one (whichever the
-        # evidence prefers), answers: on data we had not tuned on, the mean of the two best beat the
-        # single best on 5 of 7 real sets (docs/performance.md), where a winner picked on 36-50
-        # points is often the luckiest rather than the best
-        pairs = [(_score(ev_actual, (evidence(a) + evidence(b)) / 2.0, ev_filled)[key], (a, b))
-                 for a, b in _ensemble_pairs(scores, names, metric)]
-        pairs = [(score, pair) for score, pair in pairs if np.isfinite(selection_key(score, metric))]
-        if pairs:
-            score, pair = min(pairs, key=lambda item: selection_key(item[0], metric))
-            scores["ensemble"] = score
-            best, members = "ensemble", pair
-            fold_preds["ensemble"] = (fold_preds[pair[0]] + fold_preds[pair[1]]) / 2.0
-            if on_test:
-                test_preds["ensemble"] = (test_preds[pair[0]] + test_preds[pair[1]]) / 2.0
+    margin, ensemble = float(cfg.training.selection_margin), bool(cfg.training.ensemble)
+    best, members, pair_score = _rule_choice(scores, lambda n: evidence(n), ev_actual, ev_filled, names, metric,
+                                             prior, margin, ensemble)
+    if best == "ensemble":
+        scores["ensemble"] = pair_score
+        fold_preds["ensemble"] = (fold_preds[members[0]] + fold_preds[members[1]]) / 2.0
+        if on_test:
+            test_preds["ensemble"] = (test_preds[members[0]] + test_preds[members[1]]) / 2.0
     base_folds = fold_preds.get("baseline")
     if base_folds is None:
         base_folds = np.concatenate([_window_forecast(batch, g, MovingAverageBaseline().fit(None, y_obs[:lo]), clock,
@@ -373,7 +422,7 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
     if on_test:
         pred = test_preds[best]
     else:
-        model = _fit_members(batch, members, X[:i_test], y_obs[:i_test], clock, global_view("test"))
+        model = _fit_members(batch, members, X[:i_test], y_obs[:i_test], clock, pooled_views("test"))
         pred = _window_forecast(batch, g, model, clock, i_test, len(y), win.test_start - 1)
     base = clock.fit(MovingAverageBaseline(), None, y_obs[:i_test])
     base_pred = np.minimum(clock.predict(base, len(y) - i_test), _ceiling(batch, g, i_test))
@@ -397,7 +446,7 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
         result.metrics[f"{prefix}backtest_wape"] = scored["wape"]
         result.metrics[f"{prefix}robust_backtest_wape"] = scored["robust_wape"]
 
-    final = _fit_members(batch, members, X, y_obs, clock, global_view("final"))
+    final = _fit_members(batch, members, X, y_obs, clock, pooled_views("final"))
     final_base = clock.fit(MovingAverageBaseline(), None, y_obs)
     result.status, result.model_name = "trained", best
     result.bundle = _bundle(batch, g, best, final, final_base, result.metrics,
@@ -405,13 +454,38 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
     _finish_bundle(result, residuals, global_view("final"))
 
 
+def _rule_choice(scores: Mapping[str, float], evidence: Any, actual: np.ndarray, filled: np.ndarray,
+                 names: list[str], metric: str, prior: str | None, margin: float,
+                 ensemble: bool) -> tuple[str, tuple[str, ...], float]:
+    """The choice rule on one body of evidence: ``(name, members, score of the chosen pair)``.
+
+    With ``ensemble``: the mean of the two best, or of the best local model with a global one
+    (whichever the evidence prefers), answers: on data we had not tuned on, the mean of the two
+    best beat the single best on 5 of 7 real sets (docs/performance.md), where a winner picked on
+    36-50 points is often the luckiest rather than the best. Else the best (the batch's favourite
+    unless the partition's own best beats it by the margin).
+    """
+    best, members = choose(scores, names, metric, prior, margin)
+    if not ensemble:
+        return best, members, float("nan")
+    key = _selection_key(metric)
+    pairs = [(_score(actual, (evidence(a) + evidence(b)) / 2.0, filled)[key], (a, b))
+             for a, b in _ensemble_pairs(scores, names, metric)]
+    pairs = [(score, pair) for score, pair in pairs if np.isfinite(selection_key(score, metric))]
+    if not pairs:
+        return best, members, float("nan")
+    score, pair = min(pairs, key=lambda item: selection_key(item[0], metric))
+    return "ensemble", pair, score
+
+
 def _fit_members(batch: _Batch, members: tuple[str, ...], X: np.ndarray, y_obs: np.ndarray, clock: _Clock,
-                 view: Any) -> Any:
-    """The chosen candidate (or the ensemble of two) fitted on the given rows."""
+                 views: Mapping[str, Any]) -> Any:
+    """The chosen candidate (or the ensemble of two) fitted on the given rows; the pooled ones
+    (``global``, ``global_ar``) are the partition's views of the run's fit."""
     fitted = []
     for name in members:
-        if name == "global":
-            fitted.append(view)
+        if name in views:
+            fitted.append(views[name])
         else:
             fitted.append(clock.fit(make_candidate(name, batch.cfg, batch.ff.spec), X, y_obs))
     if len(fitted) == 1:
@@ -490,7 +564,8 @@ def _window_forecast(batch: _Batch, g: int, est: Any, clock: _Clock, lo: int, hi
     if isinstance(est, MovingAverageBaseline):
         return np.minimum(clock.predict(est, hi - lo), ceiling)
     periods = ff.periods[rows]
-    if periods[hi - 1] - origin <= ff.spec.horizon:  # every lag reads history: the batch features hold
+    if periods[hi - 1] - origin <= ff.spec.horizon and not uses_history(est):
+        # every lag reads history: the batch features hold
         return np.minimum(clock.predict(est, ff.X[rows][lo:hi]), ceiling)
     t = perf_counter()
     out = recursive_forecast(est, ff.spec, int(ff.trend_origin[g]), ff.log_covariates[g],
@@ -526,13 +601,15 @@ def _selection_key(metric: str) -> str:
 
 
 def _ensemble_pairs(scores: Mapping[str, float], names: list[str], metric: str) -> list[tuple[str, str]]:
-    """The combinations worth a try: the two best candidates, and the best local one with the global."""
+    """The combinations worth a try: the two best candidates, and the best local one with each
+    pooled model (``global``, ``global_ar``)."""
     ranked = [n for n in sorted(names, key=lambda n: (selection_key(scores[n], metric), names.index(n)))
               if np.isfinite(selection_key(scores[n], metric))]
     pairs = [(ranked[0], ranked[1])] if len(ranked) >= 2 else []
-    local = [n for n in ranked if n != "global"]
-    if "global" in ranked and local and {local[0], "global"} != set(pairs[0] if pairs else ()):
-        pairs.append((local[0], "global"))
+    local = [n for n in ranked if n not in POOLED_CANDIDATES]
+    for pooled in POOLED_CANDIDATES:
+        if pooled in ranked and local and {local[0], pooled} not in [set(p) for p in pairs]:
+            pairs.append((local[0], pooled))
     return pairs
 
 

@@ -66,7 +66,7 @@ def test_a_view_pickles_without_the_model_and_predicts_once_bound(trained):
 def test_candidates_compete_over_folds_and_every_bundle_carries_intervals(trained):
     _, results = trained
     chosen = {r.model_name for r in results.values() if r.status == "trained"}
-    assert chosen <= {"baseline", "naive", "snaive", "theta", "loglinear", "loglm", "global", "ensemble"}
+    assert chosen <= {"baseline", "naive", "snaive", "theta", "loglinear", "loglm", "global", "global_ar", "ensemble"}
     for r in results.values():
         if r.status == "trained":
             assert {"baseline", "loglinear", "loglm", "global"} <= set(r.candidate_scores)
