@@ -247,6 +247,21 @@ def compute_features(spec: FeatureSpec, bounds: np.ndarray, periods: np.ndarray,
         with np.errstate(invalid="ignore", divide="ignore"):
             X[:, col] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         col += 1
+    col = write_calendar(X, col, spec, periods)
+    if cov.shape[1]:
+        use_log = log_cov[part]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            logged = np.log(np.where(cov > 0, cov, np.nan))
+        X[:, col:col + cov.shape[1]] = np.where(use_log, logged, cov)
+        col += cov.shape[1]
+    X[:, col] = (periods - trend_origin[part]).astype(np.float64)
+    return X
+
+
+def write_calendar(X: np.ndarray, col: int, spec: FeatureSpec, periods: np.ndarray) -> int:
+    """Write the Fourier terms of the season (and of the longer cycle) of ``periods`` into ``X``
+    from column ``col``; returns the next free column. Shared by the batch and the step-by-step
+    features (:mod:`shared.global_ar`)."""
     phase = 2.0 * np.pi * np.mod(periods, max(spec.season_length, 1)) / max(spec.season_length, 1)
     for j in spec._fourier_orders():
         if 2 * j != spec.season_length:
@@ -260,14 +275,7 @@ def compute_features(spec: FeatureSpec, bounds: np.ndarray, periods: np.ndarray,
             X[:, col] = np.sin(j * year_phase)
             X[:, col + 1] = np.cos(j * year_phase)
             col += 2
-    if cov.shape[1]:
-        use_log = log_cov[part]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            logged = np.log(np.where(cov > 0, cov, np.nan))
-        X[:, col:col + cov.shape[1]] = np.where(use_log, logged, cov)
-        col += cov.shape[1]
-    X[:, col] = (periods - trend_origin[part]).astype(np.float64)
-    return X
+    return col
 
 
 def series_features(spec: FeatureSpec, periods: np.ndarray, y: np.ndarray, cov: np.ndarray,

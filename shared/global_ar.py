@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from shared.features import FeatureFrame, FeatureSpec, compute_features, rolling_windows
+from shared.features import FeatureFrame, FeatureSpec, compute_features, rolling_windows, write_calendar
 
 AR_LAGS = 7  # lags 1..7 (mlforecast's common choice), plus the seasonal and yearly lags
 LEVEL_WINDOW = 4
@@ -123,20 +123,7 @@ def step_features(spec1: FeatureSpec, M: np.ndarray, j: int, periods: np.ndarray
         total = np.where(np.isnan(window), 0.0, window).sum(axis=1)
         X[:, col] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         col += 1
-    s = max(spec1.season_length, 1)
-    phase = 2.0 * np.pi * np.mod(periods, s) / s
-    for order in spec1._fourier_orders():
-        if 2 * order != spec1.season_length:
-            X[:, col] = np.sin(order * phase)
-            col += 1
-        X[:, col] = np.cos(order * phase)
-        col += 1
-    if spec1.yearly_terms:
-        year_phase = 2.0 * np.pi * periods / spec1.year_length
-        for order in range(1, spec1.yearly_terms + 1):
-            X[:, col] = np.sin(order * year_phase)
-            X[:, col + 1] = np.cos(order * year_phase)
-            col += 2
+    col = write_calendar(X, col, spec1, periods)
     n_cov = len(spec1.covariates)
     if n_cov:
         X[:, col:col + n_cov] = cov
