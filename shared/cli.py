@@ -51,6 +51,7 @@ from shared.cli_commands import (  # noqa: F401  (re-exported: the commands and 
     cmd_train,
 )
 from shared import failures
+from shared.config import DataSpec, ForecastSpec
 from shared.errors import ManyModelsError
 
 EXIT_USAGE = 2  # a ManyModelsError (or a missing input file): the message says what to change
@@ -88,15 +89,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
+    # the defaults the help states are the config's own (one place to change them)
+    data, fc = DataSpec(), ForecastSpec()
     g = parser.add_argument_group("data and forecasting (override the config)")
-    g.add_argument("--keys", help="partition key columns, comma-separated (default store,item)")
-    g.add_argument("--time", help="time column (default date)")
-    g.add_argument("--target", help="target column (default sales)")
-    g.add_argument("--covariates", help="known-in-advance covariate columns, comma-separated ('' for none)")
-    g.add_argument("--freq", help="pandas offset alias (D, W, MS, M, Q ...) or 'int' for integer periods")
-    g.add_argument("--horizon", type=int, help="periods to forecast (default 12)")
-    g.add_argument("--test-periods", type=int, help="held-out test window (default 12)")
-    g.add_argument("--validation-periods", type=int, help="model-selection window (default 12)")
+    g.add_argument("--keys", help=f"partition key columns, comma-separated (default {','.join(data.keys)})")
+    g.add_argument("--time", help=f"time column (default {data.time})")
+    g.add_argument("--target", help=f"target column (default {data.target})")
+    g.add_argument("--covariates", help="known-in-advance covariate columns, comma-separated ('' for none; "
+                                        f"default {','.join(data.covariates)})")
+    g.add_argument("--freq", help="pandas offset alias (D, W, MS, M, Q ...) or 'int' for integer periods "
+                                  f"(default {data.freq})")
+    g.add_argument("--horizon", type=int, help=f"periods to forecast (default {fc.horizon})")
+    g.add_argument("--test-periods", type=int, help=f"held-out test window (default {fc.test_periods})")
+    g.add_argument("--validation-periods", type=int,
+                   help=f"model-selection window, each fold (default {fc.validation_periods})")
     g.add_argument("--season-length", type=int, help="periods per season (default from --freq)")
     g.add_argument("--seed", type=int, help="random seed for the models")
     g.add_argument("--workers", type=int, help="worker processes (0 = one per CPU)")
@@ -122,6 +128,7 @@ def _writer_lock(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manymodels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"manymodels {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable, help_text: str, data: bool = True) -> argparse.ArgumentParser:
@@ -136,16 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = sub.add_parser("generate", help="write a synthetic retail panel (CSV or Parquet by suffix)")
-    p.add_argument("--partitions", type=_bounded("generate.partitions", int), default=500)
-    p.add_argument("--periods", type=_bounded("generate.periods", int), default=156)
-    p.add_argument("--freq", default="W")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("generate", help="write a synthetic retail panel (CSV or Parquet by suffix)",
+                       description="write a synthetic retail panel (store x item series with price and "
+                                   "promotion covariates, gaps and intermittent series), streamed")
+    p.add_argument("--partitions", type=_bounded("generate.partitions", int), default=500,
+                   help="number of series (default 500)")
+    p.add_argument("--periods", type=_bounded("generate.periods", int), default=156,
+                   help="periods per series (default 156)")
+    p.add_argument("--freq", default="W", help="pandas offset alias of the periods (default W)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--intermittent", type=float, default=None, metavar="SHARE",
                    help="share of intermittent-demand series, mostly zeros (default 0.10)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--out", required=True, help="file to write: .csv or .parquet")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_generate)
 
     p = add("ingest", cmd_ingest, "validate and partition a data set into the lake")
@@ -205,6 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("manymodels")
+    except PackageNotFoundError:  # run from a checkout without installing it
+        return "0+unknown"
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our output went away (``manymodels models list | head -1``): not an error.
+    Further writes go to /dev/null so that the interpreter's final flush does not fail either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
@@ -220,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("terminated by SIGTERM: stopped; rerun the same command to resume where it stopped",
               file=sys.stderr)
         return failures.EXIT_TERMINATED
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except KeyboardInterrupt:
         if args.command == "serve":
             print("server stopped", file=sys.stderr)
@@ -239,7 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if known and len(text) > 1:
             message = " | ".join(t.strip() for t in text[:8])
         print(f"error: {message}" + ("" if known else " (run with --debug for the traceback)"), file=sys.stderr)
-        return EXIT_USAGE if known else EXIT_FAILED
+        code = EXIT_USAGE if known else EXIT_FAILED
+        if getattr(args, "json", False):  # a script reading stdout gets the error as JSON too
+            print(json.dumps({"error": message, "exit_code": code}, sort_keys=True))
+        return code
     problems = list(result.get("problems") or []) if isinstance(result, dict) else []
     code = EXIT_PARTIAL if problems else 0
     if problems:
@@ -247,8 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in problems[:10]:
             print(f"  {line}", file=sys.stderr)
     if args.json:
-        print(json.dumps({**result, "exit_code": code} if isinstance(result, dict) else result,
-                         default=str, sort_keys=True))
+        try:
+            print(json.dumps({**result, "exit_code": code} if isinstance(result, dict) else result,
+                             default=str, sort_keys=True))
+        except BrokenPipeError:
+            return _quiet_broken_pipe()
     return code
 
 

@@ -278,3 +278,35 @@ def test_the_run_summary_compares_with_the_baseline_in_sensible_words():
     assert "-" not in worse and worse == "over a million times the baseline's error"
     assert versus_baseline(0.45, 0.30) == "1.5 times the baseline's error"
     assert versus_baseline(float("nan"), 0.3).startswith("no comparison")
+
+
+def test_a_reader_that_stops_early_is_not_an_error(ran):
+    """`manymodels models list | head -1`: the reader went away before our output; exit 0, no traceback
+    (the read end is closed before the command writes, so the write always fails)."""
+    read, write = os.pipe()
+    os.close(read)
+    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "models", "list", "--workdir", str(ran)],
+                            cwd=REPO, text=True, stdout=write, stderr=subprocess.PIPE)
+    os.close(write)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "BrokenPipe" not in err and "Traceback" not in err
+
+
+def test_json_errors_are_json_on_stdout_too(tmp_path, capsys):
+    code, out, err = _run(capsys, "score", "--workdir", str(tmp_path / "nothing"), "--json")
+    assert code == 2 and err.startswith("error:")
+    parsed = json.loads(out.strip().splitlines()[-1])
+    assert parsed["exit_code"] == 2 and parsed["error"] in err
+
+
+def test_the_help_states_the_configs_own_defaults_and_the_version(capsys):
+    from shared.config import ForecastSpec
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"each fold (default {ForecastSpec().validation_periods})" in text
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("manymodels ")
