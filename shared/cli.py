@@ -104,6 +104,14 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--validation-periods", type=int,
                    help=f"model-selection window, each fold (default {fc.validation_periods})")
     g.add_argument("--season-length", type=int, help="periods per season (default from --freq)")
+    r = parser.add_argument_group("reading the input (override the config)")
+    r.add_argument("--time-format", help="strptime format of text times, e.g. '%%d.%%m.%%Y' (default: inferred)")
+    r.add_argument("--dayfirst", action="store_true", default=None,
+                   help="text dates are day first: 03/04/2024 is 3 April")
+    r.add_argument("--delimiter", help="CSV field delimiter (default: sniffed from the header among , ; tab |)")
+    r.add_argument("--decimal", help="decimal mark of CSV numbers: '.' or ',' (default '.')")
+    r.add_argument("--thousands", help="thousands separator of CSV numbers, e.g. ',' in 24,924.50 (default none)")
+    r.add_argument("--encoding", help="text encoding of CSV files (default utf-8; latin-1, cp1252...)")
     g.add_argument("--seed", type=int, help="random seed for the models")
     g.add_argument("--workers", type=int, help="worker processes (0 = one per CPU)")
     g.add_argument("--mini-batch-size", type=int, help="files per run(mini_batch) call")

@@ -39,6 +39,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "runner.workers": get("workers"),
         "runner.mini_batch_size": get("mini_batch_size"),
         "runner.rows_per_file": get("rows_per_file"),
+        "data.time_format": get("time_format"),
+        "data.dayfirst": get("dayfirst"),
+        "ingest.delimiter": "\t" if get("delimiter") in ("tab", "\\t") else get("delimiter"),
+        "ingest.decimal": get("decimal"),
+        "ingest.thousands": get("thousands"),
+        "ingest.encoding": get("encoding"),
     }
     if get("no_progress"):
         overrides["runner.progress"] = False

@@ -37,6 +37,9 @@ class DataSpec:
     # an IANA zone (e.g. "Europe/Berlin") that daily and coarser times with a UTC offset are converted
     # to; None: the local date as written (docs/configuration.md, "Time zones")
     timezone: str | None = None
+    # how text times are written: a strptime format ("%d.%m.%Y"); None: inferred from the first values
+    time_format: str | None = None
+    dayfirst: bool = False  # "03/04/2024" is 3 April (when no time_format says so)
 
 
 @dataclass
@@ -175,6 +178,12 @@ class IngestSpec:
 
     memory_mb: int = 2048  # peak memory of ingestion (all its processes), whatever the input's size
     workers: int = 0  # processes validating buckets in parallel; 0 = one per CPU
+    # how a CSV file is written (shared.ingest.csv_options): the field delimiter ("auto": sniffed
+    # from the header among , ; tab |), the decimal mark, the thousands separator, the text encoding
+    delimiter: str = "auto"
+    decimal: str = "."
+    thousands: str | None = None
+    encoding: str = "utf-8"
 
 
 @dataclass
@@ -267,6 +276,7 @@ class ProjectConfig:
                               f"{list(RESERVED_KEY_NAMES)})")
         check_freq(d.freq)
         check_timezone(d.timezone)
+        check_csv_options(self.ingest, d)
         self._validate_bounds()
         _one_of("validation.null_keys", self.validation.null_keys, {"error", "drop"})
         _one_of("validation.null_target", self.validation.null_target, {"drop", "zero", "error"})
@@ -506,6 +516,31 @@ def check_freq(freq: str) -> None:
         offset_alias(freq)
     except ValueError as exc:
         raise ConfigError(f"data.freq: {freq!r} is not a pandas offset alias (D, W, MS, M, Q...) or 'int'") from exc
+
+
+def check_csv_options(ingest: Any, data: Any) -> None:
+    """The CSV options are single characters that a reader can tell apart, in a known encoding."""
+    import codecs
+
+    if ingest.delimiter != "auto" and (not isinstance(ingest.delimiter, str) or len(ingest.delimiter) != 1
+                                       or ingest.delimiter in ('"', "\n", "\r")):
+        raise ConfigError(f"ingest.delimiter {ingest.delimiter!r}: one character (',' ';' '\\t' '|'...) "
+                          "or 'auto' (sniffed from the header)")
+    _one_of("ingest.decimal", ingest.decimal, {".", ","})
+    if ingest.thousands is not None and (ingest.thousands not in {",", ".", " ", "'", "_"}
+                                         or ingest.thousands == ingest.decimal):
+        raise ConfigError(f"ingest.thousands {ingest.thousands!r}: one of ',' '.' ' ' \"'\" '_', "
+                          f"not the decimal mark {ingest.decimal!r}")
+    if ingest.delimiter != "auto" and ingest.delimiter in (ingest.decimal, ingest.thousands):
+        raise ConfigError(f"ingest.delimiter {ingest.delimiter!r} is also the decimal mark or thousands "
+                          "separator: a reader could not tell fields apart")
+    try:
+        codecs.lookup(str(ingest.encoding))
+    except LookupError as exc:
+        raise ConfigError(f"ingest.encoding {ingest.encoding!r} is not a known text encoding "
+                          "(utf-8, latin-1, cp1252...)") from exc
+    if data.time_format is not None and "%" not in str(data.time_format):
+        raise ConfigError(f"data.time_format {data.time_format!r} is not a strptime format (e.g. '%d.%m.%Y')")
 
 
 def check_timezone(zone: str | None) -> None:

@@ -9,6 +9,7 @@ able to tell the user which input was unreadable.
 from __future__ import annotations
 
 import decimal
+import gzip
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -79,8 +80,9 @@ def iter_batches(path: Path, kind: str, cfg: ProjectConfig, batch_rows: int) -> 
     the same parser as :func:`read_source`), with the same errors as ``read_source``."""
     if kind == "csv":
         try:
-            key_types = _csv_key_types(path, cfg)
-            with pd.read_csv(path, dtype=key_types, keep_default_na=True, chunksize=batch_rows) as chunks:
+            options = csv_options(path, cfg)
+            key_types = _csv_key_types(path, cfg, options)
+            with pd.read_csv(path, dtype=key_types, keep_default_na=True, chunksize=batch_rows, **options) as chunks:
                 yield from chunks
         except pd.errors.EmptyDataError as exc:
             raise IngestError(f"source {path}: the CSV file is empty (no header row)") from exc
@@ -127,10 +129,49 @@ def table_to_pandas(table: pa.Table) -> pd.DataFrame:
     return _plain(table.to_pandas())
 
 
-def _csv_key_types(path: Path, cfg: ProjectConfig) -> dict[str, type]:
-    """The key columns' types for pandas; refuses a header that names a column twice (pandas would
+SNIFFED = ",;\t|"  # the delimiters ingest.delimiter = "auto" chooses among
+
+
+def csv_options(path: Path, cfg: ProjectConfig) -> dict[str, Any]:
+    """``pandas.read_csv`` options for the file: the configured delimiter (or the one its header
+    uses, among ``SNIFFED``), decimal mark, thousands separator and encoding (``[ingest]``)."""
+    spec = cfg.ingest
+    sep = spec.delimiter
+    if sep == "auto":
+        sep = sniff_delimiter(path, spec.encoding)
+    options: dict[str, Any] = {"sep": sep, "decimal": spec.decimal, "encoding": spec.encoding}
+    if spec.thousands:
+        options["thousands"] = spec.thousands
+    return options
+
+
+def sniff_delimiter(path: Path, encoding: str = "utf-8") -> str:
+    """The delimiter of a CSV file's header line: the candidate it holds most often outside quotes
+    (',' when it holds none: a one-column file). The header is read, not guessed from data rows,
+    whose decimal commas would mislead."""
+    opener = gzip.open if "".join(path.suffixes[-2:]).lower() == ".csv.gz" else open
+    try:
+        with opener(path, "rt", encoding=encoding, errors="replace", newline="") as fh:
+            header = fh.readline()
+    except OSError:
+        return ","
+    outside, quoted = [], False
+    for char in header:
+        if char == '"':
+            quoted = not quoted
+        elif not quoted:
+            outside.append(char)
+    counts = {sep: outside.count(sep) for sep in SNIFFED}
+    best = max(counts, key=lambda sep: (counts[sep], -SNIFFED.index(sep)))
+    return best if counts[best] else ","
+
+
+def _csv_key_types(path: Path, cfg: ProjectConfig, options: dict[str, Any] | None = None) -> dict[str, type]:
+    """The key (and text time) columns' types for pandas; refuses a header that names a column twice (pandas would
     rename the second ``price`` to ``price.1`` and one of the two would be dropped unseen)."""
-    names = [str(v) for v in pd.read_csv(path, nrows=1, header=None, dtype=str).iloc[0].tolist()] \
+    options = options if options is not None else csv_options(path, cfg)
+    head = {"sep": options["sep"], "encoding": options["encoding"]}
+    names = [str(v) for v in pd.read_csv(path, nrows=1, header=None, dtype=str, **head).iloc[0].tolist()] \
         if path.stat().st_size else []
     seen: set[str] = set()
     for name in names:
@@ -138,8 +179,11 @@ def _csv_key_types(path: Path, cfg: ProjectConfig) -> dict[str, type]:
             raise IngestError(f"source {path.name}: the header names the column {name!r} more than once "
                               f"(columns: {names}); rename or remove one of them")
         seen.add(name)
-    header = pd.read_csv(path, nrows=0).columns
-    return {k: str for k in cfg.data.keys if k in header}
+    header = pd.read_csv(path, nrows=0, **head).columns
+    types = {k: str for k in cfg.data.keys if k in header}
+    if cfg.data.freq != "int" and cfg.data.time in header:  # text times stay text: a thousands separator
+        types[cfg.data.time] = str                          # would read 03.04.2024 as 3042024
+    return types
 
 
 def _parquet_dataset(path: Path, kind: str) -> pads.Dataset:
@@ -159,8 +203,9 @@ def _parquet_dataset(path: Path, kind: str) -> pads.Dataset:
 
 def _read_csv(path: Path, cfg: ProjectConfig) -> pd.DataFrame:
     try:
-        key_types = _csv_key_types(path, cfg)
-        return pd.read_csv(path, dtype=key_types, keep_default_na=True)
+        options = csv_options(path, cfg)
+        key_types = _csv_key_types(path, cfg, options)
+        return pd.read_csv(path, dtype=key_types, keep_default_na=True, **options)
     except pd.errors.EmptyDataError as exc:
         raise IngestError(f"source {path}: the CSV file is empty (no header row)") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:

@@ -57,6 +57,7 @@ from shared import bounds
 from shared.config import ProjectConfig
 from shared.ingest import (
     ODBC_PREFIX,
+    csv_options,
     estimate_rows,
     file_kind,
     iter_batches,
@@ -153,14 +154,14 @@ def memory_settings(cfg: ProjectConfig) -> tuple[int, int]:
 def fits_in_memory(source: str | Path, cfg: ProjectConfig) -> bool:
     memory_mb, _ = memory_settings(cfg)
     path, kind = file_kind(source)
-    rows, row_bytes = estimate_rows(path, kind), _row_bytes(path, kind)
+    rows, row_bytes = estimate_rows(path, kind), _row_bytes(path, kind, cfg)
     return BASE_MB + rows * row_bytes * IN_MEMORY_FACTOR / MB <= memory_mb
 
 
 def default_plan(path: Path, kind: str, cfg: ProjectConfig) -> StreamPlan:
     memory_mb, workers = memory_settings(cfg)
     rows = max(1, estimate_rows(path, kind))
-    row_bytes = _row_bytes(path, kind)
+    row_bytes = _row_bytes(path, kind, cfg)
     workers = max(1, min(workers, int((memory_mb - BASE_MB - SCAN_MB) // (2 * BASE_MB)) or 1))
     # what a worker may use for its part, above its own interpreter
     worker_mb = max(32.0, (memory_mb - BASE_MB - SCAN_MB) / workers - BASE_MB)
@@ -170,11 +171,11 @@ def default_plan(path: Path, kind: str, cfg: ProjectConfig) -> StreamPlan:
     return StreamPlan(batch_rows=batch_rows, buckets=buckets, part_rows=None, workers=workers, worker_mb=worker_mb)
 
 
-def _row_bytes(path: Path, kind: str) -> float:
+def _row_bytes(path: Path, kind: str, cfg: ProjectConfig) -> float:
     """Bytes per row once read (Arrow; CSV: pandas), from a sample of the first rows."""
     try:
         if kind == "csv":
-            sample = pd.read_csv(path, nrows=20_000)
+            sample = pd.read_csv(path, nrows=20_000, **csv_options(path, cfg))
             return max(16.0, sample.memory_usage(deep=True, index=False).sum() / max(1, len(sample)))
         from shared.ingest import _parquet_dataset
 
@@ -254,7 +255,7 @@ class _Streamer:
                 sink.close()
             pa.default_memory_pool().release_unused()
         if scan.rows == 0:
-            columns = scan.columns or _columns_of(self.path, self.kind)
+            columns = scan.columns or _columns_of(self.path, self.kind, self.cfg)
             raise DataValidationError(None, f"empty input: 0 rows, {len(columns)} columns")
         scan.bucket_bytes = np.zeros(n_buckets, dtype=np.int64)
         for b, paths in scan.pieces.items():
@@ -339,12 +340,14 @@ class _Streamer:
         spec = self.spec
         times = table_to_pandas(head.select([spec.time]))[spec.time]
         scan.first_time = times.iloc[0]
-        if times.dtype == object or pd.api.types.is_string_dtype(times.dtype):
+        if spec.time_format:  # the configured format, not a guess
+            scan.time_format = spec.time_format
+        elif times.dtype == object or pd.api.types.is_string_dtype(times.dtype):
             try:
                 from pandas.core.tools.datetimes import _guess_datetime_format_for_array
 
                 scan.time_format = _guess_datetime_format_for_array(
-                    np.asarray(times.dropna().head(1000).astype(object), dtype=object)
+                    np.asarray(times.dropna().head(1000).astype(object), dtype=object), dayfirst=spec.dayfirst
                 )
             except (ImportError, TypeError, ValueError):
                 scan.time_format = None
@@ -447,9 +450,9 @@ def _pandas_dtypes(table: pa.Table) -> dict[str, Any]:
     return out
 
 
-def _columns_of(path: Path, kind: str) -> list[str]:
+def _columns_of(path: Path, kind: str, cfg: ProjectConfig) -> list[str]:
     if kind == "csv":
-        return list(pd.read_csv(path, nrows=0).columns)
+        return list(pd.read_csv(path, nrows=0, **csv_options(path, cfg)).columns)
     from shared.ingest import _parquet_dataset
 
     return list(_parquet_dataset(path, kind).schema.names)

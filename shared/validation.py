@@ -309,12 +309,15 @@ def parse_time(
             example_rows(source, col.index),
         )
     else:
-        fmt = part.time_format if part is not None else None
+        fmt = spec.time_format or (part.time_format if part is not None else None)
+        dayfirst = bool(getattr(spec, "dayfirst", False))
         with warnings.catch_warnings():
-            # mixed offsets: object values on pandas 2 (with this warning), an error on pandas 3
+            # mixed offsets: object values on pandas 2 (with this warning), an error on pandas 3;
+            # a day-first guess that pandas cannot confirm warns too
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
             try:
-                parsed = pd.to_datetime(col, errors="coerce", format=fmt)
+                parsed = pd.to_datetime(col, errors="coerce", format=fmt, dayfirst=dayfirst)
             except (ValueError, TypeError):
                 parsed = None
         if parsed is None or not ptypes.is_datetime64_any_dtype(parsed):
@@ -326,9 +329,12 @@ def parse_time(
             raise DataValidationError(name, OUTSIDE_DATES, example_rows(source, col.index[bad]), int(bad.sum()))
         if bad.any():
             first = col.iloc[0] if part is None or part.first_time is UNSET else part.first_time
+            hint = (f"the format data.time_format = {spec.time_format!r} does not match them" if spec.time_format
+                    else "set the format: data.time_format (--time-format '%d.%m.%Y'), or data.dayfirst "
+                         "(--dayfirst) for day-first dates")
             raise DataValidationError(
                 name,
-                f"not a date (values must share one format, like the first: {first!r})",
+                f"not a date (values must share one format, like the first: {first!r}; {hint})",
                 example_rows(source, col.index[bad]),
                 int(bad.sum()),
             )
@@ -481,6 +487,10 @@ def parse_numeric(col: pd.Series, source: pd.DataFrame, name: str, role: str) ->
             rule = f"{role} is not numeric" + (
                 " (numbers, booleans or 0/1 expected)" if role == "covariate" else ""
             )
+            written = col[bad].astype(str).str.strip()
+            if written.str.fullmatch(r"[-+]?\d[\d.,' _]*").any():  # "24,924.50", "1.234,5"
+                rule += ("; numbers written with separators are read with [ingest] thousands and decimal "
+                         "(--thousands ',' --decimal '.', or --thousands '.' --decimal ',')")
             raise DataValidationError(name, rule, example_rows(source, col.index[bad]), int(bad.sum()))
     infinite = np.isinf(values)
     if infinite.any():

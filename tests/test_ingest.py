@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import numpy as np
@@ -289,3 +290,94 @@ def test_reingesting_rewrites_a_truncated_prepared_file(tmp_path, capsys, damage
     assert "already ingested" not in out and "rewrote" in out and Path(victim).name in out, out
     assert victim.read_bytes() == original  # the same content as the first ingest wrote
     assert main(["train", "--workdir", str(work), "--no-progress", "--workers", "1"]) == 0
+
+
+# -- CSV files as the real world writes them (issue 19, item 4) ------------------------------------
+
+EUROPEAN = """Filiale;Artikel;Datum;Absatz;Preis
+F01;A1;03.04.2024;1.234,5;2,49
+F01;A1;10.04.2024;1.100,0;2,49
+F02;A1;03.04.2024;87,25;2,99
+"""
+
+
+def _cfg(**overrides) -> ProjectConfig:
+    base = {"data.keys": ["Filiale", "Artikel"], "data.time": "Datum", "data.target": "Absatz",
+            "data.covariates": ["Preis"], "data.freq": "W-WED"}
+    cfg = ProjectConfig().with_overrides({**base, **overrides})
+    cfg.validate()
+    return cfg
+
+
+def test_a_semicolon_csv_with_decimal_commas_and_day_first_dates_reads_with_its_options(tmp_path):
+    path = tmp_path / "absatz.csv"
+    path.write_text(EUROPEAN, encoding="utf-8")
+    cfg = _cfg(**{"ingest.decimal": ",", "ingest.thousands": ".", "data.time_format": "%d.%m.%Y"})
+    frame = read_source(path, cfg)
+    assert list(frame.columns) == ["Filiale", "Artikel", "Datum", "Absatz", "Preis"]  # ';' sniffed
+    assert frame["Absatz"].tolist() == [1234.5, 1100.0, 87.25] and frame["Preis"].tolist() == [2.49, 2.49, 2.99]
+    validated, _ = validate(frame, cfg)
+    assert sorted(pd.to_datetime(validated["Datum"]).dt.strftime("%Y-%m-%d").unique()) == ["2024-04-03", "2024-04-10"]
+
+
+def test_day_first_dates_without_a_format(tmp_path):
+    path = tmp_path / "sales.csv"
+    path.write_text("store,date,sales\nS1,13/01/2024,5\nS1,20/01/2024,6\nS1,03/02/2024,7\n", encoding="utf-8")
+    cfg = ProjectConfig().with_overrides({"data.keys": ["store"], "data.covariates": [], "data.freq": "W-SAT",
+                                          "data.dayfirst": True})
+    validated, _ = validate(read_source(path, cfg), cfg)
+    assert pd.to_datetime(validated["date"]).dt.month.tolist() == [1, 1, 2]  # 03/02 is 3 February
+
+
+def test_numbers_with_thousands_separators_are_refused_naming_the_option_then_read_with_it(tmp_path):
+    path = tmp_path / "sales.csv"
+    path.write_text('store,date,sales\nS1,2024-01-05,"24,924.50"\nS1,2024-01-12,"1,002.00"\n', encoding="utf-8")
+    cfg = ProjectConfig().with_overrides({"data.keys": ["store"], "data.covariates": [], "data.freq": "W-FRI"})
+    with pytest.raises(Exception, match=r"--thousands ','"):
+        validate(read_source(path, cfg), cfg)
+    cfg = cfg.with_overrides({"ingest.thousands": ","})
+    validated, _ = validate(read_source(path, cfg), cfg)
+    assert validated["sales"].tolist() == [24924.5, 1002.0]
+
+
+def test_a_text_time_that_is_not_a_date_names_the_format_setting(tmp_path):
+    path = tmp_path / "absatz.csv"
+    # the first date reads either way; pandas guesses month first, and then 17.04.2024 is no date
+    path.write_text(EUROPEAN.replace("10.04.2024", "17.04.2024"), encoding="utf-8")
+    cfg = _cfg(**{"ingest.decimal": ",", "ingest.thousands": "."})
+    with pytest.raises(Exception, match="time_format"):
+        validate(read_source(path, cfg), cfg)
+
+
+def test_a_latin1_file_reads_with_its_encoding(tmp_path):
+    path = tmp_path / "sales.csv"
+    path.write_bytes("store,date,sales\nMünchen,2024-01-05,3\nMünchen,2024-01-12,4\n".encode("latin-1"))
+    cfg = ProjectConfig().with_overrides({"data.keys": ["store"], "data.covariates": [], "data.freq": "W-FRI"})
+    with pytest.raises(IngestError, match="not a readable CSV"):
+        read_source(path, cfg)
+    frame = read_source(path, cfg.with_overrides({"ingest.encoding": "latin-1"}))
+    assert frame["store"].tolist() == ["München", "München"]
+
+
+@pytest.mark.parametrize("setting, value, words", [
+    ("ingest.decimal", ";", "ingest.decimal"),
+    ("ingest.delimiter", ",,", "ingest.delimiter"),
+    ("ingest.encoding", "klingon", "ingest.encoding"),
+    ("data.time_format", "dd.mm.yyyy", "strptime"),
+])
+def test_impossible_reading_options_are_refused_naming_the_setting(setting, value, words):
+    with pytest.raises(Exception, match=words):
+        ProjectConfig().with_overrides({setting: value}).validate()
+
+
+def test_the_cli_reads_such_a_file_with_its_flags(tmp_path, capsys):
+    from shared.cli import main
+
+    path = tmp_path / "absatz.csv"
+    path.write_text(EUROPEAN, encoding="utf-8")
+    code = main(["ingest", "--data", str(path), "--workdir", str(tmp_path / "mm"), "--keys", "Filiale,Artikel",
+                 "--time", "Datum", "--target", "Absatz", "--covariates", "Preis", "--freq", "W-WED",
+                 "--decimal", ",", "--thousands", ".", "--time-format", "%d.%m.%Y", "--json", "--no-progress"])
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 0, out
+    assert json.loads(out)["rows"] == 3
