@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -246,6 +247,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(var, "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    code = _main(args)
+    if code not in (0, EXIT_PARTIAL):
+        _remove_if_left_empty(args)
+    return code
+
+
+def _remove_if_left_empty(args: argparse.Namespace) -> None:
+    """A command that failed on a workdir it created leaves nothing behind: not an empty folder
+    holding only its lock file (the next attempt, or a typo'd path, would find it)."""
+    workdir = getattr(args, "workdir", None)
+    if not workdir or getattr(args, "_workdir_existed", True):
+        return
+    from shared.locking import LOCK_FILE
+
+    root = Path(workdir)
+    if root.is_dir() and all(p.is_dir() or p.name == LOCK_FILE for p in root.rglob("*")):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _main(args: argparse.Namespace) -> int:
+    workdir = getattr(args, "workdir", None)
+    args._workdir_existed = bool(workdir) and Path(workdir).exists()
     try:
         lock = _writer_lock(args)
         # serve stops on SIGTERM by itself (the server's own handler); every other command unwinds

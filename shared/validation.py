@@ -215,9 +215,17 @@ def _check_columns(frame: pd.DataFrame, spec: DataSpec) -> None:
             **{c: "covariate" for c in spec.covariates},
         }
         named = ", ".join(f"{c!r} ({roles[c]})" for c in missing)
+        fixes = []  # every role that is missing, with the flag (or config key) that names its column
+        for role, flag, key in (("key", "--keys", "data.keys"), ("time", "--time", "data.time"),
+                                ("target", "--target", "data.target")):
+            if any(roles[c] == role for c in missing):
+                fixes.append(f"{flag} (config {key})")
+        if any(roles[c] == "covariate" for c in missing):
+            fixes.append("--covariates with your columns, or --covariates '' for none (config data.covariates)")
         raise DataValidationError(
             missing if len(missing) > 1 else missing[0],
-            f"missing column(s) {named}; available columns: {list(map(str, frame.columns))}",
+            f"missing column(s) {named}; available columns: {list(map(str, frame.columns))}; "
+            f"name yours with {'; '.join(fixes)}",
         )
     if frame.columns.duplicated().any():
         dup = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})

@@ -108,7 +108,8 @@ class DataValidationError(ManyModelsError, ValueError):
             message += f" ({rows} row{'s' if rows != 1 else ''})"
         if len(self.examples):
             shown = self.examples.head(MAX_EXAMPLES)
-            message += f"\nexamples (row = position in the input):\n{shown.to_string()}"
+            message += ("\nexamples (row = position in the input from 0; in a CSV file with a header, "
+                        f"line row + 2):\n{shown.to_string()}")
         super().__init__(message)
 
 

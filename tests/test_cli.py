@@ -310,3 +310,15 @@ def test_the_help_states_the_configs_own_defaults_and_the_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("manymodels ")
+
+
+def test_a_failed_command_leaves_no_empty_workdir_behind(tmp_path, capsys):
+    work = tmp_path / "new-workdir"
+    code, _, err = _run(capsys, "ingest", "--data", str(tmp_path / "missing.csv"), "--workdir", str(work))
+    assert code == 2 and "missing.csv" in err
+    assert not work.exists()
+    kept = tmp_path / "kept"
+    (kept / "notes").mkdir(parents=True)
+    (kept / "notes" / "mine.txt").write_text("a user's file")
+    assert _run(capsys, "ingest", "--data", str(tmp_path / "missing.csv"), "--workdir", str(kept))[0] == 2
+    assert (kept / "notes" / "mine.txt").exists()  # a folder that existed is never removed

@@ -428,3 +428,20 @@ def test_summing_duplicates_to_infinity_is_refused_in_streamed_parts_too(tmp_pat
     with pytest.raises(DataValidationError, match="infinite") as caught:
         ingest_source(LocalLake(tmp_path / "lake"), path, cfg, stream=True, plan=plan, tmp_root=tmp_path)
     assert caught.value.column == "sales" and len(caught.value.examples) == 2
+
+
+def test_a_missing_column_names_the_flag_that_names_it():
+    """Without --covariates the defaults (price, promo) are expected: the error says how to say none."""
+    frame = pd.DataFrame({"store": ["S1"], "item": ["I1"], "date": ["2024-01-07"], "sales": [3.0]})
+    with pytest.raises(DataValidationError) as caught:
+        validate(frame, ProjectConfig())
+    assert "--covariates '' for none" in str(caught.value)
+    with pytest.raises(DataValidationError, match=r"--target \(config data.target\)"):
+        validate(frame.rename(columns={"sales": "units"}).assign(price=1.0, promo=0), ProjectConfig())
+
+
+def test_example_rows_say_which_line_of_a_csv_they_are():
+    frame = pd.DataFrame({"store": ["S1", "S1"], "item": ["I1", "I1"], "date": ["2024-01-07", "not a date"],
+                          "sales": [3.0, 4.0], "price": [1.0, 1.0], "promo": [0, 0]})
+    with pytest.raises(DataValidationError, match=r"line row \+ 2"):
+        validate(frame, ProjectConfig())
