@@ -50,6 +50,8 @@ class ValidationPolicy:
     null_target: str = "drop"  # drop | zero | error
     negative_target: str = "clip"  # clip | drop | keep | error
     duplicates: str = "sum"  # sum | last | error  (rows sharing partition and period)
+    # rows repeating an earlier row exactly (keys, time, target, covariates): a double load, refused
+    exact_duplicates: str = "error"  # error | drop | merge (merge: as validation.duplicates says)
     gaps: str = "auto"  # auto | zero | interpolate | keep  (missing periods inside a series; auto: zeros only
     # in a series that records zeros itself, and never where a null target was dropped)
     null_covariates: str = "ffill"  # ffill | zero | error
@@ -282,6 +284,7 @@ class ProjectConfig:
         _one_of("validation.null_target", self.validation.null_target, {"drop", "zero", "error"})
         _one_of("validation.negative_target", self.validation.negative_target, {"clip", "drop", "keep", "error"})
         _one_of("validation.duplicates", self.validation.duplicates, {"sum", "last", "error"})
+        _one_of("validation.exact_duplicates", self.validation.exact_duplicates, {"error", "drop", "merge"})
         _one_of("validation.gaps", self.validation.gaps, {"auto", "zero", "interpolate", "keep"})
         _one_of("validation.null_covariates", self.validation.null_covariates, {"ffill", "zero", "error"})
         self._validate_extra_candidates()

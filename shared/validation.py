@@ -96,6 +96,11 @@ def validate(
     if keep is not None:
         work, times, target = work[keep], times[keep], target[keep]
         covs = {c: v[keep] for c, v in covs.items()}
+    _enter(part, (1, 4), report)
+    copies = _exact_copies(work, spec, source, policy.exact_duplicates, report)
+    if copies is not None:
+        work, times, target = work[~copies], times[~copies], target[~copies]
+        covs = {c: v[~copies] for c, v in covs.items()}
     if len(work) == 0:
         if part is not None:  # whether the whole input is empty is the caller's check
             _enter(part, (9,), report)
@@ -169,6 +174,30 @@ def validate(
     report.partitions = len(starts)
     report.anchor = anchor
     return out, report
+
+
+def _exact_copies(work: pd.DataFrame, spec: DataSpec, source: pd.DataFrame, policy: str,
+                  report: ValidationReport) -> np.ndarray | None:
+    """Rows that repeat an earlier row exactly, as written (keys, time, target and covariates): a
+    file loaded twice, not two sales. ``error`` refuses them (the default: summing would double the
+    sales), ``drop`` keeps the first of each, ``merge`` leaves them to ``validation.duplicates``."""
+    if policy == "merge" or len(work) < 2:
+        return None
+    copies = work[[*spec.keys, spec.time, spec.target, *spec.covariates]].duplicated(keep="first").to_numpy()
+    if not copies.any():
+        return None
+    examples = example_rows(source, work.index.to_numpy()[copies])
+    if policy == "error":
+        raise DataValidationError(
+            None,
+            "rows repeat earlier rows exactly (same keys, time, target and covariates: a file loaded "
+            "twice?); set validation.exact_duplicates = 'drop' to keep one of each, or 'merge' to treat "
+            "them as any rows of the same period (validation.duplicates)",
+            examples,
+            int(copies.sum()),
+        )
+    report.add("dropped_exact_duplicates", int(copies.sum()), examples)
+    return copies
 
 
 def _enter(part: PartContext | None, stage: tuple, report: ValidationReport) -> None:

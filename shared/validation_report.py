@@ -42,6 +42,7 @@ REASONS = {
     "clipped_negative_target": "rows repaired: a negative target clipped to 0",
     "dropped_negative_target": "rows dropped: the target was negative",
     "kept_negative_target": "rows kept with a negative target (policy keep)",
+    "dropped_exact_duplicates": "rows dropped as exact copies of earlier rows (validation.exact_duplicates)",
     "merged_duplicates": "rows merged into another row of the same partition and period",
     "filled_null_covariates": "covariate values filled from the same partition's neighbours",
     "median_filled_null_covariates": "covariate values set to the column median (null in a whole partition)",

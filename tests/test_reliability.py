@@ -193,7 +193,7 @@ def test_changing_the_keys_of_a_workdir_with_data_is_refused_until_reset(work, p
 def test_ingest_prints_its_repairs_per_kind(tmp_path, panel, capsys):
     frame = pd.read_csv(panel)
     frame.loc[3, "sales"] = None
-    frame = pd.concat([frame, frame.iloc[[10, 11]]])
+    frame = pd.concat([frame, frame.iloc[[10, 11]].assign(sales=lambda f: f["sales"] + 1)])  # same periods
     frame.to_csv(tmp_path / "dirty.csv", index=False)
     code, out, _ = _run(capsys, "ingest", "--data", str(tmp_path / "dirty.csv"), "--workdir", str(tmp_path / "w"))
     assert code == 0

@@ -163,7 +163,10 @@ def test_type_errors_fail_with_the_same_message_counts_and_examples(tmp_path):
 
 def test_policy_errors_sum_rows_over_parts(tmp_path):
     frame = clean()
-    dup = pd.concat([frame, frame.iloc[::97]], ignore_index=True)
+    copies = pd.concat([frame, frame.iloc[::97]], ignore_index=True)  # the same rows twice: refused by default
+    memory, stream = errors(tmp_path, copies, CFG, ".parquet")
+    assert memory == stream and "rows repeat earlier rows exactly" in stream
+    dup = pd.concat([frame, frame.iloc[::97].assign(sales=lambda f: f["sales"] + 1)], ignore_index=True)
     memory, stream = errors(tmp_path, dup, CFG.with_overrides({"validation.duplicates": "error"}), ".parquet")
     assert memory == stream and "duplicate rows" in stream
     nulls = frame.copy()

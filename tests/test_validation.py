@@ -400,7 +400,7 @@ def test_summing_duplicates_to_infinity_is_refused_naming_the_partition_and_peri
 
     frame = pd.DataFrame({"store": ["S1"] * 3 + ["S2"] * 2, "item": "I1",
                           "date": ["2024-01-01", "2024-01-02", "2024-01-02", "2024-01-01", "2024-01-02"],
-                          "sales": [1.0, 1.5e308, 1.5e308, 2.0, 3.0]})
+                          "sales": [1.0, 1.5e308, 1.4e308, 2.0, 3.0]})  # two sales, not one row twice
     path = tmp_path / "huge.csv"
     frame.to_csv(path, index=False)
     repo = Path(__file__).resolve().parents[1]
@@ -420,7 +420,7 @@ def test_summing_duplicates_to_infinity_is_refused_in_streamed_parts_too(tmp_pat
     from shared.streaming import StreamPlan, ingest_source
 
     frame = pd.DataFrame({"store": "S1", "item": "I1", "date": ["2024-01-01", "2024-01-01"],
-                          "sales": [-1.5e308, -1.5e308]})
+                          "sales": [-1.5e308, -1.4e308]})
     path = tmp_path / "huge.parquet"
     frame.to_parquet(path, index=False)
     cfg = CFG.with_overrides({"data.freq": "D", "data.covariates": [], "validation.negative_target": "keep"})
@@ -445,3 +445,18 @@ def test_example_rows_say_which_line_of_a_csv_they_are():
                           "sales": [3.0, 4.0], "price": [1.0, 1.0], "promo": [0, 0]})
     with pytest.raises(DataValidationError, match=r"line row \+ 2"):
         validate(frame, ProjectConfig())
+
+
+def test_a_row_loaded_twice_is_refused_by_default_naming_the_fix(raw):
+    twice = pd.concat([raw, raw.iloc[[30]]], ignore_index=True)
+    with pytest.raises(DataValidationError, match="exact_duplicates = 'drop'") as caught:
+        validate(twice, CFG)
+    assert caught.value.rows == 1 and list(caught.value.examples.index) == [len(raw)]
+    out, report = validate(twice, CFG.with_overrides({"validation.exact_duplicates": "drop"}))
+    assert report.counts["dropped_exact_duplicates"] == 1 and len(out) == len(raw)
+    pid = partition_id([raw.loc[30, "store"], raw.loc[30, "item"]])
+    row = out[(out["partition_id"] == pid) & (out["date"] == raw.loc[30, "date"])]
+    assert row["sales"].item() == pytest.approx(raw.loc[30, "sales"])  # not doubled
+    out, report = validate(twice, CFG.with_overrides({"validation.exact_duplicates": "merge"}))
+    row = out[(out["partition_id"] == pid) & (out["date"] == raw.loc[30, "date"])]
+    assert row["sales"].item() == pytest.approx(2 * raw.loc[30, "sales"])  # summed, as asked
