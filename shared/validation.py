@@ -96,11 +96,6 @@ def validate(
     if keep is not None:
         work, times, target = work[keep], times[keep], target[keep]
         covs = {c: v[keep] for c, v in covs.items()}
-    _enter(part, (1, 4), report)
-    copies = _exact_copies(work, spec, source, policy.exact_duplicates, report)
-    if copies is not None:
-        work, times, target = work[~copies], times[~copies], target[~copies]
-        covs = {c: v[~copies] for c, v in covs.items()}
     if len(work) == 0:
         if part is not None:  # whether the whole input is empty is the caller's check
             _enter(part, (9,), report)
@@ -124,6 +119,14 @@ def validate(
         anchor = part.anchor
     if part is not None:
         part.anchor_counts = anchor_counts(times, spec.freq)
+    _enter(part, (1, 4), report)
+    copies = _exact_copies(codes, periods, rows, source, spec, policy.exact_duplicates, report)
+    if copies is not None:
+        keep_rows = ~copies
+        rows, codes, periods, time_values = rows[keep_rows], codes[keep_rows], periods[keep_rows], time_values[keep_rows]
+        target = target[keep_rows]
+        covs = {c: v[keep_rows] for c, v in covs.items()}
+        keys = keys[keep_rows]
     _enter(part, (2,), report)
     merged = _duplicates(codes, periods, target, rows, source, spec, policy.duplicates, report)
     if merged is not None:
@@ -176,17 +179,26 @@ def validate(
     return out, report
 
 
-def _exact_copies(work: pd.DataFrame, spec: DataSpec, source: pd.DataFrame, policy: str,
-                  report: ValidationReport) -> np.ndarray | None:
-    """Rows that repeat an earlier row exactly, as written (keys, time, target and covariates): a
-    file loaded twice, not two sales. ``error`` refuses them (the default: summing would double the
-    sales), ``drop`` keeps the first of each, ``merge`` leaves them to ``validation.duplicates``."""
-    if policy == "merge" or len(work) < 2:
+def _exact_copies(codes: np.ndarray, periods: np.ndarray, rows: np.ndarray, source: pd.DataFrame, spec: DataSpec,
+                  policy: str, report: ValidationReport) -> np.ndarray | None:
+    """Rows (sorted by partition and period) that repeat an earlier row exactly, as written (keys,
+    time, target and covariates): a file loaded twice, not two sales. ``error`` refuses them (the
+    default: summing would double the sales), ``drop`` keeps the first of each in input order,
+    ``merge`` leaves them to ``validation.duplicates``. Only rows sharing a partition and period
+    can be copies, so only those are compared (usually none: no cost on clean data)."""
+    if policy == "merge" or len(codes) < 2:
         return None
-    copies = work[[*spec.keys, spec.time, spec.target, *spec.covariates]].duplicated(keep="first").to_numpy()
-    if not copies.any():
+    same = (codes[1:] == codes[:-1]) & (periods[1:] == periods[:-1])
+    if not same.any():
         return None
-    examples = example_rows(source, work.index.to_numpy()[copies])
+    involved = np.flatnonzero(np.r_[same, False] | np.r_[False, same])
+    columns = [*spec.keys, spec.time, spec.target, *spec.covariates]
+    repeated = source.loc[rows[involved], columns].duplicated(keep="first").to_numpy()
+    if not repeated.any():
+        return None
+    copies = np.zeros(len(codes), dtype=bool)
+    copies[involved[repeated]] = True
+    examples = example_rows(source, np.sort(rows[copies]))
     if policy == "error":
         raise DataValidationError(
             None,
