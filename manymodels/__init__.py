@@ -11,17 +11,8 @@ DataFrame. Nixtla's long format (``unique_id``, ``ds``, ``y``) is read without n
 from __future__ import annotations
 
 from manymodels.api import ManyModels
+from shared import package_version
 
 __all__ = ["ManyModels", "__version__"]
 
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("manymodels")
-    except PackageNotFoundError:  # run from a checkout without installing it
-        return "0+unknown"
-
-
-__version__ = _version()
+__version__ = package_version()

@@ -51,7 +51,7 @@ from shared.cli_commands import (  # noqa: F401  (re-exported: the commands and 
     cmd_serve,
     cmd_train,
 )
-from shared import failures
+from shared import failures, package_version
 from shared.config import DataSpec, ForecastSpec
 from shared.errors import ManyModelsError
 
@@ -137,7 +137,7 @@ def _writer_lock(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manymodels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"manymodels {_version()}")
+    parser.add_argument("--version", action="version", version=f"manymodels {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable, help_text: str, data: bool = True) -> argparse.ArgumentParser:
@@ -223,15 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-mb", type=float, default=None,
                    help="model cache size in MB (default: MM_SERVING_CACHE_MB, else 512)")
     return parser
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("manymodels")
-    except PackageNotFoundError:  # run from a checkout without installing it
-        return "0+unknown"
 
 
 def _quiet_broken_pipe() -> int:

@@ -147,6 +147,7 @@ class _Batch:
     anchor: str | None
     global_models: GlobalModelSet | None = None
     ceilings: dict[tuple[int, int], float] = field(default_factory=dict)
+    windows: dict[int, Windows] = field(default_factory=dict)  # each partition's, made once (_windows)
     # per partition: the autoregressive global model's forecasts of its folds and of its test window
     autoregressive: dict[int, tuple[list[np.ndarray], np.ndarray | None]] = field(default_factory=dict)
 
@@ -202,12 +203,12 @@ def _autoregressive_backtests(batch: _Batch) -> dict[int, tuple[list[np.ndarray]
     """The autoregressive global model's forecasts of every partition's folds (its validation fit)
     and test window (its test fit), each fit's windows of the whole batch forecast together
     (:func:`shared.global_ar.forecast_windows`: one model call per step)."""
-    ff, cfg, gm = batch.ff, batch.cfg, batch.global_models
+    ff, gm = batch.ff, batch.global_models
     wins = {}
     for g in range(ff.n_partitions):
         rows = ff.rows(g)
         if (~ff.filled[rows]).sum() >= 1:
-            wins[g] = partition_windows(ff.periods[rows], ff.filled[rows], cfg)
+            wins[g] = _windows(batch, g)
     out: dict[int, tuple[list[np.ndarray], np.ndarray | None]] = {}
     for fit in ("validation", "test"):
         items, scales, centres, ceilings = [], [], [], []
@@ -316,7 +317,7 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
         result.reason = (f"{result.n_observed} observed periods, fewer than "
                          f"forecast.min_periods={f.min_periods}")
         return
-    win = partition_windows(periods, filled, cfg)
+    win = _windows(batch, g)
     residuals = _Residuals()
     cutoffs = {"validation": win.validation_start, "test": win.test_start, "final": np.iinfo(np.int64).max}
 
@@ -573,6 +574,15 @@ def _window_forecast(batch: _Batch, g: int, est: Any, clock: _Clock, lo: int, hi
                              origin, periods[lo:hi], batch.cov[rows][lo:hi], ceiling=ceiling)
     clock.seconds += perf_counter() - t
     return out
+
+
+def _windows(batch: _Batch, g: int) -> Windows:
+    """Partition g's test window and folds (memoised per batch: the autoregressive backtests and
+    the partition's own job both need them)."""
+    if g not in batch.windows:
+        rows = batch.ff.rows(g)
+        batch.windows[g] = partition_windows(batch.ff.periods[rows], batch.ff.filled[rows], batch.cfg)
+    return batch.windows[g]
 
 
 def _ceiling(batch: _Batch, g: int, lo: int) -> float:
