@@ -170,11 +170,12 @@ def aggregate_wape(rows: list[dict[str, Any]]) -> tuple[float | None, float | No
 
 
 def backtests_frame(cfg: ProjectConfig, run_id: str, rows: list[dict[str, Any]], manifest: pd.DataFrame,
-                    keys: list[str], anchor: Any) -> pd.DataFrame | None:
-    """Every partition's test window in one frame; periods become time stamps in one vectorised call."""
+                    keys: list[str], anchor: Any, field: str = "backtest") -> pd.DataFrame | None:
+    """Every partition's test window (or, with ``field="history"``, the observed season before it) in
+    one frame; periods become time stamps in one vectorised call."""
     frames = []
     for row in rows:
-        bt = row.get("backtest")
+        bt = row.get(field)
         if not bt:
             continue
         frame = pd.DataFrame(bt)
@@ -188,3 +189,15 @@ def backtests_frame(cfg: ProjectConfig, run_id: str, rows: list[dict[str, Any]],
     out[cfg.data.time] = from_periods(out[PERIOD].to_numpy(), cfg.data.freq, anchor).to_numpy()
     out["run_id"] = run_id
     return out.drop(columns=[PERIOD])
+
+
+def effects_rows(rows: list[dict[str, Any]], run_id: str, manifest: pd.DataFrame,
+                 keys: list[str]) -> list[dict[str, Any]]:
+    """The covariate effects the workers measured (shared.effects), one row per partition and measure."""
+    out = []
+    for row in rows:
+        for effect in row.get("effects") or ():
+            pid = row[PARTITION_ID]
+            out.append({PARTITION_ID: pid, "keys": row.get("keys") or keys_of(manifest, pid, keys),
+                        "run_id": run_id, "model": row.get("model_name"), **effect})
+    return out

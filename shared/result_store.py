@@ -1,210 +1,126 @@
-"""The SQL result store: predictions, metrics, promotion decisions, backtests and run timings.
+"""The SQL result store: predictions and their history, metrics, promotion decisions, backtests,
+observed history, covariate effects and run timings.
 
 Predictions are served from SQL (Synapse / Azure SQL in Azure, a local SQLite file by default), so
 dashboards and downstream systems can query them with plain SQL: the partition key columns and the
-time column appear under their own names. Every load is an upsert on the table's natural key, run
-in one transaction with ``executemany``: a rerun after a crash, or a duplicate event, never
-duplicates rows.
-
-One schema definition serves every backend; the dialects differ only in column types, identifier
-quoting and the upsert statement (``ON CONFLICT`` for SQLite and PostgreSQL, ``MERGE`` for SQL
-Server). Column names come from the configuration and are checked to be plain identifiers before
-they are quoted into SQL; values are always bound as parameters.
+time column appear under their own names, typed (:mod:`shared.sql_schema`). Every load is an upsert
+on the table's natural key, run in one transaction with ``executemany``: a rerun after a crash, or
+a duplicate event, never duplicates rows. Forecasts also land in ``forecast_history`` by vintage,
+never overwritten; the views ``predictions_latest`` and ``series_summary`` are what BI tools read.
+Values are always bound as parameters.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import pandas as pd
 
 from shared.config import ProjectConfig
-from shared.errors import ManyModelsError
 from shared.keys import PARTITION_ID, canonical_value
-from shared.timegrid import period_freq
 
-DIALECTS = ("sqlite", "postgresql", "mssql")
-TABLES = ("predictions", "model_metrics", "promotions", "backtests", "runs")
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+from shared.sql_schema import (  # noqa: F401  (re-exported: the store's public names)
+    ADDED_COLUMNS,
+    DIALECTS,
+    TABLES,
+    VIEWS,
+    Column,
+    SqlTypes,
+    StoreError,
+    Table,
+    build_schema,
+    check_identifier,
+    column_type,
+    create_table_sql,
+    integer_keys,
+    quote,
+    time_kind,
+    upsert_sql,
+    value_kind,
+    exists_sql,
+    view_sql,
+)
+
+IntKeys = Union[Iterable[str], Callable[[], Iterable[str]]]
 _CHUNK_ROWS = 50_000  # rows per executemany call: bounds driver memory, one transaction still
 
 
-class StoreError(ManyModelsError, ValueError):
-    """The store cannot accept a load or a query (bad column, schema mismatch, missing setting)."""
-
-
-# -- schema -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Column:
-    name: str
-    kind: str  # text | key (canonical text of a key value) | int | real | time (ISO text or INTEGER)
-
-
-@dataclass(frozen=True)
-class Table:
-    name: str
-    columns: tuple[Column, ...]
-    key: tuple[str, ...]
-
-    @property
-    def names(self) -> list[str]:
-        return [c.name for c in self.columns]
-
-
-def check_identifier(name: str) -> str:
-    """Only plain identifiers are ever quoted into SQL text; anything else is refused."""
-    if not isinstance(name, str) or not _IDENTIFIER.match(name) or len(name) > 100:
-        raise StoreError(f"column name {name!r} is not a plain SQL identifier (letters, digits, underscore)")
-    return name
-
-
-# Columns added after the first release, per table: an older store gains them on open.
-ADDED_COLUMNS = {"predictions": ("source", "lower", "upper"), "backtests": ("global_forecast",)}
-
-
-def build_schema(keys: Sequence[str], time_column: str) -> dict[str, Table]:
-    """The five tables for a data spec: key and time columns appear under their own names."""
-    for name in (*keys, time_column):
-        check_identifier(name)
-    key_cols = tuple(Column(k, "key") for k in keys)
-    time = Column(time_column, "time")
-
-    def table(name: str, head: tuple[Column, ...], tail: list[tuple[str, str]], key: tuple[str, ...]) -> Table:
-        cols = head + tuple(Column(n, kind) for n, kind in tail)
-        names = [c.name for c in cols]
-        clash = sorted({n for n in names if names.count(n) > 1})
-        if clash:
-            raise StoreError(f"table {name}: data column(s) {clash} clash with the store's own column names; "
-                             "rename them in the data spec")
-        return Table(name, cols, key)
-
-    pid = (Column(PARTITION_ID, "text"),)
-    return {
-        "predictions": table("predictions", key_cols + (time,), [
-            ("prediction", "real"), ("model", "text"), ("model_version", "int"), ("run_id", "text"),
-            (PARTITION_ID, "text"), ("is_fallback", "int"), ("score_id", "text"), ("scored_at", "text"),
-            ("source", "text"), ("lower", "real"), ("upper", "real"),
-        ], (PARTITION_ID, time_column)),
-        "model_metrics": table("model_metrics", pid + key_cols, [
-            ("run_id", "text"), ("model", "text"), ("model_version", "int"), ("status", "text"),
-            ("reason", "text"), ("wape", "real"), ("mape", "real"), ("rmse", "real"), ("accuracy", "real"),
-            ("baseline_wape", "real"), ("n_observed", "int"), ("fit_seconds", "real"), ("registry", "text"),
-        ], (PARTITION_ID, "run_id")),
-        "promotions": table("promotions", pid + key_cols, [
-            ("run_id", "text"), ("decision", "text"), ("reason", "text"), ("metric", "text"), ("value", "real"),
-            ("threshold", "real"), ("champion_value", "real"), ("prod_version", "int"), ("decided_at", "text"),
-        ], (PARTITION_ID, "run_id")),
-        "backtests": table("backtests", pid + key_cols + (time,), [
-            ("actual", "real"), ("prediction", "real"), ("baseline", "real"), ("run_id", "text"),
-            ("global_forecast", "real"),
-        ], (PARTITION_ID, "run_id", time_column)),
-        "runs": Table("runs", (Column("run_id", "text"), Column("stage", "text"), Column("started_at", "text"),
-                                Column("finished_at", "text"), Column("seconds", "real"), Column("counts", "text")),
-                      ("run_id", "stage")),
-    }
-
-
-# -- dialects -----------------------------------------------------------------------------------
-def quote(name: str, dialect: str) -> str:
-    check_identifier(name)
-    return f"[{name}]" if dialect == "mssql" else f'"{name}"'
-
-
-def column_type(col: Column, dialect: str, int_time: bool, in_key: bool) -> str:
-    kind = {"time": "int" if int_time else "text", "key": "text"}.get(col.kind, col.kind)
-    if kind == "int":
-        return "BIGINT" if dialect in ("postgresql", "mssql") else "INTEGER"
-    if kind == "real":
-        return {"sqlite": "REAL", "postgresql": "DOUBLE PRECISION", "mssql": "FLOAT"}[dialect]
-    if dialect == "mssql":  # an index key cannot be NVARCHAR(MAX)
-        return "NVARCHAR(200)" if in_key else "NVARCHAR(MAX)"
-    return "TEXT"
-
-
-def create_table_sql(table: Table, dialect: str, int_time: bool) -> str:
-    """Idempotent DDL: creating a table that exists is a no-op in every dialect."""
-    q = lambda n: quote(n, dialect)  # noqa: E731
-    cols = ", ".join(
-        f"{q(c.name)} {column_type(c, dialect, int_time, c.name in table.key)}"
-        + (" NOT NULL" if c.name in table.key else "")
-        for c in table.columns
-    )
-    body = f"{cols}, PRIMARY KEY ({', '.join(q(k) for k in table.key)})"
-    if dialect == "mssql":
-        return (f"IF OBJECT_ID(N'{table.name}', N'U') IS NULL "
-                f"CREATE TABLE {q(table.name)} ({body})")
-    return f"CREATE TABLE IF NOT EXISTS {q(table.name)} ({body})"
-
-
-def upsert_sql(table: Table, dialect: str, int_time: bool = False) -> str:
-    """One parametrised statement per row; executemany runs it over the whole load.
-
-    SQL Server's MERGE reads its row from ``SELECT CAST(? AS type) ...``: the casts give the
-    driver the parameter types it cannot infer from a bare select list.
-    """
-    q = lambda n: quote(n, dialect)  # noqa: E731
-    names = table.names
-    rest = [n for n in names if n not in table.key]
-    if dialect == "mssql":
-        src = ", ".join(f"CAST(? AS {column_type(c, dialect, int_time, c.name in table.key)}) AS {q(c.name)}"
-                        for c in table.columns)
-        on = " AND ".join(f"tgt.{q(k)} = src.{q(k)}" for k in table.key)
-        sets = ", ".join(f"tgt.{q(n)} = src.{q(n)}" for n in rest)
-        return (f"MERGE INTO {q(table.name)} WITH (HOLDLOCK) AS tgt USING (SELECT {src}) AS src ON {on} "
-                f"WHEN MATCHED THEN UPDATE SET {sets} "
-                f"WHEN NOT MATCHED THEN INSERT ({', '.join(q(n) for n in names)}) "
-                f"VALUES ({', '.join(f'src.{q(n)}' for n in names)});")
-    sets = ", ".join(f"{q(n)} = excluded.{q(n)}" for n in rest)
-    return (f"INSERT INTO {q(table.name)} ({', '.join(q(n) for n in names)}) "
-            f"VALUES ({', '.join('?' for _ in names)}) "
-            f"ON CONFLICT ({', '.join(q(k) for k in table.key)}) DO UPDATE SET {sets}")
-
-
 # -- value conversion ---------------------------------------------------------------------------
+_TEXT_FORMAT = {"date": "%Y-%m-%d", "timestamp": "%Y-%m-%dT%H:%M:%S"}
+
+
 def time_format(freq: str) -> str | None:
-    """ISO date for daily or coarser data, date and time below a day; None for integer periods.
-
-    Chosen by frequency, not by the values, so the same time always has the same text (the key).
-    """
-    if freq == "int":
-        return None
-    p = pd.Period("2020-01-01", freq=period_freq(freq))
-    return "%Y-%m-%dT%H:%M:%S" if (p.end_time - p.start_time) < pd.Timedelta(hours=23) else "%Y-%m-%d"
+    """The text of a time in SQLite: ISO date for daily or coarser data, date and time below a day;
+    None for integer periods. Chosen by frequency, not by the values, so the same time always has
+    the same text (the key)."""
+    return _TEXT_FORMAT.get(time_kind(freq))
 
 
-def _column_values(series: pd.Series, kind: str, fmt: str | None, name: str) -> list[Any]:
-    """A column as a list of plain Python values (None for missing) ready for a driver."""
-    if kind == "time":
-        if fmt is None:
-            values = pd.to_numeric(series, errors="coerce")
-            if values.isna().any():
-                raise StoreError(f"column {name!r}: integer periods expected, found {series[values.isna()].iloc[0]!r}")
-            return values.astype("int64").tolist()
-        times = pd.to_datetime(series, errors="coerce") if not pd.api.types.is_datetime64_any_dtype(series) else series
-        if times.isna().any():
-            raise StoreError(f"column {name!r}: unparseable time {series[times.isna()].iloc[0]!r}")
-        return times.dt.strftime(fmt).tolist()
+def _times(series: pd.Series, name: str) -> pd.Series:
+    times = series if pd.api.types.is_datetime64_any_dtype(series) else pd.to_datetime(series, errors="coerce")
+    if times.isna().any():
+        raise StoreError(f"column {name!r}: unparseable time {series[times.isna()].iloc[0]!r}")
+    return times
+
+
+def _stamps(series: pd.Series, name: str) -> list[Any]:
+    """Instants (ISO text with an offset, or datetimes) as naive UTC datetimes; None stays None."""
+    missing = series.isna().to_numpy()
+    parsed = pd.to_datetime(series.where(~missing, None), errors="coerce", utc=True, format="mixed")
+    bad = parsed.isna().to_numpy() & ~missing
+    if bad.any():
+        raise StoreError(f"column {name!r}: unparseable time stamp {series[bad].iloc[0]!r}")
+    return [None if gone else t.to_pydatetime() for gone, t in zip(missing, parsed.dt.tz_localize(None))]
+
+
+def _column_values(series: pd.Series, col: Column, types: SqlTypes, dialect: str) -> list[Any]:
+    """A column as a list of plain Python values (None for missing) ready for a driver.
+
+    Dates and instants go to PostgreSQL and SQL Server as ``date``/``datetime`` objects (typed
+    columns); to SQLite as ISO text, as every release wrote them."""
+    kind, name = value_kind(col, types), col.name
+    if col.kind == "time" and kind == "int":
+        values = pd.to_numeric(series, errors="coerce")
+        if values.isna().any():
+            raise StoreError(f"column {name!r}: integer periods expected, found {series[values.isna()].iloc[0]!r}")
+        return values.astype("int64").tolist()
+    if col.kind == "time":
+        times = _times(series, name)
+        if dialect == "sqlite":
+            return times.dt.strftime(_TEXT_FORMAT[kind]).tolist()
+        return list(times.dt.date) if kind == "date" else [t.to_pydatetime() for t in times]
+    if col.kind == "stamp":
+        if dialect == "sqlite":
+            missing = series.isna().to_numpy()
+            values = series.astype(str).to_numpy(dtype=object)
+            values[missing] = None
+            return values.tolist()
+        return _stamps(series, name)
     if kind == "real":
         arr = pd.to_numeric(series, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
         arr = np.where(np.isfinite(arr), arr, np.nan).astype(object)
         arr[pd.isna(arr)] = None
         return arr.tolist()
     missing = series.isna().to_numpy()
-    if kind == "int":
+    if col.kind == "key":  # 7, 7.0 and "7" are one key value; canonicalised once per distinct value
+        codes, uniques = pd.factorize(series, use_na_sentinel=True)
+        canonical = [canonical_value(v) for v in uniques]
+        if kind == "int":
+            wrong = [v for v in canonical if not integer_keys({name: [v]})]
+            if wrong:
+                raise StoreError(f"key column {name!r} holds integers in this store, but a row has {wrong[0]!r}; "
+                                 "load it into a new store (its key columns are typed when it is created)")
+            canonical = [int(v) for v in canonical]
+        values = np.array(canonical + [None], dtype=object)[codes]
+    elif kind == "int":
         arr = pd.to_numeric(series, errors="coerce")
         missing = arr.isna().to_numpy()
         values = arr.fillna(0).astype("int64").to_numpy().astype(object)
-    elif kind == "key":  # 7, 7.0 and "7" are one key value; canonicalised once per distinct value
-        codes, uniques = pd.factorize(series, use_na_sentinel=True)
-        lookup = np.array([canonical_value(v) for v in uniques] + [None], dtype=object)
-        values = lookup[codes]
     else:
         values = series.astype(str).to_numpy(dtype=object)
     values[missing] = None
@@ -212,7 +128,8 @@ def _column_values(series: pd.Series, kind: str, fmt: str | None, name: str) -> 
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    """Milliseconds: two scorings in one second still order as they ran (``predictions_latest``)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _as_utc(value: Any) -> datetime:
@@ -245,12 +162,17 @@ class ResultStore:
     dialect: str = "sqlite"
     fast_executemany: bool = False
 
-    def __init__(self, keys: Sequence[str] = ("store", "item"), time_column: str = "date", freq: str = "W") -> None:
+    def __init__(self, keys: Sequence[str] = ("store", "item"), time_column: str = "date", freq: str = "W",
+                 int_keys: IntKeys = ()) -> None:
         self.keys = list(keys)
         self.time_column = time_column
         self.freq = freq
         self.tables = build_schema(self.keys, time_column)
-        self._time_format = time_format(freq)
+        # the SQL types of the data's columns; key types only matter when a table is created, so a
+        # callable giving them (it may read the lake) is asked only then
+        self._int_keys = int_keys
+        self._memo: tuple[Any, list[tuple[Any, ...]]] | None = None
+        self.types = SqlTypes(time=time_kind(freq), int_keys=frozenset(() if callable(int_keys) else int_keys))
         self._conn: Any = None
 
     # backend hooks
@@ -274,10 +196,12 @@ class ResultStore:
     def _ensure_schema(self) -> None:
         conn = self._conn
         cur = conn.cursor()
+        if callable(self._int_keys) and not self._exists(cur, "predictions", "table"):
+            self.types = SqlTypes(self.types.time, frozenset(self._int_keys()) & frozenset(self.keys))
         self._begin(conn)
         try:
             for table in self.tables.values():
-                cur.execute(create_table_sql(table, self.dialect, self._time_format is None))
+                cur.execute(create_table_sql(table, self.dialect, self.types))
             conn.commit()
         except BaseException:
             conn.rollback()
@@ -290,7 +214,28 @@ class ResultStore:
                 raise StoreError(
                     f"{self.describe()}: table {table.name} has columns {found}, but this configuration "
                     f"expects {table.names} (the data spec changed?); use a new store or drop the table")
+        self._ensure_views(cur)
         cur.close()
+
+    def _exists(self, cur: Any, name: str, kind: str) -> bool:
+        cur.execute(exists_sql(self.dialect, kind), [name])
+        return bool(cur.fetchall())
+
+    def _ensure_views(self, cur: Any) -> None:
+        """Create the views BI tools read, where missing (a view's text never changes an existing one)."""
+        conn = self._conn
+        for name in VIEWS:
+            if self._exists(cur, name, "view"):
+                continue
+            body = view_sql(name, self.tables, self.keys, self.time_column, self.dialect)
+            self._begin(conn)
+            try:
+                cur.execute(f"CREATE VIEW {quote(name, self.dialect)} AS {body}")
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                if not self._exists(cur, name, "view"):  # not a concurrent opener that made it first
+                    raise
 
     def _add_new_columns(self, cur: Any, table: Table, found: list[str]) -> list[str]:
         """Stores made by earlier releases lack the columns added since: add them (NULL for old rows)."""
@@ -305,7 +250,7 @@ class ResultStore:
         self._begin(conn)
         try:
             for col in missing:
-                sql_type = column_type(col, self.dialect, self._time_format is None, in_key=False)
+                sql_type = column_type(col, self.dialect, self.types, in_key=False)
                 cur.execute(f"ALTER TABLE {quote(table.name, self.dialect)} ADD {quote(col.name, self.dialect)} "
                             f"{sql_type}")
             conn.commit()
@@ -326,47 +271,81 @@ class ResultStore:
         self.close()
 
     # loading
-    def _upsert(self, table_name: str, frame: pd.DataFrame) -> int:
-        """Upsert a frame holding (a subset of) the table's columns; missing optional ones are NULL."""
+    def _rows(self, table_name: str, frame: pd.DataFrame) -> tuple[str, list[tuple[Any, ...]]]:
+        """The upsert statement of a table and a frame's rows as driver values, checked."""
         table = self.tables[table_name]
         missing = [k for k in table.key if k not in frame.columns]
         if missing:
             raise StoreError(f"{table_name}: rows lack the key column(s) {missing}")
-        if frame.empty:
-            return 0
         frame = frame.drop_duplicates(subset=list(table.key), keep="last")  # one statement per key
+        memo_key = (tuple(table.names), len(frame))
+        if self._memo is not None and self._memo[0] == memo_key:  # a twin table: same rows, same values
+            return upsert_sql(table, self.dialect, self.types), self._memo[1]
         columns = []
         for col in table.columns:
             if col.name in frame.columns:
-                columns.append(_column_values(frame[col.name], col.kind, self._time_format, col.name))
+                columns.append(_column_values(frame[col.name], col, self.types, self.dialect))
             else:
                 columns.append([None] * len(frame))
         for k, col in zip(table.names, columns):
             if k in table.key and any(v is None for v in col):
                 raise StoreError(f"{table_name}: key column {k!r} has missing values")
         rows = list(zip(*columns))
+        self._memo = (memo_key, rows)
+        return upsert_sql(table, self.dialect, self.types), rows
+
+    def _upsert(self, table_name: str, frame: pd.DataFrame, *also: str) -> int:
+        """Upsert a frame holding (a subset of) the table's columns; missing optional ones are NULL.
+
+        ``also``: more tables that take the same rows, in the same transaction."""
+        if frame.empty:
+            return 0
+        self._memo: tuple[Any, list[tuple[Any, ...]]] | None = None
+        try:
+            loads = [self._rows(name, frame) for name in (table_name, *also)]
+        finally:
+            self._memo = None
         conn = self.conn
         cur = conn.cursor()
         if self.fast_executemany:
             cur.fast_executemany = True
-        sql = upsert_sql(table, self.dialect, self._time_format is None)
         self._begin(conn)
         try:
-            for start in range(0, len(rows), _CHUNK_ROWS):
-                cur.executemany(sql, rows[start:start + _CHUNK_ROWS])
+            for sql, rows in loads:
+                for start in range(0, len(rows), _CHUNK_ROWS):
+                    cur.executemany(sql, rows[start:start + _CHUNK_ROWS])
             conn.commit()
         except BaseException:
             conn.rollback()
             raise
         finally:
             cur.close()
-        return len(rows)
+        return len(loads[0][1])
 
     def upsert_predictions(self, frame: pd.DataFrame) -> int:
-        """Predictions keyed by (partition_id, time); ``scored_at`` defaults to now."""
-        if "scored_at" not in frame.columns and not frame.empty:
+        """Predictions keyed by (partition_id, time), and the same rows into ``forecast_history``
+        keyed by vintage as well; ``scored_at`` defaults to now, ``score_id`` to one made of it."""
+        if frame.empty:
+            return 0
+        if "scored_at" not in frame.columns:
             frame = frame.assign(scored_at=_utc_now())
-        return self._upsert("predictions", frame)
+        if "score_id" not in frame.columns or frame["score_id"].isna().any():
+            made = "at-" + frame["scored_at"].astype(str)
+            frame = frame.assign(score_id=frame["score_id"].fillna(made) if "score_id" in frame else made)
+        return self._upsert("predictions", frame, "forecast_history")
+
+    def upsert_actuals(self, frame: pd.DataFrame) -> int:
+        """Observed history (partition, time, ``actual``): the newest load of a period wins."""
+        return self._upsert("actuals", frame)
+
+    def upsert_effects(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """What trained models say about their covariates, keyed by (partition, run, covariate, measure)."""
+        out = []
+        for row in rows:
+            rec = {n: row.get(n) for n in ("partition_id", "run_id", "model", "covariate", "measure", "value")}
+            rec.update(self._keys_of(row))
+            out.append(rec)
+        return self._upsert("effects", self._frame(out, "effects"))
 
     def upsert_backtests(self, frame: pd.DataFrame) -> int:
         """Test-window forecasts vs actuals, keyed by (partition_id, run_id, time)."""
@@ -448,8 +427,8 @@ class SQLiteStore(ResultStore):
     dialect = "sqlite"
 
     def __init__(self, path: Path | str, keys: Sequence[str] = ("store", "item"), time_column: str = "date",
-                 freq: str = "W") -> None:
-        super().__init__(keys, time_column, freq)
+                 freq: str = "W", int_keys: IntKeys = ()) -> None:
+        super().__init__(keys, time_column, freq, int_keys)
         self.path = Path(path)
 
     def describe(self) -> str:
@@ -479,10 +458,10 @@ class OdbcStore(ResultStore):
     """Any database reachable through ODBC: Azure SQL / Synapse (mssql), PostgreSQL, SQLite."""
 
     def __init__(self, connection_string: str, dialect: str, keys: Sequence[str] = ("store", "item"),
-                 time_column: str = "date", freq: str = "W") -> None:
+                 time_column: str = "date", freq: str = "W", int_keys: IntKeys = ()) -> None:
         if dialect not in DIALECTS:
             raise StoreError(f"dialect {dialect!r} is not one of {list(DIALECTS)}")
-        super().__init__(keys, time_column, freq)
+        super().__init__(keys, time_column, freq, int_keys)
         self.connection_string = connection_string
         self.dialect = dialect
         # Parameter arrays are for Microsoft's driver only; the SQLite ODBC driver crashes with them.
@@ -501,14 +480,16 @@ class OdbcStore(ResultStore):
             raise StoreError(f"{self.describe()}: cannot connect: {exc}") from exc
 
 
-def open_store(cfg: ProjectConfig, workdir: Path) -> ResultStore:
-    """The configured store: ``results.sqlite`` in the workdir, or ODBC from an environment setting."""
+def open_store(cfg: ProjectConfig, workdir: Path, int_keys: IntKeys = ()) -> ResultStore:
+    """The configured store: ``results.sqlite`` in the workdir, or ODBC from an environment setting.
+
+    ``int_keys``: the key columns that hold plain integers (typed BIGINT when the tables are made)."""
     spec, data = cfg.store, cfg.data
     if spec.backend == "sqlite":
-        return SQLiteStore(Path(workdir) / spec.sqlite_file, data.keys, data.time, data.freq)
+        return SQLiteStore(Path(workdir) / spec.sqlite_file, data.keys, data.time, data.freq, int_keys)
     conn_str = os.environ.get(spec.odbc_connection_setting)
     if not conn_str:
         raise StoreError(f"store.backend is 'odbc' but the environment variable "
                          f"{spec.odbc_connection_setting} (store.odbc_connection_setting) is not set")
-    return OdbcStore(conn_str, spec.dialect, data.keys, data.time, data.freq)
+    return OdbcStore(conn_str, spec.dialect, data.keys, data.time, data.freq, int_keys)
 

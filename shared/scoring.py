@@ -508,7 +508,9 @@ def _predict(bundle: Any, rows: pd.DataFrame, cfg: ProjectConfig, kind: str) -> 
     if not np.isfinite(values).all():
         bad = int((~np.isfinite(values)).sum())
         raise ValueError(f"the model returned {bad} non-finite prediction(s)")
-    return pd.DataFrame({spec.time: rows[spec.time].to_numpy(), "prediction": values,
+    # each row dated by its period's own time stamp (a Saturday of W-FRI data is that week's Friday),
+    # so that SQL never holds one period under two dates
+    return pd.DataFrame({spec.time: bundle.period_times(wanted), "prediction": values,
                          "lower": _column(out, "lower")[position], "upper": _column(out, "upper")[position]})
 
 

@@ -20,8 +20,8 @@ from shared.incremental import (CONFIG_TAG, carried_forward, carried_meta, carri
                                 reusable_global, training_config_digest, write_partition_list)
 from shared.keys import PARTITION_ID
 from shared.lake import read_parquet
-from shared.registration import (aggregate_wape, artifact_source, backtests_frame, dump_lake_pickle, global_record,
-                                 lake_digest, load_lake_pickle, metrics_row, record_for, result_rows)
+from shared.registration import (aggregate_wape, artifact_source, backtests_frame, dump_lake_pickle, effects_rows,
+                                 global_record, lake_digest, load_lake_pickle, metrics_row, record_for, result_rows)
 from shared.stage_state import PipelineError, _digest, _load_dataset, _now, _run_meta, latest_dataset_id
 from shared.summaries import RegisterSummary, TrainingPlan
 from shared.training import global_cuts
@@ -209,5 +209,9 @@ def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
         store.upsert_metrics([metrics_row(row, run_id, manifest, keys, version_of) for row in rows])
         if backtests is not None and len(backtests):
             store.upsert_backtests(backtests)
+        history = backtests_frame(ws.config, run_id, rows, manifest, keys, dataset.anchor, field="history")
+        if history is not None and len(history):
+            store.upsert_actuals(history)
+        store.upsert_effects(effects_rows(rows, run_id, manifest, keys))
     summary.failures = summary.failures[:50]
     return summary

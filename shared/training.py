@@ -43,9 +43,10 @@ from typing import Any, Generator, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from shared.config import POOLED_CANDIDATES
+from shared.config import POOLED_CANDIDATES, ProjectConfig
 from shared.candidates import AverageForecaster, MovingAverageBaseline, check_candidates, make_candidate
 from shared.bundle import ForecastBundle, period_times, recursive_forecast  # noqa: F401 (pickles name it here)
+from shared.effects import covariate_effects
 from shared.features import FeatureFrame, build_features
 from shared.global_ar import forecast_windows
 from shared.global_model import GlobalModelSet, partition_stats, uses_history
@@ -58,6 +59,7 @@ from shared.timegrid import PERIOD, anchor_offset
 logger = logging.getLogger(__name__)
 
 STATUSES = ("trained", "baseline_only", "skipped", "failed")
+HISTORY_PERIODS = 52  # at most a year of weekly history per partition goes to SQL with each run
 
 
 # -- per-partition result -----------------------------------------------------------------------
@@ -80,6 +82,9 @@ class TrainResult:
     bundle: ForecastBundle | None = None
     timings: dict[str, float] = field(default_factory=dict)  # features / estimators / overhead seconds
     residuals: Any = None  # backtest residuals until the batch calibrates the intervals (not stored)
+    effects: list[dict[str, Any]] = field(default_factory=list)  # shared.effects: elasticity, lift
+    # observed values of the season before the test window (_period, actual): where a forecast comes from
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -96,6 +101,8 @@ class TrainResult:
             "fit_seconds": round(float(self.fit_seconds), 6),
             "timings": {k: round(float(v), 6) for k, v in self.timings.items()},
             "backtest": self.backtest_rows(),
+            "history": self.history,
+            "effects": _json_floats_list(self.effects),
         }
 
     def backtest_rows(self) -> list[dict[str, Any]]:
@@ -115,6 +122,11 @@ class TrainResult:
 def _json_floats(values: Mapping[str, float]) -> dict[str, float | None]:
     """NaN is not JSON: undefined metrics become null."""
     return {k: (None if v is None or math.isnan(float(v)) else float(v)) for k, v in values.items()}
+
+
+def _json_floats_list(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Effect rows with finite values only (a model's infinite elasticity is not a number to store)."""
+    return [dict(r) for r in rows if isinstance(r.get("value"), float) and math.isfinite(r["value"])]
 
 
 # -- the batch ----------------------------------------------------------------------------------
@@ -263,6 +275,7 @@ class _PartitionJob:
         rows = ff.rows(g)
         self.result = TrainResult(partition_id=str(ff.partition_ids[g]), keys=batch.keys[g], status="failed",
                                   n_observed=int((~ff.filled[rows]).sum()))
+        self.result.history = _history(ff.periods[rows], ff.y[rows], ff.filled[rows], batch.cfg)
         self.clock = _Clock()
         self.seconds = 0.0
         self.fold_errors: dict[str, tuple[float, float]] = {}
@@ -299,7 +312,25 @@ class _PartitionJob:
         result.fit_seconds = self.seconds + feature_seconds
         result.timings = {"features": feature_seconds, "estimators": self.clock.seconds,
                           "overhead": self.seconds - self.clock.seconds}
+        if result.status == "trained" and result.bundle is not None:
+            began = perf_counter()
+            try:
+                result.effects = covariate_effects(result.bundle)
+            except Exception as exc:  # a by-product: never fails the partition
+                logger.warning("partition %s: covariate effects not measured: %s", result.partition_id, exc)
+            result.timings["overhead"] += perf_counter() - began
+            result.fit_seconds += perf_counter() - began
         return result
+
+
+def _history(periods: np.ndarray, y: np.ndarray, filled: np.ndarray, cfg: ProjectConfig) -> list[dict[str, Any]]:
+    """The observed periods of the season before the test window (at most ``HISTORY_PERIODS``)."""
+    if not len(periods):
+        return []
+    tested_from = int(periods[-1]) - int(cfg.forecast.test_periods) + 1
+    keep = np.flatnonzero((periods < tested_from) & ~filled & np.isfinite(y))
+    keep = keep[-min(max(int(cfg.season_length), 1), HISTORY_PERIODS):]
+    return [{PERIOD: int(periods[i]), "actual": float(y[i])} for i in keep]
 
 
 def _fit_partition(batch: _Batch, g: int, result: TrainResult,

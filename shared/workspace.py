@@ -141,7 +141,23 @@ class Workspace:
         """The SQL result store, open: use it as a context manager (``with ws.store() as store:``)."""
         from shared.result_store import open_store
 
-        return open_store(self.config, self.root)
+        return open_store(self.config, self.root, int_keys=self.integer_keys)
+
+    def integer_keys(self) -> list[str]:
+        """The key columns of the latest dataset whose values are all plain integers: the store types
+        them BIGINT when it creates its tables (asked only then)."""
+        from shared.lake import read_parquet
+        from shared.sql_schema import integer_keys
+
+        if not self.lake.exists(layout.LATEST_DATASET):
+            return []
+        dataset_id = self.lake.read_bytes(layout.LATEST_DATASET).decode().strip()
+        try:
+            manifest = read_parquet(self.lake, layout.dataset_manifest(dataset_id))
+        except LakeError:
+            return []
+        keys = [k for k in self.config.data.keys if k in manifest.columns]
+        return sorted(integer_keys({k: manifest[k] for k in keys}))
 
     @property
     def sql_location(self) -> str:

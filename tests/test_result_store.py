@@ -23,9 +23,11 @@ from shared.config import ProjectConfig
 from shared.result_store import (
     OdbcStore,
     SQLiteStore,
+    SqlTypes,
     StoreError,
     build_schema,
     create_table_sql,
+    integer_keys,
     open_store,
     upsert_sql,
 )
@@ -92,15 +94,15 @@ def make_store(request, tmp_path):
     kind = request.param
     opened = []
     if kind == "sqlite":
-        def factory(keys=("store", "item"), time_column="date", freq="W"):
-            return SQLiteStore(tmp_path / "results.sqlite", keys, time_column, freq)
+        def factory(keys=("store", "item"), time_column="date", freq="W", int_keys=()):
+            return SQLiteStore(tmp_path / "results.sqlite", keys, time_column, freq, int_keys)
     elif kind == "odbc-sqlite":
         if "SQLite3" not in _odbc_drivers():
             pytest.skip("the SQLite3 ODBC driver (Debian packages unixodbc + libsqliteodbc) is not installed")
 
-        def factory(keys=("store", "item"), time_column="date", freq="W"):
+        def factory(keys=("store", "item"), time_column="date", freq="W", int_keys=()):
             return OdbcStore(f"Driver=SQLite3;Database={tmp_path / 'results.sqlite'}", "sqlite",
-                             keys, time_column, freq)
+                             keys, time_column, freq, int_keys)
     else:
         base_dsn = request.getfixturevalue("postgres_dsn")
         import pyodbc
@@ -111,8 +113,8 @@ def make_store(request, tmp_path):
         admin.close()
         dsn = base_dsn.replace("Database=postgres", f"Database={db}")
 
-        def factory(keys=("store", "item"), time_column="date", freq="W"):
-            return OdbcStore(dsn, "postgresql", keys, time_column, freq)
+        def factory(keys=("store", "item"), time_column="date", freq="W", int_keys=()):
+            return OdbcStore(dsn, "postgresql", keys, time_column, freq, int_keys)
 
     def tracked(*args, **kwargs):
         store = factory(*args, **kwargs)
@@ -145,14 +147,16 @@ def test_predictions_upsert_never_duplicates_and_keeps_the_latest_values(make_st
                       'FROM predictions WHERE partition_id = ? ORDER BY "date"', ["p1"])
     assert got["store"].tolist() == ["s1"] * 4
     assert got["item"].tolist() == ["1"] * 4  # key values stored as canonical text
-    assert got["date"].tolist() == ["2024-01-07", "2024-01-14", "2024-01-21", "2024-01-28"]
+    # a typed DATE: date objects through ODBC, ISO text from Python's sqlite3 (no date type there)
+    assert [str(d) for d in got["date"]] == ["2024-01-07", "2024-01-14", "2024-01-21", "2024-01-28"]
     assert got["prediction"].tolist() == pytest.approx([6.0, 6.1, 6.2, 6.3])
     assert got["model_version"].tolist() == [1] * 4
 
 
 def test_all_tables_exist_with_key_and_time_columns_under_their_own_names(make_store):
     store = make_store()
-    for table in ("predictions", "model_metrics", "promotions", "backtests", "runs"):
+    for table in ("predictions", "forecast_history", "model_metrics", "promotions", "backtests", "runs",
+                  "actuals", "effects"):
         assert store.count(table) == 0
     cols = store.query("SELECT * FROM predictions WHERE 1 = 0").columns.tolist()
     assert cols == ["store", "item", "date", "prediction", "model", "model_version", "run_id",
@@ -225,7 +229,7 @@ def test_promotions_backtests_and_runs_are_upserts_too(make_store):
     runs = store.query("SELECT * FROM runs ORDER BY stage")
     assert runs["stage"].tolist() == ["score", "train"]
     assert json.loads(runs["counts"].iloc[1]) == {"failed": 0, "trained": 4}
-    assert runs["finished_at"].iloc[0] == "2024-05-01T10:00:02+00:00"
+    assert pd.Timestamp(runs["finished_at"].iloc[0]).replace(tzinfo=None) == pd.Timestamp("2024-05-01T10:00:02")
 
 
 def test_key_values_are_bound_never_spliced_into_sql(make_store):
@@ -334,16 +338,19 @@ def test_column_names_must_be_plain_identifiers_that_do_not_clash(keys, time_col
 
 def test_mssql_uses_merge_bracket_quoting_indexable_keys_and_fast_executemany():
     table = build_schema(["store", "item"], "date")["predictions"]
-    sql = upsert_sql(table, "mssql")
+    types = SqlTypes(time="date", int_keys=frozenset({"item"}))
+    sql = upsert_sql(table, "mssql", types)
     assert sql.startswith("MERGE INTO [predictions] WITH (HOLDLOCK) AS tgt USING "
-                          "(SELECT CAST(? AS NVARCHAR(MAX)) AS [store]")
-    assert "CAST(? AS NVARCHAR(200)) AS [date]" in sql and "CAST(? AS FLOAT) AS [prediction]" in sql
+                          "(SELECT CAST(? AS NVARCHAR(MAX)) AS [store], CAST(? AS BIGINT) AS [item]")
+    assert "CAST(? AS DATE) AS [date]" in sql and "CAST(? AS FLOAT) AS [prediction]" in sql
+    assert "CAST(? AS DATETIME2) AS [scored_at]" in sql
     assert "CAST(? AS BIGINT) AS [date]" in upsert_sql(build_schema(["store"], "date")["predictions"], "mssql",
-                                                       int_time=True)
+                                                       SqlTypes(time="int"))
+    assert "CAST(? AS DATETIME2) AS [date]" in upsert_sql(table, "mssql", SqlTypes(time="timestamp"))
     assert "ON tgt.[partition_id] = src.[partition_id] AND tgt.[date] = src.[date]" in sql
     assert sql.count("?") == len(table.columns)
-    ddl = create_table_sql(table, "mssql", int_time=False)
-    assert "[date] NVARCHAR(200) NOT NULL" in ddl and "[store] NVARCHAR(MAX)" in ddl
+    ddl = create_table_sql(table, "mssql", types)
+    assert "[date] DATE NOT NULL" in ddl and "[store] NVARCHAR(MAX)" in ddl and "[item] BIGINT" in ddl
     assert ddl.startswith("IF OBJECT_ID(N'predictions', N'U') IS NULL CREATE TABLE")
     assert OdbcStore("Driver=x", "mssql").fast_executemany
     assert not OdbcStore("Driver=x", "postgresql").fast_executemany
@@ -361,3 +368,120 @@ def test_a_load_that_fails_inside_the_database_is_rolled_back_as_a_whole(tmp_pat
         with pytest.raises(sqlite3.IntegrityError, match="refused"):
             store.upsert_predictions(frame)
         assert store.query("SELECT MAX(prediction) AS m FROM predictions")["m"].iloc[0] < 10
+
+
+# -- BI-ready outputs: vintages, the latest forecast, per-series summary, typed columns ------------
+def _vintage(score_id, scored_at, horizon, value):
+    return predictions(n_partitions=2, horizon=horizon, value=value).assign(score_id=score_id, scored_at=scored_at)
+
+
+def test_every_vintage_is_kept_and_predictions_latest_holds_only_the_newest_forecast(make_store):
+    store = make_store()
+    store.upsert_predictions(_vintage("s-old", "2024-01-01T08:00:00.000+00:00", horizon=8, value=1.0))
+    store.upsert_predictions(_vintage("s-new", "2024-01-08T08:00:00.000+00:00", horizon=4, value=5.0))
+    store.upsert_predictions(_vintage("s-new", "2024-01-08T08:00:00.000+00:00", horizon=4, value=5.0))  # rerun
+    history = store.query("SELECT score_id, COUNT(*) AS n FROM forecast_history GROUP BY score_id ORDER BY score_id")
+    assert dict(zip(history["score_id"], history["n"])) == {"s-new": 8, "s-old": 16}
+    # the plain table mixes vintages (periods 5-8 still from the old run); the view does not
+    assert store.count("predictions") == 16
+    latest = store.query('SELECT partition_id, "date", prediction, score_id FROM predictions_latest')
+    assert len(latest) == 8 and set(latest["score_id"]) == {"s-new"}
+    assert not latest.duplicated(["partition_id", "date"]).any()
+    assert latest["prediction"].min() >= 5.0
+    # what did we forecast for a period a week ago? the old vintage answers
+    old = store.query('SELECT prediction FROM forecast_history WHERE score_id = ? AND partition_id = ? '
+                      'ORDER BY "date"', ["s-old", "p0"])
+    assert old["prediction"].tolist() == pytest.approx([1.0 + h / 10 for h in range(8)])
+
+
+def test_a_partition_scored_alone_later_moves_only_its_own_latest_rows(make_store):
+    store = make_store()
+    store.upsert_predictions(_vintage("s1", "2024-01-01T08:00:00.000+00:00", horizon=4, value=1.0))
+    only_p1 = _vintage("s2", "2024-01-02T08:00:00.000+00:00", horizon=4, value=9.0).query("partition_id == 'p1'")
+    store.upsert_predictions(only_p1)
+    latest = store.query("SELECT partition_id, score_id FROM predictions_latest").drop_duplicates()
+    assert sorted(map(tuple, latest.to_numpy())) == [("p0", "s1"), ("p1", "s2")]
+
+
+def test_series_summary_says_model_source_accuracy_and_last_promotion_per_series(make_store):
+    store = make_store()
+    store.upsert_predictions(predictions(n_partitions=2, horizon=3).assign(source="production"))
+    store.upsert_metrics([{"partition_id": "p0", "keys": {"store": "s0", "item": "0"}, "run_id": "r1",
+                           "status": "trained", "model_name": "gbm", "metrics": {"wape": 0.2, "accuracy": 0.8},
+                           "baseline_metrics": {"wape": 0.3}}])
+    for when, decision, reason in (("2024-01-01T00:00:00+00:00", "rejected", "accuracy 0.70 < 0.75"),
+                                   ("2024-02-01T00:00:00+00:00", "promoted", "accuracy 0.80 >= 0.75")):
+        store.upsert_promotions([{"partition_id": "p0", "keys": {"store": "s0", "item": "0"},
+                                  "run_id": f"r-{decision}", "decision": decision, "reason": reason,
+                                  "decided_at": when}])
+    got = store.query("SELECT * FROM series_summary ORDER BY partition_id")
+    assert got["partition_id"].tolist() == ["p0", "p1"] and got["periods"].tolist() == [3, 3]
+    first = got.iloc[0]
+    assert (first["model"], first["source"], first["last_decision"]) == ("gbm", "production", "promoted")
+    assert first["wape"] == pytest.approx(0.2) and first["accuracy"] == pytest.approx(0.8)
+    assert first["last_decision_reason"] == "accuracy 0.80 >= 0.75"
+    assert first["total_prediction"] == pytest.approx(3 * 1.0 + 0.3)
+    assert pd.isna(got.iloc[1]["wape"]) and pd.isna(got.iloc[1]["last_decision"])  # no metrics, no decision
+
+
+def _declared_types(store, table):
+    if isinstance(store, SQLiteStore) or store.dialect == "sqlite":
+        rows = store.query(f"SELECT name, type FROM pragma_table_info('{table}')")
+        return {r["name"]: r["type"].upper() for _, r in rows.iterrows()}
+    rows = store.query("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?",
+                       [table])
+    return {r["column_name"]: r["data_type"].upper() for _, r in rows.iterrows()}
+
+
+@pytest.mark.parametrize("freq, expected", [("W", "DATE"), ("h", "TIMESTAMP")])
+def test_dates_and_integer_keys_are_typed_columns(make_store, freq, expected):
+    store = make_store(int_keys=["item"], freq=freq)
+    frame = predictions(n_partitions=2, horizon=2)
+    if freq == "h":
+        frame["date"] = pd.Timestamp("2024-01-07 10:00") + pd.to_timedelta(np.tile([0, 1], 2), unit="h")
+    store.upsert_predictions(frame)
+    types = _declared_types(store, "predictions")
+    assert types["date"].startswith(expected) and types["scored_at"].startswith("TIMESTAMP")
+    assert types["item"] in ("INTEGER", "BIGINT") and types["store"] == "TEXT"
+    got = store.query('SELECT "item", "date" FROM predictions_latest WHERE "item" = ? ORDER BY "date"', [1])
+    assert got["item"].tolist() == [1, 1]  # an integer again, filterable as one
+    assert pd.Timestamp(str(got["date"].iloc[0])) == pd.Timestamp(frame["date"].iloc[2])
+
+
+def test_a_non_integer_key_for_an_integer_key_column_is_refused_by_name(make_store):
+    store = make_store(int_keys=["item"])
+    store.upsert_predictions(predictions())
+    with pytest.raises(StoreError, match="key column 'item' holds integers.*'007'"):
+        store.upsert_predictions(predictions().assign(item="007"))
+
+
+def test_integer_keys_are_asked_for_only_when_the_tables_are_made(tmp_path):
+    asked = []
+
+    def int_keys():
+        asked.append(1)
+        return ["item"]
+
+    with SQLiteStore(tmp_path / "r.sqlite", int_keys=int_keys) as store:
+        store.upsert_predictions(predictions())
+    with SQLiteStore(tmp_path / "r.sqlite", int_keys=int_keys) as store:
+        assert store.count("predictions") == 12
+    assert asked == [1]
+    assert integer_keys({"a": ["1", "22", "-3"], "b": ["1", "007"], "c": [1.5], "d": np.array([4, 5])}) == \
+        frozenset({"a", "d"})
+
+
+def test_actuals_and_effects_are_upserts(make_store):
+    store = make_store()
+    actual = pd.DataFrame({"partition_id": "p0", "store": "s0", "item": "0", "run_id": "r1",
+                           "date": pd.date_range("2023-10-01", periods=4, freq="W"), "actual": [1.0, 2, 3, 4]})
+    store.upsert_actuals(actual)
+    store.upsert_actuals(actual.assign(actual=7.0))
+    assert store.query("SELECT actual FROM actuals")["actual"].tolist() == [7.0] * 4
+    effect = {"partition_id": "p0", "keys": {"store": "s0", "item": "0"}, "run_id": "r1", "model": "loglm",
+              "covariate": "price", "measure": "elasticity", "value": -1.8}
+    store.upsert_effects([effect, {**effect, "covariate": "promo", "measure": "lift", "value": 0.35}])
+    store.upsert_effects([{**effect, "value": -1.5}])
+    got = store.query("SELECT covariate, measure, value FROM effects ORDER BY covariate")
+    assert got.to_dict("records") == [{"covariate": "price", "measure": "elasticity", "value": -1.5},
+                                      {"covariate": "promo", "measure": "lift", "value": 0.35}]

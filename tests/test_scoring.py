@@ -220,6 +220,17 @@ def test_a_scoring_file_gets_exactly_its_rows_predicted(world, panel):
     assert score_batch(requests, cfg, world["prod"], world["dev"], "baseline").equals(predictions)
 
 
+def test_rows_dated_inside_a_period_are_stored_under_that_period_own_date(world, panel):
+    """A Wednesday asked of weekly (Sunday) data is that week: SQL must not hold one week under two dates."""
+    future = future_rows(panel, periods=2)
+    future["date"] = future["date"] + pd.Timedelta(days=3)
+    predictions, _ = score_frame(requests_of(world, future, "mid1"), world["cfg"], world["prod"], world["dev"],
+                                 "baseline")
+    on_time = future_rows(panel, periods=2)
+    expected = {(s, i, d) for s, i, d in on_time[["store", "item", "date"]].itertuples(index=False)}
+    assert {(s, i, d) for s, i, d in predictions[["store", "item", "date"]].itertuples(index=False)} == expected
+
+
 def test_a_partition_that_cannot_be_predicted_fails_alone_with_its_reason(world, panel):
     future = future_rows(panel, periods=2)
     victim = sorted(world["champions"])[1]
