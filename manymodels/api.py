@@ -91,7 +91,7 @@ class ManyModels:
         data = None if future is None else self._write(self._frame(future, "future"), "future")
         with self._open("forecast") as ws:
             plan, _ = pipeline.score(ws, data=data, horizon=h, progress=False)
-        out = self._table("predictions", "score_id = ?", (plan.score_id,), sort_time=True)
+        out = self._table("forecast_history", "score_id = ?", (plan.score_id,), sort_time=True)
         keys, time, _ = self._columns
         first = [c for c in (*(keys or ()), time, "prediction", "lower", "upper", "source", "model", "model_version")
                  if c in out.columns]
@@ -110,6 +110,18 @@ class ManyModels:
     def promotions(self) -> pd.DataFrame:
         """Per series and run: promoted or rejected, against what, and why."""
         return self._table("promotions")
+
+    def series(self) -> pd.DataFrame:
+        """Per series: the model serving it, its source, accuracy, and the last promotion decision."""
+        return self._table("series_summary")
+
+    def effects(self) -> pd.DataFrame:
+        """Per series and run: price elasticity and promotion lift, where the model uses the covariate."""
+        return self._table("effects")
+
+    def history(self) -> pd.DataFrame:
+        """Every forecast made in this workdir, by vintage (``score_id``, ``scored_at``)."""
+        return self._table("forecast_history", sort_time=True)
 
     # -- lifetime ----------------------------------------------------------------------------
 

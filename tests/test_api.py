@@ -71,6 +71,22 @@ def test_the_evaluation_tables_are_dataframes_per_series(fitted):
     assert len(promotions) == 6 and set(promotions["decision"]) <= {"promoted", "rejected", "unchanged"}
     assert len(backtests) >= 6 and pd.api.types.is_datetime64_any_dtype(backtests["date"])
     assert mm.summary["trained"] == 6 and mm.summary["run_id"] == mm.run_id
+    series, effects = mm.series(), mm.effects()
+    assert len(series) == 6 and {"model", "source", "wape", "last_decision"} <= set(series.columns)
+    assert set(effects["covariate"]) <= {"price", "promo"} and set(effects["measure"]) <= {"elasticity", "lift"}
+    assert (effects.query("measure == 'elasticity'")["value"] < 0).mean() > 0.5  # demand falls as price rises
+
+
+
+def test_every_forecast_is_kept_by_vintage_and_a_new_one_comes_back_alone(fitted):
+    mm, _ = fitted
+    before = mm.history()
+    shorter = mm.forecast(h=2)
+    after = mm.history()
+    assert len(shorter) == 6 * 2 and shorter["score_id"].nunique() == 1
+    assert after["score_id"].nunique() == before["score_id"].nunique() + 1
+    kept = after[after["score_id"].isin(before["score_id"])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, before)
 
 
 def test_future_rows_with_their_covariates_are_forecast_as_given(sales, fitted):
