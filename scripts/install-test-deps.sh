@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System pieces the tests use for real: unixODBC with the SQLite driver (the ODBC result store
 # and ODBC ingestion), PostgreSQL with its ODBC driver (the result store against a real server),
-# Azurite from npm (Blob/Queue storage). Installs only what is missing; retries transient failures.
+# Azurite from npm (Blob/Queue storage), Chromium with its WebDriver (the report opened in a real
+# browser). Installs only what is missing; retries transient failures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +17,7 @@ retry() {  # retry CMD...: three attempts, a few seconds apart
 }
 
 need_apt=()
-for pkg in unixodbc libsqliteodbc odbc-postgresql postgresql; do
+for pkg in unixodbc libsqliteodbc odbc-postgresql postgresql chromium chromium-driver; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -27,7 +28,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     retry "${as_root[@]}" apt-get update -qq
     retry "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
   else
-    echo "warning: ${need_apt[*]} missing and apt-get unavailable: ODBC tests will be skipped" >&2
+    echo "warning: ${need_apt[*]} missing and apt-get unavailable: ODBC and browser tests will be skipped" >&2
   fi
 fi
 

@@ -1,13 +1,15 @@
 """The dashboard: one self-contained HTML file built from the SQL result store alone.
 
 The reference architecture hands predictions and metrics to Power BI; locally we write an HTML
-report anyone can open offline: no scripts, no external CSS or fonts, charts as inline SVG drawn
-with matplotlib. Everything comes from the store's tables (``model_metrics``, ``promotions``,
-``backtests``, ``predictions``, ``runs``), so the report of an Azure SQL store and of the local
-SQLite file are the same.
+report anyone can open offline: no external scripts, CSS or fonts, charts as inline SVG drawn
+with matplotlib, one inline script that sorts and filters the series table. Everything comes from
+the store's tables (``model_metrics``, ``promotions``, ``backtests``, ``predictions``, ``runs``, and
+``actuals`` and ``effects`` when the store has them), so the report of an Azure SQL store and of
+the local SQLite file are the same.
 
 What it shows is the latest training run (the newest ``train`` entry of the ``runs`` table that
-has metrics, else the run with the most metric rows) and every stored prediction.
+has metrics, else the run with the most metric rows), every stored prediction, and every series
+(worst first) with why it is served by what serves it.
 """
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ from shared.report_render import (  # noqa: F401  (re-exported)
 from shared.result_store import ResultStore
 
 
-def write_report(store: ResultStore, path: Path, title: str = DEFAULT_TITLE, min_accuracy: float | None = None,
-                 top_n: int = 30) -> Path:
+def write_report(store: ResultStore, path: Path, title: str = DEFAULT_TITLE,
+                 min_accuracy: float | None = None) -> Path:
     """Write the HTML report to ``path`` (atomically) and return it.
 
     ``min_accuracy`` draws the promotion threshold when the store holds no promotion decision yet.
@@ -43,7 +45,7 @@ def write_report(store: ResultStore, path: Path, title: str = DEFAULT_TITLE, min
     data = gather(store, n_examples=3)
     if data.threshold is None and min_accuracy is not None:
         data.threshold, data.promotion_metric = float(min_accuracy), "accuracy"
-    text = render(data, title, top_n=top_n)
+    text = render(data, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

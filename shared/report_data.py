@@ -3,7 +3,10 @@
 Everything comes from the store's tables (``model_metrics``, ``promotions``, ``backtests``,
 ``predictions``, ``runs``): the latest training run (the newest ``train`` entry of the ``runs``
 table that has metrics, else the run with the most metric rows) and every stored prediction.
-The renderer (:mod:`shared.report_render`) never queries.
+Two tables are read when the store has them (older stores do not, and the report says less):
+``actuals`` (observed history before the forecast origin, drawn before the test window) and
+``effects`` (each partition's price elasticity and promotion lift). The renderer
+(:mod:`shared.report_render`) never queries.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from shared.config import default_season_length
 from shared.keys import PARTITION_ID
+from shared.report_series import build_series, model_wins, served_by
 from shared.result_store import ResultStore, quote
 
 
@@ -38,6 +43,13 @@ class ReportData:
     best: list[str] = field(default_factory=list)
     worst: list[str] = field(default_factory=list)
     sources: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per scoring source
+    series: pd.DataFrame = field(default_factory=pd.DataFrame)  # every series, worst WAPE first, with why
+    wins: pd.DataFrame = field(default_factory=pd.DataFrame)  # per model: series won and served
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)  # actuals of the example series
+    effects: pd.DataFrame = field(default_factory=pd.DataFrame)  # elasticity / lift per partition
+    season_length: int = 1
+    has_actuals: bool = False
+    has_effects: bool = False
 
     @property
     def empty(self) -> bool:
@@ -46,7 +58,8 @@ class ReportData:
 
 # -- reading the store --------------------------------------------------------------------------
 def gather(store: ResultStore, n_examples: int = 3) -> ReportData:
-    data = ReportData(keys=list(store.keys), time_column=store.time_column)
+    data = ReportData(keys=list(store.keys), time_column=store.time_column,
+                      season_length=default_season_length(store.freq))
     data.runs = store.query("SELECT run_id, stage, started_at, finished_at, seconds, counts FROM runs")
     if not data.runs.empty:
         data.runs = data.runs.sort_values("started_at", ascending=False, kind="stable")
@@ -75,7 +88,13 @@ def gather(store: ResultStore, n_examples: int = 3) -> ReportData:
     data.n_predicted_partitions = int(counts["parts"].iloc[0] or 0)
     fallback = store.query("SELECT COUNT(DISTINCT partition_id) AS parts FROM predictions WHERE is_fallback = 1")
     data.n_fallback_partitions = int(fallback["parts"].iloc[0] or 0)
-    data.sources = _sources(store, data.run_id)
+    served = _served(store)
+    data.sources = _sources(store, data.run_id, served)
+    data.series = build_series(data.metrics, data.promotions, served, data.keys)
+    data.wins = model_wins(data.series)
+    data.has_actuals, data.has_effects = has_table(store, "actuals"), has_table(store, "effects")
+    if data.has_effects:
+        data.effects = _effects(store, served, data.run_id)
     data.best, data.worst = _examples(data.metrics, n_examples)
     chosen = data.best + data.worst
     if chosen and data.run_id is not None:
@@ -87,7 +106,53 @@ def gather(store: ResultStore, n_examples: int = 3) -> ReportData:
         data.future = store.query(
             f"SELECT partition_id, {t}, prediction, is_fallback, model, lower, upper FROM predictions "
             f"WHERE partition_id IN ({marks})", chosen)
+    if chosen and data.has_actuals:
+        t = quote(store.time_column, store.dialect)
+        data.history = store.query(f"SELECT partition_id, {t}, actual FROM actuals "
+                                   f"WHERE partition_id IN ({', '.join('?' for _ in chosen)})", chosen)
     return data
+
+
+def has_table(store: ResultStore, name: str) -> bool:
+    """Does the store hold this table? (Tables added in later releases are read only when present.)"""
+    if name in getattr(store, "tables", {}):  # opening the store creates every table it knows
+        return True
+    if store.dialect == "sqlite":
+        return not store.query("SELECT name FROM sqlite_master WHERE name = ?", [name]).empty
+    try:
+        store.query(f"SELECT * FROM {quote(name, store.dialect)} WHERE 1 = 0")
+        return True
+    except Exception:  # noqa: BLE001  (any driver's "no such table"; a failed read aborts the transaction)
+        store.conn.rollback()
+        return False
+
+
+def _served(store: ResultStore) -> pd.DataFrame:
+    """One row per partition: the source and model of its newest stored forecast (with its keys)."""
+    keys = ", ".join(quote(k, store.dialect) for k in store.keys)
+    grouped = store.query(
+        f"SELECT partition_id, {keys}, source, is_fallback, model, run_id, MAX(scored_at) AS scored_at, "
+        f"COUNT(*) AS n FROM predictions GROUP BY partition_id, {keys}, source, is_fallback, model, run_id")
+    return served_by(grouped)
+
+
+def _effects(store: ResultStore, served: pd.DataFrame, run_id: str | None) -> pd.DataFrame:
+    """One elasticity / lift per (partition, covariate, measure): the serving model's own (the run of
+    the partition's newest forecast), else the latest training run's, else the newest stored."""
+    frame = store.query("SELECT * FROM effects")
+    if frame.empty:
+        return frame
+    frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
+    if "run_id" not in frame.columns:
+        return frame.drop_duplicates([PARTITION_ID, "covariate", "measure"], keep="last").reset_index(drop=True)
+    serving = (served.set_index(PARTITION_ID)["run_id"] if "run_id" in served.columns and not served.empty
+               else pd.Series(dtype=object))
+    own = frame["run_id"].astype(str).to_numpy() == frame[PARTITION_ID].map(serving).astype(str).to_numpy()
+    rank = np.where(own, 0, np.where(frame["run_id"] == run_id, 1, 2))
+    frame = frame.assign(_rank=rank, _run=frame["run_id"].astype(str))
+    frame = frame.sort_values(["_rank", "_run"], ascending=[True, False], kind="stable")
+    frame = frame.drop_duplicates([PARTITION_ID, "covariate", "measure"], keep="first")
+    return frame.drop(columns=["_rank", "_run"]).sort_values(PARTITION_ID, kind="stable").reset_index(drop=True)
 
 
 SOURCE_ORDER = ("production", "unpromoted", "latest", "global", "baseline")
@@ -95,17 +160,13 @@ _BACKTEST_OF = {"production": "prediction", "unpromoted": "prediction", "latest"
                 "global": "global_forecast", "baseline": "baseline"}
 
 
-def _sources(store: ResultStore, run_id: str | None) -> pd.DataFrame:
-    """Per scoring source: partitions and rows predicted, and the test-window WAPE of that source
-    on exactly those partitions (production and unpromoted: the partition's model; global: the
-    global model; baseline: the moving average)."""
-    served = store.query("SELECT partition_id, source, is_fallback, COUNT(*) AS n FROM predictions "
-                         "GROUP BY partition_id, source, is_fallback")
+def _sources(store: ResultStore, run_id: str | None, served: pd.DataFrame) -> pd.DataFrame:
+    """Per scoring source: partitions and rows predicted (each partition under the source of its
+    newest forecast), and the test-window WAPE of that source on exactly those partitions
+    (production and unpromoted: the partition's model; global: the global model; baseline: the
+    moving average)."""
     if served.empty:
         return pd.DataFrame()
-    fallback = pd.to_numeric(served["is_fallback"], errors="coerce").fillna(0).astype(int)
-    served["source"] = served["source"].where(served["source"].notna(),
-                                              np.where(fallback == 1, "baseline", "production"))
     out = served.groupby("source").agg(partitions=(PARTITION_ID, "nunique"), rows=("n", "sum"))
     out["share"] = out["rows"] / max(int(out["rows"].sum()), 1)
     out["wape"] = np.nan

@@ -1,6 +1,8 @@
 """The dashboard's HTML and its charts (inline SVG drawn with matplotlib) from a :class:`ReportData`.
 
-No scripts, no external CSS or fonts: the file opens offline. Rendering never queries the store.
+No external scripts, CSS or fonts: the file opens offline. One small inline script sorts and
+filters the long tables (:mod:`shared.report_table`); without it the page still reads, worst
+series first. Rendering never queries the store.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import pandas as pd
 
 from shared.keys import PARTITION_ID
 from shared.report_data import ReportData, _num
+from shared.report_format import _duration, _e, _int, _pct, _pill, _text  # noqa: F401
+from shared.report_table import SCRIPT, effects_section, series_section, wins_block
 
 DEFAULT_TITLE = "manymodels — forecasting report"
 _GOOD, _BAD, _NEUTRAL, _ACCENT, _MUTED = "#2f855a", "#c53030", "#718096", "#2b6cb0", "#a0aec0"
@@ -122,6 +126,11 @@ def forecast_chart(data: ReportData, partitions: list[str]) -> str | None:
     for ax, pid in zip(axes, partitions):
         bt = _with_time(data.backtests[data.backtests[PARTITION_ID] == pid], data.time_column)
         fut = _with_time(data.future[data.future[PARTITION_ID] == pid], data.time_column)
+        past = _history_before(data, pid, bt, fut)
+        if not past.empty:
+            ax.plot(past["_t"], past["actual"], color="#4a5568", linewidth=1.1, label="history", gid=f"history-{pid}")
+            if not bt.empty:
+                ax.axvline(bt["_t"].iloc[0], color=_MUTED, linewidth=0.8, linestyle=":")
         if not bt.empty:
             ax.plot(bt["_t"], bt["actual"], color="#1a202c", linewidth=1.6, label="actual")
             ax.plot(bt["_t"], bt["prediction"], color=_ACCENT, linewidth=1.4, linestyle="--",
@@ -137,7 +146,7 @@ def forecast_chart(data: ReportData, partitions: list[str]) -> str | None:
                                 label="prediction interval")
             ax.plot(fut["_t"], fut["prediction"], color="#dd6b20", linewidth=1.6,
                     label="future (fallback)" if fallback else "future forecast")
-        if bt.empty and fut.empty:
+        if bt.empty and fut.empty and past.empty:
             ax.text(0.5, 0.5, "no backtest or forecast stored", ha="center", va="center",
                     transform=ax.transAxes, color=_NEUTRAL, fontsize=9)
         row = by_id.loc[pid] if pid in by_id.index else None
@@ -155,6 +164,19 @@ def forecast_chart(data: ReportData, partitions: list[str]) -> str | None:
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False, fontsize=8)
     return _svg(fig)
+
+
+def _history_before(data: ReportData, pid: str, bt: pd.DataFrame, fut: pd.DataFrame) -> pd.DataFrame:
+    """Observed history (table ``actuals``) up to the test window's start (or the forecast's, without
+    a backtest): one season, or as long as the test window when that is longer."""
+    if data.history.empty:
+        return data.history
+    past = _with_time(data.history[data.history[PARTITION_ID] == pid], data.time_column)
+    past = past[pd.to_numeric(past["actual"], errors="coerce").notna()]
+    start = bt["_t"].iloc[0] if not bt.empty else (fut["_t"].iloc[0] if not fut.empty else None)
+    if start is not None:
+        past = past[past["_t"] <= start]
+    return past.tail(max(int(data.season_length), len(bt)) + 1)
 
 
 def timing_chart(runs: pd.DataFrame) -> str | None:
@@ -222,10 +244,18 @@ tr:hover td { background: #f7fafc; }
 .empty h2 { font-size: 20px; }
 code { background: #edf2f7; padding: 1px 5px; border-radius: 4px; }
 footer { margin-top: 24px; color: #a0aec0; font-size: 12px; }
+.tools { display: flex; flex-wrap: wrap; gap: 12px; align-items: center; margin: 4px 0 10px; color: #4a5568; }
+.tools input { flex: 1 1 280px; padding: 6px 10px; border: 1px solid #cbd5e0; border-radius: 6px; font: inherit; }
+.tools select { padding: 5px; border: 1px solid #cbd5e0; border-radius: 6px; font: inherit; }
+.scroll { max-height: 640px; overflow: auto; border: 1px solid #edf2f7; border-radius: 6px; }
+table.sortable thead th { position: sticky; top: 0; cursor: pointer; user-select: none; }
+table.sortable th[aria-sort=ascending]::after { content: " ▲"; }
+table.sortable th[aria-sort=descending]::after { content: " ▼"; }
+td.why { color: #4a5568; min-width: 280px; }
 """
 
 
-def render(data: ReportData, title: str = DEFAULT_TITLE, top_n: int = 30) -> str:
+def render(data: ReportData, title: str = DEFAULT_TITLE) -> str:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     run = f"training run <code>{_e(data.run_id)}</code> · " if data.run_id else ""
     parts = [f"<header><h1>{_e(title)}</h1><p>{run}generated {now}</p></header>"]
@@ -236,14 +266,15 @@ def render(data: ReportData, title: str = DEFAULT_TITLE, top_n: int = 30) -> str
             "(<code>manymodels run --data …</code>), then write this report again.</p></section>")
     else:
         parts += [_headline(data), _accuracy_section(data), _promotion_section(data), _source_section(data),
-                  _forecast_section(data),
-                  _timing_section(data), _metrics_table(data, top_n)]
+                  _forecast_section(data), effects_section(data), series_section(data), _timing_section(data)]
     parts.append("<footer>Built from the SQL result store (tables model_metrics, promotions, backtests, "
-                 "predictions, runs). Self-contained: no scripts, no external resources.</footer>")
+                 "predictions, runs, and actuals and effects where the store has them). Self-contained: "
+                 "one inline script, no external resources.</footer>")
     body = "\n".join(p for p in parts if p)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body><main>\n{body}\n</main></body></html>\n")
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body><main>\n{body}\n</main>"
+            f"<script>{SCRIPT}</script></body></html>\n")
 
 
 def _headline(data: ReportData) -> str:
@@ -251,9 +282,7 @@ def _headline(data: ReportData) -> str:
     status = m["status"].value_counts() if not m.empty else pd.Series(dtype=int)
     decisions = data.promotions["decision"].value_counts() if not data.promotions.empty else pd.Series(dtype=int)
     with_model = m[m["status"].isin(["trained", "baseline_only"])] if not m.empty else m
-    med_acc = _num(with_model["accuracy"].median()) if not with_model.empty else None
-    med_wape = _num(with_model["wape"].median()) if not with_model.empty else None
-    med_base = _num(with_model["baseline_wape"].median()) if not with_model.empty else None
+    med_acc, med_wape, med_base = (_median(with_model, c) for c in ("accuracy", "wape", "baseline_wape"))
     cards = [
         ("Partitions", f"{len(m):,}", f"in run {data.run_id[:12]}" if data.run_id else "no training run yet"),
         ("Trained", f"{int(status.get('trained', 0)):,}",
@@ -280,6 +309,11 @@ def _headline(data: ReportData) -> str:
         html_cards.append(f'<div class="card"><div class="label">{_e(label)}</div>'
                           f'<div class="value{cls}">{_e(value)}</div><div class="sub">{_e(sub)}</div></div>')
     return f'<div class="cards" id="headline">{"".join(html_cards)}</div>'
+
+
+def _median(frame: pd.DataFrame, column: str) -> float | None:
+    values = frame[column].dropna() if not frame.empty else frame
+    return None if values.empty else _num(values.median())
 
 
 def _accuracy_section(data: ReportData) -> str:
@@ -348,20 +382,27 @@ def _reason_table(title: str, reasons: pd.Series) -> str:
 
 
 def _source_section(data: ReportData) -> str:
-    """Where the delivered forecasts come from (the scoring chain), and how accurate each source is."""
-    if data.sources.empty:
+    """Where the delivered forecasts come from (the scoring chain), how accurate each source is, and
+    which models won the series."""
+    wins = wins_block(data)
+    if data.sources.empty and not wins:
         return ""
-    rows = "".join(
-        f"<tr><td>{_pill(r['source'])}</td><td class='num'>{_int(r['partitions'])}</td>"
-        f"<td class='num'>{_int(r['rows'])}</td><td class='num'>{_pct(_num(r['share']))}</td>"
-        f"<td class='num'>{_pct(_num(r['wape']))}</td></tr>" for _, r in data.sources.iterrows())
-    return ('<section id="sources"><h2>Where forecasts come from</h2><p class="note">Each partition is '
-            "forecast by the first source of the scoring chain that can answer: its production model, its "
-            "latest model when that beat its own baseline (unpromoted), the global model, then the baseline. "
-            "WAPE is that source's test-window error on the partitions it served.</p>"
-            "<table><thead><tr><th>source</th><th class='num'>partitions</th><th class='num'>rows</th>"
-            f"<th class='num'>share</th><th class='num'>test WAPE</th></tr></thead><tbody>{rows}</tbody></table>"
-            "</section>")
+    table = ""
+    if not data.sources.empty:
+        rows = "".join(
+            f"<tr><td>{_pill(r['source'])}</td><td class='num'>{_int(r['partitions'])}</td>"
+            f"<td class='num'>{_int(r['rows'])}</td><td class='num'>{_pct(_num(r['share']))}</td>"
+            f"<td class='num'>{_pct(_num(r['wape']))}</td></tr>" for _, r in data.sources.iterrows())
+        table = ("<p class='note'>Each partition is forecast by the first source of the scoring chain that can "
+                 "answer: its production model, its latest model when that beat its own baseline (unpromoted), "
+                 "the global model, then the baseline. WAPE is that source's test-window error on the "
+                 "partitions it served (each partition counted under its newest forecast).</p>"
+                 "<table id='source-counts'><thead><tr><th>source</th><th class='num'>partitions</th>"
+                 "<th class='num'>rows</th><th class='num'>share</th><th class='num'>test WAPE</th></tr></thead>"
+                 f"<tbody>{rows}</tbody></table>")
+    else:
+        table = "<p class='note'>No forecast is stored yet (table <code>predictions</code>).</p>"
+    return f'<section id="sources"><h2>Where forecasts come from</h2>{table}{wins}</section>'
 
 
 def _forecast_section(data: ReportData) -> str:
@@ -371,9 +412,12 @@ def _forecast_section(data: ReportData) -> str:
     worst = forecast_chart(data, data.worst)
     missing = (" The store holds no backtest rows for this run (table <code>backtests</code>): only the "
                "future forecast is drawn.") if data.backtests.empty else ""
+    history = (" Before it, a season of observed history (table <code>actuals</code>)." if not data.history.empty
+               else " The store holds no observed history (table <code>actuals</code>, loaded at scoring): "
+               "the charts start at the test window.")
     return ('<section id="forecasts"><h2>Forecast vs actual</h2><p class="note">The test window (actual, '
             "the chosen model's forecast and the naive baseline) followed by the stored future forecast, "
-            f"for the partitions with the lowest and the highest test-window WAPE.{missing}</p>"
+            f"for the partitions with the lowest and the highest test-window WAPE.{history}{missing}</p>"
             f"<h3 style='font-size:14px;margin:8px 0 0'>Best {len(data.best)}</h3>{best or ''}"
             + (f"<h3 style='font-size:14px;margin:8px 0 0'>Worst {len(data.worst)}</h3>{worst}" if worst else "")
             + "</section>")
@@ -394,37 +438,6 @@ def _timing_section(data: ReportData) -> str:
             f"<th>Counts</th></tr>{''.join(rows)}</table></section>")
 
 
-def _metrics_table(data: ReportData, top_n: int) -> str:
-    m = data.metrics
-    if m.empty:
-        return ""
-    decisions = (data.promotions.set_index(PARTITION_ID)["decision"] if not data.promotions.empty
-                 else pd.Series(dtype=object))
-    shown = m.sort_values(["wape", PARTITION_ID], na_position="last").head(top_n)
-    head = "".join(f"<th>{_e(k)}</th>" for k in data.keys)
-    rows = []
-    for r in shown.to_dict("records"):
-        keys = "".join(f"<td>{_e(_text(r.get(k)))}</td>" for k in data.keys)
-        decision = decisions.get(r[PARTITION_ID], "") if len(decisions) else ""
-        rows.append(
-            f"<tr>{keys}<td>{_e(_text(r.get('model')))}</td><td class='num'>{_e(_int(r.get('model_version')))}</td>"
-            f"<td>{_pill(r.get('status'))}</td>"
-            f"<td class='num'>{_pct(_num(r.get('accuracy')))}</td><td class='num'>{_pct(_num(r.get('wape')))}</td>"
-            f"<td class='num'>{_pct(_num(r.get('baseline_wape')))}</td>"
-            f"<td class='num'>{_e(_int(r.get('n_observed')))}</td>"
-            f"<td>{_pill(decision) if decision else ''}</td>"
-            f"</tr>")
-    return (f'<section id="partitions"><h2>Per-partition metrics</h2><p class="note">{len(shown):,} of '
-            f"{len(m):,} partitions, lowest test-window WAPE first (all of them: table "
-            f"<code>model_metrics</code>).</p><table><tr>{head}<th>Model</th><th class='num'>Version</th>"
-            f"<th>Status</th><th class='num'>Accuracy</th><th class='num'>WAPE</th><th class='num'>Baseline WAPE</th>"
-            f"<th class='num'>Observed</th><th>Promotion</th></tr>{''.join(rows)}</table></section>")
-
-
-def _pill(text: Any) -> str:
-    return f"<span class='pill {_e(text)}'>{_e(text)}</span>"
-
-
 def _key_label(row: pd.Series, keys: list[str]) -> str:
     return ", ".join(f"{k}={row[k]}" for k in keys if k in row.index and row[k] is not None) or str(row.name)
 
@@ -436,31 +449,3 @@ def _counts_text(raw: Any) -> str:
         return str(raw)
     return ", ".join(f"{k} {v}" for k, v in counts.items()
                      if v not in (0, None, "", 0.0) and k not in ("run_id", "score_id", "dataset_id"))
-
-
-def _text(value: Any) -> str:
-    """Text of a stored value; SQL NULL (None or NaN once in a frame) is empty."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return ""
-    return str(value)
-
-
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{value:.1%}"
-
-
-def _int(value: Any) -> str:
-    v = _num(value)
-    return "" if v is None else f"{int(v):,}"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
-
-
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value))

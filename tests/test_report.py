@@ -97,16 +97,16 @@ def test_report_of_a_populated_store_has_every_section_and_the_right_numbers(sto
     timings = section(text, "timings")
     assert "42.0 s" in timings and "score" in timings
 
-    table = section(text, "partitions")
-    assert "24 of 24 partitions" in table and "<td>S1</td><td>1</td><td>gbm</td>" in table
+    table = section(text, "series")
+    assert "All 24 series" in table and "<tr data-source='baseline'><td>S1</td><td>13</td>" in table
 
 
 def test_report_is_self_contained(store, tmp_path):
     fill(store, n=8)
     text = write_report(store, tmp_path / "report.html").read_text(encoding="utf-8")
-    assert "<script" not in text
-    assert not re.search(r'(src|href)\s*=\s*"(https?:)?//', text)
-    assert "@import" not in text and "url(http" not in text
+    assert text.count("<script") == 1 and "<script>" in text  # one inline script, nothing loaded
+    assert not re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', text)
+    assert "@import" not in text and "url(http" not in text and "fetch(" not in text
 
 
 def test_report_of_an_empty_store_says_there_is_nothing_yet(store, tmp_path):
@@ -137,3 +137,107 @@ def test_the_report_follows_the_latest_training_run(store, tmp_path):
     store.record_run("r2", "train", time.time(), 1.0, {})
     text = write_report(store, tmp_path / "report.html").read_text(encoding="utf-8")
     assert "training run <code>r2</code>" in text and card(text, "Partitions") == "1"
+
+
+# -- the forecaster's view: every series, wins, why, history, effects ---------------------------------
+def series_rows(text: str) -> list[str]:
+    """The series table's rows, in page order."""
+    body = re.search(r"<table class='sortable' id='series'.*?<tbody>(.*?)</tbody>", text, flags=re.S)
+    assert body, "series table missing"
+    return re.findall(r"<tr data-source=.*?</tr>", body.group(1), flags=re.S)
+
+
+def item_of(row: str) -> str:
+    return re.findall(r"<td>([^<]*)</td>", row)[1]  # the keys come first: store, item
+
+
+@pytest.fixture(scope="module")
+def forecaster_report(tmp_path_factory):
+    """The report of 40 series (tests/report_fixture.py says what each one is), written once."""
+    from report_fixture import fill_forecaster_store
+
+    root = tmp_path_factory.mktemp("forecaster")
+    with SQLiteStore(root / "results.sqlite") as store:
+        expected = fill_forecaster_store(store, n=40)
+        return expected, write_report(store, root / "report.html").read_text(encoding="utf-8")
+
+
+def test_every_series_is_listed_worst_first_not_just_the_best_thirty(forecaster_report):
+    expected, text = forecaster_report
+    rows = series_rows(text)
+    assert sorted(item_of(r) for r in rows) == sorted(expected.items.values())  # all 40, failed ones too
+    ranked = sorted(expected.wape, key=lambda p: -expected.wape[p])
+    assert [item_of(r) for r in rows[:len(ranked)]] == [expected.items[p] for p in ranked]
+    assert "40 of 40 series" in section(text, "series")
+
+
+def test_model_wins_and_sources_are_counted(forecaster_report):
+    expected, text = forecaster_report
+    wins = section(text, "sources")
+    for model in ("gbm", "ets", "ensemble"):
+        won = sum(m == model for m in expected.model.values())
+        serving = sum(expected.model.get(p) == model and s in ("production", "unpromoted")
+                      for p, s in expected.source.items())
+        assert re.search(rf"<td>{model}</td><td class='num'>{won}</td><td class='num'>{serving}</td>", wins), model
+    for source in ("production", "unpromoted", "global", "baseline"):
+        n = sum(s == source for s in expected.source.values())
+        assert re.search(rf"<span class='pill {source}'>{source}</span></td><td class='num'>{n}</td>", wins), source
+
+
+def test_each_series_says_why_it_is_served_by_what_serves_it(forecaster_report):
+    expected, text = forecaster_report
+    why = {item_of(r): re.search(r"<td class='why'>(.*?)</td>", r).group(1) for r in series_rows(text)}
+    assert why["i000"] == ("production gbm: promoted (wape 0.01 &lt;= 0.10); "
+                           "test-window WAPE 1.0% beat the baseline&#x27;s 25.0%")
+    assert why["i012"].startswith("unpromoted gbm: not promoted (wape 0.13 &gt; 0.10), but it beat its own baseline")
+    assert why["i013"].startswith("global: no local model serves it (its model was not promoted")
+    assert why["i017"] == "global: no local model serves it (training failed: ValueError: boom)"
+    assert why["i030"] == ("baseline: its model lost to the baseline in backtests "
+                           "(test-window WAPE 31.0% lost to the baseline&#x27;s 25.0%)")
+    assert why["i019"].startswith("baseline: training skipped: only 3 observed periods")
+    assert why["i039"] == "not forecast: training skipped: only 3 observed periods &lt; 4"
+
+
+needs_history_tables = pytest.mark.skipif(not hasattr(SQLiteStore, "upsert_effects"),
+                                          reason="this store has no actuals and effects tables")
+
+
+@needs_history_tables
+def test_the_charts_draw_a_season_of_history_before_the_test_window(forecaster_report):
+    _, text = forecaster_report
+    charts = section(text, "forecasts")
+    drawn = re.findall(r'<g id="history-(p\d+)">(.*?)</g>', charts, flags=re.S)
+    assert {pid for pid, _ in drawn} == {"p000", "p001", "p002", "p038", "p036", "p035"}  # best 3, worst 3
+    points = re.search(r'<path d="([^"]*)"', drawn[0][1]).group(1).count("L") + 1
+    assert points == 53  # a weekly season (52) and the test window's first week, where the lines meet
+
+
+def test_without_actuals_the_charts_start_at_the_test_window(tmp_path):
+    from report_fixture import fill_forecaster_store
+
+    with SQLiteStore(tmp_path / "r.sqlite") as s:
+        fill_forecaster_store(s, n=12, actuals=False, effects=False)
+        text = write_report(s, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert 'id="history-' not in text and "no observed history" in section(text, "forecasts")
+    assert 'id="effects"' not in text
+
+
+@needs_history_tables
+def test_price_elasticity_and_promotion_lift_are_a_table(forecaster_report):
+    expected, text = forecaster_report
+    effects = section(text, "effects")
+    rows = re.findall(r"<tr><td>S\d</td><td>(i\d+)</td><td>gbm</td>(.*?)</tr>", effects, flags=re.S)
+    assert {item for item, _ in rows} == {expected.items[p] for p in expected.effects}
+    first = dict(rows)["i000"]
+    assert ">-1.00</td>" in first and ">+10.0%</td>" in first  # elasticity -1.00, lift +10%
+    assert "price elasticity" in effects and "promo lift" in effects
+
+
+def test_a_store_from_before_actuals_and_effects_still_reports(store, tmp_path):
+    """Stores of earlier releases have neither table: the report reads them only when present."""
+    fill(store, n=6)
+    store.conn.execute("DROP TABLE IF EXISTS actuals")
+    store.conn.execute("DROP TABLE IF EXISTS effects")
+    store.tables = {k: v for k, v in store.tables.items() if k not in ("actuals", "effects")}
+    text = write_report(store, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "All 6 series" in section(text, "series") and 'id="effects"' not in text
