@@ -83,7 +83,8 @@ def ingest(path: Path, rows: int, work: Path, args: argparse.Namespace) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)
     config = work / "ingest.toml"
     config.write_text(
-        f'[data]\nfreq = "D"\n[ingest]\nmemory_mb = {args.memory_mb}\nworkers = {args.workers}\n',
+        f'[data]\nfreq = "D"\ncovariates = ["price", "promo"]\n'
+        f'[ingest]\nmemory_mb = {args.memory_mb}\nworkers = {args.workers}\n',
         encoding="utf-8",
     )
     cmd = [*cli(), "ingest", "--data", str(path), "--workdir", str(workdir), "--config", str(config), "--json"]

@@ -62,7 +62,8 @@ TARGETS = {
 
 def project_toml(candidates: list[str] | None, workers: int) -> str:
     """The project file of a workdir: daily data, 28-day horizon, a candidate set (None: default)."""
-    text = (f'[data]\nfreq = "D"\n\n[forecast]\nhorizon = {HORIZON}\ntest_periods = {HORIZON}\n\n'
+    text = (f'[data]\nfreq = "D"\ncovariates = ["price", "promo"]\n\n'
+            f'[forecast]\nhorizon = {HORIZON}\ntest_periods = {HORIZON}\n\n'
             f"[runner]\nworkers = {workers}\nprogress = false\n")
     if candidates is not None:
         text += f"\n[training]\ncandidates = {json.dumps(candidates)}\nensemble = false\n"
@@ -146,7 +147,8 @@ def joblib_peer(panel: Path, partitions: int, candidates: list[str], workers: in
     from shared.keys import PARTITION_ID
     from shared.validation import validate
 
-    cfg = ProjectConfig().with_overrides({"data.freq": "D", "forecast.horizon": HORIZON,
+    cfg = ProjectConfig().with_overrides({"data.freq": "D", "data.covariates": ["price", "promo"],
+                                          "forecast.horizon": HORIZON,
                                           "forecast.test_periods": HORIZON})
     validated, _ = validate(first_partitions(panel, partitions), cfg)
     parts = [part.reset_index(drop=True) for _, part in validated.groupby(PARTITION_ID, sort=False)]
@@ -166,7 +168,8 @@ def ridge_before_after(panel: Path, partitions: int) -> dict[str, Any]:
     from shared.training import train_batch
     from shared.validation import validate
 
-    cfg = ProjectConfig().with_overrides({"data.freq": "D", "forecast.horizon": HORIZON,
+    cfg = ProjectConfig().with_overrides({"data.freq": "D", "data.covariates": ["price", "promo"],
+                                          "forecast.horizon": HORIZON,
                                           "forecast.test_periods": HORIZON, "training.candidates": ["loglinear"],
                                           "training.ensemble": False})
     frame, _ = validate(first_partitions(panel, partitions), cfg)

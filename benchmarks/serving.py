@@ -79,7 +79,8 @@ def build(workdir: Path, trained: int, partitions: int, seed: int) -> dict:
     began = time.perf_counter()
     panel = workdir / "panel.parquet"
     write_panel(panel, partitions=trained, periods=156, freq="W", seed=seed)
-    ws = Workspace.open(workdir / "work", overrides={"runner.progress": False, "runner.workers": 2})
+    ws = Workspace.open(workdir / "work", overrides={"runner.progress": False, "runner.workers": 2,
+                                                     "data.covariates": ["price", "promo"]})
     ingested = ingest(ws, panel)
     plan, _, registered = train(ws, ingested.dataset_id, progress=False)
     promoted = promote(ws, plan.run_id, min_accuracy=0.0)

@@ -96,8 +96,8 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--keys", help=f"partition key columns, comma-separated (default {','.join(data.keys)})")
     g.add_argument("--time", help=f"time column (default {data.time})")
     g.add_argument("--target", help=f"target column (default {data.target})")
-    g.add_argument("--covariates", help="known-in-advance covariate columns, comma-separated ('' for none; "
-                                        f"default {','.join(data.covariates)})")
+    g.add_argument("--covariates", help="known-in-advance covariate columns, comma-separated, e.g. price,promo "
+                                        f"(default {','.join(data.covariates) or 'none'}; '' for none)")
     g.add_argument("--freq", help="pandas offset alias (D, W, MS, M, Q ...) or 'int' for integer periods "
                                   f"(default {data.freq})")
     g.add_argument("--horizon", type=int, help=f"periods to forecast (default {fc.horizon})")
@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"manymodels {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Callable, help_text: str, data: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    def add(name: str, func: Callable, help_text: str, data: bool = True, epilog: str | None = None
+            ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog)
         _common(p)
         if data:
             _data_flags(p)
@@ -154,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="write a synthetic retail panel (CSV or Parquet by suffix)",
                        description="write a synthetic retail panel (store x item series with price and "
-                                   "promotion covariates, gaps and intermittent series), streamed")
+                                   "promotion covariates, gaps and intermittent series), streamed; its "
+                                   "columns are the defaults of --keys, --time and --target, and models use "
+                                   "its covariates when asked: --covariates price,promo")
     p.add_argument("--partitions", type=_bounded("generate.partitions", int), default=500,
                    help="number of series (default 500)")
     p.add_argument("--periods", type=_bounded("generate.periods", int), default=156,
@@ -197,22 +200,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrain every partition (default: only those whose data or training config changed)")
     _reset_flag(p)
 
-    p = add("demo", cmd_demo, "generate a demo panel and run the whole pipeline on it")
+    p = add("demo", cmd_demo, "generate a demo panel and run the whole pipeline on it (with its price and "
+                              "promo covariates unless --covariates says otherwise)")
     p.add_argument("--partitions", type=_bounded("generate.partitions", int), default=500)
     p.add_argument("--periods", type=_bounded("generate.periods", int), default=156)
     p.add_argument("--min-accuracy", type=_bounded("min_accuracy"))
     _reset_flag(p)
     p.set_defaults(seed=0)
 
-    p = add("models", cmd_models, "list or show registered models, filtered by tags", data=False)
+    p = add("models", cmd_models, "list or show registered models, filtered by tags", data=False,
+            epilog="examples: models show store=S001,item=I0001 | models show p0123456789abcdef0123 | "
+                   "models list store=S001 | models list --tag store=S001 --registry prod")
     p.add_argument("action", choices=["list", "show", "seal", "verify"],
                    help="list, show PARTITION, seal (record the digests of legacy models), verify (check "
                         "every model file against its recorded SHA-256)")
-    p.add_argument("partition", nargs="?", help="partition id, for show")
+    p.add_argument("partition", nargs="*", metavar="PARTITION",
+                   help="show: the partition's key values, KEY=VALUE for every key column, comma- or "
+                        "space-separated (store=S001,item=I0001), or its id (p..., as `models list` "
+                        "prints); list: KEY=VALUE filters")
     p.add_argument("--registry", choices=["dev", "prod"],
                    help="dev (default for list and show) or prod; seal and verify do both by default")
     p.add_argument("--wait", type=float, default=0.0, help="seal: seconds to wait for another writer")
-    p.add_argument("--tag", action="append", help="filter NAME=VALUE (repeatable), e.g. --tag store=S001")
+    p.add_argument("--tag", action="append",
+                   help="filter NAME=VALUE (repeatable), e.g. --tag store=S001; show: one per key column")
     p.add_argument("--run-id")
     p.add_argument("--version", type=int)
     p.add_argument("--limit", type=int, default=50)

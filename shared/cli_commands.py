@@ -126,14 +126,15 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.synthetic import INTERMITTENT_SHARE, write_panel
+    from shared.synthetic import COLUMNS, INTERMITTENT_SHARE, write_panel
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     share = INTERMITTENT_SHARE if getattr(args, "intermittent", None) is None else args.intermittent
     stats = write_panel(out, partitions=args.partitions, periods=args.periods, freq=args.freq, seed=args.seed,
                         intermittent_share=share)
-    _say(args, f"wrote {stats.get('rows', '?')} rows for {args.partitions} partitions to {out}")
+    _say(args, f"wrote {stats.get('rows', '?')} rows for {args.partitions} partitions to {out} "
+               f"(columns {', '.join(COLUMNS)}; models use price and promo with --covariates price,promo)")
     return {"path": str(out), **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))}}
 
 
@@ -222,12 +223,17 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     return {**summary, "problems": run_problems(summary)}
 
 
+DEMO_COVARIATES = "price,promo"  # the generated panel's covariates, which `demo` uses (none is the default)
+
+
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from shared.pipeline import run_all
     from shared.workspace import Workspace
     from shared.synthetic import write_panel
 
     started = time.perf_counter()
+    if getattr(args, "covariates", None) is None:  # the demo shows covariates: named, as a user would
+        args.covariates = DEMO_COVARIATES
     _reset(args)
     root = Path(args.workdir)
     data = root / "data" / "sales.parquet"
@@ -256,13 +262,19 @@ def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
     args.registry = args.registry or "dev"
     tags = dict(_parse_tag(t) for t in (args.tag or []))
     if args.action == "show":
-        partition = args.partition or _partition_from_tags(ws, tags)
+        partition = _partition_to_show(ws, registry, args.registry, args.partition or [], tags)
         record = registry.latest(partition) if args.version is None else registry.get(partition, args.version)
         if record is None:
-            raise _UsageError(f"no model for partition {partition} in the {args.registry} registry")
+            raise _UsageError(f"no model for partition {partition} in the {args.registry} registry"
+                              + (f" (version {args.version})" if args.version is not None else ""))
         row = _record_dict(record)
         _say(args, json.dumps(row, indent=2, default=str))
         return row
+    for text in args.partition or []:  # `models list store=S001`: filters, as --tag store=S001
+        if "=" not in text:
+            raise _UsageError(f"models list {text!r}: expected KEY=VALUE filters (e.g. store=S001); "
+                              "`models show` takes a partition id")
+        tags.update(_key_values(text, "models list"))
     records = registry.find(tags or None, limit=args.limit, run_id=args.run_id)
     rows = [_record_dict(r) for r in records]
     for r in rows:
@@ -326,6 +338,81 @@ def _partition_from_tags(ws: Any, tags: dict[str, str]) -> str:
     except PartitionKeyError as exc:
         raise _UsageError(f"models show needs a partition id (p...) or one --tag per key column: "
                           f"{exc.message}") from exc
+
+
+SHOWN_VALUES = 10  # existing partitions or key values an error of `models show` lists
+
+
+def _key_values(text: str, what: str) -> dict[str, str]:
+    """``store=3,item=7`` as ``{"store": "3", "item": "7"}`` (a value holding a comma: use --tag)."""
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip():
+            raise _UsageError(f"{what} {text!r}: expected KEY=VALUE pairs separated by commas, e.g. "
+                              f"store=S001,item=I0001 (a value holding a comma: --tag KEY=VALUE)")
+        out[name.strip()] = value
+    return out
+
+
+def _partition_to_show(ws: Any, registry: Any, where: str, words: list[str], tags: dict[str, str]) -> str:
+    """The partition id `models show` names: an id (``p`` + 20 hex digits, ``_global``), the partition's key
+    values (``store=S001,item=I0001``, or ``store=S001 item=I0001``), or one ``--tag`` per key column.
+    Key values that name several partitions, an unknown key column or values no model has are
+    refused, naming what exists."""
+    from shared.keys import describe
+
+    keys = list(ws.config.data.keys)
+    example = ",".join(f"{k}=..." for k in keys)
+    ids = [w for w in words if "=" not in w]  # p + 20 hex digits (or _global: the run's global model)
+    if ids:
+        if len(words) > 1 or tags:
+            raise _UsageError(f"models show: give a partition id or its key values ({example}), not both")
+        return ids[0]
+    named = dict(tags)
+    for word in words:
+        for name, value in _key_values(word, "models show").items():
+            if named.get(name, value) != value:
+                raise _UsageError(f"models show: {name} is given twice ({named[name]!r} and {value!r})")
+            named[name] = value
+    if not named:
+        raise _UsageError(f"models show needs a partition: its key values ({example}) or its id (p..., "
+                          "from `models list`)")
+    unknown = [k for k in named if k not in keys]
+    if unknown:
+        raise _UsageError(f"models show: unknown key column(s) {unknown}; the partition keys are {keys} "
+                          f"(e.g. models show {example})")
+    found = registry.find(named, limit=SHOWN_VALUES + 1, latest_only=True)
+    if not found:
+        raise _UsageError(f"models show {describe(named)}: no model in the {where} registry; "
+                          + _what_exists(registry, keys, named))
+    missing = [k for k in keys if k not in named]
+    if missing:  # several partitions share these values: name them
+        listed = "; ".join(describe({k: r.tags.get(k, "?") for k in keys}) for r in found[:SHOWN_VALUES])
+        more = "more than " if len(found) > SHOWN_VALUES else ""
+        raise _UsageError(f"models show {describe(named)}: {more}{min(len(found), SHOWN_VALUES)} partitions match, "
+                          f"not one; add {', '.join(missing)}: {listed}")
+    return found[0].partition_id
+
+
+def _what_exists(registry: Any, keys: list[str], named: dict[str, str]) -> str:
+    """Why no model matches key values: the first value no model has, with values that exist (or,
+    each value existing, the partitions that share the first one)."""
+    for name, value in named.items():
+        if registry.find({name: value}, limit=1, latest_only=True):
+            continue
+        seen: list[str] = []
+        for record in registry.find(None, limit=2000, latest_only=True):
+            text = record.tags.get(name)
+            if text is not None and text not in seen:
+                seen.append(text)
+        shown = ", ".join(seen[:SHOWN_VALUES]) + (", ..." if len(seen) > SHOWN_VALUES else "")
+        return f"no model has {name}={value}; {name} values with a model: {shown or 'none (the registry is empty)'}"
+    first = next(iter(named.items()))
+    with_first = registry.find(dict([first]), limit=SHOWN_VALUES + 1, latest_only=True)
+    listed = "; ".join(describe({k: r.tags.get(k, "?") for k in keys}) for r in with_first[:SHOWN_VALUES])
+    return (f"each value has models but not together; partitions with {first[0]}={first[1]}: {listed}"
+            + ("; ..." if len(with_first) > SHOWN_VALUES else ""))
 
 
 def _record_dict(record: Any) -> dict[str, Any]:

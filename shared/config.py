@@ -1,7 +1,8 @@
 """The project configuration: one TOML file, overridable by CLI flags, remembered by a workdir.
 
 Every stage reads its options from a :class:`ProjectConfig`; nothing reads flags or files on its
-own. Defaults match the synthetic generator's column names, so a generated panel needs no config.
+own. Defaults match the synthetic generator's column names, so a generated panel needs no config;
+covariates are none unless named (its ``price`` and ``promo`` are used when asked for).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class DataSpec:
     keys: list[str] = field(default_factory=lambda: ["store", "item"])
     time: str = "date"
     target: str = "sales"
-    covariates: list[str] = field(default_factory=lambda: ["price", "promo"])
+    covariates: list[str] = field(default_factory=list)  # none unless asked: a column is never used unseen
     freq: str = "W"  # a pandas offset alias (D, W, MS, M, Q, H ...) or "int" for integer periods
     # an IANA zone (e.g. "Europe/Berlin") that daily and coarser times with a UTC offset are converted
     # to; None: the local date as written (docs/configuration.md, "Time zones")

@@ -134,3 +134,29 @@ def test_the_readmes_python_example_runs_as_written(tmp_path):
     done = subprocess.run([sys.executable, "-c", block], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "prediction" in done.stdout and "baseline_wape" in done.stdout
+
+
+def test_numeric_columns_are_not_covariates_unless_named(tmp_path):
+    """No covariates unless asked (issue 19, item 3): the generated panel's price and promo, and any
+    other numeric column, are left out of the models; the run's config says so."""
+    import json
+
+    from shared import layout
+    from shared.workspace import Workspace
+
+    sales = next(generate_panel(partitions=3, periods=60, freq="W", seed=4))
+    sales["footfall"] = np.arange(len(sales), dtype=float)
+    mm = ManyModels(keys=["store", "item"], time="date", target="sales", freq="W", horizon=4,
+                    workdir=tmp_path / "mm", config={"training.candidates": ["baseline", "loglinear"],
+                                                     "forecast.test_periods": 6, "forecast.validation_periods": 6})
+    forecasts = mm.fit(sales).forecast()
+    assert len(forecasts) == 3 * 4 and mm.summary["trained"] == 3
+    ws = Workspace.open(mm.workdir, remember=False)
+    run = json.loads(ws.lake.read_bytes(layout.run_meta(mm.run_id)))
+    assert run["config"]["data"]["covariates"] == [] and ws.config.data.covariates == []
+    records = ws.dev.find()
+    assert len(records) == 3
+    for record in records:
+        bundle = ws.dev.load(record)
+        assert bundle.spec.covariates == () and not any(n.startswith("cov_") for n in bundle.spec.names)
+    assert forecasts.columns.intersection(["price", "promo", "footfall"]).empty

@@ -22,7 +22,7 @@ from shared.features import FeatureSpec
 
 @pytest.fixture(scope="module")
 def spec() -> FeatureSpec:
-    return FeatureSpec.from_config(ProjectConfig())
+    return FeatureSpec.from_config(ProjectConfig().with_overrides({"data.covariates": ["price", "promo"]}))
 
 
 def design(spec: FeatureSpec, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

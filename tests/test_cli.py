@@ -68,7 +68,7 @@ def test_bad_input_is_one_line_naming_the_problem_and_changes_nothing(
     small_csv, tmp_path, capsys, mutate, expected
 ):
     work = tmp_path / "w"
-    assert main(["ingest", "--data", str(small_csv), "--workdir", str(work)]) == 0
+    assert main(["ingest", "--data", str(small_csv), "--workdir", str(work), "--covariates", "price,promo"]) == 0
     capsys.readouterr()
     before = _digest(work)
     bad = tmp_path / "bad.csv"
@@ -108,7 +108,44 @@ def test_models_list_filters_by_tags_and_show_finds_a_partition_by_its_keys(smal
     shown = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and shown["partition_id"] == listed["models"][0]["partition_id"]
     code, _, err = _run(capsys, "models", "show", "--workdir", work, "--tag", "store=S001")
-    assert code == 2 and "key column" in err
+    assert code == 2 and "partitions match, not one; add item" in err and f"store=S001, item={item}" in err
+
+
+def test_models_show_takes_the_partitions_key_values_and_names_what_exists(small_csv, tmp_path, capsys):
+    """`models show store=S001,item=I0001`: the keys a user knows, not the hashed id; values that
+    name several partitions, a key column that does not exist and values no model has are refused,
+    each error naming what exists."""
+    work = str(tmp_path / "w")
+    assert main(["ingest", "--data", str(small_csv), "--workdir", work, "--horizon", "6", "--test-periods", "6",
+                 "--validation-periods", "6"]) == 0
+    assert main(["train", "--workdir", work, "--no-progress"]) == 0
+    capsys.readouterr()
+    listed = json.loads(_run(capsys, "models", "list", "--workdir", work, "--json")[1].strip().splitlines()[-1])
+    first = listed["models"][0]
+    store, item = first["tags"]["store"], first["tags"]["item"]
+    for argv in ([f"store={store},item={item}"], [f"item={item}", f"store={store}"], [first["partition_id"]]):
+        code, out, err = _run(capsys, "models", "show", *argv, "--workdir", work, "--json")
+        assert code == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["partition_id"] == first["partition_id"]
+    code, out, _ = _run(capsys, "models", "list", f"store={store}", "--workdir", work, "--json")
+    assert code == 0 and all(m["tags"]["store"] == store for m in json.loads(out.strip().splitlines()[-1])["models"])
+
+    code, _, err = _run(capsys, "models", "show", f"store={store}", "--workdir", work)  # ambiguous
+    assert code == 2 and "not one; add item" in err and f"store={store}, item={item}" in err
+    code, _, err = _run(capsys, "models", "show", f"shop={store},item={item}", "--workdir", work)
+    assert code == 2 and "unknown key column(s) ['shop']" in err and "['store', 'item']" in err
+    code, _, err = _run(capsys, "models", "show", f"store=S999,item={item}", "--workdir", work)
+    assert code == 2 and "no model has store=S999" in err and store in err
+    stores = sorted({m["tags"]["store"] for m in listed["models"]})
+    other = next((s for s in stores if s != store), None)
+    items_of_other = {m["tags"]["item"] for m in listed["models"] if m["tags"]["store"] == other}
+    if other is not None and item not in items_of_other:  # both values exist, never together
+        code, _, err = _run(capsys, "models", "show", f"store={other},item={item}", "--workdir", work)
+        assert code == 2 and "not together" in err
+    code, _, err = _run(capsys, "models", "show", "store", "--workdir", work)  # no '=': read as an id
+    assert code == 2 and "no model for partition store" in err
+    code, _, err = _run(capsys, "models", "show", "--workdir", work)
+    assert code == 2 and "store=...,item=..." in err
 
 
 def _raising(exc: BaseException):
@@ -307,6 +344,7 @@ def test_the_help_states_the_configs_own_defaults_and_the_version(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert f"each fold (default {ForecastSpec().validation_periods})" in text
+    assert "e.g. price,promo (default none; '' for none)" in text  # no covariates unless asked
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("manymodels ")

@@ -35,7 +35,7 @@ def world(tmp_path_factory):
     cfg = ProjectConfig().with_overrides({
         "forecast.horizon": HORIZON_N, "forecast.test_periods": 6, "forecast.validation_periods": 6,
         "forecast.min_train_periods": 20, "training.candidates": ["baseline", "loglinear"],
-        "runner.rows_per_file": 9})
+        "runner.rows_per_file": 9, "data.covariates": ["price", "promo"]})
     panel = pd.concat(generate_panel(partitions=8, periods=60, seed=5), ignore_index=True)
     validated, report = validate(panel, cfg)
     lake = LocalLake(root / "lake")

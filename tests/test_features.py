@@ -30,7 +30,8 @@ def naive_features(frame: pd.DataFrame, cfg: ProjectConfig) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def small_cfg() -> ProjectConfig:
-    return ProjectConfig().with_overrides({"forecast.horizon": 3, "forecast.season_length": 8})
+    return ProjectConfig().with_overrides({"forecast.horizon": 3, "forecast.season_length": 8,
+                                           "data.covariates": ["price", "promo"]})
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ def workdir(tmp_path_factory):
     ws = Workspace.open(
         root / "work",
         settings=Settings(workdir=root / "work"),
-        overrides={"runner.progress": False, "runner.workers": 2},
+        overrides={"runner.progress": False, "runner.workers": 2, "data.covariates": ["price", "promo"]},
     )
     summary = run_all(ws, root / "panel.parquet", min_accuracy=0.5, progress=False)
     table = read_parquet(ws.lake, f"predictions/{summary['score_id']}/predictions.parquet")

@@ -327,6 +327,7 @@ def test_hostile_data_is_a_clear_exit_2(tmp_path, kind):
         table = table.set_column(table.schema.get_field_index(column), column, pa.array(values))
         pq.write_table(table, data := tmp_path / "in.parquet")
         words = f"column '{column}': nested values"
+        args = ["--covariates", "price,promo"]
     else:
         frame["date"] = [1, 500_000, 100_000_000] + list(range(100_000_001, 100_000_026))
         frame.to_csv(data := tmp_path / "in.csv", index=False)
@@ -475,7 +476,8 @@ def test_a_key_too_long_or_a_covariate_too_large_is_exit_2_naming_the_column_and
         column, words = "price", ["1e+15", "absolute value"]
     data = tmp_path / f"in.{fmt}"
     frame.to_csv(data, index=False) if fmt == "csv" else frame.to_parquet(data, index=False)
-    out = cli("ingest", "--data", str(data), "--workdir", str(tmp_path / "ws"), "--freq", "D", cwd=tmp_path)
+    out = cli("ingest", "--data", str(data), "--workdir", str(tmp_path / "ws"), "--freq", "D",
+              "--covariates", "price,promo", cwd=tmp_path)
     assert out.returncode == 2, out.stderr
     assert f"column '{column}'" in out.stderr and all(w in out.stderr for w in words), out.stderr
     assert "S" * 200 not in out.stderr and "Traceback" not in out.stderr  # the value is quoted by its start only

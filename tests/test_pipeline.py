@@ -19,7 +19,8 @@ from shared.synthetic import write_panel
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = {"runner.progress": False, "runner.rows_per_file": 1500, "runner.workers": 2}
+OVERRIDES = {"runner.progress": False, "runner.rows_per_file": 1500, "runner.workers": 2,
+             "data.covariates": ["price", "promo"]}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,8 @@ def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(first_r
     reference_root, _ = first_run
     root = tmp_path / "killed"
     cmd = [sys.executable, "-m", "shared.cli", "run", "--data", str(panel), "--workdir", str(root),
-           "--min-accuracy", "0.5", "--rows-per-file", "1500", "--workers", "2", "--no-progress"]
+           "--min-accuracy", "0.5", "--rows-per-file", "1500", "--workers", "2", "--no-progress",
+           "--covariates", "price,promo"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

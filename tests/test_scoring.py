@@ -28,7 +28,7 @@ HORIZON_N = 4
 def config(**overrides) -> ProjectConfig:
     base = {"forecast.horizon": HORIZON_N, "forecast.test_periods": 8, "forecast.validation_periods": 8,
             "forecast.min_train_periods": 20, "training.candidates": ["baseline", "loglinear"],
-            "runner.rows_per_file": 400}
+            "runner.rows_per_file": 400, "data.covariates": ["price", "promo"]}
     return ProjectConfig().with_overrides({**base, **overrides})
 
 

@@ -32,7 +32,7 @@ from shared.synthetic import write_panel
 from shared.timegrid import from_periods
 
 REPO = Path(__file__).resolve().parents[1]
-OVERRIDES = {"runner.progress": False, "runner.workers": 2}
+OVERRIDES = {"runner.progress": False, "runner.workers": 2, "data.covariates": ["price", "promo"]}
 
 
 def _free_port() -> int:

@@ -15,7 +15,7 @@ from shared.streaming import StreamPlan, _kth, fits_in_memory, ingest_source
 from shared.synthetic import generate_panel
 from shared.validation import DataValidationError
 
-CFG = ProjectConfig().with_overrides({"runner.rows_per_file": 1500})
+CFG = ProjectConfig().with_overrides({"runner.rows_per_file": 1500, "data.covariates": ["price", "promo"]})
 # many small parts: several buckets per part, parts validated in two worker processes
 SMALL = StreamPlan(batch_rows=997, buckets=16, part_rows=700, workers=2, worker_mb=64)
 

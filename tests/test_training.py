@@ -69,7 +69,7 @@ def cfg() -> ProjectConfig:
     # favourite have their own tests (here at the end and tests/test_global_model.py)
     return ProjectConfig().with_overrides({"training.candidates": ["baseline", "loglinear", "gbm"],
                                            "training.folds": 1, "training.ensemble": False,
-                                           "training.selection_margin": 0.0})
+                                           "training.selection_margin": 0.0, "data.covariates": ["price", "promo"]})
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from shared.partitioning import prepare_dataset
 from shared.synthetic import generate_panel
 from shared.validation import DataValidationError, ValidationReport, validate
 
-CFG = ProjectConfig()
+CFG = ProjectConfig().with_overrides({"data.covariates": ["price", "promo"]})  # the panel's, named
 
 
 def policy(**kw) -> ProjectConfig:
@@ -431,10 +431,10 @@ def test_summing_duplicates_to_infinity_is_refused_in_streamed_parts_too(tmp_pat
 
 
 def test_a_missing_column_names_the_flag_that_names_it():
-    """Without --covariates the defaults (price, promo) are expected: the error says how to say none."""
+    """Covariates named but absent: the error says how to name others, or none."""
     frame = pd.DataFrame({"store": ["S1"], "item": ["I1"], "date": ["2024-01-07"], "sales": [3.0]})
     with pytest.raises(DataValidationError) as caught:
-        validate(frame, ProjectConfig())
+        validate(frame, CFG)
     assert "--covariates '' for none" in str(caught.value)
     with pytest.raises(DataValidationError, match=r"--target \(config data.target\)"):
         validate(frame.rename(columns={"sales": "units"}).assign(price=1.0, promo=0), ProjectConfig())
