@@ -74,12 +74,37 @@ def test_missing_source_names_the_path(tmp_path):
 
 
 def test_unknown_suffix_names_the_source_and_the_supported_kinds(tmp_path):
-    path = tmp_path / "sales.xlsx"
-    path.write_bytes(b"not really excel")
+    path = tmp_path / "sales.xls"
+    path.write_bytes(b"an old Excel workbook")
     with pytest.raises(
-        IngestError, match=r"sales\.xlsx: unsupported file type '\.xlsx'; use \.csv, \.parquet"
+        IngestError, match=r"sales\.xls: unsupported file type '\.xls'; use \.csv, \.parquet, \.xlsx.*save an \.xls"
     ):
         read_source(path, CFG)
+
+
+def test_an_xlsx_workbook_reads_as_its_csv_does_in_memory_and_streamed(tmp_path, capsys):
+    """Excel's first worksheet (openpyxl): keys as text ("007" survives), dates as dates; the same
+    dataset as the CSV of the same rows, whichever ingestion path reads it."""
+    from shared.cli import main
+    from shared.lake import LocalLake
+    from shared.streaming import StreamPlan, ingest_source
+
+    frame = next(generate_panel(partitions=3, periods=12, seed=2)).assign(store="007")
+    frame.to_excel(book := tmp_path / "sales.xlsx", index=False)
+    frame.to_csv(text := tmp_path / "sales.csv", index=False)
+    back = read_source(book, CFG)
+    assert list(back.columns) == list(frame.columns) and (back["store"] == "007").all()
+    assert pd.api.types.is_datetime64_any_dtype(back["date"]) and len(back) == len(frame)
+    plan = StreamPlan(batch_rows=7, buckets=4, part_rows=10, workers=1, worker_mb=64)
+    ids = {ingest_source(LocalLake(tmp_path / f"lake-{path.suffix}-{stream}"), path, CFG, stream=stream,
+                         plan=plan if stream else None, tmp_root=tmp_path)[0].dataset_id
+           for path in (book, text) for stream in (False, True)}
+    assert len(ids) == 1
+    assert main(["ingest", "--data", str(book), "--workdir", str(tmp_path / "mm"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["partitions"] == 3
+    (broken := tmp_path / "broken.xlsx").write_bytes(b"not a workbook")
+    with pytest.raises(IngestError, match=r"broken\.xlsx: not a readable \.xlsx workbook"):
+        read_source(broken, CFG)
 
 
 def test_corrupt_parquet_empty_csv_and_folder_without_parquet_are_errors_naming_the_source(tmp_path):
