@@ -221,9 +221,9 @@ def test_a_scoring_file_gets_exactly_its_rows_predicted(world, panel):
 
 
 def test_rows_dated_inside_a_period_are_stored_under_that_period_own_date(world, panel):
-    """A Wednesday asked of weekly (Sunday) data is that week: SQL must not hold one week under two dates."""
+    """A Thursday asked of weekly (W-SUN) data is that week: SQL must not hold one week under two dates."""
     future = future_rows(panel, periods=2)
-    future["date"] = future["date"] + pd.Timedelta(days=3)
+    future["date"] = future["date"] - pd.Timedelta(days=3)
     predictions, _ = score_frame(requests_of(world, future, "mid1"), world["cfg"], world["prod"], world["dev"],
                                  "baseline")
     on_time = future_rows(panel, periods=2)
