@@ -318,8 +318,9 @@ class _PartitionJob:
                 result.effects = covariate_effects(result.bundle)
             except Exception as exc:  # a by-product: never fails the partition
                 logger.warning("partition %s: covariate effects not measured: %s", result.partition_id, exc)
-            result.timings["overhead"] += perf_counter() - began
-            result.fit_seconds += perf_counter() - began
+            spent = perf_counter() - began
+            result.timings["overhead"] += spent
+            result.fit_seconds += spent
         return result
 
 
