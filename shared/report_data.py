@@ -11,14 +11,13 @@ Two tables are read when the store has them (older stores do not, and the report
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from shared.config import default_season_length
 from shared.keys import PARTITION_ID
-from shared.report_series import build_series, model_wins, served_by
+from shared.report_series import _num, build_series, model_wins, served_by  # noqa: F401 (_num re-exported)
 from shared.result_store import ResultStore, quote
 
 
@@ -210,12 +209,3 @@ def _examples(metrics: pd.DataFrame, n: int) -> tuple[list[str], list[str]]:
     best = ranked[:n]
     worst = [p for p in ranked[::-1][:n] if p not in best]
     return best, worst
-
-
-def _num(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if np.isnan(out) else out
-
