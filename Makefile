@@ -20,9 +20,11 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/manymodels demo --workdir $(DEMO)
 
-## make test: install what the tests need (pip, npm, apt) and run the suite
+## make test: install what the tests need (pip, npm, apt) and run the suite, a file per worker process
+## (TEST_WORKERS=0 for one process; the CI machine has 2 cores)
+TEST_WORKERS ?= 2
 test: install test-deps infra-check azureml-check worker-bundle-check
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 test-deps:
 	bash scripts/install-test-deps.sh
