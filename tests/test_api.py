@@ -77,7 +77,6 @@ def test_the_evaluation_tables_are_dataframes_per_series(fitted):
     assert (effects.query("measure == 'elasticity'")["value"] < 0).mean() > 0.5  # demand falls as price rises
 
 
-
 def test_every_forecast_is_kept_by_vintage_and_a_new_one_comes_back_alone(fitted):
     mm, _ = fitted
     before = mm.history()
@@ -96,6 +95,9 @@ def test_future_rows_with_their_covariates_are_forecast_as_given(sales, fitted):
     out = mm.forecast(future=future)
     assert len(out) == len(future)
     assert (out.set_index(["store", "item"])["date"] == future.set_index(["store", "item"])["date"]).all()
+    pl = pytest.importorskip("polars")
+    same = mm.forecast(future=pl.from_pandas(future))  # a polars frame is read as the pandas one
+    np.testing.assert_allclose(same["prediction"], out["prediction"], rtol=1e-12)
 
 
 def test_nixtlas_long_format_is_read_without_naming_columns():
