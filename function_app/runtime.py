@@ -62,6 +62,9 @@ def orchestration_options(settings: Settings, options: RunOptions) -> dict[str, 
         "retry_attempts": settings.activity_max_attempts,
         "min_accuracy": options.min_accuracy,
         "config": dict(options.config),
+        # retrain every partition: part of the payload, so of the instance id (a full request after
+        # an incremental one with the same body is a new run), and read by the plan activity
+        "full": bool(options.full),
     }
 
 

@@ -78,7 +78,8 @@ async def start_raw_file(
     if raw.etag is None:
         log = log.bind(renamed_from=raw.renamed_from)
         raw = await asyncio.to_thread(with_current_version, raw)
-    iid = instance_id("ingest", raw.identity)
+    # a full retrain of a file version is another run than the incremental one its event started
+    iid = instance_id("ingest", raw.identity, *(["full"] if options is not None and options.full else []))
     log = log.bind(path=raw.path, etag=raw.etag)
     status = await existing_run(client, iid)
     if status is not None:

@@ -140,6 +140,27 @@ def test_a_completed_run_is_not_started_again_but_a_failed_one_is(loop, extensio
     assert [i for _, i, _ in extension.starts] == [instance, instance]
 
 
+def test_a_full_retrain_reaches_the_orchestration_and_is_another_run_than_the_incremental_one(
+        loop, extension, workdir):
+    body = {"dataset_id": workdir["dataset_id"]}
+    incremental = reply(call(loop, extension, "start_training_run", req=http("POST", "train", body)))
+    extension.set_status(incremental["id"], "Completed")
+    full = call(loop, extension, "start_training_run",
+                req=http("POST", "train", {**body, "options": {"full": True}}))
+    assert full.status_code == 202 and reply(full)["id"] != incremental["id"]
+    assert [p["options"]["full"] for _, _, p in extension.starts] == [False, True]
+    # a raw file: the event's incremental run and a full request of the same version are two runs
+    raw = {"dataset": "raw/sales.csv"}
+    first = reply(call(loop, extension, "start_training_run", req=http("POST", "train", raw)))
+    again = reply(call(loop, extension, "start_training_run",
+                       req=http("POST", "train", {**raw, "options": {"full": True}})))
+    assert first["id"] != again["id"] and extension.starts[-1][2]["options"]["full"] is True
+    # and from Service Bus
+    call(loop, extension, "on_upstream_message",
+         message=sb({"type": "retrain", "partitions": "all", "options": {"full": True}}, message_id="full-1"))
+    assert extension.starts[-1][0] == "train_orchestrator" and extension.starts[-1][2]["options"]["full"] is True
+
+
 def test_a_new_request_id_is_a_new_run_request(loop, extension, workdir):
     body = {"dataset_id": workdir["dataset_id"]}
     a = reply(

@@ -40,6 +40,7 @@ OPTIONS = {
     "retry_attempts": 3,
     "min_accuracy": 0.7,
     "config": {"forecast.horizon": 8},
+    "full": False,
 }
 
 
@@ -437,6 +438,15 @@ def run_ingestion(job: IngestJob, **options) -> object:
     return harness.run(
         "ingest_orchestrator", {**INGEST_INPUT, "options": {**OPTIONS, **options}}, instance_id="ingest-abc"
     )
+
+
+@pytest.mark.parametrize("start", ["train", "ingest"])
+def test_a_full_retrain_request_reaches_the_training_plan_through_the_replay(start):
+    result = (run_training(Jobs(["done", "done"]), full=True) if start == "train"
+              else run_ingestion(IngestJob(["completed"]), full=True))
+    assert result.status == "Completed", result.error
+    plan_payload = next(p for n, p, _ in result.activity_calls if n == "plan_training_run")
+    assert plan_payload["full"] is True
 
 
 def test_azure_ml_ingestion_is_submitted_then_polled_on_durable_timers_then_training_starts():
