@@ -304,6 +304,21 @@ def test_local_settings_template_has_every_local_setting_and_connection(template
     assert missing_names(template_values, names) == []
 
 
+def _span(text: str) -> int:
+    """Seconds of a host.json time span ("[d.]hh:mm:ss")."""
+    days, _, clock = text.rpartition(".") if text.count(":") == 2 and "." in text.split(":")[0] else ("", "", text)
+    h, m, sec = (int(float(x)) for x in clock.split(":"))
+    return (int(days) if days else 0) * 86_400 + h * 3600 + m * 60 + sec
+
+
+def test_a_service_bus_message_keeps_its_lock_as_long_as_its_function_may_run():
+    """Shorter renewal than the timeout: a long promotion is redelivered while it still runs."""
+    host = json.loads(HOST_JSON.read_text())
+    renewal = host["extensions"]["serviceBus"]["maxAutoLockRenewalDuration"]
+    assert _span(renewal) >= _span(host["functionTimeout"]), (renewal, host["functionTimeout"])
+    assert _span("01:00:00") == 3600 and _span("1.00:00:00") == 86_400
+
+
 # -- queues, containers, functions, file types -------------------------------------------------
 def test_every_service_bus_queue_the_code_uses_exists_in_bicep(infra, bindings):
     used = {resolve(b.fields["queueName"]) for b in bindings
