@@ -14,7 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The `context` parameter is depre
 from azure.ai.ml import load_job  # noqa: E402
 
 from shared.azureml.client import AzureMLError, AzureMLSettings  # noqa: E402
-from shared.azureml.jobs import (RESULTS_FILE, STATE_MAP, WORKER_ENV, build_environment,  # noqa: E402
+from shared.azureml.jobs import (REPO_ROOT, RESULTS_FILE, STATE_MAP, WORKER_ENV, build_environment,  # noqa: E402
                                  build_job_for_group, build_pipeline_job, conda_spec, group_input,
                                  map_job_state, plan_score, plan_train, read_requirements, stage_code,
                                  write_registry_slice)
@@ -232,7 +232,12 @@ def test_every_azure_ml_state_maps_onto_a_monitor_state():
 def test_the_environment_is_requirements_txt_and_its_version_follows_the_content(aml, tmp_path):
     requirements = read_requirements()
     assert any(r.startswith("azure-ai-ml") for r in requirements)
-    assert not any(r.startswith("#") for r in requirements)
+    assert not any(r.startswith(("#", "-")) for r in requirements)
+    # the jobs run the versions the lock pins, as CI and the Function App do
+    assert all("==" in r for r in requirements), requirements
+    locked = dict(line.split("==") for line in (REPO_ROOT / "constraints.txt").read_text().splitlines()
+                  if "==" in line and not line.startswith("#"))
+    assert f"pandas=={locked['pandas']}" in requirements
     spec = conda_spec(["pandas>=2", "azure-functions>=1.2", "azureml-core==1.60"],
                       ("azureml-core", "mltable"))
     assert spec["dependencies"][-1] == {"pip": ["pandas>=2", "azureml-core==1.60", "mltable"]}
