@@ -17,8 +17,11 @@ STAMP="$VENV/.installed-1"
 if [ ! -f "$STAMP" ]; then
   echo "validate-azureml: installing mltable, azureml-inference-server-http and requirements.txt into $VENV"
   python3 -m venv "$VENV"
+  # requirements.txt's ranges without the Function App's lock, as the Azure ML environments take
+  # them: Azure ML's packages need versions the lock does not pin (mltable: python-dateutil<3)
+  grep -v '^-c ' requirements.txt > "$VENV/requirements-ranges.txt"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-    -r requirements.txt 'mltable>=1.6,<2' 'azureml-inference-server-http>=1.4,<2'
+    -r "$VENV/requirements-ranges.txt" 'mltable>=1.6,<2' 'azureml-inference-server-http>=1.4,<2'
   touch "$STAMP"
 fi
 

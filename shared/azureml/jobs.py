@@ -107,33 +107,20 @@ def _status_text(status: Any) -> str:
 
 # -- environment and code ----------------------------------------------------------------------
 def read_requirements(path: Path | None = None) -> list[str]:
-    """The project's requirement lines, each pinned as the lock beside it pins it (``-c FILE`` in the
-    file: constraints.txt), so Azure ML jobs run the versions CI and the Function App run."""
+    """The project's requirement lines (comments, blank lines and pip options such as the
+    ``-c constraints.txt`` lock dropped).
+
+    The Azure ML environments take the ranges, not the Function App's pins: they add Azure ML's own
+    packages (``azureml-core``, ``mltable``, the inference server), whose requirements the pins do
+    not all meet (``mltable`` needs ``python-dateutil<3``; the lock has 4.0), so pip solves them
+    together within our ranges."""
     path = path or REPO_ROOT / "requirements.txt"
-    lines, locks = [], []
+    lines = []
     for raw in path.read_text(encoding="utf-8").splitlines():
         line = raw.split("#", 1)[0].strip()
-        if line.startswith("-c "):
-            locks.append(path.parent / line[3:].strip())
-        elif line and not line.startswith("-"):
+        if line and not line.startswith("-"):
             lines.append(line)
-    pins: dict[str, str] = {}
-    for lock in locks:
-        for raw in lock.read_text(encoding="utf-8").splitlines():
-            name, sep, version = raw.split("#", 1)[0].strip().partition("==")
-            if sep:
-                pins[_package_name(name)] = version.strip()
-    return [_pinned(line, pins) for line in lines]
-
-
-def _pinned(requirement: str, pins: dict[str, str]) -> str:
-    """``pandas>=2.2,<4`` -> ``pandas==2.3.3`` when the lock pins pandas (extras and markers kept)."""
-    name = _package_name(requirement)
-    if name not in pins:
-        return requirement
-    head, _, marker = requirement.partition(";")
-    bare = re.match(r"\s*([A-Za-z0-9._-]+)\s*(\[[^\]]*\])?", head)
-    return f"{bare.group(1)}{bare.group(2) or ''}=={pins[name]}" + (f"; {marker.strip()}" if marker else "")
+    return lines
 
 
 def _package_name(requirement: str) -> str:
