@@ -22,7 +22,8 @@ from shared.synthetic import write_panel
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = {"runner.progress": False, "runner.rows_per_file": 400, "runner.workers": 2}
+OVERRIDES = {"runner.progress": False, "runner.rows_per_file": 400, "runner.workers": 2,
+             "data.covariates": ["price", "promo"]}  # requests below carry them
 
 
 def _scored_workspace(tmp_path_factory, partitions: int, seed: int, min_accuracy: float):
