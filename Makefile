@@ -7,7 +7,7 @@ DEMO   ?= demo
 
 .PHONY: demo test install test-deps infra-check azureml-check worker-bundle-check bench clean
 
-$(STAMP): requirements.txt constraints.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.in requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt

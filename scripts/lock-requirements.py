@@ -1,14 +1,13 @@
-"""Write constraints.txt: every runtime dependency (requirements.txt and all it pulls in) pinned to
+"""Write requirements.txt: every runtime dependency (requirements.in and all it pulls in) pinned to
 the version installed in this environment.
 
-Why: requirements.txt states ranges (what the code supports); the Function App, CI and the
-worker-bundle check must all run the one set of versions the tests passed on. requirements.txt
-names this file (``-c constraints.txt``), so the Functions remote build, ``make install`` and
-``pip install -r requirements.txt`` all honour it. Rerun after changing requirements.txt:
+Why: requirements.in states ranges (what the code supports); the Function App (its remote build
+installs requirements.txt), CI (``make install``) and the worker-bundle check must all run the one
+set of versions the tests passed on. Rerun after changing requirements.in:
 
-    .venv/bin/python scripts/lock-requirements.py [OUTPUT, default constraints.txt]
+    .venv/bin/python scripts/lock-requirements.py [OUTPUT, default requirements.txt]
 
-tests/test_dependency_lock.py fails when requirements.txt and this file drift apart.
+tests/test_dependency_lock.py fails when requirements.in and requirements.txt drift apart.
 """
 from __future__ import annotations
 
@@ -20,9 +19,10 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADER = """# Every runtime dependency pinned: written by scripts/lock-requirements.py from the environment the
-# tests passed in (Python {python}, Linux). requirements.txt says what the code supports; this file
-# says what runs. Do not edit by hand: change requirements.txt, reinstall, rerun the script.
+HEADER = """# Every runtime dependency pinned: the Function App, CI and the worker-bundle check install this
+# file. Written by scripts/lock-requirements.py from the environment the tests passed in (Python
+# {python}, Linux). requirements.in says what the code supports; this file says what runs. Do not
+# edit by hand: change requirements.in, reinstall, rerun the script. Why each: docs/dependencies.md.
 """
 
 
@@ -52,7 +52,7 @@ def closure(roots: list[Requirement]) -> dict[str, str]:
         try:
             dist = metadata.distribution(req.name)
         except metadata.PackageNotFoundError:
-            raise SystemExit(f"{req.name} is required but not installed: install requirements.txt first")
+            raise SystemExit(f"{req.name} is required but not installed: install requirements.in first")
         found[name] = dist.version
         for text in dist.requires or ():
             todo.append((Requirement(text), tuple(req.extras)))
@@ -60,8 +60,8 @@ def closure(roots: list[Requirement]) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0]) if argv else ROOT / "constraints.txt"
-    pins = closure(requirements(ROOT / "requirements.txt"))
+    out = Path(argv[0]) if argv else ROOT / "requirements.txt"
+    pins = closure(requirements(ROOT / "requirements.in"))
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     lines = [HEADER.format(python=python)] + [f"{name}=={version}\n" for name, version in sorted(pins.items())]
     out.write_text("".join(lines), encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Register the Azure ML environments built from requirements.txt (the pipeline's DevOps step).
+"""Register the Azure ML environments built from the ranges of requirements.in (the pipeline's DevOps step).
 
 The parallel-job environment goes to the development workspace (training and batch scoring run
 there), the serving environment to the production workspace (the online endpoint lives there).

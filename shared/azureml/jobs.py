@@ -107,14 +107,13 @@ def _status_text(status: Any) -> str:
 
 # -- environment and code ----------------------------------------------------------------------
 def read_requirements(path: Path | None = None) -> list[str]:
-    """The project's requirement lines (comments, blank lines and pip options such as the
-    ``-c constraints.txt`` lock dropped).
+    """The project's requirement ranges (``requirements.in``; comments, blanks and options dropped).
 
-    The Azure ML environments take the ranges, not the Function App's pins: they add Azure ML's own
-    packages (``azureml-core``, ``mltable``, the inference server), whose requirements the pins do
-    not all meet (``mltable`` needs ``python-dateutil<3``; the lock has 4.0), so pip solves them
-    together within our ranges."""
-    path = path or REPO_ROOT / "requirements.txt"
+    The Azure ML environments take the ranges, not the Function App's pins (requirements.txt): they
+    add Azure ML's own packages (``azureml-core``, ``mltable``, the inference server), whose
+    requirements the pins do not all meet (``mltable`` needs ``python-dateutil<3``; the pins have
+    4.0), so pip solves them together within our ranges."""
+    path = path or REPO_ROOT / "requirements.in"
     lines = []
     for raw in path.read_text(encoding="utf-8").splitlines():
         line = raw.split("#", 1)[0].strip()
@@ -130,7 +129,7 @@ def _package_name(requirement: str) -> str:
 
 
 def conda_spec(requirements: list[str], extra: tuple[str, ...]) -> dict[str, Any]:
-    """A conda environment: our Python, and pip installing requirements.txt plus runtime extras."""
+    """A conda environment: our Python, and pip installing requirements.in plus runtime extras."""
     pip = [r for r in requirements if _package_name(r) not in HOST_ONLY_PACKAGES]
     pip += [e for e in extra if _package_name(e) not in {_package_name(r) for r in pip}]
     return {"name": "manymodels", "channels": ["conda-forge"],
@@ -138,7 +137,7 @@ def conda_spec(requirements: list[str], extra: tuple[str, ...]) -> dict[str, Any
 
 
 def build_environment(aml: AzureMLSettings, purpose: str = "parallel", requirements: Path | None = None):
-    """The job (``purpose="parallel"``) or serving environment, built from requirements.txt.
+    """The job (``purpose="parallel"``) or serving environment, built from requirements.in.
 
     The version is a hash of image and conda spec, so an unchanged environment is never rebuilt
     and a changed one never overwrites the version a running job uses.
@@ -151,7 +150,7 @@ def build_environment(aml: AzureMLSettings, purpose: str = "parallel", requireme
     conda = conda_spec(read_requirements(requirements), extra)
     digest = hashlib.sha256(json.dumps([aml.image, conda], sort_keys=True).encode()).hexdigest()[:16]
     return Environment(name=f"manymodels-{purpose}", version=digest, image=aml.image, conda_file=conda,
-                       description=f"manymodels {purpose} environment from requirements.txt")
+                       description=f"manymodels {purpose} environment from requirements.in")
 
 
 def stage_code(dest: Path | None = None) -> Path:
