@@ -324,6 +324,7 @@ module roles 'app/roles.bicep' = {
     ]
     sendQueues: [
       promotionQueueName
+      upstreamQueueName // a message that must wait is scheduled again on its own queue (function_app/waiting.py)
     ]
     deployerSendQueue: upstreamQueueName
     applicationInsightsName: monitoring.outputs.applicationInsightsName

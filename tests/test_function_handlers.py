@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import azure.functions as func
@@ -788,12 +789,77 @@ def test_a_file_still_being_copied_is_retried_not_rejected(loop, extension, monk
     answer = call(loop, extension, "start_training_run", req=http("POST", "train", {"dataset": "raw/sales.csv"}))
     assert answer.status_code == 503 and answer.headers["Retry-After"] == "30"
     assert reply(answer)["field"] == "dataset" and "still running" in reply(answer)["error"]
-    message = sb({"type": "dataset-ready", "path": "raw/sales.csv", "etag": "0x8DCC"}, message_id="copy-1")
-    with pytest.raises(NotReady):  # abandoned: Service Bus delivers it again
-        call(loop, extension, "on_upstream_message", message=message)
     monkeypatch.setattr(LocalLake, "copy_pending", lambda self, path: False, raising=False)
     call(loop, extension, "on_lake_event", event=event)  # the redelivery once the copy is done
     assert len(extension.starts) == 1
+
+
+class ScheduledOnTheQueue:
+    """The network edge of Service Bus: records what the function schedules, on which queue, for when."""
+
+    def __init__(self):
+        self.sent = []
+
+    def factory(self, settings):
+        def open_sender(queue):
+            recorder = self
+
+            class Sender:
+                def schedule_messages(self, message, when):
+                    recorder.sent.append((queue, message, when))
+                    return [len(recorder.sent)]
+
+                def close(self):
+                    pass
+
+            return Sender()
+
+        return open_sender
+
+
+def test_a_message_whose_file_is_still_being_copied_waits_on_the_queue_and_then_starts_one_run(
+        loop, extension, monkeypatch, caplog):
+    """Raising would abandon it, and the ~1 s redeliveries would dead-letter it within seconds."""
+    from function_app import waiting
+    from shared.lake import LocalLake
+
+    queue = ScheduledOnTheQueue()
+    monkeypatch.setattr(waiting, "SENDER_FACTORY", queue.factory)
+    monkeypatch.setattr(LocalLake, "copy_pending", lambda self, path: True, raising=False)
+    body = {"type": "dataset-ready", "path": "raw/sales.csv", "etag": "0x8DCC"}
+    message = sb(body, message_id="copy-1")
+    delays = []
+    for _ in range(3):  # the copy goes on: each delivery completes and schedules the next, later
+        with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+            assert call(loop, extension, "on_upstream_message", message=message) is None  # completes
+        target, scheduled, when = queue.sent[-1]
+        assert target == "mm-upstream" and bytes(next(scheduled.body)) == message.get_body()
+        assert scheduled.application_properties[waiting.ORIGINAL_ID] == "copy-1"
+        delays.append((when - datetime.now(timezone.utc)).total_seconds())
+        message = sb(json.loads(bytes(next(scheduled.body))), message_id=scheduled.message_id,
+                     properties=dict(scheduled.application_properties))  # as Service Bus delivers it
+    assert [round(d, -1) for d in delays] == [30, 60, 120] and extension.starts == []
+    assert "sent again later" in caplog.text and "rejected" not in caplog.text
+    monkeypatch.setattr(LocalLake, "copy_pending", lambda self, path: False, raising=False)
+    call(loop, extension, "on_upstream_message", message=message)  # the copy is complete now
+    direct = sb(body, message_id="copy-1")  # had it been ready at once: the same run
+    call(loop, extension, "on_upstream_message", message=direct)
+    assert len(extension.starts) == 1 and extension.starts[0][0] == "ingest_orchestrator"
+
+
+def test_a_message_that_waited_the_longest_is_dead_lettered_with_the_reason(loop, extension, monkeypatch, caplog):
+    from function_app import waiting
+    from function_app.raw_files import NotReady
+    from shared.lake import LocalLake
+
+    queue = ScheduledOnTheQueue()
+    monkeypatch.setattr(waiting, "SENDER_FACTORY", queue.factory)
+    monkeypatch.setattr(LocalLake, "copy_pending", lambda self, path: True, raising=False)
+    last = sb({"type": "dataset-ready", "path": "raw/sales.csv"}, message_id="copy-9~wait12",
+              properties={waiting.ORIGINAL_ID: "copy-9", waiting.WAITS: waiting.MAX_WAITS})
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"), pytest.raises(NotReady):
+        call(loop, extension, "on_upstream_message", message=last)
+    assert queue.sent == [] and "longest wait" in caplog.text
 
 
 def test_the_app_has_no_blob_trigger_that_would_ship_whole_blobs_to_the_worker():
@@ -863,7 +929,8 @@ def test_async_functions_keep_blocking_work_off_the_event_loop(loop, extension, 
 
 
 # -- Service Bus ---------------------------------------------------------------------------------
-def sb(body, message_id: str = "msg-1", delivery_count: int = 1, data_type: str = "bytes"):
+def sb(body, message_id: str = "msg-1", delivery_count: int = 1, data_type: str = "bytes",
+       properties: dict | None = None):
     """The message the worker passes to the function: the body and the trigger metadata the Service Bus
     extension sends, decoded by the worker's own converter (ServiceBusMessageInConverter)."""
     from azure.functions.meta import Datum
@@ -879,7 +946,7 @@ def sb(body, message_id: str = "msg-1", delivery_count: int = 1, data_type: str 
         "EnqueuedTimeUtc": Datum("2024-06-01T00:00:00Z", "string"),
         "LockToken": Datum("87931fd2-39f4-415a-9fdc-adfdcbed3148", "string"),
         "UserProperties": Datum("{}", "json"),  # its presence means cardinality one
-        "ApplicationProperties": Datum("{}", "json"),
+        "ApplicationProperties": Datum(json.dumps(properties or {}), "json"),
     }
     message = ServiceBusMessageInConverter.decode(data, trigger_metadata=metadata)
     assert isinstance(message, func.ServiceBusMessage) and message.message_id == message_id
