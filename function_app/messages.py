@@ -46,6 +46,12 @@ DATA_SUFFIXES = (".csv", ".parquet")
 # Names that writers use for work in progress (Spark's _temporary/, Hadoop's .crc and _SUCCESS):
 # an event for such a path is not a new raw file.
 HIDDEN_PREFIXES = ("_", ".")
+# Written last into a folder dataset by Spark's and Hadoop's committers (and by a Data Factory step
+# that ends a copy with it): the folder is complete. Its part files raise events of their own, which
+# are ignored: the folder is ingested once, on its marker.
+FOLDER_MARKERS = ("_SUCCESS",)
+PART_PREFIXES = ("part-",)  # Spark / Hadoop part files: a piece of a folder dataset, never one alone
+EVENT_SUFFIXES = DATA_SUFFIXES + tuple(f"/{marker}" for marker in FOLDER_MARKERS)
 BLOB_CREATED = "Microsoft.Storage.BlobCreated"
 # Some writers report a new file twice: an empty file first, then its committed data. ADLS Gen2
 # (hierarchical namespace): CreateFile, then FlushWithClose; SFTP: SftpCreate, then SftpCommit.
@@ -154,11 +160,21 @@ class UpstreamMessage:
 class RawFile:
     """A new file in the raw container, identified by its storage location and ETag (its content version)."""
 
-    path: str  # lake path: raw/...
+    path: str  # lake path: raw/... (a file, or the folder of a folder dataset)
     url: str
     etag: str | None  # None: the event carries no version (a rename); read it from the lake first
     size: int | None = None
     renamed_from: str | None = None  # the source URL of a rename, for the log
+    marker: str | None = None  # a folder dataset: the lake path of its _SUCCESS (its version is the folder's)
+
+    @property
+    def is_folder(self) -> bool:
+        return self.marker is not None
+
+    @property
+    def version_path(self) -> str:
+        """The lake file whose ETag is this dataset's version: the file, or the folder's marker."""
+        return self.marker or self.path
 
     @property
     def identity(self) -> str:
@@ -375,8 +391,8 @@ def parse_blob_created(event_type: str | None, subject: str | None, data: Any) -
     size = data.get("contentLength")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
         raise MessageError("data.contentLength", f"must be a non-negative integer, got {size!r}")
-    path = raw_lake_path(f"{container}/{blob}")
-    return RawFile(path=path, url=url, etag=normalise_etag(etag), size=size)
+    path, marker = raw_dataset(f"{container}/{blob}")
+    return RawFile(path=path, url=url, etag=normalise_etag(etag), size=None if marker else size, marker=marker)
 
 
 def parse_blob_renamed(subject: str | None, data: Any) -> RawFile:
@@ -395,8 +411,9 @@ def parse_blob_renamed(subject: str | None, data: Any) -> RawFile:
         )
     url = _blob_url(data, "destinationUrl", container, blob)
     source = data.get("sourceUrl")
-    path = raw_lake_path(f"{container}/{blob}")
-    return RawFile(path=path, url=url, etag=None, renamed_from=source if isinstance(source, str) else None)
+    path, marker = raw_dataset(f"{container}/{blob}")
+    return RawFile(path=path, url=url, etag=None, renamed_from=source if isinstance(source, str) else None,
+                   marker=marker)
 
 
 def _event_data(data: Any) -> Mapping[str, Any]:
@@ -421,6 +438,29 @@ def _blob_url(data: Mapping[str, Any], name: str, container: str, blob: str) -> 
     if not normalise_url(url).endswith(f"/{container}/{blob}"):
         raise MessageError(f"data.{name}", f"does not name the blob of the subject ({container}/{blob})")
     return url
+
+
+def raw_dataset(name: str) -> tuple[str, str | None]:
+    """What an event's file starts: ``(file, None)`` for a single file; ``(folder, marker)`` for the
+    ``_SUCCESS`` marker of a folder dataset; Ignored (with the reason) for a part file of one, which
+    the folder's marker will start, and for anything else :func:`raw_lake_path` ignores."""
+    leaf = name.rsplit("/", 1)[-1]
+    if leaf in FOLDER_MARKERS:
+        folder = name.rsplit("/", 1)[0]
+        if folder.count("/") < 1:
+            raise Ignored(f"{name}: a completion marker directly in {RAW_CONTAINER}/ names no folder")
+        try:
+            check_path(name)
+        except LakeError as exc:
+            raise MessageError("path", str(exc)) from exc
+        if any(part.startswith(HIDDEN_PREFIXES) for part in folder.split("/")[1:]):
+            raise Ignored(f"{name}: the marker of a hidden or temporary folder")
+        return folder, name
+    path = raw_lake_path(name)
+    if leaf.startswith(PART_PREFIXES) and path.count("/") >= 2:
+        raise Ignored(f"{name}: a part file of a folder dataset; the folder is ingested once, when its "
+                      f"{' or '.join(FOLDER_MARKERS)} marker arrives")
+    return path, None
 
 
 def raw_lake_path(name: str) -> str:

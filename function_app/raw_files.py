@@ -53,6 +53,27 @@ def file_version(lake: Lake, path: str) -> str:
     raise Rejected(f"{path}: this lake cannot tell file versions apart")
 
 
+def folder_parts(lake: Lake, folder: str) -> list[str]:
+    """The Parquet part files of a folder dataset (none under a hidden or temporary sub-folder)."""
+    inside = [p for p in lake.list(folder) if p.startswith(folder.rstrip("/") + "/")]
+    return sorted(p for p in inside if p.lower().endswith(".parquet")
+                  and not any(part.startswith(("_", ".")) for part in p[len(folder):].split("/") if part))
+
+
+def check_raw_folder(lake: Lake, folder: str, cfg: Any) -> None:
+    """A folder dataset (part files and a ``_SUCCESS`` marker): it has Parquet parts, none still being
+    copied, and the first one's sample validates (all parts share one schema, as Spark writes them)."""
+    parts = folder_parts(lake, folder)
+    if not parts:
+        raise Rejected(f"{folder}: no Parquet part files beside its _SUCCESS marker (a folder dataset is read "
+                       "as Parquet; write CSV as one file, or the folder as Parquet)")
+    if hasattr(lake, "copy_pending"):
+        pending = [p for p in parts if lake.copy_pending(p)]
+        if pending:
+            raise NotReady(f"{folder}: a copy into {pending[0]} is still running (copy status pending)")
+    check_raw_file(lake, parts[0], cfg)
+
+
 def check_raw_file(lake: Lake, path: str, cfg: Any, size: int | None = None) -> None:
     """Read a sample with the core's reader and validate it; Rejected with the reason if it fails,
     NotReady while a copy into the file is still running."""

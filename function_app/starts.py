@@ -38,7 +38,7 @@ from function_app.orchestration import (
     SCORE_ORCHESTRATOR,
     TRAIN_ORCHESTRATOR,
 )
-from function_app.raw_files import Rejected, check_raw_file, file_version
+from function_app.raw_files import Rejected, check_raw_file, check_raw_folder, file_version
 from function_app.runtime import (
     StartOutcome,
     check_config,
@@ -92,7 +92,7 @@ async def start_raw_file(
 def with_current_version(raw: RawFile) -> RawFile:
     """Blocking: the raw file with the lake's current version of it (Rejected if it is gone)."""
     ws = open_workspace(settings=load_settings())
-    return replace(raw, etag=normalise_etag(file_version(ws.lake, raw.path)))
+    return replace(raw, etag=normalise_etag(file_version(ws.lake, raw.version_path)))
 
 
 def check_own_account(raw: RawFile) -> None:
@@ -107,7 +107,10 @@ def prepare_raw_file(
     settings = load_settings()
     options = options or RunOptions()
     ws = open_workspace(options.config, settings=settings)
-    check_raw_file(ws.lake, raw.path, ws.config, raw.size)
+    if raw.is_folder:
+        check_raw_folder(ws.lake, raw.path, ws.config)
+    else:
+        check_raw_file(ws.lake, raw.path, ws.config, raw.size)
     payload = {
         "source": raw.path,
         "trigger": {"url": normalise_url(raw.url), "etag": raw.etag},

@@ -120,9 +120,12 @@ var lakeContainers = [
 var azureMLDatastorePrefix = 'lake_'
 // function_app/messages.py RAW_CONTAINER and DATA_SUFFIXES
 var rawContainer = 'raw'
-var dataFileSuffixes = [
+// and EVENT_SUFFIXES: the data files, and the _SUCCESS marker that completes a folder dataset
+// written by Spark / Hadoop (its part files are ignored; the marker starts one run)
+var eventFileSuffixes = [
   '.csv'
   '.parquet'
+  '/_SUCCESS'
 ]
 // shared/settings.py defaults of MM_UPSTREAM_QUEUE and MM_PROMOTION_QUEUE
 var upstreamQueueName = 'mm-upstream'
@@ -350,7 +353,7 @@ module eventGrid 'app/eventgrid.bicep' = {
     eventGridFunctionName: eventGridFunctionName
     createSubscriptions: createEventSubscriptions
     rawContainerName: rawContainer
-    fileSuffixes: dataFileSuffixes
+    fileSuffixes: eventFileSuffixes
     deadLetterStorageId: hostStorage.outputs.id
     deadLetterStorageName: hostStorage.outputs.name
     deadLetterContainerName: hostStorage.outputs.deadLetterContainerName

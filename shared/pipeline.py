@@ -11,6 +11,7 @@ what the stages share (latest pointers, run.json, ids, the runs record) in
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -91,8 +92,19 @@ def _resolve_source(ws: Workspace, source: str | Path) -> str | Path:
         local = ws.lake.local_path(text)
         if local is not None:
             return local
-        staged = ws.local_dir(".cache", "sources") / text.replace("/", "__")
-        staged.write_bytes(ws.lake.read_bytes(text))
+        staged = ws.local_dir(".cache", "sources") / text.rstrip("/").replace("/", "__")
+        if ws.lake.exists(text):
+            staged.write_bytes(ws.lake.read_bytes(text))
+            return staged
+        # a folder dataset (Spark's part files): its files, each staged under its own name
+        shutil.rmtree(staged, ignore_errors=True)  # never mixed with an earlier version's parts
+        prefix = text.rstrip("/") + "/"
+        for path in ws.lake.list(prefix):
+            inner = path[len(prefix):]
+            if inner and not any(part.startswith((".", "_")) for part in inner.split("/")):
+                target = staged / inner
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(ws.lake.read_bytes(path))
         return staged
     return Path(text)
 

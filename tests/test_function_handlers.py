@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import azure.functions as func
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -729,6 +730,59 @@ def test_a_file_renamed_into_raw_starts_one_run_with_the_files_current_version(
     assert "renamed_from=" in caplog.text and "_temporary/0/sales.csv" in caplog.text
     by_http = call(loop, extension, "start_training_run", req=http("POST", "train", {"dataset": "raw/sales.csv"}))
     assert by_http.status_code == 200 and reply(by_http)["id"] == instance
+
+
+def spark_folder(workdir, name: str, parts: int = 3) -> str:
+    """A folder dataset as Spark's committer leaves it in raw/: part files, then _SUCCESS."""
+    folder = workdir["root"] / "lake" / "raw" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    frame = pd.read_csv(workdir["root"] / "lake" / "raw" / "sales.csv")
+    bounds = np.linspace(0, len(frame), parts + 1).astype(int)
+    for i, piece in enumerate(frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])):
+        piece.to_parquet(folder / f"part-{i:05d}-6f1c2a9e-4d1b-4f0e-9c7a-1b2d3e4f5a6b-c000.snappy.parquet",
+                         index=False)
+    (folder / "_SUCCESS").write_bytes(b"")
+    return f"raw/{name}"
+
+
+@pytest.mark.parametrize("schema", ["EventGrid", "CloudEvents"])
+def test_a_folder_written_by_spark_starts_one_ingestion_of_the_whole_folder_on_its_success_marker(
+        loop, extension, workdir, schema, caplog):
+    """df.repartition(3).write.parquet('abfss://raw@.../sales_2024'): the committer's events in order
+    (tasks' files under _temporary, renamed into place at job commit, then _SUCCESS created and
+    flushed) start exactly one run, of the folder, once the marker is there."""
+    folder = spark_folder(workdir, "sales_2024")
+    parts = sorted(p.name for p in (workdir["root"] / "lake" / folder).glob("part-*"))
+    temp = f"{folder}/_temporary/0/_temporary/attempt_202406300000_0001_m_000000_0"
+    sequence = (
+        [blob_created(f"{temp}/{p}", host=LAKE_DFS, schema=schema) for p in parts]  # task output
+        + [blob_renamed(f"{folder}/{p}", source=f"{temp}/{p}", schema=schema) for p in parts]  # job commit
+        + [blob_created(f"{folder}/_SUCCESS", host=LAKE_DFS, schema=schema, api="CreateFile", contentLength=0),
+           blob_created(f"{folder}/_SUCCESS", etag="0x8DD5", host=LAKE_DFS, schema=schema, contentLength=0)]
+    )
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        for event in sequence + sequence[-1:]:  # and the marker's event delivered twice
+            assert call(loop, extension, "on_lake_event", event=event) is None
+    assert len(extension.starts) == 1
+    name, _, payload = extension.starts[0]
+    assert name == "ingest_orchestrator" and payload["source"] == folder
+    assert payload["trigger"]["etag"] == "0x8DD5" and payload["trigger"]["url"].endswith(f"{folder}/_SUCCESS")
+    assert caplog.text.count("a part file of a folder dataset") == len(parts)
+    # the folder is what gets ingested: every part's rows, one dataset
+    ws = pipeline.Workspace.open(workdir["root"], settings=Settings(workdir=workdir["root"]),
+                                 overrides={"runner.progress": False})
+    whole = pipeline.ingest(ws, folder)
+    single = pipeline.ingest(ws, "raw/sales.csv")
+    assert whole.rows == single.rows and whole.partitions == single.partitions
+
+
+def test_a_success_marker_beside_no_parquet_parts_is_refused_with_the_reason(loop, extension, workdir, caplog):
+    folder = workdir["root"] / "lake" / "raw" / "empty_output"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "_SUCCESS").write_bytes(b"")
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        call(loop, extension, "on_lake_event", event=blob_created("raw/empty_output/_SUCCESS", contentLength=0))
+    assert extension.starts == [] and "no Parquet part files" in caplog.text
 
 
 def test_a_renamed_file_is_checked_like_a_new_one(loop, extension, caplog):

@@ -62,6 +62,7 @@ class Infra:
     lake_containers: list[str]
     raw_container: str
     data_suffixes: list[str]
+    event_suffixes: list[str]
     servicebus_queues: list[str]
     event_grid_function: str
     has_blob_trigger: bool
@@ -104,7 +105,8 @@ def read_infra(infra_dir: Path) -> Infra:
         app_params_allowed=app.allowed,
         lake_containers=_array_var(main, "lakeContainers"),
         raw_container=_string_var(main, "rawContainer"),
-        data_suffixes=_array_var(main, "dataFileSuffixes"),
+        data_suffixes=[x for x in _array_var(main, "eventFileSuffixes") if x.startswith(".")],
+        event_suffixes=_array_var(main, "eventFileSuffixes"),
         servicebus_queues=queue_names,
         event_grid_function=_string_var(main, "eventGridFunctionName"),
         has_blob_trigger=bool(blob_flag) and blob_flag.group(1) == "true",
@@ -353,6 +355,7 @@ def test_the_model_registry_container_and_its_datastores_match_the_azureml_code(
 def test_event_grid_filter_matches_the_ingestion_code(infra):
     assert infra.raw_container == messages.RAW_CONTAINER
     assert sorted(infra.data_suffixes) == sorted(messages.DATA_SUFFIXES)
+    assert sorted(infra.event_suffixes) == sorted(messages.EVENT_SUFFIXES)  # files and folder markers
     text = (INFRA / "app" / "eventgrid.bicep").read_text()
     types = re.search(r"includedEventTypes: \[(.*?)\]", text, re.S).group(1)
     assert sorted(re.findall(r"'([^']+)'", types)) == sorted([messages.BLOB_CREATED, messages.BLOB_RENAMED])

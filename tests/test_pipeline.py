@@ -169,3 +169,27 @@ def test_on_a_blob_lake_a_rerun_of_a_group_uploads_only_what_it_rewrote(azurite_
     again = train_group(ws, plan.run_id, files)
     assert again.partitions == 8
     assert uploaded == [f"runs/{plan.run_id}/config/manymodels.toml"]
+
+
+@pytest.mark.azurite
+def test_on_a_blob_lake_a_spark_folder_is_ingested_whole_and_its_markers_and_temporaries_skipped(
+        azurite_blob, tmp_path):
+    """A folder dataset in raw/ (part files, _SUCCESS, a leftover _temporary/): staged part by part."""
+    from shared.pipeline import ingest
+    from shared.settings import Settings
+
+    data = tmp_path / "sales.parquet"
+    write_panel(data, partitions=5, periods=40, freq="W", seed=3)
+    frame = pd.read_parquet(data)
+    settings = Settings(workdir=tmp_path / "ws", lake_backend="blob",
+                        lake_connection_string=azurite_blob.connection_string)
+    ws = Workspace.open(settings=settings, overrides={"runner.progress": False})
+    for i, (a, b) in enumerate([(0, 70), (70, 140), (140, len(frame))]):
+        part = tmp_path / f"part-{i}.parquet"
+        frame.iloc[a:b].to_parquet(part, index=False)
+        ws.lake.write_bytes(f"raw/weekly/part-{i:05d}-c000.snappy.parquet", part.read_bytes())
+    ws.lake.write_bytes("raw/weekly/_SUCCESS", b"")
+    ws.lake.write_bytes("raw/weekly/_temporary/0/part-00000-c000.snappy.parquet", b"not parquet")
+    whole = ingest(ws, "raw/weekly")
+    assert whole.rows == len(frame) and whole.partitions == 5
+    assert ingest(ws, "raw/weekly").dataset_id == whole.dataset_id  # the same folder again: the same dataset
