@@ -55,6 +55,7 @@ BOUNDS: dict[str, Bound] = {
     "training.folds": Bound(1, 20, "validation windows per candidate"),
     "training.selection_margin": Bound(0.0, 1.0, "share a partition's own candidate must win by", integer=False),
     "training.global_max_rows": Bound(1000, 10_000_000, "rows the global model is fitted on"),
+    "training.history_periods": Bound(0, 520, "observed periods before the test window stored per partition"),
     "runner.workers": Bound(0, 256, "worker processes, 0 = one per CPU; at most "
                                     f"{WORKERS_PER_CPU} per CPU start"),
     "runner.mini_batch_size": Bound(1, 10_000, "files per run(mini_batch) call"),

@@ -59,7 +59,6 @@ from shared.timegrid import PERIOD, anchor_offset
 logger = logging.getLogger(__name__)
 
 STATUSES = ("trained", "baseline_only", "skipped", "failed")
-HISTORY_PERIODS = 52  # at most a year of weekly history per partition goes to SQL with each run
 
 
 # -- per-partition result -----------------------------------------------------------------------
@@ -276,6 +275,7 @@ class _PartitionJob:
         self.result = TrainResult(partition_id=str(ff.partition_ids[g]), keys=batch.keys[g], status="failed",
                                   n_observed=int((~ff.filled[rows]).sum()))
         self.result.history = _history(ff.periods[rows], ff.y[rows], ff.filled[rows], batch.cfg)
+        self._effects = bool(batch.cfg.training.effects)
         self.clock = _Clock()
         self.seconds = 0.0
         self.fold_errors: dict[str, tuple[float, float]] = {}
@@ -312,7 +312,7 @@ class _PartitionJob:
         result.fit_seconds = self.seconds + feature_seconds
         result.timings = {"features": feature_seconds, "estimators": self.clock.seconds,
                           "overhead": self.seconds - self.clock.seconds}
-        if result.status == "trained" and result.bundle is not None:
+        if result.status == "trained" and result.bundle is not None and self._effects:
             began = perf_counter()
             try:
                 result.effects = covariate_effects(result.bundle)
@@ -325,12 +325,12 @@ class _PartitionJob:
 
 
 def _history(periods: np.ndarray, y: np.ndarray, filled: np.ndarray, cfg: ProjectConfig) -> list[dict[str, Any]]:
-    """The observed periods of the season before the test window (at most ``HISTORY_PERIODS``)."""
+    """The observed periods of the season before the test window (at most ``training.history_periods``)."""
     if not len(periods):
         return []
     tested_from = int(periods[-1]) - int(cfg.forecast.test_periods) + 1
     keep = np.flatnonzero((periods < tested_from) & ~filled & np.isfinite(y))
-    keep = keep[-min(max(int(cfg.season_length), 1), HISTORY_PERIODS):]
+    keep = keep[len(keep) - min(max(int(cfg.season_length), 1), int(cfg.training.history_periods)):]
     return [{PERIOD: int(periods[i]), "actual": float(y[i])} for i in keep]
 
 

@@ -59,6 +59,16 @@ def test_a_model_that_ignores_the_covariates_reports_no_effect_rather_than_zero(
     assert all(r.status == "trained" and r.effects == [] for r in results)
 
 
+def test_effects_and_history_can_be_turned_off_for_very_many_partitions():
+    cfg = ProjectConfig().with_overrides({
+        "data.target": "sales", "data.covariates": ["price", "promo"], "training.candidates": ["loglm"],
+        "training.ensemble": False, "training.folds": 1, "training.effects": False,
+        "training.history_periods": 0})
+    frame = _panel(n_series=1)
+    [result] = train_batch(frame, cfg, {"dataset_id": "dtest", "anchor": anchor_offset(frame["date"], "W")})
+    assert result.status == "trained" and result.effects == [] and result.history == []
+
+
 def test_no_covariates_no_effects():
     class Bare:
         covariates = ()
