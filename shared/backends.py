@@ -28,6 +28,7 @@ from shared import layout
 from shared.compute import JobHandle, job_id_for
 from shared.errors import ManyModelsError
 from shared.lake import Lake, LakeError, LocalLake
+from shared.locking import fenced
 
 if TYPE_CHECKING:  # pragma: no cover
     from shared.registry import ModelRecord
@@ -145,7 +146,8 @@ def writer_lease(ws: "Workspace", holder: str, wait: float | None = None,
         if isinstance(ws.lake, BlobLake):
             with LakeLease(ws.lake, holder, wait=wait,
                            duration=WRITER_LEASE_SECONDS if duration is None else duration) as lease:
-                yield lease
+                with fenced(lease.fence):  # each lake or SQL write first checks the lease is still ours
+                    yield lease
                 lease.check()  # lost mid-way (a stall past the period): fail, so the stage is retried
             return
     from shared.locking import WorkdirLock, held_here

@@ -25,10 +25,11 @@ import socket
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from shared.errors import ManyModelsError
 
@@ -219,3 +220,31 @@ def _read_holder(fd: int) -> LockHolder | None:
         return LockHolder.parse(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
     except OSError:
         return None
+
+
+# -- fencing: a writer that lost its lock writes nothing -----------------------------------------
+_FENCES: list[Callable[[], None]] = []
+_FENCES_LOCK = threading.Lock()
+
+
+@contextmanager
+def fenced(check: Callable[[], None]) -> Iterator[None]:
+    """While the body runs, every shared-state write of this process first calls ``check``, which
+    raises if the writer lock it stands for is no longer held (a blob lease lost in a stall)."""
+    with _FENCES_LOCK:
+        _FENCES.append(check)
+    try:
+        yield
+    finally:
+        with _FENCES_LOCK:
+            _FENCES.remove(check)
+
+
+def check_fences() -> None:
+    """Called before each write to the lake or the SQL store: raises when a held lock was lost."""
+    if not _FENCES:  # the common case (a local lake, the CLI): no cost
+        return
+    with _FENCES_LOCK:
+        checks = list(_FENCES)
+    for check in checks:
+        check()

@@ -23,6 +23,7 @@ import pandas as pd
 
 from shared.config import ProjectConfig
 from shared.keys import PARTITION_ID, canonical_value
+from shared.locking import check_fences
 
 from shared.sql_schema import (  # noqa: F401  (re-exported: the store's public names)
     ADDED_COLUMNS,
@@ -300,6 +301,7 @@ class ResultStore:
         ``also``: more tables that take the same rows, in the same transaction."""
         if frame.empty:
             return 0
+        check_fences()  # a writer that lost the lake's lease loads nothing
         self._memo: tuple[Any, list[tuple[Any, ...]]] | None = None
         try:
             loads = [self._rows(name, frame) for name in (table_name, *also)]

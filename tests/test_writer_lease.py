@@ -77,6 +77,64 @@ def test_a_second_writer_waits_then_gets_a_retryable_error_naming_the_first(azur
 
 
 @pytest.mark.azurite
+def test_a_holder_that_stalled_past_its_lease_writes_nothing_once_another_writer_took_it(azurite_blob, tmp_path):
+    """Fencing (issue 20, item 6): checked after the body, a lost lease let the stalled holder's writes
+    interleave with the new holder's. Now every lake and SQL write of the holder checks it first."""
+    from azure.storage.blob import BlobLeaseClient, BlobServiceClient
+
+    from shared.azureml.blob_lake import BlobLake, LakeLease, LakeLeasedError
+    from shared.result_store import SQLiteStore
+
+    lake = BlobLake.from_connection_string(azurite_blob.connection_string)
+    ws = SimpleNamespace(lake=lake, root=tmp_path)
+    store = SQLiteStore(tmp_path / "results.sqlite")
+    row = pd.DataFrame({"store": ["s"], "item": ["i"], "date": [pd.Timestamp("2024-01-07")], "prediction": [1.0],
+                        "partition_id": ["p1"], "score_id": ["s1"]})
+    with pytest.raises(LakeLeasedError, match="lost the lease"):
+        with backends.writer_lease(ws, "register_trained_run of orchestration stalled", wait=0,
+                                   duration=15) as lease:
+            lake.write_bytes("runs/LATEST", b"r-before")  # held and fresh: written, with no extra request
+            lease._stop.set()  # the process stalls: no more renewals ...
+            lease._renewed_at -= 60  # ... for longer than the lease lasts
+            leased = BlobServiceClient.from_connection_string(azurite_blob.connection_string) \
+                .get_blob_client("runs", ".manymodels-writer")
+            BlobLeaseClient(leased).break_lease(lease_break_period=0)  # expired, and another writer ...
+            other = LakeLease(BlobLake.from_connection_string(azurite_blob.connection_string), "the next writer")
+            other.acquire()  # ... holds it now
+            try:
+                with pytest.raises(LakeLeasedError):
+                    lake.write_bytes("runs/LATEST", b"r-stalled")
+                with pytest.raises(LakeLeasedError):
+                    store.upsert_predictions(row)
+                with pytest.raises(LakeLeasedError):
+                    lake.delete("runs/LATEST")
+            finally:
+                other.release()
+    assert lake.read_bytes("runs/LATEST") == b"r-before" and store.count("predictions") == 0
+    store.close()
+    lake.write_bytes("runs/LATEST", b"r-after")  # no lease held, nothing fenced: the CLI's own writes pass
+
+
+@pytest.mark.azurite
+def test_a_fresh_lease_fences_writes_without_a_request_each(azurite_blob, tmp_path, monkeypatch):
+    from shared.azureml.blob_lake import BlobLake
+
+    lake = BlobLake.from_connection_string(azurite_blob.connection_string)
+    ws = SimpleNamespace(lake=lake, root=tmp_path)
+    with backends.writer_lease(ws, "plan_training_run of orchestration busy", wait=0, duration=60) as lease:
+        renewals = []
+        real = lease._lease.renew
+        monkeypatch.setattr(lease._lease, "renew", lambda *a, **k: (renewals.append(1), real(*a, **k))[1])
+        for i in range(20):
+            lake.write_bytes(f"runs/r1/part-{i}", b"x")
+        assert renewals == []  # renewed under half a period ago: checked locally
+        lease._renewed_at -= 40  # past half the period (the renewal thread starved): one renewal, then local
+        for i in range(5):
+            lake.write_bytes(f"runs/r1/part-{i}", b"y")
+        assert renewals == [1]
+
+
+@pytest.mark.azurite
 @pytest.mark.slow
 def test_a_killed_holder_keeps_the_lease_only_until_it_expires_and_renewal_outlives_the_period(
     azurite_blob, tmp_path

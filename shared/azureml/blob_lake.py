@@ -30,7 +30,7 @@ from azure.storage.blob import BlobServiceClient, ContainerClient
 
 from shared import layout
 from shared.lake import LakeError, check_path
-from shared.locking import LockHolder, WorkdirLockedError
+from shared.locking import LockHolder, WorkdirLockedError, check_fences
 
 _log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class BlobLake:
             raise LakeError(f"no such file in the lake: {path}") from exc
 
     def write_bytes(self, path: str, data: bytes) -> None:
+        check_fences()  # a writer that lost the lake's lease writes nothing
         container, name = self._split(path)
         blob = self.service.get_blob_client(container, name)
         try:
@@ -114,6 +115,7 @@ class BlobLake:
         return sorted(found)
 
     def delete(self, path: str) -> None:
+        check_fences()
         container, name = self._split(path)
         try:
             self.service.get_blob_client(container, name).delete_blob()
@@ -244,6 +246,8 @@ class LakeLease:
         self.lost = False
         self._lease: Any = None
         self._stop: threading.Event | None = None
+        self._renewed_at = 0.0  # monotonic time of the last renewal the service confirmed
+        self._renewing = threading.Lock()  # the renewal thread and a fence check never renew at once
 
     @property
     def held(self) -> bool:
@@ -293,6 +297,7 @@ class LakeLease:
             raise
         stop = threading.Event()
         self._lease, self._stop, self.lost = lease, stop, False
+        self._renewed_at = time.monotonic()
         threading.Thread(target=self._renew, args=(lease, stop), name="lake-lease", daemon=True).start()
         return self
 
@@ -300,7 +305,9 @@ class LakeLease:
         interval = self.duration / 3
         while not stop.wait(interval):
             try:
-                lease.renew()
+                with self._renewing:
+                    lease.renew()
+                    self._renewed_at = time.monotonic()
                 interval = self.duration / 3
             except HttpResponseError as exc:
                 if exc.status_code in (409, 412):  # another lease id holds the blob: ours is gone
@@ -310,6 +317,30 @@ class LakeLease:
                 interval = min(5.0, self.duration / 6)  # transient (throttled, 5xx): try again soon
             except AzureError:
                 interval = min(5.0, self.duration / 6)  # network: the lease still runs; try again soon
+
+    def fence(self) -> None:
+        """Before each write of the holder (:func:`shared.locking.check_fences`): raise if the lease is
+        not certainly ours. Renewed less than half a period ago, it is (the service keeps a lease a
+        whole period after a renewal, and nobody else can take it meanwhile): no request. Older (the
+        process stalled, the renewal thread starved): renew now, and a refusal means another writer
+        has it, so this write and every later one raise instead of interleaving with its writes."""
+        self.check()
+        if self._lease is None or time.monotonic() - self._renewed_at < self.duration / 2:
+            return
+        with self._renewing:
+            if time.monotonic() - self._renewed_at < self.duration / 2:
+                return  # the renewal thread did it meanwhile
+            try:
+                self._lease.renew()
+                self._renewed_at = time.monotonic()
+            except HttpResponseError as exc:
+                if exc.status_code in (409, 412):
+                    self.lost = True
+                    _log.warning("lake lease of %r lost (found before a write): %s", self.command,
+                                 str(exc).splitlines()[0])
+                else:
+                    raise
+        self.check()
 
     def check(self) -> None:
         """Raise :class:`LakeLeasedError` if the lease was lost while held (see the class docstring)."""
