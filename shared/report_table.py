@@ -1,9 +1,10 @@
 """The report's long tables: every series, model wins, price elasticity and promotion lift.
 
 Every series is one HTML row (10,000 series are a few MB, no chart each), worst test-window WAPE
-first, so a page without scripts still shows what needs attention on top. A small inline script
-(no external resources: the file works offline) sorts on a header click (worst first on the first
-click of a measure) and filters rows by the words typed and by the serving source.
+first, so a page without scripts still shows what needs attention on top; the first
+:data:`SHOWN_ROWS` are laid out, the others wait in a template. A small inline script (no external
+resources: the file works offline) sorts on a header click (worst first on the first click of a
+measure) and filters rows by the words typed and by the serving source, showing the first matches.
 """
 from __future__ import annotations
 
@@ -31,20 +32,31 @@ class Col:
         return f"<th{cls} data-first='{self.first}' title='sort'>{_e(self.label)}</th>"
 
 
+SHOWN_ROWS = 1_000  # rows laid out at once: 10,000 table rows took a browser 15-20 s to open, 1,000 about 2
+
+
 def sortable_table(table_id: str, columns: Sequence[Col], rows: Sequence[str], noun: str,
                    sources: Sequence[str] = ()) -> str:
-    """A filter box (and a source picker when ``sources``), a row count and the table itself."""
+    """A filter box (and a source picker when ``sources``), a row count and the table itself.
+
+    Every row is in the page, but at most :data:`SHOWN_ROWS` in the table: the others wait in a
+    ``<template>`` (parsed, never laid out), and the script shows the first matching rows of any
+    filter or sort. Without scripts the page shows the first rows, worst first."""
     picker = ""
     if sources:
         options = "".join(f"<option value='{_e(s)}'>{_e(s)}</option>" for s in sources)
         picker = (f"<label>served by <select id='{table_id}-source'><option value=''>any source</option>"
                   f"{options}</select></label>")
+    shown, rest = rows[:SHOWN_ROWS], rows[SHOWN_ROWS:]
+    more = f" (the first {len(shown):,} shown: filter or sort to see others)" if rest else ""
     tools = (f"<div class='tools'><input type='search' id='{table_id}-filter' placeholder='filter {noun}: "
              f"words all rows must contain' aria-label='filter {noun}'>{picker}"
-             f"<span id='{table_id}-count'>{len(rows):,} of {len(rows):,} {noun}</span></div>")
+             f"<span id='{table_id}-count'>{len(rows):,} of {len(rows):,} {noun}{more}</span></div>")
     head = "".join(c.th() for c in columns)
-    return (f"{tools}<div class='scroll'><table class='sortable' id='{table_id}' data-noun='{_e(noun)}'>"
-            f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+    waiting = f"<template id='{table_id}-more'>{''.join(rest)}</template>" if rest else ""
+    return (f"{tools}<div class='scroll'><table class='sortable' id='{table_id}' data-noun='{_e(noun)}' "
+            f"data-shown='{SHOWN_ROWS}'><thead><tr>{head}</tr></thead><tbody>{''.join(shown)}</tbody></table>"
+            f"{waiting}</div>")
 
 
 def num_cell(value: Any, text: str) -> str:
@@ -145,21 +157,35 @@ SCRIPT = """
   }
   Array.prototype.forEach.call(document.querySelectorAll('table.sortable'), function (table) {
     var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+    var more = document.getElementById(table.id + '-more');  /* rows beyond the first, not laid out */
+    if (more) { rows = rows.concat(Array.prototype.slice.call(more.content.querySelectorAll('tr'))); }
+    var limit = parseInt(table.getAttribute('data-shown'), 10) || rows.length;
     var texts = rows.map(function (r) { return r.textContent.toLowerCase(); });
+    var matched = rows.map(function () { return true; });
     var input = document.getElementById(table.id + '-filter');
     var picker = document.getElementById(table.id + '-source');
     var count = document.getElementById(table.id + '-count');
     var noun = table.getAttribute('data-noun');
+    function render() {  /* the first `limit` matching rows, in the current order */
+      var frag = document.createDocumentFragment(), total = 0;
+      rows.forEach(function (r, i) {
+        if (matched[i]) { if (total < limit) { frag.appendChild(r); } total++; }
+      });
+      body.textContent = '';
+      body.appendChild(frag);
+      if (count) {
+        count.textContent = total.toLocaleString('en') + ' of ' + rows.length.toLocaleString('en') + ' ' + noun +
+          (total > limit ? ' (the first ' + limit.toLocaleString('en') + ' shown: filter or sort to see others)' : '');
+      }
+    }
     function filter() {
       var words = input ? input.value.toLowerCase().split(/\\s+/).filter(Boolean) : [];
-      var source = picker ? picker.value : '', shown = 0;
+      var source = picker ? picker.value : '';
       rows.forEach(function (r, i) {
-        var ok = (!source || r.getAttribute('data-source') === source) &&
+        matched[i] = (!source || r.getAttribute('data-source') === source) &&
           words.every(function (w) { return texts[i].indexOf(w) >= 0; });
-        r.hidden = !ok;
-        if (ok) { shown++; }
       });
-      if (count) { count.textContent = shown.toLocaleString('en') + ' of ' + rows.length.toLocaleString('en') + ' ' + noun; }
+      render();
     }
     if (input) { input.addEventListener('input', filter); }
     if (picker) { picker.addEventListener('change', filter); }
@@ -179,11 +205,10 @@ SCRIPT = """
           if (b.k === null || (numeric && isNaN(b.k))) { return -1; }
           return (a.k < b.k ? -1 : 1) * sign;
         });
-        var frag = document.createDocumentFragment();
-        items.forEach(function (it) { frag.appendChild(it.r); });
-        body.appendChild(frag);
         rows = items.map(function (it) { return it.r; });
         texts = items.map(function (it) { return texts[it.i]; });
+        matched = items.map(function (it) { return matched[it.i]; });
+        render();
       });
     });
   });

@@ -133,3 +133,31 @@ def test_clicking_a_header_sorts_and_wape_sorts_worst_first(browser, page):
     header(browser, "WAPE").click()  # again: best first, still the empty ones last
     known = [v for v in wapes(browser) if v is not None]
     assert known == sorted(known)
+
+
+def test_a_long_table_lays_out_its_first_rows_and_finds_any_other_by_filter_or_sort(
+        browser, tmp_path_factory, monkeypatch):
+    """10,000 table rows took 15-20 s to open; only the first SHOWN_ROWS are laid out, the rest wait in
+    a template: the count says so, a filter finds a series from the rest, a sort brings them forward."""
+    from selenium.webdriver.common.by import By
+
+    from shared import report_table
+
+    monkeypatch.setattr(report_table, "SHOWN_ROWS", 10)
+    root = tmp_path_factory.mktemp("long-report")
+    with SQLiteStore(root / "results.sqlite") as store:
+        expected = fill_forecaster_store(store, n=N_SERIES)
+        path = write_report(store, root / "report.html")
+    browser.get(path.resolve().as_uri())
+    assert len(visible_items(browser)) == 10
+    assert browser.find_element(By.ID, "series-count").text == \
+        f"{N_SERIES} of {N_SERIES} series (the first 10 shown: filter or sort to see others)"
+    shown = set(visible_items(browser))
+    hidden = sorted(set(expected.items.values()) - shown)
+    box = browser.find_element(By.ID, "series-filter")
+    box.send_keys(hidden[-1])
+    assert visible_items(browser) == [hidden[-1]]
+    box.clear()
+    box.send_keys(" ")
+    header(browser, "item").click()
+    assert visible_items(browser) == sorted(expected.items.values())[:10]  # the first ten of all, not of the shown
