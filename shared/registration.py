@@ -12,6 +12,7 @@ import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import pandas as pd
 
 from shared import layout
@@ -186,7 +187,15 @@ def backtests_frame(cfg: ProjectConfig, run_id: str, rows: list[dict[str, Any]],
     if not frames:
         return None
     out = pd.concat(frames, ignore_index=True).rename(columns={"global": "global_forecast"})
-    out[cfg.data.time] = from_periods(out[PERIOD].to_numpy(), cfg.data.freq, anchor).to_numpy()
+    # each partition's own anchor where its row says it (a Wednesday series in a Friday panel)
+    own = np.concatenate([[row.get("anchor") or anchor] * len(row.get(field) or ()) for row in rows
+                          if row.get(field)]).astype(object) if frames else np.array([], dtype=object)
+    times = np.empty(len(out), dtype=np.int64 if cfg.data.freq == "int" else "datetime64[ns]")
+    periods = out[PERIOD].to_numpy()
+    for value in pd.unique(own):
+        at = own == value
+        times[at] = from_periods(periods[at], cfg.data.freq, value).to_numpy()
+    out[cfg.data.time] = times
     out["run_id"] = run_id
     return out.drop(columns=[PERIOD])
 

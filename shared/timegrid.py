@@ -45,6 +45,40 @@ def anchor_offset(times: pd.Series, freq: str) -> str | None:
     return f"start:{int(from_start.total_seconds())}"
 
 
+def partition_anchors(times: pd.Series, bounds: np.ndarray, freq: str,
+                      observed: np.ndarray | None = None) -> list[str | None]:
+    """:func:`anchor_offset` of each partition (rows ``bounds[g]:bounds[g+1]``), from its observed
+    rows: one panel may hold weekly series dated on Fridays and others on Wednesdays, and each
+    series' forecasts are dated as its own history is. Vectorised but for a ``np.unique`` a partition."""
+    n = len(bounds) - 1
+    if freq == "int" or n <= 0 or not pd.api.types.is_datetime64_any_dtype(times):
+        return [None] * max(n, 0)
+    pf = period_freq(freq)
+    periods = times.dt.to_period(pf)
+    from_start = (times - periods.dt.start_time).dt.total_seconds().to_numpy()
+    to_end = (periods.dt.end_time.dt.normalize() - times).dt.total_seconds().to_numpy()
+    keep = np.ones(len(times), dtype=bool) if observed is None else np.asarray(observed, dtype=bool)
+    month_like = pf[0] in "MQY"
+    out: list[str | None] = []
+    for g in range(n):
+        rows = slice(int(bounds[g]), int(bounds[g + 1]))
+        seg = from_start[rows][keep[rows]]
+        if not len(seg):
+            out.append(None)
+            continue
+        start = _mode(seg)
+        if month_like and start != 0 and _mode(to_end[rows][keep[rows]]) == 0:
+            out.append("end:0")
+        else:
+            out.append(f"start:{int(start)}")
+    return out
+
+
+def _mode(values: np.ndarray) -> float:
+    found, counts = np.unique(values, return_counts=True)  # sorted: ties go to the smallest, as pandas' mode
+    return float(found[int(np.argmax(counts))])
+
+
 def from_periods(periods: np.ndarray, freq: str, anchor: str | None) -> pd.Series:
     periods = np.asarray(periods, dtype="int64")
     if freq == "int":

@@ -54,7 +54,7 @@ from shared.keys import PARTITION_ID, key_dict
 from shared.metrics import evaluate, forecast_ceiling, robust_wape, selection_key
 from shared.selection import (Windows, _fold_error, _Residuals, beats, calibrated_intervals, choose,  # noqa: F401
                               conformal_offsets, global_cuts, partition_windows, pooled_prior, step_profile)
-from shared.timegrid import PERIOD, anchor_offset
+from shared.timegrid import PERIOD, anchor_offset, partition_anchors
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class TrainResult:
     effects: list[dict[str, Any]] = field(default_factory=list)  # shared.effects: elasticity, lift
     # observed values of the season before the test window (_period, actual): where a forecast comes from
     history: list[dict[str, Any]] = field(default_factory=list)
+    anchor: str | None = None  # where the partition's time stamps sit in their period (its own)
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -101,6 +102,7 @@ class TrainResult:
             "timings": {k: round(float(v), 6) for k, v in self.timings.items()},
             "backtest": self.backtest_rows(),
             "history": self.history,
+            "anchor": self.anchor,
             "effects": _json_floats_list(self.effects),
         }
 
@@ -158,6 +160,7 @@ class _Batch:
     anchor: str | None
     global_models: GlobalModelSet | None = None
     ceilings: dict[tuple[int, int], float] = field(default_factory=dict)
+    anchors: list[str | None] = field(default_factory=list)  # each partition's own (_partition_anchors)
     windows: dict[int, Windows] = field(default_factory=dict)  # each partition's, made once (_windows)
     # per partition: the autoregressive global model's forecasts of its folds and of its test window
     autoregressive: dict[int, tuple[list[np.ndarray], np.ndarray | None]] = field(default_factory=dict)
@@ -185,7 +188,8 @@ def train_batch(frame: pd.DataFrame, cfg: Any, dataset_meta: Mapping[str, Any] |
     firsts = frame[key_cols].iloc[ff.bounds[:-1]].itertuples(index=False, name=None) if len(frame) else []
     keys = [key_dict(key_cols, values) for values in firsts]
     anchor = meta["anchor"] if "anchor" in meta else _anchor(frame, cfg)
-    batch = _Batch(cfg=cfg, ff=ff, cov=cov, keys=keys, anchor=anchor, global_models=global_models)
+    batch = _Batch(cfg=cfg, ff=ff, cov=cov, keys=keys, anchor=anchor, global_models=global_models,
+                   anchors=_partition_anchors(frame, ff, cfg, anchor))
     if wants_autoregressive(cfg, global_models):
         batch.autoregressive = _autoregressive_backtests(batch)
     shared_seconds = perf_counter() - began  # features and set-up, shared out by rows
@@ -255,6 +259,21 @@ def _is_sorted(frame: pd.DataFrame) -> bool:
     return len(pd.unique(pids)) == int((~same).sum()) + 1
 
 
+def _partition_anchors(frame: pd.DataFrame, ff: FeatureFrame, cfg: Any, default: str | None) -> list[str | None]:
+    """Each partition's own anchor (its observed rows' offset in their period); the dataset's where
+    a partition has no observed time stamps."""
+    times = frame[cfg.data.time] if cfg.data.time in frame.columns else None
+    if cfg.data.freq == "int" or times is None or not pd.api.types.is_datetime64_any_dtype(times):
+        return [default] * ff.n_partitions
+    observed = ~frame["_filled"].to_numpy(dtype=bool) if "_filled" in frame.columns else None
+    found = partition_anchors(times, ff.bounds, cfg.data.freq, observed)
+    return [a if a is not None else default for a in found]
+
+
+def _anchor_of(batch: _Batch, g: int) -> str | None:
+    return batch.anchors[g] if batch.anchors else batch.anchor
+
+
 def _anchor(frame: pd.DataFrame, cfg: Any) -> str | None:
     times = frame[cfg.data.time] if cfg.data.time in frame.columns else None
     if cfg.data.freq == "int" or times is None or not pd.api.types.is_datetime64_any_dtype(times):
@@ -275,6 +294,7 @@ class _PartitionJob:
         self.result = TrainResult(partition_id=str(ff.partition_ids[g]), keys=batch.keys[g], status="failed",
                                   n_observed=int((~ff.filled[rows]).sum()))
         self.result.history = _history(ff.periods[rows], ff.y[rows], ff.filled[rows], batch.cfg)
+        self.result.anchor = _anchor_of(batch, g)
         self._effects = bool(batch.cfg.training.effects)
         self.clock = _Clock()
         self.seconds = 0.0
@@ -675,7 +695,7 @@ def _bundle(batch: _Batch, g: int, name: str, estimator: Any, baseline: MovingAv
         log_covariates=tuple(bool(v) for v in ff.log_covariates[g]),
         history_periods=periods[tail].copy(), history_target=ff.y[rows][tail].copy(),
         history_covariates=batch.cov[rows][tail].copy(), last_period=last, freq=cfg.data.freq,
-        anchor=batch.anchor, time_column=cfg.data.time, metrics=dict(metrics),
+        anchor=_anchor_of(batch, g), time_column=cfg.data.time, metrics=dict(metrics),
         backtest_arrays=backtest, ceiling=_ceiling(batch, g, len(periods)),
     )
 

@@ -193,3 +193,41 @@ def test_on_a_blob_lake_a_spark_folder_is_ingested_whole_and_its_markers_and_tem
     whole = ingest(ws, "raw/weekly")
     assert whole.rows == len(frame) and whole.partitions == 5
     assert ingest(ws, "raw/weekly").dataset_id == whole.dataset_id  # the same folder again: the same dataset
+
+
+def test_each_series_is_forecast_on_its_own_weekday(tmp_path):
+    """M4's weekly panel: series dated on different weekdays. One anchor for the panel (the most common
+    weekday) stamped the others' forecasts on it: they matched no row of their own calendar."""
+    from shared.pipeline import score
+
+    weekly = pd.read_parquet(_small_weekly(tmp_path))
+    stores = sorted(weekly["store"].unique())
+    fridays = weekly["store"] == stores[0]  # a minority on Fridays, the rest on Wednesdays
+    weekly.loc[fridays, "date"] = weekly.loc[fridays, "date"] - pd.Timedelta(days=2)  # Sundays -> Fridays
+    weekly.loc[~fridays, "date"] = weekly.loc[~fridays, "date"] - pd.Timedelta(days=4)  # -> Wednesdays
+    data = tmp_path / "mixed.parquet"
+    weekly.to_parquet(data, index=False)
+    ws = Workspace.open(tmp_path / "ws", overrides={**OVERRIDES, "data.covariates": ["price", "promo"]})
+    run_all(ws, data, min_accuracy=0.0)
+    days = dict(_sql(tmp_path / "ws", "select store, group_concat(distinct strftime('%w', date)) from "
+                                      "predictions group by store"))
+    assert days[stores[0]] == "5" and {days[s] for s in stores[1:]} == {"3"}  # Friday; Wednesday
+    tested = dict(_sql(tmp_path / "ws", "select store, group_concat(distinct strftime('%w', date)) from "
+                                        "backtests group by store"))
+    assert tested[stores[0]] == "5" and {tested[s] for s in stores[1:]} == {"3"}
+    # explicit rows on a series' own days are stored on them, not moved to another weekday
+    last = weekly.groupby(["store", "item"], as_index=False).agg(date=("date", "max"), price=("price", "last"))
+    future = last.assign(date=last["date"] + pd.Timedelta(weeks=1), promo=0)
+    path = tmp_path / "future.csv"
+    future.to_csv(path, index=False)
+    _, loaded = score(ws, data=path, progress=False)
+    got = _sql(tmp_path / "ws", "select store, date from predictions_latest")
+    assert loaded.rows == len(future)
+    assert sorted((s, d) for s, d in got) == sorted(
+        (s, d.strftime("%Y-%m-%d")) for s, d in future[["store", "date"]].itertuples(index=False))
+
+
+def _small_weekly(tmp_path) -> Path:
+    path = tmp_path / "weekly.parquet"
+    write_panel(path, partitions=6, periods=60, freq="W", seed=8)
+    return path

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.timegrid import anchor_offset, from_periods, to_periods
+from shared.timegrid import anchor_offset, from_periods, partition_anchors, to_periods
 
 
 @pytest.mark.parametrize("freq, alias", [("W", "W"), ("W-MON", "W-MON"), ("D", "D"), ("MS", "MS"),
@@ -17,6 +17,22 @@ def test_next_periods_continue_the_input_time_stamps(freq, alias):
     anchor = anchor_offset(times.iloc[:6], freq)
     rebuilt = from_periods(periods[6:], freq, anchor)
     assert list(rebuilt) == list(times.iloc[6:])
+
+
+def test_each_partition_keeps_its_own_place_in_the_period():
+    """M4's weekly series: most on Fridays, one on Wednesdays; month-end and month-start series together."""
+    fridays = pd.date_range("2024-01-05", periods=6, freq="W-FRI")
+    wednesdays = pd.date_range("2024-01-03", periods=4, freq="W-WED")
+    times = pd.Series(np.concatenate([fridays, wednesdays]))
+    assert partition_anchors(times, np.array([0, 6, 10]), "W") == \
+        [anchor_offset(times.iloc[:6], "W"), anchor_offset(times.iloc[6:], "W")]
+    own = partition_anchors(times, np.array([0, 6, 10]), "W")
+    assert list(from_periods(to_periods(times.iloc[6:], "W"), "W", own[1])) == list(wednesdays)
+    ends, starts = pd.date_range("2023-01-31", periods=5, freq="ME"), pd.date_range("2023-01-01", periods=5, freq="MS")
+    monthly = pd.Series(np.concatenate([ends, starts]))
+    assert partition_anchors(monthly, np.array([0, 5, 10]), "MS") == ["end:0", "start:0"]
+    filled = np.array([True] * 3 + [False] * 3 + [True] * 4)  # only observed rows vote; none: no anchor
+    assert partition_anchors(times, np.array([0, 6, 10]), "W", observed=~filled)[1] is None
 
 
 def test_dates_inside_one_period_share_it():
