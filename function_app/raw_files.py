@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.ingest import IngestError, read_source
-from shared.lake import Lake, LakeError
+from shared.lake import Lake, LakeError, folder_parts
 from shared.validation import DataValidationError, validate
 
 SAMPLE_BYTES = 1 << 20  # the head of a CSV file that is checked (about 20,000 rows)
@@ -51,13 +51,6 @@ def file_version(lake: Lake, path: str) -> str:
         except LakeError as exc:
             raise Rejected(str(exc)) from exc
     raise Rejected(f"{path}: this lake cannot tell file versions apart")
-
-
-def folder_parts(lake: Lake, folder: str) -> list[str]:
-    """The Parquet part files of a folder dataset (none under a hidden or temporary sub-folder)."""
-    inside = [p for p in lake.list(folder) if p.startswith(folder.rstrip("/") + "/")]
-    return sorted(p for p in inside if p.lower().endswith(".parquet")
-                  and not any(part.startswith(("_", ".")) for part in p[len(folder):].split("/") if part))
 
 
 def check_raw_folder(lake: Lake, folder: str, cfg: Any) -> None:

@@ -118,6 +118,14 @@ class LocalLake:
         return self._full(path)
 
 
+def folder_parts(lake: Lake, folder: str) -> list[str]:
+    """The Parquet part files of a folder dataset (Spark's ``part-*``), sorted; none under a hidden or
+    temporary sub-folder (``_temporary/``, ``.spark-staging``) and no marker (``_SUCCESS``)."""
+    prefix = folder.rstrip("/") + "/"
+    return sorted(p for p in lake.list(prefix) if p.startswith(prefix) and p.lower().endswith(".parquet")
+                  and not any(part.startswith(("_", ".")) for part in p[len(prefix):].split("/")))
+
+
 def write_parquet(lake: Lake, path: str, frame: pd.DataFrame) -> None:
     table = pa.Table.from_pandas(frame, preserve_index=False)
     sink = io.BytesIO()

@@ -25,7 +25,7 @@ from shared.compute import JobHandle
 from shared.config import ProjectConfig
 from shared.ingest import read_source
 from shared.keys import PARTITION_ID
-from shared.lake import read_parquet, write_parquet
+from shared.lake import folder_parts, read_parquet, write_parquet
 from shared.promotion import decision_of, promote_run
 from shared.registration import keys_of, lake_digest, result_rows
 from shared.report import write_report
@@ -96,15 +96,13 @@ def _resolve_source(ws: Workspace, source: str | Path) -> str | Path:
         if ws.lake.exists(text):
             staged.write_bytes(ws.lake.read_bytes(text))
             return staged
-        # a folder dataset (Spark's part files): its files, each staged under its own name
+        # a folder dataset (Spark's part files): its parts, each staged under its own name
         shutil.rmtree(staged, ignore_errors=True)  # never mixed with an earlier version's parts
         prefix = text.rstrip("/") + "/"
-        for path in ws.lake.list(prefix):
-            inner = path[len(prefix):]
-            if inner and not any(part.startswith((".", "_")) for part in inner.split("/")):
-                target = staged / inner
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(ws.lake.read_bytes(path))
+        for path in folder_parts(ws.lake, text):
+            target = staged / path[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(ws.lake.read_bytes(path))
         return staged
     return Path(text)
 

@@ -39,6 +39,7 @@ from shared.sql_schema import (  # noqa: F401  (re-exported: the store's public 
     column_type,
     create_table_sql,
     integer_keys,
+    plain_integer,
     quote,
     time_kind,
     upsert_sql,
@@ -52,14 +53,8 @@ _CHUNK_ROWS = 50_000  # rows per executemany call: bounds driver memory, one tra
 
 
 # -- value conversion ---------------------------------------------------------------------------
+# a time's text in SQLite, by the frequency, not the values: the same time always has the same text (the key)
 _TEXT_FORMAT = {"date": "%Y-%m-%d", "timestamp": "%Y-%m-%dT%H:%M:%S"}
-
-
-def time_format(freq: str) -> str | None:
-    """The text of a time in SQLite: ISO date for daily or coarser data, date and time below a day;
-    None for integer periods. Chosen by frequency, not by the values, so the same time always has
-    the same text (the key)."""
-    return _TEXT_FORMAT.get(time_kind(freq))
 
 
 def _times(series: pd.Series, name: str) -> pd.Series:
@@ -112,7 +107,7 @@ def _column_values(series: pd.Series, col: Column, types: SqlTypes, dialect: str
         codes, uniques = pd.factorize(series, use_na_sentinel=True)
         canonical = [canonical_value(v) for v in uniques]
         if kind == "int":
-            wrong = [v for v in canonical if not integer_keys({name: [v]})]
+            wrong = [v for v in canonical if not plain_integer(v)]
             if wrong:
                 raise StoreError(f"key column {name!r} holds integers in this store, but a row has {wrong[0]!r}; "
                                  "load it into a new store (its key columns are typed when it is created)")
@@ -172,7 +167,6 @@ class ResultStore:
         # the SQL types of the data's columns; key types only matter when a table is created, so a
         # callable giving them (it may read the lake) is asked only then
         self._int_keys = int_keys
-        self._memo: tuple[Any, list[tuple[Any, ...]]] | None = None
         self.types = SqlTypes(time=time_kind(freq), int_keys=frozenset(() if callable(int_keys) else int_keys))
         self._conn: Any = None
 
@@ -272,16 +266,8 @@ class ResultStore:
         self.close()
 
     # loading
-    def _rows(self, table_name: str, frame: pd.DataFrame) -> tuple[str, list[tuple[Any, ...]]]:
-        """The upsert statement of a table and a frame's rows as driver values, checked."""
-        table = self.tables[table_name]
-        missing = [k for k in table.key if k not in frame.columns]
-        if missing:
-            raise StoreError(f"{table_name}: rows lack the key column(s) {missing}")
-        frame = frame.drop_duplicates(subset=list(table.key), keep="last")  # one statement per key
-        memo_key = (tuple(table.names), len(frame))
-        if self._memo is not None and self._memo[0] == memo_key:  # a twin table: same rows, same values
-            return upsert_sql(table, self.dialect, self.types), self._memo[1]
+    def _rows(self, table: Table, frame: pd.DataFrame) -> list[tuple[Any, ...]]:
+        """A frame's rows as driver values for ``table`` (already one row per key), checked."""
         columns = []
         for col in table.columns:
             if col.name in frame.columns:
@@ -290,23 +276,29 @@ class ResultStore:
                 columns.append([None] * len(frame))
         for k, col in zip(table.names, columns):
             if k in table.key and any(v is None for v in col):
-                raise StoreError(f"{table_name}: key column {k!r} has missing values")
-        rows = list(zip(*columns))
-        self._memo = (memo_key, rows)
-        return upsert_sql(table, self.dialect, self.types), rows
+                raise StoreError(f"{table.name}: key column {k!r} has missing values")
+        return list(zip(*columns))
 
     def _upsert(self, table_name: str, frame: pd.DataFrame, *also: str) -> int:
         """Upsert a frame holding (a subset of) the table's columns; missing optional ones are NULL.
 
-        ``also``: more tables that take the same rows, in the same transaction."""
+        ``also``: more tables that take the same rows, in the same transaction (a twin table with the
+        same columns reuses the converted rows when its key keeps the same rows)."""
         if frame.empty:
             return 0
         check_fences()  # a writer that lost the lake's lease loads nothing
-        self._memo: tuple[Any, list[tuple[Any, ...]]] | None = None
-        try:
-            loads = [self._rows(name, frame) for name in (table_name, *also)]
-        finally:
-            self._memo = None
+        loads: list[tuple[str, list[tuple[Any, ...]]]] = []
+        previous: tuple[tuple[Any, ...], list[tuple[Any, ...]]] | None = None
+        for name in (table_name, *also):
+            table = self.tables[name]
+            missing = [k for k in table.key if k not in frame.columns]
+            if missing:
+                raise StoreError(f"{name}: rows lack the key column(s) {missing}")
+            one = frame.drop_duplicates(subset=list(table.key), keep="last")  # one statement per key
+            shape = (tuple(table.names), len(one))
+            rows = previous[1] if previous is not None and previous[0] == shape else self._rows(table, one)
+            previous = (shape, rows)
+            loads.append((upsert_sql(table, self.dialect, self.types), rows))
         conn = self.conn
         cur = conn.cursor()
         if self.fast_executemany:

@@ -74,14 +74,17 @@ def time_kind(freq: str) -> str:
     return "timestamp" if (p.end_time - p.start_time) < pd.Timedelta(hours=23) else "date"
 
 
+def plain_integer(value: object) -> bool:
+    """7 or "7" or "-12", never "007", "7.5" or "7e3": a key value that is a number, not a code."""
+    return bool(_PLAIN_INTEGER.match(str(value)))
+
+
 def integer_keys(values: Mapping[str, Sequence[object]]) -> frozenset[str]:
-    """The key columns whose every value is a plain integer (7 or "7", never "007" or "7.5")."""
+    """The key columns whose every value is a plain integer (:func:`plain_integer`)."""
     out = set()
     for name, column in values.items():
         series = pd.Series(column)
-        if len(series) and pd.api.types.is_integer_dtype(series.dtype):
-            out.add(name)
-        elif len(series) and series.map(lambda v: bool(_PLAIN_INTEGER.match(str(v)))).all():
+        if len(series) and (pd.api.types.is_integer_dtype(series.dtype) or series.map(plain_integer).all()):
             out.add(name)
     return frozenset(out)
 
