@@ -173,6 +173,8 @@ def _history_before(data: ReportData, pid: str, bt: pd.DataFrame, fut: pd.DataFr
         return data.history
     past = _with_time(data.history[data.history[PARTITION_ID] == pid], data.time_column)
     past = past[pd.to_numeric(past["actual"], errors="coerce").notna()]
+    if past.empty:  # a short series has no season before its test window (an empty column cannot compare)
+        return past
     start = bt["_t"].iloc[0] if not bt.empty else (fut["_t"].iloc[0] if not fut.empty else None)
     if start is not None:
         past = past[past["_t"] <= start]

@@ -222,6 +222,18 @@ def test_without_actuals_the_charts_start_at_the_test_window(tmp_path):
     assert 'id="effects"' not in text
 
 
+def test_a_charted_series_without_history_of_its_own_is_drawn_from_its_test_window(tmp_path):
+    """Short series have no season before their test window: the report of an intermittent panel
+    raised comparing an empty history with the window's start."""
+    from report_fixture import fill_forecaster_store
+
+    with SQLiteStore(tmp_path / "r.sqlite") as s:
+        fill_forecaster_store(s, n=12, effects=False)
+        s.conn.execute("DELETE FROM actuals WHERE partition_id <> 'p000'")  # one charted series keeps its history
+        text = write_report(s, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert section(text, "forecasts").count("<svg") >= 2
+
+
 @needs_history_tables
 def test_price_elasticity_and_promotion_lift_are_a_table(forecaster_report):
     expected, text = forecaster_report
