@@ -250,7 +250,8 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     _say(args, "")
     _say(args, f"query it:  python -c \"import sqlite3; print(sqlite3.connect('{summary['sql']}')"
                f".execute('select * from predictions limit 5').fetchall())\"")
-    _say(args, f"open it:   {summary['report']}")
+    if summary["report"]:
+        _say(args, f"open it:   {summary['report']}")
     return {**summary, "problems": run_problems(summary)}
 
 
@@ -459,7 +460,9 @@ def run_problems(summary: dict[str, Any]) -> list[str]:
     return (training_problems(summary.get("failed", 0), summary.get("training_failures") or [],
                               summary.get("failed_batches", 0), [])
             + scoring_problems(summary.get("scoring_failed", 0), summary.get("degraded", 0),
-                               summary.get("scoring_problems") or []))
+                               summary.get("scoring_problems") or [])
+            + ([f"the report was not written ({summary['report_error']}); the predictions are in SQL: "
+                "rerun `manymodels report` once the cause is fixed"] if summary.get("report_error") else []))
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -517,7 +520,7 @@ def _print_run_summary(args: argparse.Namespace, s: dict[str, Any]) -> None:
         _say(args, f"warning: {text}")
     _say(args, "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
     _say(args, f"SQL store: {s['sql']}")
-    _say(args, f"report:    {s['report']}")
+    _say(args, f"report:    {s['report'] or 'not written: ' + str(s.get('report_error'))}")
 
 
 class _UsageError(ManyModelsError, ValueError):

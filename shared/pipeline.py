@@ -374,7 +374,11 @@ def run_all(
     scoring_plan, loaded = score(ws, data=scoring_data, progress=progress, dataset_id=ingested.dataset_id)
     timings["score"] = time.perf_counter() - t
     t = time.perf_counter()
-    report_path = report(ws)
+    report_error = None
+    try:  # the predictions are in SQL already: a report that cannot be drawn must not sink the run
+        report_path: Path | None = report(ws)
+    except Exception as exc:  # noqa: BLE001 (any failure of the dashboard, said in the summary)
+        report_path, report_error = None, f"{type(exc).__name__}: {exc}"
     timings["report"] = time.perf_counter() - t
     failed_batches = sum(len(g.failed_batches) for g in groups)
     checked = ValidationReport.from_dict(ingested.report)
@@ -407,7 +411,8 @@ def run_all(
         "repairs": checked.repairs(),
         "warnings": checked.warnings(ws.config.data.freq),
         "sql": ws.sql_location,
-        "report": str(report_path),
+        "report": str(report_path) if report_path is not None else None,
+        "report_error": report_error,
         "workdir": str(ws.root),
         "seconds": {k: round(v, 2) for k, v in timings.items()},
     }

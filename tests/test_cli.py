@@ -360,3 +360,21 @@ def test_a_failed_command_leaves_no_empty_workdir_behind(tmp_path, capsys):
     (kept / "notes" / "mine.txt").write_text("a user's file")
     assert _run(capsys, "ingest", "--data", str(tmp_path / "missing.csv"), "--workdir", str(kept))[0] == 2
     assert (kept / "notes" / "mine.txt").exists()  # a folder that existed is never removed
+
+
+def test_a_report_that_cannot_be_drawn_leaves_the_run_partial_not_failed(small_csv, tmp_path, monkeypatch, capsys):
+    """The predictions are in SQL by then: the run says the report is missing and why (exit 3),
+    and `manymodels report` can write it later."""
+    import shared.pipeline as pipeline_module
+
+    def broken(ws, path=None):
+        raise ValueError("a chart could not be drawn")
+
+    monkeypatch.setattr(pipeline_module, "report", broken)
+    work = tmp_path / "w"
+    code = main(["run", "--data", str(small_csv), "--workdir", str(work), "--min-accuracy", "0", *FAST])
+    out, err = capsys.readouterr()
+    assert code == 3 and "report was not written (ValueError: a chart could not be drawn)" in err
+    assert "report:    not written" in out
+    with sqlite3.connect(work / "results.sqlite") as conn:
+        assert conn.execute("select count(*) from predictions").fetchone()[0] > 0
