@@ -453,7 +453,7 @@ def raw_dataset(name: str) -> tuple[str, str | None]:
             check_path(name)
         except LakeError as exc:
             raise MessageError("path", str(exc)) from exc
-        if any(part.startswith(HIDDEN_PREFIXES) for part in folder.split("/")[1:]):
+        if _hidden(folder):
             raise Ignored(f"{name}: the marker of a hidden or temporary folder")
         return folder, name
     path = raw_lake_path(name)
@@ -474,12 +474,17 @@ def raw_lake_path(name: str) -> str:
         path = check_path(name)  # hostile paths first: they are malformed, not merely hidden
     except LakeError as exc:
         raise MessageError("path", str(exc)) from exc
-    if any(part.startswith(HIDDEN_PREFIXES) for part in path.split("/")[1:]):
+    if _hidden(path):
         raise Ignored(
             f"{name}: a hidden or temporary path (a folder or file name starts with "
             f"{' or '.join(repr(p) for p in HIDDEN_PREFIXES)}, as Spark and Hadoop name work in progress)"
         )
     return path
+
+
+def _hidden(path: str) -> bool:
+    """A folder or file name below the container starts with ``_`` or ``.`` (work in progress)."""
+    return any(part.startswith(HIDDEN_PREFIXES) for part in path.split("/")[1:])
 
 
 def normalise_url(url: str) -> str:

@@ -181,23 +181,22 @@ def backtests_frame(cfg: ProjectConfig, run_id: str, rows: list[dict[str, Any]],
             continue
         frame = pd.DataFrame(bt)
         frame[PARTITION_ID] = row[PARTITION_ID]
+        frame["_anchor"] = row.get("anchor") or anchor  # its own (a Wednesday series in a Friday panel)
         for k, v in (row.get("keys") or keys_of(manifest, row[PARTITION_ID], keys)).items():
             frame[k] = v
         frames.append(frame)
     if not frames:
         return None
     out = pd.concat(frames, ignore_index=True).rename(columns={"global": "global_forecast"})
-    # each partition's own anchor where its row says it (a Wednesday series in a Friday panel)
-    own = np.concatenate([[row.get("anchor") or anchor] * len(row.get(field) or ()) for row in rows
-                          if row.get(field)]).astype(object) if frames else np.array([], dtype=object)
+    own = out["_anchor"].to_numpy(dtype=object)
     times = np.empty(len(out), dtype=np.int64 if cfg.data.freq == "int" else "datetime64[ns]")
     periods = out[PERIOD].to_numpy()
-    for value in pd.unique(own):
+    for value in pd.unique(own):  # one vectorised call per anchor (mostly one)
         at = own == value
         times[at] = from_periods(periods[at], cfg.data.freq, value).to_numpy()
     out[cfg.data.time] = times
     out["run_id"] = run_id
-    return out.drop(columns=[PERIOD])
+    return out.drop(columns=[PERIOD, "_anchor"])
 
 
 def effects_rows(rows: list[dict[str, Any]], run_id: str, manifest: pd.DataFrame,

@@ -103,7 +103,7 @@ class TrainResult:
             "backtest": self.backtest_rows(),
             "history": self.history,
             "anchor": self.anchor,
-            "effects": _json_floats_list(self.effects),
+            "effects": _finite_effects(self.effects),
         }
 
     def backtest_rows(self) -> list[dict[str, Any]]:
@@ -125,7 +125,7 @@ def _json_floats(values: Mapping[str, float]) -> dict[str, float | None]:
     return {k: (None if v is None or math.isnan(float(v)) else float(v)) for k, v in values.items()}
 
 
-def _json_floats_list(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _finite_effects(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Effect rows with finite values only (a model's infinite elasticity is not a number to store)."""
     return [dict(r) for r in rows if isinstance(r.get("value"), float) and math.isfinite(r["value"])]
 
@@ -259,11 +259,19 @@ def _is_sorted(frame: pd.DataFrame) -> bool:
     return len(pd.unique(pids)) == int((~same).sum()) + 1
 
 
+def _times(frame: pd.DataFrame, cfg: Any) -> pd.Series | None:
+    """The frame's time stamps, or None where they set no anchor (integer periods, no time column)."""
+    times = frame[cfg.data.time] if cfg.data.time in frame.columns else None
+    if cfg.data.freq == "int" or times is None or not pd.api.types.is_datetime64_any_dtype(times):
+        return None
+    return times
+
+
 def _partition_anchors(frame: pd.DataFrame, ff: FeatureFrame, cfg: Any, default: str | None) -> list[str | None]:
     """Each partition's own anchor (its observed rows' offset in their period); the dataset's where
     a partition has no observed time stamps."""
-    times = frame[cfg.data.time] if cfg.data.time in frame.columns else None
-    if cfg.data.freq == "int" or times is None or not pd.api.types.is_datetime64_any_dtype(times):
+    times = _times(frame, cfg)
+    if times is None:
         return [default] * ff.n_partitions
     observed = ~frame["_filled"].to_numpy(dtype=bool) if "_filled" in frame.columns else None
     found = partition_anchors(times, ff.bounds, cfg.data.freq, observed)
@@ -275,10 +283,8 @@ def _anchor_of(batch: _Batch, g: int) -> str | None:
 
 
 def _anchor(frame: pd.DataFrame, cfg: Any) -> str | None:
-    times = frame[cfg.data.time] if cfg.data.time in frame.columns else None
-    if cfg.data.freq == "int" or times is None or not pd.api.types.is_datetime64_any_dtype(times):
-        return None
-    return anchor_offset(times, cfg.data.freq)
+    times = _times(frame, cfg)
+    return None if times is None else anchor_offset(times, cfg.data.freq)
 
 
 class _PartitionJob:
