@@ -66,17 +66,19 @@ def score_orchestrator(context: df.DurableOrchestrationContext):
 
 @bp.activity_trigger(input_name="payload")
 def plan_scoring_run(payload: dict) -> dict:
-    """Write the scoring inputs and group them; returns the plan. Holds the lake's writer lease, so
-    the registries' versions in the score id are not read mid-promotion."""
+    """Write the scoring inputs and the registry slices, then publish the plan; returns it. The
+    inputs and slices are the run's own and prepared without the lake's writer lease; the lease is
+    held only to publish (check the registries did not move, write run.json), so a promotion is
+    never kept waiting by a plan, nor a plan cut from a registry mid-promotion."""
     ws = open_workspace(payload.get("config"))
-    with lake_writer(ws, PLAN_ACTIVITY, payload.get("instance")):
-        plan = pipeline.plan_scoring(
-            ws,
-            data=payload.get("data"),
-            horizon=payload.get("horizon"),
-            dataset_id=payload.get("dataset_id"),
-            group_size=payload.get("group_size"),
-        )
+    plan = pipeline.plan_scoring(
+        ws,
+        data=payload.get("data"),
+        horizon=payload.get("horizon"),
+        dataset_id=payload.get("dataset_id"),
+        group_size=payload.get("group_size"),
+        writer=lambda: lake_writer(ws, PLAN_ACTIVITY, payload.get("instance")),
+    )
     RunLog({"run_id": plan.score_id}).info("scoring planned", groups=len(plan.groups))
     return plan.to_dict()
 

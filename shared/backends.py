@@ -58,6 +58,9 @@ class Registry(Protocol):
              run_id: str | None = None) -> list["ModelRecord"]: ...
     def load(self, record: "ModelRecord") -> Any: ...
     def index_version(self) -> int: ...
+    def refresh(self, force: bool = False) -> bool: ...
+    @property
+    def index_path(self) -> Path: ...
     def close(self) -> None: ...
 
 
@@ -68,7 +71,7 @@ class Compute(Protocol):
 
     def submit(self, ws: "Workspace", kind: str, run_id: str, group_index: int,
                batch_paths: list[str]) -> JobHandle: ...
-    def pin_scoring(self, ws: "Workspace", score_id: str, groups: list[list[str]]) -> None: ...
+    def pin_scoring(self, ws: "Workspace", score_id: str, groups: list[list[str]], cfg: Any) -> None: ...
     def status(self, ws: "Workspace", job_id: str, run_id: str | None = None) -> JobHandle: ...
 
 
@@ -230,7 +233,7 @@ class LocalCompute:
         ws.lake.write_bytes(layout.job_record(run_id, handle.job_id), handle.to_json().encode())
         return handle
 
-    def pin_scoring(self, ws: "Workspace", score_id: str, groups: list[list[str]]) -> None:
+    def pin_scoring(self, ws: "Workspace", score_id: str, groups: list[list[str]], cfg: Any) -> None:
         """No slices locally: the groups read the registries directly. Under the CLI nothing can
         promote mid-run (the command holds the workdir lock from plan to load); in the Functions
         app with local compute, a group reads the registries as they are when it runs."""
@@ -255,11 +258,11 @@ class AzureMLCompute:
 
         return submit_parallel_job(ws, kind, run_id, group_index, batch_paths)
 
-    def pin_scoring(self, ws: "Workspace", score_id: str, groups: list[list[str]]) -> None:
+    def pin_scoring(self, ws: "Workspace", score_id: str, groups: list[list[str]], cfg: Any) -> None:
         """Every group's registry slices, written when the scoring run is planned (one snapshot)."""
         from shared.azureml.jobs import pin_scoring
 
-        pin_scoring(ws, score_id, groups)
+        pin_scoring(ws, score_id, groups, cfg)
 
     def status(self, ws: "Workspace", job_id: str, run_id: str | None = None) -> JobHandle:
         from shared.azureml.jobs import parallel_job_status

@@ -26,8 +26,9 @@ path changes here or nowhere. Ids are content-derived (``d...`` datasets, ``r...
     runs/<run>/results/.../*.jsonl            one JSON line per partition (both kinds)
     runs/<run>/jobs/<job>.json                a local compute job's record
     runs/<run>/inputs/g<i>/MLTable            an Azure ML group's file list (when not a whole folder)
-    runs/<run>/registry/g<i>/<name>/          a scoring group's slice of a registry (Azure ML)
+    runs/<run>/registry/g<i>/<name>/index.sqlite  a scoring group's slice of a registry index (Azure ML)
     scoring/<score>/batches/...               scoring request files (:mod:`shared.scoring`)
+    scoring/<score>/partitions.parquet        which partitions each request file holds
     predictions/<score>/predictions.parquet   a scoring run's predictions, all groups
     registry/<name>/index.sqlite              a registry's index (Azure ML registry in the lake,
     registry/<name>/artifacts/<pid>/v<n>.pkl  and the local registry under the workdir)
@@ -149,9 +150,14 @@ def group_inputs(run_id: str, group_index: int) -> str:
     return _join(RUNS, run_id, "inputs", group_name(group_index))
 
 
+def run_registry_slices(score_id: str) -> str:
+    """Lake folder of a scoring run's registry slices (one folder per group and registry)."""
+    return _join(RUNS, score_id, REGISTRY)
+
+
 def registry_slice(score_id: str, group_index: int, name: str) -> str:
     """Lake folder of one scoring group's slice of registry ``name`` (dev | prod)."""
-    return _join(RUNS, score_id, REGISTRY, group_name(group_index), name)
+    return _join(run_registry_slices(score_id), group_name(group_index), name)
 
 
 # -- scoring inputs and outputs ------------------------------------------------------------------
@@ -161,6 +167,12 @@ def scoring_dir(score_id: str) -> str:
 
 def scoring_batches(score_id: str) -> str:
     return _join(SCORING, score_id, "batches")
+
+
+def scoring_partitions(score_id: str) -> str:
+    """Which partitions each scoring request file holds (``batch``, ``partition_id``): what a
+    scoring plan slices the registries by, read once instead of every request file."""
+    return _join(SCORING, score_id, "partitions.parquet")
 
 
 def predictions(score_id: str) -> str:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import pandas as pd
 
@@ -59,6 +60,7 @@ TRAIN_ENTRY = "shared.entry.train"
 SCORE_ENTRY = "shared.entry.score"
 ENTRIES = {"train": TRAIN_ENTRY, "score": SCORE_ENTRY}
 LAKE_SOURCE_CONTAINERS = layout.SOURCE_CONTAINERS
+PLAN_ATTEMPTS = 3  # a scoring plan cut again when a promotion lands while it is cut
 PROBLEM_EXAMPLES = 5  # failed or degraded partitions a summary names (the counts say how many)
 
 
@@ -270,8 +272,18 @@ def plan_scoring(
     score_id: str | None = None,
     dataset_id: str | None = None,
     group_size: int | None = None,
+    writer: Callable[[], ContextManager[Any]] | None = None,
 ) -> ScoringPlan:
-    """Write the scoring inputs (a scoring file's rows, or one horizon request per partition)."""
+    """Write the scoring inputs (a scoring file's rows, or one horizon request per partition).
+
+    Everything a plan writes is the run's own (request files, registry slices under its score
+    id), so it is prepared without the lake's writer lease; ``writer`` (the lease, in the
+    Functions app) is taken only to publish the plan: check that neither registry moved since the
+    plan read them, then write ``run.json``. A promotion that landed meanwhile (it holds the lease
+    while it writes) makes the plan start again, with the new registries and so a new score id:
+    a plan is published with the registries it was cut from. The CLI holds the workdir lock for
+    its whole command, so it passes no ``writer``.
+    """
     dataset_id = dataset_id or latest_dataset_id(ws)
     dataset = _load_dataset(ws, dataset_id)
     cfg = ws.config if horizon is None else ws.config.with_overrides({"forecast.horizon": int(horizon)})
@@ -280,20 +292,34 @@ def plan_scoring(
     if data is not None:
         frame = read_source(_resolve_source(ws, data), cfg)
         source_id = int(pd.util.hash_pandas_object(frame, index=False).sum() % (1 << 63))
-    score_id = score_id or _digest(
-        dataset_id, source_id, cfg.forecast.horizon, ws.prod.index_version(), cfg.scoring_chain,
-        ws.dev.index_version(), prefix="s",
-    )
-    paths = prepare_scoring(ws.lake, cfg, dataset, frame, score_id, cfg.runner.rows_per_file)
-    size = group_size or max(1, len(paths))
-    groups = [paths[i : i + size] for i in range(0, len(paths), size)]
-    meta = {"score_id": score_id, "dataset_id": dataset_id, "kind": "score", "created_at": _now(),
-            "horizon": cfg.forecast.horizon, "source": str(data) if data else None, "config": cfg.to_dict()}
-    if not ws.lake.exists(layout.run_meta(score_id)):
-        ws.lake.write_bytes(layout.run_meta(score_id), json.dumps(meta, indent=2).encode())
-    ws.compute.pin_scoring(ws, score_id, groups)  # Azure ML: every group's registry slices now
-    return ScoringPlan(score_id=score_id, groups=groups, horizon=cfg.forecast.horizon,
-                       source=str(data) if data else None)
+    for _attempt in range(PLAN_ATTEMPTS):
+        versions = _registry_versions(ws)
+        planned_id = score_id or _digest(
+            dataset_id, source_id, cfg.forecast.horizon, versions[0], cfg.scoring_chain, versions[1], prefix="s",
+        )
+        paths = prepare_scoring(ws.lake, cfg, dataset, frame, planned_id, cfg.runner.rows_per_file)
+        size = group_size or max(1, len(paths))
+        groups = [paths[i : i + size] for i in range(0, len(paths), size)]
+        ws.compute.pin_scoring(ws, planned_id, groups, cfg)  # Azure ML: every group's registry slices now
+        with (writer or nullcontext)():
+            if score_id is None and _registry_versions(ws) != versions:
+                continue  # a promotion landed while this plan was cut: cut it again
+            if not ws.lake.exists(layout.run_meta(planned_id)):
+                meta = {"score_id": planned_id, "dataset_id": dataset_id, "kind": "score", "created_at": _now(),
+                        "horizon": cfg.forecast.horizon, "source": str(data) if data else None,
+                        "registry_versions": {"prod": versions[0], "dev": versions[1]}, "config": cfg.to_dict()}
+                ws.lake.write_bytes(layout.run_meta(planned_id), json.dumps(meta, indent=2).encode())
+        return ScoringPlan(score_id=planned_id, groups=groups, horizon=cfg.forecast.horizon,
+                           source=str(data) if data else None)
+    raise PipelineError(f"the registries changed {PLAN_ATTEMPTS} times while a scoring run was planned "
+                        "(promotions landing one after another): plan it again when they are done")
+
+
+def _registry_versions(ws: Workspace) -> tuple[int, int]:
+    """Production's and development's index versions as the lake has them now (pulled if they moved)."""
+    ws.prod.refresh(force=True)
+    ws.dev.refresh(force=True)
+    return ws.prod.index_version(), ws.dev.index_version()
 
 
 def load_predictions(ws: Workspace, score_id: str) -> LoadSummary:

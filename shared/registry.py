@@ -73,11 +73,15 @@ class ModelRegistry:
     child opens its own.
     """
 
-    def __init__(self, root: Path | str, name: str, working_copy: bool = False) -> None:
+    def __init__(self, root: Path | str, name: str, working_copy: bool = False,
+                 index: Path | str | None = None) -> None:
         if name not in REGISTRY_NAMES:
             raise RegistryError(f"registry name must be one of {REGISTRY_NAMES}, got {name!r}")
         self.root = Path(root).resolve()
         self.name = name
+        # a scoring job's slice: its own small index (downloaded, writable) over the registry's
+        # artifacts folder (a read-only mount, of which it reads only the files the index names)
+        self.index_path = Path(index).resolve() if index is not None else self.root / "index.sqlite"
         # a working copy (the Azure ML registry's local cache) is rebuilt from the lake, which holds
         # the records: a lost index there is expected, not a loss to refuse
         self.working_copy = working_copy
@@ -90,10 +94,11 @@ class ModelRegistry:
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (to hand to worker processes): only the root and name travel."""
-        return {"root": self.root, "name": self.name, "working_copy": self.working_copy}
+        return {"root": self.root, "name": self.name, "working_copy": self.working_copy,
+                "index": self.index_path}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["root"], state["name"], bool(state.get("working_copy", False)))
+        self.__init__(state["root"], state["name"], bool(state.get("working_copy", False)), state.get("index"))
 
     def __repr__(self) -> str:
         return f"ModelRegistry({str(self.root)!r}, {self.name!r})"
@@ -104,8 +109,9 @@ class ModelRegistry:
             return self._conn
         self._check_index_present()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.root / "index.sqlite", timeout=60.0, isolation_level=None,
+            if not self.index_path.parent.is_dir():  # never a mkdir on a (read-only) mounted registry
+                self.index_path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.index_path, timeout=60.0, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
         except (OSError, sqlite3.OperationalError) as exc:
@@ -113,7 +119,7 @@ class ModelRegistry:
                                 "check that the folder exists and is writable (a read-only workdir?)") from exc
         except sqlite3.DatabaseError as exc:  # "file is not a database", "disk image is malformed"
             raise RegistryError(
-                f"the {self.name} registry's index {self.root / 'index.sqlite'} is damaged ({exc}): restore it "
+                f"the {self.name} registry's index {self.index_path} is damaged ({exc}): restore it "
                 f"from a backup, or move the folder aside (mv {self.root} {self.root}.damaged) and register "
                 "the models again (" + ("`manymodels promote --run-id RUN`" if self.name == "prod"
                                         else "`manymodels train --full`") + ")") from exc
@@ -150,7 +156,7 @@ class ModelRegistry:
         """Refuse to create an empty index over a registry that holds models: a lost
         ``index.sqlite`` recreated silently would leave every partition to the fallbacks (and its
         artifacts' digests are gone with it, so they cannot be trusted back without a new copy)."""
-        index, artifacts = self.root / "index.sqlite", self.root / "artifacts"
+        index, artifacts = self.index_path, self.root / "artifacts"
         if getattr(self, "working_copy", False) or index.exists() or not artifacts.is_dir() or next(artifacts.iterdir(), None) is None:
             return
         again = ("`manymodels promote --run-id RUN` for the runs to serve" if self.name == "prod"
@@ -435,6 +441,10 @@ class ModelRegistry:
 
     def count(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM models")[0][0])
+
+    def refresh(self, force: bool = False) -> bool:
+        """Nothing to pull: a local index is read live (the Azure ML registry pulls its lake copy)."""
+        return False
 
     def index_version(self) -> int:
         """A counter bumped by every write transaction: a cache polls it to notice new versions."""

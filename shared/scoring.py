@@ -30,6 +30,7 @@ import pandas as pd
 from shared.config import ProjectConfig, chain_reads_dev
 from shared.global_model import GLOBAL_ID, GlobalModelError, needs_global
 from shared.keys import PARTITION_ID, canonical_value, partition_ids
+from shared import layout
 from shared.lake import Lake, check_path, write_parquet
 from shared.partitioning import pack_batches
 from shared.registry_records import RegistryError
@@ -95,6 +96,9 @@ def prepare_scoring(lake: Lake, cfg: ProjectConfig, dataset: Any, frame: pd.Data
         write_parquet(lake, f"{root}/batches/{name}", requests.iloc[lo:hi].reset_index(drop=True))
         names.append(name)
     unknown = sorted(set(ids) - known)
+    write_parquet(lake, layout.scoring_partitions(score_id), pd.DataFrame(
+        {"batch": np.asarray(names, dtype=object)[batch_of.astype(np.int64)] if names else np.array([], dtype=object),
+         PARTITION_ID: ids[starts].astype(str)}))
     meta = {"score_id": score_id, "mode": mode, "horizon": cfg.forecast.horizon, "rows": int(len(requests)),
             "partitions": int(len(starts)), "unknown_partitions": len(unknown),
             "unknown_examples": unknown[:5], "batches": names}

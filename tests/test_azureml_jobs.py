@@ -123,7 +123,7 @@ def test_training_job_validates_and_carries_the_parallel_settings(aml, code, lak
     assert job.jobs[next(iter(job.jobs))].component.is_deterministic is False
 
 
-def test_scoring_job_downloads_its_groups_registry_slices_and_writes_predictions(aml, code, lake):
+def test_scoring_job_downloads_its_groups_index_slices_and_mounts_the_registries_read_only(aml, code, lake):
     cfg = ProjectConfig()
     score_id = "s0123456789abcdef"
     paths = [f"scoring/{score_id}/batches/batch-00000.parquet"]
@@ -137,24 +137,33 @@ def test_scoring_job_downloads_its_groups_registry_slices_and_writes_predictions
     args = node["task"]["program_arguments"].split()
     flags = dict(zip(args[::2], args[1::2]))
     assert flags == {"--config": "${{inputs.config}}", "--dataset-meta": "${{inputs.dataset_meta}}",
-                     "--prod-registry": "${{inputs.prod_registry}}",
-                     "--dev-registry": "${{inputs.dev_registry}}",
+                     "--prod-registry": "${{inputs.prod_registry}}", "--prod-index": "${{inputs.prod_index}}",
+                     "--dev-registry": "${{inputs.dev_registry}}", "--dev-index": "${{inputs.dev_index}}",
                      "--output-dir": "${{outputs.predictions}}", "--score-id": score_id,
                      "--append_row_file_name": RESULTS_FILE}
     inputs = rest["properties"]["inputs"]
     runs = f"azureml://datastores/lake_runs/paths/{score_id}"
-    # the group's slices of the registries, never the registries' whole folders
-    assert inputs["prod_registry"] == {"uri": f"{runs}/registry/g00004/prod/",
-                                       "mode": "Download", "jobInputType": "uri_folder"}
-    assert inputs["dev_registry"]["uri"] == f"{runs}/registry/g00004/dev/"
+    # the group's slice of each index, downloaded (SQLite opens it read-write) ...
+    assert inputs["prod_index"] == {"uri": f"{runs}/registry/g00004/prod/index.sqlite",
+                                    "mode": "Download", "jobInputType": "uri_file"}
+    assert inputs["dev_index"]["uri"] == f"{runs}/registry/g00004/dev/index.sqlite"
+    # ... over the registry folders, mounted read-only: the job reads only the artifacts it names
+    assert inputs["prod_registry"] == {"uri": "azureml://datastores/lake_registry/paths/prod/",
+                                       "mode": "ReadOnlyMount", "jobInputType": "uri_folder"}
+    assert inputs["dev_registry"] == {"uri": "azureml://datastores/lake_registry/paths/dev/",
+                                      "mode": "ReadOnlyMount", "jobInputType": "uri_folder"}
     assert node["outputs"]["predictions"]["uri"] == f"{runs}/predictions/"
     assert node["outputs"]["results"]["uri"] == f"{runs}/results/g00004/"
     assert job.name == f"score-{score_id}-g00004"
+    # a production registry on its own storage is read through its own datastore
+    own = plan_score(aml.with_changes(prod_datastore="prod_registry_store"), cfg, score_id, DATASET, 4, data)
+    assert own.folders["prod_registry"] == "azureml://datastores/prod_registry_store/paths/prod/"
 
     # without the baseline fallback the dev registry is not downloaded at all
     no_fallback = cfg.with_overrides({"promotion.fallback": "none"})
     plan = plan_score(aml, no_fallback, score_id, DATASET, 4, group_input(aml, lake, score_id, 4, paths))
     assert "dev_registry" not in plan.folders and "--dev-registry" not in plan.arguments
+    assert "dev_index" not in plan.files and "--dev-index" not in plan.arguments
     # nor when the chain is production alone; any other source (here baseline alone) reads it
     production_only = cfg.with_overrides({"scoring.chain": ["production"]})
     plan = plan_score(aml, production_only, score_id, DATASET, 4, group_input(aml, lake, score_id, 4, paths))
@@ -321,7 +330,8 @@ def _registry_with_history(root: Path, name: str, partitions: list[str], version
 
 
 def test_a_scoring_group_gets_only_its_partitions_newest_models(aml, code, tmp_path):
-    """Each job downloads a slice: its partitions' newest versions, not every version of every model."""
+    """Each job downloads a slice of the index: its partitions' newest versions, not every version of
+    every model; over the registry folder it reads exactly those models' artifacts, as registered."""
     import pandas as pd
 
     from shared.keys import PARTITION_ID
@@ -343,20 +353,21 @@ def test_a_scoring_group_gets_only_its_partitions_newest_models(aml, code, tmp_p
         {"score_id": score_id, "dataset_id": DATASET, "config": cfg.to_dict()}).encode())
     job = build_job_for_group(ws, aml, "score", score_id, 1, [batch], code=code)
     inputs = _rest(job)["properties"]["inputs"]
-    assert inputs["prod_registry"]["uri"] == f"azureml://datastores/lake_runs/paths/{score_id}/registry/g00001/prod/"
+    assert inputs["prod_index"]["uri"] == \
+        f"azureml://datastores/lake_runs/paths/{score_id}/registry/g00001/prod/index.sqlite"
 
     for name, source, newest in (("prod", prod, 3), ("dev", dev, 2)):
         folder = ws.lake.local_path(f"runs/{score_id}/registry/g00001/{name}")
-        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        assert files == sorted(["index.sqlite", *(f"artifacts/{pid}/v{newest}.pkl" for pid in mine)])
-        sliced = ModelRegistry(folder, name)  # what the entry script opens on the node
+        assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == ["index.sqlite"]  # no copies
+        # what the entry script opens on the node: the downloaded slice over the mounted registry
+        sliced = ModelRegistry(source.root, name, index=folder / "index.sqlite")
         assert sliced.count() == len(mine)
         found = sliced.latest_many(everyone)
         assert sorted(found) == mine
         for pid in mine:
             expected = source.latest(pid)
             assert found[pid] == expected  # versions, run ids, metrics and tags as in the registry
-            assert sliced.artifact_path(found[pid]).read_bytes() == f"{pid} v{newest - 1}".encode()
+            assert sliced.verified_bytes(found[pid]) == f"{pid} v{newest - 1}".encode()  # digest checked
         sliced.close()
     assert write_registry_slice(ws.lake, prod, "prod", ["p" + "f" * 20], "runs/x/empty") == \
         {"partitions": 1, "models": 0}
@@ -370,8 +381,8 @@ def _folder_bytes(folder: Path) -> tuple[int, int]:
 @pytest.mark.slow
 def test_at_reference_scale_a_groups_slices_are_its_share_of_the_registries_not_all_of_them(aml, code, tmp_path):
     """10,000 partitions with every version of every model in dev and prod, scored in 16 groups: each
-    job downloads its ~625 partitions' newest models and the global models they need, ~1/16 of the
-    newest models and a small part of the registries' bytes (the old inputs were both whole folders)."""
+    job downloads an index of its ~625 partitions' newest models and the global models they need,
+    ~1/16 of the newest models and a small part of the index's bytes; no artifact is copied."""
     import sqlite3
 
     import pandas as pd
@@ -410,8 +421,8 @@ def test_at_reference_scale_a_groups_slices_are_its_share_of_the_registries_not_
                                                     "period": [0, 1, 2] * len(mine)}))
         inputs = _rest(build_job_for_group(ws, aml, "score", score_id, g, [batch], code=code))["properties"]["inputs"]
         for name, source in (("prod", prod), ("dev", dev)):
-            assert inputs[f"{name}_registry"]["uri"] == \
-                f"azureml://datastores/lake_runs/paths/{score_id}/registry/g{g:05d}/{name}/"
+            assert inputs[f"{name}_index"]["uri"] == \
+                f"azureml://datastores/lake_runs/paths/{score_id}/registry/g{g:05d}/{name}/index.sqlite"
             folder = ws.lake.local_path(f"runs/{score_id}/registry/g{g:05d}/{name}")
             with sqlite3.connect(folder / "index.sqlite") as index:
                 rows = index.execute("SELECT partition_id, version, run_id FROM models").fetchall()
@@ -422,10 +433,9 @@ def test_at_reference_scale_a_groups_slices_are_its_share_of_the_registries_not_
             assert set(rows) == expected and len(rows) == 625 + len(needed)
             assert needed == (set(runs) if name == "prod" else {runs[1]})
             files, size = _folder_bytes(folder)
-            assert files == len(rows) + 1  # one artifact per kept model, and the index
-            registry_files, registry_size = _folder_bytes(Path(source.root))
+            assert files == 1  # the index alone: the artifacts stay in the registry folder
             # prod holds 13,336 models, dev 20,002: a slice is 627 or 626 of them
-            assert files < registry_files / 20 and size < registry_size / 10, (name, files, size)
+            assert size < (source.index_path.stat().st_size) / 10, (name, size)
 
 
 def test_a_scoring_run_pins_every_groups_slices_when_planned_so_a_later_promotion_reaches_none(
@@ -450,16 +460,17 @@ def test_a_scoring_run_pins_every_groups_slices_when_planned_so_a_later_promotio
         groups.append([batch])
     ws.lake.write_bytes(f"runs/{score_id}/run.json", json.dumps(
         {"score_id": score_id, "dataset_id": DATASET, "config": cfg.to_dict()}).encode())
-    assert pin_scoring(ws, score_id, groups) == 2
+    assert pin_scoring(ws, score_id, groups, cfg) == 2
     # a promotion lands while the groups run: version 2 of every partition in production
     ws.prod.register_many([({"partition_id": pid, "run_id": "r" + "9" * 16, "model_type": "ets"}, b"new")
                            for pid in everyone])
     for g, batch in enumerate(groups):
         build_job_for_group(ws, aml, "score", score_id, g, batch, code=code)  # submission keeps the pin
-        sliced = ModelRegistry(ws.lake.local_path(f"runs/{score_id}/registry/g{g:05d}/prod"), "prod")
+        sliced = ModelRegistry(ws.prod.root, "prod",
+                               index=ws.lake.local_path(f"runs/{score_id}/registry/g{g:05d}/prod/index.sqlite"))
         assert {r.version for r in sliced.latest_many(everyone).values()} == {1}
         sliced.close()
-    assert pin_scoring(ws, score_id, groups) == 0  # idempotent: a replanned run keeps its slices
+    assert pin_scoring(ws, score_id, groups, cfg) == 0  # idempotent: a replanned run keeps its slices
 
 
 def test_an_incremental_training_job_passes_the_list_of_partitions_to_train(aml, code, lake):

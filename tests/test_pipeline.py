@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -231,3 +233,43 @@ def _small_weekly(tmp_path) -> Path:
     path = tmp_path / "weekly.parquet"
     write_panel(path, partitions=6, periods=60, freq="W", seed=8)
     return path
+
+
+def test_a_promotion_that_lands_while_scoring_is_planned_makes_the_plan_cut_again(first_run, tmp_path):
+    """The plan is prepared outside the writer lease and published under it: a registry that moved in
+    between (a promotion holds the lease while it writes) sends the plan round again, with the new
+    registry and so a new score id; only the plan that was published has a run.json."""
+    from contextlib import contextmanager
+
+    from shared import layout
+    from shared.pipeline import PipelineError, plan_scoring
+
+    root, _ = first_run
+    shutil.copytree(root, tmp_path / "ws")
+    ws = Workspace.open(tmp_path / "ws", overrides=OVERRIDES)
+    published: list[int] = []
+    landed = iter(range(1, 100))
+
+    @contextmanager
+    def promotion_lands_first(times: int):
+        if len(published) < times:  # a promotion wrote production after the plan read it
+            ws.prod.register_many([({"partition_id": "p-late", "run_id": f"r{next(landed):016x}",
+                                     "model_type": "ets"}, b"late")])
+        published.append(ws.prod.index_version())
+        yield
+
+    def _planned(ws) -> set[str]:
+        return {path.split("/")[1] for path in ws.lake.list("scoring") if path.endswith("/scoring.json")}
+
+    before, planned_before = ws.prod.index_version(), _planned(ws)
+    plan = plan_scoring(ws, writer=lambda: promotion_lands_first(1))
+    assert published == [before + 1, before + 1]  # cut at `before`, refused; cut again and published
+    meta = json.loads(ws.lake.read_bytes(layout.run_meta(plan.score_id)))
+    assert meta["registry_versions"]["prod"] == before + 1
+    assert _planned(ws) - planned_before == {plan.score_id}  # a new run, not the one planned before
+    first_id = plan_scoring(ws, score_id=None, writer=lambda: promotion_lands_first(0)).score_id
+    assert first_id == plan.score_id  # the same registries, data and horizon: the same run
+
+    published.clear()
+    with pytest.raises(PipelineError, match="changed 3 times while a scoring run was planned"):
+        plan_scoring(ws, writer=lambda: promotion_lands_first(3))

@@ -93,6 +93,10 @@ def test_a_scoring_file_is_mapped_to_partitions_and_periods_and_keeps_unknown_pa
         ids = set(read_parquet(lake, path)[PARTITION_ID])
         others = set().union(*(set(read_parquet(lake, p)[PARTITION_ID]) for p in paths if p != path))
         assert not ids & others
+    # the plan's partitions file says which partitions each file holds (what the registries are sliced by)
+    index = read_parquet(lake, "scoring/s2/partitions.parquet")
+    assert {(b, pid) for b, pid in zip(index["batch"], index[PARTITION_ID])} == \
+        {(p.rsplit("/", 1)[1], pid) for p in paths for pid in set(read_parquet(lake, p)[PARTITION_ID])}
     unknown = requests[~requests[KNOWN]]
     assert set(unknown[PARTITION_ID]) == {partition_id(["S999", item]) for item in stranger["item"]}
     known = requests[requests[KNOWN]]

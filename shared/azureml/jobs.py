@@ -51,6 +51,7 @@ from shared.azureml.group_inputs import (  # noqa: F401  (re-exported: callers i
     group_input,
     group_partitions,
     registry_slice_path,
+    scoring_partitions,
     write_registry_slice,
 )
 from shared import layout
@@ -61,6 +62,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = "shared/entry/train.py"
 SCORE_SCRIPT = "shared/entry/score.py"
 RESULTS_FILE = "rows.jsonl"
+# A registry folder is mounted, not downloaded: a job reads the few artifacts its slice names
+REGISTRY_MODE = "ro_mount"
+SLICE_WORKERS = 8  # parallel slice uploads (the blob client pools 10 connections)
 # Packages only the Functions host needs; the cluster never imports them.
 HOST_ONLY_PACKAGES = ("azure-functions", "azure-functions-durable")
 # What the parallel runtime itself imports on the node (its driver uses azureml-core; mltable
@@ -248,20 +252,25 @@ def plan_train(aml: AzureMLSettings, cfg: Any, run_id: str, dataset_id: str, gro
 
 def plan_score(aml: AzureMLSettings, cfg: Any, score_id: str, dataset_id: str, group_index: int,
                data: GroupInput) -> JobPlan:
-    """The scoring job's arguments mirror ``pipeline.score_group``'s; the registries are the group's
-    slices (:func:`write_registry_slice`), downloaded: ``ModelRegistry`` opens its SQLite index
-    read-write, which a read-only mount refuses, and a slice holds only the group's models."""
-    folders = {"prod_registry": aml.lake_uri(registry_slice_path(score_id, group_index, "prod"), folder=True)}
+    """The scoring job's arguments mirror ``pipeline.score_group``'s. Each registry it reads is two
+    inputs: the group's slice of the index (:func:`write_registry_slice`, downloaded: ``ModelRegistry``
+    opens its SQLite index read-write, which a read-only mount refuses) and the registry folder,
+    mounted read-only, of which the job reads only the artifacts its slice names."""
+    files = {"config": layout.run_config(score_id), "dataset_meta": layout.dataset_meta(dataset_id),
+             "prod_index": f"{registry_slice_path(score_id, group_index, 'prod')}/{layout.REGISTRY_INDEX}"}
+    folders = {"prod_registry": aml.lake_uri(layout.registry_dir("prod"), folder=True,
+                                             datastore=aml.registry_datastore)}
     arguments = "--config ${{inputs.config}} --dataset-meta ${{inputs.dataset_meta}} " \
-                "--prod-registry ${{inputs.prod_registry}} "
+                "--prod-registry ${{inputs.prod_registry}} --prod-index ${{inputs.prod_index}} "
     if cfg.scoring_reads_dev:  # the chain's other sources read the development registry
-        folders["dev_registry"] = aml.lake_uri(registry_slice_path(score_id, group_index, "dev"), folder=True)
-        arguments += "--dev-registry ${{inputs.dev_registry}} "
+        files["dev_index"] = f"{registry_slice_path(score_id, group_index, 'dev')}/{layout.REGISTRY_INDEX}"
+        folders["dev_registry"] = aml.lake_uri(layout.registry_dir("dev"), folder=True)
+        arguments += "--dev-registry ${{inputs.dev_registry}} --dev-index ${{inputs.dev_index}} "
     arguments += f"--output-dir ${{{{outputs.predictions}}}} --score-id {score_id} " \
                  f"--append_row_file_name {RESULTS_FILE}"
     return JobPlan(
         kind="score", run_id=score_id, group_index=group_index, data=data,
-        files={"config": layout.run_config(score_id), "dataset_meta": layout.dataset_meta(dataset_id)},
+        files=files,
         folders=folders,
         outputs={"predictions": aml.lake_uri(layout.run_predictions(score_id), folder=True),
                  "results": aml.lake_uri(layout.group_results(score_id, group_index), folder=True)},
@@ -283,7 +292,7 @@ def build_pipeline_job(aml: AzureMLSettings, plan: JobPlan, code: Path | str | N
     script = TRAIN_SCRIPT if plan.kind == "train" else SCORE_SCRIPT
     component_inputs = {"data": Input(type=plan.data.kind, mode=plan.data.to_input().mode)}
     component_inputs.update({n: Input(type="uri_file", mode="download") for n in plan.files})
-    component_inputs.update({n: Input(type="uri_folder", mode="download") for n in plan.folders})
+    component_inputs.update({n: Input(type="uri_folder", mode=REGISTRY_MODE) for n in plan.folders})
     step = parallel_run_function(
         name=f"manymodels_{plan.kind}",
         display_name=f"{plan.kind} {plan.run_id} g{plan.group_index:05d}",
@@ -309,7 +318,7 @@ def build_pipeline_job(aml: AzureMLSettings, plan: JobPlan, code: Path | str | N
     job_inputs = {"data": plan.data.to_input()}
     job_inputs.update({n: Input(type="uri_file", path=aml.lake_uri(p), mode="download")
                        for n, p in plan.files.items()})
-    job_inputs.update({n: Input(type="uri_folder", path=uri, mode="download")
+    job_inputs.update({n: Input(type="uri_folder", path=uri, mode=REGISTRY_MODE)
                        for n, uri in plan.folders.items()})
 
     def wire(node: Any) -> dict[str, Any]:
@@ -333,12 +342,13 @@ def build_pipeline_job(aml: AzureMLSettings, plan: JobPlan, code: Path | str | N
         return wire(step(data=data, config=config, dataset_meta=dataset_meta, global_model=global_model,
                          partitions=partitions))
 
-    def score(data, config, dataset_meta, prod_registry):
-        return wire(step(data=data, config=config, dataset_meta=dataset_meta, prod_registry=prod_registry))
+    def score(data, config, dataset_meta, prod_index, prod_registry):
+        return wire(step(data=data, config=config, dataset_meta=dataset_meta, prod_index=prod_index,
+                         prod_registry=prod_registry))
 
-    def score_with_fallback(data, config, dataset_meta, prod_registry, dev_registry):
-        return wire(step(data=data, config=config, dataset_meta=dataset_meta, prod_registry=prod_registry,
-                         dev_registry=dev_registry))
+    def score_with_fallback(data, config, dataset_meta, prod_index, dev_index, prod_registry, dev_registry):
+        return wire(step(data=data, config=config, dataset_meta=dataset_meta, prod_index=prod_index,
+                         dev_index=dev_index, prod_registry=prod_registry, dev_registry=dev_registry))
 
     if plan.kind == "train":
         body = {(False, False): train, (True, False): train_with_global, (False, True): train_some,
@@ -360,26 +370,42 @@ def build_pipeline_job(aml: AzureMLSettings, plan: JobPlan, code: Path | str | N
 
 
 def write_scoring_slices(ws: Any, score_id: str, group_index: int, batch_paths: list[str], cfg: Any) -> bool:
-    """A scoring group's registry slices (production, and development for the scoring chain), unless
-    they exist: written for every group when the scoring run is planned (:func:`pin_scoring`), so
-    a promotion that finishes while the groups run cannot reach some groups and not others; a
-    group submitted without them (an older plan) gets them now. Returns whether it wrote them."""
-    prod_slice = registry_slice_path(score_id, group_index, "prod")
-    if ws.lake.exists(f"{prod_slice}/{layout.REGISTRY_INDEX}"):  # the index is written last
-        return False
-    pids = group_partitions(ws.lake, batch_paths)
-    if cfg.scoring_reads_dev:  # the chain's other sources read the development registry
-        write_registry_slice(ws.lake, ws.dev, "dev", pids, registry_slice_path(score_id, group_index, "dev"))
-    write_registry_slice(ws.lake, ws.prod, "prod", pids, prod_slice)
-    return True
+    """One group's registry slices, unless they exist: a group submitted without them (a plan made
+    before slices were pinned at planning) gets them now, from the registries as they are.
+    Returns whether it wrote them."""
+    return pin_scoring(ws, score_id, {group_index: batch_paths}, cfg) > 0
 
 
-def pin_scoring(ws: Any, score_id: str, groups: list[list[str]]) -> int:
-    """Slice the registries for every group of a scoring run at once, as they are when it is planned."""
-    from shared.config import ProjectConfig
+def pin_scoring(ws: Any, score_id: str, groups: list[list[str]] | dict[int, list[str]], cfg: Any) -> int:
+    """Slice the registries for every group of a scoring run at once, as they are when it is planned,
+    so a promotion that lands while the groups run reaches none of them rather than some.
 
-    cfg = ProjectConfig.from_dict(json.loads(ws.lake.read_bytes(layout.run_meta(score_id)))["config"])
-    return sum(write_scoring_slices(ws, score_id, i, paths, cfg) for i, paths in enumerate(groups))
+    Requests: one listing of the run's slices, one read of the plan's partitions file, one pull of
+    each registry's index if it moved, then one upload per slice (in parallel): O(groups), whatever
+    the number of models, since the artifacts are not copied (:func:`write_registry_slice`).
+    Returns how many groups got slices; a replanned run keeps the ones it has."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = dict(enumerate(groups)) if isinstance(groups, list) else dict(groups)
+    names = ("prod", "dev") if cfg.scoring_reads_dev else ("prod",)
+    have = set(ws.lake.list(layout.run_registry_slices(score_id)))
+    todo = [(g, name) for g in sorted(wanted) for name in names
+            if f"{registry_slice_path(score_id, g, name)}/{layout.REGISTRY_INDEX}" not in have]
+    if not todo:
+        return 0
+    registries = {"prod": ws.prod, "dev": ws.dev}
+    for name in {name for _, name in todo}:
+        registries[name].refresh(force=True)
+    order = sorted({g for g, _ in todo})
+    pids = dict(zip(order, scoring_partitions(ws.lake, score_id, [wanted[g] for g in order])))
+
+    def write(task: tuple[int, str]) -> None:
+        g, name = task
+        write_registry_slice(ws.lake, registries[name], name, pids[g], registry_slice_path(score_id, g, name))
+
+    with ThreadPoolExecutor(max_workers=max(1, min(SLICE_WORKERS, len(todo)))) as pool:
+        list(pool.map(write, todo))  # re-raises the first failure
+    return len(order)
 
 
 # -- submit and poll ------------------------------------------------------------------------------

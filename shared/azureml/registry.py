@@ -150,6 +150,11 @@ class AzureMLRegistry:
         """The local working copy (index + the artifacts fetched so far)."""
         return self.local.root
 
+    @property
+    def index_path(self) -> Path:
+        """The working copy's index: the lake's as of the last pull (:meth:`refresh`)."""
+        return self.local.index_path
+
     # -- synchronisation -----------------------------------------------------------------------
     def _remote(self, name: str) -> str:
         return f"{self.prefix}/{name}"

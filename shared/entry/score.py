@@ -59,7 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="project config file (TOML or JSON)")
     parser.add_argument("--dataset-meta", required=True, help="the prepared dataset's dataset.json")
     parser.add_argument("--prod-registry", required=True, help="root of the production model registry")
+    parser.add_argument("--prod-index", default=None,
+                        help="the group's slice of the production index (default: the registry's own)")
     parser.add_argument("--dev-registry", default=None, help="root of the development registry (baseline fallback)")
+    parser.add_argument("--dev-index", default=None,
+                        help="the group's slice of the development index (default: the registry's own)")
     parser.add_argument("--output-dir", required=True, help="folder for the prediction files")
     parser.add_argument("--score-id", required=True)
     args, _unknown = parser.parse_known_args(argv)  # Azure ML adds its own arguments
@@ -73,8 +77,8 @@ def init() -> None:
     args = parse_args()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    prod = ModelRegistry(Path(args.prod_registry), "prod")
-    dev = ModelRegistry(Path(args.dev_registry), "dev") if args.dev_registry else None
+    prod = ModelRegistry(Path(args.prod_registry), "prod", index=args.prod_index)
+    dev = ModelRegistry(Path(args.dev_registry), "dev", index=args.dev_index) if args.dev_registry else None
     _state = _State(
         cfg=read_config(Path(args.config)),
         dataset_meta=json.loads(Path(args.dataset_meta).read_text(encoding="utf-8")),
