@@ -52,7 +52,7 @@ from function_app.orchestration import (
     follow_job,
 )
 from function_app.raw_files import NotReady, Rejected
-from function_app.runtime import StartOutcome, lake_writer, open_workspace
+from function_app.runtime import StartOutcome, lake_writer, load_settings, open_workspace
 from function_app.starts import check_own_account, start_raw_file
 from function_app.training import training_steps
 from shared import backends
@@ -72,7 +72,8 @@ async def on_lake_event(event: func.EventGridEvent, client: df.DurableOrchestrat
     try:
         received = lake_event(event)
         log = log.bind(schema=received.schema)
-        raw = parse_lake_file_event(received.type, received.subject, received.data)
+        markers = (await asyncio.to_thread(load_settings)).folder_markers  # settings read off the loop
+        raw = parse_lake_file_event(received.type, received.subject, received.data, markers)
         await asyncio.to_thread(check_own_account, raw)
     except Ignored as why:
         log.info("event ignored", reason=str(why))

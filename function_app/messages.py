@@ -38,20 +38,22 @@ from urllib.parse import unquote, urlsplit
 from shared import bounds
 from shared.config import ConfigError, check_message_overrides
 from shared.lake import LakeError, check_path
+from shared.settings import DATA_FILE_SUFFIXES
 
 RAW_CONTAINER = "raw"
 # Scoring files may come from raw/ or scoring/ (shared.pipeline.LAKE_SOURCE_CONTAINERS stages both).
 SCORING_CONTAINERS = ("raw", "scoring")
-DATA_SUFFIXES = (".csv", ".parquet")
+DATA_SUFFIXES = DATA_FILE_SUFFIXES
 # Names that writers use for work in progress (Spark's _temporary/, Hadoop's .crc and _SUCCESS):
 # an event for such a path is not a new raw file.
 HIDDEN_PREFIXES = ("_", ".")
 # Written last into a folder dataset by Spark's and Hadoop's committers (and by a Data Factory step
 # that ends a copy with it): the folder is complete. Its part files raise events of their own, which
 # are ignored: the folder is ingested once, on its marker.
+# MM_DATASET_MARKERS adds the names of manifests a user's pipeline writes last (Settings.folder_markers).
 FOLDER_MARKERS = ("_SUCCESS",)
 PART_PREFIXES = ("part-",)  # Spark / Hadoop part files: a piece of a folder dataset, never one alone
-EVENT_SUFFIXES = DATA_SUFFIXES + tuple(f"/{marker}" for marker in FOLDER_MARKERS)
+EVENT_SUFFIXES = DATA_SUFFIXES + tuple(f"/{marker}" for marker in FOLDER_MARKERS)  # the default filter
 BLOB_CREATED = "Microsoft.Storage.BlobCreated"
 # Some writers report a new file twice: an empty file first, then its committed data. ADLS Gen2
 # (hierarchical namespace): CreateFile, then FlushWithClose; SFTP: SftpCreate, then SftpCommit.
@@ -363,17 +365,19 @@ def lake_event(event: Any) -> LakeEvent:
     return LakeEvent(event.id, event_type, event.subject, event.get_json(), "EventGrid")
 
 
-def parse_lake_file_event(event_type: str | None, subject: str | None, data: Any) -> RawFile:
+def parse_lake_file_event(event_type: str | None, subject: str | None, data: Any,
+                          markers: tuple[str, ...] = FOLDER_MARKERS) -> RawFile:
     """A new file in the raw container, announced by a ``BlobCreated`` or a ``BlobRenamed`` event.
 
     Raises :class:`Ignored` for events we do not act on, :class:`MessageError` for malformed ones.
     """
     if event_type == BLOB_RENAMED:
-        return parse_blob_renamed(subject, data)
-    return parse_blob_created(event_type, subject, data)
+        return parse_blob_renamed(subject, data, markers)
+    return parse_blob_created(event_type, subject, data, markers)
 
 
-def parse_blob_created(event_type: str | None, subject: str | None, data: Any) -> RawFile:
+def parse_blob_created(event_type: str | None, subject: str | None, data: Any,
+                       markers: tuple[str, ...] = FOLDER_MARKERS) -> RawFile:
     """A ``BlobCreated`` event of the raw container as a RawFile.
 
     Raises :class:`Ignored` for events we do not act on, :class:`MessageError` for malformed ones.
@@ -391,11 +395,11 @@ def parse_blob_created(event_type: str | None, subject: str | None, data: Any) -
     size = data.get("contentLength")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
         raise MessageError("data.contentLength", f"must be a non-negative integer, got {size!r}")
-    path, marker = raw_dataset(f"{container}/{blob}")
+    path, marker = raw_dataset(f"{container}/{blob}", markers)
     return RawFile(path=path, url=url, etag=normalise_etag(etag), size=None if marker else size, marker=marker)
 
 
-def parse_blob_renamed(subject: str | None, data: Any) -> RawFile:
+def parse_blob_renamed(subject: str | None, data: Any, markers: tuple[str, ...] = FOLDER_MARKERS) -> RawFile:
     """A file renamed into the raw container (ADLS Gen2 ``RenameFile``) as a RawFile without a version.
 
     The subject names the destination. A renamed directory is ignored with the reason: its event
@@ -411,7 +415,7 @@ def parse_blob_renamed(subject: str | None, data: Any) -> RawFile:
         )
     url = _blob_url(data, "destinationUrl", container, blob)
     source = data.get("sourceUrl")
-    path, marker = raw_dataset(f"{container}/{blob}")
+    path, marker = raw_dataset(f"{container}/{blob}", markers)
     return RawFile(path=path, url=url, etag=None, renamed_from=source if isinstance(source, str) else None,
                    marker=marker)
 
@@ -440,12 +444,13 @@ def _blob_url(data: Mapping[str, Any], name: str, container: str, blob: str) -> 
     return url
 
 
-def raw_dataset(name: str) -> tuple[str, str | None]:
-    """What an event's file starts: ``(file, None)`` for a single file; ``(folder, marker)`` for the
-    ``_SUCCESS`` marker of a folder dataset; Ignored (with the reason) for a part file of one, which
-    the folder's marker will start, and for anything else :func:`raw_lake_path` ignores."""
+def raw_dataset(name: str, markers: tuple[str, ...] = FOLDER_MARKERS) -> tuple[str, str | None]:
+    """What an event's file starts: ``(file, None)`` for a single file; ``(folder, marker)`` for a
+    marker of a folder dataset (``_SUCCESS``, or a manifest named in ``markers``); Ignored (with the
+    reason) for a part file of one, which the folder's marker will start, and for anything else
+    :func:`raw_lake_path` ignores."""
     leaf = name.rsplit("/", 1)[-1]
-    if leaf in FOLDER_MARKERS:
+    if leaf in markers:
         folder = name.rsplit("/", 1)[0]
         if folder.count("/") < 1:
             raise Ignored(f"{name}: a completion marker directly in {RAW_CONTAINER}/ names no folder")
@@ -459,7 +464,7 @@ def raw_dataset(name: str) -> tuple[str, str | None]:
     path = raw_lake_path(name)
     if leaf.startswith(PART_PREFIXES) and path.count("/") >= 2:
         raise Ignored(f"{name}: a part file of a folder dataset; the folder is ingested once, when its "
-                      f"{' or '.join(FOLDER_MARKERS)} marker arrives")
+                      f"{' or '.join(markers)} marker arrives")
     return path, None
 
 

@@ -54,11 +54,12 @@ def file_version(lake: Lake, path: str) -> str:
 
 
 def check_raw_folder(lake: Lake, folder: str, cfg: Any) -> None:
-    """A folder dataset (part files and a ``_SUCCESS`` marker): it has Parquet parts, none still being
-    copied, and the first one's sample validates (all parts share one schema, as Spark writes them)."""
+    """A folder dataset (part files and a completion marker, ``_SUCCESS`` or a named manifest): it has
+    Parquet parts, none still being copied, and the first one's sample validates (all parts share one
+    schema, as Spark writes them)."""
     parts = folder_parts(lake, folder)
     if not parts:
-        raise Rejected(f"{folder}: no Parquet part files beside its _SUCCESS marker (a folder dataset is read "
+        raise Rejected(f"{folder}: no Parquet part files beside its completion marker (a folder dataset is read "
                        "as Parquet; write CSV as one file, or the folder as Parquet)")
     if hasattr(lake, "copy_pending"):
         pending = [p for p in parts if lake.copy_pending(p)]

@@ -100,6 +100,13 @@ param projectConfigFile string = ''
 @description('App settings to add or override, e.g. {"MM_GROUP_SIZE": "100"}.')
 param appSettingsOverrides object = {}
 
+@description('File names whose arrival completes a folder dataset in raw/ (MM_DATASET_MARKERS): Spark and Hadoop write _SUCCESS; add the manifest your Data Factory or other pipeline writes last. Each becomes an Event Grid subject suffix.')
+@minLength(1)
+@maxLength(20)
+param datasetMarkers array = [
+  '_SUCCESS'
+]
+
 @description('Create the Event Grid subscriptions. Their endpoints exist only once the code is deployed, so azd sets this after the first deploy (azure.yaml postdeploy hook).')
 param createEventSubscriptions bool = false
 
@@ -120,13 +127,14 @@ var lakeContainers = [
 var azureMLDatastorePrefix = 'lake_'
 // function_app/messages.py RAW_CONTAINER and DATA_SUFFIXES
 var rawContainer = 'raw'
-// and EVENT_SUFFIXES: the data files, and the _SUCCESS marker that completes a folder dataset
-// written by Spark / Hadoop (its part files are ignored; the marker starts one run)
-var eventFileSuffixes = [
+var dataFileSuffixes = [
   '.csv'
   '.parquet'
-  '/_SUCCESS'
 ]
+// and the markers that complete a folder dataset (Spark / Hadoop _SUCCESS, or a named manifest: its
+// part files are ignored; the marker starts one run): the Event Grid filter's subject suffixes
+var markerSuffixes = [for marker in datasetMarkers: '/${marker}']
+var eventFileSuffixes = concat(dataFileSuffixes, markerSuffixes)
 // shared/settings.py defaults of MM_UPSTREAM_QUEUE and MM_PROMOTION_QUEUE
 var upstreamQueueName = 'mm-upstream'
 var promotionQueueName = 'mm-promotions'
@@ -294,6 +302,7 @@ module functionApp 'app/function-app.bicep' = {
     serviceBusFullyQualifiedNamespace: serviceBus.outputs.fullyQualifiedNamespace
     upstreamQueueName: upstreamQueueName
     promotionQueueName: promotionQueueName
+    datasetMarkers: join(datasetMarkers, ',')
     azureMLWorkspaceDev: aml.outputs.devWorkspaceName
     azureMLWorkspaceProd: aml.outputs.prodWorkspaceName
     azureMLCompute: aml.outputs.computeName

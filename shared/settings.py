@@ -28,6 +28,8 @@ SERVICEBUS_CONNECTION = "ServiceBusConnection"
 HOST_STORAGE_CONNECTION = "AzureWebJobsStorage"
 BINDING_CONNECTIONS = (LAKE_CONNECTION, SERVICEBUS_CONNECTION, HOST_STORAGE_CONNECTION)
 _TASK_HUB = re.compile(r"^[A-Za-z][A-Za-z0-9]{2,44}$")
+_MARKER = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+DATA_FILE_SUFFIXES = (".csv", ".parquet")  # what a raw data file is named (function_app.messages.DATA_SUFFIXES)
 
 
 class SettingsError(ManyModelsError, ValueError):
@@ -191,6 +193,15 @@ SETTINGS: tuple[SettingSpec, ...] = (
         where=_A,
     ),
     SettingSpec(
+        "MM_DATASET_MARKERS",
+        "dataset_markers",
+        "_SUCCESS",
+        "Comma-separated file names whose arrival in a raw/ folder marks it a complete folder dataset "
+        "(ingested once, whole; its part-* files never alone): Spark's and Hadoop's _SUCCESS, plus the "
+        "manifest your pipeline writes last (e.g. _SUCCESS,_manifest.json). Bicep: datasetMarkers.",
+        where=_A,
+    ),
+    SettingSpec(
         "MM_UPSTREAM_QUEUE",
         "upstream_queue",
         "mm-upstream",
@@ -345,6 +356,7 @@ class Settings:
     servicebus_namespace: str | None = None
     servicebus_credential: str | None = None
     servicebus_client_id: str | None = None
+    dataset_markers: str = "_SUCCESS"
     upstream_queue: str = "mm-upstream"
     promotion_queue: str = "mm-promotions"
     task_hub: str = "manymodels"
@@ -380,6 +392,7 @@ class Settings:
             value = getattr(self, spec.field)
             if spec.choices and value is not None and value not in spec.choices:
                 raise SettingsError(f"{spec.env}: {value!r} is not one of {list(spec.choices)}")
+        self.folder_markers  # raises on a name that cannot be a marker
         if not _TASK_HUB.match(self.task_hub):
             raise SettingsError(
                 f"MM_TASK_HUB: {self.task_hub!r} must be 3-45 letters and digits, starting with a letter"
@@ -404,6 +417,21 @@ class Settings:
             ]
             if missing:
                 raise SettingsError(f"the azureml backend needs {', '.join(missing)}")
+
+    @property
+    def folder_markers(self) -> tuple[str, ...]:
+        """The file names that complete a folder dataset (``MM_DATASET_MARKERS``), checked: plain file
+        names that no data file or part file could have."""
+        names = tuple(dict.fromkeys(n.strip() for n in self.dataset_markers.split(",") if n.strip()))
+        if not names:
+            raise SettingsError("MM_DATASET_MARKERS: name at least one marker file (the default is _SUCCESS)")
+        for name in names:
+            if not _MARKER.match(name) or name in (".", "..") or name.lower().endswith(DATA_FILE_SUFFIXES) \
+                    or name.startswith("part-"):
+                raise SettingsError(
+                    f"MM_DATASET_MARKERS: {name!r} cannot be a marker: a marker is a file name of letters, "
+                    "digits, '.', '_' or '-' (at most 100), not a data file (.csv, .parquet) nor a part-* file")
+        return names
 
     def config_overrides(self) -> dict[str, Any]:
         """Dotted project-config overrides implied by the deployment (the SQL store in Azure)."""

@@ -776,6 +776,42 @@ def test_a_folder_written_by_spark_starts_one_ingestion_of_the_whole_folder_on_i
     assert whole.rows == single.rows and whole.partitions == single.partitions
 
 
+def test_a_folder_completed_by_a_manifest_the_user_names_starts_one_ingestion_on_it(
+        loop, extension, workdir, monkeypatch, caplog):
+    """A Data Factory copy into raw/ (sink file name prefix part-) whose pipeline writes _manifest.json
+    last: with MM_DATASET_MARKERS naming it, the parts' events are ignored and the manifest's starts one
+    run of the folder. Without the setting the manifest is not a data file: nothing starts."""
+    folder = spark_folder(workdir, "adf_copy")
+    (workdir["root"] / "lake" / folder / "_SUCCESS").unlink()
+    (workdir["root"] / "lake" / folder / "_manifest.json").write_text('{"files": 3}')
+    parts = sorted(p.name for p in (workdir["root"] / "lake" / folder).glob("part-*"))
+    sequence = [blob_created(f"{folder}/{p}", api="PutBlockList") for p in parts] \
+        + [blob_created(f"{folder}/_manifest.json", etag="0x8DE1", api="PutBlob", contentLength=13)]
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        for event in sequence:
+            assert call(loop, extension, "on_lake_event", event=event) is None
+    assert extension.starts == [] and "not a data file" in caplog.text
+
+    monkeypatch.setenv("MM_DATASET_MARKERS", "_SUCCESS,_manifest.json")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="manymodels.functions"):
+        for event in sequence:
+            assert call(loop, extension, "on_lake_event", event=event) is None
+    assert len(extension.starts) == 1
+    name, _, payload = extension.starts[0]
+    assert name == "ingest_orchestrator" and payload["source"] == folder
+    assert payload["trigger"]["url"].endswith(f"{folder}/_manifest.json") and payload["trigger"]["etag"] == "0x8DE1"
+    assert "_SUCCESS or _manifest.json marker arrives" in caplog.text
+
+
+@pytest.mark.parametrize("markers", ["", "sales.csv", "part-00000", "../up", "a/b", "x" * 101])
+def test_a_marker_name_that_could_be_data_or_a_path_is_refused_when_the_settings_are_read(markers):
+    from shared.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="MM_DATASET_MARKERS"):
+        Settings.from_env({"MM_DATASET_MARKERS": markers or " , "})
+
+
 def test_a_success_marker_beside_no_parquet_parts_is_refused_with_the_reason(loop, extension, workdir, caplog):
     folder = workdir["root"] / "lake" / "raw" / "empty_output"
     folder.mkdir(parents=True, exist_ok=True)

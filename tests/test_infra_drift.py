@@ -76,6 +76,14 @@ def _string_var(bf, name: str) -> str:
     return m.group(1)
 
 
+def _array_param(bf, name: str) -> list[str]:
+    """The default of a parameter that is a one-item-per-line array of string literals."""
+    m = re.search(rf"^param\s+{name}\s+array\s*=\s*\[", bf.masked, re.M)
+    assert m, f"{bf.path.name}: no array parameter {name} with a default"
+    start, end = bf.block(m.end() - 1)
+    return [_LITERAL.match(line.strip()).group(1) for line in bf.text[start + 1:end].splitlines() if line.strip()]
+
+
 def _array_var(bf, name: str) -> list[str]:
     """A one-item-per-line array of string literals and string variables."""
     m = re.search(rf"^var\s+{name}\s*=\s*\[", bf.masked, re.M)
@@ -105,8 +113,8 @@ def read_infra(infra_dir: Path) -> Infra:
         app_params_allowed=app.allowed,
         lake_containers=_array_var(main, "lakeContainers"),
         raw_container=_string_var(main, "rawContainer"),
-        data_suffixes=[x for x in _array_var(main, "eventFileSuffixes") if x.startswith(".")],
-        event_suffixes=_array_var(main, "eventFileSuffixes"),
+        data_suffixes=_array_var(main, "dataFileSuffixes"),
+        event_suffixes=_array_var(main, "dataFileSuffixes") + [f"/{m}" for m in _array_param(main, "datasetMarkers")],
         servicebus_queues=queue_names,
         event_grid_function=_string_var(main, "eventGridFunctionName"),
         has_blob_trigger=bool(blob_flag) and blob_flag.group(1) == "true",
@@ -356,6 +364,11 @@ def test_event_grid_filter_matches_the_ingestion_code(infra):
     assert infra.raw_container == messages.RAW_CONTAINER
     assert sorted(infra.data_suffixes) == sorted(messages.DATA_SUFFIXES)
     assert sorted(infra.event_suffixes) == sorted(messages.EVENT_SUFFIXES)  # files and folder markers
+    # the deployment's markers reach the app as MM_DATASET_MARKERS, whose default is the same
+    main = (INFRA / "main.bicep").read_text()
+    assert "datasetMarkers: join(datasetMarkers, ',')" in main
+    assert "MM_DATASET_MARKERS: datasetMarkers" in (INFRA / "app" / "function-app.bicep").read_text()
+    assert settings.Settings(workdir=Path("/unused")).folder_markers == messages.FOLDER_MARKERS
     text = (INFRA / "app" / "eventgrid.bicep").read_text()
     types = re.search(r"includedEventTypes: \[(.*?)\]", text, re.S).group(1)
     assert sorted(re.findall(r"'([^']+)'", types)) == sorted([messages.BLOB_CREATED, messages.BLOB_RENAMED])

@@ -27,6 +27,8 @@ param lakeQueueEndpoint string
 param serviceBusFullyQualifiedNamespace string
 param upstreamQueueName string
 param promotionQueueName string
+@description('Comma-separated file names that complete a folder dataset (MM_DATASET_MARKERS).')
+param datasetMarkers string
 param azureMLWorkspaceDev string
 param azureMLWorkspaceProd string
 param azureMLCompute string
@@ -103,6 +105,7 @@ var appSettings = {
   ServiceBusConnection__clientId: identityClientId
   MM_UPSTREAM_QUEUE: upstreamQueueName
   MM_PROMOTION_QUEUE: promotionQueueName
+  MM_DATASET_MARKERS: datasetMarkers
   MM_TASK_HUB: 'manymodels' // host.json durableTask hubName; tables and queues in the host storage
   MM_AZUREML_SUBSCRIPTION_ID: subscription().subscriptionId
   MM_AZUREML_RESOURCE_GROUP: resourceGroup().name
