@@ -45,6 +45,7 @@ from datetime import datetime, timedelta
 from typing import Any, Generator
 
 from function_app.logging_context import RunLog
+from shared.compute import TERMINAL_STATES
 
 INGEST_ORCHESTRATOR = "ingest_orchestrator"
 TRAIN_ORCHESTRATOR = "train_orchestrator"
@@ -54,7 +55,6 @@ SUBMIT_ACTIVITY = "submit_group_job"
 STATUS_ACTIVITY = "get_job_status"
 CHUNK_ORCHESTRATOR = "group_chunk_orchestrator"
 GROUP_ORCHESTRATOR = "group_orchestrator"
-TERMINAL_STATES = ("completed", "failed", "canceled")
 HISTORY_TASKS = 200  # tasks a generation following a job (group, ingestion) schedules, then continues as new
 
 

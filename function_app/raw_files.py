@@ -39,18 +39,10 @@ class NotReady(Exception):
 
 def file_version(lake: Lake, path: str) -> str:
     """The version of a lake file: the blob's ETag, or a local file's modification time and size."""
-    local = lake.local_path(path)
-    if local is not None:
-        if not local.is_file():
-            raise Rejected(f"no such file in the lake: {path}")
-        stat = local.stat()
-        return f"local-{stat.st_mtime_ns}-{stat.st_size}"
-    if hasattr(lake, "etag"):
-        try:
-            return lake.etag(path)
-        except LakeError as exc:
-            raise Rejected(str(exc)) from exc
-    raise Rejected(f"{path}: this lake cannot tell file versions apart")
+    try:
+        return lake.etag(path)
+    except LakeError as exc:
+        raise Rejected(str(exc)) from exc
 
 
 def check_raw_folder(lake: Lake, folder: str, cfg: Any) -> None:
@@ -61,23 +53,21 @@ def check_raw_folder(lake: Lake, folder: str, cfg: Any) -> None:
     if not parts:
         raise Rejected(f"{folder}: no Parquet part files beside its completion marker (a folder dataset is read "
                        "as Parquet; write CSV as one file, or the folder as Parquet)")
-    if hasattr(lake, "copy_pending"):
-        pending = [p for p in parts if lake.copy_pending(p)]
-        if pending:
-            raise NotReady(f"{folder}: a copy into {pending[0]} is still running (copy status pending)")
+    pending = [p for p in parts if lake.copy_pending(p)]
+    if pending:
+        raise NotReady(f"{folder}: a copy into {pending[0]} is still running (copy status pending)")
     check_raw_file(lake, parts[0], cfg)
 
 
 def check_raw_file(lake: Lake, path: str, cfg: Any, size: int | None = None) -> None:
     """Read a sample with the core's reader and validate it; Rejected with the reason if it fails,
     NotReady while a copy into the file is still running."""
-    if hasattr(lake, "copy_pending"):
-        try:
-            pending = lake.copy_pending(path)
-        except LakeError as exc:
-            raise Rejected(str(exc)) from exc
-        if pending:
-            raise NotReady(f"{path}: a copy into the lake is still running (copy status pending)")
+    try:
+        pending = lake.copy_pending(path)
+    except LakeError as exc:
+        raise Rejected(str(exc)) from exc
+    if pending:
+        raise NotReady(f"{path}: a copy into the lake is still running (copy status pending)")
     if size == 0:
         raise Rejected(f"{path}: the file is empty")
     suffix = PurePosixPath(path).suffix.lower()
@@ -120,9 +110,7 @@ def _open(lake: Lake, path: str) -> io.BufferedIOBase:
         if not local.is_file():
             raise LakeError(f"no such file in the lake: {path}")
         return open(local, "rb")
-    if hasattr(lake, "read_range") and hasattr(lake, "size"):
-        return io.BufferedReader(_RangeReader(lake, path, lake.size(path)), buffer_size=256 * 1024)
-    return io.BytesIO(lake.read_bytes(path))
+    return io.BufferedReader(_RangeReader(lake, path, lake.size(path)), buffer_size=256 * 1024)
 
 
 class _RangeReader(io.RawIOBase):

@@ -13,21 +13,21 @@ interface     local                                Azure (settings)
               runs a group inside ``submit``)       group, polled; ``MM_COMPUTE_BACKEND=azureml``)
 ============  ===================================  ==============================================
 
-This module is the only one outside ``shared/azureml/`` that imports the Azure backends, and only
-inside the function that opens one: a local workspace never imports ``azure.ai.ml`` nor
-``azure.storage.blob``.
+Each backend is found by name in one table, :data:`BACKENDS` (interface, name) -> factory; an
+unknown name is refused naming the known ones. This module is the only one outside
+``shared/azureml/`` that imports the Azure backends, and only inside the factory that opens one: a
+local workspace never imports ``azure.ai.ml`` nor ``azure.storage.blob``.
 """
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 from shared import layout
-from shared.compute import JobHandle, job_id_for
-from shared.errors import ManyModelsError
+from shared.compute import BackendError, JobHandle, check_kind
 from shared.lake import Lake, LakeError, LocalLake
+from shared.local_compute import LocalCompute
 from shared.locking import fenced
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,15 +37,11 @@ if TYPE_CHECKING:  # pragma: no cover
 LOCAL = "local"
 AZUREML = "azureml"
 BLOB = "blob"
-JOB_KINDS = ("train", "score")
-
-
-class BackendError(ManyModelsError, ValueError):
-    """A backend cannot be opened or asked: unknown job kind, unknown job, missing settings."""
 
 
 class Registry(Protocol):
-    """A model registry (dev or prod): our own index, O(1) "the model of this partition"."""
+    """A model registry (dev or prod): our own index, O(1) "the model of this partition". Every
+    method a caller uses is here (no ``hasattr`` or ``TypeError`` probing)."""
 
     name: str
 
@@ -54,18 +50,27 @@ class Registry(Protocol):
     def latest(self, partition_id: str) -> "ModelRecord | None": ...
     def latest_many(self, partition_ids: Iterable[str]) -> dict[str, "ModelRecord"]: ...
     def get(self, partition_id: str, version: int) -> "ModelRecord | None": ...
+    def by_run(self, run_id: str, partition_id: str) -> "ModelRecord | None": ...
     def find(self, tags: Mapping[str, str] | None = None, limit: int | None = None,
-             run_id: str | None = None) -> list["ModelRecord"]: ...
-    def load(self, record: "ModelRecord") -> Any: ...
+             run_id: str | None = None, latest_only: bool = False,
+             include_global: bool = False) -> list["ModelRecord"]: ...
+    def count(self) -> int: ...
+    packages: tuple[str, ...]  # extra estimator packages its models may be built from
+
+    def load(self, record: "ModelRecord", packages: Iterable[str] | None = None) -> Any: ...
+    def verify(self, record: "ModelRecord") -> None: ...
+    def seal(self) -> int: ...
     def index_version(self) -> int: ...
     def refresh(self, force: bool = False) -> bool: ...
+    def folder(self) -> Path: ...
     @property
     def index_path(self) -> Path: ...
     def close(self) -> None: ...
 
 
 class Compute(Protocol):
-    """Where a group of mini-batch files is trained or scored (``shared.compute``)."""
+    """Where a group of mini-batch files is trained or scored, and a source ingested
+    (:mod:`shared.local_compute`, :mod:`shared.azureml.jobs`)."""
 
     name: str
 
@@ -73,6 +78,67 @@ class Compute(Protocol):
                batch_paths: list[str]) -> JobHandle: ...
     def pin_scoring(self, ws: "Workspace", score_id: str, groups: list[list[str]], cfg: Any) -> None: ...
     def status(self, ws: "Workspace", job_id: str, run_id: str | None = None) -> JobHandle: ...
+    def ingest(self, ws: "Workspace", source: str, key: str | None = None) -> JobHandle: ...
+    def ingest_status(self, ws: "Workspace", job_id: str) -> JobHandle: ...
+
+
+class AzureMLCompute:
+    """One Azure ML parallel job per group (:mod:`shared.azureml.jobs`), polled by the monitor; one
+    command job per ingestion (:mod:`shared.azureml.ingest_job`)."""
+
+    name = AZUREML
+
+    def submit(self, ws: "Workspace", kind: str, run_id: str, group_index: int,
+               batch_paths: list[str]) -> JobHandle:
+        check_kind(kind)
+        from shared.azureml.jobs import submit_parallel_job
+
+        return submit_parallel_job(ws, kind, run_id, group_index, batch_paths)
+
+    def pin_scoring(self, ws: "Workspace", score_id: str, groups: list[list[str]], cfg: Any) -> None:
+        """Every group's registry slices, written when the scoring run is planned (one snapshot)."""
+        from shared.azureml.jobs import pin_scoring
+
+        pin_scoring(ws, score_id, groups, cfg)
+
+    def status(self, ws: "Workspace", job_id: str, run_id: str | None = None) -> JobHandle:
+        from shared.azureml.jobs import parallel_job_status
+
+        return parallel_job_status(ws, job_id)
+
+    def ingest(self, ws: "Workspace", source: str, key: str | None = None) -> JobHandle:
+        from shared.azureml.ingest_job import submit_ingest_job
+
+        return submit_ingest_job(ws, source, key)
+
+    def ingest_status(self, ws: "Workspace", job_id: str) -> JobHandle:
+        from shared.azureml.ingest_job import ingest_job_status
+
+        return ingest_job_status(ws, job_id)
+
+
+class LocalRegistries:
+    """The dev and prod registries as folders under the workdir (``registry/{dev,prod}``)."""
+
+    def open(self, ws: "Workspace") -> tuple[Registry, Registry]:
+        from shared.registry import ModelRegistry
+
+        return (ModelRegistry(ws.root / layout.registry_dir("dev"), "dev"),
+                ModelRegistry(ws.root / layout.registry_dir("prod"), "prod"))
+
+    def exists(self, ws: "Workspace", name: str) -> bool:
+        """Whether registry ``name`` was ever written, asked without creating it."""
+        return (ws.root / layout.registry_index(name)).is_file()
+
+
+class AzureMLRegistries:
+    """The registries in the lake, published to Azure ML (:mod:`shared.azureml.registry`)."""
+
+    def open(self, ws: "Workspace") -> tuple[Registry, Registry]:
+        return open_azureml_registries(ws)
+
+    def exists(self, ws: "Workspace", name: str) -> bool:
+        return True  # it answers on first use
 
 
 def _setting(settings: Any, name: str) -> str:
@@ -91,12 +157,13 @@ def compute_backend(settings: Any) -> str:
     return _setting(settings, "compute_backend")
 
 
-# -- the lake --------------------------------------------------------------------------------------
-def open_lake(settings: Any, root: Path | str | None = None) -> Lake:
-    """The lake the settings describe: ``<root>/lake`` when local (root: the workdir), else the
-    blob account (``LakeStorage`` connection string, or its ``__blobServiceUri`` with an identity)."""
-    if lake_backend(settings) == LOCAL:
-        return LocalLake(Path(root if root is not None else settings.workdir) / "lake")
+# -- the table -----------------------------------------------------------------------------------------
+def _local_lake(settings: Any, root: Path | str | None) -> Lake:
+    return LocalLake(Path(root if root is not None else settings.workdir) / "lake")
+
+
+def _blob_lake(settings: Any, root: Path | str | None) -> Lake:
+    """The blob account: the ``LakeStorage`` connection string, or its ``__blobServiceUri`` with an identity."""
     from shared.azureml.blob_lake import BlobLake
 
     if settings.lake_connection_string:
@@ -108,6 +175,30 @@ def open_lake(settings: Any, root: Path | str | None = None) -> Lake:
             use_managed_identity=(settings.lake_credential or "").lower() == "managedidentity",
         )
     raise LakeError("the blob lake needs LakeStorage or LakeStorage__blobServiceUri")
+
+
+BACKENDS: dict[tuple[str, str], Callable[..., Any]] = {
+    ("lake", LOCAL): _local_lake,
+    ("lake", BLOB): _blob_lake,
+    ("registry", LOCAL): LocalRegistries,
+    ("registry", AZUREML): AzureMLRegistries,
+    ("compute", LOCAL): LocalCompute,
+    ("compute", AZUREML): AzureMLCompute,
+}
+
+
+def backend(interface: str, name: str) -> Callable[..., Any]:
+    """The factory of backend ``name`` for ``interface`` (lake, registry, compute)."""
+    try:
+        return BACKENDS[(interface, name)]
+    except KeyError:
+        known = sorted(n for i, n in BACKENDS if i == interface)
+        raise BackendError(f"unknown {interface} backend {name!r}; one of {known}") from None
+
+
+def open_lake(settings: Any, root: Path | str | None = None) -> Lake:
+    """The lake the settings describe: ``<root>/lake`` when local (root: the workdir), else the blob account."""
+    return backend("lake", lake_backend(settings))(settings, root)
 
 
 def open_prod_lake(aml: Any, lake: Lake, credential: Any = None) -> Lake:
@@ -130,7 +221,8 @@ def writer_lease(ws: "Workspace", holder: str, wait: float | None = None,
                  duration: int | None = None) -> Iterator[Any]:
     """Hold the workspace's one-writer lock while the body changes shared state (issue 12).
 
-    One API for both lakes: on a blob lake, :class:`shared.azureml.blob_lake.LakeLease` (a Blob
+    One API for every lake: on a lake several machines write (``shared_writers``), the lake's own
+    cross-machine lease (``writer_lease``; one without is refused); on a blob lake that is :class:`shared.azureml.blob_lake.LakeLease` (a Blob
     lease on ``runs/.manymodels-writer``, ``duration`` seconds, renewed while held: every Functions
     instance and every process sharing the lake sees it); on a local lake, the workdir's
     :class:`shared.locking.WorkdirLock` — or nothing more when this thread holds that lock already
@@ -143,16 +235,18 @@ def writer_lease(ws: "Workspace", holder: str, wait: float | None = None,
     retried under a fresh lease. Yields the lock held (None when the caller's own lock covers it).
     """
     wait = WRITER_WAIT_SECONDS if wait is None else float(wait)
-    if not isinstance(ws.lake, LocalLake):
-        from shared.azureml.blob_lake import BlobLake, LakeLease
-
-        if isinstance(ws.lake, BlobLake):
-            with LakeLease(ws.lake, holder, wait=wait,
-                           duration=WRITER_LEASE_SECONDS if duration is None else duration) as lease:
-                with fenced(lease.fence):  # each lake or SQL write first checks the lease is still ours
-                    yield lease
-                lease.check()  # lost mid-way (a stall past the period): fail, so the stage is retried
-            return
+    if ws.lake.shared_writers:
+        lease = ws.lake.writer_lease(holder, wait, WRITER_LEASE_SECONDS if duration is None else duration)
+        if lease is None:
+            raise BackendError(
+                f"the lake {ws.lake.uri} is shared by several machines but has no cross-machine writer "
+                "lease: its writers could interleave. Give its Lake class writer_lease() (as BlobLake's "
+                "Blob lease), or use it from one machine only as a local lake")
+        with lease:
+            with fenced(lease.fence):  # each lake or SQL write first checks the lease is still ours
+                yield lease
+            lease.check()  # lost mid-way (a stall past the period): fail, so the stage is retried
+        return
     from shared.locking import WorkdirLock, held_here
 
     if held_here(ws.root):
@@ -164,13 +258,12 @@ def writer_lease(ws: "Workspace", holder: str, wait: float | None = None,
 
 # -- the registries ----------------------------------------------------------------------------------
 def open_registries(ws: "Workspace") -> tuple[Registry, Registry]:
-    """The dev and prod registries of a workspace: folders under the workdir, or Azure ML's."""
-    if registry_backend(ws.settings) == AZUREML:
-        return open_azureml_registries(ws)
-    from shared.registry import ModelRegistry
-
-    return (ModelRegistry(ws.root / layout.registry_dir("dev"), "dev"),
-            ModelRegistry(ws.root / layout.registry_dir("prod"), "prod"))
+    """The dev and prod registries of a workspace: folders under the workdir, or Azure ML's; their
+    models may be built from the project's estimator packages (``training.estimator_packages``)."""
+    registries = backend("registry", registry_backend(ws.settings))().open(ws)
+    for registry in registries:
+        registry.packages = tuple(ws.config.training.estimator_packages)
+    return registries
 
 
 def open_azureml_registries(ws: "Workspace", backend: Any = None, keep_artifacts: bool = False
@@ -196,86 +289,17 @@ def open_azureml_registries(ws: "Workspace", backend: Any = None, keep_artifacts
 def registry_exists(ws: "Workspace", name: str) -> bool:
     """Whether registry ``name`` was ever written, asked without creating it (an Azure ML registry
     is assumed to exist: it answers on first use)."""
-    if registry_backend(ws.settings) == AZUREML:
-        return True
-    return (ws.root / layout.registry_index(name)).is_file()
+    return backend("registry", registry_backend(ws.settings))().exists(ws, name)
 
 
 def registry_folder(ws: "Workspace", registry: Registry) -> Path:
     """A plain registry folder for local entry scripts (an Azure ML registry is materialised)."""
-    if registry_backend(ws.settings) == AZUREML:
-        return registry.materialize()  # type: ignore[attr-defined]
-    return registry.root  # type: ignore[attr-defined]
+    return registry.folder()
 
 
 # -- compute -------------------------------------------------------------------------------------------
-def check_kind(kind: str) -> None:
-    if kind not in JOB_KINDS:
-        raise BackendError(f"unknown job kind {kind!r}; one of {list(JOB_KINDS)}")
-
-
-class LocalCompute:
-    """Runs a group on the local process pool inside ``submit`` and records the outcome in the lake,
-    so a Durable monitor sees a terminal state on its first poll."""
-
-    name = LOCAL
-
-    def submit(self, ws: "Workspace", kind: str, run_id: str, group_index: int,
-               batch_paths: list[str]) -> JobHandle:
-        check_kind(kind)
-        from shared.pipeline import run_group  # the stages open their workspace through this module
-
-        handle = JobHandle(job_id_for(kind, run_id, group_index), kind, run_id, group_index, state="running")
-        summary = run_group(ws, kind, run_id, batch_paths, group_index)
-        handle.summary = summary.to_dict()
-        handle.state = "failed" if summary.failed_batches else "completed"
-        handle.detail = "; ".join(str(f.get("error", ""))[:200] for f in summary.failed_batches)
-        ws.lake.write_bytes(layout.job_record(run_id, handle.job_id), handle.to_json().encode())
-        return handle
-
-    def pin_scoring(self, ws: "Workspace", score_id: str, groups: list[list[str]], cfg: Any) -> None:
-        """No slices locally: the groups read the registries directly. Under the CLI nothing can
-        promote mid-run (the command holds the workdir lock from plan to load); in the Functions
-        app with local compute, a group reads the registries as they are when it runs."""
-
-    def status(self, ws: "Workspace", job_id: str, run_id: str | None = None) -> JobHandle:
-        run = run_id or layout.run_of_job(job_id)
-        path = layout.job_record(run, job_id)
-        if not ws.lake.exists(path):
-            raise BackendError(f"unknown job {job_id}")
-        return JobHandle.from_dict(json.loads(ws.lake.read_bytes(path)))
-
-
-class AzureMLCompute:
-    """One Azure ML parallel job per group (:mod:`shared.azureml.jobs`), polled by the monitor."""
-
-    name = AZUREML
-
-    def submit(self, ws: "Workspace", kind: str, run_id: str, group_index: int,
-               batch_paths: list[str]) -> JobHandle:
-        check_kind(kind)
-        from shared.azureml.jobs import submit_parallel_job
-
-        return submit_parallel_job(ws, kind, run_id, group_index, batch_paths)
-
-    def pin_scoring(self, ws: "Workspace", score_id: str, groups: list[list[str]], cfg: Any) -> None:
-        """Every group's registry slices, written when the scoring run is planned (one snapshot)."""
-        from shared.azureml.jobs import pin_scoring
-
-        pin_scoring(ws, score_id, groups, cfg)
-
-    def status(self, ws: "Workspace", job_id: str, run_id: str | None = None) -> JobHandle:
-        from shared.azureml.jobs import parallel_job_status
-
-        return parallel_job_status(ws, job_id)
-
-
 def open_compute(settings: Any) -> Compute:
-    return AzureMLCompute() if compute_backend(settings) == AZUREML else LocalCompute()
-
-
-# -- ingestion -----------------------------------------------------------------------------------------
-INGEST = "ingest"
+    return backend("compute", compute_backend(settings))()
 
 
 def submit_ingest(ws: "Workspace", source: str, key: str | None = None) -> JobHandle:
@@ -287,21 +311,9 @@ def submit_ingest(ws: "Workspace", source: str, key: str | None = None) -> JobHa
     is queued and :func:`ingest_status` polls it. ``key`` (the orchestration instance) names the
     job, so a redelivered submit finds the job it already made.
     """
-    if compute_backend(ws.settings) == AZUREML:
-        from shared.azureml.ingest_job import submit_ingest_job
-
-        return submit_ingest_job(ws, source, key)
-    from shared.entry.ingest import run_ingest
-
-    result = run_ingest(ws, source)
-    return JobHandle(f"{INGEST}-local-{result['dataset_id']}", INGEST, result["dataset_id"], 0,
-                     state="completed", detail="ingested in process", summary=result)
+    return ws.compute.ingest(ws, source, key)
 
 
 def ingest_status(ws: "Workspace", job_id: str) -> JobHandle:
     """The state of an ingestion job (Azure ML); a local ingestion finished inside its submit."""
-    if compute_backend(ws.settings) != AZUREML:
-        raise BackendError(f"no ingestion job {job_id} to poll: local ingestion finishes when submitted")
-    from shared.azureml.ingest_job import ingest_job_status
-
-    return ingest_job_status(ws, job_id)
+    return ws.compute.ingest_status(ws, job_id)

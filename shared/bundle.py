@@ -6,8 +6,8 @@ scoring and serving unpickle it and call :meth:`ForecastBundle.predict`. Forecas
 than the horizon proceed in blocks of the horizon (:func:`recursive_forecast`), exactly as the
 training backtests did.
 
-Bundles pickled before this module existed name ``shared.training.ForecastBundle``; that name is
-kept as an alias there, so every stored model keeps loading.
+Bundles pickled before this module existed name ``shared.training.ForecastBundle``: the one
+artifact loader maps that class path here (:data:`shared.artifact_format.CLASS_PATHS`).
 """
 from __future__ import annotations
 

@@ -29,9 +29,12 @@ lag does not reach) and a target vector; ``fit`` ignores rows whose target is Na
   versus ~2.8 s); it also handles missing lags natively and pickles smaller.
 * extra candidates — :class:`SklearnForecaster`: any scikit-learn regressor by dotted path and
   parameters (``training.extra_candidates``), NaN features imputed with training means.
+
+Which names exist, and how each is built, is the one table of :mod:`shared.candidate_kinds`.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -40,13 +43,11 @@ from sklearn.base import BaseEstimator, RegressorMixin, is_regressor
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import Ridge
 
-from shared.config import BUILTIN_CANDIDATES
+from shared.candidate_kinds import candidate_names, find_candidate
 from shared.errors import ManyModelsError
 from shared.features import FeatureSpec
-from shared.local_models import STAT_KINDS, SeasonalNaive, StatsForecaster
 from shared.trust import DEFAULT_ESTIMATOR_PACKAGES, UntrustedCodeError, estimator_class
 
-BUILTIN = BUILTIN_CANDIDATES  # one list of names, checked by the config without importing the models
 LOG_CAP_MARGIN = 1.0  # log-linear forecasts stop at exp(1) = 2.7 times the largest training target
 
 
@@ -308,27 +309,18 @@ class SklearnForecaster(BaseEstimator, RegressorMixin):
 
 
 def make_candidate(name: str, cfg: Any, spec: FeatureSpec) -> BaseEstimator:
-    """A fresh, unfitted estimator for a candidate name of the config."""
-    seed = int(cfg.training.seed)
-    if name == "baseline":
-        return MovingAverageBaseline()
-    if name == "naive":
-        return MovingAverageBaseline(window=1)
-    if name == "snaive":
-        return SeasonalNaive(spec)
-    if name in STAT_KINDS:
-        return StatsForecaster(spec, kind=name)
-    if name == "loglinear":
-        return LogLinearForecaster(spec)
-    if name == "loglm":
-        return LogLinearCovariates(spec)
-    if name == "gbm":
-        return BoostedTreesForecaster(spec, random_state=seed)
+    """A fresh, unfitted estimator for a candidate name of the config (pooled ones are fitted by
+    :mod:`shared.training` over every partition, not built here)."""
+    kind = find_candidate(name)
+    if kind is not None and kind.build is not None:
+        return kind.build(sys.modules[__name__], cfg, spec)
     for extra in cfg.training.extra_candidates:
         if extra.name == name:
             return SklearnForecaster(extra.estimator, dict(extra.params), bool(extra.log_target),
-                                     random_state=seed,
+                                     random_state=int(cfg.training.seed),
                                      packages=tuple(cfg.training.estimator_packages))
+    if kind is not None:
+        raise CandidateError(f"candidate {name!r} is pooled: training fits it once over every partition")
     raise CandidateError(f"unknown candidate {name!r}; known: {known_names(cfg)}")
 
 
@@ -337,16 +329,17 @@ def extra_names(cfg: Any) -> set[str]:
 
 
 def known_names(cfg: Any) -> list[str]:
-    return sorted(set(BUILTIN) | extra_names(cfg))
+    return sorted(set(candidate_names()) | extra_names(cfg))
 
 
 def check_candidates(cfg: Any) -> None:
     """Fail fast, once per batch, on a misconfigured candidate instead of once per partition."""
+    builtin = set(candidate_names())
     for extra in cfg.training.extra_candidates:
-        if extra.name in BUILTIN:
+        if extra.name in builtin:
             raise CandidateError(f"training.extra_candidates: name {extra.name!r} clashes with a built-in "
                                  f"candidate")
         resolve_estimator(extra.estimator, extra.params, extra.name, cfg.training.estimator_packages)
     for name in cfg.training.candidates:
-        if name not in BUILTIN and name not in extra_names(cfg):
+        if name not in builtin and name not in extra_names(cfg):
             raise CandidateError(f"unknown candidate {name!r}; known: {known_names(cfg)}")

@@ -297,7 +297,7 @@ def _seal_or_verify(args: argparse.Namespace, ws: Any) -> dict[str, Any]:
     problems: list[str] = []
     for name in names:
         registry = ws.prod if name == "prod" else ws.dev
-        if not hasattr(registry, "seal"):
+        if not registry.sealable:
             raise _UsageError(f"the {name} registry ({type(registry).__name__}) keeps its own digests: "
                               f"'models {args.action}' is for local registries")
         if args.action == "seal":
@@ -399,6 +399,8 @@ def _partition_to_show(ws: Any, registry: Any, where: str, words: list[str], tag
 def _what_exists(registry: Any, keys: list[str], named: dict[str, str]) -> str:
     """Why no model matches key values: the first value no model has, with values that exist (or,
     each value existing, the partitions that share the first one)."""
+    from shared.keys import describe
+
     for name, value in named.items():
         if registry.find({name: value}, limit=1, latest_only=True):
             continue

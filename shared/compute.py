@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from shared.errors import ManyModelsError
+
 TERMINAL_STATES = ("completed", "failed", "canceled")
 JOB_STATES = ("queued", "running", *TERMINAL_STATES)
 
@@ -45,3 +47,15 @@ class JobHandle:
 def job_id_for(kind: str, run_id: str, group_index: int) -> str:
     """Deterministic job ids make a replayed or redelivered submit find the job it already made."""
     return f"{kind}-{run_id}-g{group_index:05d}"
+
+
+JOB_KINDS = ("train", "score")  # what a group job does
+
+
+class BackendError(ManyModelsError, ValueError):
+    """A backend cannot be opened or asked: unknown job kind, unknown job, missing settings."""
+
+
+def check_kind(kind: str) -> None:
+    if kind not in JOB_KINDS:
+        raise BackendError(f"unknown job kind {kind!r}; one of {list(JOB_KINDS)}")

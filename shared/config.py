@@ -7,7 +7,6 @@ covariates are none unless named (its ``price`` and ``promo`` are used when aske
 from __future__ import annotations
 
 import dataclasses
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,9 @@ from typing import Any, Mapping, Sequence
 import tomli_w
 
 from shared import bounds
+from shared.candidate_kinds import CANDIDATE_NAME, candidate_names, default_candidates, pooled_candidates
 from shared.errors import ManyModelsError
+from shared.metric_names import ERROR_METRICS, METRICS
 from shared.trust import DEFAULT_ESTIMATOR_PACKAGES, UntrustedCodeError, check_estimator_packages, check_estimator_path
 
 CONFIG_FILE_NAME = "manymodels.toml"
@@ -82,19 +83,16 @@ class CandidateSpec:
     log_target: bool = False
 
 
-DEFAULT_CANDIDATES = ("baseline", "naive", "snaive", "theta", "loglinear", "loglm", "global", "global_ar")
-# every built-in candidate name (shared.candidates.BUILTIN says what each is; kept here so that the
-# config can be checked without importing the models)
-BUILTIN_CANDIDATES = ("baseline", "naive", "snaive", "loglinear", "loglm", "gbm", "global", "global_ar", "theta",
-                      "ets", "croston", "tsb")
-POOLED_CANDIDATES = ("global", "global_ar")  # fitted once per run over every partition, not per partition
+# fitted once per run over every partition, not per partition (the table of shared.candidate_kinds
+# says which: importers of this name see its pooled candidates)
+POOLED_CANDIDATES = pooled_candidates()
 
 
 @dataclass
 class TrainingSpec:
     """Which candidate models compete on the validation window, and the selection metric."""
 
-    candidates: list[str] = field(default_factory=lambda: list(DEFAULT_CANDIDATES))
+    candidates: list[str] = field(default_factory=default_candidates)  # shared.candidate_kinds
     extra_candidates: list[CandidateSpec] = field(default_factory=list)
     # packages whose regressors extra_candidates may name (shared.trust); never the standard library
     estimator_packages: list[str] = field(default_factory=lambda: list(DEFAULT_ESTIMATOR_PACKAGES))
@@ -195,6 +193,25 @@ class IngestSpec:
     encoding: str = "utf-8"
 
 
+# Every option with a fixed set of values, each set defined once: validate() checks against it and
+# the message-override table (MESSAGE_OVERRIDES) offers the same values.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "validation.null_keys": ("error", "drop"),
+    "validation.null_target": ("drop", "zero", "error"),
+    "validation.negative_target": ("clip", "drop", "keep", "error"),
+    "validation.duplicates": ("sum", "last", "error"),
+    "validation.exact_duplicates": ("error", "drop", "merge"),
+    "validation.gaps": ("auto", "zero", "interpolate", "keep"),
+    "validation.null_covariates": ("ffill", "zero", "error"),
+    "training.selection_metric": ERROR_METRICS,
+    "promotion.metric": METRICS,
+    "promotion.fallback": ("baseline", "none"),
+    "store.backend": ("sqlite", "odbc"),
+    "store.dialect": ("sqlite", "postgresql", "mssql"),
+    "ingest.decimal": (".", ","),
+}
+
+
 @dataclass
 class ProjectConfig:
     data: DataSpec = field(default_factory=DataSpec)
@@ -287,19 +304,15 @@ class ProjectConfig:
         check_timezone(d.timezone)
         check_csv_options(self.ingest, d)
         self._validate_bounds()
-        _one_of("validation.null_keys", self.validation.null_keys, {"error", "drop"})
-        _one_of("validation.null_target", self.validation.null_target, {"drop", "zero", "error"})
-        _one_of("validation.negative_target", self.validation.negative_target, {"clip", "drop", "keep", "error"})
-        _one_of("validation.duplicates", self.validation.duplicates, {"sum", "last", "error"})
-        _one_of("validation.exact_duplicates", self.validation.exact_duplicates, {"error", "drop", "merge"})
-        _one_of("validation.gaps", self.validation.gaps, {"auto", "zero", "interpolate", "keep"})
-        _one_of("validation.null_covariates", self.validation.null_covariates, {"ffill", "zero", "error"})
+        for name in CHOICES:
+            if name.startswith("validation."):
+                _one_of(name, getattr(self.validation, name.partition(".")[2]))
         self._validate_extra_candidates()
-        known = set(BUILTIN_CANDIDATES) | {c.name for c in self.training.extra_candidates}
+        known = set(candidate_names()) | {c.name for c in self.training.extra_candidates}
         unknown = [c for c in self.training.candidates if c not in known]
         if unknown:
             raise ConfigError(f"training.candidates: unknown candidate(s) {unknown}; known: {sorted(known)}")
-        _one_of("training.selection_metric", self.training.selection_metric, {"wape", "mape", "rmse"})
+        _one_of("training.selection_metric", self.training.selection_metric)
         if int(f.horizon) > int(self.scoring.max_distance):
             raise ConfigError(f"forecast.horizon {f.horizon} is beyond scoring.max_distance "
                               f"{self.scoring.max_distance} periods after the end of training; ask for "
@@ -308,10 +321,10 @@ class ProjectConfig:
         bad = [c for c in chain if c not in SCORING_SOURCES]
         if bad or not chain or len(set(chain)) != len(chain):
             raise ConfigError(f"scoring.chain: {chain!r} must be distinct sources out of {list(SCORING_SOURCES)}")
-        _one_of("promotion.metric", p.metric, {"accuracy", "mape_accuracy", "wape", "mape", "rmse"})
-        _one_of("promotion.fallback", p.fallback, {"baseline", "none"})
-        _one_of("store.backend", self.store.backend, {"sqlite", "odbc"})
-        _one_of("store.dialect", self.store.dialect, {"sqlite", "postgresql", "mssql"})
+        _one_of("promotion.metric", p.metric)
+        _one_of("promotion.fallback", p.fallback)
+        _one_of("store.backend", self.store.backend)
+        _one_of("store.dialect", self.store.dialect)
 
     def _validate_bounds(self) -> None:
         """Every number of the config within its bound of :data:`shared.bounds.BOUNDS`, and finite:
@@ -340,7 +353,7 @@ class ProjectConfig:
             raise ConfigError(str(exc)) from exc
         for i, extra in enumerate(self.training.extra_candidates):
             where = f"training.extra_candidates[{i}]"
-            if not isinstance(extra.name, str) or not _CANDIDATE_NAME.match(extra.name):
+            if not isinstance(extra.name, str) or not CANDIDATE_NAME.match(extra.name):
                 raise ConfigError(f"{where}.name: {extra.name!r} must be a word of letters, digits, '_' "
                                   "or '-' (at most 64 characters)")
             try:
@@ -352,9 +365,6 @@ class ProjectConfig:
                                   "booleans, lists and tables of them)")
             if not isinstance(extra.log_target, bool):
                 raise ConfigError(f"{where}.log_target must be true or false")
-
-
-_CANDIDATE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
 def _is_data(value: Any, depth: int = 0) -> bool:
@@ -398,8 +408,9 @@ def _bounded(name: str) -> OverrideRule:
     return OverrideRule("int" if bound.integer else "float", bound.low, bound.high)
 
 
-def _choice(*choices: str) -> OverrideRule:
-    return OverrideRule("choice", choices=choices)
+def _choice(name: str) -> OverrideRule:
+    """A fixed-choice option with its values from the one table of choices (:data:`CHOICES`)."""
+    return OverrideRule("choice", choices=CHOICES[name])
 
 
 _BOOL = OverrideRule("bool")
@@ -416,7 +427,7 @@ MESSAGE_OVERRIDES: dict[str, OverrideRule] = {
     "forecast.min_periods": _bounded("forecast.min_periods"),
     "forecast.interval_level": _bounded("forecast.interval_level"),
     "training.candidates": OverrideRule("names"),
-    "training.selection_metric": _choice("wape", "mape", "rmse"),
+    "training.selection_metric": _choice("training.selection_metric"),
     "training.seed": _bounded("training.seed"),
     "training.folds": _bounded("training.folds"),
     "training.selection_margin": _bounded("training.selection_margin"),
@@ -425,18 +436,18 @@ MESSAGE_OVERRIDES: dict[str, OverrideRule] = {
     "training.global_max_rows": _bounded("training.global_max_rows"),
     "training.effects": _BOOL,
     "training.history_periods": _bounded("training.history_periods"),
-    "promotion.metric": _choice("accuracy", "mape_accuracy", "wape", "mape", "rmse"),
+    "promotion.metric": _choice("promotion.metric"),
     "promotion.min_value": _bounded("promotion.min_value"),
     "promotion.higher_is_better": _BOOL,
     "promotion.must_beat_champion": _BOOL,
     "promotion.min_history": _bounded("promotion.min_history"),
-    "promotion.fallback": _choice("baseline", "none"),
-    "validation.null_keys": _choice("error", "drop"),
-    "validation.null_target": _choice("drop", "zero", "error"),
-    "validation.negative_target": _choice("clip", "drop", "keep", "error"),
-    "validation.duplicates": _choice("sum", "last", "error"),
-    "validation.gaps": _choice("auto", "zero", "interpolate", "keep"),
-    "validation.null_covariates": _choice("ffill", "zero", "error"),
+    "promotion.fallback": _choice("promotion.fallback"),
+    "validation.null_keys": _choice("validation.null_keys"),
+    "validation.null_target": _choice("validation.null_target"),
+    "validation.negative_target": _choice("validation.negative_target"),
+    "validation.duplicates": _choice("validation.duplicates"),
+    "validation.gaps": _choice("validation.gaps"),
+    "validation.null_covariates": _choice("validation.null_covariates"),
     "scoring.chain": OverrideRule("names", choices=SCORING_SOURCES),
 }
 
@@ -484,7 +495,7 @@ def _fits(rule: OverrideRule, value: Any) -> bool:
         return isinstance(value, str) and value in rule.choices
     if not isinstance(value, list) or not 1 <= len(value) <= 20 or len(set(map(str, value))) != len(value):
         return False
-    if not all(isinstance(v, str) and _CANDIDATE_NAME.match(v) for v in value):
+    if not all(isinstance(v, str) and CANDIDATE_NAME.match(v) for v in value):
         return False
     return not rule.choices or all(v in rule.choices for v in value)
 
@@ -538,7 +549,7 @@ def check_csv_options(ingest: Any, data: Any) -> None:
                                        or ingest.delimiter in ('"', "\n", "\r")):
         raise ConfigError(f"ingest.delimiter {ingest.delimiter!r}: one character (',' ';' '\\t' '|'...) "
                           "or 'auto' (sniffed from the header)")
-    _one_of("ingest.decimal", ingest.decimal, {".", ","})
+    _one_of("ingest.decimal", ingest.decimal)
     if ingest.thousands is not None and (ingest.thousands not in {",", ".", " ", "'", "_"}
                                          or ingest.thousands == ingest.decimal):
         raise ConfigError(f"ingest.thousands {ingest.thousands!r}: one of ',' '.' ' ' \"'\" '_', "
@@ -649,7 +660,9 @@ def _coerce(where: str, fld: dataclasses.Field, value: Any, current: Any) -> Any
     return value
 
 
-def _one_of(where: str, value: str, allowed: set[str]) -> None:
+def _one_of(where: str, value: str) -> None:
+    """``value`` is one of the option's values in :data:`CHOICES`."""
+    allowed = CHOICES[where]
     if value not in allowed:
         raise ConfigError(f"{where}: {value!r} is not one of {sorted(allowed)}")
 

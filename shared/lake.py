@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable, Iterator, Protocol
+from typing import Any, BinaryIO, Callable, Iterator, Protocol
 
 import pandas as pd
 import pyarrow as pa
@@ -66,18 +66,34 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
 
 
 class Lake(Protocol):
+    """Every capability a caller uses, on every lake (no ``hasattr`` probing): files by path, a
+    file's version and size, byte ranges (sampling a large raw file reads its head or footer only),
+    whether a server-side copy into it is still running, and ``local_path`` (None: no local file).
+    ``shared_writers`` says whether several machines may write it; such a lake must provide a
+    cross-machine writer lease (:func:`shared.backends.writer_lease`)."""
+
+    shared_writers: bool
+
     def read_bytes(self, path: str) -> bytes: ...
     def write_bytes(self, path: str, data: bytes) -> None: ...
     def exists(self, path: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, path: str) -> None: ...
     def local_path(self, path: str) -> Path | None: ...
+    def etag(self, path: str) -> str: ...
+    def size(self, path: str) -> int: ...
+    def read_range(self, path: str, offset: int, length: int) -> bytes: ...
+    def copy_pending(self, path: str) -> bool: ...
+    def writer_lease(self, holder: str, wait: float, duration: int) -> Any: ...
     @property
     def uri(self) -> str: ...
 
 
 class LocalLake:
-    """The lake as a local folder, one sub-folder per container."""
+    """The lake as a local folder, one sub-folder per container. One machine writes it (its
+    writers exclude each other with the workdir's lock)."""
+
+    shared_writers = False
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).resolve()
@@ -116,6 +132,37 @@ class LocalLake:
 
     def local_path(self, path: str) -> Path:
         return self._full(path)
+
+    def _stat(self, path: str) -> os.stat_result:
+        try:
+            return self._full(path).stat()
+        except FileNotFoundError as exc:
+            raise LakeError(f"no such file in the lake: {path}") from exc
+
+    def etag(self, path: str) -> str:
+        """A file's version: its modification time and size (a rewrite changes it)."""
+        stat = self._stat(path)
+        return f"local-{stat.st_mtime_ns}-{stat.st_size}"
+
+    def size(self, path: str) -> int:
+        return int(self._stat(path).st_size)
+
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self._full(path), "rb") as fh:
+                fh.seek(offset)
+                return fh.read(length)
+        except FileNotFoundError as exc:
+            raise LakeError(f"no such file in the lake: {path}") from exc
+
+    def copy_pending(self, path: str) -> bool:
+        """A local file is written whole (atomic rename): never a copy in flight."""
+        self._stat(path)
+        return False
+
+    def writer_lease(self, holder: str, wait: float, duration: int) -> None:
+        """None: one machine writes a local lake; its writers take the workdir's lock instead."""
+        return None
 
 
 def folder_parts(lake: Lake, folder: str) -> list[str]:

@@ -51,6 +51,8 @@ SOURCE_CONTAINERS = (RAW, SCORING)  # where upstream lands files a stage may rea
 LATEST = "LATEST"
 REGISTRY_NAMES = ("dev", "prod")
 REGISTRY_INDEX = "index.sqlite"
+DATASET_META_FILE = "dataset.json"
+MANIFEST_FILE = "manifest.parquet"
 CONFIG_FILE = "manymodels.toml"
 
 
@@ -70,11 +72,11 @@ def dataset_dir(dataset_id: str) -> str:
 
 
 def dataset_meta(dataset_id: str) -> str:
-    return _join(PREPARED, dataset_id, "dataset.json")
+    return _join(PREPARED, dataset_id, DATASET_META_FILE)
 
 
 def dataset_manifest(dataset_id: str) -> str:
-    return _join(PREPARED, dataset_id, "manifest.parquet")
+    return _join(PREPARED, dataset_id, MANIFEST_FILE)
 
 
 def batches_dir(dataset_id: str) -> str:
@@ -167,6 +169,11 @@ def scoring_dir(score_id: str) -> str:
 
 def scoring_batches(score_id: str) -> str:
     return _join(SCORING, score_id, "batches")
+
+
+def scoring_batch(score_id: str, name: str) -> str:
+    """A scoring request file by its name (``batch-00000.parquet``)."""
+    return _join(scoring_batches(score_id), name)
 
 
 def scoring_partitions(score_id: str) -> str:

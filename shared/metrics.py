@@ -21,8 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-METRICS = ("wape", "mape", "rmse", "accuracy", "mape_accuracy")
-LOWER_IS_BETTER = {"wape": True, "mape": True, "rmse": True, "accuracy": False, "mape_accuracy": False}
+from shared.metric_names import ACCURACY_OF_ERROR, METRICS, lower_is_better  # names and directions
 
 
 def evaluate(actual: Sequence[float] | np.ndarray,
@@ -123,7 +122,7 @@ def metric_value(metrics: dict, name: str) -> float | None:
     ``mape_accuracy`` from ``mape``) whenever it is there, so records written when ``accuracy``
     meant 1 - MAPE compare on the same scale as new ones.
     """
-    source = {"accuracy": "wape", "mape_accuracy": "mape"}.get(name)
+    source = ACCURACY_OF_ERROR.get(name)
     if source is not None and source in metrics:
         error = _as_float(metrics[source])
         return accuracy_from_error(error)
@@ -182,4 +181,6 @@ def selection_key(score: float, metric: str) -> float:
     """A sort key where smaller is better whatever the metric; NaN sorts last."""
     if np.isnan(score):
         return float("inf")
-    return score if LOWER_IS_BETTER[metric] else -score
+    if metric not in METRICS:
+        raise KeyError(f"unknown metric {metric!r}; one of {list(METRICS)}")
+    return score if lower_is_better(metric) else -score

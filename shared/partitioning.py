@@ -26,13 +26,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shared import layout
 from shared.config import MANIFEST_COLUMNS, ConfigError, ProjectConfig
 from shared.keys import PARTITION_ID, canonical_value
 from shared.lake import Lake, LakeError, read_parquet, write_parquet
 from shared.timegrid import PERIOD, anchor_offset
 from shared.validation import FILLED, ValidationReport
 
-PREPARED = "prepared"
+PREPARED = layout.PREPARED
 _DATASET_ID = re.compile(r"^d[0-9a-f]{16}$")
 
 
@@ -61,7 +62,7 @@ class PreparedDataset:
 
 
 def dataset_root(dataset_id: str) -> str:
-    return f"{PREPARED}/{dataset_id}"
+    return layout.dataset_dir(dataset_id)
 
 
 def fingerprint(frame: pd.DataFrame, cfg: ProjectConfig) -> pd.Series:
@@ -136,13 +137,12 @@ def prepare_dataset(
     sizes = np.diff(np.r_[starts, len(ids)])
     batch_of_part = pack_batches(sizes, file_rows(int(sizes.sum()), cfg))
     names = batch_names(batch_of_part)
-    root = dataset_root(dataset_id)
     bounds = np.r_[starts, len(ids)]
     part_bounds = np.r_[np.flatnonzero(np.r_[True, batch_of_part[1:] != batch_of_part[:-1]]), len(starts)]
     table = batch_table(frame)  # one conversion, then zero-copy slices: the same bytes as per slice
     for b, name in enumerate(names):
         lo, hi = bounds[part_bounds[b]], bounds[part_bounds[b + 1]]
-        write_batch(lake, f"{root}/batches/{name}", table.slice(lo, hi - lo))
+        write_batch(lake, layout.batch(dataset_id, name), table.slice(lo, hi - lo))
     del table
 
     manifest = _manifest(frame, cfg, starts, sizes, prints, [names[b] for b in batch_of_part])
@@ -163,10 +163,10 @@ def stored_dataset(lake: Lake, dataset_id: str) -> tuple[PreparedDataset | None,
     Cheap: the manifest, then each mini-batch file's Parquet footer (a truncated or half-written
     file has none) and its row count against the manifest's; no data page is read.
     """
-    meta_path = f"{dataset_root(dataset_id)}/dataset.json"
+    meta_path = layout.dataset_meta(dataset_id)
     if not lake.exists(meta_path):
         return None, ""
-    problem, current = "", "manifest.parquet"
+    problem, current = "", layout.MANIFEST_FILE
     try:
         found = load_dataset(lake, dataset_id)
         expected = found.manifest.groupby("batch")["n_rows"].sum() if "batch" in found.manifest else {}
@@ -217,8 +217,7 @@ def finish_dataset(
     anchor: str | None,
 ) -> PreparedDataset:
     """Write the manifest, then ``dataset.json`` (last: it marks the dataset complete)."""
-    root = dataset_root(dataset_id)
-    write_parquet(lake, f"{root}/manifest.parquet", manifest)
+    write_parquet(lake, layout.dataset_manifest(dataset_id), manifest)
     meta = {
         "dataset_id": dataset_id,
         "created_at": datetime.now(timezone.utc).isoformat(),
@@ -229,7 +228,7 @@ def finish_dataset(
         "batches": names,
         "validation": report.to_dict(),
     }
-    lake.write_bytes(f"{root}/dataset.json", json.dumps(meta, indent=2, default=str).encode("utf-8"))
+    lake.write_bytes(layout.dataset_meta(dataset_id), json.dumps(meta, indent=2, default=str).encode("utf-8"))
     return _from_meta(meta, manifest)
 
 
@@ -259,11 +258,11 @@ def pack_batches(sizes: np.ndarray, rows_per_file: int) -> np.ndarray:
 def load_dataset(lake: Lake, dataset_id: str) -> PreparedDataset:
     if not _DATASET_ID.match(dataset_id or ""):
         raise LakeError(f"invalid dataset id {dataset_id!r} (expected 'd' + 16 hex digits)")
-    path = f"{dataset_root(dataset_id)}/dataset.json"
+    path = layout.dataset_meta(dataset_id)
     if not lake.exists(path):
         raise LakeError(f"no prepared dataset {dataset_id} in the lake ({path} not found)")
     meta = json.loads(lake.read_bytes(path).decode("utf-8"))
-    manifest = read_parquet(lake, f"{dataset_root(dataset_id)}/manifest.parquet")
+    manifest = read_parquet(lake, layout.dataset_manifest(dataset_id))
     return _from_meta(meta, manifest)
 
 
@@ -272,7 +271,7 @@ def latest_dataset(lake: Lake) -> str | None:
     best: tuple[str, str] | None = None
     for path in lake.list(PREPARED):
         parts = path.split("/")
-        if len(parts) != 3 or parts[2] != "dataset.json" or not _DATASET_ID.match(parts[1]):
+        if len(parts) != 3 or parts[2] != layout.DATASET_META_FILE or not _DATASET_ID.match(parts[1]):
             continue
         created = json.loads(lake.read_bytes(path).decode("utf-8")).get("created_at", "")
         if best is None or (created, parts[1]) > best:
@@ -281,11 +280,10 @@ def latest_dataset(lake: Lake) -> str | None:
 
 
 def _from_meta(meta: dict[str, Any], manifest: pd.DataFrame) -> PreparedDataset:
-    root = dataset_root(meta["dataset_id"])
     return PreparedDataset(
         dataset_id=meta["dataset_id"],
         manifest=manifest,
-        batch_paths=[f"{root}/batches/{name}" for name in meta["batches"]],
+        batch_paths=[layout.batch(meta["dataset_id"], name) for name in meta["batches"]],
         anchor=meta.get("anchor"),
         config=meta["config"],
         validation=meta.get("validation", {}),

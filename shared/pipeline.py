@@ -11,7 +11,6 @@ what the stages share (latest pointers, run.json, ids, the runs record) in
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -21,16 +20,13 @@ from typing import Any, Callable, ContextManager
 import pandas as pd
 
 from shared import faults, layout
-from shared.backends import check_kind
 from shared.compute import JobHandle
-from shared.config import ProjectConfig
 from shared.ingest import read_source
 from shared.keys import PARTITION_ID
-from shared.lake import folder_parts, read_parquet, write_parquet
+from shared.lake import read_parquet, write_parquet
 from shared.promotion import decision_of, promote_run
-from shared.registration import keys_of, lake_digest, result_rows
+from shared.registration import keys_of, result_rows
 from shared.report import write_report
-from shared.runner import run_parallel
 from shared.scoring import prepare_scoring
 from shared.stage_state import (  # noqa: F401  (re-exported)
     PipelineError,
@@ -42,8 +38,7 @@ from shared.stage_state import (  # noqa: F401  (re-exported)
     latest_dataset_id,
     latest_run_id,
 )
-from shared.streaming import ingest_source
-from shared.summaries import (GroupSummary, IngestSummary, LoadSummary, PromotionSummary, RegisterSummary,
+from shared.summaries import (GroupSummary, LoadSummary, PromotionSummary, RegisterSummary,
                               ScoringPlan, TrainingPlan)
 from shared.train_stage import (  # noqa: F401  (re-exported)
     _replan,
@@ -54,59 +49,13 @@ from shared.train_stage import (  # noqa: F401  (re-exported)
     wants_global,
 )
 from shared.validation import ValidationReport
-from shared.workspace import StagedRun, Workspace
+from shared.ingestion import ingest, resolve_source  # noqa: F401  (ingest: the stage, here with the others)
+from shared.local_compute import run_group
+from shared.workspace import Workspace
 
-TRAIN_ENTRY = "shared.entry.train"
-SCORE_ENTRY = "shared.entry.score"
-ENTRIES = {"train": TRAIN_ENTRY, "score": SCORE_ENTRY}
 LAKE_SOURCE_CONTAINERS = layout.SOURCE_CONTAINERS
 PLAN_ATTEMPTS = 3  # a scoring plan cut again when a promotion lands while it is cut
 PROBLEM_EXAMPLES = 5  # failed or degraded partitions a summary names (the counts say how many)
-
-
-# -- ingest ------------------------------------------------------------------------------------
-def ingest(ws: Workspace, source: str | Path, query: str | None = None) -> IngestSummary:
-    """Read, validate and partition a source; the same data twice gives the same dataset.
-
-    Within ``ingest.memory_mb`` whatever the source's size (``shared.streaming``)."""
-    faults.point("ingest.start")
-    dataset, report = ingest_source(
-        ws.lake, _resolve_source(ws, source), ws.config, query=query, tmp_root=ws.local_dir(".cache")
-    )
-    faults.point("ingest.latest")
-    ws.lake.write_bytes(layout.LATEST_DATASET, dataset.dataset_id.encode())
-    return IngestSummary(
-        dataset_id=dataset.dataset_id,
-        partitions=int(len(dataset.manifest)),
-        rows=int(dataset.manifest["n_rows"].sum()),
-        report=report.to_dict(),
-        reused=bool(getattr(dataset, "reused", False)),
-        rewrote=str(getattr(dataset, "rewrote", "") or ""),
-    )
-
-
-def _resolve_source(ws: Workspace, source: str | Path) -> str | Path:
-    """A lake path (raw/..., scoring/...) is staged to a local file; else a local path or ODBC."""
-    text = str(source)
-    if text.startswith("odbc:"):
-        return text
-    if layout.is_source(text) and not Path(text).exists():
-        local = ws.lake.local_path(text)
-        if local is not None:
-            return local
-        staged = ws.local_dir(".cache", "sources") / text.rstrip("/").replace("/", "__")
-        if ws.lake.exists(text):
-            staged.write_bytes(ws.lake.read_bytes(text))
-            return staged
-        # a folder dataset (Spark's part files): its parts, each staged under its own name
-        shutil.rmtree(staged, ignore_errors=True)  # never mixed with an earlier version's parts
-        prefix = text.rstrip("/") + "/"
-        for path in folder_parts(ws.lake, text):
-            target = staged / path[len(prefix):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(ws.lake.read_bytes(path))
-        return staged
-    return Path(text)
 
 
 # -- running groups (training and scoring); training -------------------------------------------
@@ -122,50 +71,6 @@ def job_status(ws: Workspace, job_id: str, run_id: str | None = None) -> JobHand
     return ws.compute.status(ws, job_id, run_id)
 
 
-def run_group(ws: Workspace, kind: str, run_id: str, batch_paths: list[str], group_index: int = 0,
-              progress: bool | None = None) -> GroupSummary:
-    """Train or score one group of mini-batch files with its entry script on the local process pool.
-
-    Both kinds stage their files the same way (:class:`shared.workspace.StagedRun`) and pass the
-    parallel job contract's arguments, flag for flag as :mod:`shared.azureml.jobs` does; a training
-    group reads the run's config and global model, a scoring group the config it was planned with and
-    the registries.
-    """
-    check_kind(kind)
-    meta = _run_meta(ws, run_id)
-    dataset_meta = layout.dataset_meta(meta["dataset_id"])
-    if kind == "train":
-        cfg = ws.config
-        global_path = layout.global_model(run_id)
-        extra = [global_path] if ws.lake.exists(global_path) else []
-        subset = meta.get("partitions_file")
-        if subset:
-            extra.append(subset)
-        counted = {"total_items": _partitions_in(ws, meta["dataset_id"], batch_paths, subset)}
-    else:
-        cfg = ProjectConfig.from_dict(meta["config"])
-        extra, counted = [], {}
-    spec = cfg.runner if progress is None else replace(cfg.runner, progress=progress)
-    with StagedRun(ws, run_id, batch_paths, [dataset_meta, *extra]) as staged:
-        args = ["--config", str(staged.write_config(cfg)), "--dataset-meta", str(staged.input(dataset_meta))]
-        if kind == "train":
-            args += ["--output-dir", str(staged.output("models")), "--run-id", run_id]
-            if ws.lake.exists(global_path):
-                args += ["--global-model", str(staged.input(global_path))]
-                digest = lake_digest(ws.lake, global_path)
-                if digest:
-                    args += ["--global-model-sha256", digest]
-            if subset:
-                args += ["--partitions", str(staged.input(subset))]
-        else:
-            prod_root, dev_root = ws.registry_roots()
-            args += ["--prod-registry", str(prod_root), "--dev-registry", str(dev_root),
-                     "--output-dir", str(staged.output("predictions")), "--score-id", run_id]
-        outcome = run_parallel(ENTRIES[kind], [str(staged.input(p)) for p in batch_paths], args, spec,
-                               staged.output("results"), desc=f"{kind} {run_id}", **counted)
-    return GroupSummary.of(run_id, group_index, outcome)
-
-
 def train_group(
     ws: Workspace, run_id: str, batch_paths: list[str], group_index: int = 0, progress: bool | None = None
 ) -> GroupSummary:
@@ -178,15 +83,6 @@ def score_group(
 ) -> GroupSummary:
     """Score some scoring-input files (:func:`run_group`)."""
     return run_group(ws, "score", score_id, batch_paths, group_index, progress)
-
-
-def _partitions_in(ws: Workspace, dataset_id: str, batch_paths: list[str], subset: str | None = None) -> int:
-    manifest = _load_dataset(ws, dataset_id).manifest
-    names = {p.rsplit("/", 1)[-1] for p in batch_paths}
-    inside = manifest["batch"].isin(names)
-    if subset:
-        inside &= manifest[PARTITION_ID].astype(str).isin(json.loads(ws.lake.read_bytes(subset)))
-    return int(inside.sum())
 
 
 def train(
@@ -230,7 +126,7 @@ def promote(ws: Workspace, run_id: str | None = None, min_accuracy: float | None
     for d in decisions:
         setattr(summary, d.decision, getattr(summary, d.decision) + 1)
         if d.decision == "rejected":
-            reason = d.reason.split(" ")[0] if d.reason else "rejected"
+            reason = d.code or "rejected"
             summary.reasons[reason] = summary.reasons.get(reason, 0) + 1
         if d.decision != "unchanged":
             rows.append({**d.to_row(), **keys_of(keyed, d.partition_id, ws.config.data.keys)})
@@ -290,7 +186,7 @@ def plan_scoring(
     frame = None
     source_id: Any = None
     if data is not None:
-        frame = read_source(_resolve_source(ws, data), cfg)
+        frame = read_source(resolve_source(ws, data), cfg)
         source_id = int(pd.util.hash_pandas_object(frame, index=False).sum() % (1 << 63))
     for _attempt in range(PLAN_ATTEMPTS):
         versions = _registry_versions(ws)

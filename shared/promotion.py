@@ -20,12 +20,22 @@ from typing import Any, Mapping
 
 from shared.config import PromotionRules
 from shared.global_model import GLOBAL_ID
+from shared.metric_names import lower_is_better
 from shared.metrics import metric_value
 from shared.registry import ModelRecord, ModelRegistry, RegistryError
 
 PROMOTABLE_STATUSES = ("trained", "baseline_only")
 DECISION_TAGS = ("reason", "metric", "value", "threshold", "champion_value")  # as promotion_<name>
-LOWER_IS_BETTER = ("wape", "mape", "rmse")
+# The rule a rejected model failed, one word each, set where the rule is applied: the run summary
+# counts rejections by it ("rejection_reasons"), never by the first word of the sentence.
+REJECTION_CODES = (
+    "status",  # its training status is not promotable (failed, skipped)
+    "metric",  # the promotion metric is missing or NaN
+    "accuracy",  # the metric misses rules.min_value (whatever the metric: not accurate enough)
+    "history",  # too few observed periods, or unknown
+    "champion",  # the production model is as good or better
+    "artifact",  # its artifact changed or vanished since it was registered
+)
 
 
 @dataclass
@@ -34,7 +44,8 @@ class Decision:
 
     ``value``/``champion_value`` are the compared metric; ``prod_version`` is the production
     version created (promoted), already holding this run's model (unchanged), or the champion's
-    version that was not beaten (rejected).
+    version that was not beaten (rejected). ``code`` is the rule a rejected model failed (one of
+    :data:`REJECTION_CODES`; empty otherwise), ``reason`` the same in words.
     """
 
     partition_id: str
@@ -47,6 +58,7 @@ class Decision:
     champion_value: float | None = None
     dev_version: int | None = None
     prod_version: int | None = None
+    code: str = ""
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,7 +67,7 @@ class Decision:
 def higher_is_better(rules: PromotionRules) -> bool:
     """Error metrics (wape, mape, rmse) are lower-is-better whatever the rules say; accuracy and
     custom metrics follow ``rules.higher_is_better``."""
-    return False if rules.metric in LOWER_IS_BETTER else bool(rules.higher_is_better)
+    return False if lower_is_better(rules.metric) else bool(rules.higher_is_better)
 
 
 def promote_run(dev: ModelRegistry, prod: ModelRegistry, run_id: str, rules: PromotionRules,
@@ -94,13 +106,13 @@ def promote_run(dev: ModelRegistry, prod: ModelRegistry, run_id: str, rules: Pro
         decision.champion_value = champion_value
         if champion is not None:
             decision.prod_version = champion.version
-        reason = _rejection(record, value, champion_value, rules, up, history)
-        if reason:
-            decision.reason = reason
+        failed = _rejection(record, value, champion_value, rules, up, history)
+        if failed:
+            decision.code, decision.reason = failed
             continue
         damaged = _integrity(dev, record)
         if damaged:
-            decision.reason = damaged
+            decision.code, decision.reason = "artifact", damaged
             continue
         decision.decision = "promoted"
         passed = f"{rules.metric} {_fmt(value)} {'>=' if up else '<='} {_fmt(rules.min_value)}"
@@ -161,39 +173,38 @@ def decision_of(record: ModelRecord) -> Decision:
 
 
 def _run_records(registry: ModelRegistry, run_id: str) -> list[ModelRecord]:
-    """Every record of a run, its global model included (registries without that option list all)."""
-    try:
-        return registry.find(run_id=run_id, include_global=True)
-    except TypeError:
-        return registry.find(run_id=run_id)
+    """Every record of a run, its global model included."""
+    return registry.find(run_id=run_id, include_global=True)
 
 
 def _rejection(record: ModelRecord, value: float | None, champion_value: float | None,
-               rules: PromotionRules, up: bool, history: Mapping[str, int] | None) -> str | None:
-    """The first rule the model fails, as a sentence; None when it passes them all."""
+               rules: PromotionRules, up: bool,
+               history: Mapping[str, int] | None) -> tuple[str, str] | None:
+    """The first rule the model fails, as its code (:data:`REJECTION_CODES`) and a sentence; None
+    when it passes them all."""
     metric = rules.metric
     if record.status not in PROMOTABLE_STATUSES:
-        return f"status {record.status} is not promotable"
+        return "status", f"status {record.status} is not promotable"
     if value is None:
-        return f"metric {metric} is missing"
+        return "metric", f"metric {metric} is missing"
     if math.isnan(value):
-        return f"metric {metric} is NaN"
+        return "metric", f"metric {metric} is NaN"
     threshold = float(rules.min_value)
     if up and value < threshold:
-        return f"{metric} {_fmt(value)} < {_fmt(threshold)}"
+        return "accuracy", f"{metric} {_fmt(value)} < {_fmt(threshold)}"
     if not up and value > threshold:
-        return f"{metric} {_fmt(value)} > {_fmt(threshold)}"
+        return "accuracy", f"{metric} {_fmt(value)} > {_fmt(threshold)}"
     if rules.min_history > 0:
         observed = _observed(record, history)
         if observed is None:
-            return f"history unknown (min_history {rules.min_history})"
+            return "history", f"history unknown (min_history {rules.min_history})"
         if observed < rules.min_history:
-            return f"history {observed} < min_history {rules.min_history} observed periods"
+            return "history", f"history {observed} < min_history {rules.min_history} observed periods"
     has_champion = champion_value is not None and not math.isnan(champion_value)
     beaten = has_champion and (champion_value >= value if up else champion_value <= value)
     if rules.must_beat_champion and beaten:
         sign = ">=" if up else "<="
-        return f"champion {metric} {_fmt(champion_value)} {sign} challenger {_fmt(value)}"
+        return "champion", f"champion {metric} {_fmt(champion_value)} {sign} challenger {_fmt(value)}"
     return None
 
 

@@ -8,7 +8,6 @@ becomes one registry entry of its own (partition id ``_global``).
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from shared import layout
+from shared.artifact_format import dump_artifact, load_artifact
 from shared.config import ProjectConfig
 from shared.global_model import GLOBAL_ID
 from shared.keys import PARTITION_ID
@@ -123,13 +123,14 @@ def global_record(lake: Lake, run_id: str, rows: list[dict[str, Any]]) -> tuple[
                  "scope": "global"},
         "status": "trained",
     }
-    return record, pickle.dumps(final, protocol=pickle.HIGHEST_PROTOCOL)
+    return record, dump_artifact(final)
 
 
 def dump_lake_pickle(lake: Lake, path: str, obj: Any) -> str:
-    """Pickle ``obj`` to the lake at ``path``, then record its SHA-256 beside it (the writer's digest,
-    :func:`load_lake_pickle` checks it); returns the digest."""
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    """Write ``obj`` to the lake at ``path`` as an artifact (:func:`~shared.artifact_format.dump_artifact`),
+    then record its SHA-256 beside it (the writer's digest, :func:`load_lake_pickle` checks it);
+    returns the digest."""
+    data = dump_artifact(obj)
     digest = sha256_bytes(data)
     lake.write_bytes(path, data)
     lake.write_bytes(digest_path(path), digest.encode("ascii"))
@@ -143,10 +144,10 @@ def lake_digest(lake: Lake, path: str) -> str | None:
 
 
 def load_lake_pickle(lake: Lake, path: str, what: str) -> Any:
-    """Unpickle a lake file once its bytes match the digest its writer recorded."""
+    """A lake artifact, read by the one loader once its bytes match the digest its writer recorded."""
     data = lake.read_bytes(path)
     check_digest(data, lake_digest(lake, path), what)
-    return pickle.loads(data)
+    return load_artifact(data, what)
 
 
 def artifact_source(lake: Lake, lake_path: str) -> Path | bytes:

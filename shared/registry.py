@@ -15,7 +15,8 @@ Layout under ``root``:
 
 Trust: an artifact is a pickle, and unpickling runs code. Each record stores the SHA-256 of its
 artifact, taken while the file was written; :meth:`ModelRegistry.load` reads the bytes once, checks
-them against the index and only then unpickles them, so a file dropped over, edited or corrupted
+them against the index and only then unpickles them (through the one artifact loader,
+:mod:`shared.artifact_format`), so a file dropped over, edited or corrupted
 after registration is refused (:class:`ArtifactIntegrityError`, one partition's failure) instead of
 run. A file the index does not name is never loaded. Whoever can write ``index.sqlite`` itself is
 trusted: the index and the folder's permissions are the boundary. Records of registries made before
@@ -30,16 +31,15 @@ The records, their tags and their index rows are defined in :mod:`shared.registr
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
-import pickle
 import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from shared.artifact_format import load_artifact
 from shared.registry_records import (  # noqa: F401  (re-exported: callers import them from here)
     ASSET_PREFIX,
     GLOBAL_PARTITION,
@@ -61,6 +61,7 @@ from shared.registry_records import (  # noqa: F401  (re-exported: callers impor
     _to_db,
 )
 from shared.trust import copy_with_digest, sha256_bytes, sha256_file, write_with_digest
+from shared.layout import REGISTRY_INDEX
 
 LOG = logging.getLogger("manymodels.registry")
 
@@ -68,10 +69,14 @@ LOG = logging.getLogger("manymodels.registry")
 class ModelRegistry:
     """Models by partition, versioned, with tags; an index makes every lookup a key lookup.
 
+    ``sealable``: its legacy records' digests can be recorded in place (``manymodels models seal``).
+
     Safe to share between threads (one lock) and to use from several processes at once (SQLite
     WAL plus ``BEGIN IMMEDIATE`` for writers). Connections are per process: after a fork the
     child opens its own.
     """
+
+    sealable = True
 
     def __init__(self, root: Path | str, name: str, working_copy: bool = False,
                  index: Path | str | None = None) -> None:
@@ -81,7 +86,7 @@ class ModelRegistry:
         self.name = name
         # a scoring job's slice: its own small index (downloaded, writable) over the registry's
         # artifacts folder (a read-only mount, of which it reads only the files the index names)
-        self.index_path = Path(index).resolve() if index is not None else self.root / "index.sqlite"
+        self.index_path = Path(index).resolve() if index is not None else self.root / REGISTRY_INDEX
         # a working copy (the Azure ML registry's local cache) is rebuilt from the lake, which holds
         # the records: a lost index there is expected, not a loss to refuse
         self.working_copy = working_copy
@@ -352,25 +357,23 @@ class ModelRegistry:
             params.append(int(limit))
         return [_from_db(row) for row in self._query(sql, params)]
 
-    def load(self, record: ModelRecord) -> Any:
-        """Unpickle a record's artifact (a ``ForecastBundle`` for our own models), once its bytes
-        match the SHA-256 the index recorded; :class:`ArtifactIntegrityError` otherwise.
+    # the project's extra estimator packages (training.estimator_packages) its models may be built
+    # from, beside the built-in libraries: set by whoever opens the registry with the project config
+    packages: tuple[str, ...] = ()
+
+    def load(self, record: ModelRecord, packages: Iterable[str] | None = None) -> Any:
+        """A record's artifact (a ``ForecastBundle`` for our own models), once its bytes match the
+        SHA-256 the index recorded (:class:`ArtifactIntegrityError` otherwise), read by the one
+        artifact loader (:func:`shared.artifact_format.load_artifact`: class-path map, allow-list,
+        library versions; legacy pickles and joblib files still load).
 
         The record is looked up again by (partition, version): what is checked and loaded is what
-        the index says, whatever the caller's copy of the record holds.
+        the index says, whatever the caller's copy of the record holds. ``packages``: the project's
+        extra estimator packages, allowed beside the built-in libraries.
         """
         data = self.verified_bytes(record)
-        try:
-            return pickle.loads(data)
-        except pickle.UnpicklingError as not_pickle:
-            # artifacts written with joblib.dump (its numpy side-channel format), e.g. by
-            # earlier releases or by hand, still load; anything else keeps pickle's error
-            import joblib
-
-            try:
-                return joblib.load(io.BytesIO(data))
-            except Exception:  # noqa: BLE001 - not a joblib file either: report the first error
-                raise not_pickle from None
+        what = f"model {record.partition_id} v{record.version} of the {self.name} registry"
+        return load_artifact(data, what, self.packages if packages is None else packages)
 
     def verified_bytes(self, record: ModelRecord) -> bytes:
         """The artifact's bytes, read once and checked against the index (nothing is unpickled)."""
@@ -445,6 +448,10 @@ class ModelRegistry:
     def refresh(self, force: bool = False) -> bool:
         """Nothing to pull: a local index is read live (the Azure ML registry pulls its lake copy)."""
         return False
+
+    def folder(self) -> Path:
+        """The registry as a plain folder, for local entry scripts: this one is one already."""
+        return self.root
 
     def index_version(self) -> int:
         """A counter bumped by every write transaction: a cache polls it to notice new versions."""

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from shared.keys import PARTITION_ID
+from shared.metric_names import lower_is_better
 from shared.report_data import ReportData, _num
 from shared.report_format import _duration, _e, _int, _pct, _pill, _text  # noqa: F401
 from shared.report_table import SCRIPT, effects_section, series_section, wins_block
@@ -327,7 +328,7 @@ def _accuracy_section(data: ReportData) -> str:
     threshold = ""
     if data.threshold is not None:
         threshold = f" The promotion rule is {_e(data.promotion_metric or 'accuracy')} ≥ {data.threshold:.2f}."
-        if data.promotion_metric in ("wape", "mape", "rmse"):
+        if lower_is_better(data.promotion_metric or ""):
             threshold = f" The promotion rule is {_e(data.promotion_metric)} ≤ {data.threshold:.2f}."
     return (f'<section id="accuracy"><h2>Accuracy distribution</h2><p class="note">Accuracy of each '
             f"partition's chosen model on its held-out test window.{threshold} Right: each partition's "

@@ -69,7 +69,7 @@ def prepare_scoring(lake: Lake, cfg: ProjectConfig, dataset: Any, frame: pd.Data
     done = f"{root}/scoring.json"
     if lake.exists(done):
         meta = json.loads(lake.read_bytes(done).decode("utf-8"))
-        return [f"{root}/batches/{name}" for name in meta["batches"]]
+        return [layout.scoring_batch(score_id, name) for name in meta["batches"]]
     manifest = dataset.manifest
     if frame is None:
         requests = horizon_requests(manifest, cfg)
@@ -93,7 +93,7 @@ def prepare_scoring(lake: Lake, cfg: ProjectConfig, dataset: Any, frame: pd.Data
         parts = np.flatnonzero(batch_of == b)
         lo, hi = bounds[parts[0]], bounds[parts[-1] + 1]
         name = f"batch-{b:05d}.parquet"
-        write_parquet(lake, f"{root}/batches/{name}", requests.iloc[lo:hi].reset_index(drop=True))
+        write_parquet(lake, layout.scoring_batch(score_id, name), requests.iloc[lo:hi].reset_index(drop=True))
         names.append(name)
     unknown = sorted(set(ids) - known)
     write_parquet(lake, layout.scoring_partitions(score_id), pd.DataFrame(
@@ -103,7 +103,7 @@ def prepare_scoring(lake: Lake, cfg: ProjectConfig, dataset: Any, frame: pd.Data
             "partitions": int(len(starts)), "unknown_partitions": len(unknown),
             "unknown_examples": unknown[:5], "batches": names}
     lake.write_bytes(done, json.dumps(meta, indent=2).encode("utf-8"))
-    return [f"{root}/batches/{name}" for name in names]
+    return [layout.scoring_batch(score_id, name) for name in names]
 
 
 def horizon_requests(manifest: pd.DataFrame, cfg: ProjectConfig) -> pd.DataFrame:

@@ -10,13 +10,15 @@ import hashlib
 import json
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared import layout
 from shared.errors import ManyModelsError
 from shared.lake import LakeError
 from shared.partitioning import load_dataset
-from shared.workspace import Workspace
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shared.workspace import Workspace
 
 
 class PipelineError(ManyModelsError, RuntimeError):

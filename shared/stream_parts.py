@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -51,8 +51,23 @@ from shared.validation import (
     validate,
 )
 
-if TYPE_CHECKING:
-    from shared.streaming import _Scan
+@dataclass
+class Scan:
+    """What pass 1 of a streamed ingest learned about the whole input (filled by :mod:`shared.streaming`)."""
+
+    rows: int = 0
+    columns: list[str] = field(default_factory=list)
+    dtypes: dict[str, set] = field(default_factory=dict)
+    bucket_rows: np.ndarray | None = None
+    bucket_bytes: np.ndarray | None = None
+    pieces: dict[int, list[str]] = field(default_factory=dict)
+    null_rows: int = 0
+    null_key_columns: set = field(default_factory=set)
+    null_examples: list[pa.Table] = field(default_factory=list)
+    first_time: Any = UNSET
+    time_format: str | None = None
+    anchor: Any = UNSET
+
 
 ROW = "__row"  # input position of a spilled row
 SPILL_CHUNK = 65_536  # rows per record batch of a validated spill: pass 3 reads only what it needs
@@ -73,7 +88,7 @@ def validate_parts(
     pool,
     cfg: ProjectConfig,
     work: Path,
-    scan: _Scan,
+    scan: Scan,
     parts: list[list[int]],
     dtypes: dict[str, Any],
     null_examples: Callable[[], pd.DataFrame],
@@ -404,7 +419,7 @@ def _merged_anchor(results: list[dict], freq: str) -> str | None:
 
 
 def _merged_report(
-    results: list[dict], scan: _Scan, cfg: ProjectConfig, null_examples: pd.DataFrame | None
+    results: list[dict], scan: Scan, cfg: ProjectConfig, null_examples: pd.DataFrame | None
 ) -> ValidationReport:
     """The parts' reports as one: counts summed, reasons in validate's order, first examples."""
     report = ValidationReport(input_rows=scan.rows, policy=dataclasses.asdict(cfg.validation))

@@ -43,7 +43,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +67,9 @@ from shared.ingest import (
 from shared.keys import partition_id
 from shared.lake import Lake
 from shared.partitioning import PreparedDataset, prepare_dataset
-from shared.stream_parts import (  # noqa: F401  (INPUT_ORDER, SPILL_CHUNK, _kth: re-exported)
-    INPUT_ORDER,
+from shared.stream_parts import (
     ROW,
-    SPILL_CHUNK,
-    _kth,
+    Scan,
     _return_freed_memory,
     _typed,
     validate_parts,
@@ -188,24 +186,6 @@ def _row_bytes(path: Path, kind: str, cfg: ProjectConfig) -> float:
 # -- the streaming path ------------------------------------------------------------------------
 
 
-@dataclass
-class _Scan:
-    """What pass 1 learned about the whole input."""
-
-    rows: int = 0
-    columns: list[str] = field(default_factory=list)
-    dtypes: dict[str, set] = field(default_factory=dict)
-    bucket_rows: np.ndarray | None = None
-    bucket_bytes: np.ndarray | None = None
-    pieces: dict[int, list[str]] = field(default_factory=dict)
-    null_rows: int = 0
-    null_key_columns: set = field(default_factory=set)
-    null_examples: list[pa.Table] = field(default_factory=list)
-    first_time: Any = UNSET
-    time_format: str | None = None
-    anchor: Any = UNSET
-
-
 class _Streamer:
     def __init__(self, lake: Lake, path: Path, kind: str, cfg: ProjectConfig, work: Path, plan: StreamPlan):
         self.lake, self.path, self.kind, self.cfg, self.work, self.plan = lake, path, kind, cfg, work, plan
@@ -222,9 +202,9 @@ class _Streamer:
             return write_parts(pool, self.lake, self.cfg, self.work, self.plan.workers, results, report, anchor)
 
     # -- pass 1 ------------------------------------------------------------------------------
-    def _scan(self) -> _Scan:
+    def _scan(self) -> Scan:
         spec, policy = self.spec, self.cfg.validation
-        scan = _Scan()
+        scan = Scan()
         n_buckets = self.plan.buckets
         scan.bucket_rows = np.zeros(n_buckets, dtype=np.int64)
         writers: dict[int, tuple[pa.Schema, Any, Any]] = {}
@@ -270,7 +250,7 @@ class _Streamer:
             )
         return scan
 
-    def _bucket(self, table: pa.Table, scan: _Scan, writers: dict, cache: dict) -> None:
+    def _bucket(self, table: pa.Table, scan: Scan, writers: dict, cache: dict) -> None:
         spec = self.spec
         n = table.num_rows
         rows = np.arange(scan.rows, scan.rows + n, dtype=np.int64)
@@ -335,7 +315,7 @@ class _Streamer:
                 scan.pieces.setdefault(b, []).append(name)
             writer.write_table(piece)
 
-    def _time_facts(self, head: pa.Table, scan: _Scan) -> None:
+    def _time_facts(self, head: pa.Table, scan: Scan) -> None:
         """The first time value (quoted by 'not a date'), the input's date format, a provisional anchor."""
         spec = self.spec
         times = table_to_pandas(head.select([spec.time]))[spec.time]
@@ -362,7 +342,7 @@ class _Streamer:
         except (DataValidationError, ValueError, TypeError):
             scan.anchor = UNSET  # each part finds its own; checked against the whole input's later
 
-    def _null_examples(self, scan: _Scan) -> pd.DataFrame:
+    def _null_examples(self, scan: Scan) -> pd.DataFrame:
         # the same column may have been read as numbers in one batch and text in another: pandas
         # unifies what Arrow cannot (as _read_part does for the parts)
         frame = pd.concat([table_to_pandas(t) for t in scan.null_examples])
@@ -370,13 +350,13 @@ class _Streamer:
         frame.index = pd.Index(frame.pop(ROW).to_numpy(), name="row")
         return example_rows(frame, frame.index.to_numpy())
 
-    def _dtypes(self, scan: _Scan) -> dict[str, Any]:
+    def _dtypes(self, scan: Scan) -> dict[str, Any]:
         """The dtype each column has when the whole input is read at once (pandas' common type)."""
         from pandas.core.dtypes.cast import find_common_type
 
         return {name: find_common_type(list(types)) for name, types in scan.dtypes.items() if len(types)}
 
-    def _parts(self, scan: _Scan) -> list[list[int]]:
+    def _parts(self, scan: Scan) -> list[list[int]]:
         """Consecutive non-empty buckets grouped to at most ``part_rows`` rows (one bucket at least)."""
         part_rows = self.plan.part_rows
         if part_rows is None:

@@ -13,7 +13,8 @@ from typing import Any, Iterator
 import pandas as pd
 
 from shared import faults, layout
-from shared.config import POOLED_CANDIDATES, ProjectConfig
+from shared.candidate_kinds import pooled_candidates
+from shared.config import ProjectConfig
 from shared.features import build_features
 from shared.global_model import GLOBAL_ID, fit_global, global_sample
 from shared.incremental import (CONFIG_TAG, carried_forward, carried_meta, carried_rows,
@@ -120,7 +121,7 @@ def global_model_path(run_id: str) -> str:
 
 def wants_global(cfg: ProjectConfig) -> bool:
     """The global model is fitted when it is a candidate or a source of the scoring chain."""
-    return bool(set(POOLED_CANDIDATES) & set(cfg.training.candidates)) or "global" in cfg.scoring_chain
+    return bool(set(pooled_candidates()) & set(cfg.training.candidates)) or "global" in cfg.scoring_chain
 
 
 def train_global(ws: Workspace, run_id: str) -> dict[str, Any]:

@@ -43,9 +43,11 @@ from typing import Any, Generator, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from shared.config import POOLED_CANDIDATES, ProjectConfig
+from shared.candidate_kinds import pooled_candidates
+from shared.config import ProjectConfig
+from shared.metric_names import ERROR_METRICS
 from shared.candidates import AverageForecaster, MovingAverageBaseline, check_candidates, make_candidate
-from shared.bundle import ForecastBundle, period_times, recursive_forecast  # noqa: F401 (pickles name it here)
+from shared.bundle import ForecastBundle, period_times, recursive_forecast  # noqa: F401 (period_times)
 from shared.effects import covariate_effects
 from shared.features import FeatureFrame, build_features
 from shared.global_ar import forecast_windows
@@ -175,9 +177,9 @@ def train_batch(frame: pd.DataFrame, cfg: Any, dataset_meta: Mapping[str, Any] |
     """
     meta = dict(dataset_meta or {})
     check_candidates(cfg)
-    if cfg.training.selection_metric not in ("wape", "mape", "rmse"):
+    if cfg.training.selection_metric not in ERROR_METRICS:
         raise ValueError(f"training.selection_metric {cfg.training.selection_metric!r} "
-                         f"is not wape, mape or rmse")
+                         f"is not one of {', '.join(ERROR_METRICS)}")
     began = perf_counter()
     if len(frame) and not _is_sorted(frame):
         frame = frame.sort_values([PARTITION_ID, PERIOD], kind="stable", ignore_index=True)
@@ -674,8 +676,9 @@ def _ensemble_pairs(scores: Mapping[str, float], names: list[str], metric: str) 
     ranked = [n for n in sorted(names, key=lambda n: (selection_key(scores[n], metric), names.index(n)))
               if np.isfinite(selection_key(scores[n], metric))]
     pairs = [(ranked[0], ranked[1])] if len(ranked) >= 2 else []
-    local = [n for n in ranked if n not in POOLED_CANDIDATES]
-    for pooled in POOLED_CANDIDATES:
+    pooled_names = pooled_candidates()
+    local = [n for n in ranked if n not in pooled_names]
+    for pooled in pooled_names:
         if pooled in ranked and local and {local[0], pooled} not in [set(p) for p in pairs]:
             pairs.append((local[0], pooled))
     return pairs

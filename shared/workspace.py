@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from shared import backends, layout
 from shared.config import CONFIG_FILE_NAME, ConfigError, ProjectConfig, load_config
 from shared.errors import ManyModelsError
-from shared.lake import Lake, LakeError, LocalLake
+from shared.lake import Lake, LakeError
 
 # What a workdir's data is keyed by: changing one of these on a workdir that holds data would mix
 # two projects (a dataset keyed one way scored, served or trained against another).
@@ -170,67 +169,6 @@ class Workspace:
         path = self.root.joinpath(*parts)
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-
-class StagedRun:
-    """Local paths for an entry script: the lake's own files when it is a local folder, else a cache.
-
-    With a blob lake the inputs and the run's earlier outputs (what makes a rerun resume) are
-    downloaded once, and only the files the group wrote are uploaded when it ends, so entry
-    scripts always see a file system, as they do when Azure ML mounts a data asset.
-    """
-
-    def __init__(self, ws: Workspace, run_id: str, inputs: Iterable[str], extra: Iterable[str] = ()) -> None:
-        self.ws = ws
-        self.run_prefix = layout.run_dir(run_id)
-        self.inputs = [*inputs, *extra]
-        self.local = isinstance(ws.lake, LocalLake)
-        self.tmp: Path | None = None
-        self.downloaded: dict[Path, int] = {}  # earlier outputs -> their mtime after download
-
-    def __enter__(self) -> "StagedRun":
-        if not self.local:
-            self.tmp = Path(tempfile.mkdtemp(prefix="mm-stage-", dir=self.ws.local_dir(".cache")))
-            for path in self.inputs:
-                target = self.tmp / "in" / path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(self.ws.lake.read_bytes(path))
-            for existing in self.ws.lake.list(self.run_prefix):
-                target = self.tmp / "out" / existing
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(self.ws.lake.read_bytes(existing))
-                self.downloaded[target] = target.stat().st_mtime_ns
-        return self
-
-    def input(self, path: str) -> Path:
-        if self.local:
-            return self.ws.lake.local_path(path)
-        return self.tmp / "in" / path
-
-    def output(self, name: str) -> Path:
-        lake_path = f"{self.run_prefix}/{name}"
-        folder = self.ws.lake.local_path(lake_path) if self.local else self.tmp / "out" / lake_path
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def write_config(self, cfg: ProjectConfig) -> Path:
-        path = self.output("config") / layout.CONFIG_FILE
-        cfg.save(path)
-        return path
-
-    def __exit__(self, *exc: object) -> None:
-        if self.local or self.tmp is None:
-            return
-        try:
-            out_root = self.tmp / "out"
-            for file in out_root.rglob("*"):
-                if not file.is_file() or file.name.startswith(".tmp-"):
-                    continue
-                if self.downloaded.get(file) == file.stat().st_mtime_ns:
-                    continue  # an earlier output this group did not rewrite
-                self.ws.lake.write_bytes(file.relative_to(out_root).as_posix(), file.read_bytes())
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def reset_workdir(root: Path | str, settings: object = None) -> list[str]:

@@ -24,6 +24,7 @@ from shared.azureml.ingest_job import (build_ingest_job, ingest_id_for, ingest_j
                                        plan_ingest, result_path, source_type, submit_ingest_job)
 from shared.azureml.jobs import WORKER_ENV, stage_code  # noqa: E402
 from shared.entry import ingest as entry  # noqa: E402
+from shared.ingestion import REPORT_FIELDS  # noqa: E402
 from shared.lake import LocalLake  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.synthetic import write_panel  # noqa: E402
@@ -176,7 +177,7 @@ def test_the_entry_script_writes_the_dataset_pipeline_ingest_writes(tmp_path, pa
         "status": "completed", "source": "raw/sales.csv", "dataset_id": expected.dataset_id,
         "partitions": expected.partitions, "rows": expected.rows, "reused": False,
         "report_path": f"prepared/{expected.dataset_id}/dataset.json",
-        "report": {k: expected.report[k] for k in entry.REPORT_FIELDS if k in expected.report},
+        "report": {k: expected.report[k] for k in REPORT_FIELDS if k in expected.report},
     }
     assert "examples" not in result["report"], "input rows stay in dataset.json"
     # the same files at the same lake paths: batches and manifest byte for byte, dataset.json but its time

@@ -72,3 +72,41 @@ def test_local_compute_runs_nothing_for_an_unknown_kind_and_knows_its_jobs(tmp_p
 def test_the_azure_compute_refuses_an_unknown_kind_before_any_sdk_call(tmp_path: Path) -> None:
     with pytest.raises(backends.BackendError):
         backends.AzureMLCompute().submit(Workspace.open(tmp_path, remember=False), "nope", "r1", 0, [])
+
+
+def test_every_backend_is_found_by_name_in_one_table_and_an_unknown_one_is_refused_naming_the_known() -> None:
+    from types import SimpleNamespace
+
+    assert {(i, n) for i, n in backends.BACKENDS} == {
+        ("lake", "local"), ("lake", "blob"), ("registry", "local"), ("registry", "azureml"),
+        ("compute", "local"), ("compute", "azureml")}
+    with pytest.raises(backends.BackendError, match=r"unknown compute backend 'spark'; one of \['azureml', 'local'\]"):
+        backends.open_compute(SimpleNamespace(compute_backend="spark"))
+
+
+class _SharedLakeWithoutLease(LocalLake):
+    """A lake several machines write (say, a network share) that offers no cross-machine lease."""
+
+    shared_writers = True
+
+
+def test_a_lake_shared_by_machines_without_a_cross_machine_lease_is_refused_for_writing(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path, None, _SharedLakeWithoutLease(tmp_path / "lake"))
+    with pytest.raises(backends.BackendError, match="shared by several machines but has no cross-machine"):
+        with backends.writer_lease(ws, "promote_run of orchestration p-1", wait=0):
+            pass
+    # a local lake takes the workdir's lock instead (one machine)
+    local = Workspace(tmp_path, None, LocalLake(tmp_path / "lake"))
+    with backends.writer_lease(local, "promote_run of orchestration p-1", wait=0) as lock:
+        assert lock is not None
+
+
+def test_the_local_compute_ingests_in_process_and_has_no_ingestion_job_to_poll(tmp_path: Path) -> None:
+    from shared.synthetic import write_panel
+
+    ws = Workspace.open(tmp_path, remember=False, overrides={"runner.progress": False})
+    write_panel(tmp_path / "sales.csv", partitions=3, periods=30, seed=1)
+    handle = backends.submit_ingest(ws, str(tmp_path / "sales.csv"), key="k")
+    assert handle.state == "completed" and handle.summary["partitions"] == 3
+    with pytest.raises(backends.BackendError, match="no ingestion job"):
+        backends.ingest_status(ws, handle.job_id)

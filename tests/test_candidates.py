@@ -203,3 +203,65 @@ def test_the_direct_ridge_solve_equals_scikit_learns_ridge():
     np.testing.assert_allclose(ours.coef_, theirs.coef_, rtol=1e-9, atol=1e-11)
     assert ours.intercept_ == pytest.approx(theirs.intercept_, abs=1e-10)
     np.testing.assert_allclose(ours.predict(X[:5]), theirs.predict(X[:5]), rtol=1e-9)
+
+
+# -- one table of candidates -------------------------------------------------------------------------
+@pytest.fixture
+def candidate_table(monkeypatch):
+    """The table of candidates as it is; what a test registers is gone after it."""
+    from shared import candidate_kinds
+
+    monkeypatch.setattr(candidate_kinds, "CANDIDATES", dict(candidate_kinds.CANDIDATES))
+
+
+def test_a_candidate_registered_in_one_call_is_accepted_by_the_config_and_trained(candidate_table):
+    from shared.candidate_kinds import register_candidate
+    from shared.config import ConfigError
+    from shared.keys import PARTITION_ID, partition_ids
+    from shared.synthetic import generate_panel
+    from shared.timegrid import PERIOD, to_periods
+    from shared.training import train_batch
+
+    chosen = {"training.candidates": ["mean8"], "training.folds": 1}
+    with pytest.raises(ConfigError, match="unknown candidate.*mean8"):
+        ProjectConfig().with_overrides(chosen)
+
+    register_candidate("mean8", lambda models, cfg, spec: models.MovingAverageBaseline(window=8))  # the whole change
+
+    cfg = ProjectConfig().with_overrides(chosen)
+    frame = next(generate_panel(partitions=3, periods=100, seed=5))
+    frame[PARTITION_ID] = partition_ids(frame, cfg.data.keys).to_numpy()
+    frame[PERIOD] = to_periods(frame[cfg.data.time], cfg.data.freq)
+    frame["_filled"] = False
+    frame = frame.sort_values([PARTITION_ID, PERIOD], ignore_index=True)
+    results = train_batch(frame, cfg, {})
+    assert [(r.status, r.model_name, list(r.candidate_scores)) for r in results] == [
+        ("trained", "mean8", ["mean8"])] * 3
+    assert all(r.bundle.estimator.window == 8 for r in results)
+
+
+def test_registration_refuses_a_taken_reserved_or_malformed_name(candidate_table):
+    from shared.candidate_kinds import register_candidate
+
+    def build(models, cfg, spec):
+        return models.MovingAverageBaseline()
+
+    for name in ("gbm", "ensemble", "two words", ""):
+        with pytest.raises(ValueError, match=repr(name)):
+            register_candidate(name, build)
+
+
+def test_the_table_says_which_candidates_are_pooled_and_which_run_by_default(spec):
+    from shared.candidate_kinds import candidate_names, default_candidates, pooled_candidates
+    from shared.config import POOLED_CANDIDATES
+
+    assert default_candidates() == ProjectConfig().training.candidates == [
+        "baseline", "naive", "snaive", "theta", "loglinear", "loglm", "global", "global_ar"]
+    assert pooled_candidates() == POOLED_CANDIDATES == ("global", "global_ar")
+    cfg = ProjectConfig()
+    for name in candidate_names():
+        if name in POOLED_CANDIDATES:
+            with pytest.raises(CandidateError, match="pooled"):
+                make_candidate(name, cfg, spec)
+        else:
+            assert make_candidate(name, cfg, spec).get_params() is not None  # every other one builds

@@ -87,3 +87,27 @@ def test_a_nan_threshold_given_as_an_override_is_refused_too():
     with pytest.raises(ConfigError, match=r"promotion\.min_value: nan is not a finite number"):
         ProjectConfig().with_overrides({"promotion.min_value": float("nan")})
     assert ProjectConfig().with_overrides({"promotion.min_value": 0.5}).promotion.min_value == 0.5
+
+
+def test_each_fixed_choice_is_listed_once_for_the_project_file_and_for_messages():
+    from shared.config import CHOICES, MESSAGE_OVERRIDES, check_message_overrides
+
+    offered = {key: rule.choices for key, rule in MESSAGE_OVERRIDES.items() if rule.kind == "choice"}
+    assert offered and all(offered[key] == CHOICES[key] for key in offered)  # a message offers the same values
+    for name, allowed in CHOICES.items():
+        for value in allowed:
+            ProjectConfig().with_overrides({name: value})
+        with pytest.raises(ConfigError, match=rf"^{name.replace('.', '[.]')}: 'nope' is not one of"):
+            ProjectConfig().with_overrides({name: "nope"})
+        if name in offered:
+            assert check_message_overrides({name: allowed[-1]}) == {name: allowed[-1]}
+            with pytest.raises(ConfigError, match=f"one of {list(allowed)}".replace("[", r"\[")):
+                check_message_overrides({name: "nope"})
+
+
+def test_the_metric_options_are_the_metric_vocabulary():
+    from shared.config import CHOICES
+    from shared.metric_names import METRICS, lower_is_better
+
+    assert CHOICES["promotion.metric"] == METRICS
+    assert CHOICES["training.selection_metric"] == tuple(m for m in METRICS if lower_is_better(m))

@@ -25,6 +25,8 @@ INTERNAL: dict[str, str] = {
     # SIGTERM unwinds like KeyboardInterrupt; the CLI turns it into its message and exit 143. As an
     # Exception (which ManyModelsError is) every `except Exception` on the way would swallow it
     "shared.failures:Terminated": "a signal, not an error: the CLI reports it (exit 143)",
+    # a warning category (warnings.warn), never raised: the user reads its message in the log
+    "shared.artifact_format:ArtifactVersionWarning": "a warning, never raised",
 }
 
 

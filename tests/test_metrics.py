@@ -86,3 +86,15 @@ def test_the_forecast_ceiling_ignores_one_wild_value_and_follows_growth():
     growing = np.linspace(10, 500, 100)  # grew 50-fold: its recent level keeps the growth plausible
     assert forecast_ceiling(growing) == pytest.approx(CEILING_FACTOR * 500.0)
     assert forecast_ceiling(np.array([np.nan])) == np.inf
+
+
+def test_every_metric_evaluate_computes_has_one_direction_and_selection_follows_it():
+    from shared.metric_names import ERROR_METRICS, METRICS, lower_is_better
+
+    assert set(evaluate([1.0, 2.0], [1.5, 2.0])) == set(METRICS)
+    assert [m for m in METRICS if lower_is_better(m)] == list(ERROR_METRICS) == ["wape", "mape", "rmse"]
+    for metric in METRICS:
+        smaller_first = selection_key(0.1, metric) < selection_key(0.2, metric)
+        assert smaller_first is lower_is_better(metric), metric
+    with pytest.raises(KeyError, match="unknown metric 'r2'"):
+        selection_key(0.5, "r2")

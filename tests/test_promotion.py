@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from shared.config import PromotionRules
-from shared.promotion import Decision, promote_run
+from shared.promotion import REJECTION_CODES, Decision, higher_is_better, promote_run
 from shared.registry import ModelRegistry
 
 
@@ -102,6 +102,7 @@ def test_error_metrics_are_lower_is_better_whatever_the_rules_say(dev, prod):
     first = by_partition(promote_run(dev, prod, "r1", wape_rules))
     assert first["pA"].decision == "promoted" and first["pA"].reason == "wape 0.20 <= 0.30; no champion"
     assert first["pB"].reason == "wape 0.41 > 0.30"
+    assert first["pB"].code == "accuracy"  # counted as not accurate enough, whatever the metric's name
 
     register(dev, "r2", {"pA": {"metrics": {"wape": 0.25}}})
     [decision] = promote_run(dev, prod, "r2", wape_rules)
@@ -150,6 +151,36 @@ def test_a_run_with_no_models_gives_no_decisions_and_decisions_serialise(dev, pr
     assert decision.to_row() == {
         "partition_id": "pA", "run_id": "r1", "decision": "promoted",
         "reason": "accuracy 0.95 >= 0.80; no champion", "metric": "accuracy", "value": 0.95,
-        "threshold": 0.8, "champion_value": None, "dev_version": 1, "prod_version": 1}
+        "threshold": 0.8, "champion_value": None, "dev_version": 1, "prod_version": 1, "code": ""}
     with pytest.raises(ValueError, match="share the folder"):
         promote_run(dev, dev, "r1", rules())
+
+
+def test_every_rejection_carries_the_code_of_the_rule_it_failed_beside_its_sentence(dev, prod):
+    register(dev, "r0", {"pChamp": {"metrics": {"accuracy": 0.95}}})
+    promote_run(dev, prod, "r0", rules())
+    register(dev, "r1", {
+        "pStatus": {"status": "failed", "metrics": {"accuracy": 0.99}},
+        "pMetric": {"metrics": {}},
+        "pLow": {"metrics": {"accuracy": 0.5}},
+        "pShort": {"metrics": {"accuracy": 0.9}},
+        "pChamp": {"metrics": {"accuracy": 0.9}},
+        "pDamaged": {"metrics": {"accuracy": 0.9}},
+        "pGood": {"metrics": {"accuracy": 0.9}},
+    })
+    damaged = next(r for r in dev.find(run_id="r1") if r.partition_id == "pDamaged")
+    (dev.root / damaged.artifact).write_bytes(b"not the model")
+    history = {pid: 100 for pid in ("pStatus", "pMetric", "pLow", "pChamp", "pDamaged", "pGood")}
+    decisions = by_partition(promote_run(dev, prod, "r1", rules(min_history=26), {**history, "pShort": 10}))
+    assert {pid: d.code for pid, d in decisions.items()} == {
+        "pStatus": "status", "pMetric": "metric", "pLow": "accuracy", "pShort": "history",
+        "pChamp": "champion", "pDamaged": "artifact", "pGood": ""}
+    assert {d.code for d in decisions.values()} == {"", *REJECTION_CODES}
+    assert decisions["pLow"].reason == "accuracy 0.50 < 0.80"  # the sentence is unchanged
+    assert decisions["pDamaged"].reason.startswith("artifact integrity: ")
+
+
+@pytest.mark.parametrize("metric, up", [("wape", False), ("mape", False), ("rmse", False),
+                                        ("accuracy", True), ("mape_accuracy", True)])
+def test_which_way_is_better_comes_from_the_metric_vocabulary(metric, up):
+    assert higher_is_better(rules(metric=metric, higher_is_better=True)) is up

@@ -11,7 +11,8 @@ import pytest
 
 from shared.config import ProjectConfig
 from shared.lake import LocalLake
-from shared.streaming import StreamPlan, _kth, fits_in_memory, ingest_source
+from shared.stream_parts import _kth
+from shared.streaming import StreamPlan, fits_in_memory, ingest_source
 from shared.synthetic import generate_panel
 from shared.validation import DataValidationError
 

@@ -9,7 +9,8 @@ from shared import layout
 from shared.config import CONFIG_FILE_NAME
 from shared.lake import LakeError, LocalLake, check_path
 from shared.registry import ModelRegistry
-from shared.workspace import StagedRun, Workspace
+from shared.local_compute import StagedRun
+from shared.workspace import Workspace
 
 
 class MemoryLake:

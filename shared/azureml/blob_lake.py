@@ -39,7 +39,10 @@ _TRANSFER_CONCURRENCY = 4
 
 
 class BlobLake:
-    """A :class:`shared.lake.Lake` over one storage account: containers are the first path segment."""
+    """A :class:`shared.lake.Lake` over one storage account: containers are the first path segment.
+    Any number of machines write it; they exclude each other with :class:`LakeLease`."""
+
+    shared_writers = True
 
     def __init__(self, service: BlobServiceClient) -> None:
         self.service = service
@@ -66,6 +69,10 @@ class BlobLake:
     @property
     def uri(self) -> str:
         return self.service.url.rstrip("/")
+
+    def writer_lease(self, holder: str, wait: float, duration: int) -> "LakeLease":
+        """The cross-machine one-writer lease of this lake (:class:`LakeLease`), not yet acquired."""
+        return LakeLease(self, holder, wait=wait, duration=duration)
 
     # -- the Lake protocol ---------------------------------------------------------------------
     def read_bytes(self, path: str) -> bytes:

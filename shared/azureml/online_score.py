@@ -57,7 +57,7 @@ def open_registry(environ: dict[str, str] | None = None, name: str = "prod") -> 
 
     env = os.environ if environ is None else environ
     if env.get("MM_SERVING_STORAGE_URL"):
-        from shared.lake_blob import BlobLake
+        from shared.azureml.blob_lake import BlobLake
 
         lake = BlobLake.from_account_url(env["MM_SERVING_STORAGE_URL"],
                                          managed_identity_client_id=env.get("AZURE_CLIENT_ID") or None)
@@ -102,6 +102,9 @@ def init() -> None:
     refresh_ms = float(os.environ.get("MM_SERVING_REFRESH_SECONDS") or 30) * 1000.0
     defaults = {"check_interval_ms": refresh_ms} if not os.environ.get("MM_SERVING_CHECK_MS") else {}
     options = ServingOptions.from_env(**defaults)
+    for opened in (registry, dev):
+        if opened is not None:  # models may be built from the project's estimator packages
+            opened.packages = tuple(cfg.training.estimator_packages)
     _predictor = Predictor(cfg, options.make_cache(registry, dev, chain), options)
 
 

@@ -277,10 +277,12 @@ class AzureMLRegistry:
             return self.local.by_run(run_id, partition_id)
 
     def find(self, tags: Mapping[str, str] | None = None, limit: int | None = None,
-             run_id: str | None = None, latest_only: bool = False) -> list[ModelRecord]:
+             run_id: str | None = None, latest_only: bool = False,
+             include_global: bool = False) -> list[ModelRecord]:
         self.refresh()
         with self._lock:
-            return self.local.find(tags, limit=limit, run_id=run_id, latest_only=latest_only)
+            return self.local.find(tags, limit=limit, run_id=run_id, latest_only=latest_only,
+                                   include_global=include_global)
 
     def count(self) -> int:
         self.refresh()
@@ -292,14 +294,38 @@ class AzureMLRegistry:
         with self._lock:
             return self.local.index_version()
 
-    def load(self, record: ModelRecord) -> Any:
-        """Unpickle a record's artifact, downloading it first if this process has not yet."""
+    @property
+    def packages(self) -> tuple[str, ...]:
+        """The project's extra estimator packages (see :attr:`ModelRegistry.packages`)."""
+        return self.local.packages
+
+    @packages.setter
+    def packages(self, value: tuple[str, ...]) -> None:
+        self.local.packages = tuple(value)
+
+    def load(self, record: ModelRecord, packages: Iterable[str] | None = None) -> Any:
+        """Read a record's artifact with the one loader, downloading it first if this process has not yet."""
         self.ensure_local([record])
-        return self.local.load(record)
+        return self.local.load(record, packages)
 
     def artifact_path(self, record: ModelRecord) -> Path:
         self.ensure_local([record])
         return self.local.artifact_path(record)
+
+    def verify(self, record: ModelRecord) -> None:
+        """Raise if :meth:`load` would refuse the record's artifact (downloaded first)."""
+        self.ensure_local([record])
+        self.local.verify(record)
+
+    # every record is pushed with its digest: there is nothing to seal
+    sealable = False
+
+    def seal(self) -> int:
+        raise RegistryError(f"{self!r} records every model's SHA-256 when it is pushed: nothing to seal")
+
+    def folder(self) -> Path:
+        """A plain registry folder for local entry scripts: the working copy, materialised."""
+        return self.materialize()
 
     def close(self) -> None:
         self.local.close()

@@ -1,6 +1,6 @@
 """The ingestion entry script: what an Azure ML command job runs, and what local ingestion returns.
 
-Ingestion is the pipeline's own :func:`shared.pipeline.ingest` (the bounded-memory streaming code
+Ingestion is the pipeline's own :func:`shared.ingestion.ingest` (the bounded-memory streaming code
 of :mod:`shared.streaming`) wherever it runs: the local backend calls :func:`run_ingest` in the
 process (CLI, Functions activity); the Azure ML command job (:mod:`shared.azureml.ingest_job`)
 runs this module as a script over the lake's mounts::
@@ -39,38 +39,17 @@ from typing import Any
 
 from shared import layout
 from shared.errors import ManyModelsError
+from shared.ingestion import result_of
 
 RESULT_FILE = "ingest.json"
-REPORT_FIELDS = ("input_rows", "output_rows", "partitions", "counts", "policy", "anchor")
 DATA_ERROR_EXIT = 2
-
-
-def result_of(summary: Any, source: str) -> dict[str, Any]:
-    """What an ingestion returns through Durable: counts and lake paths, never rows.
-
-    The validation report's examples (input rows) stay in the dataset's ``dataset.json``
-    (``report_path``); only its counts travel.
-    """
-    raw = summary.to_dict() if hasattr(summary, "to_dict") else dict(summary)
-    report = raw.get("report") or {}
-    return {
-        "status": "completed",
-        "source": source,
-        "dataset_id": raw["dataset_id"],
-        "partitions": int(raw["partitions"]),
-        "rows": int(raw["rows"]),
-        "reused": bool(raw.get("reused", False)),
-        "report_path": layout.dataset_meta(raw["dataset_id"]),
-        "report": {k: report[k] for k in REPORT_FIELDS if k in report},
-    }
 
 
 def run_ingest(ws: Any, source: str | Path, name: str | None = None) -> dict[str, Any]:
     """Ingest ``source`` into the workspace's lake with the pipeline's own code; the small result."""
-    from shared.pipeline import ingest
+    from shared.ingestion import ingest
 
-    summary = ingest(ws, source)
-    return result_of(summary, name or str(source))
+    return result_of(ingest(ws, source), name or str(source))
 
 
 def failure_of(error: BaseException, source: str) -> dict[str, Any]:

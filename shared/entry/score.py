@@ -79,8 +79,12 @@ def init() -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     prod = ModelRegistry(Path(args.prod_registry), "prod", index=args.prod_index)
     dev = ModelRegistry(Path(args.dev_registry), "dev", index=args.dev_index) if args.dev_registry else None
+    cfg = read_config(Path(args.config))
+    for registry in (prod, dev):
+        if registry is not None:  # models may be built from the project's estimator packages
+            registry.packages = tuple(cfg.training.estimator_packages)
     _state = _State(
-        cfg=read_config(Path(args.config)),
+        cfg=cfg,
         dataset_meta=json.loads(Path(args.dataset_meta).read_text(encoding="utf-8")),
         prod=prod,
         dev=dev,

@@ -34,11 +34,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import pickle
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from shared.artifact_format import dump_artifact, load_artifact
 from shared.config import ProjectConfig, load_config
 from shared.incremental import read_partition_list
 from shared.keys import PARTITION_ID
@@ -114,16 +114,18 @@ def init() -> None:
 
 
 def _load_global(path: str | None, expected: str | None = None) -> Any:
-    """The run's global model fits, written by the pipeline's own global stage; unpickled only once
-    their bytes match the SHA-256 the writer recorded (passed, or its ``.sha256`` sidecar)."""
+    """The run's global model fits, written by the pipeline's own global stage; read by the one
+    artifact loader only once their bytes match the SHA-256 the writer recorded (passed, or its
+    ``.sha256`` sidecar)."""
     if not path:
         return None
     data = Path(path).read_bytes()
     if not expected:
         sidecar = Path(digest_path(path))
         expected = sidecar.read_text(encoding="ascii").strip() if sidecar.is_file() else None
-    check_digest(data, expected, f"global model {Path(path).name}")
-    return pickle.loads(data)
+    what = f"global model {Path(path).name}"
+    check_digest(data, expected, what)
+    return load_artifact(data, what)
 
 
 def run(mini_batch: list[str]) -> list[str]:
@@ -168,7 +170,7 @@ def _finish(result: Any, state: _State) -> dict[str, Any]:
         return row  # no files: the next run retries it
     if result.bundle is not None:
         artifact = f"{pid}.pkl"
-        data = pickle.dumps(result.bundle, protocol=pickle.HIGHEST_PROTOCOL)
+        data = dump_artifact(result.bundle)
         atomic_write(state.output_dir / artifact, lambda fh: fh.write(data))
         row["artifact"] = artifact
         row["sha256"] = sha256_bytes(data)  # the registry checks the file it copies against it

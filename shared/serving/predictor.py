@@ -362,7 +362,7 @@ class Predictor:
         """Unpickle one production model outside the cache, so the first request does not pay for
         importing the model classes (over a second for scikit-learn's boosted trees)."""
         prod = self.cache.prod
-        found = prod.find(limit=1) if hasattr(prod, "find") else []
+        found = prod.find(limit=1)
         if not found:
             return None
         try:
