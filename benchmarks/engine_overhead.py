@@ -36,13 +36,13 @@ import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.features import pandas_partition_features  # noqa: E402
+from shared.models.features import pandas_partition_features  # noqa: E402
 from shared.keys import PARTITION_ID  # noqa: E402
 from shared.lake import read_parquet  # noqa: E402
-from shared.pipeline import ingest, plan_training, train_group  # noqa: E402
-from shared.workspace import Workspace  # noqa: E402
-from shared.synthetic import write_panel  # noqa: E402
-from shared.training import time_breakdown, train_batch  # noqa: E402
+from shared.runs.pipeline import ingest, plan_training, train_group  # noqa: E402
+from shared.runs.workspace import Workspace  # noqa: E402
+from shared.data.synthetic import write_panel  # noqa: E402
+from shared.models.training import time_breakdown, train_batch  # noqa: E402
 
 
 def peer_task(part: pd.DataFrame, cfg) -> tuple[str, float, float]:

@@ -145,7 +145,7 @@ def joblib_peer(panel: Path, partitions: int, candidates: list[str], workers: in
 
     from shared.config import ProjectConfig
     from shared.keys import PARTITION_ID
-    from shared.validation import validate
+    from shared.data.validation import validate
 
     cfg = ProjectConfig().with_overrides({"data.freq": "D", "data.covariates": ["price", "promo"],
                                           "forecast.horizon": HORIZON,
@@ -163,10 +163,10 @@ def ridge_before_after(panel: Path, partitions: int) -> dict[str, Any]:
     (before this release), on the same sample: test-window WAPE and training time of each."""
     from sklearn.linear_model import Ridge
 
-    import shared.candidates as candidates
+    import shared.models.candidates as candidates
     from shared.config import ProjectConfig
-    from shared.training import train_batch
-    from shared.validation import validate
+    from shared.models.training import train_batch
+    from shared.data.validation import validate
 
     cfg = ProjectConfig().with_overrides({"data.freq": "D", "data.covariates": ["price", "promo"],
                                           "forecast.horizon": HORIZON,
@@ -198,8 +198,8 @@ def ridge_before_after(panel: Path, partitions: int) -> dict[str, Any]:
 def peer_partition(part: Any, cfg: Any, candidates: list[str]) -> float:
     """One partition the obvious way: pandas features, each candidate fitted before the validation
     window and scored on it, the best refitted before the test window and scored, then on all rows."""
-    from shared.candidates import make_candidate
-    from shared.features import FeatureSpec, pandas_partition_features
+    from shared.models.candidates import make_candidate
+    from shared.models.features import FeatureSpec, pandas_partition_features
 
     features = pandas_partition_features(part, cfg)
     X = features.to_numpy(dtype=float)

@@ -98,13 +98,13 @@ def plan_over_blob(connection_string: str, workdir: Path, partitions: int, group
     groups with the writer lease as the Functions activity holds it; only the plan is delayed."""
     from azure.storage.blob import BlobServiceClient
 
-    from shared import backends, pipeline
+    from shared.runs import backends, pipeline
     from shared.azureml.blob_lake import BlobLake
     from shared.azureml.registry import AzureMLRegistry
-    from shared.global_model import GLOBAL_ID
+    from shared.models.global_model import GLOBAL_ID
     from shared.settings import Settings
-    from shared.synthetic import write_panel
-    from shared.workspace import Workspace
+    from shared.data.synthetic import write_panel
+    from shared.runs.workspace import Workspace
 
     transport = CountingTransport()
     lake = BlobLake(BlobServiceClient.from_connection_string(connection_string, transport=transport))

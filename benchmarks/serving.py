@@ -62,10 +62,10 @@ def build(workdir: Path, trained: int, partitions: int, seed: int) -> dict:
 
     from shared.keys import PARTITION_ID, partition_id
     from shared.lake import read_parquet
-    from shared.pipeline import ingest, promote, train
-    from shared.workspace import Workspace
-    from shared.synthetic import write_panel
-    from shared.timegrid import from_periods
+    from shared.runs.pipeline import ingest, promote, train
+    from shared.runs.workspace import Workspace
+    from shared.data.synthetic import write_panel
+    from shared.data.timegrid import from_periods
 
     wanted = {"trained": trained, "partitions": partitions, "seed": seed}
     marker = workdir / BUILD_FILE

@@ -55,7 +55,7 @@ from function_app.raw_files import NotReady, Rejected
 from function_app.runtime import StartOutcome, lake_writer, load_settings, open_workspace
 from function_app.starts import check_own_account, start_raw_file
 from function_app.training import training_steps
-from shared import backends
+from shared.runs import backends
 
 bp = df.Blueprint()
 

@@ -41,7 +41,7 @@ from shared.lake import LakeError, check_path
 from shared.settings import DATA_FILE_SUFFIXES
 
 RAW_CONTAINER = "raw"
-# Scoring files may come from raw/ or scoring/ (shared.pipeline.LAKE_SOURCE_CONTAINERS stages both).
+# Scoring files may come from raw/ or scoring/ (shared.runs.pipeline.LAKE_SOURCE_CONTAINERS stages both).
 SCORING_CONTAINERS = ("raw", "scoring")
 DATA_SUFFIXES = DATA_FILE_SUFFIXES
 # Names that writers use for work in progress (Spark's _temporary/, Hadoop's .crc and _SUCCESS):

@@ -45,7 +45,7 @@ from datetime import datetime, timedelta
 from typing import Any, Generator
 
 from function_app.logging_context import RunLog
-from shared.compute import TERMINAL_STATES
+from shared.runs.compute import TERMINAL_STATES
 
 INGEST_ORCHESTRATOR = "ingest_orchestrator"
 TRAIN_ORCHESTRATOR = "train_orchestrator"

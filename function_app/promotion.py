@@ -17,7 +17,7 @@ from function_app.logging_context import RunLog, orchestration_log
 from function_app.messages import MessageError, parse_promotion_message
 from function_app.orchestration import call_with_retry
 from function_app.runtime import lake_writer, open_workspace
-from shared import pipeline
+from shared.runs import pipeline
 from shared.locking import WorkdirLockedError
 from shared.settings import SERVICEBUS_CONNECTION
 

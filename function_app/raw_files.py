@@ -18,9 +18,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.ingest import IngestError, read_source
+from shared.data.ingest import IngestError, read_source
 from shared.lake import Lake, LakeError, folder_parts
-from shared.validation import DataValidationError, validate
+from shared.data.validation import DataValidationError, validate
 
 SAMPLE_BYTES = 1 << 20  # the head of a CSV file that is checked (about 20,000 rows)
 SAMPLE_ROWS = 5_000  # rows of the first row group of a Parquet file that are checked

@@ -15,10 +15,10 @@ from azure.durable_functions import OrchestrationRuntimeStatus
 
 from function_app.logging_context import RunLog
 from function_app.messages import MessageError, RunOptions
-from shared import backends
+from shared.runs import backends
 from shared.config import ConfigError
 from shared.keys import PartitionKeyError, partition_of
-from shared.workspace import Workspace
+from shared.runs.workspace import Workspace
 from shared.settings import Settings
 
 # A duplicate start is a no-op while an instance with the same id is running or has completed;
@@ -45,7 +45,7 @@ def open_workspace(config: Mapping[str, Any] | None = None, settings: Settings |
 def lake_writer(ws: Workspace, activity: str, instance: str | None) -> ContextManager[Any]:
     """The one-writer lease an activity holds while it changes shared lake state (LATEST pointers,
     run.json, the registries, the SQL store): the blob lake's lease in Azure, the workdir's lock
-    locally (:func:`shared.backends.writer_lease`). The holder is named by the activity and its
+    locally (:func:`shared.runs.backends.writer_lease`). The holder is named by the activity and its
     orchestration instance, so a contending writer's error says who to wait for; the wait is bounded
     and the refusal raises, so the orchestrator's retries (``call_with_retry``) try again later."""
     return backends.writer_lease(ws, f"{activity} of orchestration {instance or '(unknown)'}")

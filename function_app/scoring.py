@@ -9,7 +9,7 @@ import azure.durable_functions as df
 from function_app.logging_context import RunLog, orchestration_log
 from function_app.orchestration import Progress, call_with_retry, fan_out, produced_output, summarize
 from function_app.runtime import lake_writer, open_workspace
-from shared import pipeline
+from shared.runs import pipeline
 
 bp = df.Blueprint()
 

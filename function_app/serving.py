@@ -2,7 +2,7 @@
 
 ``POST /api/predict`` (function key) takes ``{"keys": {...}, "rows": [...]}`` or
 ``{"keys": {...}, "horizon": N}`` and answers like ``manymodels serve`` does: the same core
-(:class:`shared.serving.Predictor` over :class:`shared.model_cache.ModelCache`), the same errors
+(:class:`shared.serving.Predictor` over :class:`shared.forecasts.model_cache.ModelCache`), the same errors
 (400 naming the field, 404 naming the partition, 413, 503 with the reason). ``GET /api/health``
 reads the production index once.
 

@@ -49,9 +49,10 @@ from function_app.runtime import (
     resolve_partitions,
     start_once,
 )
-from shared import backends, layout, pipeline
+from shared import layout
+from shared.runs import backends, pipeline
 from shared.keys import PARTITION_ID
-from shared.partitioning import load_dataset
+from shared.data.partitioning import load_dataset
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from function_app.orchestration import (
     summarize,
 )
 from function_app.runtime import lake_writer, load_settings, open_workspace
-from shared import pipeline
+from shared.runs import pipeline
 from shared.settings import SERVICEBUS_CONNECTION
 
 bp = df.Blueprint()
@@ -141,7 +141,7 @@ def plan_training_run(payload: dict) -> dict:
             payload.get("dataset_id"),
             partition_ids=payload.get("partition_ids"),
             group_size=payload.get("group_size"),
-            full=bool(payload.get("full", False)),  # incremental by default (shared.incremental)
+            full=bool(payload.get("full", False)),  # incremental by default (shared.models.incremental)
         )
     RunLog({"run_id": plan.run_id}).info("plan written", groups=len(plan.groups))
     return plan.to_dict()

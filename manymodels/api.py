@@ -56,7 +56,7 @@ class ManyModels:
     def fit(self, df: Any) -> "ManyModels":
         """Ingest the frame, train every series' candidates, register and promote (``manymodels
         run`` without the scoring); bad rows are repaired or refused as the CLI does."""
-        from shared import pipeline
+        from shared.runs import pipeline
 
         frame = self._frame(df, "fit")
         keys, time, target = self._resolve(frame)
@@ -82,7 +82,7 @@ class ManyModels:
         interval (``lower``, ``upper``), ``source`` (production, unpromoted, global or baseline)
         and the model. ``future``: rows to forecast with their covariates (needed when the models
         use covariates); else the next ``h`` periods (default: the horizon)."""
-        from shared import pipeline
+        from shared.runs import pipeline
 
         if self.run_id is None and not (self.workdir / "manymodels.toml").is_file():
             raise RuntimeError("forecast: nothing is fitted in this workdir yet; call fit(df) first")
@@ -183,8 +183,8 @@ class ManyModels:
     def _open(self, what: str) -> Any:
         from contextlib import contextmanager
 
-        from shared.backends import writer_lease
-        from shared.workspace import Workspace
+        from shared.runs.backends import writer_lease
+        from shared.runs.workspace import Workspace
 
         @contextmanager
         def opened() -> Any:
@@ -198,7 +198,7 @@ class ManyModels:
 
     def _table(self, name: str, where: str = "", params: tuple = (), sort_time: bool = False) -> pd.DataFrame:
         from shared.config import load_config
-        from shared.result_store import open_store
+        from shared.results.result_store import open_store
 
         remembered = self.workdir / "manymodels.toml"
         cfg = load_config(remembered if remembered.is_file() else None)

@@ -1,6 +1,6 @@
 """The `manymodels` command: the whole pipeline and each stage from a terminal.
 
-A thin adapter over `shared.pipeline`. Flags override the workdir's remembered config (itself
+A thin adapter over `shared.runs.pipeline`. Flags override the workdir's remembered config (itself
 created from `--config FILE` or the defaults), so later commands on a workdir need no column
 flags. Errors print one line and exit non-zero; `--debug` shows the traceback.
 """
@@ -15,43 +15,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from shared.cli_commands import (  # noqa: F401  (re-exported: the commands and their helpers)
-    LEASES,
-    run_problems,
-    scoring_problems,
-    training_problems,
-    ONE_OFF,
-    PROJECT_COMMANDS,
-    WRITERS,
-    writes_workdir,
-    _holder_text,
-    _parse_tag,
-    _partition_from_tags,
-    _overrides,
-    _print_run_summary,
-    _progress,
-    _record_dict,
-    _remember,
-    _repair_lines,
-    _report_lines,
-    _reset,
-    _say,
-    _say_wape,
-    _seal_or_verify,
-    _UsageError,
-    _workspace,
-    cmd_demo,
-    cmd_generate,
-    cmd_ingest,
-    cmd_models,
-    cmd_promote,
-    cmd_report,
-    cmd_run,
-    cmd_score,
-    cmd_serve,
-    cmd_train,
+from shared.cli_commands import (
+    LEASES, WRITERS, writes_workdir, _holder_text, cmd_demo, cmd_generate, cmd_ingest, cmd_models,
+    cmd_promote, cmd_report, cmd_run, cmd_score, cmd_serve, cmd_train,
 )
-from shared import failures, package_version
+from shared import package_version
+from shared.results import failures
 from shared.config import DataSpec, ForecastSpec
 from shared.errors import ManyModelsError
 

@@ -1,5 +1,5 @@
 """The `manymodels` commands (``cmd_*``): each opens the workdir with the command's flags, calls a
-stage of :mod:`shared.pipeline` and prints what it did (one JSON object with ``--json``).
+stage of :mod:`shared.runs.pipeline` and prints what it did (one JSON object with ``--json``).
 
 The parser and the error boundary are in :mod:`shared.cli`, which re-exports every name here.
 """
@@ -72,12 +72,12 @@ LEASES = contextlib.ExitStack()
 def _workspace(args: argparse.Namespace):
     """The workdir with this command's flags applied; nothing is saved here (see :func:`_remember`).
 
-    A command that writes holds the lake's writer lease too (:func:`shared.backends.writer_lease`):
+    A command that writes holds the lake's writer lease too (:func:`shared.runs.backends.writer_lease`):
     nothing more on a local lake, whose workdir lock ``cli.main`` already holds; the blob lease on
     a Blob lake, which other machines and the Functions app share.
     """
-    from shared.backends import writer_lease
-    from shared.workspace import Workspace
+    from shared.runs.backends import writer_lease
+    from shared.runs.workspace import Workspace
 
     ws = Workspace.open(args.workdir, overrides=_overrides(args), config_path=args.config, remember=False)
     if writes_workdir(args):
@@ -100,7 +100,7 @@ def _remember(args: argparse.Namespace, ws: Any) -> None:
 
 def _reset(args: argparse.Namespace) -> None:
     if getattr(args, "reset", False):
-        from shared.workspace import reset_workdir
+        from shared.runs.workspace import reset_workdir
 
         removed = reset_workdir(args.workdir)
         if removed:
@@ -126,7 +126,7 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.synthetic import COLUMNS, INTERMITTENT_SHARE, write_panel
+    from shared.data.synthetic import COLUMNS, INTERMITTENT_SHARE, write_panel
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.pipeline import ingest
+    from shared.runs.pipeline import ingest
 
     _reset(args)
     ws = _workspace(args)
@@ -157,7 +157,7 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.pipeline import train
+    from shared.runs.pipeline import train
 
     ws = _workspace(args)
     plan, groups, reg = train(ws, args.dataset, run_id=args.run_id, progress=_progress(args), full=args.full)
@@ -177,7 +177,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.pipeline import promote
+    from shared.runs.pipeline import promote
 
     ws = _workspace(args)
     summary = promote(ws, args.run_id, min_accuracy=args.min_accuracy)
@@ -191,7 +191,7 @@ def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.pipeline import score
+    from shared.runs.pipeline import score
 
     ws = _workspace(args)
     plan, loaded = score(ws, data=args.data, horizon=args.horizon, progress=_progress(args))
@@ -203,7 +203,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.pipeline import report
+    from shared.runs.pipeline import report
 
     ws = _workspace(args)
     path = report(ws, Path(args.out) if args.out else None)
@@ -212,7 +212,7 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.pipeline import run_all
+    from shared.runs.pipeline import run_all
 
     _reset(args)
     ws = _workspace(args)
@@ -227,9 +227,9 @@ DEMO_COVARIATES = "price,promo"  # the generated panel's covariates, which `demo
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from shared.pipeline import run_all
-    from shared.workspace import Workspace
-    from shared.synthetic import write_panel
+    from shared.runs.pipeline import run_all
+    from shared.runs.workspace import Workspace
+    from shared.data.synthetic import write_panel
 
     started = time.perf_counter()
     if getattr(args, "covariates", None) is None:  # the demo shows covariates: named, as a user would
@@ -290,7 +290,7 @@ def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
 def _seal_or_verify(args: argparse.Namespace, ws: Any) -> dict[str, Any]:
     """`models seal`: record the SHA-256 of legacy models (registered before digests) as they are now.
     `models verify`: check every model file against its recorded SHA-256, unpickling nothing."""
-    from shared.registry import ArtifactIntegrityError, RegistryError
+    from shared.registries.registry import ArtifactIntegrityError, RegistryError
 
     names = [args.registry] if args.registry else ["dev", "prod"]
     out: dict[str, Any] = {}
@@ -499,7 +499,7 @@ def _report_lines(report: dict[str, Any]) -> list[str]:
 
 def _repair_lines(report: dict[str, Any], freq: str) -> list[str]:
     """What validation repaired, counted per kind, then its warnings (the config is likely wrong)."""
-    from shared.validation import ValidationReport
+    from shared.data.validation import ValidationReport
 
     checked = ValidationReport.from_dict(report)
     repairs = checked.repairs()

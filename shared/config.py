@@ -15,9 +15,9 @@ from typing import Any, Mapping, Sequence
 import tomli_w
 
 from shared import bounds
-from shared.candidate_kinds import CANDIDATE_NAME, candidate_names, default_candidates, pooled_candidates
+from shared.models.candidate_kinds import CANDIDATE_NAME, candidate_names, default_candidates, pooled_candidates
 from shared.errors import ManyModelsError
-from shared.metric_names import ERROR_METRICS, METRICS
+from shared.models.metric_names import ERROR_METRICS, METRICS
 from shared.trust import DEFAULT_ESTIMATOR_PACKAGES, UntrustedCodeError, check_estimator_packages, check_estimator_path
 
 CONFIG_FILE_NAME = "manymodels.toml"
@@ -83,7 +83,7 @@ class CandidateSpec:
     log_target: bool = False
 
 
-# fitted once per run over every partition, not per partition (the table of shared.candidate_kinds
+# fitted once per run over every partition, not per partition (the table of shared.models.candidate_kinds
 # says which: importers of this name see its pooled candidates)
 POOLED_CANDIDATES = pooled_candidates()
 
@@ -92,7 +92,7 @@ POOLED_CANDIDATES = pooled_candidates()
 class TrainingSpec:
     """Which candidate models compete on the validation window, and the selection metric."""
 
-    candidates: list[str] = field(default_factory=default_candidates)  # shared.candidate_kinds
+    candidates: list[str] = field(default_factory=default_candidates)  # shared.models.candidate_kinds
     extra_candidates: list[CandidateSpec] = field(default_factory=list)
     # packages whose regressors extra_candidates may name (shared.trust); never the standard library
     estimator_packages: list[str] = field(default_factory=lambda: list(DEFAULT_ESTIMATOR_PACKAGES))
@@ -100,7 +100,7 @@ class TrainingSpec:
     seed: int = 42
     folds: int = 2  # rolling-origin validation windows the candidates are scored on
     # a partition keeps its own best candidate over the batch's best only when it wins its folds by
-    # more than this share (selection on a few dozen points is noisy; see shared.training.choose)
+    # more than this share (selection on a few dozen points is noisy; see shared.models.training.choose)
     selection_margin: float = 0.10
     ensemble: bool = True  # the mean of the two best candidates competes too
     # the test window's forecasts of every candidate are evidence for the choice too (the most recent
@@ -108,7 +108,7 @@ class TrainingSpec:
     # reads a window the choice saw
     select_on_test: bool = True
     global_max_rows: int = 1_000_000  # rows the global model is fitted on (sampled: partitions, then whole periods)
-    # each trained model's price elasticity and promotion lift (shared.effects; SQL table effects):
+    # each trained model's price elasticity and promotion lift (shared.models.effects; SQL table effects):
     # about 2 ms a partition with two covariates, ~9 % of a local-models training
     effects: bool = True
     # observed periods before the test window loaded into SQL (table actuals, the report's charts):
@@ -147,8 +147,8 @@ SCORING_SOURCES = (*DEFAULT_CHAIN, "latest")
 def chain_reads_dev(chain: Sequence[str]) -> bool:
     """Does a scoring chain open the development registry? Every source but ``production`` reads it."""
     return any(source != "production" for source in chain)
-# The prepared dataset's manifest columns (shared.partitioning) and the registry's standard tags
-# (shared.registry.STANDARD_TAGS) sit beside the key columns: a key may not take their names.
+# The prepared dataset's manifest columns (shared.data.partitioning) and the registry's standard tags
+# (shared.registries.registry.STANDARD_TAGS) sit beside the key columns: a key may not take their names.
 MANIFEST_COLUMNS = ("n_rows", "n_observed", "first_period", "last_period", "last_time", "fingerprint", "batch")
 RESERVED_KEY_NAMES = (*MANIFEST_COLUMNS, "run_id", "model_type", "status", "version", "name")
 
@@ -185,7 +185,7 @@ class IngestSpec:
 
     memory_mb: int = 2048  # peak memory of ingestion (all its processes), whatever the input's size
     workers: int = 0  # processes validating buckets in parallel; 0 = one per CPU
-    # how a CSV file is written (shared.ingest.csv_options): the field delimiter ("auto": sniffed
+    # how a CSV file is written (shared.data.ingest.csv_options): the field delimiter ("auto": sniffed
     # from the header among , ; tab |), the decimal mark, the thousands separator, the text encoding
     delimiter: str = "auto"
     decimal: str = "."

@@ -70,7 +70,7 @@ class Lake(Protocol):
     file's version and size, byte ranges (sampling a large raw file reads its head or footer only),
     whether a server-side copy into it is still running, and ``local_path`` (None: no local file).
     ``shared_writers`` says whether several machines may write it; such a lake must provide a
-    cross-machine writer lease (:func:`shared.backends.writer_lease`)."""
+    cross-machine writer lease (:func:`shared.runs.backends.writer_lease`)."""
 
     shared_writers: bool
 

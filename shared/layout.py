@@ -27,7 +27,7 @@ path changes here or nowhere. Ids are content-derived (``d...`` datasets, ``r...
     runs/<run>/jobs/<job>.json                a local compute job's record
     runs/<run>/inputs/g<i>/MLTable            an Azure ML group's file list (when not a whole folder)
     runs/<run>/registry/g<i>/<name>/index.sqlite  a scoring group's slice of a registry index (Azure ML)
-    scoring/<score>/batches/...               scoring request files (:mod:`shared.scoring`)
+    scoring/<score>/batches/...               scoring request files (:mod:`shared.forecasts.scoring`)
     scoring/<score>/partitions.parquet        which partitions each request file holds
     predictions/<score>/predictions.parquet   a scoring run's predictions, all groups
     registry/<name>/index.sqlite              a registry's index (Azure ML registry in the lake,
@@ -140,7 +140,7 @@ def job_record(run_id: str, job_id: str) -> str:
 
 
 def run_of_job(job_id: str) -> str:
-    """The run of a job id (``<kind>-<run>-g<group>``, :func:`shared.compute.job_id_for`)."""
+    """The run of a job id (``<kind>-<run>-g<group>``, :func:`shared.runs.compute.job_id_for`)."""
     return job_id.partition("-")[2].rsplit("-g", 1)[0]
 
 

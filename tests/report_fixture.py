@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from shared.result_store import ResultStore
+from shared.results.result_store import ResultStore
 
 DATES = pd.date_range("2023-01-01", periods=64, freq="W")
 HISTORY, TEST, FUTURE = DATES[:52], DATES[52:60], DATES[60:]

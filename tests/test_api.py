@@ -12,8 +12,8 @@ import pytest
 
 import manymodels
 from manymodels import ManyModels
-from shared.synthetic import generate_panel
-from shared.result_store import SQLiteStore
+from shared.data.synthetic import generate_panel
+from shared.results.result_store import SQLiteStore
 
 REPO = Path(__file__).resolve().parents[1]
 HORIZON = 6
@@ -144,7 +144,7 @@ def test_numeric_columns_are_not_covariates_unless_named(tmp_path):
     import json
 
     from shared import layout
-    from shared.workspace import Workspace
+    from shared.runs.workspace import Workspace
 
     sales = next(generate_panel(partitions=3, periods=60, freq="W", seed=4))
     sales["footfall"] = np.arange(len(sales), dtype=float)

@@ -33,12 +33,12 @@ from shared.azureml.endpoint import deploy_online  # noqa: E402
 from shared.azureml.jobs import parallel_job_status, stage_code, submit_parallel_job  # noqa: E402
 from shared.azureml.registry import (HEAD_FILE, INDEX_FILE, MANIFEST_FILE, AzureMLRegistry,  # noqa: E402
                                      RegistryConflictError, WorkspaceAssetPublisher)
-from shared.backends import open_azureml_registries as open_registries  # noqa: E402
+from shared.runs.backends import open_azureml_registries as open_registries  # noqa: E402
 from shared.config import ProjectConfig, PromotionRules  # noqa: E402
 from shared.lake import LocalLake  # noqa: E402
-from shared.workspace import Workspace  # noqa: E402
-from shared.promotion import promote_run  # noqa: E402
-from shared.registry import ModelRegistry, RegistryError  # noqa: E402
+from shared.runs.workspace import Workspace  # noqa: E402
+from shared.registries.promotion import promote_run  # noqa: E402
+from shared.registries.registry import ModelRegistry, RegistryError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:The `context` parameter is deprecated")
 

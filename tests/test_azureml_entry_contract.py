@@ -24,10 +24,10 @@ pytest.importorskip("azure.ai.ml")
 
 from shared.azureml.client import AzureMLSettings  # noqa: E402
 from shared.azureml.jobs import RESULTS_FILE, build_job_for_group, stage_code  # noqa: E402
-from shared.pipeline import (Workspace, ingest, load_predictions, plan_scoring, plan_training,  # noqa: E402
+from shared.runs.pipeline import (Workspace, ingest, load_predictions, plan_scoring, plan_training,  # noqa: E402
                              promote, register_run, score, train, train_global, wants_global)
-from shared.runner import run_parallel  # noqa: E402
-from shared.synthetic import write_panel  # noqa: E402
+from shared.runs.runner import run_parallel  # noqa: E402
+from shared.data.synthetic import write_panel  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The `context` parameter is deprecated")]
 

@@ -18,17 +18,18 @@ pytestmark = pytest.mark.filterwarnings("ignore:The `context` parameter is depre
 from azure.ai.ml import load_job  # noqa: E402
 from azure.core.exceptions import ResourceNotFoundError  # noqa: E402
 
-from shared import backends, layout, pipeline  # noqa: E402
+from shared import layout
+from shared.runs import backends, pipeline  # noqa: E402
 from shared.azureml.client import AzureMLBackend, AzureMLError, AzureMLSettings  # noqa: E402
 from shared.azureml.ingest_job import (build_ingest_job, ingest_id_for, ingest_job_status,  # noqa: E402
                                        plan_ingest, result_path, source_type, submit_ingest_job)
 from shared.azureml.jobs import WORKER_ENV, stage_code  # noqa: E402
 from shared.entry import ingest as entry  # noqa: E402
-from shared.ingestion import REPORT_FIELDS  # noqa: E402
+from shared.data.ingestion import REPORT_FIELDS  # noqa: E402
 from shared.lake import LocalLake  # noqa: E402
 from shared.settings import Settings  # noqa: E402
-from shared.synthetic import write_panel  # noqa: E402
-from shared.workspace import Workspace  # noqa: E402
+from shared.data.synthetic import write_panel  # noqa: E402
+from shared.runs.workspace import Workspace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 INGEST_ID = "i0123456789abcdef"

@@ -18,10 +18,10 @@ from shared.azureml.jobs import (REPO_ROOT, RESULTS_FILE, STATE_MAP, WORKER_ENV,
                                  build_job_for_group, build_pipeline_job, conda_spec, group_input,
                                  map_job_state, plan_score, plan_train, read_requirements, stage_code,
                                  write_registry_slice)
-from shared.compute import JOB_STATES  # noqa: E402
+from shared.runs.compute import JOB_STATES  # noqa: E402
 from shared.config import ProjectConfig  # noqa: E402
 from shared.lake import LocalLake  # noqa: E402
-from shared.workspace import Workspace  # noqa: E402
+from shared.runs.workspace import Workspace  # noqa: E402
 from azureml_tools import azureml_tools_python  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
@@ -319,7 +319,7 @@ def test_the_job_environment_does_not_set_pythonpath(aml, code, lake):
 
 
 def _registry_with_history(root: Path, name: str, partitions: list[str], versions: int):
-    from shared.registry import ModelRegistry
+    from shared.registries.registry import ModelRegistry
 
     registry = ModelRegistry(root, name)
     for v in range(versions):
@@ -336,7 +336,7 @@ def test_a_scoring_group_gets_only_its_partitions_newest_models(aml, code, tmp_p
 
     from shared.keys import PARTITION_ID
     from shared.lake import write_parquet
-    from shared.registry import ModelRegistry
+    from shared.registries.registry import ModelRegistry
 
     score_id = "s0123456789abcdef"
     everyone = [f"p{i:020x}" for i in range(12)]
@@ -387,10 +387,10 @@ def test_at_reference_scale_a_groups_slices_are_its_share_of_the_registries_not_
 
     import pandas as pd
 
-    from shared.global_model import GLOBAL_ID
+    from shared.models.global_model import GLOBAL_ID
     from shared.keys import PARTITION_ID
     from shared.lake import write_parquet
-    from shared.registry import ModelRegistry
+    from shared.registries.registry import ModelRegistry
 
     score_id = "s00000000000000cd"
     everyone = [f"p{i:020x}" for i in range(10_000)]
@@ -445,7 +445,7 @@ def test_a_scoring_run_pins_every_groups_slices_when_planned_so_a_later_promotio
     from shared.azureml.jobs import pin_scoring
     from shared.keys import PARTITION_ID
     from shared.lake import write_parquet
-    from shared.registry import ModelRegistry
+    from shared.registries.registry import ModelRegistry
 
     score_id = "s00000000000000ab"
     everyone = [f"p{i:020x}" for i in range(6)]

@@ -17,8 +17,8 @@ import pytest
 
 from shared.azureml import online_score
 from shared.lake import read_parquet
-from shared.pipeline import Workspace, ingest, promote, score, train
-from shared.synthetic import write_panel
+from shared.runs.pipeline import Workspace, ingest, promote, score, train
+from shared.data.synthetic import write_panel
 
 pytestmark = pytest.mark.slow
 
@@ -175,7 +175,7 @@ def test_a_newly_promoted_version_is_picked_up_through_head(serving, trained, tm
     staging = tmp_path / "next-prod"
     _publish(ws.prod.root, staging, head="unused")
     staging = staging / "registry" / "prod"
-    from shared.registry import ModelRegistry
+    from shared.registries.registry import ModelRegistry
 
     nxt = ModelRegistry(staging, "prod")
     row = record.to_row()

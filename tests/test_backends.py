@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from shared import backends, layout
-from shared.compute import JobHandle
+from shared import layout
+from shared.runs import backends
+from shared.runs.compute import JobHandle
 from shared.lake import LocalLake
-from shared.registry import ModelRegistry
+from shared.registries.registry import ModelRegistry
 from shared.settings import Settings
-from shared.workspace import Workspace
+from shared.runs.workspace import Workspace
 
 
 def test_no_settings_means_local_everywhere(tmp_path: Path) -> None:
@@ -37,7 +38,7 @@ def test_local_registries_live_under_the_workdir(tmp_path: Path) -> None:
 def test_opening_local_backends_imports_no_azure_sdk(tmp_path: Path) -> None:
     import subprocess
 
-    code = ("import sys; from shared.workspace import Workspace; ws = Workspace.open(sys.argv[1]); "
+    code = ("import sys; from shared.runs.workspace import Workspace; ws = Workspace.open(sys.argv[1]); "
             "ws.dev, ws.prod, ws.compute; "
             "print(sorted(m for m in sys.modules if m.startswith(('azure.ai.ml', 'azure.storage', 'shared.azureml'))))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
@@ -102,7 +103,7 @@ def test_a_lake_shared_by_machines_without_a_cross_machine_lease_is_refused_for_
 
 
 def test_the_local_compute_ingests_in_process_and_has_no_ingestion_job_to_poll(tmp_path: Path) -> None:
-    from shared.synthetic import write_panel
+    from shared.data.synthetic import write_panel
 
     ws = Workspace.open(tmp_path, remember=False, overrides={"runner.progress": False})
     write_panel(tmp_path / "sales.csv", partitions=3, periods=30, seed=1)

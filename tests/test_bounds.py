@@ -13,7 +13,7 @@ from shared.bounds import BOUNDS, BoundsError, check, check_length, worker_count
 from shared.cli import main
 from shared.config import MESSAGE_OVERRIDES, ProjectConfig
 from shared.errors import ManyModelsError
-from shared.synthetic import write_panel
+from shared.data.synthetic import write_panel
 
 
 @pytest.mark.parametrize("value, words", [

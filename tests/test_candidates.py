@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from shared.candidates import (
+from shared.models.candidates import (
     BoostedTreesForecaster,
     CandidateError,
     LogLinearForecaster,
@@ -17,7 +17,7 @@ from shared.candidates import (
     resolve_estimator,
 )
 from shared.config import CandidateSpec, ProjectConfig
-from shared.features import FeatureSpec
+from shared.models.features import FeatureSpec
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +172,9 @@ def test_candidates_predict_exactly_what_scikit_learn_predicts_for_few_and_many_
 
 
 def test_log_linear_forecasts_stop_at_e_times_the_largest_target_seen():
-    from shared.candidates import LOG_CAP_MARGIN, LogLinearCovariates
+    from shared.models.candidates import LOG_CAP_MARGIN, LogLinearCovariates
     from shared.config import ProjectConfig
-    from shared.features import FeatureSpec
+    from shared.models.features import FeatureSpec
 
     spec = FeatureSpec.from_config(ProjectConfig().with_overrides({"data.covariates": ["price"]}))
     rng = np.random.default_rng(0)
@@ -193,7 +193,7 @@ def test_log_linear_forecasts_stop_at_e_times_the_largest_target_seen():
 def test_the_direct_ridge_solve_equals_scikit_learns_ridge():
     from sklearn.linear_model import Ridge
 
-    from shared.candidates import ridge_fit
+    from shared.models.candidates import ridge_fit
 
     rng = np.random.default_rng(3)
     X = rng.normal(size=(400, 25))
@@ -209,18 +209,18 @@ def test_the_direct_ridge_solve_equals_scikit_learns_ridge():
 @pytest.fixture
 def candidate_table(monkeypatch):
     """The table of candidates as it is; what a test registers is gone after it."""
-    from shared import candidate_kinds
+    from shared.models import candidate_kinds
 
     monkeypatch.setattr(candidate_kinds, "CANDIDATES", dict(candidate_kinds.CANDIDATES))
 
 
 def test_a_candidate_registered_in_one_call_is_accepted_by_the_config_and_trained(candidate_table):
-    from shared.candidate_kinds import register_candidate
+    from shared.models.candidate_kinds import register_candidate
     from shared.config import ConfigError
     from shared.keys import PARTITION_ID, partition_ids
-    from shared.synthetic import generate_panel
-    from shared.timegrid import PERIOD, to_periods
-    from shared.training import train_batch
+    from shared.data.synthetic import generate_panel
+    from shared.data.timegrid import PERIOD, to_periods
+    from shared.models.training import train_batch
 
     chosen = {"training.candidates": ["mean8"], "training.folds": 1}
     with pytest.raises(ConfigError, match="unknown candidate.*mean8"):
@@ -241,7 +241,7 @@ def test_a_candidate_registered_in_one_call_is_accepted_by_the_config_and_traine
 
 
 def test_registration_refuses_a_taken_reserved_or_malformed_name(candidate_table):
-    from shared.candidate_kinds import register_candidate
+    from shared.models.candidate_kinds import register_candidate
 
     def build(models, cfg, spec):
         return models.MovingAverageBaseline()
@@ -252,7 +252,7 @@ def test_registration_refuses_a_taken_reserved_or_malformed_name(candidate_table
 
 
 def test_the_table_says_which_candidates_are_pooled_and_which_run_by_default(spec):
-    from shared.candidate_kinds import candidate_names, default_candidates, pooled_candidates
+    from shared.models.candidate_kinds import candidate_names, default_candidates, pooled_candidates
     from shared.config import POOLED_CANDIDATES
 
     assert default_candidates() == ProjectConfig().training.candidates == [

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from shared.cli import main
-from shared.synthetic import write_panel
+from shared.data.synthetic import write_panel
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +155,10 @@ def _raising(exc: BaseException):
 
 
 @pytest.mark.parametrize("error", [
-    "shared.result_store:StoreError",
-    "shared.registry:RegistryError",
-    "shared.runner:RunnerError",
-    "shared.pipeline:PipelineError",
+    "shared.results.result_store:StoreError",
+    "shared.registries.registry:RegistryError",
+    "shared.runs.runner:RunnerError",
+    "shared.runs.pipeline:PipelineError",
     "shared.serving:PartitionNotFound",
     "shared.errors:ManyModelsError",
 ])
@@ -185,7 +185,7 @@ def test_anything_else_is_unexpected_exit_1_with_the_debug_hint(exc, tmp_path, c
 
 
 def test_a_real_registry_error_exits_2(tmp_path, capsys):
-    from shared.registry import ModelRegistry
+    from shared.registries.registry import ModelRegistry
 
     work = tmp_path / "w"
     ModelRegistry(work / "registry" / "prod", "dev").close()  # a dev registry where prod belongs
@@ -365,7 +365,7 @@ def test_a_failed_command_leaves_no_empty_workdir_behind(tmp_path, capsys):
 def test_a_report_that_cannot_be_drawn_leaves_the_run_partial_not_failed(small_csv, tmp_path, monkeypatch, capsys):
     """The predictions are in SQL by then: the run says the report is missing and why (exit 3),
     and `manymodels report` can write it later."""
-    import shared.pipeline as pipeline_module
+    import shared.runs.pipeline as pipeline_module
 
     def broken(ws, path=None):
         raise ValueError("a chart could not be drawn")

@@ -107,7 +107,7 @@ def test_each_fixed_choice_is_listed_once_for_the_project_file_and_for_messages(
 
 def test_the_metric_options_are_the_metric_vocabulary():
     from shared.config import CHOICES
-    from shared.metric_names import METRICS, lower_is_better
+    from shared.models.metric_names import METRICS, lower_is_better
 
     assert CHOICES["promotion.metric"] == METRICS
     assert CHOICES["training.selection_metric"] == tuple(m for m in METRICS if lower_is_better(m))

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 
 from shared.config import ProjectConfig
-from shared.effects import covariate_effects
+from shared.models.effects import covariate_effects
 from shared.keys import PARTITION_ID, partition_ids
-from shared.timegrid import PERIOD, anchor_offset, to_periods
-from shared.training import train_batch
+from shared.data.timegrid import PERIOD, anchor_offset, to_periods
+from shared.models.training import train_batch
 
 ELASTICITY, LIFT = -2.0, 0.30  # log-scale promotion effect: sales x exp(0.3) when on promotion
 

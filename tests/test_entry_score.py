@@ -17,13 +17,13 @@ from shared.config import ProjectConfig, RunnerSpec
 from shared.entry import score as entry
 from shared.keys import PARTITION_ID
 from shared.lake import LocalLake, read_parquet
-from shared.partitioning import prepare_dataset
-from shared.registry import ModelRegistry
-from shared.runner import run_parallel
-from shared.scoring import prepare_scoring, prediction_columns
-from shared.synthetic import generate_panel
-from shared.training import train_batch
-from shared.validation import validate
+from shared.data.partitioning import prepare_dataset
+from shared.registries.registry import ModelRegistry
+from shared.runs.runner import run_parallel
+from shared.forecasts.scoring import prepare_scoring, prediction_columns
+from shared.data.synthetic import generate_panel
+from shared.models.training import train_batch
+from shared.data.validation import validate
 
 HORIZON_N = 3
 

@@ -23,11 +23,11 @@ from shared.config import ProjectConfig, RunnerSpec
 from shared.entry import train as entry
 from shared.keys import PARTITION_ID
 from shared.lake import LocalLake
-from shared.partitioning import prepare_dataset
-from shared.runner import run_parallel
-from shared.synthetic import generate_panel
-from shared.training import ForecastBundle
-from shared.validation import validate
+from shared.data.partitioning import prepare_dataset
+from shared.runs.runner import run_parallel
+from shared.data.synthetic import generate_panel
+from shared.models.training import ForecastBundle
+from shared.data.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -174,7 +174,7 @@ KILLABLE_RUN = textwrap.dedent("""
     import sys
     from pathlib import Path
     from shared.config import RunnerSpec
-    from shared.runner import run_parallel
+    from shared.runs.runner import run_parallel
     files, args, results = sys.argv[1].split(","), sys.argv[2].split(" "), Path(sys.argv[3])
     run_parallel("shared.entry.train", files, args, RunnerSpec(workers=2, retries=0, progress=False), results)
 """)

@@ -24,9 +24,9 @@ INTERNAL: dict[str, str] = {
     "shared.faults:FaultInjected": "never reaches a user: raised only when MM_FAULT asks for it",
     # SIGTERM unwinds like KeyboardInterrupt; the CLI turns it into its message and exit 143. As an
     # Exception (which ManyModelsError is) every `except Exception` on the way would swallow it
-    "shared.failures:Terminated": "a signal, not an error: the CLI reports it (exit 143)",
+    "shared.results.failures:Terminated": "a signal, not an error: the CLI reports it (exit 143)",
     # a warning category (warnings.warn), never raised: the user reads its message in the log
-    "shared.artifact_format:ArtifactVersionWarning": "a warning, never raised",
+    "shared.models.artifact_format:ArtifactVersionWarning": "a warning, never raised",
 }
 
 
@@ -73,12 +73,12 @@ def test_every_error_derives_from_the_root(where: str, cls: type) -> None:
 def test_errors_keep_their_builtin_kind() -> None:
     """Deriving from the root kept the builtin base callers already catch (ValueError, LookupError...)."""
     from shared.config import ConfigError
-    from shared.model_cache import ModelLoadError, ModelNotFoundError
-    from shared.pipeline import PipelineError
-    from shared.registry import RegistryError
-    from shared.result_store import StoreError
-    from shared.runner import RunnerError
-    from shared.validation import DataValidationError
+    from shared.forecasts.model_cache import ModelLoadError, ModelNotFoundError
+    from shared.runs.pipeline import PipelineError
+    from shared.registries.registry import RegistryError
+    from shared.results.result_store import StoreError
+    from shared.runs.runner import RunnerError
+    from shared.data.validation import DataValidationError
 
     assert issubclass(ConfigError, ValueError) and issubclass(DataValidationError, ValueError)
     assert issubclass(RegistryError, ValueError) and issubclass(StoreError, ValueError)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.synthetic import write_panel
+from shared.data.synthetic import write_panel
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--no-progress", "--workers", "2", "--horizon", "4", "--test-periods", "6", "--min-accuracy", "0.3"]

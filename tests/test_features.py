@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 
 from shared.config import ProjectConfig
-from shared.features import (FeatureSpec, build_features, pandas_partition_features, rolling_windows,
+from shared.models.features import (FeatureSpec, build_features, pandas_partition_features, rolling_windows,
                              series_features)
 from shared.keys import PARTITION_ID, partition_ids
-from shared.synthetic import generate_panel
-from shared.timegrid import PERIOD, to_periods
+from shared.data.synthetic import generate_panel
+from shared.data.timegrid import PERIOD, to_periods
 
 
 def validated(frame: pd.DataFrame, cfg: ProjectConfig) -> pd.DataFrame:

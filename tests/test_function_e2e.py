@@ -24,7 +24,7 @@ import pytest
 from durable_harness import FakeDurableExtension, app_functions
 from test_function_handlers import decoded, sb, storage_event  # the worker's decoding of raw inputs
 from shared.config import ProjectConfig
-from shared.synthetic import write_panel
+from shared.data.synthetic import write_panel
 
 pytestmark = pytest.mark.slow
 

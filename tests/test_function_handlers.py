@@ -24,11 +24,11 @@ import pytest
 
 from durable_harness import FakeDurableExtension, app_functions
 from function_app.messages import MessageError
-from shared import pipeline
+from shared.runs import pipeline
 from shared.keys import partition_id
 from shared.lake import LocalLake
 from shared.settings import Settings
-from shared.synthetic import write_panel
+from shared.data.synthetic import write_panel
 
 BASE = "https://mm-func.azurewebsites.net"
 

@@ -12,10 +12,10 @@ from durable_harness import app_functions
 from function_app.serving import worker_predictor
 from shared.keys import PARTITION_ID
 from shared.lake import read_parquet
-from shared.pipeline import run_all
-from shared.workspace import Workspace
+from shared.runs.pipeline import run_all
+from shared.runs.workspace import Workspace
 from shared.settings import Settings
-from shared.synthetic import write_panel
+from shared.data.synthetic import write_panel
 
 BASE = "http://localhost:7071"
 

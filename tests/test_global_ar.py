@@ -10,14 +10,15 @@ import pandas as pd
 import pytest
 
 from shared.config import ProjectConfig
-from shared.features import FeatureSpec, build_features, compute_features
-from shared.global_ar import (ar_features, ar_spec, carried_covariates, forecast_windows, history_row,
+from shared.models.features import FeatureSpec, build_features, compute_features
+from shared.models.global_ar import (ar_features, ar_spec, carried_covariates, forecast_windows, history_row,
                               step_features)
-from shared.global_model import GlobalARView, GlobalModelError, fit_global, partition_stats, uses_history
+from shared.models.global_model import GlobalARView, GlobalModelError, fit_global, partition_stats, uses_history
 from shared.keys import PARTITION_ID
-from shared.timegrid import PERIOD
-from shared.training import global_cuts, train_batch
-from shared.validation import validate
+from shared.data.timegrid import PERIOD
+from shared.models.selection import global_cuts
+from shared.models.training import train_batch
+from shared.data.validation import validate
 
 HOLDOUT = 8
 

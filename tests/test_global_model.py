@@ -8,15 +8,16 @@ import pandas as pd
 import pytest
 
 from shared.config import ProjectConfig
-from shared.features import build_features
-from shared.global_model import GLOBAL_ID, GlobalModelError, GlobalView, fit_global
+from shared.models.features import build_features
+from shared.models.global_model import GLOBAL_ID, GlobalModelError, GlobalView, fit_global
 from shared.keys import PARTITION_ID
-from shared.registry import ModelRegistry
-from shared.scoring import beats_baseline, horizon_requests, score_frame
-from shared.synthetic import generate_panel
-from shared.timegrid import PERIOD
-from shared.training import conformal_offsets, global_cuts, train_batch
-from shared.validation import validate
+from shared.registries.registry import ModelRegistry
+from shared.forecasts.scoring import beats_baseline, horizon_requests, score_frame
+from shared.data.synthetic import generate_panel
+from shared.data.timegrid import PERIOD
+from shared.models.selection import conformal_offsets, global_cuts
+from shared.models.training import train_batch
+from shared.data.validation import validate
 
 HOLDOUT = 12
 
@@ -220,7 +221,7 @@ def test_a_new_series_with_a_couple_of_rows_is_forecast_by_the_global_model_not_
 
 
 def test_at_scale_the_global_model_reads_a_seeded_set_of_partitions_then_samples_periods():
-    from shared.global_model import OVERSAMPLE, global_sample
+    from shared.models.global_model import OVERSAMPLE, global_sample
 
     ids = [f"p{i:04d}" for i in range(1000)]
     rows = [4000] * 1000

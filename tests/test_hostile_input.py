@@ -26,9 +26,9 @@ from azure.functions.servicebus import ServiceBusMessage as WorkerServiceBusMess
 
 from durable_harness import FakeDurableExtension, app_functions
 from shared.config import ConfigError, ProjectConfig, load_config
-from shared.registry import ArtifactIntegrityError, ModelRecord, ModelRegistry, RegistryError
+from shared.registries.registry import ArtifactIntegrityError, ModelRecord, ModelRegistry, RegistryError
 from shared.trust import UntrustedCodeError, estimator_class
-from shared.validation import DataValidationError, validate
+from shared.data.validation import DataValidationError, validate
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "artifacts-v0.1"
@@ -204,7 +204,7 @@ def registries(tmp_path):
 
 
 def test_a_pickle_dropped_over_a_production_model_is_refused_unread(tmp_path, registries):
-    from shared.model_cache import ModelCache, ModelLoadError
+    from shared.forecasts.model_cache import ModelCache, ModelLoadError
 
     dev, prod = registries
     victim, other = sorted(r.partition_id for r in prod.find(latest_only=True))[:2]
@@ -340,7 +340,7 @@ def test_hostile_data_is_a_clear_exit_2(tmp_path, kind):
 
 def test_nested_columns_are_refused_on_the_streaming_path_too(tmp_path):
     from shared.lake import LocalLake
-    from shared.streaming import StreamPlan, ingest_source
+    from shared.data.streaming import StreamPlan, ingest_source
 
     frame = small_panel()
     table = pa.Table.from_pandas(frame, preserve_index=False)
@@ -378,7 +378,7 @@ def test_null_keys_in_batches_typed_differently_give_the_in_memory_error_when_st
     """Found by the property campaign: a covariate read as numbers in one scan batch and as text
     in another broke the streamed null-key examples (Arrow could not merge them)."""
     from shared.lake import LocalLake
-    from shared.streaming import StreamPlan, ingest_source
+    from shared.data.streaming import StreamPlan, ingest_source
 
     n = 17
     frame = pd.DataFrame({"store": ["S1"] * n, "item": ["S1"] * n, "date": ["2020-01-05"] * n,
@@ -399,7 +399,7 @@ def test_null_keys_in_batches_typed_differently_give_the_in_memory_error_when_st
 def test_candidates_resolve_estimators_through_the_allow_list_before_calling_anything(tmp_path, monkeypatch):
     """Case 1 at the last line of defence: even a config that skipped validation (an old run's saved
     config, a hand-made ProjectConfig) cannot make training call subprocess.Popen."""
-    from shared.candidates import CandidateError, SklearnForecaster, check_candidates, resolve_estimator
+    from shared.models.candidates import CandidateError, SklearnForecaster, check_candidates, resolve_estimator
     from shared.config import CandidateSpec
 
     monkeypatch.chdir(tmp_path)
@@ -421,16 +421,16 @@ def test_a_model_file_changed_between_the_worker_and_registration_is_refused(tmp
     the global model's beside it; a file replaced in the run folder before registration (or before
     a training worker unpickles the global model) is refused unread."""
     from shared import layout
-    from shared.pipeline import plan_training, register_run, train_global, train_group
-    from shared.registration import result_rows
+    from shared.runs.pipeline import plan_training, register_run, train_global, train_group
+    from shared.registries.registration import result_rows
     from shared.trust import DigestMismatchError
-    from shared.workspace import Workspace
-    from shared.synthetic import write_panel
+    from shared.runs.workspace import Workspace
+    from shared.data.synthetic import write_panel
 
     write_panel(tmp_path / "p.csv", partitions=3, periods=70, freq="W", seed=1)
     ws = Workspace.open(tmp_path / "w", overrides={"runner.workers": 1, "runner.progress": False,
                                                    "forecast.test_periods": 6}, remember=False)
-    from shared.pipeline import ingest
+    from shared.runs.pipeline import ingest
 
     ingest(ws, tmp_path / "p.csv")
     plan = plan_training(ws)
@@ -439,7 +439,7 @@ def test_a_model_file_changed_between_the_worker_and_registration_is_refused(tmp
     global_file = ws.lake.local_path(layout.global_model(plan.run_id))
     good_global = global_file.read_bytes()
     global_file.write_bytes(pickle.dumps(Payload(marker)))
-    from shared.runner import RunnerError
+    from shared.runs.runner import RunnerError
 
     with pytest.raises(RunnerError, match="does not match the SHA-256 its writer recorded"):
         train_group(ws, plan.run_id, plan.groups[0])  # the workers' init() refuses it
@@ -455,7 +455,7 @@ def test_a_model_file_changed_between_the_worker_and_registration_is_refused(tmp
         register_run(ws, plan.run_id)
     global_file.write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(DigestMismatchError):
-        from shared.registration import global_record
+        from shared.registries.registration import global_record
 
         global_record(ws.lake, plan.run_id, rows)
     assert not marker.exists() and ws.dev.count() == 0
@@ -486,7 +486,7 @@ def test_a_key_too_long_or_a_covariate_too_large_is_exit_2_naming_the_column_and
 
 def test_a_key_too_long_is_refused_on_the_streaming_path_too(tmp_path):
     from shared.lake import LocalLake
-    from shared.streaming import StreamPlan, ingest_source
+    from shared.data.streaming import StreamPlan, ingest_source
 
     frame = small_panel()
     frame["store"] = "S" * 2000

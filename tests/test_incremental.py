@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 
 from shared import layout
-from shared.global_model import GLOBAL_ID
-from shared.incremental import CONFIG_TAG, carried_forward, training_config_digest
+from shared.models.global_model import GLOBAL_ID
+from shared.models.incremental import CONFIG_TAG, carried_forward, training_config_digest
 from shared.lake import read_parquet
-from shared.pipeline import ingest, promote, score, train
-from shared.synthetic import write_panel
-from shared.workspace import Workspace
+from shared.runs.pipeline import ingest, promote, score, train
+from shared.data.synthetic import write_panel
+from shared.runs.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 

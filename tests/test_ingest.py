@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shared import ingest
+from shared.data import ingest
 from shared.config import ProjectConfig
-from shared.ingest import IngestError, read_source
-from shared.synthetic import generate_panel, write_panel
-from shared.validation import validate
+from shared.data.ingest import IngestError, read_source
+from shared.data.synthetic import generate_panel, write_panel
+from shared.data.validation import validate
 
 CFG = ProjectConfig()
 
@@ -87,7 +87,7 @@ def test_an_xlsx_workbook_reads_as_its_csv_does_in_memory_and_streamed(tmp_path,
     dataset as the CSV of the same rows, whichever ingestion path reads it."""
     from shared.cli import main
     from shared.lake import LocalLake
-    from shared.streaming import StreamPlan, ingest_source
+    from shared.data.streaming import StreamPlan, ingest_source
 
     frame = next(generate_panel(partitions=3, periods=12, seed=2)).assign(store="007")
     frame.to_excel(book := tmp_path / "sales.xlsx", index=False)
@@ -226,7 +226,7 @@ def _write(tmp_path, frame: pd.DataFrame, fmt: str):
 
 def _ingested(tmp_path, path, cfg: ProjectConfig, stream: bool) -> tuple[pd.DataFrame, dict]:
     from shared.lake import LocalLake
-    from shared.streaming import StreamPlan, ingest_source
+    from shared.data.streaming import StreamPlan, ingest_source
 
     root = tmp_path / f"lake-{path.suffix[1:]}-{stream}"
     plan = StreamPlan(batch_rows=3, buckets=4, part_rows=2, workers=1, worker_mb=64) if stream else None
@@ -262,7 +262,7 @@ def test_a_time_column_mixing_offsets_and_plain_times_is_refused_naming_rows(tmp
     path = tmp_path / "mixed.csv"
     path.write_text("store,item,date,sales\nS1,I1,2024-03-28T00:00:00+01:00,1\nS1,I1,2024-03-29T00:00:00,2\n",
                     encoding="utf-8")
-    from shared.validation import DataValidationError
+    from shared.data.validation import DataValidationError
 
     with pytest.raises(DataValidationError, match="offset") as caught:
         validate(read_source(path, DAILY), DAILY)

@@ -11,7 +11,7 @@ from azure.storage.blob import BlobServiceClient
 from shared.config import ProjectConfig
 from shared.lake import LakeError, LocalLake, read_parquet, write_parquet
 from shared.azureml.blob_lake import BlobLake
-from shared.backends import open_lake
+from shared.runs.backends import open_lake
 from shared.settings import Settings
 
 pytestmark = pytest.mark.azurite
@@ -144,9 +144,9 @@ def test_open_lake_follows_the_settings(azurite_blob, tmp_path):
 
 
 def test_the_partition_step_writes_the_same_layout_to_blob_as_to_a_local_folder(lake, tmp_path):
-    from shared.partitioning import load_dataset, prepare_dataset
-    from shared.synthetic import generate_panel
-    from shared.validation import validate
+    from shared.data.partitioning import load_dataset, prepare_dataset
+    from shared.data.synthetic import generate_panel
+    from shared.data.validation import validate
 
     cfg = ProjectConfig().with_overrides({"runner.rows_per_file": 400})
     frame = pd.concat(generate_panel(partitions=12, periods=60, seed=5), ignore_index=True)

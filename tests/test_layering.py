@@ -5,7 +5,7 @@
   ``function_app`` package. The entry scripts (``shared/entry``) in particular never do.
 - The Azure backends (``shared/azureml/``: the Blob lake, Azure ML) are optional: outside the
   package, no module imports them at module level, and only the backend factory
-  ``shared/backends.py`` imports them at all (inside functions). The modules of the package import
+  ``shared/runs/backends.py`` imports them at all (inside functions). The modules of the package import
   each other without cycles.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ AZUREML = "shared.azureml"
 # Modules outside shared/azureml/ that import shared.azureml, lazily (inside a function): the backend
 # factory alone.
 AZUREML_IMPORTERS = {
-    "shared/backends.py",
+    "shared/runs/backends.py",
 }
 
 
@@ -130,7 +130,7 @@ def test_only_the_allow_list_imports_the_azureml_backend() -> None:
     importers = {rel(p) for p in OUTSIDE_AZUREML if any(is_under(i.module, AZUREML) for i in imports_of(p))}
     assert importers <= AZUREML_IMPORTERS, (
         f"new importers of {AZUREML}: {sorted(importers - AZUREML_IMPORTERS)}; go through the allow-listed "
-        f"modules instead: backends are opened by one factory, shared/backends.py")
+        f"modules instead: backends are opened by one factory, shared/runs/backends.py")
     stale = AZUREML_IMPORTERS - importers
     assert not stale, f"{sorted(stale)} no longer import {AZUREML}: shrink AZUREML_IMPORTERS"
 
@@ -282,3 +282,35 @@ def test_the_lake_path_checker_sees_f_strings_and_constants(tmp_path: Path) -> N
                       'c = "no model in runs/ here"\n'
                       'd = "azureml://registries/x/models/"\n', encoding="utf-8")
     assert [f.split(":")[0] for f in lake_path_literals(source)] == ["line 2", "line 3"]
+
+
+# -- a core grouped by what it does -----------------------------------------------------------------
+SUBPACKAGES = ("data", "models", "registries", "forecasts", "results", "runs", "serving", "azureml", "entry")
+FOUNDATIONS = ("__init__", "bounds", "cli", "cli_commands", "config", "errors", "faults", "keys", "lake", "layout",
+               "locking", "settings", "trust")
+
+
+def _group(module: str) -> str:
+    """``shared.runs.pipeline`` -> ``runs``; a module of ``shared`` itself -> ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else ""
+
+
+def test_the_core_is_a_few_foundations_and_subpackages_named_for_what_they_hold() -> None:
+    top = sorted(p.stem for p in SHARED.glob("*.py"))
+    assert top == sorted(FOUNDATIONS), f"a new top-level module of shared/: put it in a subpackage ({top})"
+    packages = sorted(p.name for p in SHARED.iterdir() if (p / "__init__.py").is_file())
+    assert packages == sorted(SUBPACKAGES)
+    for name in packages:  # each says what it holds
+        assert (SHARED / name / "__init__.py").read_text(encoding="utf-8").startswith('"""'), name
+
+
+def test_no_private_name_is_imported_across_subpackages() -> None:
+    crossing = []
+    for path in MODULES:
+        me = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and is_under(node.module, "shared"):
+                crossing += [f"{rel(path)}: {a.name} from {node.module}" for a in node.names
+                             if a.name.startswith("_") and _group(me) != _group(node.module)]
+    assert not crossing, f"private names used across subpackages (make them public where they live): {crossing}"

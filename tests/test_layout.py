@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from shared import layout
-from shared.compute import job_id_for
+from shared.runs.compute import job_id_for
 from shared.lake import check_path
 
 
@@ -56,8 +56,8 @@ def test_unknown_registry_names_are_refused() -> None:
 
 
 def test_the_modules_that_still_spell_paths_agree_with_the_layout() -> None:
-    from shared.partitioning import PREPARED, dataset_root
-    from shared.scoring import SCORING
+    from shared.data.partitioning import PREPARED, dataset_root
+    from shared.forecasts.scoring import SCORING
 
     assert dataset_root("d1") == layout.dataset_dir("d1") and PREPARED == layout.PREPARED
     assert SCORING == layout.SCORING
@@ -65,10 +65,10 @@ def test_the_modules_that_still_spell_paths_agree_with_the_layout() -> None:
 
 def test_a_demo_workdir_has_exactly_the_layouts_paths(tmp_path: Path) -> None:
     """Ingest, train, promote and score a small panel; every file of the lake is one the layout names."""
-    from shared.incremental import training_config_digest
-    from shared.pipeline import run_all
-    from shared.synthetic import write_panel
-    from shared.workspace import Workspace
+    from shared.models.incremental import training_config_digest
+    from shared.runs.pipeline import run_all
+    from shared.data.synthetic import write_panel
+    from shared.runs.workspace import Workspace
 
     data = tmp_path / "sales.parquet"
     write_panel(data, partitions=4, periods=60, freq="W", seed=3)

@@ -6,8 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-from shared.features import FeatureSpec
-from shared.local_models import PATH_STEPS, SeasonalNaive, StatsForecaster
+from shared.models.features import FeatureSpec
+from shared.models.local_models import PATH_STEPS, SeasonalNaive, StatsForecaster
 
 SPEC = FeatureSpec(horizon=7, season_length=7, lags=(7, 8), windows=(4,), fourier_terms=3, covariates=())
 

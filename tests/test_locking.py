@@ -129,7 +129,7 @@ def test_a_read_only_workdir_is_a_clear_error(read_only_dir):
 
 
 def test_a_read_only_registry_is_a_clear_error(read_only_dir):
-    from shared.registry import ModelRegistry, RegistryError
+    from shared.registries.registry import ModelRegistry, RegistryError
 
     with pytest.raises(RegistryError, match="cannot be opened|cannot be written") as caught:
         ModelRegistry(read_only_dir / "registry" / "dev", "dev")

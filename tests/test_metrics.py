@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from shared.metrics import evaluate, evaluate_grouped, selection_key
+from shared.models.metrics import evaluate, evaluate_grouped, selection_key
 
 
 def test_metrics_match_hand_computed_values():
@@ -66,7 +66,7 @@ def test_selection_key_orders_lower_is_better_and_puts_nan_last():
 
 
 def test_the_robust_wape_is_the_wape_without_outliers_and_caps_them_with_them():
-    from shared.metrics import OUTLIER_SCALE, robust_wape, typical_level
+    from shared.models.metrics import OUTLIER_SCALE, robust_wape, typical_level
 
     a, p = np.array([10.0, 12.0, 8.0]), np.array([11.0, 12.0, 6.0])
     assert robust_wape(a, p) == pytest.approx(evaluate(a, p)["wape"])
@@ -79,7 +79,7 @@ def test_the_robust_wape_is_the_wape_without_outliers_and_caps_them_with_them():
 
 
 def test_the_forecast_ceiling_ignores_one_wild_value_and_follows_growth():
-    from shared.metrics import CEILING_FACTOR, forecast_ceiling
+    from shared.models.metrics import CEILING_FACTOR, forecast_ceiling
 
     history = np.r_[np.full(50, 60.0), 1e15, np.full(10, 62.0)]
     assert forecast_ceiling(history) == pytest.approx(CEILING_FACTOR * 62.0)
@@ -89,7 +89,7 @@ def test_the_forecast_ceiling_ignores_one_wild_value_and_follows_growth():
 
 
 def test_every_metric_evaluate_computes_has_one_direction_and_selection_follows_it():
-    from shared.metric_names import ERROR_METRICS, METRICS, lower_is_better
+    from shared.models.metric_names import ERROR_METRICS, METRICS, lower_is_better
 
     assert set(evaluate([1.0, 2.0], [1.5, 2.0])) == set(METRICS)
     assert [m for m in METRICS if lower_is_better(m)] == list(ERROR_METRICS) == ["wape", "mape", "rmse"]

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from shared.config import load_config
-from shared.model_cache import (
+from shared.forecasts.model_cache import (
     MEMORY_OVERHEAD,
     CachedModel,
     ModelCache,
@@ -21,10 +21,10 @@ from shared.model_cache import (
     ModelNotFoundError,
     object_size,
 )
-from shared.registry import ModelRegistry
-from shared.synthetic import generate_panel
-from shared.training import train_batch
-from shared.validation import validate
+from shared.registries.registry import ModelRegistry
+from shared.data.synthetic import generate_panel
+from shared.models.training import train_batch
+from shared.data.validation import validate
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def test_the_notebook_and_the_readme_show_the_same_example():
     block = readme.split("<!-- python-example -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     notebook = "\n".join(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code")
     lines = [line.strip() for line in block.splitlines()]
-    shared = [line for line in lines if line.startswith(("from manymodels", "from shared.synthetic", "sales = "))]
+    shared = [line for line in lines if line.startswith(("from manymodels", "from shared.data.synthetic", "sales = "))]
     assert len(shared) == 3 and all(line in notebook for line in shared)
     start = next(i for i, line in enumerate(lines) if "ManyModels(keys=" in line)
     call = " ".join(lines[start:start + 2]).replace("with ", "").split(" as mm")[0]

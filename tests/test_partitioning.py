@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 
 from shared.config import ProjectConfig
-from shared.ingest import read_source
+from shared.data.ingest import read_source
 from shared.keys import partition_id
 from shared.lake import LakeError, LocalLake, read_parquet
-from shared.partitioning import file_rows, fingerprint, latest_dataset, load_dataset, pack_batches, prepare_dataset
-from shared.synthetic import generate_panel, write_panel
-from shared.validation import validate
+from shared.data.partitioning import file_rows, fingerprint, latest_dataset, load_dataset, pack_batches, prepare_dataset
+from shared.data.synthetic import generate_panel, write_panel
+from shared.data.validation import validate
 
 CFG = ProjectConfig().with_overrides({"runner.rows_per_file": 2000})
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from shared.pipeline import run_all
-from shared.workspace import Workspace
-from shared.synthetic import write_panel
+from shared.runs.pipeline import run_all
+from shared.runs.workspace import Workspace
+from shared.data.synthetic import write_panel
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,7 @@ def test_a_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(first_r
 
 def test_scoring_file_rows_are_predicted_exactly(first_run, tmp_path):
     root, _ = first_run
-    from shared.pipeline import score
+    from shared.runs.pipeline import score
 
     ws = Workspace.open(root, overrides=OVERRIDES)
     with sqlite3.connect(root / "results.sqlite") as con:
@@ -150,7 +150,7 @@ def test_scoring_file_rows_are_predicted_exactly(first_run, tmp_path):
 
 @pytest.mark.azurite
 def test_on_a_blob_lake_a_rerun_of_a_group_uploads_only_what_it_rewrote(azurite_blob, tmp_path):
-    from shared.pipeline import ingest, plan_training, train_group
+    from shared.runs.pipeline import ingest, plan_training, train_group
     from shared.settings import Settings
 
     data = tmp_path / "sales.parquet"
@@ -177,7 +177,7 @@ def test_on_a_blob_lake_a_rerun_of_a_group_uploads_only_what_it_rewrote(azurite_
 def test_on_a_blob_lake_a_spark_folder_is_ingested_whole_and_its_markers_and_temporaries_skipped(
         azurite_blob, tmp_path):
     """A folder dataset in raw/ (part files, _SUCCESS, a leftover _temporary/): staged part by part."""
-    from shared.pipeline import ingest
+    from shared.runs.pipeline import ingest
     from shared.settings import Settings
 
     data = tmp_path / "sales.parquet"
@@ -200,7 +200,7 @@ def test_on_a_blob_lake_a_spark_folder_is_ingested_whole_and_its_markers_and_tem
 def test_each_series_is_forecast_on_its_own_weekday(tmp_path):
     """M4's weekly panel: series dated on different weekdays. One anchor for the panel (the most common
     weekday) stamped the others' forecasts on it: they matched no row of their own calendar."""
-    from shared.pipeline import score
+    from shared.runs.pipeline import score
 
     weekly = pd.read_parquet(_small_weekly(tmp_path))
     stores = sorted(weekly["store"].unique())
@@ -242,7 +242,7 @@ def test_a_promotion_that_lands_while_scoring_is_planned_makes_the_plan_cut_agai
     from contextlib import contextmanager
 
     from shared import layout
-    from shared.pipeline import PipelineError, plan_scoring
+    from shared.runs.pipeline import PipelineError, plan_scoring
 
     root, _ = first_run
     shutil.copytree(root, tmp_path / "ws")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from shared.config import PromotionRules
-from shared.promotion import REJECTION_CODES, Decision, higher_is_better, promote_run
-from shared.registry import ModelRegistry
+from shared.registries.promotion import REJECTION_CODES, Decision, higher_is_better, promote_run
+from shared.registries.registry import ModelRegistry
 
 
 def rules(**overrides) -> PromotionRules:

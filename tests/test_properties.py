@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from shared.config import MESSAGE_OVERRIDES, ConfigError, ProjectConfig
 from shared.errors import ManyModelsError
 from shared.keys import PARTITION_ID
-from shared.timegrid import PERIOD
-from shared.validation import validate
+from shared.data.timegrid import PERIOD
+from shared.data.validation import validate
 
 # MM_PROPERTY_SCALE=20 runs a deeper, randomized campaign (the suite runs the fixed, fast one).
 SCALE = int(os.environ.get("MM_PROPERTY_SCALE", "1"))
@@ -133,7 +133,7 @@ def test_validation_gives_a_clear_error_or_a_consistent_frame(case):
 def test_ingest_through_a_file_writes_only_inside_the_lake(case, kind, stream):
     """In memory or streamed through bucket files and worker processes (tiny parts)."""
     from shared.lake import LocalLake
-    from shared.streaming import StreamPlan, ingest_source
+    from shared.data.streaming import StreamPlan, ingest_source
 
     frame, cfg = case
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,9 +228,9 @@ def http_app(tmp_path_factory):
     from azure.durable_functions.models.utils import http_utils
 
     from durable_harness import FakeDurableExtension, app_functions
-    from shared import pipeline
+    from shared.runs import pipeline
     from shared.settings import Settings
-    from shared.synthetic import write_panel
+    from shared.data.synthetic import write_panel
 
     root = tmp_path_factory.mktemp("props-ws")
     raw = root / "lake" / "raw"
@@ -292,10 +292,10 @@ def test_http_errors_show_no_server_paths(http_app, tmp_path_factory):
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory):
     """A Predictor over a real trained and promoted workdir (the same one every front end uses)."""
-    from shared.pipeline import run_all
+    from shared.runs.pipeline import run_all
     from shared.serving import ServingOptions, open_predictor
-    from shared.synthetic import write_panel
-    from shared.workspace import Workspace
+    from shared.data.synthetic import write_panel
+    from shared.runs.workspace import Workspace
 
     root = tmp_path_factory.mktemp("props-serve")
     write_panel(root / "p.csv", partitions=3, periods=70, freq="W", seed=6)

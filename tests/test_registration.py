@@ -8,7 +8,7 @@ import pytest
 
 from shared.config import ProjectConfig
 from shared.lake import LocalLake
-from shared.registration import (aggregate_wape, artifact_source, backtests_frame, global_record, keys_of,
+from shared.registries.registration import (aggregate_wape, artifact_source, backtests_frame, global_record, keys_of,
                                  metrics_row, record_for, result_rows)
 
 KEYS = ["store", "item"]

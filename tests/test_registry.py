@@ -10,10 +10,9 @@ import textwrap
 import time
 from pathlib import Path
 
-import pickle
 import pytest
 
-from shared.registry import LATEST_SQL, ModelRecord, ModelRegistry, RegistryError
+from shared.registries.registry import LATEST_SQL, ModelRecord, ModelRegistry, RegistryError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,7 +166,7 @@ def test_a_registry_handle_can_be_pickled_to_another_process(dev, artifact):
 READER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from shared.registry import ModelRegistry
+    from shared.registries.registry import ModelRegistry
     reg = ModelRegistry(Path(sys.argv[1]), "dev")
     stop = Path(sys.argv[2])
     print("ready", flush=True)
@@ -247,7 +246,7 @@ def test_artifacts_written_with_joblib_still_load(tmp_path):
 # -- issue 18: a lost index is never recreated empty over the models it indexed ------------------
 def test_a_deleted_production_index_stops_the_command_naming_the_fix(tmp_path, capsys):
     from shared.cli import main
-    from shared.synthetic import write_panel
+    from shared.data.synthetic import write_panel
 
     write_panel(tmp_path / "sales.csv", partitions=4, periods=60, seed=5)
     work = tmp_path / "w"

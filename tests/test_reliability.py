@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from shared.cli import main
-from shared.synthetic import write_panel
+from shared.data.synthetic import write_panel
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--no-progress", "--workers", "1", "--horizon", "6", "--test-periods", "6"]
@@ -241,7 +241,7 @@ def _needs_global(prod: Path) -> set[str]:
     """Partitions whose production model itself forecasts with the global model."""
     import pickle
 
-    from shared.global_model import needs_global
+    from shared.models.global_model import needs_global
 
     out = set()
     for path in (prod / "artifacts").glob("p*/v*.pkl"):
@@ -287,7 +287,7 @@ def test_a_corrupted_global_model_fails_only_what_needs_it_and_score_exits_3(pro
 def test_a_corrupted_global_model_leaves_serving_of_the_other_partitions_alone(promoted):
     from shared.serving import ServingOptions
     from shared.serving.predictor import open_predictor
-    from shared.workspace import Workspace
+    from shared.runs.workspace import Workspace
 
     prod = promoted / "registry" / "prod"
     dependent = _needs_global(prod)

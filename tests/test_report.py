@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.report import write_report
-from shared.result_store import SQLiteStore
+from shared.results.report import write_report
+from shared.results.result_store import SQLiteStore
 
 DATES = pd.date_range("2024-01-07", periods=16, freq="W")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from report_fixture import fill_forecaster_store
-from shared.report import write_report
-from shared.result_store import SQLiteStore
+from shared.results.report import write_report
+from shared.results.result_store import SQLiteStore
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 N_SERIES = 40
@@ -141,7 +141,7 @@ def test_a_long_table_lays_out_its_first_rows_and_finds_any_other_by_filter_or_s
     a template: the count says so, a filter finds a series from the rest, a sort brings them forward."""
     from selenium.webdriver.common.by import By
 
-    from shared import report_table
+    from shared.results import report_table
 
     monkeypatch.setattr(report_table, "SHOWN_ROWS", 10)
     root = tmp_path_factory.mktemp("long-report")

@@ -20,14 +20,14 @@ import pandas as pd
 import pytest
 
 from shared.config import ProjectConfig
-from shared.result_store import (
+from shared.results.sql_schema import integer_keys
+from shared.results.result_store import (
     OdbcStore,
     SQLiteStore,
     SqlTypes,
     StoreError,
     build_schema,
     create_table_sql,
-    integer_keys,
     open_store,
     upsert_sql,
 )

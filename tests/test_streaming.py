@@ -11,10 +11,10 @@ import pytest
 
 from shared.config import ProjectConfig
 from shared.lake import LocalLake
-from shared.stream_parts import _kth
-from shared.streaming import StreamPlan, fits_in_memory, ingest_source
-from shared.synthetic import generate_panel
-from shared.validation import DataValidationError
+from shared.data.stream_parts import _kth
+from shared.data.streaming import StreamPlan, fits_in_memory, ingest_source
+from shared.data.synthetic import generate_panel
+from shared.data.validation import DataValidationError
 
 CFG = ProjectConfig().with_overrides({"runner.rows_per_file": 1500, "data.covariates": ["price", "promo"]})
 # many small parts: several buckets per part, parts validated in two worker processes

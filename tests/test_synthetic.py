@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from shared.synthetic import generate_panel, write_panel
+from shared.data.synthetic import generate_panel, write_panel
 
 
 def panel(**kw) -> pd.DataFrame:
@@ -150,7 +150,7 @@ def test_write_panel_refuses_an_unknown_suffix(tmp_path):
 
 
 def test_long_series_shrink_chunks_so_memory_stays_bounded(monkeypatch):
-    from shared import synthetic
+    from shared.data import synthetic
 
     monkeypatch.setattr(synthetic, "MAX_CHUNK_ROWS", 100)
     chunks = list(generate_panel(partitions=9, periods=40, chunk_partitions=1000))

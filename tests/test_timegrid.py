@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.timegrid import anchor_offset, from_periods, partition_anchors, to_periods
+from shared.data.timegrid import anchor_offset, from_periods, partition_anchors, to_periods
 
 
 @pytest.mark.parametrize("freq, alias", [("W", "W"), ("W-MON", "W-MON"), ("D", "D"), ("MS", "MS"),
@@ -64,7 +64,7 @@ NEW_YORK_AUTUMN = pd.date_range("2024-11-03 04:00", "2024-11-03 08:00", freq="h"
 def test_hourly_data_with_offsets_keeps_every_real_hour_across_a_dst_change(tmp_path, fmt, stream, hours):
     from shared.config import ProjectConfig
     from shared.lake import LocalLake
-    from shared.streaming import StreamPlan, ingest_source
+    from shared.data.streaming import StreamPlan, ingest_source
 
     frame = pd.DataFrame({"store": "S1", "item": "I1", "date": pd.Series(hours),
                           "sales": np.arange(1.0, len(hours) + 1.0)})

@@ -10,24 +10,24 @@ import pandas as pd
 import pytest
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from shared.candidates import (
+from shared.models.candidates import (
     BoostedTreesForecaster,
     CandidateError,
     LogLinearForecaster,
     MovingAverageBaseline,
 )
 from shared.config import ProjectConfig
-from shared.features import build_features
+from shared.models.features import build_features
 from shared.keys import PARTITION_ID, partition_ids
-from shared.metrics import evaluate
-from shared.synthetic import generate_panel
-from shared.timegrid import PERIOD, anchor_offset, from_periods, to_periods
-from shared.training import (
+from shared.models.metrics import evaluate
+from shared.data.synthetic import generate_panel
+from shared.data.timegrid import PERIOD, anchor_offset, from_periods, to_periods
+from shared.models.bundle import period_times
+from shared.models.training import (
     ForecastBundle,
     choose,
     pooled_prior,
     backtest_summary,
-    period_times,
     recursive_forecast,
     time_breakdown,
     train_batch,

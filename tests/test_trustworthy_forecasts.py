@@ -13,8 +13,8 @@ import pytest
 from shared.cli import main
 from shared.serving import ServingOptions
 from shared.serving.predictor import open_predictor
-from shared.synthetic import write_panel
-from shared.workspace import Workspace
+from shared.data.synthetic import write_panel
+from shared.runs.workspace import Workspace
 
 pytestmark = pytest.mark.timeout(600)
 

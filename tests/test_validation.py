@@ -12,9 +12,9 @@ import pytest
 from shared.config import ProjectConfig
 from shared.keys import partition_id
 from shared.lake import LocalLake
-from shared.partitioning import prepare_dataset
-from shared.synthetic import generate_panel
-from shared.validation import DataValidationError, ValidationReport, validate
+from shared.data.partitioning import prepare_dataset
+from shared.data.synthetic import generate_panel
+from shared.data.validation import DataValidationError, ValidationReport, validate
 
 CFG = ProjectConfig().with_overrides({"data.covariates": ["price", "promo"]})  # the panel's, named
 
@@ -417,7 +417,7 @@ def test_summing_duplicates_to_infinity_is_refused_naming_the_partition_and_peri
 
 def test_summing_duplicates_to_infinity_is_refused_in_streamed_parts_too(tmp_path):
     from shared.lake import LocalLake
-    from shared.streaming import StreamPlan, ingest_source
+    from shared.data.streaming import StreamPlan, ingest_source
 
     frame = pd.DataFrame({"store": "S1", "item": "I1", "date": ["2024-01-01", "2024-01-01"],
                           "sales": [-1.5e308, -1.4e308]})

@@ -8,9 +8,9 @@ import pytest
 from shared import layout
 from shared.config import CONFIG_FILE_NAME
 from shared.lake import LakeError, LocalLake, check_path
-from shared.registry import ModelRegistry
-from shared.local_compute import StagedRun
-from shared.workspace import Workspace
+from shared.registries.registry import ModelRegistry
+from shared.runs.local_compute import StagedRun
+from shared.runs.workspace import Workspace
 
 
 class MemoryLake:

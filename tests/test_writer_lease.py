@@ -26,12 +26,12 @@ import pandas as pd
 import pytest
 
 from durable_harness import OrchestrationHarness, app_functions, call_activity
-from shared import backends, pipeline
+from shared.runs import backends, pipeline
 from shared.errors import ManyModelsError
 from shared.lake import LocalLake
 from shared.locking import WorkdirLock, WorkdirLockedError, held_here
 from shared.settings import Settings
-from shared.synthetic import write_panel
+from shared.data.synthetic import write_panel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_a_holder_that_stalled_past_its_lease_writes_nothing_once_another_writer
     from azure.storage.blob import BlobLeaseClient, BlobServiceClient
 
     from shared.azureml.blob_lake import BlobLake, LakeLease, LakeLeasedError
-    from shared.result_store import SQLiteStore
+    from shared.results.result_store import SQLiteStore
 
     lake = BlobLake.from_connection_string(azurite_blob.connection_string)
     ws = SimpleNamespace(lake=lake, root=tmp_path)
@@ -229,7 +229,7 @@ def blob_app(azurite_blob, tmp_path, monkeypatch):
     ingested dataset and one planned run; the activities wait at most 0.5 s for the lease."""
     from azure.storage.blob import BlobServiceClient
 
-    from shared.workspace import Workspace
+    from shared.runs.workspace import Workspace
 
     workdir = tmp_path / "wd"
     for name, value in {"MM_WORKDIR": str(workdir), "MM_LAKE_BACKEND": "blob", "MM_COMPUTE_BACKEND": "local",
@@ -354,7 +354,7 @@ def test_a_scoring_plan_slices_the_registries_in_requests_per_group_and_holds_th
     (check the registries, write run.json), each 20 ms late here as on a distant account. The
     set-up and the counting transport are the benchmark's (``benchmarks/scoring_plan.py``)."""
     from benchmarks.scoring_plan import plan_over_blob, slice_uploads, under_lease
-    from shared.registry import ModelRegistry
+    from shared.registries.registry import ModelRegistry
 
     logs = []
     for partitions in (60, 240):  # one lake at a time: the second empties the first's

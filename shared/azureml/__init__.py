@@ -1,9 +1,9 @@
 """The Azure backends of the core: the Blob lake, Azure ML parallel jobs, registry, production, serving.
 
 Selected by settings (``MM_LAKE_BACKEND=blob``, ``MM_COMPUTE_BACKEND=azureml``,
-``MM_REGISTRY_BACKEND=azureml``); local stays the default. :mod:`shared.backends` is the one place
+``MM_REGISTRY_BACKEND=azureml``); local stays the default. :mod:`shared.runs.backends` is the one place
 that opens them (the lake, the dev and prod registries with the interface of the local
-:class:`shared.registry.ModelRegistry`, the compute backend). Nothing here is imported unless a
+:class:`shared.registries.registry.ModelRegistry`, the compute backend). Nothing here is imported unless a
 backend is an Azure one, and the Azure ML SDK itself (``azure.ai.ml``) is imported only inside the
 functions that use it.
 

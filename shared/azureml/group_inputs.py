@@ -105,7 +105,7 @@ def slice_index(registry: Any, partition_ids: list[str]) -> tuple[bytes, int]:
     to the registry folder), from the index the registry last pulled, in one read transaction, so
     the slice is one consistent state of the registry. Cost: the group's rows, not the registry's.
     """
-    from shared.global_model import GLOBAL_ID
+    from shared.models.global_model import GLOBAL_ID
 
     work = Path(tempfile.mkdtemp(prefix="mm-slice-"))
     try:

@@ -40,7 +40,7 @@ from shared import layout
 from shared.azureml.client import AzureMLError, AzureMLSettings, call_with_retry
 from shared.azureml.jobs import WORKER_ENV, _get_job, _status_text, build_environment, map_job_state, \
     next_attempt, stage_code
-from shared.compute import JobHandle
+from shared.runs.compute import JobHandle
 
 INGEST_KIND = "ingest"
 INGEST_ENTRY = "shared.entry.ingest"

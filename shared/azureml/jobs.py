@@ -2,7 +2,7 @@
 
 The parallel step runs **the same entry scripts** as the local runner (``shared/entry/train.py``
 and ``shared/entry/score.py``) with the same arguments; Azure ML mounts the lake and hands
-``run(mini_batch)`` a list of local file paths, exactly what :func:`shared.runner.run_parallel`
+``run(mini_batch)`` a list of local file paths, exactly what :func:`shared.runs.runner.run_parallel`
 does on one machine. Outputs go back to the lake at the paths the local pipeline uses:
 ``runs/<run_id>/models/`` (artifacts and sidecars, written by the entry script),
 ``runs/<score_id>/predictions/``, and ``runs/<id>/results/g<group>/rows.jsonl`` (the lines
@@ -45,18 +45,12 @@ from pathlib import Path
 from typing import Any
 
 from shared.azureml.client import AzureMLError, AzureMLSettings, call_with_retry
-from shared.azureml.group_inputs import (  # noqa: F401  (re-exported: callers import them from here)
-    INPUT_MODE,
-    GroupInput,
-    group_input,
-    group_partitions,
-    registry_slice_path,
-    scoring_partitions,
-    write_registry_slice,
+from shared.azureml.group_inputs import (
+    GroupInput, group_input, registry_slice_path, scoring_partitions, write_registry_slice,
 )
 from shared import layout
-from shared.compute import JobHandle, job_id_for
-from shared.registration import lake_digest
+from shared.runs.compute import JobHandle, job_id_for
+from shared.registries.registration import lake_digest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = "shared/entry/train.py"
@@ -79,7 +73,7 @@ PYTHON_VERSION = "3.11"
 # root on ``sys.path`` themselves when loaded by file path.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-# Azure ML job states -> the states the Durable monitor understands (shared.compute.JOB_STATES).
+# Azure ML job states -> the states the Durable monitor understands (shared.runs.compute.JOB_STATES).
 STATE_MAP = {
     "NotStarted": "queued", "Queued": "queued", "Preparing": "queued", "Provisioning": "queued",
     "Starting": "queued", "Paused": "queued",

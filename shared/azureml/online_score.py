@@ -2,7 +2,7 @@
 
 Models are loaded **on demand**: ``init()`` opens the production registry's index (a few MB) and,
 when the scoring chain goes past production (the default), the development registry's index; a request's partition is looked up in the index (one primary-key read), its model
-loaded on first use and kept in the core's bounded LRU cache (:class:`shared.model_cache.ModelCache`:
+loaded on first use and kept in the core's bounded LRU cache (:class:`shared.forecasts.model_cache.ModelCache`:
 by count and by bytes held), so memory stays flat while requests cycle through 10,000 partitions.
 Concurrent first requests for one model load it once (single-flight). A newly promoted version is
 noticed through the registry's change counter, read at most every ``MM_SERVING_REFRESH_SECONDS``
@@ -43,7 +43,6 @@ if __package__ in (None, ""):
     # The inference server loads this file by path; the snapshot root holds the ``shared`` package.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from shared.errors import ManyModelsError  # noqa: E402
 from shared.serving import Predictor, ServingOptions, ServingResponse  # noqa: E402
 
 # The inference server passes nothing from init() to run() but module state: this one holder.

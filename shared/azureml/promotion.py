@@ -1,6 +1,6 @@
 """Production on Azure ML: promoted models reach a separate workspace or an Azure ML registry.
 
-The business rules are the core's (:func:`shared.promotion.promote_run`); what changes in Azure
+The business rules are the core's (:func:`shared.registries.promotion.promote_run`); what changes in Azure
 is where ``prod.copy_many(dev, records)`` lands. The production :class:`AzureMLRegistry` copies
 the eligible models' artifacts into the production registry folder (its own storage account when
 ``MM_AZUREML_PROD_STORAGE_URL`` is set), updates the production index, and publishes the batch as

@@ -12,7 +12,7 @@ artifacts and ``models.jsonl`` (every model's partition keys, run id, fingerprin
 tags). "Find the model for partition X" is answered by our index, exactly as locally.
 
 The index and the artifacts live in a registry folder of the lake with the layout of the local
-:class:`shared.registry.ModelRegistry` (``index.sqlite``, ``artifacts/<pid>/v<n>.pkl``), so
+:class:`shared.registries.registry.ModelRegistry` (``index.sqlite``, ``artifacts/<pid>/v<n>.pkl``), so
 a scoring job or the online endpoint reads it with the same code as on a laptop. This class keeps
 a local working copy (a ``ModelRegistry`` in a cache folder), pulls the index when the folder's
 ``HEAD`` changes, downloads artifacts on demand, and pushes writes back: artifacts, then the
@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 from shared.azureml.client import AzureMLSettings, RetryPolicy, call_with_retry
 from shared import layout
 from shared.lake import LakeError, atomic_write_bytes
-from shared.registry import ModelRecord, ModelRegistry, RegistryError
+from shared.registries.registry import ModelRecord, ModelRegistry, RegistryError
 
 DEV_PREFIX = layout.registry_dir("dev")
 PROD_PREFIX = layout.registry_dir("prod")
@@ -116,7 +116,7 @@ class WorkspaceAssetPublisher:
 
 
 class AzureMLRegistry:
-    """The interface of :class:`shared.registry.ModelRegistry`, backed by a lake folder + Azure ML.
+    """The interface of :class:`shared.registries.registry.ModelRegistry`, backed by a lake folder + Azure ML.
 
     ``publisher=None`` makes a read-only registry (the online endpoint, scoring). The production
     registry accepts only copies (:meth:`copy_many`, which promotion uses): training can never

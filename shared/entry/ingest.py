@@ -1,7 +1,7 @@
 """The ingestion entry script: what an Azure ML command job runs, and what local ingestion returns.
 
-Ingestion is the pipeline's own :func:`shared.ingestion.ingest` (the bounded-memory streaming code
-of :mod:`shared.streaming`) wherever it runs: the local backend calls :func:`run_ingest` in the
+Ingestion is the pipeline's own :func:`shared.data.ingestion.ingest` (the bounded-memory streaming code
+of :mod:`shared.data.streaming`) wherever it runs: the local backend calls :func:`run_ingest` in the
 process (CLI, Functions activity); the Azure ML command job (:mod:`shared.azureml.ingest_job`)
 runs this module as a script over the lake's mounts::
 
@@ -39,7 +39,7 @@ from typing import Any
 
 from shared import layout
 from shared.errors import ManyModelsError
-from shared.ingestion import result_of
+from shared.data.ingestion import result_of
 
 RESULT_FILE = "ingest.json"
 DATA_ERROR_EXIT = 2
@@ -47,7 +47,7 @@ DATA_ERROR_EXIT = 2
 
 def run_ingest(ws: Any, source: str | Path, name: str | None = None) -> dict[str, Any]:
     """Ingest ``source`` into the workspace's lake with the pipeline's own code; the small result."""
-    from shared.ingestion import ingest
+    from shared.data.ingestion import ingest
 
     return result_of(ingest(ws, source), name or str(source))
 
@@ -73,7 +73,7 @@ def mounted_workspace(prepared: Path, config: Path, work: Path) -> Any:
     """
     from shared.config import load_config
     from shared.lake import LocalLake
-    from shared.workspace import Workspace
+    from shared.runs.workspace import Workspace
 
     prepared.mkdir(parents=True, exist_ok=True)  # Azure ML makes its output folders; a local run may not
     lake_root = work / "lake"

@@ -2,7 +2,7 @@
 
 Contract (Azure ML parallel job): ``init()`` once per worker, parsing the script's arguments from
 ``sys.argv``; ``run(mini_batch)`` per mini-batch of scoring-request files (written by
-:func:`shared.scoring.prepare_scoring`, whole partitions each), returning one JSON line per
+:func:`shared.forecasts.scoring.prepare_scoring`, whole partitions each), returning one JSON line per
 partition (its status: scored, fallback, no_model or failed, with the model used and a reason).
 
 Arguments: ``--config`` (the project config, TOML or JSON), ``--dataset-meta`` (the prepared
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from shared.config import ProjectConfig
 from shared.lake import atomic_write
 from shared.entry.train import read_config
-from shared.scoring import GlobalModels, score_frame, status_line
+from shared.forecasts.scoring import GlobalModels, score_frame, status_line
 
 STATUS_SUFFIX = ".status.jsonl"
 
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def init() -> None:
-    from shared.registry import ModelRegistry
+    from shared.registries.registry import ModelRegistry
 
     global _state
     args = parse_args()

@@ -8,7 +8,7 @@ Arguments: ``--config`` (the project config, TOML or JSON), ``--dataset-meta`` (
 dataset's ``dataset.json``), ``--output-dir`` (where model artifacts go), ``--run-id``, and
 optionally ``--global-model`` (the run's global model fits: a candidate for every partition) and
 ``--partitions`` (a JSON list of partition ids: an incremental run trains only those of each file;
-the others keep their models, see :mod:`shared.incremental`).
+the others keep their models, see :mod:`shared.models.incremental`).
 
 Per partition the script writes ``<output-dir>/<partition_id>.pkl`` (the ForecastBundle) and
 then the sidecar ``<partition_id>.json`` (the result row), each atomically. A sidecar therefore
@@ -38,14 +38,14 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from shared.artifact_format import dump_artifact, load_artifact
+from shared.models.artifact_format import dump_artifact, load_artifact
 from shared.config import ProjectConfig, load_config
-from shared.incremental import read_partition_list
+from shared.models.incremental import read_partition_list
 from shared.keys import PARTITION_ID
 from shared.lake import atomic_write
-from shared.local_models import preload
+from shared.models.local_models import preload
 from shared.trust import check_digest, digest_path, sha256_bytes
-from shared.training import train_batch
+from shared.models.training import train_batch
 
 # statsforecast's models (~2 s to import): once here, in the process that forks the workers (or
 # once per Azure ML worker), never on a partition's path

@@ -198,10 +198,10 @@ def serve(
     Connections are bounded (:mod:`shared.serving.connections`)."""
     import uvicorn
 
-    from shared.backends import LOCAL, registry_backend, registry_exists
+    from shared.runs.backends import LOCAL, registry_backend, registry_exists
     from shared.config import ConfigError
-    from shared.pipeline import PipelineError
-    from shared.workspace import Workspace
+    from shared.runs.pipeline import PipelineError
+    from shared.runs.workspace import Workspace
 
     try:
         options = options or ServingOptions.from_env(cache_mb=cache_mb)

@@ -1,6 +1,6 @@
 """The serving side of the model cache: its limits and the request limits, from ``MM_SERVING_*``.
 
-The cache itself is :class:`shared.model_cache.ModelCache` (bounded by bytes and count, LRU,
+The cache itself is :class:`shared.forecasts.model_cache.ModelCache` (bounded by bytes and count, LRU,
 single-flight loads, version pick-up), shared with batch scoring's fallback chain; this module
 only says how big it is and what a request may ask, and builds it over a workspace's registries.
 """
@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from shared.model_cache import ModelCache
+from shared.forecasts.model_cache import ModelCache
 
 
 @dataclass(frozen=True)

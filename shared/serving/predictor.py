@@ -4,7 +4,7 @@ The local server (:mod:`shared.serving.app`), the Functions route (``function_ap
 and the Azure ML online endpoint (``shared/azureml/online_score.py``) all hand a body to
 :meth:`Predictor.handle` (or :meth:`Predictor.ahandle` in an event loop) and send back its
 :class:`ServingResponse`. The request is checked by :class:`shared.serving.request.RequestParser`,
-the partition's model comes from the bounded :class:`shared.model_cache.ModelCache`, and the
+the partition's model comes from the bounded :class:`shared.forecasts.model_cache.ModelCache`, and the
 forecast is the bundle's ``predict_arrays`` (the same forecasting step as batch scoring's
 ``predict``, without a frame in or out). Predictions come back in request order. A model's
 horizon forecast is remembered in its cache entry.
@@ -26,12 +26,12 @@ import pandas as pd
 from shared import faults
 from shared.config import ProjectConfig
 from shared.keys import PARTITION_ID, describe
-from shared.model_cache import CachedModel, Lookup, ModelCache, ModelLoadError, ModelNotFoundError
+from shared.forecasts.model_cache import CachedModel, Lookup, ModelCache, ModelLoadError, ModelNotFoundError
 from shared.serving.cache import ServingOptions, open_cache
 from shared.serving.errors import (BadRequest, ModelUnavailable, PartitionNotFound, RequestTimeout, ServingError,
                                    redact, redact_paths)
 from shared.serving.request import PredictRequest, RequestParser, RequestRows, ServingResponse, format_times
-from shared.timegrid import PERIOD, from_periods
+from shared.data.timegrid import PERIOD, from_periods
 
 logger = logging.getLogger(__name__)
 

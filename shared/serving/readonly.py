@@ -1,7 +1,7 @@
 """Registries opened for reading only: ``manymodels serve`` on a workdir it may not write.
 
 The recommended server setup gives the server's account read access to the workdir and nothing
-more (docs/reliability.md, trust boundaries). A :class:`~shared.registry.ModelRegistry` opens its
+more (docs/reliability.md, trust boundaries). A :class:`~shared.registries.registry.ModelRegistry` opens its
 index for writing (WAL mode, schema, ``BEGIN IMMEDIATE``), which a read-only folder refuses.
 :class:`ReadOnlyRegistry` creates, migrates and writes nothing:
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.layout import REGISTRY_INDEX
-from shared.registry import ModelRegistry, RegistryError
+from shared.registries.registry import ModelRegistry, RegistryError
 
 INDEX = REGISTRY_INDEX
 OPEN_ATTEMPTS = 3  # an immutable open that raced a checkpoint is made again

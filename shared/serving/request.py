@@ -8,7 +8,7 @@ A request names one partition by its key values (or its id) and asks for rows or
 
 (``"partition_id": "p..."`` may replace ``keys``; with neither rows nor horizon the trained
 ``forecast.horizon`` is used). Rows are parsed as a scoring file's rows are (the helpers of
-:mod:`shared.validation`, the same null-covariate policy), so a request predicts exactly what batch
+:mod:`shared.data.validation`, the same null-covariate policy), so a request predicts exactly what batch
 scoring predicts for the same rows. Key values are checked by :func:`shared.keys.partition_of`, the
 one check every front end uses.
 """
@@ -28,8 +28,8 @@ from shared.config import ProjectConfig
 from shared.keys import PARTITION_ID, PartitionKeyError, encodable, is_partition_id, partition_of
 from shared.serving.cache import ServingOptions
 from shared.serving.errors import BadRequest, PayloadTooLarge
-from shared.timegrid import to_periods
-from shared.validation import DataValidationError, parse_numeric, parse_time
+from shared.data.timegrid import to_periods
+from shared.data.validation import DataValidationError, parse_numeric, parse_time
 
 REQUEST_FIELDS = ("keys", PARTITION_ID, "rows", "horizon")
 TIME_MEMO_SIZE = 4096  # parsed time columns kept (requests keep asking for the same next weeks)
@@ -222,7 +222,7 @@ class RequestParser:
         return result
 
     def _covariate(self, values: list[Any], name: str) -> np.ndarray:
-        """float64 values as :func:`shared.validation.parse_numeric` gives them, JSON numbers directly;
+        """float64 values as :func:`shared.data.validation.parse_numeric` gives them, JSON numbers directly;
         nulls by the ingestion policy (``validation.null_covariates``), as batch scoring does."""
         if all(v is None or type(v) in (int, float, bool) for v in values):
             try:
