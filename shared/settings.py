@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from shared.config import CHOICES
 from shared.errors import ManyModelsError
 
 LAKE_CONNECTION = "LakeStorage"
@@ -140,7 +141,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "store_backend",
         None,
         "Result store override: sqlite or odbc (default: the project config's store.backend).",
-        choices=("sqlite", "odbc"),
+        choices=CHOICES["store.backend"],
         kind="optional",
         where=_A,
     ),
@@ -149,7 +150,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "sql_dialect",
         None,
         "SQL dialect for the ODBC store: sqlite, postgresql or mssql (Azure SQL / Synapse).",
-        choices=("sqlite", "postgresql", "mssql"),
+        choices=CHOICES["store.dialect"],
         kind="optional",
         where=_A,
     ),

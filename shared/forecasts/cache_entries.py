@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from shared.config import CHOICES
 from shared.errors import ManyModelsError
 
-FALLBACKS = ("baseline", "none")
+FALLBACKS = CHOICES["promotion.fallback"]
 SIZE_METHODS = ("memory", "file")
 MEMORY_OVERHEAD = 1.22  # resident bytes per walked byte of a loaded bundle (see the module docstring)
 MAX_WALK_OBJECTS = 500_000  # object_size stops counting there (a bundle has a few thousand objects)

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from shared.config import ProjectConfig, chain_reads_dev
+from shared.config import CHOICES, ProjectConfig, chain_reads_dev
 from shared.models.global_model import GLOBAL_ID, GlobalModelError, needs_global
 from shared.keys import PARTITION_ID, canonical_value, partition_ids
 from shared import layout
@@ -339,8 +339,8 @@ def score_frame(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | N
     ``scored`` (production), ``fallback`` (another source), ``no_model``, ``failed``.
     """
     if isinstance(chain, str):  # the former ``fallback`` argument: "baseline" | "none"
-        if chain not in ("baseline", "none"):
-            raise ValueError(f"fallback must be 'baseline' or 'none', got {chain!r}")
+        if chain not in CHOICES["promotion.fallback"]:
+            raise ValueError(f"fallback must be one of {list(CHOICES['promotion.fallback'])}, got {chain!r}")
         chain = ["production"] if chain == "none" else ["production", "baseline"]
     chain = list(chain if chain is not None else cfg.scoring_chain)
     spec = cfg.data

@@ -18,11 +18,12 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
+from shared.config import CHOICES
 from shared.errors import ManyModelsError
 from shared.keys import PARTITION_ID
 from shared.data.timegrid import period_freq
 
-DIALECTS = ("sqlite", "postgresql", "mssql")
+DIALECTS = CHOICES["store.dialect"]
 TABLES = ("predictions", "forecast_history", "model_metrics", "promotions", "backtests", "runs", "actuals",
           "effects")
 VIEWS = ("predictions_latest", "series_summary")
