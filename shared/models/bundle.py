@@ -6,7 +6,7 @@ scoring and serving unpickle it and call :meth:`ForecastBundle.predict`. Forecas
 than the horizon proceed in blocks of the horizon (:func:`recursive_forecast`), exactly as the
 training backtests did.
 
-Bundles pickled before this module existed name ``shared.models.training.ForecastBundle``: the one
+Bundles pickled before this module existed name ``shared.training.ForecastBundle``: the one
 artifact loader maps that class path here (:data:`shared.models.artifact_format.CLASS_PATHS`).
 """
 from __future__ import annotations
