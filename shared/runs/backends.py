@@ -222,9 +222,10 @@ def writer_lease(ws: "Workspace", holder: str, wait: float | None = None,
     """Hold the workspace's one-writer lock while the body changes shared state (issue 12).
 
     One API for every lake: on a lake several machines write (``shared_writers``), the lake's own
-    cross-machine lease (``writer_lease``; one without is refused); on a blob lake that is :class:`shared.azureml.blob_lake.LakeLease` (a Blob
-    lease on ``runs/.manymodels-writer``, ``duration`` seconds, renewed while held: every Functions
-    instance and every process sharing the lake sees it); on a local lake, the workdir's
+    cross-machine lease (``writer_lease``; a shared lake without one is refused). On a blob lake
+    that is :class:`shared.azureml.blob_lake.LakeLease` (a Blob lease on ``runs/.manymodels-writer``,
+    ``duration`` seconds, renewed while held: every Functions instance and every process sharing
+    the lake sees it). On a local lake it is the workdir's
     :class:`shared.locking.WorkdirLock` — or nothing more when this thread holds that lock already
     (the CLI holds it for its whole command, and a second ``flock`` in one process would wait for
     the first). ``holder`` names who writes ("plan_training_run of orchestration ingest-ab12..."), as
