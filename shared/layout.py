@@ -162,6 +162,11 @@ def registry_slice(score_id: str, group_index: int, name: str) -> str:
     return _join(run_registry_slices(score_id), group_name(group_index), name)
 
 
+def registry_slice_index(score_id: str, group_index: int, name: str) -> str:
+    """The slice itself: the index file a scoring group's job downloads."""
+    return _join(registry_slice(score_id, group_index, name), REGISTRY_INDEX)
+
+
 # -- scoring inputs and outputs ------------------------------------------------------------------
 def scoring_dir(score_id: str) -> str:
     return _join(SCORING, score_id)

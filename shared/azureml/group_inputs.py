@@ -5,7 +5,6 @@ file-list MLTable naming exactly its files (both mounted ``ro_mount``). A scorin
 a *slice* of each registry it needs, ``runs/<score_id>/registry/g<i>/<name>/index.sqlite``: the
 index with only its partitions' newest versions, pinned when the run is planned; the artifacts
 stay where the registry keeps them (see :mod:`shared.azureml.jobs`).
-Every name here is also importable from :mod:`shared.azureml.jobs`.
 """
 from __future__ import annotations
 
@@ -150,7 +149,7 @@ def write_registry_slice(lake: Any, registry: Any, name: str, partition_ids: lis
     immutable once an index names them (the Azure ML registry names them by content), so the
     scoring job mounts the registry folder read-only and reads just the files its slice names,
     checked against the digests the slice carries. Idempotent: a retried plan writes the same
-    slice. The registry is read as it was last pulled; the plan refreshes it first.
+    slice. The registry is read as it was last pulled; the caller refreshes it first.
     """
     data, models = slice_index(registry, partition_ids)
     lake.write_bytes(f"{dest}/{layout.REGISTRY_INDEX}", data)

@@ -251,13 +251,13 @@ def plan_score(aml: AzureMLSettings, cfg: Any, score_id: str, dataset_id: str, g
     opens its SQLite index read-write, which a read-only mount refuses) and the registry folder,
     mounted read-only, of which the job reads only the artifacts its slice names."""
     files = {"config": layout.run_config(score_id), "dataset_meta": layout.dataset_meta(dataset_id),
-             "prod_index": f"{registry_slice_path(score_id, group_index, 'prod')}/{layout.REGISTRY_INDEX}"}
+             "prod_index": layout.registry_slice_index(score_id, group_index, "prod")}
     folders = {"prod_registry": aml.lake_uri(layout.registry_dir("prod"), folder=True,
                                              datastore=aml.registry_datastore)}
     arguments = "--config ${{inputs.config}} --dataset-meta ${{inputs.dataset_meta}} " \
                 "--prod-registry ${{inputs.prod_registry}} --prod-index ${{inputs.prod_index}} "
     if cfg.scoring_reads_dev:  # the chain's other sources read the development registry
-        files["dev_index"] = f"{registry_slice_path(score_id, group_index, 'dev')}/{layout.REGISTRY_INDEX}"
+        files["dev_index"] = layout.registry_slice_index(score_id, group_index, "dev")
         folders["dev_registry"] = aml.lake_uri(layout.registry_dir("dev"), folder=True)
         arguments += "--dev-registry ${{inputs.dev_registry}} --dev-index ${{inputs.dev_index}} "
     arguments += f"--output-dir ${{{{outputs.predictions}}}} --score-id {score_id} " \
@@ -365,8 +365,11 @@ def build_pipeline_job(aml: AzureMLSettings, plan: JobPlan, code: Path | str | N
 
 def write_scoring_slices(ws: Any, score_id: str, group_index: int, batch_paths: list[str], cfg: Any) -> bool:
     """One group's registry slices, unless they exist: a group submitted without them (a plan made
-    before slices were pinned at planning) gets them now, from the registries as they are.
+    before slices were pinned at planning) gets them now, from the registries as they are now.
     Returns whether it wrote them."""
+    ws.prod.refresh(force=True)
+    if cfg.scoring_reads_dev:
+        ws.dev.refresh(force=True)
     return pin_scoring(ws, score_id, {group_index: batch_paths}, cfg) > 0
 
 
@@ -374,8 +377,9 @@ def pin_scoring(ws: Any, score_id: str, groups: list[list[str]] | dict[int, list
     """Slice the registries for every group of a scoring run at once, as they are when it is planned,
     so a promotion that lands while the groups run reaches none of them rather than some.
 
-    Requests: one listing of the run's slices, one read of the plan's partitions file, one pull of
-    each registry's index if it moved, then one upload per slice (in parallel): O(groups), whatever
+    The registries are read as the caller last pulled them (:func:`shared.runs.pipeline.plan_scoring`
+    refreshes both before it computes the score id). Requests: one listing of the run's slices, one
+    read of the plan's partitions file, then one upload per slice (in parallel): O(groups), whatever
     the number of models, since the artifacts are not copied (:func:`write_registry_slice`).
     Returns how many groups got slices; a replanned run keeps the ones it has."""
     from concurrent.futures import ThreadPoolExecutor
@@ -384,12 +388,10 @@ def pin_scoring(ws: Any, score_id: str, groups: list[list[str]] | dict[int, list
     names = ("prod", "dev") if cfg.scoring_reads_dev else ("prod",)
     have = set(ws.lake.list(layout.run_registry_slices(score_id)))
     todo = [(g, name) for g in sorted(wanted) for name in names
-            if f"{registry_slice_path(score_id, g, name)}/{layout.REGISTRY_INDEX}" not in have]
+            if layout.registry_slice_index(score_id, g, name) not in have]
     if not todo:
         return 0
     registries = {"prod": ws.prod, "dev": ws.dev}
-    for name in {name for _, name in todo}:
-        registries[name].refresh(force=True)
     order = sorted({g for g, _ in todo})
     pids = dict(zip(order, scoring_partitions(ws.lake, score_id, [wanted[g] for g in order])))
 

@@ -18,10 +18,10 @@ from shared import layout
 from shared.runs.compute import BackendError, JobHandle, check_kind, job_id_for
 from shared.config import ProjectConfig
 from shared.keys import PARTITION_ID
-from shared.lake import Lake, LocalLake
-from shared.data.partitioning import load_dataset
+from shared.lake import LocalLake
 from shared.registries.registration import lake_digest
 from shared.runs.runner import run_parallel
+from shared.runs.stage_state import _load_dataset, _run_meta
 from shared.results.summaries import GroupSummary
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,13 +75,6 @@ class LocalCompute:
         raise BackendError(f"no ingestion job {job_id} to poll: local ingestion finishes when submitted")
 
 
-def _run_meta(lake: Lake, run_id: str) -> dict[str, Any]:
-    path = layout.run_meta(run_id)
-    if not lake.exists(path):
-        raise BackendError(f"run {run_id} not found in the lake: plan or train it first")
-    return json.loads(lake.read_bytes(path))
-
-
 def run_group(ws: Workspace, kind: str, run_id: str, batch_paths: list[str], group_index: int = 0,
               progress: bool | None = None) -> GroupSummary:
     """Train or score one group of mini-batch files with its entry script on the local process pool.
@@ -92,7 +85,7 @@ def run_group(ws: Workspace, kind: str, run_id: str, batch_paths: list[str], gro
     the registries.
     """
     check_kind(kind)
-    meta = _run_meta(ws.lake, run_id)
+    meta = _run_meta(ws, run_id)
     dataset_meta = layout.dataset_meta(meta["dataset_id"])
     if kind == "train":
         cfg = ws.config
@@ -126,10 +119,8 @@ def run_group(ws: Workspace, kind: str, run_id: str, batch_paths: list[str], gro
     return GroupSummary.of(run_id, group_index, outcome)
 
 
-
-
 def _partitions_in(ws: Workspace, dataset_id: str, batch_paths: list[str], subset: str | None = None) -> int:
-    manifest = load_dataset(ws.lake, dataset_id).manifest
+    manifest = _load_dataset(ws, dataset_id).manifest
     names = {p.rsplit("/", 1)[-1] for p in batch_paths}
     inside = manifest["batch"].isin(names)
     if subset:
