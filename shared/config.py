@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import tomli_w
 
 from shared import bounds
-from shared.models.candidate_kinds import CANDIDATE_NAME, candidate_names, default_candidates, pooled_candidates
+from shared.models.candidate_kinds import CANDIDATE_NAME, candidate_names, default_candidates
 from shared.errors import ManyModelsError
 from shared.models.metric_names import ERROR_METRICS, METRICS
 from shared.trust import DEFAULT_ESTIMATOR_PACKAGES, UntrustedCodeError, check_estimator_packages, check_estimator_path
@@ -81,11 +81,6 @@ class CandidateSpec:
     estimator: str
     params: dict[str, Any] = field(default_factory=dict)
     log_target: bool = False
-
-
-# fitted once per run over every partition, not per partition (the table of shared.models.candidate_kinds
-# says which: importers of this name see its pooled candidates)
-POOLED_CANDIDATES = pooled_candidates()
 
 
 @dataclass

@@ -32,7 +32,7 @@ def test_local_registries_live_under_the_workdir(tmp_path: Path) -> None:
     dev, prod = backends.open_registries(ws)
     assert isinstance(dev, ModelRegistry) and isinstance(prod, ModelRegistry)
     assert (dev.root, prod.root) == (tmp_path.resolve() / "registry" / "dev", tmp_path.resolve() / "registry" / "prod")
-    assert backends.registry_folder(ws, prod) == prod.root
+    assert prod.folder() == prod.root
 
 
 def test_opening_local_backends_imports_no_azure_sdk(tmp_path: Path) -> None:

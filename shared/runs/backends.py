@@ -293,11 +293,6 @@ def registry_exists(ws: "Workspace", name: str) -> bool:
     return backend("registry", registry_backend(ws.settings))().exists(ws, name)
 
 
-def registry_folder(ws: "Workspace", registry: Registry) -> Path:
-    """A plain registry folder for local entry scripts (an Azure ML registry is materialised)."""
-    return registry.folder()
-
-
 # -- compute -------------------------------------------------------------------------------------------
 def open_compute(settings: Any) -> Compute:
     return backend("compute", compute_backend(settings))()

@@ -135,7 +135,7 @@ class Workspace:
 
     def registry_roots(self) -> tuple[Path, Path]:
         """Plain registry folders for local entry scripts (an Azure ML registry is materialised)."""
-        return backends.registry_folder(self, self.prod), backends.registry_folder(self, self.dev)
+        return self.prod.folder(), self.dev.folder()
 
     def store(self):
         """The SQL result store, open: use it as a context manager (``with ws.store() as store:``)."""
