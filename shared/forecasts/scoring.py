@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -343,7 +344,6 @@ def score_frame(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | N
             raise ValueError(f"fallback must be one of {list(CHOICES['promotion.fallback'])}, got {chain!r}")
         chain = ["production"] if chain == "none" else ["production", "baseline"]
     chain = list(chain if chain is not None else cfg.scoring_chain)
-    spec = cfg.data
     columns = prediction_columns(cfg)
     if len(frame) == 0:
         return pd.DataFrame(columns=columns), []
@@ -356,11 +356,13 @@ def score_frame(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | N
     champions = _latest_many(prod, order) if "production" in chain else {}
     needs_dev = dev is not None and chain_reads_dev(chain)
     latest_dev = _latest_many(dev, order) if needs_dev else {}
-    outputs: list[pd.DataFrame] = []
+    # the request rows as arrays, read once: a partition's slice of them costs nothing, where a
+    # frame per partition (iloc, assign) cost more than its model's forecast (issue 22)
+    requests = _Requests.of(frame, cfg)
+    answers = _Answers()
     statuses: list[dict[str, Any]] = []
-    for pid, lo, hi in zip(order, bounds[:-1], bounds[1:]):
-        rows = frame.iloc[lo:hi]
-        keys = {k: str(rows[k].iloc[0]) for k in spec.keys}
+    for p, (pid, lo, hi) in enumerate(zip(order, bounds[:-1], bounds[1:])):
+        keys = {k: str(v[lo]) for k, v in requests.keys.items()}
         status: dict[str, Any] = {PARTITION_ID: pid, "keys": keys, "rows": 0, "model": None,
                                   "model_version": None, "run_id": None, "is_fallback": 0, "source": None,
                                   "reason": ""}
@@ -379,34 +381,82 @@ def score_frame(frame: pd.DataFrame, cfg: ProjectConfig, prod: Any, dev: Any | N
                 bundle = loaded[key]
                 if not models.bind(bundle, kind) or (kind == "global" and getattr(bundle, "global_view", None) is None):
                     continue  # no global model for this bundle: the next source answers
-                predicted = _predict(bundle, rows, cfg, kind)
+                predicted = _predict_rows(bundle, requests, lo, hi, kind)
             except Exception as exc:  # one partition's failure is reported; the mini-batch goes on
                 errors.append(f"{source}: {type(exc).__name__}: {exc}"[:500])
                 continue
             model, version, run_id = _identity(kind, record, bundle, models)
             is_fallback = int(source != "production")
-            out = predicted.assign(**keys, model=model, model_version=version, run_id=run_id,
-                                   **{PARTITION_ID: pid}, is_fallback=is_fallback, source=source)
-            outputs.append(out[columns])
-            status.update(status="fallback" if is_fallback else "scored", rows=int(len(out)), model=model,
-                          model_version=version, run_id=run_id, is_fallback=is_fallback, source=source,
-                          reason="; ".join(errors))
+            answers.add(predicted, p, (model, version, run_id, pid, is_fallback, source))
+            status.update(status="fallback" if is_fallback else "scored", rows=int(len(predicted[0])),
+                          model=model, model_version=version, run_id=run_id, is_fallback=is_fallback,
+                          source=source, reason="; ".join(errors))
             answered = True
             break
         if not answered:
             if errors:
                 status.update(status="failed", reason="; ".join(errors)[:1000])
             else:
-                known = bool(rows[KNOWN].iloc[0]) if KNOWN in rows.columns else True
+                known = bool(requests.known[lo]) if requests.known is not None else True
                 reason = _no_model_reason(chain, dev) if known else "partition not in the training data"
                 status.update(status="no_model", reason=reason)
         statuses.append(status)
-    predictions = pd.concat(outputs, ignore_index=True) if outputs else pd.DataFrame(columns=columns)
-    predictions["model_version"] = predictions["model_version"].astype("int64")
-    predictions["is_fallback"] = predictions["is_fallback"].astype("int64")
-    for col in ("prediction", "lower", "upper"):
-        predictions[col] = predictions[col].astype("float64")
-    return predictions, statuses
+    return answers.frame(cfg, columns, requests, starts), statuses
+
+
+@dataclass
+class _Requests:
+    """One mini-batch's request rows (sorted by partition and period) as arrays."""
+
+    keys: dict[str, np.ndarray]
+    periods: np.ndarray
+    covariates: dict[str, np.ndarray]  # each of cfg.data.covariates, float64
+    horizon: np.ndarray | None  # > 0: "the next N periods"; None: every row explicit
+    known: np.ndarray | None
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, cfg: ProjectConfig) -> "_Requests":
+        return cls(keys={k: frame[k].to_numpy() for k in cfg.data.keys},
+                   periods=frame[PERIOD].to_numpy(dtype="int64"),
+                   covariates={c: frame[c].to_numpy(dtype="float64") for c in cfg.data.covariates
+                               if c in frame.columns},
+                   horizon=frame[HORIZON].to_numpy(dtype="int64") if HORIZON in frame.columns else None,
+                   known=frame[KNOWN].to_numpy(dtype=bool) if KNOWN in frame.columns else None)
+
+
+class _Answers:
+    """The answered partitions' forecasts, gathered as arrays and made one frame at the end."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, ...]] = []
+        self.owner: list[int] = []  # each answer's partition (its index in the mini-batch)
+        self.meta: list[tuple[Any, ...]] = []  # (model, version, run_id, partition_id, is_fallback, source)
+
+    def add(self, predicted: tuple[np.ndarray, ...], partition: int, meta: tuple[Any, ...]) -> None:
+        self.parts.append(predicted)
+        self.owner.append(partition)
+        self.meta.append(meta)
+
+    def frame(self, cfg: ProjectConfig, columns: list[str], requests: _Requests,
+              starts: np.ndarray) -> pd.DataFrame:
+        if not self.parts:
+            empty = pd.DataFrame(columns=columns)
+            for col, dtype in (("model_version", "int64"), ("is_fallback", "int64"), ("prediction", "float64"),
+                               ("lower", "float64"), ("upper", "float64")):
+                empty[col] = empty[col].astype(dtype)
+            return empty
+        counts = np.array([len(p[0]) for p in self.parts], dtype=np.intp)
+        first_row = starts[np.asarray(self.owner, dtype=np.intp)]
+        out: dict[str, Any] = {}
+        for k, values in requests.keys.items():  # the keys as the request rows spell them
+            out[k] = np.repeat(np.array([str(v) for v in values[first_row]], dtype=object), counts)
+        out[cfg.data.time] = np.concatenate([p[0] for p in self.parts])
+        for i, col in enumerate(("prediction", "lower", "upper"), start=1):
+            out[col] = np.concatenate([p[i] for p in self.parts]).astype("float64")
+        for i, (col, dtype) in enumerate((("model", object), ("model_version", "int64"), ("run_id", object),
+                                          (PARTITION_ID, object), ("is_fallback", "int64"), ("source", object))):
+            out[col] = np.repeat(np.array([m[i] for m in self.meta], dtype=dtype), counts)
+        return pd.DataFrame(out, columns=columns)
 
 
 def global_may_answer(record: Any) -> bool:
@@ -484,45 +534,43 @@ def _no_model_reason(chain: Sequence[str], dev: Any | None) -> str:
     return "no production model and no development model for the fallbacks"
 
 
-def _predict(bundle: Any, rows: pd.DataFrame, cfg: ProjectConfig, kind: str) -> pd.DataFrame:
-    """Predict a partition's request rows; returns its time column and ``prediction``.
+def _predict_rows(bundle: Any, requests: _Requests, lo: int, hi: int,
+                  kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Predict a partition's request rows ``lo:hi``: ``(times, prediction, lower, upper)``.
 
     An explicit-rows request must come back with exactly the requested periods, in order.
     """
-    spec = cfg.data
-    horizon = int(rows[HORIZON].iloc[0]) if HORIZON in rows.columns else 0
+    horizon = int(requests.horizon[lo]) if requests.horizon is not None else 0
     if horizon > 0:
-        start = int(rows[PERIOD].iloc[0]) if PERIOD in rows.columns else bundle.last_period + 1
+        start = int(requests.periods[lo])
         if start != bundle.last_period + 1:
             raise ValueError(f"the model was trained on data up to period {bundle.last_period}, but the data now "
                              f"reach period {start - 1}: its next periods would not be the next ones")
-        out = bundle.predict(horizon=horizon, source=kind)
-        return pd.DataFrame({spec.time: out[spec.time].to_numpy(),
-                             "prediction": out["prediction"].to_numpy(dtype="float64"),
-                             "lower": _column(out, "lower"), "upper": _column(out, "upper")})
-    future = rows[[spec.time, PERIOD, *spec.covariates]].reset_index(drop=True)
-    out = bundle.predict(future=future, source=kind)
-    wanted = rows[PERIOD].to_numpy(dtype="int64")
-    got = out[PERIOD].to_numpy(dtype="int64") if PERIOD in out.columns else None
-    if got is None or len(got) != len(wanted) or not np.array_equal(np.sort(got), np.sort(wanted)):
-        raise ValueError(f"the model returned {0 if got is None else len(got)} predictions for "
-                         f"{len(wanted)} requested periods")
-    position = pd.Series(np.arange(len(got)), index=got).loc[wanted].to_numpy()
-    values = out["prediction"].to_numpy(dtype="float64")[position]
+        periods, pred = bundle.predict_arrays(horizon=horizon, source=kind)
+        pred = np.maximum(np.asarray(pred, dtype=np.float64), 0.0)
+        lower, upper = bundle.bounds(periods, pred, kind)
+        return bundle.period_times(periods), pred, lower, upper
+    wanted = requests.periods[lo:hi]
+    missing = [c for c in bundle.covariates if c not in requests.covariates]
+    if missing:
+        raise ValueError(f"future rows lack covariate column(s) {missing}")
+    cov = np.empty((hi - lo, len(bundle.covariates)), dtype=np.float64)
+    for j, c in enumerate(bundle.covariates):  # in the model's own order
+        cov[:, j] = requests.covariates[c][lo:hi]
+    got, pred = bundle.predict_arrays(wanted, cov, source=kind)
+    got = np.asarray(got, dtype="int64")
+    if len(got) != len(wanted) or not np.array_equal(np.sort(got), np.sort(wanted)):
+        raise ValueError(f"the model returned {len(got)} predictions for {len(wanted)} requested periods")
+    pred = np.maximum(np.asarray(pred, dtype=np.float64), 0.0)
+    lower, upper = bundle.bounds(got, pred, kind)
+    position = np.argsort(got, kind="stable")[np.searchsorted(np.sort(got), wanted)]
+    values = pred[position]
     if not np.isfinite(values).all():
         bad = int((~np.isfinite(values)).sum())
         raise ValueError(f"the model returned {bad} non-finite prediction(s)")
     # each row dated by its period's own time stamp (a Saturday of W-FRI data is that week's Friday),
     # so that SQL never holds one period under two dates
-    return pd.DataFrame({spec.time: bundle.period_times(wanted), "prediction": values,
-                         "lower": _column(out, "lower")[position], "upper": _column(out, "upper")[position]})
-
-
-def _column(out: pd.DataFrame, name: str) -> np.ndarray:
-    """A bound column of a bundle's forecast (NaN from bundles of releases without intervals)."""
-    if name in out.columns:
-        return out[name].to_numpy(dtype="float64")
-    return np.full(len(out), np.nan)
+    return bundle.period_times(wanted), values, lower[position], upper[position]
 
 
 def status_line(status: dict[str, Any]) -> str:

@@ -174,22 +174,31 @@ def aggregate_wape(rows: list[dict[str, Any]]) -> tuple[float | None, float | No
 def backtests_frame(cfg: ProjectConfig, run_id: str, rows: list[dict[str, Any]], manifest: pd.DataFrame,
                     keys: list[str], anchor: Any, field: str = "backtest") -> pd.DataFrame | None:
     """Every partition's test window (or, with ``field="history"``, the observed season before it) in
-    one frame; periods become time stamps in one vectorised call."""
-    frames = []
+    one frame, built in bulk: one frame from every point at once, the partitions' ids, keys and
+    anchors repeated by their point counts, periods turned into time stamps in one call per anchor.
+
+    Why in bulk: a frame per partition cost about 2 ms each, 200 s of a 100,000-partition run.
+    """
+    points: list[dict[str, Any]] = []
+    owners: list[dict[str, Any]] = []
+    counts: list[int] = []
     for row in rows:
         bt = row.get(field)
         if not bt:
             continue
-        frame = pd.DataFrame(bt)
-        frame[PARTITION_ID] = row[PARTITION_ID]
-        frame["_anchor"] = row.get("anchor") or anchor  # its own (a Wednesday series in a Friday panel)
-        for k, v in (row.get("keys") or keys_of(manifest, row[PARTITION_ID], keys)).items():
-            frame[k] = v
-        frames.append(frame)
-    if not frames:
+        points.extend(bt)
+        owners.append(row)
+        counts.append(len(bt))
+    if not points:
         return None
-    out = pd.concat(frames, ignore_index=True).rename(columns={"global": "global_forecast"})
-    own = out["_anchor"].to_numpy(dtype=object)
+    out = pd.DataFrame.from_records(points).rename(columns={"global": "global_forecast"})
+    repeat = np.asarray(counts, dtype=np.intp)
+    out[PARTITION_ID] = np.repeat(np.array([r[PARTITION_ID] for r in owners], dtype=object), repeat)
+    own_keys = [r.get("keys") or keys_of(manifest, r[PARTITION_ID], keys) for r in owners]
+    for k in dict.fromkeys(k for kv in own_keys for k in kv):
+        out[k] = np.repeat(np.array([kv.get(k) for kv in own_keys], dtype=object), repeat)
+    # each partition's own anchor (a Wednesday series in a Friday panel), else the dataset's
+    own = np.repeat(np.array([r.get("anchor") or anchor for r in owners], dtype=object), repeat)
     times = np.empty(len(out), dtype=np.int64 if cfg.data.freq == "int" else "datetime64[ns]")
     periods = out[PERIOD].to_numpy()
     for value in pd.unique(own):  # one vectorised call per anchor (mostly one)
@@ -197,7 +206,7 @@ def backtests_frame(cfg: ProjectConfig, run_id: str, rows: list[dict[str, Any]],
         times[at] = from_periods(periods[at], cfg.data.freq, value).to_numpy()
     out[cfg.data.time] = times
     out["run_id"] = run_id
-    return out.drop(columns=[PERIOD, "_anchor"])
+    return out.drop(columns=[PERIOD])
 
 
 def effects_rows(rows: list[dict[str, Any]], run_id: str, manifest: pd.DataFrame,
