@@ -365,14 +365,21 @@ def test_registering_a_run_makes_one_model_version_and_our_own_index(ws, service
 
     lake = ws.lake
     assert lake.exists(f"registry/dev/{INDEX_FILE}") and lake.exists(f"registry/dev/{HEAD_FILE}")
-    assert lake.read_bytes(f"registry/dev/{records[0].artifact}") == _pickled({"model": f"{RUN}-0"})
-    assert re.fullmatch(r"artifacts/p0+/v1-[0-9a-f]{12}\.pkl", records[0].artifact), "named by content"
+    pack = lake.read_bytes(f"registry/dev/{records[0].artifact}")
+    first = records[0]
+    assert pack[first.byte_offset:first.byte_offset + first.byte_length] == _pickled({"model": f"{RUN}-0"})
+    assert re.fullmatch(r"artifacts/packs/[0-9a-f]{32}-[0-9a-f]{12}\.pack", first.artifact), "named by content"
+    assert {r.artifact for r in records} == {first.artifact}, "one pack uploaded for the run's models"
+    assert len(lake.list("registry/dev/artifacts")) == 1
     manifest = [json.loads(line) for line in lake.read_bytes(f"registry/dev/assets/{version}/{MANIFEST_FILE}")
                 .decode().splitlines()]
     assert [m["partition_id"] for m in manifest] == [r.partition_id for r in records]
     assert manifest[0]["tags"]["store"] == "s0" and manifest[0]["metrics"]["accuracy"] == 0.9
-    assert lake.read_bytes(f"registry/dev/assets/{version}/{records[1].partition_id}.pkl") == \
-        _pickled({"model": f"{RUN}-1"})
+    # the asset holds the pack once; the manifest says which range of it is whose
+    second = manifest[1]
+    staged = lake.read_bytes(f"registry/dev/assets/{version}/{second['asset_file']}")
+    assert staged[second["byte_offset"]:second["byte_offset"] + second["byte_length"]] == _pickled({"model": f"{RUN}-1"})
+    assert {m["asset_file"] for m in manifest} == {first.artifact.rsplit("/", 1)[-1]}
 
     # another process (a scoring job, the online endpoint) reads the same index from the lake
     reader = AzureMLRegistry("dev", lake, tmp_path / "reader-cache")

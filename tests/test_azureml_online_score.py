@@ -180,7 +180,7 @@ def test_a_newly_promoted_version_is_picked_up_through_head(serving, trained, tm
     nxt = ModelRegistry(staging, "prod")
     row = record.to_row()
     row.update(run_id="r-next", tags={**record.tags, "run_id": "r-next"})
-    nxt.register_many([(row, staging / record.artifact)])
+    nxt.register_many([(row, nxt.raw_bytes(record))])
     nxt.close()
     _publish(staging, serving, head="v2")
     after = online_score.run(_request(partition_id=pid))

@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from registry_tools import damage_model
 from azure.functions.servicebus import ServiceBusMessage as WorkerServiceBusMessage
 
 from durable_harness import FakeDurableExtension, app_functions
@@ -209,7 +210,7 @@ def test_a_pickle_dropped_over_a_production_model_is_refused_unread(tmp_path, re
     dev, prod = registries
     victim, other = sorted(r.partition_id for r in prod.find(latest_only=True))[:2]
     marker = tmp_path / "PWNED"
-    prod.artifact_path(prod.latest(victim)).write_bytes(pickle.dumps(Payload(marker)))
+    damage_model(prod, prod.latest(victim), pickle.dumps(Payload(marker)))  # over its bytes in the pack
 
     cache = ModelCache(prod, dev)  # what the server builds at start
     with pytest.raises(ModelLoadError) as caught:
@@ -226,6 +227,7 @@ def test_a_file_the_index_does_not_name_is_never_loaded(tmp_path, registries):
     pid = prod.find(latest_only=True)[0].partition_id
     marker = tmp_path / "PWNED"
     planted = prod.root / "artifacts" / pid / "v2.pkl"
+    planted.parent.mkdir(parents=True, exist_ok=True)
     planted.write_bytes(pickle.dumps(Payload(marker)))
     assert prod.latest(pid).version == 1  # the index decides what exists
     forged = ModelRecord(pid, 2, "mm-x", "gbm", "r-x", "", artifact=f"artifacts/{pid}/v2.pkl",
@@ -244,8 +246,8 @@ def test_production_dev_and_run_copies_are_independent_files(tmp_path, registrie
     dev_path, prod_path = dev.artifact_path(dev.latest(pid)), prod.artifact_path(prod.latest(pid))
     inodes = {os.stat(p).st_ino for p in (run_file, dev_path, prod_path)}
     assert len(inodes) == 3 and all(os.stat(p).st_nlink == 1 for p in (dev_path, prod_path))
-    with open(dev_path, "r+b") as fh:  # corrupt the dev copy in place
-        fh.seek(100)
+    with open(dev_path, "r+b") as fh:  # corrupt the dev copy in place (its range of the dev pack)
+        fh.seek(dev.latest(pid).byte_offset + 100)
         fh.write(b"\x00" * 64)
     with pytest.raises(ArtifactIntegrityError):
         dev.load(dev.latest(pid))
@@ -255,15 +257,26 @@ def test_production_dev_and_run_copies_are_independent_files(tmp_path, registrie
 
 
 def legacy_registry(root: Path) -> ModelRegistry:
-    """A registry as release 0.1 left it: no digest column, schema 1."""
+    """A registry as release 0.1 left it: a file per model (``artifacts/<pid>/v<n>.pkl``), no
+    digest column, no byte ranges, schema 1."""
     reg = ModelRegistry(root, "dev")
-    reg.register_many(({"partition_id": f"p{i:020d}", "run_id": f"r-{case}"}, FIXTURES / info["artifact"])
-                      for i, (case, info) in enumerate(sorted(BUNDLES.items())))
+    records = reg.register_many(({"partition_id": f"p{i:020d}", "run_id": f"r-{case}"}, FIXTURES / info["artifact"])
+                                for i, (case, info) in enumerate(sorted(BUNDLES.items())))
+    files = []
+    for rec in records:
+        path = root / "artifacts" / rec.partition_id / f"v{rec.version}.pkl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(reg.raw_bytes(rec))
+        files.append((f"artifacts/{rec.partition_id}/v{rec.version}.pkl", rec.partition_id))
     reg.close()
     with sqlite3.connect(root / "index.sqlite") as conn:
-        conn.execute("ALTER TABLE models DROP COLUMN sha256")
+        conn.executemany("UPDATE models SET artifact = ? WHERE partition_id = ?", files)
+        for column in ("sha256", "byte_offset", "byte_length"):
+            conn.execute(f"ALTER TABLE models DROP COLUMN {column}")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
         conn.execute("UPDATE models SET created_at = '2024-01-01T00:00:00+00:00'")
+    for pack in (root / "artifacts" / "packs").iterdir():
+        pack.unlink()
     return ModelRegistry(root, "dev")
 
 
@@ -276,6 +289,7 @@ def test_an_old_registry_loads_with_a_warning_then_is_sealed(tmp_path, caplog):
     assert "predates artifact digests" in caplog.text
     promoted = ModelRegistry(tmp_path / "prod", "prod").copy_many(reg, records)
     assert all(len(r.sha256) == 64 for r in promoted)  # promotion records what it copied
+    assert all(not r.packed for r in records)  # whole files, read as before packs
     assert reg.seal() == len(records) and reg.seal() == 0
     reg.artifact_path(records[0]).write_bytes(b"tampered after sealing")
     with pytest.raises(ArtifactIntegrityError):

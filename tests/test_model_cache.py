@@ -25,6 +25,7 @@ from shared.registries.registry import ModelRegistry
 from shared.data.synthetic import generate_panel
 from shared.models.training import train_batch
 from shared.data.validation import validate
+from registry_tools import damage_model
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_memory_size_counts_more_than_the_pickle_and_file_size_is_the_artifact(r
     pid = prod.find(latest_only=True)[0].partition_id
     by_memory = ModelCache(prod, dev).get(pid)
     by_file = ModelCache(prod, dev, size_by="file").get(pid)
-    assert by_file.size == prod.artifact_path(by_file.record).stat().st_size
+    assert by_file.size == by_file.record.byte_length == len(prod.raw_bytes(by_file.record))  # its range of the pack
     assert by_memory.size > by_file.size
     walked = object_size(by_memory.bundle) * MEMORY_OVERHEAD
     assert abs(walked - by_memory.size) < 0.01 * by_memory.size
@@ -209,9 +210,10 @@ def test_the_entry_count_is_capped_too(registries):
 def test_a_model_that_fails_to_load_is_not_cached_and_others_are_unaffected(registries):
     prod, dev = registries
     broken, fine = sorted(r.partition_id for r in prod.find(latest_only=True))[:2]
-    path = prod.artifact_path(prod.latest(broken))
+    record = prod.latest(broken)
+    path = prod.artifact_path(record)
     good_bytes = path.read_bytes()
-    path.write_bytes(b"not a pickle")
+    damage_model(prod, record)  # its bytes in the pack: the models beside it stay loadable
     cache = ModelCache(prod, dev)
     for attempt in (1, 2):  # not cached: every request tries again
         with pytest.raises(ModelLoadError) as info:

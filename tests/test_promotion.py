@@ -6,6 +6,7 @@ import pytest
 from shared.config import PromotionRules
 from shared.registries.promotion import REJECTION_CODES, Decision, higher_is_better, promote_run
 from shared.registries.registry import ModelRegistry
+from registry_tools import damage_model
 
 
 def rules(**overrides) -> PromotionRules:
@@ -49,7 +50,10 @@ def test_models_above_the_threshold_are_promoted_and_the_others_rejected_with_th
         "rejected", "accuracy 0.742 < 0.80", 0.742, 0.80, None)
     assert sorted(r.partition_id for r in prod.find()) == ["pA", "pC"]
     assert prod.latest("pA").tags["source_registry"] == "dev" and prod.latest("pA").keys["item"] == "pA"
-    assert (prod.root / prod.latest("pA").artifact).read_bytes() == b"model pA r1"
+    assert prod.raw_bytes(prod.latest("pA")) == b"model pA r1"
+    # promotion writes the promoted models into one new pack of the production registry
+    assert len({r.artifact for r in prod.find()}) == 1 and prod.latest("pA").artifact not in \
+        {r.artifact for r in dev.find()}
     assert dev.index_version() == dev_changes  # promotion never writes to dev
 
 
@@ -169,7 +173,7 @@ def test_every_rejection_carries_the_code_of_the_rule_it_failed_beside_its_sente
         "pGood": {"metrics": {"accuracy": 0.9}},
     })
     damaged = next(r for r in dev.find(run_id="r1") if r.partition_id == "pDamaged")
-    (dev.root / damaged.artifact).write_bytes(b"not the model")
+    damage_model(dev, damaged)  # its neighbours in the pack are untouched
     history = {pid: 100 for pid in ("pStatus", "pMetric", "pLow", "pChamp", "pDamaged", "pGood")}
     decisions = by_partition(promote_run(dev, prod, "r1", rules(min_history=26), {**history, "pShort": 10}))
     assert {pid: d.code for pid, d in decisions.items()} == {

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import sqlite3
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from registry_tools import damage_model
 
-from shared.registries.registry import LATEST_SQL, ModelRecord, ModelRegistry, RegistryError
+from shared.registries import registry as registry_module
+from shared.registries.registry import LATEST_SQL, ArtifactIntegrityError, ModelRecord, ModelRegistry, RegistryError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +50,9 @@ def test_a_registered_model_is_found_by_partition_and_loads_back(dev, artifact):
 
     assert (record.partition_id, record.version, record.name) == ("pA", 1, "mm-pA")
     assert record.model_type == record.model_name == "gbm"
-    assert record.artifact == "artifacts/pA/v1.pkl" and (dev.root / record.artifact).is_file()
+    # its bytes are a range of a pack file (one file per registration, not per model)
+    assert re.fullmatch(r"artifacts/packs/[0-9a-f]{32}\.pack", record.artifact) and record.packed
+    assert (dev.root / record.artifact).stat().st_size == record.byte_offset + record.byte_length
     assert record.keys == {"store": "1", "item": "7"}
     for key, value in {"store": "1", "item": "7", "run_id": "r1", "model_type": "gbm", "fingerprint": "fpA",
                        "status": "trained", "version": "1", "partition_id": "pA"}.items():
@@ -65,7 +70,7 @@ def test_each_run_adds_a_version_and_latest_follows_the_newest(dev, artifact):
     assert third.version == 3 and dev.latest("pA").version == 3
     assert dev.latest("pA").metrics["accuracy"] == 0.9
     assert dev.get("pA", 1).metrics["accuracy"] == 0.7
-    assert (dev.root / "artifacts/pA/v2.pkl").read_bytes() == b"second"
+    assert dev.raw_bytes(dev.get("pA", 2)) == b"second"
     assert dev.count() == 3
 
 
@@ -77,7 +82,9 @@ def test_registering_the_same_run_again_creates_nothing(dev, artifact):
     again = dev.register_many(rows)
     assert again == first
     assert dev.count() == 5 and dev.index_version() == changes
-    assert sorted(p.name for p in (dev.root / "artifacts" / "p0").iterdir()) == ["v1.pkl"]
+    assert len(list((dev.root / "artifacts" / "packs").iterdir())) == 1, "one pack, written once"
+    assert len({r.artifact for r in first}) == 1 and sorted(r.byte_offset for r in first) == \
+        [i * artifact.stat().st_size for i in range(5)]
     # the same (run, partition) twice in one call is also one version
     twice = dev.register_many([(result_row("pB", run_id="r9"), b"x"), (result_row("pB", run_id="r9"), b"y")])
     assert twice[0] == twice[1] and dev.latest("pB").version == 1
@@ -126,7 +133,7 @@ def test_tags_that_contradict_the_record_are_refused_and_nothing_is_written(dev,
     with pytest.raises(RegistryError, match="tag status='open' contradicts"):
         dev.register_many([good, bad])
     assert dev.count() == 0 and dev.index_version() == 0
-    assert not (dev.root / "artifacts" / "pA" / "v1.pkl").exists()
+    assert not (dev.root / "artifacts" / "packs").exists() or not any((dev.root / "artifacts" / "packs").iterdir())
 
 
 def test_a_missing_artifact_or_record_field_is_an_error(dev, tmp_path):
@@ -262,3 +269,72 @@ def test_a_deleted_production_index_stops_the_command_naming_the_fix(tmp_path, c
     assert not index.exists()  # not recreated empty: every partition would be served by fallbacks
     code = main(["models", "list", "--registry", "prod", "--workdir", str(work)])
     assert code == 2 and "index.sqlite" in capsys.readouterr().err
+
+
+# -- packs: many models in one file, each its own byte range and digest -------------------------------
+def models(n: int, run_id: str = "r1") -> list[tuple[dict, bytes]]:
+    return [(result_row(f"p{i:03d}", run_id=run_id), pickle.dumps({"model": f"{run_id}-{i}"})) for i in range(n)]
+
+
+def test_damage_to_one_models_bytes_in_a_pack_refuses_that_model_alone(dev):
+    records = dev.register_many(models(6))
+    assert len({r.artifact for r in records}) == 1
+    damaged = records[2]
+    damage_model(dev, damaged)
+    with pytest.raises(ArtifactIntegrityError, match="does not match the SHA-256"):
+        dev.load(damaged)
+    assert [dev.load(r) for r in records if r is not damaged] == \
+        [{"model": f"r1-{i}"} for i in range(6) if i != 2]
+
+
+def test_a_truncated_pack_is_refused_with_what_is_missing(dev):
+    records = dev.register_many(models(3))
+    path = dev.root / records[-1].artifact
+    path.write_bytes(path.read_bytes()[:records[-1].byte_offset + 5])
+    with pytest.raises(ArtifactIntegrityError, match="shorter than the range its index names"):
+        dev.load(records[-1])
+    assert dev.load(records[0]) == {"model": "r1-0"}  # the ranges before the cut are whole
+
+
+def test_a_registration_larger_than_a_pack_spills_into_the_next(dev, monkeypatch):
+    size = len(models(1)[0][1])
+    monkeypatch.setattr(registry_module, "PACK_MAX_BYTES", 3 * size)
+    records = dev.register_many(models(7))
+    packs = [r.artifact for r in records]
+    assert len(set(packs)) == 3 and [packs.count(p) for p in dict.fromkeys(packs)] == [3, 3, 1]
+    assert [dev.load(r) for r in records] == [{"model": f"r1-{i}"} for i in range(7)]
+    assert not [p for p in (dev.root / "artifacts" / "packs").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_a_promotion_writes_the_promoted_ranges_into_a_new_pack_and_rejects_a_damaged_one(dev, prod):
+    records = dev.register_many(models(4))
+    promoted = prod.copy_many(dev, records[1:3])
+    assert len({r.artifact for r in promoted}) == 1 and promoted[0].artifact not in {r.artifact for r in records}
+    assert (prod.root / promoted[0].artifact).stat().st_size == sum(r.byte_length for r in records[1:3])
+    assert [prod.load(r) for r in promoted] == [{"model": "r1-1"}, {"model": "r1-2"}]
+    damage_model(dev, records[3])
+    with pytest.raises(ArtifactIntegrityError, match="changed after it was written"):
+        prod.copy_many(dev, [records[0], records[3]])  # nothing of a refused copy is written
+    assert prod.count() == 2 and len(list((prod.root / "artifacts" / "packs").iterdir())) == 1
+
+
+def test_a_registry_of_the_previous_schema_gains_byte_ranges_and_keeps_its_files(tmp_path):
+    root = tmp_path / "reg"
+    old = ModelRegistry(root, "dev")
+    [record] = old.register_many(models(1))
+    old.close()
+    whole = root / "artifacts" / record.partition_id / "v1.pkl"  # schema 2: one file per model
+    whole.parent.mkdir(parents=True)
+    whole.write_bytes(pickle.dumps({"model": "r1-0"}))
+    with sqlite3.connect(root / "index.sqlite") as conn:
+        conn.execute("UPDATE models SET artifact = ?", (f"artifacts/{record.partition_id}/v1.pkl",))
+        conn.execute("ALTER TABLE models DROP COLUMN byte_offset")
+        conn.execute("ALTER TABLE models DROP COLUMN byte_length")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    reg = ModelRegistry(root, "dev")
+    before = reg.latest(record.partition_id)
+    assert not before.packed and reg.load(before) == {"model": "r1-0"}
+    [newer] = reg.register_many(models(1, run_id="r2"))
+    assert newer.version == 2 and newer.packed and reg.load(newer) == {"model": "r2-0"}
+    with sqlite3.connect(root / "index.sqlite") as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from registry_tools import damage_model
 
 from shared.cli import main
 from shared.data.synthetic import write_panel
+from shared.registries.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--no-progress", "--workers", "1", "--horizon", "6", "--test-periods", "6"]
@@ -133,10 +135,11 @@ def test_a_failed_store_write_after_the_copy_is_reconciled_by_the_rerun(work, ca
 
 
 def test_a_damaged_candidate_is_rejected_alone_with_the_reason(work, capsys):
-    dev = sqlite3.connect(work / "registry" / "dev" / "index.sqlite")
-    pid, artifact = dev.execute("SELECT partition_id, artifact FROM models WHERE partition_id <> '_global' "
-                                "ORDER BY partition_id LIMIT 1").fetchone()
-    (work / "registry" / "dev" / artifact).write_bytes(b"\x80\x05not the model")
+    dev = ModelRegistry(work / "registry" / "dev", "dev")
+    record = sorted(dev.find(), key=lambda r: r.partition_id)[0]
+    pid = record.partition_id
+    damage_model(dev, record, b"\x80\x05not the model")  # its bytes in the pack, the others intact
+    dev.close()
     code, out, _ = _run(capsys, "promote", "--workdir", str(work), "--min-accuracy", "0")
     assert code == 0 and "rejected (artifact): 1" in out
     reason = sqlite3.connect(work / "results.sqlite").execute(
@@ -224,10 +227,17 @@ def test_models_seal_and_verify(work, capsys):
 
 
 # -- issue 18: blast radius of one bad file, exit status tells the truth ---------------------------
-def _flip_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+def _flip_global_byte(prod: Path) -> None:
+    """Flip one byte in the middle of the production global model's bytes (its range of a pack)."""
+    registry = ModelRegistry(prod, "prod")
+    [record] = [r for r in registry.find(include_global=True) if r.partition_id == "_global"]
+    registry.close()
+    at = record.byte_offset + record.byte_length // 2
+    with open(prod / record.artifact, "r+b") as fh:
+        fh.seek(at)
+        byte = fh.read(1)[0]
+        fh.seek(at)
+        fh.write(bytes([byte ^ 0xFF]))
 
 
 @pytest.fixture
@@ -243,11 +253,12 @@ def _needs_global(prod: Path) -> set[str]:
 
     from shared.models.global_model import needs_global
 
-    out = set()
-    for path in (prod / "artifacts").glob("p*/v*.pkl"):
-        if needs_global(pickle.loads(path.read_bytes()).estimator):
-            out.add(path.parent.name)
-    return out
+    registry = ModelRegistry(prod, "prod")
+    try:
+        return {r.partition_id for r in registry.find(latest_only=True)
+                if needs_global(pickle.loads(registry.raw_bytes(r)).estimator)}
+    finally:
+        registry.close()
 
 
 def _sources(work: Path) -> dict[str, tuple[str, int]]:
@@ -266,7 +277,7 @@ def test_a_corrupted_global_model_fails_only_what_needs_it_and_score_exits_3(pro
     prod = promoted / "registry" / "prod"
     dependent = _needs_global(prod)
     assert 0 < len(dependent) < 6  # the panel has both kinds
-    _flip_byte(prod / "artifacts" / "_global" / "v1.pkl")
+    _flip_global_byte(prod)
     code, out, err = _run(capsys, "score", "--workdir", str(promoted), "--no-progress", "--json")
     summary = json.loads(out.strip().splitlines()[-1])
     assert code == 3, (out, err)
@@ -291,12 +302,15 @@ def test_a_corrupted_global_model_leaves_serving_of_the_other_partitions_alone(p
 
     prod = promoted / "registry" / "prod"
     dependent = _needs_global(prod)
-    _flip_byte(prod / "artifacts" / "_global" / "v1.pkl")
+    _flip_global_byte(prod)
     predictor = open_predictor(Workspace.open(promoted), ServingOptions(check_interval_ms=0))
     try:
-        for path in sorted((prod / "artifacts").glob("p*")):
-            answer = predictor.handle({"partition_id": path.name, "horizon": 3})
-            if path.name in dependent:  # its own model is the global model's: refused, naming why
+        registry = ModelRegistry(prod, "prod")
+        partitions = sorted(r.partition_id for r in registry.find(latest_only=True))
+        registry.close()
+        for pid in partitions:
+            answer = predictor.handle({"partition_id": pid, "horizon": 3})
+            if pid in dependent:  # its own model is the global model's: refused, naming why
                 assert answer.status == 503 and "_global" in str(answer.body), answer.body
             else:
                 assert answer.status == 200 and len(answer.body["predictions"]) == 3, answer.body

@@ -227,13 +227,22 @@ class AzureMLRegistry:
 
     def ensure_local(self, records: Iterable[ModelRecord]) -> None:
         """Download the artifacts of ``records`` that the working copy does not have yet."""
-        missing = [r for r in records if not (self.local.root / r.artifact).is_file()]
+        # a pack holds many records' models: fetched once for all of them
+        owners: dict[str, list[str]] = {}
+        for r in records:
+            if not (self.local.root / r.artifact).is_file():
+                owners.setdefault(r.artifact, []).append(f"{r.partition_id} v{r.version}")
+        missing = sorted(owners)
         if not missing:
             return
 
-        def fetch(record: ModelRecord) -> None:
-            data = self.lake.read_bytes(self._remote(record.artifact))
-            atomic_write_bytes(self.local.root / record.artifact, data)
+        def fetch(artifact: str) -> None:
+            try:
+                data = self.lake.read_bytes(self._remote(artifact))
+            except LakeError as exc:
+                raise RegistryError(f"artifact {artifact} of model(s) {', '.join(owners[artifact][:5])} of the "
+                                    f"{self.name} registry cannot be read from the lake: {exc}") from exc
+            atomic_write_bytes(self.local.root / artifact, data)
 
         self._parallel(fetch, missing)
 
@@ -379,40 +388,41 @@ class AzureMLRegistry:
             for run_id, batch in _by_run(out).items():
                 self._publish(run_id, batch)
             if not self.keep_artifacts:
-                for record in out:
-                    (self.local.root / record.artifact).unlink(missing_ok=True)
+                for artifact in {record.artifact for record in out}:
+                    (self.local.root / artifact).unlink(missing_ok=True)
             return out
 
     def _push(self, fresh: list[ModelRecord], base_head: str | None) -> None:
         """Artifacts, then the index, then HEAD: readers see all of a write or none of it.
 
-        In the lake an artifact is named by its content (``v<n>-<sha256[:12]>.pkl``), so two
-        writers that numbered the same version never overwrite each other's file; the index we
-        upload points at those names, and the working copy adopts it. A HEAD that moved since our
-        pull (checked before and after the uploads) aborts the write before the index is replaced.
+        In the lake an artifact file (a pack of many models, or a whole-file model of an earlier
+        release) is named by its content (``<name>-<sha256[:12]>.<ext>``), so two writers that
+        numbered the same version never overwrite each other's file; the index we upload points at
+        those names, and the working copy adopts it. A write uploads one file per pack, not per
+        model. A HEAD that moved since our pull (checked before and after the uploads) aborts the
+        write before the index is replaced.
         """
         self._check_head(base_head)
-        renamed: dict[tuple[str, int], str] = {}
-        for record in fresh:
-            data = (self.local.root / record.artifact).read_bytes()
-            stem = record.artifact.removesuffix(".pkl")
+        files: dict[str, str] = {}  # working-copy artifact -> its content-named path in the lake
+        for artifact in sorted({record.artifact for record in fresh}):
+            data = (self.local.root / artifact).read_bytes()
+            stem, dot, ext = artifact.rpartition(".")
             digest = hashlib.sha256(data).hexdigest()[:12]
-            renamed[(record.partition_id, record.version)] = f"{stem}-{digest}.pkl"
+            files[artifact] = f"{stem}-{digest}.{ext}" if dot else f"{artifact}-{digest}"
+        renamed = {(r.partition_id, r.version): files[r.artifact] for r in fresh}
 
-        def upload(record: ModelRecord) -> None:
-            target = renamed[(record.partition_id, record.version)]
-            self.lake.write_bytes(self._remote(target), (self.local.root / record.artifact).read_bytes())
+        def upload(artifact: str) -> None:
+            self.lake.write_bytes(self._remote(files[artifact]), (self.local.root / artifact).read_bytes())
 
-        self._parallel(upload, fresh)
+        self._parallel(upload, sorted(files))
         self._check_head(base_head)
         snapshot = self._snapshot_index(renamed)
         self.lake.write_bytes(self._remote(INDEX_FILE), snapshot)
         head = json.dumps({"changes": self.local.index_version(), "writer": uuid.uuid4().hex,
                            "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         self.lake.write_bytes(self._remote(HEAD_FILE), head.encode("utf-8"))
-        for record in fresh:  # the working copy takes the lake's names, then its index
-            target = self.local.root / renamed[(record.partition_id, record.version)]
-            os.replace(self.local.root / record.artifact, target)
+        for artifact, target in files.items():  # the working copy takes the lake's names, then its index
+            os.replace(self.local.root / artifact, self.local.root / target)
         self._replace_index(snapshot, head)
 
     def _check_head(self, base_head: str | None) -> None:
@@ -438,13 +448,15 @@ class AzureMLRegistry:
         batch = AssetBatch(self.name, run_id, version, folder, records, tags)
         if not self.lake.exists(f"{folder}/{MANIFEST_FILE}"):
             self.ensure_local(records)
+            # the asset holds the run's packs (a pack file, or a whole-file model of an earlier
+            # release, each once) and the manifest says which byte range of which file is whose
+            files = {a: a.rsplit("/", 1)[-1] for a in sorted({r.artifact for r in records})}
 
-            def stage(record: ModelRecord) -> None:
-                self.lake.write_bytes(f"{folder}/{record.partition_id}.pkl",
-                                      (self.local.root / record.artifact).read_bytes())
+            def stage(artifact: str) -> None:
+                self.lake.write_bytes(f"{folder}/{files[artifact]}", (self.local.root / artifact).read_bytes())
 
-            self._parallel(stage, records)
-            manifest = "".join(json.dumps({**r.to_row(), "asset_file": f"{r.partition_id}.pkl"},
+            self._parallel(stage, sorted(files))
+            manifest = "".join(json.dumps({**r.to_row(), "asset_file": files[r.artifact]},
                                           default=float) + "\n" for r in records)
             self.lake.write_bytes(f"{folder}/{MANIFEST_FILE}", manifest.encode("utf-8"))
         self.published.append(self.publisher.publish(batch))

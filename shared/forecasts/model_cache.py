@@ -369,8 +369,9 @@ class ModelCache:
         raise ModelNotFoundError(partition_id, "no production model and no development model")
 
     def _size_of(self, bundle: Any, registry: Any, record: Any) -> int:
-        if self.size_by == "file":
-            return int(registry.artifact_path(record).stat().st_size)
+        if self.size_by == "file":  # the model's own bytes: its range of a pack, or its whole file
+            packed = getattr(record, "byte_length", -1)
+            return int(packed) if packed >= 0 else int(registry.artifact_path(record).stat().st_size)
         return int(object_size(bundle) * MEMORY_OVERHEAD)
 
     # -- eviction (lock held) ----------------------------------------------------------------------

@@ -54,10 +54,11 @@ def recursive_forecast(estimator: Any, spec: FeatureSpec, trend_origin: int, log
     target = np.concatenate((h_target, np.full(len(grid), np.nan)))
     cov = _ffill(np.concatenate((h_cov, grid_cov)))
     n_hist, step = len(h_periods), spec.horizon
+    flags = list(log_covariates)
     for start in range(0, len(grid), step):
-        X = series_features(spec, all_periods, target, cov, trend_origin, list(log_covariates))
         block = slice(n_hist + start, n_hist + min(start + step, len(grid)))
-        target[block] = np.clip(estimator.predict(X[block]), 0.0, ceiling)
+        X = series_features(spec, all_periods, target, cov, trend_origin, flags, rows=block)
+        target[block] = np.clip(estimator.predict(X), 0.0, ceiling)
     return target[n_hist + (periods - origin - 1)]
 
 

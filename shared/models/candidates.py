@@ -123,11 +123,15 @@ class LogLinearForecaster(BaseEstimator, RegressorMixin):
         level_cols = np.concatenate((spec.columns("lag_"), spec.columns("roll_")))
         Z[:, level_cols] = np.log1p(np.maximum(Z[:, level_cols], 0.0))
         # a missing lag or rolling mean takes the row's first available rolling mean (shortest window)
-        fallback = np.full(len(Z), np.nan)
-        for c in spec.columns("roll_"):
-            fallback = np.where(np.isnan(fallback), Z[:, c], fallback)
-        for c in level_cols:
-            Z[:, c] = np.where(np.isnan(Z[:, c]), fallback, Z[:, c])
+        levels = Z[:, level_cols]
+        missing = np.isnan(levels)
+        if missing.any():
+            rolls = Z[:, spec.columns("roll_")]
+            if rolls.shape[1]:
+                fallback = rolls[np.arange(len(Z)), np.argmax(~np.isnan(rolls), axis=1)]
+            else:
+                fallback = np.full(len(Z), np.nan)
+            Z[:, level_cols] = np.where(missing, fallback[:, None], levels)
         return Z
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "LogLinearForecaster":

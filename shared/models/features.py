@@ -35,6 +35,7 @@ Every feature is usable at the horizon: for a forecast made after period ``T``, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -118,8 +119,16 @@ class FeatureSpec:
         return max(max(self.lags), self.horizon + max(self.windows) - 1)
 
     def columns(self, prefix: str) -> np.ndarray:
-        """Column indices of one feature family ("lag_", "roll_", "sin_", "cos_", "cov_", "trend")."""
-        return np.array([i for i, n in enumerate(self.names) if n.startswith(prefix)], dtype=np.intp)
+        """Column indices of one feature family ("lag_", "roll_", "sin_", "cos_", "cov_", "trend")
+        (remembered per spec: the models ask several times per fit and predict)."""
+        return _family_columns(self.names, prefix)
+
+
+@lru_cache(maxsize=256)
+def _family_columns(names: tuple[str, ...], prefix: str) -> np.ndarray:
+    found = np.array([i for i, n in enumerate(names) if n.startswith(prefix)], dtype=np.intp)
+    found.setflags(write=False)  # shared by every caller
+    return found
 
 
 @dataclass
@@ -217,12 +226,16 @@ def covariate_log_flags(cov: np.ndarray, bounds: np.ndarray) -> np.ndarray:
 
 
 def compute_features(spec: FeatureSpec, bounds: np.ndarray, periods: np.ndarray, y: np.ndarray,
-                     cov: np.ndarray, trend_origin: np.ndarray, log_cov: np.ndarray) -> np.ndarray:
-    """The feature matrix of sorted rows of one or many partitions (the single code path)."""
+                     cov: np.ndarray, trend_origin: np.ndarray, log_cov: np.ndarray,
+                     rows: slice | None = None) -> np.ndarray:
+    """The feature matrix of sorted rows of one or many partitions (the single code path).
+
+    ``rows``: only these rows' features (every row's target is still history they may read): a
+    recursive forecast needs one block's rows at a time, not the whole history's again.
+    """
     n = len(periods)
-    X = np.empty((n, len(spec.names)), dtype=np.float64)
     if n == 0:
-        return X
+        return np.empty((0, len(spec.names)), dtype=np.float64)
     lengths = np.diff(bounds)
     part = np.repeat(np.arange(len(lengths)), lengths)
     first = periods[bounds[:-1]]
@@ -232,6 +245,9 @@ def compute_features(spec: FeatureSpec, bounds: np.ndarray, periods: np.ndarray,
     pos = base[part] + (periods - first[part])
     dense = np.full(int(base[-1] + span[-1]), np.nan)
     dense[pos] = y
+    if rows is not None:
+        pos, part, periods, cov = pos[rows], part[rows], periods[rows], cov[rows]
+    X = np.empty((len(pos), len(spec.names)), dtype=np.float64)
 
     col = 0
     for k in spec.lags:
@@ -279,14 +295,15 @@ def write_calendar(X: np.ndarray, col: int, spec: FeatureSpec, periods: np.ndarr
 
 
 def series_features(spec: FeatureSpec, periods: np.ndarray, y: np.ndarray, cov: np.ndarray,
-                    trend_origin: int, log_cov: Sequence[bool]) -> np.ndarray:
-    """Features of one series (a bundle's history tail plus future rows): same code as the batch."""
+                    trend_origin: int, log_cov: Sequence[bool], rows: slice | None = None) -> np.ndarray:
+    """Features of one series (a bundle's history tail plus future rows): same code as the batch.
+    ``rows``: only these rows' (see :func:`compute_features`)."""
     periods = np.asarray(periods, dtype=np.int64)
     bounds = np.array([0, len(periods)], dtype=np.intp)
     return compute_features(spec, bounds, periods, np.asarray(y, dtype=np.float64),
                             np.asarray(cov, dtype=np.float64).reshape(len(periods), len(spec.covariates)),
                             np.array([trend_origin], dtype=np.int64),
-                            np.asarray(log_cov, dtype=bool).reshape(1, len(spec.covariates)))
+                            np.asarray(log_cov, dtype=bool).reshape(1, len(spec.covariates)), rows=rows)
 
 
 def pandas_partition_features(part: pd.DataFrame, cfg: Any) -> pd.DataFrame:

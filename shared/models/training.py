@@ -53,7 +53,7 @@ from shared.models.features import FeatureFrame, build_features
 from shared.models.global_ar import forecast_windows
 from shared.models.global_model import GlobalModelSet, partition_stats, uses_history
 from shared.keys import PARTITION_ID, key_dict
-from shared.models.metrics import evaluate, forecast_ceiling, robust_wape, selection_key
+from shared.models.metrics import evaluate, forecast_ceiling, robust_wape, selection_key, typical_level
 from shared.models.selection import (
     Windows, _fold_error, _Residuals, calibrated_intervals, choose, partition_windows, pooled_prior,
     step_profile,
@@ -464,11 +464,12 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
         return np.concatenate((fold_preds[name], test_preds[name])) if on_test else fold_preds[name]
 
     key = _selection_key(metric)
-    scores = {n: _score(ev_actual, evidence(n), ev_filled)[key] for n in names}
+    ev_level = _observed_level(ev_actual, ev_filled)
+    scores = {n: _score(ev_actual, evidence(n), ev_filled, ev_level)[key] for n in names}
     prior = yield {n: _fold_error(ev_actual, evidence(n), ev_filled) for n in names}
     margin, ensemble = float(cfg.training.selection_margin), bool(cfg.training.ensemble)
     best, members, pair_score = _rule_choice(scores, lambda n: evidence(n), ev_actual, ev_filled, names, metric,
-                                             prior, margin, ensemble)
+                                             prior, margin, ensemble, ev_level)
     if best == "ensemble":
         scores["ensemble"] = pair_score
         fold_preds["ensemble"] = (fold_preds[members[0]] + fold_preds[members[1]]) / 2.0
@@ -519,7 +520,7 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
 
 def _rule_choice(scores: Mapping[str, float], evidence: Any, actual: np.ndarray, filled: np.ndarray,
                  names: list[str], metric: str, prior: str | None, margin: float,
-                 ensemble: bool) -> tuple[str, tuple[str, ...], float]:
+                 ensemble: bool, level: float | None = None) -> tuple[str, tuple[str, ...], float]:
     """The choice rule on one body of evidence: ``(name, members, score of the chosen pair)``.
 
     With ``ensemble``: the mean of the two best, or of the best local model with a global one
@@ -532,7 +533,7 @@ def _rule_choice(scores: Mapping[str, float], evidence: Any, actual: np.ndarray,
     if not ensemble:
         return best, members, float("nan")
     key = _selection_key(metric)
-    pairs = [(_score(actual, (evidence(a) + evidence(b)) / 2.0, filled)[key], (a, b))
+    pairs = [(_score(actual, (evidence(a) + evidence(b)) / 2.0, filled, level)[key], (a, b))
              for a, b in _ensemble_pairs(scores, names, metric)]
     pairs = [(score, pair) for score, pair in pairs if np.isfinite(selection_key(score, metric))]
     if not pairs:
@@ -657,13 +658,26 @@ def _ceiling(batch: _Batch, g: int, lo: int) -> float:
     return batch.ceilings[key]
 
 
-def _score(actual: np.ndarray, pred: np.ndarray, filled: np.ndarray) -> dict[str, float]:
+def _score(actual: np.ndarray, pred: np.ndarray, filled: np.ndarray,
+           level: float | None = None) -> dict[str, float]:
     """Metrics over observed rows (all rows if the window holds only filled ones), with the
-    outlier-robust WAPE beside them."""
+    outlier-robust WAPE beside them.
+
+    ``level``: :func:`_observed_level` of the same ``actual`` and ``filled``, when the caller scores
+    many forecasts of one window (the median it holds is then taken once, not per candidate).
+    """
     mask = ~filled
     if mask.any():
         actual, pred = actual[mask], pred[mask]
-    return {**evaluate(actual, pred), "robust_wape": robust_wape(actual, pred)}
+    if level is not None and np.isnan(pred).any():
+        level = None  # a missing forecast leaves its actual out of the level too: as robust_wape does
+    return {**evaluate(actual, pred), "robust_wape": robust_wape(actual, pred, level)}
+
+
+def _observed_level(actual: np.ndarray, filled: np.ndarray) -> float:
+    """The typical level :func:`_score` caps errors at, for forecasts without missing values."""
+    mask = ~filled
+    return typical_level(actual[mask] if mask.any() else actual)
 
 
 def _selection_key(metric: str) -> str:

@@ -35,17 +35,18 @@ import logging
 import os
 import sqlite3
 import threading
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, BinaryIO, Iterable, Mapping
 
 from shared.models.artifact_format import load_artifact
 from shared.registries.registry_records import (
-    GLOBAL_PARTITION, LATEST_SQL, REGISTRY_NAMES, SCHEMA_VERSION, _COLUMNS, _LATEST_BASE, _M_COLUMNS,
+    GLOBAL_PARTITION, LATEST_SQL, N_COLUMNS, REGISTRY_NAMES, SCHEMA_VERSION, _COLUMNS, _LATEST_BASE, _M_COLUMNS,
     _SCHEMA, ArtifactIntegrityError, ModelRecord, RegistryError, _as_fields, _from_db, _new_record,
     _tag_value, _to_db,
 )
-from shared.trust import copy_with_digest, sha256_bytes, sha256_file, write_with_digest
+from shared.trust import sha256_bytes, sha256_file
 from shared.layout import REGISTRY_INDEX
 
 LOG = logging.getLogger("manymodels.registry")
@@ -158,17 +159,22 @@ class ModelRegistry:
             f"and register the models again: {again}")
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Schema 1 -> 2: add the digest column; records made until now may lack one (legacy)."""
+        """Schema 1 -> 2: add the digest column; records made until now may lack one (legacy).
+        Schema 2 -> 3: add the byte range of packed artifacts; records made until now are whole files."""
         columns = {row[1] for row in conn.execute("PRAGMA table_info(models)")}
-        if "sha256" in columns:
-            return
-        conn.execute("ALTER TABLE models ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''")
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
-                         "SET value = excluded.value", [("schema", SCHEMA_VERSION), ("legacy_before", now)])
-        LOG.warning("registry %s at %s upgraded to schema %s: its existing models have no recorded "
-                    "SHA-256; they load with a warning until promoted again or sealed", self.name,
-                    self.root, SCHEMA_VERSION)
+        upsert = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        if "sha256" not in columns:
+            conn.execute("ALTER TABLE models ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''")
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            conn.execute(upsert, ("legacy_before", now))
+            LOG.warning("registry %s at %s upgraded to schema %s: its existing models have no recorded "
+                        "SHA-256; they load with a warning until promoted again or sealed", self.name,
+                        self.root, SCHEMA_VERSION)
+        if "byte_offset" not in columns:
+            conn.execute("ALTER TABLE models ADD COLUMN byte_offset INTEGER NOT NULL DEFAULT 0")
+            conn.execute("ALTER TABLE models ADD COLUMN byte_length INTEGER NOT NULL DEFAULT -1")
+        if "sha256" not in columns or "byte_offset" not in columns:
+            conn.execute(upsert, ("schema", SCHEMA_VERSION))
 
     def close(self) -> None:
         with self._lock:
@@ -221,15 +227,19 @@ class ModelRegistry:
             stored = source.get(rec.partition_id, rec.version)
             if stored is not None:
                 fields["sha256"] = stored.sha256
-            prepared.append((fields, source.root / (stored or rec).artifact))
+            prepared.append((fields, source.raw_bytes(stored or rec)))  # checked against the digest when packed
         return self._register(prepared, source_root=source.root)
 
     def _register(self, prepared: list[tuple[dict[str, Any], Path | str | bytes]],
                   source_root: Path | None) -> list[ModelRecord]:
+        """Number the new versions and write their artifacts into packs (:class:`_PackWriter`):
+        one file per ``PACK_MAX_BYTES`` of models, each model a byte range with its own digest.
+        Why packs: a file per model was the registry's fixed cost per partition (created, copied,
+        hashed, uploaded one by one; in a lake, a request each), now one file per few thousand."""
         if not prepared:
             return []
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        written: list[Path] = []
+        packs = _PackWriter(self.root)
         with self._lock:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")  # take the write lock before choosing version numbers
@@ -250,18 +260,17 @@ class ModelRegistry:
                         next_version[pid] = (row[0] if row else 0) + 1
                     version = next_version[pid]
                     next_version[pid] = version + 1
-                    rel = f"artifacts/{pid}/v{version}.pkl"
-                    digest = _place_artifact(artifact, self.root / rel, fields.get("sha256") or "",
-                                             f"{pid} (run {run_id})")
-                    written.append(self.root / rel)
-                    record = _new_record({**fields, "sha256": digest}, version, rel, now)
+                    rel, start, length, digest = packs.add(_artifact_bytes(artifact), fields.get("sha256") or "",
+                                                           f"{pid} (run {run_id})")
+                    record = _new_record({**fields, "sha256": digest}, version, rel, now, (start, length))
                     claimed[(run_id, pid)] = record
                     out.append(record)
                     new_rows.append(_to_db(record))
                     new_tags.extend((k, v, pid, version) for k, v in record.tags.items())
                     latest_rows[pid] = version
+                packs.close()  # every pack in place before an index row names it
                 if new_rows:
-                    conn.executemany(f"INSERT INTO models ({_COLUMNS}) VALUES ({','.join('?' * 12)})",
+                    conn.executemany(f"INSERT INTO models ({_COLUMNS}) VALUES ({','.join('?' * N_COLUMNS)})",
                                      new_rows)
                     conn.executemany("INSERT INTO tags (key, value, partition_id, version) VALUES (?,?,?,?)",
                                      new_tags)
@@ -272,8 +281,7 @@ class ModelRegistry:
                 conn.execute("COMMIT")
             except BaseException:
                 _rollback(conn)
-                for path in written:  # no index row points at them; remove rather than leave orphans
-                    path.unlink(missing_ok=True)
+                packs.discard()  # no index row points at them; remove rather than leave orphans
                 raise
         return out
 
@@ -366,11 +374,7 @@ class ModelRegistry:
         what = f"model {record.partition_id} v{record.version} of the {self.name} registry"
         if stored is None:
             raise ArtifactIntegrityError(f"{what} is not in its index: refusing to load an unknown file")
-        path = self._inside(stored)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise RegistryError(f"artifact of {what} is missing: {stored.artifact}") from None
+        data = self.raw_bytes(stored)
         if stored.sha256:
             if sha256_bytes(data) != stored.sha256:
                 raise ArtifactIntegrityError(
@@ -388,6 +392,24 @@ class ModelRegistry:
                                          "after digests were introduced: refusing to load it")
         return data
 
+    def raw_bytes(self, record: ModelRecord) -> bytes:
+        """The bytes a record names (its whole file, or its range of a pack), unchecked: callers
+        check them against the index's digest (:meth:`verified_bytes`, a copy's ``_register``)."""
+        what = f"model {record.partition_id} v{record.version} of the {self.name} registry"
+        path = self._inside(record)
+        try:
+            if not record.packed:
+                return path.read_bytes()
+            with open(path, "rb") as fh:
+                fh.seek(int(record.byte_offset))
+                data = fh.read(int(record.byte_length))
+        except FileNotFoundError:
+            raise RegistryError(f"artifact of {what} is missing: {record.artifact}") from None
+        if len(data) != int(record.byte_length):
+            raise ArtifactIntegrityError(f"artifact of {what} ({record.artifact}) is shorter than the range "
+                                         "its index names: it was truncated since registration")
+        return data
+
     def verify(self, record: ModelRecord) -> None:
         """Raise :class:`ArtifactIntegrityError` (or RegistryError) if ``load`` would refuse it."""
         self.verified_bytes(record)
@@ -395,7 +417,8 @@ class ModelRegistry:
     def seal(self) -> int:
         """Record the digest of every legacy record's artifact as it is now (trust on upgrade:
         the files the registry already loaded unverified). Returns how many records were sealed."""
-        rows = self._query("SELECT partition_id, version, artifact FROM models WHERE sha256 = ''")
+        rows = self._query("SELECT partition_id, version, artifact FROM models WHERE sha256 = '' "
+                           "AND byte_length < 0")  # packs came after digests: none is legacy
         sealed = []
         for pid, version, artifact in rows:
             path = self._inside(ModelRecord(pid, int(version), "", "", "", "", artifact=artifact))
@@ -450,25 +473,72 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def _place_artifact(artifact: Path | str | bytes, target: Path, expected: str = "", what: str = "") -> str:
-    """Put an artifact at its final path atomically, as a new independent file (bytes written or
-    a file copied, never a hard link); returns its SHA-256, which must equal ``expected`` if given."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{target.name}")
-    tmp.unlink(missing_ok=True)
+PACK_MAX_BYTES = 64 * 2**20  # a pack is closed once it holds this much; the next model starts another
+
+
+def _artifact_bytes(artifact: Path | str | bytes | bytearray | memoryview) -> bytes:
+    """A model's bytes, given as bytes or as the file that holds them."""
+    if isinstance(artifact, (bytes, bytearray, memoryview)):
+        return bytes(artifact)
+    source = Path(artifact)
     try:
-        if isinstance(artifact, (bytes, bytearray, memoryview)):
-            digest = write_with_digest(artifact, tmp)
-        else:
-            source = Path(artifact)
-            if not source.is_file():
-                raise RegistryError(f"model artifact not found: {source}")
-            digest = copy_with_digest(source, tmp)
+        return source.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise RegistryError(f"model artifact not found: {source}") from None
+
+
+class _PackWriter:
+    """Writes one registration's artifacts into pack files ``artifacts/packs/<id>.pack``: each model
+    appended as it comes, its byte range and SHA-256 returned; a pack reaching ``PACK_MAX_BYTES``
+    is closed and the next begins. Each pack is written under a temporary name and put in place by
+    :meth:`close` (before the index names it); :meth:`discard` removes everything on a failure.
+
+    A pack is an independent file (never a link to another registry's or a run's copy), immutable
+    once in place: a later registration writes new packs.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.done: list[tuple[Path, Path]] = []  # (temporary, final) of every pack so far
+        self._fh: BinaryIO | None = None
+        self._rel = ""
+        self._size = 0
+
+    def add(self, data: bytes, expected: str = "", what: str = "") -> tuple[str, int, int, str]:
+        """Append one model; returns (pack path relative to the root, offset, length, SHA-256),
+        refusing bytes that do not match ``expected`` (the digest their writer recorded)."""
+        digest = sha256_bytes(data)
         if expected and digest != expected:
-            raise ArtifactIntegrityError(f"model artifact of {what or target.name} does not match the SHA-256 "
+            raise ArtifactIntegrityError(f"model artifact of {what or 'a model'} does not match the SHA-256 "
                                          "recorded for it: it was changed after it was written; not copied")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest
+        if self._fh is not None and self._size + len(data) > PACK_MAX_BYTES:
+            self._fh.close()
+            self._fh = None
+        if self._fh is None:
+            self._rel = f"artifacts/packs/{uuid.uuid4().hex}.pack"
+            final = self.root / self._rel
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".tmp-{final.name}")
+            self.done.append((tmp, final))
+            self._fh = open(tmp, "xb")
+            self._size = 0
+        start = self._size
+        self._fh.write(data)
+        self._size += len(data)
+        return self._rel, start, len(data), digest
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        for tmp, final in self.done:
+            if tmp.exists():
+                os.replace(tmp, final)
+
+    def discard(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        for tmp, final in self.done:
+            tmp.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)

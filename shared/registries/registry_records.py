@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS models (
     created_at TEXT NOT NULL,
     status TEXT NOT NULL,
     sha256 TEXT NOT NULL DEFAULT '',
+    byte_offset INTEGER NOT NULL DEFAULT 0,
+    byte_length INTEGER NOT NULL DEFAULT -1,
     PRIMARY KEY (partition_id, version)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS models_by_run ON models (run_id, partition_id);
@@ -48,8 +50,10 @@ CREATE TABLE IF NOT EXISTS tags (
 ) WITHOUT ROWID;
 """
 _COLUMNS = ("partition_id, version, name, model_type, run_id, fingerprint, metrics, tags, artifact, "
-            "created_at, status, sha256")
-SCHEMA_VERSION = "2"  # 2: every record has its artifact's SHA-256
+            "created_at, status, sha256, byte_offset, byte_length")
+N_COLUMNS = len(_COLUMNS.split(","))
+# 2: every record has its artifact's SHA-256; 3: an artifact may be a byte range of a pack file
+SCHEMA_VERSION = "3"
 _M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
 # Two primary-key lookups (latest, then models): no scan, whatever the number of models.
 _LATEST_BASE = (f"SELECT {_M_COLUMNS} FROM latest l JOIN models m "
@@ -83,6 +87,14 @@ class ModelRecord:
     created_at: str = ""
     status: str = "trained"
     sha256: str = ""  # of the artifact's bytes, recorded at registration, checked before loading
+    # where in ``artifact`` the model's bytes are: a pack holds many models (byte_length -1: the
+    # whole file, as records made before packs)
+    byte_offset: int = 0
+    byte_length: int = -1
+
+    @property
+    def packed(self) -> bool:
+        return self.byte_length >= 0
 
     @property
     def model_name(self) -> str:
@@ -134,7 +146,8 @@ def _as_fields(record: ModelRecord | Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _new_record(fields: dict[str, Any], version: int, artifact: str, now: str) -> ModelRecord:
+def _new_record(fields: dict[str, Any], version: int, artifact: str, now: str,
+                byte_range: tuple[int, int] = (0, -1)) -> ModelRecord:
     name = ASSET_PREFIX + fields["partition_id"]
     standard = {"partition_id": fields["partition_id"], "run_id": fields["run_id"],
                 "model_type": fields["model_type"], "fingerprint": fields["fingerprint"],
@@ -150,19 +163,20 @@ def _new_record(fields: dict[str, Any], version: int, artifact: str, now: str) -
                        model_type=fields["model_type"], run_id=fields["run_id"],
                        fingerprint=fields["fingerprint"], metrics=fields["metrics"], tags=tags,
                        artifact=artifact, created_at=now, status=fields["status"],
-                       sha256=fields["sha256"])
+                       sha256=fields["sha256"], byte_offset=int(byte_range[0]), byte_length=int(byte_range[1]))
 
 
 
 def _to_db(record: ModelRecord) -> tuple:
     return (record.partition_id, record.version, record.name, record.model_type, record.run_id,
             record.fingerprint, json.dumps(record.metrics, default=float), json.dumps(record.tags),
-            record.artifact, record.created_at, record.status, record.sha256)
+            record.artifact, record.created_at, record.status, record.sha256, int(record.byte_offset),
+            int(record.byte_length))
 
 
 def _from_db(row: tuple) -> ModelRecord:
     return ModelRecord(partition_id=row[0], version=int(row[1]), name=row[2], model_type=row[3],
                        run_id=row[4], fingerprint=row[5], metrics=json.loads(row[6]),
                        tags=json.loads(row[7]), artifact=row[8], created_at=row[9], status=row[10],
-                       sha256=row[11] or "")
+                       sha256=row[11] or "", byte_offset=int(row[12]), byte_length=int(row[13]))
 
