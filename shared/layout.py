@@ -21,7 +21,7 @@ path changes here or nowhere. Ids are content-derived (``d...`` datasets, ``r...
     runs/<run>/global/global.pkl              the run's global model fits (training)
     runs/<run>/partitions.json                the partitions an incremental run trains (training)
     runs/by-dataset/<dataset>-<config>        the run that trained a dataset with a training config
-    runs/<run>/models/<partition>.pkl|.json   a trained bundle and its done-mark sidecar (training)
+    runs/<run>/models/<file>.<token>.pack|.jsonl  a chunk's trained bundles and its done-mark sidecar
     runs/<run>/predictions/<stem>.parquet     a scoring group's predictions (scoring)
     runs/<run>/results/.../*.jsonl            one JSON line per partition (both kinds)
     runs/<run>/jobs/<job>.json                a local compute job's record
@@ -106,6 +106,7 @@ def run_models(run_id: str) -> str:
 
 
 def model_artifact(run_id: str, partition_id: str) -> str:
+    """A partition's bundle as runs of releases before training packs wrote it."""
     return _join(RUNS, run_id, "models", f"{partition_id}.pkl")
 
 

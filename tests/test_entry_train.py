@@ -5,6 +5,7 @@ Models are trained for real on the synthetic panel; the kill is a real SIGKILL o
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -87,6 +88,20 @@ def start(world, out: Path, monkeypatch, run_id: str = "r1") -> None:
     entry.init()
 
 
+def stored_rows(out) -> dict[str, dict]:
+    """Every row of the sidecars in an output folder, by partition (a success over a failed try)."""
+    found: dict[str, dict] = {}
+    for sidecar in sorted(out.glob("*.jsonl")):
+        for row in (json.loads(line) for line in sidecar.read_text().splitlines() if line.strip()):
+            if row[PARTITION_ID] not in found or found[row[PARTITION_ID]]["status"] == "failed":
+                found[row[PARTITION_ID]] = row
+    return found
+
+
+def model_bytes(out, row: dict) -> bytes:
+    return (out / row["artifact"]).read_bytes()[row["byte_offset"]:row["byte_offset"] + row["byte_length"]]
+
+
 def test_run_trains_each_partition_and_writes_its_artifact_then_its_sidecar(world, tmp_path, monkeypatch):
     world["marker"].touch()
     try:
@@ -102,14 +117,20 @@ def test_run_trains_each_partition_and_writes_its_artifact_then_its_sidecar(worl
     by_pid = {r[PARTITION_ID]: r for r in rows}
     failed = by_pid[world["big"]]
     assert failed["status"] == "failed" and "picky: mean target" in failed["reason"]
-    assert failed["artifact"] is None
-    assert not (out / f"{world['big']}.pkl").exists() and not (out / f"{world['big']}.json").exists()
+    assert failed["artifact"] is None and "byte_length" not in failed
+    stored = stored_rows(out)
+    assert stored[world["big"]] == failed  # its failure is recorded, no bytes: the next run tries again
+    # a pack and a sidecar per chunk of partitions, not a file per partition
+    packs, sidecars = sorted(out.glob("*.pack")), sorted(out.glob("*.jsonl"))
+    assert len(sidecars) == len(world["files"]) and len(packs) <= len(sidecars) < len(by_pid)
     for pid, row in by_pid.items():
         if pid == world["big"]:
             continue
-        assert row["status"] in ("trained", "baseline_only") and row["artifact"] == f"{pid}.pkl"
-        assert json.loads((out / f"{pid}.json").read_text()) == row
-        bundle = pickle.loads((out / row["artifact"]).read_bytes())
+        assert row["status"] in ("trained", "baseline_only") and row["artifact"].endswith(".pack")
+        assert stored[pid] == row
+        data = model_bytes(out, row)
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        bundle = pickle.loads(data)
         assert isinstance(bundle, ForecastBundle) and bundle.partition_id == pid
         assert len(bundle.predict(horizon=3)) == 3
         assert row["keys"] == bundle.keys
@@ -130,7 +151,8 @@ def test_a_rerun_returns_stored_rows_and_retrains_only_the_failed_partition(worl
     second = {json.loads(line)[PARTITION_ID]: json.loads(line) for line in entry.run(world["files"])}
 
     assert first[world["big"]]["status"] == "failed"
-    assert second[world["big"]]["status"] == "trained" and (out / f"{world['big']}.pkl").is_file()
+    assert second[world["big"]]["status"] == "trained" and model_bytes(out, second[world["big"]])
+    assert len(stored_rows(out)) == len(first) and stored_rows(out)[world["big"]] == second[world["big"]]
     for pid, row in first.items():
         if pid != world["big"]:
             assert second[pid] == row  # the stored row, fit_seconds included: not retrained
@@ -145,7 +167,8 @@ def test_sidecars_of_another_run_are_not_taken_as_done(world, tmp_path, monkeypa
     start(world, out, monkeypatch, run_id="r2")
     rows = [json.loads(line) for line in entry.run(world["files"][:1])]
     assert rows and {r["run_id"] for r in rows} == {"r2"}
-    assert {json.loads((out / f"{r[PARTITION_ID]}.json").read_text())["run_id"] for r in rows} == {"r2"}
+    runs = [json.loads(line)["run_id"] for p in out.glob("*.jsonl") for line in p.read_text().splitlines()]
+    assert sorted(set(runs)) == ["r1", "r2"] and runs.count("r2") == len(rows)  # r1's rows were not reused
 
 
 def test_run_before_init_is_an_error(monkeypatch):
@@ -199,14 +222,14 @@ def test_a_run_killed_part_way_resumes_to_the_same_result_as_an_uninterrupted_ru
                              str(killed / "results")], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while len(list((killed / "models").glob("*.json"))) < 2:
+    while len(list((killed / "models").glob("*.jsonl"))) < 2:
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "the run produced no sidecar in time"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the runner and its workers, mid-run
     proc.wait()
     proc.stderr.close()
-    done_before = {p.name: p.stat().st_mtime_ns for p in (killed / "models").glob("*.json")}
+    done_before = {p.name: p.stat().st_mtime_ns for p in (killed / "models").glob("*.jsonl")}
     assert 2 <= len(done_before) < PARTITIONS, "the kill should land part-way"
 
     spec = RunnerSpec(workers=2, retries=0, progress=False)
@@ -223,5 +246,8 @@ def test_a_run_killed_part_way_resumes_to_the_same_result_as_an_uninterrupted_ru
         assert same_metrics(got[pid][2], want[pid][2]), pid
     # partitions finished before the kill were not trained again
     assert {n: (killed / "models" / n).stat().st_mtime_ns for n in done_before} == done_before
-    assert sorted(p.name for p in (killed / "models").glob("*.pkl")) == sorted(
-        f"{pid}.pkl" for pid, s in got.items() if s[0] != "skipped")
+    stored = stored_rows(killed / "models")
+    assert sorted(pid for pid, row in stored.items() if row.get("byte_length") is not None) == sorted(
+        pid for pid, s in got.items() if s[0] != "skipped")
+    assert all(pickle.loads(model_bytes(killed / "models", stored[pid])).partition_id == pid
+               for pid, s in got.items() if s[0] != "skipped")

@@ -463,8 +463,11 @@ def test_a_model_file_changed_between_the_worker_and_registration_is_refused(tmp
     rows = result_rows(ws.lake, layout.run_results(plan.run_id))
     assert all(len(r["sha256"]) == 64 for r in rows if r.get("artifact"))
     victim = next(r for r in rows if r.get("artifact"))
-    artifact = ws.lake.local_path(layout.model_artifact(plan.run_id, victim["partition_id"]))
-    artifact.write_bytes(pickle.dumps(Payload(marker)))
+    pack = ws.lake.local_path(f"{layout.run_models(plan.run_id)}/{victim['artifact']}")
+    planted = pickle.dumps(Payload(marker))
+    with open(pack, "r+b") as fh:  # over the victim's bytes in its chunk's pack, same length
+        fh.seek(victim["byte_offset"])
+        fh.write((planted + b"\0" * victim["byte_length"])[:victim["byte_length"]])
     with pytest.raises(ArtifactIntegrityError):
         register_run(ws, plan.run_id)
     global_file.write_bytes(pickle.dumps(Payload(marker)))

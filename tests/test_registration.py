@@ -8,7 +8,8 @@ import pytest
 
 from shared.config import ProjectConfig
 from shared.lake import LocalLake
-from shared.registries.registration import (aggregate_wape, artifact_source, backtests_frame, global_record, keys_of,
+from shared.registries.registry import ArtifactIntegrityError, ArtifactRange
+from shared.registries.registration import (RunArtifacts, aggregate_wape, artifact_source, backtests_frame, global_record, keys_of,
                                  metrics_row, record_for, result_rows)
 
 KEYS = ["store", "item"]
@@ -72,3 +73,22 @@ def test_artifacts_are_read_in_place_on_a_local_lake_and_without_a_global_model_
     lake.write_bytes("runs/r1/models/p1.pkl", b"x")
     assert artifact_source(lake, "runs/r1/models/p1.pkl") == lake.local_path("runs/r1/models/p1.pkl")
     assert global_record(lake, "r1", [row()]) is None
+
+
+def test_a_runs_models_are_read_from_their_chunks_pack_and_older_runs_from_their_own_files(tmp_path) -> None:
+    lake = LocalLake(tmp_path)
+    lake.write_bytes("runs/r1/models/b0.0123456789abcdef.pack", b"AAAABBBBBB")
+    lake.write_bytes("runs/r1/models/p9.pkl", b"older release")
+    artifacts = RunArtifacts(lake, "r1")
+    second = {"partition_id": "p2", "artifact": "b0.0123456789abcdef.pack", "byte_offset": 4, "byte_length": 6}
+    source = artifacts.source(second)  # a local pack: its range, read when registered
+    assert isinstance(source, ArtifactRange) and artifacts.exists(second) and source.read() == b"BBBBBB"
+    older = {"partition_id": "p9", "artifact": "p9.pkl"}  # no byte range: a file per partition
+    assert artifacts.exists(older) and artifacts.source(older).read_bytes() == b"older release"
+    assert not artifacts.exists({**second, "artifact": "b1.0123456789abcdef.pack"})
+    for bad in ("../../prod/x.pack", "sub/x.pack", "x.pkl", ""):  # a row names a pack of this run's folder only
+        with pytest.raises(ValueError, match="not a pack"):
+            artifacts.exists({**second, "artifact": bad})
+    cut = {**second, "byte_length": 60}
+    with pytest.raises(ArtifactIntegrityError, match="shorter than the range"):
+        artifacts.source(cut).read()

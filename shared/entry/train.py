@@ -10,11 +10,15 @@ optionally ``--global-model`` (the run's global model fits: a candidate for ever
 ``--partitions`` (a JSON list of partition ids: an incremental run trains only those of each file;
 the others keep their models, see :mod:`shared.models.incremental`).
 
-Per partition the script writes ``<output-dir>/<partition_id>.pkl`` (the ForecastBundle) and
-then the sidecar ``<partition_id>.json`` (the result row), each atomically. A sidecar therefore
-means "done": a partition that has one is never retrained, its stored row is returned instead,
-so a run killed half-way resumes at partition level. A failed partition gets a row but neither
-file, so the next run tries it again.
+Per chunk of partitions trained together the script writes a pack, ``<output-dir>/<file
+stem>.<token>.pack`` (the chunk's ForecastBundles one after the other), then its sidecar
+``<stem>.<token>.jsonl`` (one result row per partition, each naming the pack, its ``byte_offset``,
+``byte_length`` and ``sha256``), each atomically. A sidecar therefore means "done": a partition with
+a row in one of its file's sidecars is never retrained, its stored row is returned instead, so a run
+killed half-way resumes at chunk level. A failed partition gets a row but no bytes, and the next run
+tries it again (in a chunk of its own: the others' files are left as they are). Two files a chunk,
+not two a partition: a file created (in Azure ML, a blob written) per partition was the training
+stage's fixed cost per model.
 
 A file's partitions are trained in chunks of ``--chunk-partitions`` (default 16) partitions, and
 each chunk's files are written as soon as it finishes: features stay vectorised over a chunk
@@ -30,7 +34,10 @@ if __package__ in (None, ""):  # loaded by file path, as Azure ML's parallel run
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse
+import glob
 import json
+import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,14 +145,14 @@ def run(mini_batch: list[str]) -> list[str]:
 
 
 def train_file(path: Path, state: _State) -> list[str]:
-    """Train the partitions of one batch file that have no sidecar yet; one line per partition."""
+    """Train the partitions of one batch file that have no stored row yet; one line per partition."""
     ids = pq.read_table(path, columns=[PARTITION_ID]).column(PARTITION_ID).to_pylist()
     order = [pid for pid in dict.fromkeys(ids) if state.only is None or pid in state.only]
-    done = {pid: _read_sidecar(state.output_dir, pid) for pid in order}
-    # a sidecar from another run (an output folder reused by hand) does not count as done
-    done = {pid: row for pid, row in done.items() if row is not None and row.get("run_id") == state.run_id}
-    rows = dict(done)
-    todo = [pid for pid in order if pid not in done]
+    # rows of this run stored by an earlier attempt (a sidecar from another run, an output folder
+    # reused by hand, does not count as done); a failed row is tried again
+    stored = _stored_rows(state.output_dir, path.stem, state.run_id)
+    rows = {pid: stored[pid] for pid in order if pid in stored and stored[pid].get("status") != "failed"}
+    todo = [pid for pid in order if pid not in rows]
     if todo:
         frame = pq.read_table(path).to_pandas()
         codes, uniques = pd.factorize(frame[PARTITION_ID])
@@ -153,8 +160,8 @@ def train_file(path: Path, state: _State) -> list[str]:
         for start in range(0, len(todo), state.chunk_partitions):
             chunk = [code_of[pid] for pid in todo[start:start + state.chunk_partitions]]
             part = frame[np.isin(codes, chunk)].reset_index(drop=True)
-            for result in train_batch(part, state.cfg, state.dataset_meta, state.global_models):
-                rows[result.partition_id] = _finish(result, state)
+            results = train_batch(part, state.cfg, state.dataset_meta, state.global_models)
+            rows.update(_finish_chunk(results, state, path.stem))
     missing = [pid for pid in order if pid not in rows]
     if missing:
         raise RuntimeError(f"train_batch returned no result for {len(missing)} partition(s) of {path.name}, "
@@ -162,26 +169,43 @@ def train_file(path: Path, state: _State) -> list[str]:
     return [json.dumps(rows[pid], allow_nan=True) for pid in order]
 
 
-def _finish(result: Any, state: _State) -> dict[str, Any]:
-    """Write a partition's artifact, then its sidecar: the sidecar is the 'done' mark."""
-    pid = result.partition_id
-    row = {**result.to_row(), "run_id": state.run_id, "artifact": None}
-    if result.status == "failed":
-        return row  # no files: the next run retries it
-    if result.bundle is not None:
-        artifact = f"{pid}.pkl"
-        data = dump_artifact(result.bundle)
-        atomic_write(state.output_dir / artifact, lambda fh: fh.write(data))
-        row["artifact"] = artifact
-        row["sha256"] = sha256_bytes(data)  # the registry checks the file it copies against it
-    text = json.dumps(row, allow_nan=True)
-    atomic_write(state.output_dir / f"{pid}.json", lambda fh: fh.write(text.encode("utf-8")))
-    return row
+def _finish_chunk(results: list[Any], state: _State, stem: str) -> dict[str, dict[str, Any]]:
+    """Write a chunk's pack, then its sidecar (the 'done' mark); returns its rows by partition.
+
+    The token makes each chunk's files its own, so an attempt running twice (a retried mini-batch
+    whose first attempt is still alive) never mixes one attempt's pack with the other's sidecar."""
+    name = f"{stem}.{uuid.uuid4().hex[:16]}"
+    pack, offset = bytearray(), 0
+    rows: dict[str, dict[str, Any]] = {}
+    for result in results:
+        row = {**result.to_row(), "run_id": state.run_id, "artifact": None}
+        if result.status != "failed" and result.bundle is not None:
+            data = dump_artifact(result.bundle)
+            # the registry checks the range it copies against this digest
+            row.update(artifact=f"{name}.pack", byte_offset=offset, byte_length=len(data), sha256=sha256_bytes(data))
+            pack += data
+            offset += len(data)
+        rows[result.partition_id] = row
+    if pack:
+        atomic_write(state.output_dir / f"{name}.pack", lambda fh: fh.write(pack))
+    text = "".join(json.dumps(row, allow_nan=True) + "\n" for row in rows.values())
+    atomic_write(state.output_dir / f"{name}.jsonl", lambda fh: fh.write(text.encode("utf-8")))
+    return rows
 
 
-def _read_sidecar(folder: Path, pid: str) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / f"{pid}.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-
+def _stored_rows(folder: Path, stem: str, run_id: str) -> dict[str, dict[str, Any]]:
+    """This run's rows in the file's sidecars, by partition: a row that succeeded wins over a failed
+    one (a retry); rows of another run are ignored."""
+    found: dict[str, dict[str, Any]] = {}
+    own = re.compile(re.escape(stem) + r"\.[0-9a-f]{16}\.jsonl")  # not the sidecars of a stem "<stem>.x"
+    for sidecar in sorted(p for p in folder.glob(f"{glob.escape(stem)}.*.jsonl") if own.fullmatch(p.name)):
+        for line in sidecar.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("run_id") != run_id:
+                continue
+            pid = row[PARTITION_ID]
+            if pid not in found or found[pid].get("status") == "failed":
+                found[pid] = row
+    return found

@@ -22,6 +22,7 @@ from shared.keys import PARTITION_ID
 from shared.lake import Lake
 from shared.trust import check_digest, digest_path, sha256_bytes
 from shared.models.metrics import evaluate
+from shared.registries.registry import ArtifactRange
 from shared.data.timegrid import PERIOD, from_periods
 
 
@@ -153,6 +154,49 @@ def load_lake_pickle(lake: Lake, path: str, what: str) -> Any:
 def artifact_source(lake: Lake, lake_path: str) -> Path | bytes:
     local = lake.local_path(lake_path)
     return local if local is not None else lake.read_bytes(lake_path)
+
+
+class RunArtifacts:
+    """Where each trained partition's bytes are in a run's output: its range of the chunk's pack
+    (read when registered: a local file is opened at registration, a remote pack is fetched once
+    for the rows that follow it), or the whole ``<partition>.pkl`` of runs made before packs."""
+
+    def __init__(self, lake: Lake, run_id: str) -> None:
+        self.lake = lake
+        self.folder = layout.run_models(run_id)
+        self.run_id = run_id
+        self._known: dict[str, bool] = {}
+        self._pack: tuple[str, bytes] | None = None  # the remote pack last fetched
+
+    def exists(self, row: Mapping[str, Any]) -> bool:
+        path = self._path(row)
+        if path not in self._known:
+            self._known[path] = self.lake.exists(path)
+        return self._known[path]
+
+    def source(self, row: Mapping[str, Any]) -> Path | bytes | ArtifactRange:
+        path = self._path(row)
+        if row.get("byte_length") is None:
+            return artifact_source(self.lake, path)
+        offset, length = int(row["byte_offset"]), int(row["byte_length"])
+        local = self.lake.local_path(path)
+        if local is not None:
+            return ArtifactRange(local, offset, length)
+        if self._pack is None or self._pack[0] != path:
+            self._pack = (path, self.lake.read_bytes(path))
+        return self._pack[1][offset:offset + length]
+
+    def _path(self, row: Mapping[str, Any]) -> str:
+        if row.get("byte_length") is None:  # a run of an earlier release: a file per partition
+            return layout.model_artifact(self.run_id, row[PARTITION_ID])
+        return f"{self.folder}/{check_name(str(row['artifact']))}"
+
+
+def check_name(name: str) -> str:
+    """A pack's file name as a result row gives it: a plain name inside the run's models folder."""
+    if not name or "/" in name or "\\" in name or name in (".", "..") or not name.endswith(".pack"):
+        raise ValueError(f"result row names an artifact {name!r} that is not a pack of the run's models folder")
+    return name
 
 
 def aggregate_wape(rows: list[dict[str, Any]]) -> tuple[float | None, float | None]:

@@ -36,6 +36,7 @@ import os
 import sqlite3
 import threading
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Mapping
@@ -476,10 +477,33 @@ def _rollback(conn: sqlite3.Connection) -> None:
 PACK_MAX_BYTES = 64 * 2**20  # a pack is closed once it holds this much; the next model starts another
 
 
-def _artifact_bytes(artifact: Path | str | bytes | bytearray | memoryview) -> bytes:
-    """A model's bytes, given as bytes or as the file that holds them."""
+@dataclass(frozen=True)
+class ArtifactRange:
+    """A model's bytes as a range of a file (a training chunk's pack): read when registered."""
+
+    path: Path
+    offset: int
+    length: int
+
+    def read(self) -> bytes:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(int(self.offset))
+                data = fh.read(int(self.length))
+        except FileNotFoundError:
+            raise RegistryError(f"model artifact not found: {self.path}") from None
+        if len(data) != int(self.length):
+            raise ArtifactIntegrityError(f"model artifact {self.path} is shorter than the range "
+                                         f"{self.offset}+{self.length} its result row names")
+        return data
+
+
+def _artifact_bytes(artifact: Path | str | bytes | bytearray | memoryview | ArtifactRange) -> bytes:
+    """A model's bytes, given as bytes, as the file that holds them, or as a range of a file."""
     if isinstance(artifact, (bytes, bytearray, memoryview)):
         return bytes(artifact)
+    if isinstance(artifact, ArtifactRange):
+        return artifact.read()
     source = Path(artifact)
     try:
         return source.read_bytes()

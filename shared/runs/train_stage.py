@@ -21,7 +21,7 @@ from shared.models.incremental import (CONFIG_TAG, carried_forward, carried_meta
                                 reusable_global, training_config_digest, write_partition_list)
 from shared.keys import PARTITION_ID
 from shared.lake import read_parquet
-from shared.registries.registration import (aggregate_wape, artifact_source, backtests_frame, dump_lake_pickle, effects_rows,
+from shared.registries.registration import (RunArtifacts, aggregate_wape, backtests_frame, dump_lake_pickle, effects_rows,
                                  global_record, lake_digest, load_lake_pickle, metrics_row, record_for, result_rows)
 from shared.runs.stage_state import PipelineError, _digest, _load_dataset, _now, _run_meta, latest_dataset_id
 from shared.results.summaries import RegisterSummary, TrainingPlan
@@ -178,16 +178,16 @@ def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
     manifest = dataset.manifest.set_index(PARTITION_ID)
     summary = RegisterSummary(run_id=run_id)
     to_register = []
+    artifacts = RunArtifacts(ws.lake, run_id)
     for row in rows:
         status = row.get("status")
         if status in ("trained", "baseline_only"):
-            artifact = layout.model_artifact(run_id, row[PARTITION_ID])
-            if not ws.lake.exists(artifact):
+            if not artifacts.exists(row):
                 summary.missing += 1
                 continue
             record = record_for(row, run_id, manifest, keys)
             record["tags"][CONFIG_TAG] = str(meta.get("config_digest") or "")
-            to_register.append((record, artifact_source(ws.lake, artifact)))
+            to_register.append((record, artifacts.source(row)))
         if status in ("trained", "baseline_only", "failed", "skipped"):
             setattr(summary, status, getattr(summary, status) + 1)
         if status == "failed":
