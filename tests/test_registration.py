@@ -9,7 +9,7 @@ import pytest
 from shared.config import ProjectConfig
 from shared.lake import LocalLake
 from shared.registries.registry import ArtifactIntegrityError, ArtifactRange
-from shared.registries.registration import (RunArtifacts, aggregate_wape, artifact_source, backtests_frame, global_record, keys_of,
+from shared.registries.registration import (ManifestLookup, RunArtifacts, aggregate_wape, artifact_source, backtests_frame, global_record, keys_of,
                                  metrics_row, record_for, result_rows)
 
 KEYS = ["store", "item"]
@@ -32,6 +32,8 @@ def row(pid: str = "p1", **extra) -> dict:
 
 def test_a_record_carries_keys_tags_and_the_manifests_history(manifest) -> None:
     record = record_for(row(), "r1", manifest, KEYS)
+    assert record_for(row(), "r1", ManifestLookup(manifest), KEYS) == record  # the dict lookup registration uses
+    assert keys_of(ManifestLookup(manifest), "p1", KEYS) == keys_of(manifest, "p1", KEYS) == {"store": "S1", "item": "I1"}
     assert record["keys"] == {"store": "S1", "item": "I1"} and record["fingerprint"] == "f1"
     assert record["metrics"]["n_observed"] == 40 and record["metrics"]["baseline_wape"] == 0.4
     assert record["tags"] == {"store": "S1", "item": "I1", "partition_id": "p1", "run_id": "r1",

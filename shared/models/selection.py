@@ -98,12 +98,16 @@ def pooled_prior(fold_errors: list[dict[str, tuple[float, float]]]) -> str | Non
     return min(scored)[1] if scored else None
 
 
-def _fold_error(actual: np.ndarray, pred: np.ndarray, filled: np.ndarray) -> tuple[float, float]:
+def _fold_error(actual: np.ndarray, pred: np.ndarray, filled: np.ndarray,
+                level: float | None = None) -> tuple[float, float]:
     """Absolute error and absolute actual summed over observed fold rows (for the pooled prior),
     each point capped at the series' outlier scale (as :func:`shared.models.metrics.robust_wape`), so
-    that one series' wild value cannot decide the batch's favourite."""
-    keep = ~filled & ~np.isnan(actual) & ~np.isnan(pred)
-    return capped_sums(actual[keep], pred[keep])
+    that one series' wild value cannot decide the batch's favourite. ``level``: the typical level
+    of the observed ``actual`` when the caller knows it (used only for a forecast without gaps, where
+    it is the same number)."""
+    missing = np.isnan(pred)
+    keep = ~filled & ~np.isnan(actual) & ~missing
+    return capped_sums(actual[keep], pred[keep], None if missing.any() else level)
 
 
 class _Residuals:

@@ -465,8 +465,8 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
 
     key = _selection_key(metric)
     ev_level = _observed_level(ev_actual, ev_filled)
-    scores = {n: _score(ev_actual, evidence(n), ev_filled, ev_level)[key] for n in names}
-    prior = yield {n: _fold_error(ev_actual, evidence(n), ev_filled) for n in names}
+    scores = {n: _score_of(ev_actual, evidence(n), ev_filled, key, ev_level) for n in names}
+    prior = yield {n: _fold_error(ev_actual, evidence(n), ev_filled, ev_level) for n in names}
     margin, ensemble = float(cfg.training.selection_margin), bool(cfg.training.ensemble)
     best, members, pair_score = _rule_choice(scores, lambda n: evidence(n), ev_actual, ev_filled, names, metric,
                                              prior, margin, ensemble, ev_level)
@@ -499,6 +499,7 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
     # "unpromoted" step reads (does the model beat its own baseline?)
     all_actual = np.concatenate((fold_actual, test_y))
     all_filled = np.concatenate((fold_filled, test_filled))
+    all_level = _observed_level(all_actual, all_filled)
     # and robustly (errors capped at the series' outlier scale): the scoring chain's comparisons
     for prefix, preds in (("", np.concatenate((fold_preds[best], pred))),
                           ("baseline_", np.concatenate((base_folds, base_pred))),
@@ -506,7 +507,7 @@ def _fit_partition(batch: _Batch, g: int, result: TrainResult,
                            if global_folds is not None and g_pred is not None else None)):
         if preds is None:
             continue
-        scored = _score(all_actual, preds, all_filled)
+        scored = _score(all_actual, preds, all_filled, all_level)
         result.metrics[f"{prefix}backtest_wape"] = scored["wape"]
         result.metrics[f"{prefix}robust_backtest_wape"] = scored["robust_wape"]
 
@@ -533,7 +534,7 @@ def _rule_choice(scores: Mapping[str, float], evidence: Any, actual: np.ndarray,
     if not ensemble:
         return best, members, float("nan")
     key = _selection_key(metric)
-    pairs = [(_score(actual, (evidence(a) + evidence(b)) / 2.0, filled, level)[key], (a, b))
+    pairs = [(_score_of(actual, (evidence(a) + evidence(b)) / 2.0, filled, key, level), (a, b))
              for a, b in _ensemble_pairs(scores, names, metric)]
     pairs = [(score, pair) for score, pair in pairs if np.isfinite(selection_key(score, metric))]
     if not pairs:
@@ -672,6 +673,20 @@ def _score(actual: np.ndarray, pred: np.ndarray, filled: np.ndarray,
     if level is not None and np.isnan(pred).any():
         level = None  # a missing forecast leaves its actual out of the level too: as robust_wape does
     return {**evaluate(actual, pred), "robust_wape": robust_wape(actual, pred, level)}
+
+
+def _score_of(actual: np.ndarray, pred: np.ndarray, filled: np.ndarray, key: str,
+              level: float | None = None) -> float:
+    """``_score(...)[key]``, computing only that metric when it is the robust WAPE (the choice
+    compares dozens of forecasts per partition on it alone)."""
+    if key != "robust_wape":
+        return _score(actual, pred, filled, level)[key]
+    mask = ~filled
+    if mask.any():
+        actual, pred = actual[mask], pred[mask]
+    if level is not None and np.isnan(pred).any():
+        level = None
+    return robust_wape(actual, pred, level)
 
 
 def _observed_level(actual: np.ndarray, filled: np.ndarray) -> float:

@@ -38,14 +38,35 @@ def result_rows(lake: Lake, prefix: str) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
-def record_for(row: dict[str, Any], run_id: str, manifest: pd.DataFrame, keys: list[str]) -> dict[str, Any]:
+class ManifestLookup:
+    """A dataset manifest's per-partition values as plain dicts, read once: registration and
+    promotion look up every partition's keys, history and fingerprint, and a pandas ``.loc`` per
+    lookup cost more than the rest of a partition's record (tens of seconds at 100,000)."""
+
+    def __init__(self, manifest: pd.DataFrame) -> None:
+        """``manifest`` indexed by partition id."""
+        self.rows: dict[str, dict[str, Any]] = manifest.to_dict("index")
+
+    def get(self, pid: str) -> dict[str, Any] | None:
+        return self.rows.get(pid)
+
+
+def _manifest_row(manifest: pd.DataFrame | ManifestLookup, pid: str) -> Mapping[str, Any] | None:
+    if isinstance(manifest, ManifestLookup):
+        return manifest.get(pid)
+    return manifest.loc[pid] if pid in manifest.index else None
+
+
+def record_for(row: dict[str, Any], run_id: str, manifest: pd.DataFrame | ManifestLookup,
+               keys: list[str]) -> dict[str, Any]:
     pid = row[PARTITION_ID]
-    key_values = row.get("keys") or keys_of(manifest, pid, keys)
-    n_observed = int(manifest.loc[pid, "n_observed"]) if pid in manifest.index else row.get("n_observed", 0)
-    fingerprint = str(manifest.loc[pid, "fingerprint"]) if pid in manifest.index else ""
+    info = _manifest_row(manifest, pid)
+    key_values = row.get("keys") or ({k: str(info[k]) for k in keys} if info is not None else {})
+    n_observed = int(info["n_observed"]) if info is not None else row.get("n_observed", 0)
+    fingerprint = str(info["fingerprint"]) if info is not None else ""
     # the last period the model saw: a champion older than the newest data is stale (scoring.stale)
-    seen = ({"last_period": int(manifest.loc[pid, "last_period"])}
-            if pid in manifest.index and "last_period" in manifest.columns else {})
+    seen = ({"last_period": int(info["last_period"])}
+            if info is not None and "last_period" in info else {})
     return {
         PARTITION_ID: pid,
         "keys": {k: str(v) for k, v in key_values.items()},
@@ -68,7 +89,7 @@ def record_for(row: dict[str, Any], run_id: str, manifest: pd.DataFrame, keys: l
     }
 
 
-def metrics_row(row: dict[str, Any], run_id: str, manifest: pd.DataFrame, keys: list[str],
+def metrics_row(row: dict[str, Any], run_id: str, manifest: pd.DataFrame | ManifestLookup, keys: list[str],
                 version_of: Mapping[str, int]) -> dict[str, Any]:
     pid = row[PARTITION_ID]
     metrics = row.get("metrics") or {}
@@ -92,11 +113,9 @@ def metrics_row(row: dict[str, Any], run_id: str, manifest: pd.DataFrame, keys: 
     }
 
 
-def keys_of(manifest: pd.DataFrame, pid: str, keys: list[str]) -> dict[str, str]:
-    if pid not in manifest.index:
-        return {}
-    row = manifest.loc[pid]
-    return {k: str(row[k]) for k in keys}
+def keys_of(manifest: pd.DataFrame | ManifestLookup, pid: str, keys: list[str]) -> dict[str, str]:
+    row = _manifest_row(manifest, pid)
+    return {} if row is None else {k: str(row[k]) for k in keys}
 
 
 def global_record(lake: Lake, run_id: str, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], bytes] | None:

@@ -440,12 +440,20 @@ class ModelRegistry:
         return len(sealed)
 
     def _inside(self, record: ModelRecord) -> Path:
-        """The artifact's path, which must lie under ``root/artifacts`` (no ``..``, no absolute path)."""
-        base = (self.root / "artifacts").resolve()
-        path = (self.root / record.artifact).resolve()
-        if base not in path.parents:
-            raise ArtifactIntegrityError(f"model {record.partition_id} v{record.version}: artifact path "
-                                         f"{record.artifact!r} is outside the registry's artifacts folder")
+        """The artifact's path, which must lie under ``root/artifacts`` (no ``..``, no absolute path).
+        Remembered per artifact name: the models of a pack share one (resolving walks every folder
+        of the path, which cost more than reading a model's bytes)."""
+        memo = self.__dict__.setdefault("_resolved", {})
+        path = memo.get(record.artifact)
+        if path is None:
+            base = (self.root / "artifacts").resolve()
+            path = (self.root / record.artifact).resolve()
+            if base not in path.parents:
+                raise ArtifactIntegrityError(f"model {record.partition_id} v{record.version}: artifact path "
+                                             f"{record.artifact!r} is outside the registry's artifacts folder")
+            if len(memo) >= 4096:
+                memo.clear()
+            memo[record.artifact] = path
         return path
 
     def artifact_path(self, record: ModelRecord) -> Path:

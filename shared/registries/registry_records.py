@@ -123,7 +123,9 @@ def _tag_value(value: Any) -> str:
 
 def _as_fields(record: ModelRecord | Mapping[str, Any]) -> dict[str, Any]:
     """The caller's part of a record, from a ModelRecord or a dict such as a training result row."""
-    raw = record.to_row() if isinstance(record, ModelRecord) else dict(record)
+    # a record's fields as they are (dataclasses.asdict deep-copies every metric and tag: it was
+    # most of a promotion's cost per model); the dicts are copied below anyway
+    raw = dict(vars(record)) if isinstance(record, ModelRecord) else dict(record)
     for required in ("partition_id", "run_id"):
         if not raw.get(required):
             raise RegistryError(f"a model record needs {required!r}; got keys {sorted(raw)}")

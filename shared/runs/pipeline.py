@@ -25,7 +25,7 @@ from shared.data.ingest import read_source
 from shared.keys import PARTITION_ID
 from shared.lake import read_parquet, write_parquet
 from shared.registries.promotion import decision_of, promote_run
-from shared.registries.registration import keys_of, result_rows
+from shared.registries.registration import ManifestLookup, keys_of, result_rows
 from shared.results.report import write_report
 from shared.forecasts.scoring import prepare_scoring
 from shared.runs.stage_state import (
@@ -114,7 +114,7 @@ def promote(ws: Workspace, run_id: str | None = None, min_accuracy: float | None
     history = dict(zip(manifest[PARTITION_ID], manifest["n_observed"].astype(int)))
     decisions = promote_run(ws.dev, ws.prod, run_id, rules, history)
     summary = PromotionSummary(run_id=run_id)
-    keyed = manifest.set_index(PARTITION_ID)
+    keyed = ManifestLookup(manifest.set_index(PARTITION_ID))
     rows = []
     for d in decisions:
         setattr(summary, d.decision, getattr(summary, d.decision) + 1)

@@ -21,7 +21,7 @@ from shared.models.incremental import (CONFIG_TAG, carried_forward, carried_meta
                                 reusable_global, training_config_digest, write_partition_list)
 from shared.keys import PARTITION_ID
 from shared.lake import read_parquet
-from shared.registries.registration import (RunArtifacts, aggregate_wape, backtests_frame, dump_lake_pickle, effects_rows,
+from shared.registries.registration import (ManifestLookup, RunArtifacts, aggregate_wape, backtests_frame, dump_lake_pickle, effects_rows,
                                  global_record, lake_digest, load_lake_pickle, metrics_row, record_for, result_rows)
 from shared.runs.stage_state import PipelineError, _digest, _load_dataset, _now, _run_meta, latest_dataset_id
 from shared.results.summaries import RegisterSummary, TrainingPlan
@@ -175,7 +175,7 @@ def register_run(ws: Workspace, run_id: str) -> RegisterSummary:
         raise PipelineError(f"run {run_id} has no results yet: train it first")
     dataset = _load_dataset(ws, meta["dataset_id"])
     keys = ws.config.data.keys
-    manifest = dataset.manifest.set_index(PARTITION_ID)
+    manifest = ManifestLookup(dataset.manifest.set_index(PARTITION_ID))
     summary = RegisterSummary(run_id=run_id)
     to_register = []
     artifacts = RunArtifacts(ws.lake, run_id)
