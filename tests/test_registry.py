@@ -291,7 +291,7 @@ def test_a_truncated_pack_is_refused_with_what_is_missing(dev):
     records = dev.register_many(models(3))
     path = dev.root / records[-1].artifact
     path.write_bytes(path.read_bytes()[:records[-1].byte_offset + 5])
-    with pytest.raises(ArtifactIntegrityError, match="shorter than the range its index names"):
+    with pytest.raises(ArtifactIntegrityError, match="shorter than the range .* its index names"):
         dev.load(records[-1])
     assert dev.load(records[0]) == {"model": "r1-0"}  # the ranges before the cut are whole
 

@@ -398,18 +398,13 @@ class ModelRegistry:
         check them against the index's digest (:meth:`verified_bytes`, a copy's ``_register``)."""
         what = f"model {record.partition_id} v{record.version} of the {self.name} registry"
         path = self._inside(record)
-        try:
-            if not record.packed:
+        if not record.packed:
+            try:
                 return path.read_bytes()
-            with open(path, "rb") as fh:
-                fh.seek(int(record.byte_offset))
-                data = fh.read(int(record.byte_length))
-        except FileNotFoundError:
-            raise RegistryError(f"artifact of {what} is missing: {record.artifact}") from None
-        if len(data) != int(record.byte_length):
-            raise ArtifactIntegrityError(f"artifact of {what} ({record.artifact}) is shorter than the range "
-                                         "its index names: it was truncated since registration")
-        return data
+            except FileNotFoundError:
+                raise RegistryError(f"artifact of {what} is missing: {record.artifact}") from None
+        return ArtifactRange(path, record.byte_offset, record.byte_length).read(
+            f"artifact of {what} ({record.artifact})", "its index names: it was truncated since registration")
 
     def verify(self, record: ModelRecord) -> None:
         """Raise :class:`ArtifactIntegrityError` (or RegistryError) if ``load`` would refuse it."""
@@ -493,16 +488,17 @@ class ArtifactRange:
     offset: int
     length: int
 
-    def read(self) -> bytes:
+    def read(self, what: str = "", named_by: str = "its result row names") -> bytes:
+        """The range's bytes; a missing file or one shorter than the range is an error naming ``what``."""
+        what = what or f"model artifact {self.path}"
         try:
             with open(self.path, "rb") as fh:
                 fh.seek(int(self.offset))
                 data = fh.read(int(self.length))
         except FileNotFoundError:
-            raise RegistryError(f"model artifact not found: {self.path}") from None
+            raise RegistryError(f"{what} is missing (model artifact not found: {self.path.name})") from None
         if len(data) != int(self.length):
-            raise ArtifactIntegrityError(f"model artifact {self.path} is shorter than the range "
-                                         f"{self.offset}+{self.length} its result row names")
+            raise ArtifactIntegrityError(f"{what} is shorter than the range {self.offset}+{self.length} {named_by}")
         return data
 
 
