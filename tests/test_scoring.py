@@ -288,3 +288,12 @@ def test_beating_the_baseline_is_judged_on_errors_one_outlier_cannot_swamp():
     record = SimpleNamespace(status="trained", metrics=metrics)
     assert not beats_baseline(record) and lost_to_baseline(record)
     assert robust_wape(actual[:35], baseline[:35]) == pytest.approx(2 / 60)
+
+
+def test_a_batch_where_no_partition_answers_gives_typed_empty_predictions(world, tmp_path):
+    empty_prod = ModelRegistry(tmp_path / "prod", "prod")
+    predictions, statuses = score_frame(requests_of(world, None, "h4"), world["cfg"], empty_prod, world["dev"],
+                                        "none")
+    assert predictions.empty and predictions.columns.tolist() == prediction_columns(world["cfg"])
+    assert str(predictions["model_version"].dtype) == "int64" and str(predictions["prediction"].dtype) == "float64"
+    assert {s["status"] for s in statuses} == {"no_model"} and len(statuses) == 6
