@@ -255,14 +255,12 @@ class AzureMLRegistry:
         self.ensure_local(records)
         return self.local.root
 
-    def _parallel(self, task: Callable[[Any], None], items: list[Any]) -> None:
+    def _parallel(self, task: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+        """``task`` over ``items`` on the registry's threads; its results in the items' order."""
         if len(items) == 1 or self.workers <= 1:
-            for item in items:
-                task(item)
-            return
+            return [task(item) for item in items]
         with ThreadPoolExecutor(max_workers=min(self.workers, len(items))) as pool:
-            for _ in pool.map(task, items):  # re-raises the first failure
-                pass
+            return list(pool.map(task, items))  # re-raises the first failure
 
     # -- reading (the ModelRegistry interface) ----------------------------------------------------
     def latest(self, partition_id: str) -> ModelRecord | None:
@@ -403,18 +401,19 @@ class AzureMLRegistry:
         write before the index is replaced.
         """
         self._check_head(base_head)
-        files: dict[str, str] = {}  # working-copy artifact -> its content-named path in the lake
-        for artifact in sorted({record.artifact for record in fresh}):
+
+        def upload(artifact: str) -> tuple[str, str]:
+            """Read a file once: named by its digest, then uploaded under that name."""
             data = (self.local.root / artifact).read_bytes()
             stem, dot, ext = artifact.rpartition(".")
             digest = hashlib.sha256(data).hexdigest()[:12]
-            files[artifact] = f"{stem}-{digest}.{ext}" if dot else f"{artifact}-{digest}"
+            target = f"{stem}-{digest}.{ext}" if dot else f"{artifact}-{digest}"
+            self.lake.write_bytes(self._remote(target), data)
+            return artifact, target
+
+        # working-copy artifact -> its content-named path in the lake
+        files = dict(self._parallel(upload, sorted({record.artifact for record in fresh})))
         renamed = {(r.partition_id, r.version): files[r.artifact] for r in fresh}
-
-        def upload(artifact: str) -> None:
-            self.lake.write_bytes(self._remote(files[artifact]), (self.local.root / artifact).read_bytes())
-
-        self._parallel(upload, sorted(files))
         self._check_head(base_head)
         snapshot = self._snapshot_index(renamed)
         self.lake.write_bytes(self._remote(INDEX_FILE), snapshot)
