@@ -38,7 +38,7 @@ from shared.config import ProjectConfig, PromotionRules  # noqa: E402
 from shared.lake import LocalLake  # noqa: E402
 from shared.runs.workspace import Workspace  # noqa: E402
 from shared.registries.promotion import promote_run  # noqa: E402
-from shared.registries.registry import ModelRegistry, RegistryError  # noqa: E402
+from shared.registries.registry import ArtifactIntegrityError, ModelRegistry, RegistryError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:The `context` parameter is deprecated")
 
@@ -623,3 +623,37 @@ def test_our_endpoint_names_pass_the_sdks_own_rule_and_the_check_agrees_with_it(
         except ValidationException:
             sdk_accepts = False
         assert bool(_ENDPOINT_NAME.match(name)) == sdk_accepts, name
+
+
+def test_a_reader_loads_one_model_of_a_pack_as_its_byte_range(ws, tmp_path):
+    """The online endpoint's first request for a partition fetches that model, not its whole pack."""
+    dev, _ = open_registries(ws)
+    records = dev.register_many(_records(RUN, 3))
+    reads: list[tuple[str, str]] = []
+    lake = ws.lake
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(lake, name)
+
+        def read_bytes(self, path):
+            reads.append(("whole", path))
+            return lake.read_bytes(path)
+
+        def read_range(self, path, offset, length):
+            reads.append(("range", path))
+            return lake.read_range(path, offset, length)
+
+    reader = AzureMLRegistry("dev", Counting(), tmp_path / "reader-cache")
+    assert reader.load(reader.latest(records[1].partition_id)) == {"model": f"{RUN}-1"}
+    pack_reads = [kind for kind, path in reads if path.endswith(".pack")]
+    assert pack_reads == ["range"], reads
+    assert not list((tmp_path / "reader-cache").rglob("*.pack")), "the pack was not downloaded"
+    # bytes that do not match the index's digest are refused before anything is unpickled
+    first = records[0]
+    path = lake.local_path(f"registry/dev/{first.artifact}")
+    data = bytearray(path.read_bytes())
+    data[first.byte_offset + 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactIntegrityError, match="does not match the SHA-256"):
+        reader.load(reader.latest(first.partition_id))

@@ -311,7 +311,20 @@ class AzureMLRegistry:
         self.local.packages = tuple(value)
 
     def load(self, record: ModelRecord, packages: Iterable[str] | None = None) -> Any:
-        """Read a record's artifact with the one loader, downloading it first if this process has not yet."""
+        """Read a record's artifact with the one loader: a model in a pack this process has not
+        downloaded is read as its byte range from the lake (one ranged read, not the whole pack:
+        the online endpoint's first request for a partition fetches that model alone); a whole
+        file is downloaded first, as before. Either way its bytes are checked against the index's
+        digest before anything is unpickled."""
+        with self._lock:
+            stored = self.local.get(record.partition_id, record.version)
+        if stored is not None and stored.packed and not (self.local.root / stored.artifact).is_file():
+            try:
+                data = self.lake.read_range(self._remote(stored.artifact), stored.byte_offset, stored.byte_length)
+            except LakeError as exc:
+                raise RegistryError(f"artifact {stored.artifact} of model {stored.partition_id} v{stored.version} "
+                                    f"of the {self.name} registry cannot be read from the lake: {exc}") from exc
+            return self.local.load_bytes(stored, data, packages)
         self.ensure_local([record])
         return self.local.load(record, packages)
 

@@ -365,17 +365,34 @@ class ModelRegistry:
         the index says, whatever the caller's copy of the record holds. ``packages``: the project's
         extra estimator packages, allowed beside the built-in libraries.
         """
-        data = self.verified_bytes(record)
+        return self.load_bytes(record, self.verified_bytes(record), packages, checked=True)
+
+    def load_bytes(self, record: ModelRecord, data: bytes, packages: Iterable[str] | None = None,
+                   checked: bool = False) -> Any:
+        """:meth:`load` of bytes read elsewhere (a range fetched from the lake): checked against the
+        index's digest first unless ``checked`` (by :meth:`verified_bytes`), then unpickled."""
+        if not checked:
+            self._check_bytes(self._stored(record), data)
         what = f"model {record.partition_id} v{record.version} of the {self.name} registry"
         return load_artifact(data, what, self.packages if packages is None else packages)
 
+    def _stored(self, record: ModelRecord) -> ModelRecord:
+        """The index's own record of (partition, version): what is checked and loaded."""
+        stored = self.get(record.partition_id, record.version)
+        if stored is None:
+            what = f"model {record.partition_id} v{record.version} of the {self.name} registry"
+            raise ArtifactIntegrityError(f"{what} is not in its index: refusing to load an unknown file")
+        return stored
+
     def verified_bytes(self, record: ModelRecord) -> bytes:
         """The artifact's bytes, read once and checked against the index (nothing is unpickled)."""
-        stored = self.get(record.partition_id, record.version)
-        what = f"model {record.partition_id} v{record.version} of the {self.name} registry"
-        if stored is None:
-            raise ArtifactIntegrityError(f"{what} is not in its index: refusing to load an unknown file")
+        stored = self._stored(record)
         data = self.raw_bytes(stored)
+        self._check_bytes(stored, data)
+        return data
+
+    def _check_bytes(self, stored: ModelRecord, data: bytes) -> None:
+        what = f"model {stored.partition_id} v{stored.version} of the {self.name} registry"
         if stored.sha256:
             if sha256_bytes(data) != stored.sha256:
                 raise ArtifactIntegrityError(
@@ -391,7 +408,6 @@ class ModelRegistry:
         else:
             raise ArtifactIntegrityError(f"{what} has no recorded SHA-256 although it was registered "
                                          "after digests were introduced: refusing to load it")
-        return data
 
     def raw_bytes(self, record: ModelRecord) -> bytes:
         """The bytes a record names (its whole file, or its range of a pack), unchecked: callers
