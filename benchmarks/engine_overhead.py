@@ -14,7 +14,8 @@ On the same generated partitions, in one script, it measures:
 6. joblib peer      joblib.Parallel(n_jobs=workers) over partitions, each preparing its features
                     with pandas and training the same candidates: the way a user would do it.
 
-Targets (issue 2): runner < joblib peer, and runner <= 1.10 x (4) (preparation + fit / workers).
+Targets (issue 22): runner < 0.5 x the joblib peer, and runner <= 1.10 x (4) (preparation + fit /
+workers, fit timed in the runner's workers).
 
     python benchmarks/engine_overhead.py --partitions 500 --workers 2
 """
@@ -144,8 +145,8 @@ def main() -> None:
               f"{'PASS' if runner_wall <= 1.10 * in_run_floor else 'MISS'}")
         print(f"runner vs (prep + fit) / workers, fit timed alone in this process:  "
               f"{runner_wall / floor:.3f}  (includes the slowdown of two cores working at once)")
-        print(f"runner vs joblib peer:            {runner_wall / peer_wall:.3f}  (target < 1.00)  "
-              f"{'PASS' if runner_wall < peer_wall else 'MISS'}")
+        print(f"runner vs joblib peer:            {runner_wall / peer_wall:.3f}  (target < 0.50)  "
+              f"{'PASS' if runner_wall < 0.5 * peer_wall else 'MISS'}")
         print(f"CPU seconds, runner (parent + workers) vs in-process training: {runner_cpu:.1f} vs "
               f"{serial_cpu:.1f} = {runner_cpu / serial_cpu:.3f} (engine work plus the two-core slowdown)")
         print(f"machine load average during the run: {os.getloadavg()[0]:.2f}")
