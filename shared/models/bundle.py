@@ -55,6 +55,8 @@ def recursive_forecast(estimator: Any, spec: FeatureSpec, trend_origin: int, log
     cov = _ffill(np.concatenate((h_cov, grid_cov)))
     n_hist, step = len(h_periods), spec.horizon
     flags = list(log_covariates)
+    if getattr(estimator, "position_only", False):  # no lags read: every block at once
+        step = len(grid)
     for start in range(0, len(grid), step):
         block = slice(n_hist + start, n_hist + min(start + step, len(grid)))
         X = series_features(spec, all_periods, target, cov, trend_origin, flags, rows=block)

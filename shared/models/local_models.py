@@ -55,6 +55,9 @@ class _PathForecaster(BaseEstimator, RegressorMixin):
     """A forecast path from the last observed position; ``predict`` reads it by distance."""
 
     spec: FeatureSpec
+    # its forecast of a row depends on the row's position alone (never on lags): forecasting far
+    # ahead needs no recursion through its own forecasts (shared.models.bundle.recursive_forecast)
+    position_only = True
 
     def _set_path(self, last: int, path: np.ndarray) -> None:
         self.last_position_ = int(last)

@@ -629,8 +629,10 @@ def _window_forecast(batch: _Batch, g: int, est: Any, clock: _Clock, lo: int, hi
     if isinstance(est, MovingAverageBaseline):
         return np.minimum(clock.predict(est, hi - lo), ceiling)
     periods = ff.periods[rows]
-    if periods[hi - 1] - origin <= ff.spec.horizon and not uses_history(est):
-        # every lag reads history: the batch features hold
+    if getattr(est, "position_only", False) or (periods[hi - 1] - origin <= ff.spec.horizon
+                                                 and not uses_history(est)):
+        # every lag reads history (or the model reads none, only each row's position): the batch
+        # features hold, and the forecast is the one the recursion would make
         return np.minimum(clock.predict(est, ff.X[rows][lo:hi]), ceiling)
     t = perf_counter()
     out = recursive_forecast(est, ff.spec, int(ff.trend_origin[g]), ff.log_covariates[g],
